@@ -1,0 +1,255 @@
+//! The only place that touches BPF: load the embedded object with its maps pinned under the pin
+//! root, attach the programs, and translate peers into map entries. It never sees etcd.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use ipnet::Ipv4Net;
+use overlay_common::{
+    counters::COUNTER_COUNT,
+    maps::{self, PEER_DIRECT},
+    programs, Counter, DataplaneConfig, Peer, Vtep,
+};
+
+use crate::{bpffs, object};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(transparent)]
+    Object(#[from] object::ObjectError),
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error("loading the eBPF object (maps pinned under {pin_root}): {source}")]
+    Load { pin_root: String, source: aya::EbpfError },
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("adding the clsact qdisc to {iface}: {source}")]
+    Clsact { iface: String, source: tc::TcError },
+    #[error("removing pins under {path}: {source}")]
+    Unpin { path: String, source: std::io::Error },
+    #[error(
+        "the peer map is full ({max} subnets); {subnet} was not added. Raise MAX_PEERS or use a \
+         larger SubnetLen"
+    )]
+    PeersFull { max: u32, subnet: Ipv4Net },
+}
+
+/// Where decap runs on the underlay NIC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapMode {
+    Xdp,
+    Tc,
+}
+
+/// A remote node as the datapath sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: [u8; 6],
+    /// DirectRouting: same L2 segment, no encapsulation.
+    pub direct: bool,
+}
+
+/// Summed per-CPU counters, indexed by [`Counter`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub Vec<u64>);
+
+impl Counters {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0.get(c as usize).copied().unwrap_or(0)
+    }
+}
+
+/// The loaded datapath. Dropping it detaches the programs; the pinned maps stay.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_root: PathBuf,
+}
+
+impl Dataplane {
+    /// Mounts bpffs if needed, loads the embedded object with every map pinned under `pin_root`
+    /// (reusing maps already pinned there) and loads all programs into the kernel.
+    pub fn load(pin_root: &Path) -> Result<Self, DataplaneError> {
+        let bytes = object::object()?;
+        bpffs::prepare_pin_root(pin_root)?;
+        let pins: Vec<(&'static str, PathBuf)> =
+            maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(bytes).map_err(|source| DataplaneError::Load {
+            pin_root: pin_root.display().to_string(),
+            source,
+        })?;
+        for name in [programs::ENCAP, programs::DECAP_TC] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        let xdp: &mut Xdp = program(&mut ebpf, programs::DECAP_XDP)?;
+        xdp.load().map_err(|source| DataplaneError::Program { name: programs::DECAP_XDP, source })?;
+        Ok(Dataplane { ebpf, pin_root: pin_root.to_path_buf() })
+    }
+
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// Attaches encap to the ingress of the pod bridge.
+    pub fn attach_encap(&mut self, bridge: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(programs::ENCAP, bridge)
+    }
+
+    /// Attaches decap to the ingress of the underlay NIC.
+    pub fn attach_decap(&mut self, iface: &str, mode: DecapMode) -> Result<(), DataplaneError> {
+        match mode {
+            DecapMode::Tc => self.attach_tc(programs::DECAP_TC, iface),
+            DecapMode::Xdp => {
+                let name = programs::DECAP_XDP;
+                let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+                xdp.attach(iface, XdpMode::Default)
+                    .map_err(|source| DataplaneError::Program { name, source })?;
+                Ok(())
+            }
+        }
+    }
+
+    fn attach_tc(&mut self, name: &'static str, iface: &str) -> Result<(), DataplaneError> {
+        // TCX (kernel ≥ 6.6) needs no qdisc, older kernels attach through clsact; having it is harmless.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(DataplaneError::Clsact { iface: iface.to_string(), source: e });
+            }
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        prog.attach(iface, TcAttachType::Ingress)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
+    }
+
+    /// Writes the node-wide settings (marks them ready).
+    pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
+        let mut cfg = *cfg;
+        cfg.flags |= maps::CONFIG_READY;
+        let mut arr: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
+        arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map { name: maps::CONFIG, source })
+    }
+
+    /// Adds or replaces one remote subnet: one LPM upsert plus its sender entry.
+    pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<(), DataplaneError> {
+        let value = Peer {
+            public_ip: p.public_ip.octets(),
+            vtep_mac: p.vtep_mac,
+            flags: if p.direct { PEER_DIRECT } else { 0 },
+        };
+        let vtep = Vtep { subnet: p.subnet.network().octets(), prefix_len: p.subnet.prefix_len(), _pad: [0; 3] };
+        {
+            let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+            vteps.insert(p.public_ip.octets(), vtep, 0).map_err(|e| full_or(e, maps::VTEPS, p.subnet))?;
+        }
+        let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
+        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
+        if let Err(e) = peers.insert(&key, value, 0) {
+            // Keep the two tables in step: undo the sender entry.
+            let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+            let _ = vteps.remove(&p.public_ip.octets());
+            return Err(full_or(e, maps::PEERS, p.subnet));
+        }
+        Ok(())
+    }
+
+    /// Removes one remote subnet and its sender entry. Absent entries are not an error.
+    pub fn remove_peer(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        ignore_missing(peers.remove(&key), maps::PEERS)?;
+        let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+        ignore_missing(vteps.remove(&public_ip.octets()), maps::VTEPS)
+    }
+
+    /// Counters summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        read_counters(self.ebpf.map(maps::COUNTERS).ok_or(DataplaneError::MissingMap(maps::COUNTERS))?)
+    }
+
+    /// The loaded object, for tests that drive programs with BPF_PROG_TEST_RUN.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// Counters from a pinned map (works whether the agent runs or not).
+pub fn read_pinned_counters(pin_root: &Path) -> Result<Counters, DataplaneError> {
+    let data = MapData::from_pin(pin_root.join(maps::COUNTERS))
+        .map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+    read_counters(&aya::maps::Map::PerCpuArray(data))
+}
+
+fn read_counters(map: &aya::maps::Map) -> Result<Counters, DataplaneError> {
+    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
+        .map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+    let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
+    for i in 0..COUNTER_COUNT {
+        let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+        out.push(v.iter().sum());
+    }
+    Ok(Counters(out))
+}
+
+/// Removes every pin under `pin_root` and the directory itself. Missing is fine.
+pub fn remove_pins(pin_root: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_dir_all(pin_root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Unpin { path: pin_root.display().to_string(), source }),
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
+    p.try_into().map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(m).map_err(|source| DataplaneError::Map { name, source })
+}
+
+fn full_or(e: aya::maps::MapError, name: &'static str, subnet: Ipv4Net) -> DataplaneError {
+    let full = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC));
+    if full {
+        DataplaneError::PeersFull { max: maps::MAX_PEERS, subnet }
+    } else {
+        DataplaneError::Map { name, source: e }
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), DataplaneError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DataplaneError::Map { name, source }),
+        Ok(()) => Ok(()),
+    }
+}

@@ -1,0 +1,107 @@
+//! Per-CPU counters: one slot per [`Counter`] in the `OVL_COUNTERS` per-CPU array.
+//! The names double as metric labels and as drop reasons in `overlay-agent status`.
+
+/// Index into the per-CPU counter array. Append only: the index is the map key.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    EncapPackets = 0,
+    EncapBytes,
+    DecapPackets,
+    DecapBytes,
+    DirectPackets,
+    DirectBytes,
+    /// Seen by encap but not for a remote pod subnet: handed to the stack unchanged.
+    PassEncap,
+    /// Seen by decap but not VXLAN for us: handed to the stack unchanged.
+    PassDecap,
+    /// The agent has not written the config yet.
+    DropNoConfig,
+    /// Headers truncated or inconsistent (lengths, IHL, VXLAN flags).
+    DropMalformed,
+    /// VXLAN to our port from an address that is not a member's PublicIP.
+    DropUnknownPeer,
+    /// VXLAN with a VNI other than ours.
+    DropWrongVni,
+    /// Inner source address outside the sending peer's subnet.
+    DropSpoofedSource,
+    /// Fragmented VXLAN datagram: cannot be validated, flannel peers never send these.
+    DropFragment,
+    /// No route / neighbour to the peer's PublicIP.
+    DropNoRoute,
+    /// The kernel refused to grow or shrink the packet.
+    DropAdjustRoom,
+    /// Packet too large for the tunnel.
+    DropTooBig,
+}
+
+/// Number of counters (the per-CPU array's `max_entries`).
+pub const COUNTER_COUNT: u32 = Counter::DropTooBig as u32 + 1;
+
+impl Counter {
+    /// All counters in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::EncapPackets,
+        Counter::EncapBytes,
+        Counter::DecapPackets,
+        Counter::DecapBytes,
+        Counter::DirectPackets,
+        Counter::DirectBytes,
+        Counter::PassEncap,
+        Counter::PassDecap,
+        Counter::DropNoConfig,
+        Counter::DropMalformed,
+        Counter::DropUnknownPeer,
+        Counter::DropWrongVni,
+        Counter::DropSpoofedSource,
+        Counter::DropFragment,
+        Counter::DropNoRoute,
+        Counter::DropAdjustRoom,
+        Counter::DropTooBig,
+    ];
+
+    /// Stable snake_case name, used as a metric label and in status output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::EncapPackets => "encap_packets",
+            Counter::EncapBytes => "encap_bytes",
+            Counter::DecapPackets => "decap_packets",
+            Counter::DecapBytes => "decap_bytes",
+            Counter::DirectPackets => "direct_packets",
+            Counter::DirectBytes => "direct_bytes",
+            Counter::PassEncap => "pass_encap",
+            Counter::PassDecap => "pass_decap",
+            Counter::DropNoConfig => "drop_no_config",
+            Counter::DropMalformed => "drop_malformed",
+            Counter::DropUnknownPeer => "drop_unknown_peer",
+            Counter::DropWrongVni => "drop_wrong_vni",
+            Counter::DropSpoofedSource => "drop_spoofed_source",
+            Counter::DropFragment => "drop_fragment",
+            Counter::DropNoRoute => "drop_no_route",
+            Counter::DropAdjustRoom => "drop_adjust_room",
+            Counter::DropTooBig => "drop_too_big",
+        }
+    }
+
+    /// True for the counters that record dropped packets.
+    pub const fn is_drop(self) -> bool {
+        (self as u32) >= Counter::DropNoConfig as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "Counter::ALL[{i}] is {c:?}");
+            for other in &Counter::ALL[..i] {
+                assert_ne!(c.name(), other.name(), "duplicate counter name");
+            }
+        }
+        assert!(Counter::DropMalformed.is_drop());
+        assert!(!Counter::PassDecap.is_drop());
+    }
+}

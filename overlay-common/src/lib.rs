@@ -1,0 +1,32 @@
+//! Types and pure functions shared by the eBPF programs and the agent.
+//!
+//! Everything here is `no_std` and allocation-free so the kernel side can use it. The packet
+//! arithmetic (outer headers, checksums, source-port hashing, VNI encoding) lives here and is
+//! unit-tested on the host; the eBPF code only does bounds checks, head adjustment and copying.
+#![no_std]
+
+pub mod counters;
+pub mod maps;
+pub mod wire;
+
+pub use counters::Counter;
+pub use maps::{DataplaneConfig, Peer, Vtep};
+
+/// Default root under bpffs where the agent pins its maps.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
+
+/// flannel's defaults for the vxlan backend.
+pub const DEFAULT_VNI: u32 = 1;
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+
+/// Names of the programs in the eBPF object (the Rust function names).
+pub mod programs {
+    /// TC ingress on the pod bridge: encapsulates traffic to remote pod subnets.
+    pub const ENCAP: &str = "overlay_encap";
+    /// XDP on the underlay NIC: strips VXLAN from known peers.
+    pub const DECAP_XDP: &str = "overlay_decap_xdp";
+    /// TC ingress on the underlay NIC: the same rules as the XDP variant.
+    pub const DECAP_TC: &str = "overlay_decap_tc";
+    /// All programs, in the order the object lists them.
+    pub const ALL: [&str; 3] = [ENCAP, DECAP_XDP, DECAP_TC];
+}

@@ -1,0 +1,131 @@
+//! Map names and the key/value layouts shared with the eBPF programs.
+//!
+//! | map            | type           | key                         | value              | written by |
+//! |----------------|----------------|-----------------------------|--------------------|------------|
+//! | `OVL_CONFIG`   | array[1]       | `u32` 0                     | [`DataplaneConfig`]| agent      |
+//! | `OVL_PEERS`    | LPM trie       | prefix + remote subnet      | [`Peer`]           | agent      |
+//! | `OVL_VTEPS`    | hash           | peer PublicIP (`[u8; 4]`)   | [`Vtep`]           | agent      |
+//! | `OVL_COUNTERS` | per-CPU array  | [`crate::Counter`] as `u32` | `u64`              | programs   |
+//!
+//! All addresses are stored in network byte order as byte arrays, all other integers in host order.
+
+use core::mem::size_of;
+
+pub const CONFIG: &str = "OVL_CONFIG";
+pub const PEERS: &str = "OVL_PEERS";
+pub const VTEPS: &str = "OVL_VTEPS";
+pub const COUNTERS: &str = "OVL_COUNTERS";
+/// Every map the object defines; each is pinned under the pin root by this name.
+pub const ALL: [&str; 4] = [CONFIG, PEERS, VTEPS, COUNTERS];
+
+/// Capacity of the peer tables (remote subnets).
+pub const MAX_PEERS: u32 = 16384;
+
+/// `DataplaneConfig::flags`: the agent has filled the config in.
+pub const CONFIG_READY: u16 = 1;
+
+/// Node-wide settings the programs need. One entry, key 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Our PublicIP: the outer source address.
+    pub public_ip: [u8; 4],
+    /// VXLAN network identifier (24 bits used).
+    pub vni: u32,
+    /// Our VtepMAC: the inner source MAC, and the inner destination peers use.
+    pub vtep_mac: [u8; 6],
+    /// UDP destination port of the tunnel.
+    pub port: u16,
+    /// Underlay NIC.
+    pub underlay_ifindex: u32,
+    /// The underlay NIC's own MAC: decapsulated frames are addressed to it.
+    pub underlay_mac: [u8; 6],
+    /// [`CONFIG_READY`] and future bits.
+    pub flags: u16,
+    /// Largest inner IPv4 packet the tunnel carries (underlay MTU − 50).
+    pub inner_mtu: u32,
+}
+const _: () = assert!(size_of::<DataplaneConfig>() == 32);
+
+/// `Peer::flags`: reach this peer without encapsulation (DirectRouting, same L2 segment).
+pub const PEER_DIRECT: u16 = 1;
+
+/// A remote node, the value for its subnet in `OVL_PEERS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's PublicIP: the outer destination address.
+    pub public_ip: [u8; 4],
+    /// The peer's VtepMAC: the inner destination MAC.
+    pub vtep_mac: [u8; 6],
+    /// [`PEER_DIRECT`].
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<Peer>() == 12);
+
+/// What decap knows about a sender, keyed by its PublicIP in `OVL_VTEPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vtep {
+    /// The sender's pod subnet (network address).
+    pub subnet: [u8; 4],
+    /// Prefix length of the sender's subnet.
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Vtep>() == 8);
+
+impl Vtep {
+    /// True when `addr` lies inside the sender's subnet.
+    pub fn contains(&self, addr: [u8; 4]) -> bool {
+        let mask = prefix_mask(self.prefix_len);
+        (u32::from_be_bytes(addr) & mask) == (u32::from_be_bytes(self.subnet) & mask)
+    }
+}
+
+/// Netmask for a prefix length, host order; lengths above 32 are treated as 32.
+pub const fn prefix_mask(prefix_len: u8) -> u32 {
+    if prefix_len == 0 {
+        0
+    } else if prefix_len >= 32 {
+        u32::MAX
+    } else {
+        u32::MAX << (32 - prefix_len)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: repr(C), only integer and byte-array fields, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for DataplaneConfig {}
+    // SAFETY: repr(C), only byte arrays and a u16, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for Peer {}
+    // SAFETY: repr(C), byte arrays and explicit padding only (size asserted above).
+    unsafe impl aya::Pod for Vtep {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_contains_only_its_subnet() {
+        let v = Vtep { subnet: [10, 244, 7, 0], prefix_len: 24, _pad: [0; 3] };
+        assert!(v.contains([10, 244, 7, 1]));
+        assert!(v.contains([10, 244, 7, 255]));
+        assert!(!v.contains([10, 244, 8, 1]));
+        assert!(!v.contains([10, 245, 7, 1]));
+        let all = Vtep { subnet: [0; 4], prefix_len: 0, _pad: [0; 3] };
+        assert!(all.contains([1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn prefix_masks() {
+        assert_eq!(prefix_mask(0), 0);
+        assert_eq!(prefix_mask(16), 0xffff_0000);
+        assert_eq!(prefix_mask(24), 0xffff_ff00);
+        assert_eq!(prefix_mask(32), u32::MAX);
+        assert_eq!(prefix_mask(40), u32::MAX);
+    }
+}

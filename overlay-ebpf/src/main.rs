@@ -1,0 +1,431 @@
+//! The datapath: VXLAN encap on the pod bridge, decap on the underlay NIC.
+//!
+//! | map            | type          | key                    | value             | written by |
+//! |----------------|---------------|------------------------|-------------------|------------|
+//! | `OVL_CONFIG`   | array[1]      | 0                      | `DataplaneConfig` | agent      |
+//! | `OVL_PEERS`    | LPM trie      | remote pod subnet      | `Peer`            | agent      |
+//! | `OVL_VTEPS`    | hash          | peer PublicIP          | `Vtep`            | agent      |
+//! | `OVL_COUNTERS` | per-CPU array | `Counter` index        | `u64`             | programs   |
+//!
+//! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
+//! reason, which is counted. Header arithmetic lives in `overlay_common::wire`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
+        xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
+    },
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    helpers::generated::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use overlay_common::{
+    counters::COUNTER_COUNT,
+    maps::{CONFIG_READY, MAX_PEERS, PEER_DIRECT},
+    wire::{
+        encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_UDP,
+        IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
+    },
+    Counter, DataplaneConfig, Peer, Vtep,
+};
+
+#[btf_map]
+static OVL_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+#[btf_map]
+static OVL_PEERS: LpmTrie<[u8; 4], Peer, { MAX_PEERS as usize }> = LpmTrie::new();
+#[btf_map]
+static OVL_VTEPS: HashMap<[u8; 4], Vtep, { MAX_PEERS as usize }> = HashMap::new();
+#[btf_map]
+static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+const AF_INET: u8 = 2;
+// TC verdicts as the u32 the shared plumbing uses (the bindings' types differ between them).
+const TC_ACT_OK: u32 = aya_ebpf::bindings::TC_ACT_OK as u32;
+const TC_ACT_SHOT: u32 = aya_ebpf::bindings::TC_ACT_SHOT as u32;
+const TC_ACT_REDIRECT: u32 = aya_ebpf::bindings::TC_ACT_REDIRECT as u32;
+const ETH_P_IP_BE: u16 = ETH_P_IP.to_be();
+
+#[inline(always)]
+fn count(c: Counter, n: u64) {
+    if let Some(p) = OVL_COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *p += n };
+    }
+}
+
+#[inline(always)]
+fn config() -> Result<&'static DataplaneConfig, Counter> {
+    match OVL_CONFIG.get(0) {
+        Some(c) if c.flags & CONFIG_READY != 0 => Ok(c),
+        _ => Err(Counter::DropNoConfig),
+    }
+}
+
+/// Outcome of a program that did not fail: the verdict and what to count.
+struct Verdict {
+    action: u32,
+    counter: Counter,
+    bytes: Option<Counter>,
+    len: u64,
+}
+
+impl Verdict {
+    const fn pass(action: u32, counter: Counter) -> Self {
+        Verdict { action, counter, bytes: None, len: 0 }
+    }
+}
+
+#[inline(always)]
+fn finish(r: Result<Verdict, Counter>, drop_action: u32) -> u32 {
+    match r {
+        Ok(v) => {
+            count(v.counter, 1);
+            if let Some(b) = v.bytes {
+                count(b, v.len);
+            }
+            v.action
+        }
+        Err(reason) => {
+            count(reason, 1);
+            drop_action
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encap: TC ingress on the pod bridge.
+// ---------------------------------------------------------------------------------------------
+
+#[classifier]
+pub fn overlay_encap(ctx: TcContext) -> i32 {
+    finish(try_encap(&ctx), TC_ACT_SHOT) as i32
+}
+
+/// Inner IPv4 fields encap needs, read from the packet.
+#[repr(C)]
+struct InnerIp {
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    _mid: [u8; 8],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[inline(always)]
+fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
+    let proto: u16 = ctx.load(12).map_err(|_| Counter::DropMalformed)?;
+    if proto != ETH_P_IP_BE {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
+    }
+    let ip: InnerIp = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
+    let key = Key::new(32, ip.dst);
+    let peer = match OVL_PEERS.get(&key) {
+        Some(p) => *p,
+        None => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap)),
+    };
+    let cfg = config()?;
+    let inner_len = ctx.len() - ETH_LEN as u32;
+
+    // Next hop towards the peer's PublicIP on the underlay.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.ifindex = cfg.underlay_ifindex;
+    fib.__bindgen_anon_1.tot_len = (inner_len as u16).wrapping_add(VXLAN_OVERHEAD as u16);
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.public_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer.public_ip);
+    // SAFETY: fib points to a properly sized bpf_fib_lookup on our stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let rc = rc as u32;
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Err(Counter::DropNoRoute);
+    }
+    let out_ifindex = fib.ifindex;
+
+    if peer.flags & PEER_DIRECT != 0 {
+        // DirectRouting: the peer is on our L2 segment; forward the pod packet unencapsulated.
+        return redirect(ctx, rc, &fib, out_ifindex, Counter::DirectPackets, Counter::DirectBytes);
+    }
+
+    // SAFETY: the skb pointer is the program's context.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO
+        | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+        | ((ETH_LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Counter::DropAdjustRoom)?;
+
+    let hdr = encap_header(&EncapParams {
+        outer_src_mac: fib.smac,
+        outer_dst_mac: fib.dmac,
+        src_ip: cfg.public_ip,
+        dst_ip: peer.public_ip,
+        src_port: overlay_common::wire::flow_source_port(hash),
+        dst_port: cfg.port,
+        vni: cfg.vni,
+        inner_src_mac: cfg.vtep_mac,
+        inner_dst_mac: peer.vtep_mac,
+        inner_ip_len: inner_len as u16,
+        inner_tos: ip.tos,
+    });
+    ctx.store(0, &hdr, 0).map_err(|_| Counter::DropMalformed)?;
+    redirect(ctx, rc, &fib, out_ifindex, Counter::EncapPackets, Counter::EncapBytes)
+}
+
+/// Sends the (possibly rewritten) frame out of `ifindex`, with MACs from the FIB when the
+/// neighbour is known, else letting the kernel resolve it.
+#[inline(always)]
+fn redirect(
+    ctx: &TcContext,
+    fib_rc: u32,
+    fib: &FibParams,
+    ifindex: u32,
+    packets: Counter,
+    bytes: Counter,
+) -> Result<Verdict, Counter> {
+    let len = ctx.len() as u64;
+    let action = if fib_rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let macs: [u8; 12] = {
+            let mut m = [0u8; 12];
+            m[..6].copy_from_slice(&fib.dmac);
+            m[6..].copy_from_slice(&fib.smac);
+            m
+        };
+        ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
+        // SAFETY: plain helper call.
+        unsafe { bpf_redirect(ifindex, 0) }
+    } else {
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        nh.nh_family = AF_INET as u32;
+        // SAFETY: reading the union member the FIB lookup filled for AF_INET.
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        // SAFETY: nh is a valid bpf_redir_neigh on our stack.
+        unsafe {
+            bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
+        }
+    };
+    if action as u32 != TC_ACT_REDIRECT {
+        return Err(Counter::DropNoRoute);
+    }
+    Ok(Verdict { action: TC_ACT_REDIRECT, counter: packets, bytes: Some(bytes), len })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decap: XDP (or TC) ingress on the underlay NIC.
+// ---------------------------------------------------------------------------------------------
+
+/// Outer IPv4 + UDP + VXLAN + inner Ethernet + the inner IPv4 fields decap checks.
+#[repr(C)]
+struct VxlanFrame {
+    eth_dst: [u8; 6],
+    eth_src: [u8; 6],
+    eth_proto: [u8; 2],
+    ver_ihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    csum: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+    udp_sport: [u8; 2],
+    udp_dport: [u8; 2],
+    udp_len: [u8; 2],
+    udp_csum: [u8; 2],
+    vxlan: [u8; VXLAN_LEN],
+    inner_dst: [u8; 6],
+    inner_src_mac: [u8; 6],
+    inner_proto: [u8; 2],
+    inner_ver_ihl: u8,
+    _inner_mid: [u8; 11],
+    inner_src: [u8; 4],
+    inner_dst_ip: [u8; 4],
+}
+const _: () = assert!(core::mem::size_of::<VxlanFrame>() == ENCAP_HDR_LEN + IPV4_LEN);
+
+/// Offsets inside [`VxlanFrame`] that are not field-aligned lookups.
+const OUTER_L4_END: usize = ETH_LEN + IPV4_LEN + UDP_LEN;
+
+/// What to do with a frame on the underlay, from its first bytes.
+enum Classified {
+    /// Not VXLAN for us: hand to the stack untouched.
+    Pass,
+    /// Valid VXLAN from a known peer: strip the outer headers.
+    Decap,
+}
+
+/// The decap rules, shared by the XDP and TC variants. `frame` holds the first
+/// `min(frame_len, size_of::<VxlanFrame>())` bytes; `have` says how many are valid.
+#[inline(always)]
+fn classify(f: &VxlanFrame, have: usize, frame_len: usize, cfg: &DataplaneConfig) -> Result<Classified, Counter> {
+    if have < ETH_LEN + IPV4_LEN || f.eth_proto != ETH_P_IP.to_be_bytes() {
+        return Ok(Classified::Pass);
+    }
+    if f.proto != IPPROTO_UDP || f.ver_ihl != 0x45 {
+        // Not UDP, or IP options: flannel peers never send VXLAN with options.
+        return Ok(Classified::Pass);
+    }
+    if f.dst != cfg.public_ip {
+        return Ok(Classified::Pass);
+    }
+    let frag = u16::from_be_bytes(f.frag) & IP_FRAG_MASK;
+    if frag != 0 {
+        // Later fragments carry no UDP header; the first one tells the port.
+        if frag & 0x1fff == 0 && have >= OUTER_L4_END && u16::from_be_bytes(f.udp_dport) == cfg.port {
+            return Err(Counter::DropFragment);
+        }
+        return Ok(Classified::Pass);
+    }
+    if have < OUTER_L4_END || u16::from_be_bytes(f.udp_dport) != cfg.port {
+        return Ok(Classified::Pass);
+    }
+    // From here on it is VXLAN for us: anything wrong is dropped.
+    let tot_len = u16::from_be_bytes(f.tot_len) as usize;
+    let udp_len = u16::from_be_bytes(f.udp_len) as usize;
+    if have < core::mem::size_of::<VxlanFrame>()
+        || tot_len + ETH_LEN > frame_len
+        || udp_len + IPV4_LEN != tot_len
+        || tot_len < VXLAN_OVERHEAD + IPV4_LEN
+    {
+        return Err(Counter::DropMalformed);
+    }
+    // SAFETY: the hash map value is read once and copied.
+    let vtep = match unsafe { OVL_VTEPS.get(f.src) } {
+        Some(v) => *v,
+        None => return Err(Counter::DropUnknownPeer),
+    };
+    match vxlan_vni(&f.vxlan) {
+        None => return Err(Counter::DropMalformed),
+        Some(vni) if vni != cfg.vni => return Err(Counter::DropWrongVni),
+        Some(_) => {}
+    }
+    if f.inner_proto != ETH_P_IP.to_be_bytes() || f.inner_ver_ihl >> 4 != 4 {
+        return Err(Counter::DropMalformed);
+    }
+    if !vtep.contains(f.inner_src) {
+        return Err(Counter::DropSpoofedSource);
+    }
+    Ok(Classified::Decap)
+}
+
+#[xdp]
+pub fn overlay_decap_xdp(ctx: XdpContext) -> u32 {
+    finish(try_decap_xdp(&ctx), xdp_action::XDP_DROP)
+}
+
+#[inline(always)]
+fn try_decap_xdp(ctx: &XdpContext) -> Result<Verdict, Counter> {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(_) => return Ok(Verdict::pass(xdp_action::XDP_PASS, Counter::PassDecap)),
+    };
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let frame_len = end - start;
+    let full = core::mem::size_of::<VxlanFrame>();
+    // Direct packet access needs a constant-size bounds check; shorter frames are classified on
+    // a zero-padded copy of what is there.
+    let mut short: VxlanFrame = unsafe { core::mem::zeroed() };
+    let (f, have): (&VxlanFrame, usize) = if start + full <= end {
+        // SAFETY: bounds checked just above.
+        (unsafe { &*(start as *const VxlanFrame) }, full)
+    } else if start + ETH_LEN + IPV4_LEN <= end {
+        // SAFETY: bounds checked just above; copies only the first two headers.
+        unsafe {
+            core::ptr::copy_nonoverlapping(start as *const u8, &mut short as *mut _ as *mut u8, ETH_LEN + IPV4_LEN);
+        }
+        (&short, ETH_LEN + IPV4_LEN)
+    } else {
+        return Ok(Verdict::pass(xdp_action::XDP_PASS, Counter::PassDecap));
+    };
+    match classify(f, have, frame_len, cfg)? {
+        Classified::Pass => Ok(Verdict::pass(xdp_action::XDP_PASS, Counter::PassDecap)),
+        Classified::Decap => {
+            let inner_len = (frame_len - ENCAP_HDR_LEN) as u64;
+            // SAFETY: helper on our own context.
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+                return Err(Counter::DropAdjustRoom);
+            }
+            let start = ctx.data();
+            if start + ETH_LEN > ctx.data_end() {
+                return Err(Counter::DropMalformed);
+            }
+            // The inner frame is addressed to our VtepMAC; the stack wants the NIC's own MAC.
+            // SAFETY: bounds checked just above.
+            unsafe { (*(start as *mut [u8; 6])) = cfg.underlay_mac };
+            Ok(Verdict {
+                action: xdp_action::XDP_PASS,
+                counter: Counter::DecapPackets,
+                bytes: Some(Counter::DecapBytes),
+                len: inner_len + ETH_LEN as u64,
+            })
+        }
+    }
+}
+
+#[classifier]
+pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
+    finish(try_decap_tc(&ctx), TC_ACT_SHOT) as i32
+}
+
+#[inline(always)]
+fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(_) => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
+    };
+    let frame_len = ctx.len() as usize;
+    let mut f: VxlanFrame = unsafe { core::mem::zeroed() };
+    let full = core::mem::size_of::<VxlanFrame>();
+    let have = if frame_len >= full {
+        f = ctx.load(0).map_err(|_| Counter::DropMalformed)?;
+        full
+    } else if frame_len >= ETH_LEN + IPV4_LEN {
+        let head: [u8; ETH_LEN + IPV4_LEN] = ctx.load(0).map_err(|_| Counter::DropMalformed)?;
+        // SAFETY: VxlanFrame starts with exactly these bytes.
+        unsafe { core::ptr::write(&mut f as *mut _ as *mut [u8; ETH_LEN + IPV4_LEN], head) };
+        ETH_LEN + IPV4_LEN
+    } else {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap));
+    };
+    match classify(&f, have, frame_len, cfg)? {
+        Classified::Pass => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
+        Classified::Decap => {
+            ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
+                .map_err(|_| Counter::DropAdjustRoom)?;
+            ctx.store(0, &cfg.underlay_mac, 0).map_err(|_| Counter::DropMalformed)?;
+            Ok(Verdict {
+                action: TC_ACT_OK,
+                counter: Counter::DecapPackets,
+                bytes: Some(Counter::DecapBytes),
+                len: ctx.len() as u64,
+            })
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,183 @@
+//! Network namespaces, veths and processes for root-only end-to-end tests.
+//!
+//! Every object is owned by a guard whose `Drop` removes it, so a failing test leaves nothing
+//! behind. Names carry the test process id so leftovers of a killed run never collide.
+
+use std::{
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Panics with a clear message unless running as root (all tiers above unit tests need it).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, BPF); run it via `cargo xtask test` as root"
+    );
+}
+
+/// Runs a command, failing with its stderr when it exits non-zero.
+pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// `ip <args>` in the current (root) namespace.
+pub fn ip(args: &[&str]) -> Result<Output> {
+    run("ip", args)
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A unique short name: `<prefix><pid>x<n>` (fits IFNAMSIZ for short prefixes).
+pub fn unique_name(prefix: &str) -> String {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id() % 100_000)
+}
+
+/// A network namespace, deleted (with everything in it) on drop.
+pub struct Netns {
+    pub name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    /// Creates a namespace with a unique name derived from `prefix`, loopback up.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let name = unique_name(prefix);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name, children: Vec::new() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `cmd args` inside the namespace and waits for it.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["netns", "exec", &self.name, cmd];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// `ip <args>` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command prepared to run inside the namespace (not started).
+    pub fn command(&self, cmd: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, cmd]);
+        c
+    }
+
+    /// Starts a long-running process inside the namespace; it is killed when the namespace drops.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<u32> {
+        let child = cmd.spawn().context("spawning a process in a namespace")?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Kills and reaps a process started with [`Netns::spawn`].
+    pub fn kill(&mut self, pid: u32, signal: nix::sys::signal::Signal) {
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut child = self.children.remove(i);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// Path of the namespace file, for `setns`.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// Ifindex of `dev` inside the namespace.
+    pub fn ifindex(&self, dev: &str) -> Result<u32> {
+        let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/ifindex")])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    }
+
+    /// MAC address of `dev` inside the namespace.
+    pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
+        let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
+        parse_mac(String::from_utf8_lossy(&out.stdout).trim())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Deleting the namespace removes its interfaces and the veth peers elsewhere.
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("not a MAC address: {s:?}");
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).with_context(|| format!("not a MAC address: {s:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// Creates a veth pair: `a_dev` inside `a`, `b_dev` inside `b` (`None` = the root namespace).
+/// Both ends are brought up; deleting either namespace removes the pair.
+pub fn veth(a: &Netns, a_dev: &str, b: Option<&Netns>, b_dev: &str) -> Result<()> {
+    let tmp_a = unique_name("va");
+    let tmp_b = unique_name("vb");
+    ip(&["link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b])?;
+    let moved = (|| -> Result<()> {
+        ip(&["link", "set", &tmp_a, "netns", &a.name, "name", a_dev])?;
+        a.ip(&["link", "set", a_dev, "up"])?;
+        match b {
+            Some(b) => {
+                ip(&["link", "set", &tmp_b, "netns", &b.name, "name", b_dev])?;
+                b.ip(&["link", "set", b_dev, "up"])?;
+            }
+            None => {
+                ip(&["link", "set", &tmp_b, "name", b_dev])?;
+                ip(&["link", "set", b_dev, "up"])?;
+            }
+        }
+        Ok(())
+    })();
+    if moved.is_err() {
+        let _ = ip(&["link", "del", &tmp_a]);
+        let _ = ip(&["link", "del", &tmp_b]);
+    }
+    moved
+}
+
+/// A link in the root namespace, deleted on drop.
+pub struct RootLink(pub String);
+
+impl Drop for RootLink {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.0]);
+    }
+}
