@@ -26,3 +26,23 @@ pub fn object() -> Result<&'static [u8], ObjectError> {
 pub fn is_real() -> bool {
     !OBJECT.is_empty()
 }
+
+#[cfg(test)]
+mod tests {
+    use overlay_common::{maps, programs};
+
+    use super::*;
+
+    #[test]
+    fn embedded_object_has_every_program_and_map_with_btf() {
+        let bytes = object().expect("the real eBPF object must be embedded (run via cargo xtask test)");
+        let obj = aya_obj::Object::parse(bytes).expect("the embedded object parses");
+        for name in programs::ALL {
+            assert!(obj.programs.contains_key(name), "program {name} missing; found {:?}", obj.programs.keys());
+        }
+        for name in maps::ALL {
+            assert!(obj.maps.contains_key(name), "map {name} missing; found {:?}", obj.maps.keys());
+        }
+        assert!(obj.btf.is_some(), "the object carries no BTF (build with -Clink-arg=--btf)");
+    }
+}

@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
-        xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
     },
@@ -145,7 +145,8 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
             ctx.skb.skb as *mut _,
             &mut fib,
             core::mem::size_of::<FibParams>() as i32,
-            0,
+            // We originate the outer packet. (The kernel still wants forwarding on the NIC.)
+            BPF_FIB_LOOKUP_OUTPUT,
         )
     };
     let rc = rc as u32;
@@ -409,7 +410,11 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
         Classified::Decap => {
             ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
                 .map_err(|_| Counter::DropAdjustRoom)?;
-            ctx.store(0, &cfg.underlay_mac, 0).map_err(|_| Counter::DropMalformed)?;
+            // Same frame as the XDP variant: to the NIC's own MAC, from the sender's VtepMAC.
+            let mut macs = [0u8; 12];
+            macs[..6].copy_from_slice(&cfg.underlay_mac);
+            macs[6..].copy_from_slice(&f.inner_src_mac);
+            ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
             Ok(Verdict {
                 action: TC_ACT_OK,
                 counter: Counter::DecapPackets,

@@ -1,3 +1,4 @@
-//! Shared harness for the root-only end-to-end tests: namespaces, links, processes.
+//! Shared harness for the root-only end-to-end tests: namespaces, links, processes, packets.
 
 pub mod netns;
+pub mod packet;

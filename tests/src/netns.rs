@@ -103,6 +103,20 @@ impl Netns {
         }
     }
 
+    /// Moves the calling thread into the namespace until the guard drops.
+    pub fn enter(&self) -> Result<Entered> {
+        let original = std::fs::File::open("/proc/thread-self/ns/net").context("opening our netns")?;
+        let target = std::fs::File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", self.name))?;
+        Ok(Entered { original })
+    }
+
+    /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward=1` style).
+    pub fn sysctl(&self, kv: &str) -> Result<()> {
+        self.exec("sysctl", &["-qw", kv]).map(|_| ())
+    }
+
     /// Path of the namespace file, for `setns`.
     pub fn path(&self) -> String {
         format!("/run/netns/{}", self.name)
@@ -129,6 +143,39 @@ impl Drop for Netns {
         }
         // Deleting the namespace removes its interfaces and the veth peers elsewhere.
         let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The calling thread is inside another namespace until this drops.
+pub struct Entered {
+    original: std::fs::File,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        nix::sched::setns(&self.original, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("returning to the original network namespace");
+    }
+}
+
+/// A pin root under bpffs unique to this test, removed (with its pins) on drop.
+pub struct PinRoot(pub std::path::PathBuf);
+
+impl PinRoot {
+    pub fn new() -> Self {
+        PinRoot(std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("ovltest"))))
+    }
+}
+
+impl Default for PinRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -1,1 +1,132 @@
-fn main(){}
+//! Orchestration only: install the toolchain, build, test, run the demo, benchmark.
+//! Depends on nothing heavy so it builds on a fresh machine before anything is installed.
+
+mod toolchain;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "overlay-agent developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (Debian packages, bpf-linker) and build the agent with its eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test tier: host unit tests, BPF_PROG_TEST_RUN (root), network namespaces (root).
+    Test {
+        /// Only the host unit tests (no root needed, quick).
+        #[arg(long)]
+        host_only: bool,
+        /// Extra arguments passed to the test binaries (a name filter, --nocapture, ...).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
+    /// Start a local etcd and netns nodes running the agent, prove cross-node traffic, stay up.
+    Run {
+        /// Exit after the checks instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit_after_checks: bool,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+    },
+    /// Only install the toolchain.
+    Setup,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => toolchain::ensure(),
+        Cmd::Build { release } => {
+            toolchain::ensure()?;
+            let mut args = vec!["build", "--package", "overlay-agent"];
+            if release {
+                args.push("--release");
+            }
+            cargo(&args)
+        }
+        Cmd::Test { host_only, rest } => test(host_only, &rest),
+        Cmd::Run { exit_after_checks, nodes } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask run")?;
+            cargo(&["build", "--release", "--package", "overlay-agent"])?;
+            let mut args = vec![
+                "run".to_string(),
+                "--quiet".into(),
+                "--release".into(),
+                "--package".into(),
+                "overlay-tests".into(),
+                "--bin".into(),
+                "testbed".into(),
+                "--".into(),
+                "--nodes".into(),
+                nodes.to_string(),
+            ];
+            if exit_after_checks {
+                args.push("--exit-after-checks".into());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cargo(&args)
+        }
+    }
+}
+
+fn test(host_only: bool, rest: &[String]) -> Result<()> {
+    toolchain::ensure()?;
+    let mut tiers: Vec<(&str, Vec<&str>)> = vec![(
+        "tier 1: host unit tests",
+        vec!["test", "--package", "overlay-common", "--package", "overlay-agent", "--package", "xtask"],
+    )];
+    if !host_only {
+        require_root("the BPF and network-namespace test tiers (use --host-only without root)")?;
+        tiers.push((
+            "tier 2: BPF_PROG_TEST_RUN (root)",
+            vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
+        ));
+        tiers.push((
+            "tier 3: network namespaces, real etcd, real traffic (root)",
+            vec!["test", "--package", "overlay-tests", "--test", "netns_*", "--test", "control_plane"],
+        ));
+    }
+    for (name, mut args) in tiers {
+        eprintln!("\n=== {name} ===");
+        args.push("--");
+        // Root tiers create namespaces and processes: one test at a time keeps them readable.
+        if name.contains("root") {
+            args.push("--test-threads=1");
+        }
+        args.extend(rest.iter().map(String::as_str));
+        cargo(&args)?;
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !toolchain::is_root() {
+        bail!("{what} needs root: run it with sudo or as root");
+    }
+    Ok(())
+}

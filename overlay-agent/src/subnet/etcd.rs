@@ -1,0 +1,259 @@
+//! [`Registry`] on etcd's v3 API, with flannel's key layout.
+
+use std::{future::Future, time::Duration};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use ipnet::Ipv4Net;
+use tokio::time::Instant;
+
+use super::registry::{KeyValue, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
+use crate::lease::subnet_key;
+
+/// Bound on every unary etcd request (watches are unbounded).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS material for etcd, as flanneld's `--etcd-cafile/--etcd-certfile/--etcd-keyfile`.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdTls {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tls: EtcdTls,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConnectError {
+    #[error("reading {what} {path}: {source}")]
+    ReadFile { what: &'static str, path: String, source: std::io::Error },
+    #[error("connecting to etcd at {endpoints}: {source}")]
+    Connect { endpoints: String, source: etcd_client::Error },
+}
+
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+}
+
+async fn timed<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, RegistryError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+        Ok(r) => r.map_err(RegistryError::from),
+        Err(_) => Err(RegistryError::Timeout(REQUEST_TIMEOUT)),
+    }
+}
+
+fn kv_of(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        lease_id: kv.lease(),
+        mod_revision: kv.mod_revision(),
+    }
+}
+
+impl EtcdRegistry {
+    /// Builds a client for all endpoints (etcd-client balances and fails over between them).
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, EtcdConnectError> {
+        let mut co = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true);
+        if let Some(user) = &opts.username {
+            co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
+        }
+        let tls = &opts.tls;
+        if tls.ca_file.is_some() || tls.cert_file.is_some() || opts.endpoints.iter().any(|e| e.starts_with("https://")) {
+            let read = |what: &'static str, path: &String| {
+                std::fs::read(path).map_err(|source| EtcdConnectError::ReadFile { what, path: path.clone(), source })
+            };
+            let mut t = etcd_client::TlsOptions::new();
+            if let Some(ca) = &tls.ca_file {
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-cafile", ca)?));
+            } else {
+                t = t.with_native_roots();
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+                t = t.identity(etcd_client::Identity::from_pem(
+                    read("--etcd-certfile", cert)?,
+                    read("--etcd-keyfile", key)?,
+                ));
+            }
+            co = co.with_tls(t);
+        }
+        let endpoints = opts.endpoints.join(",");
+        let client = Client::connect(&opts.endpoints, Some(co))
+            .await
+            .map_err(|source| EtcdConnectError::Connect { endpoints, source })?;
+        Ok(EtcdRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<(i64, Instant), RegistryError> {
+        let mut c = self.client.clone();
+        let start = Instant::now();
+        let g = timed(c.lease_grant(ttl.as_secs() as i64, None)).await?;
+        Ok((g.id(), start + Duration::from_secs(g.ttl().max(0) as u64)))
+    }
+
+    async fn revoke_quietly(&self, id: i64) {
+        let mut c = self.client.clone();
+        let _ = timed(c.lease_revoke(id)).await;
+    }
+}
+
+impl Registry for EtcdRegistry {
+    type Watch = EtcdWatch;
+
+    async fn get_network_config(&self) -> Result<Option<String>, RegistryError> {
+        let mut c = self.client.clone();
+        let r = timed(c.get(self.config_key(), None)).await?;
+        Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    async fn list_subnets(&self) -> Result<(Vec<KeyValue>, i64), RegistryError> {
+        let mut c = self.client.clone();
+        let r = timed(c.get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))).await?;
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((r.kvs().iter().map(kv_of).collect(), rev))
+    }
+
+    async fn create_subnet(&self, sn: Ipv4Net, value: String, ttl: Duration) -> Result<Written, RegistryError> {
+        let key = subnet_key(&self.prefix, sn);
+        let (id, exp) = self.grant(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(id)))]);
+        let mut c = self.client.clone();
+        let r = match timed(c.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.revoke_quietly(id).await;
+                return Err(e);
+            }
+        };
+        if !r.succeeded() {
+            self.revoke_quietly(id).await;
+            return Err(RegistryError::AlreadyExists(key));
+        }
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Written { lease_id: id, mod_revision: rev, expiration: Some(exp) })
+    }
+
+    async fn update_subnet(
+        &self,
+        sn: Ipv4Net,
+        value: String,
+        prev_mod_revision: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Written, RegistryError> {
+        let key = subnet_key(&self.prefix, sn);
+        let (id, exp) = match ttl {
+            Some(t) => {
+                let (id, e) = self.grant(t).await?;
+                (id, Some(e))
+            }
+            None => (0, None),
+        };
+        let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, prev_mod_revision)])
+            .and_then([TxnOp::put(key.clone(), value, put_opts)]);
+        let mut c = self.client.clone();
+        let r = match timed(c.txn(txn)).await {
+            Ok(r) => r,
+            Err(e) => {
+                if id != 0 {
+                    self.revoke_quietly(id).await;
+                }
+                return Err(e);
+            }
+        };
+        if !r.succeeded() {
+            if id != 0 {
+                self.revoke_quietly(id).await;
+            }
+            return Err(RegistryError::Conflict(key));
+        }
+        let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Written { lease_id: id, mod_revision: rev, expiration: exp })
+    }
+
+    async fn renew_lease(&self, lease_id: i64) -> Result<Instant, RegistryError> {
+        let mut c = self.client.clone();
+        let start = Instant::now();
+        let (mut keeper, mut stream) = timed(c.lease_keep_alive(lease_id)).await?;
+        timed(keeper.keep_alive()).await?;
+        let resp = timed(stream.message())
+            .await?
+            .ok_or_else(|| RegistryError::Other("lease keep-alive stream closed".into()))?;
+        if resp.ttl() <= 0 {
+            return Err(RegistryError::LeaseNotFound(lease_id));
+        }
+        Ok(start + Duration::from_secs(resp.ttl() as u64))
+    }
+
+    async fn delete_subnet(&self, sn: Ipv4Net) -> Result<(), RegistryError> {
+        let mut c = self.client.clone();
+        timed(c.delete(subnet_key(&self.prefix, sn), None)).await?;
+        Ok(())
+    }
+
+    async fn watch_subnets(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new().with_prefix().with_start_revision(from_revision);
+        let stream = timed(c.watch(self.subnets_prefix(), Some(opts))).await?;
+        Ok(EtcdWatch { stream })
+    }
+
+    fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+}
+
+pub struct EtcdWatch {
+    stream: WatchStream,
+}
+
+impl RegistryWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
+        loop {
+            let Some(resp) = self.stream.message().await? else {
+                return Err(RegistryError::WatchClosed);
+            };
+            if resp.compact_revision() > 0 {
+                return Err(RegistryError::Compacted(resp.compact_revision()));
+            }
+            if resp.canceled() {
+                return Err(RegistryError::Other(format!("watch canceled by etcd: {}", resp.cancel_reason())));
+            }
+            let evs: Vec<WatchEvent> = resp
+                .events()
+                .iter()
+                .filter_map(|ev| {
+                    let kv = ev.kv()?;
+                    Some(match ev.event_type() {
+                        EventType::Put => WatchEvent::Put(kv_of(kv)),
+                        EventType::Delete => WatchEvent::Delete { key: String::from_utf8_lossy(kv.key()).into_owned() },
+                    })
+                })
+                .collect();
+            if !evs.is_empty() {
+                return Ok(evs);
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Hand-built frames for BPF_PROG_TEST_RUN and attacker tests.
+
+use std::net::Ipv4Addr;
+
+use overlay_common::wire::{self, EncapParams, ETH_P_IP, IPPROTO_UDP};
+
+/// An IPv4 packet (no options) with a correct header checksum around `payload`.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = wire::ipv4_checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut p = h.to_vec();
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A UDP datagram (checksum 0) inside IPv4.
+pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    ipv4(src, dst, IPPROTO_UDP, &u)
+}
+
+/// An Ethernet frame.
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A full VXLAN frame as a peer sends it: outer headers from the shared builder, then `inner_ip`.
+pub fn vxlan(p: &EncapParams, inner_ip: &[u8]) -> Vec<u8> {
+    let mut params = *p;
+    params.inner_ip_len = inner_ip.len() as u16;
+    let mut f = wire::encap_header(&params).to_vec();
+    f.extend_from_slice(inner_ip);
+    f
+}
+
+/// An IPv4 Ethernet frame around `ip`.
+pub fn eth_ip(dst: [u8; 6], src: [u8; 6], ip: &[u8]) -> Vec<u8> {
+    eth(dst, src, ETH_P_IP, ip)
+}

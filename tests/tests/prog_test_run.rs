@@ -1,0 +1,285 @@
+//! Tier 2 (root): the real programs, loaded by the agent's own code, driven with
+//! BPF_PROG_TEST_RUN. Outputs are compared byte for byte with `overlay_common::wire`.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use ipnet::Ipv4Net;
+use overlay_agent::dataplane::{Counters, Dataplane, PeerEntry};
+use overlay_common::{
+    programs,
+    wire::{self, EncapParams, ENCAP_HDR_LEN, IPPROTO_TCP, IPPROTO_UDP},
+    Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT,
+};
+use overlay_tests::{
+    netns::{require_root, Netns, PinRoot},
+    packet,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+const OUR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
+const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
+const PEER_UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const OUR_VTEP: [u8; 6] = [0x0e, 0, 0, 0, 0, 0x11];
+const PEER_VTEP: [u8; 6] = [0x0e, 0, 0, 0, 0, 0x12];
+const POD_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x02];
+const BRIDGE_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x01];
+const OUR_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+const PEER_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+
+/// A node namespace with an underlay veth and a permanent neighbour for the peer, the datapath
+/// loaded into it with its maps filled as the agent would.
+struct Fixture {
+    dp: Dataplane,
+    ns: Netns,
+    underlay_mac: [u8; 6],
+    _pins: PinRoot,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        require_root();
+        let ns = Netns::new("ptr").unwrap();
+        ns.sysctl("net.ipv4.ip_forward=1").unwrap();
+        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+        ns.ip(&["link", "set", "eth0", "up"]).unwrap();
+        ns.ip(&["link", "set", "eth0p", "up"]).unwrap();
+        ns.ip(&["addr", "add", "198.18.0.11/24", "dev", "eth0"]).unwrap();
+        ns.ip(&["neigh", "replace", "198.18.0.12", "lladdr", "02:00:00:00:00:12", "dev", "eth0", "nud", "permanent"])
+            .unwrap();
+        let underlay_mac = ns.mac("eth0").unwrap();
+        let pins = PinRoot::new();
+        let mut dp = Dataplane::load(&pins.0).expect("loading the datapath");
+        dp.set_config(&DataplaneConfig {
+            public_ip: OUR_IP.octets(),
+            vni: DEFAULT_VNI,
+            vtep_mac: OUR_VTEP,
+            port: DEFAULT_VXLAN_PORT,
+            underlay_ifindex: ns.ifindex("eth0").unwrap(),
+            underlay_mac,
+            flags: 0,
+            inner_mtu: 1450,
+        })
+        .unwrap();
+        dp.upsert_peer(&PeerEntry {
+            subnet: "10.244.2.0/24".parse::<Ipv4Net>().unwrap(),
+            public_ip: PEER_IP,
+            vtep_mac: PEER_VTEP,
+            direct: false,
+        })
+        .unwrap();
+        Fixture { dp, ns, underlay_mac, _pins: pins }
+    }
+
+    fn counters(&self) -> Counters {
+        self.dp.counters().unwrap()
+    }
+
+    /// Runs `prog` on `input` inside the node namespace; returns (verdict, output bytes).
+    fn run(&mut self, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
+        let _inside = self.ns.enter().unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let p = self.dp.ebpf_mut().program_mut(prog).unwrap();
+        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::new() };
+        let r = if prog == programs::DECAP_XDP {
+            let x: &mut Xdp = p.try_into().unwrap();
+            x.test_run(opts)
+        } else {
+            let c: &mut SchedClassifier = p.try_into().unwrap();
+            c.test_run(opts)
+        }
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// A VXLAN frame from the peer to us around `inner_ip`.
+    fn from_peer(&self, inner_ip: &[u8]) -> EncapParams {
+        let _ = inner_ip;
+        EncapParams {
+            outer_src_mac: PEER_UNDERLAY_MAC,
+            outer_dst_mac: self.underlay_mac,
+            src_ip: PEER_IP.octets(),
+            dst_ip: OUR_IP.octets(),
+            src_port: 45678,
+            dst_port: DEFAULT_VXLAN_PORT,
+            vni: DEFAULT_VNI,
+            inner_src_mac: PEER_VTEP,
+            inner_dst_mac: OUR_VTEP,
+            inner_ip_len: 0,
+            inner_tos: 0,
+        }
+    }
+}
+
+fn delta(before: &Counters, after: &Counters, c: Counter) -> u64 {
+    after.get(c) - before.get(c)
+}
+
+/// The counters that changed, by name, for failure messages.
+fn moved(before: &Counters, after: &Counters) -> Vec<(&'static str, u64)> {
+    Counter::ALL.iter().filter(|c| after.get(**c) != before.get(**c)).map(|c| (c.name(), after.get(*c) - before.get(*c))).collect()
+}
+
+fn pod_packets() -> Vec<(&'static str, Vec<u8>)> {
+    let big = vec![0xabu8; 1400];
+    vec![
+        ("udp", packet::udp(OUR_POD, PEER_POD, 5000, 6000, b"hello")),
+        ("tcp", packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x11; 40])),
+        ("icmp", packet::ipv4(OUR_POD, PEER_POD, 1, &[8, 0, 0, 0, 0, 1, 0, 1])),
+        ("mtu-sized", packet::udp(OUR_POD, PEER_POD, 5000, 6000, &big)),
+    ]
+}
+
+#[test]
+fn encap_output_matches_the_shared_builder() {
+    let mut fx = Fixture::new();
+    let underlay_mac = fx.underlay_mac;
+    for (name, ip) in pod_packets() {
+        let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip);
+        let before = fx.counters();
+        let (verdict, out) = fx.run(programs::ENCAP, &frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: encap verdict; counters moved: {:?}", moved(&before, &fx.counters()));
+        assert_eq!(out.len(), frame.len() + 50, "{name}: 50 bytes of outer headers expected");
+        let sport = u16::from_be_bytes([out[34], out[35]]);
+        assert!((32768..61000).contains(&sport), "{name}: source port {sport} outside the flow range");
+        let expected = wire::encap_header(&EncapParams {
+            outer_src_mac: underlay_mac,
+            outer_dst_mac: PEER_UNDERLAY_MAC,
+            src_ip: OUR_IP.octets(),
+            dst_ip: PEER_IP.octets(),
+            src_port: sport,
+            dst_port: DEFAULT_VXLAN_PORT,
+            vni: DEFAULT_VNI,
+            inner_src_mac: OUR_VTEP,
+            inner_dst_mac: PEER_VTEP,
+            inner_ip_len: ip.len() as u16,
+            inner_tos: ip[1],
+        });
+        assert_eq!(&out[..ENCAP_HDR_LEN], &expected[..], "{name}: outer headers differ from the builder");
+        assert_eq!(&out[ENCAP_HDR_LEN..], &ip[..], "{name}: inner packet changed");
+        let after = fx.counters();
+        assert_eq!(delta(&before, &after, Counter::EncapPackets), 1, "{name}: encap_packets");
+        assert_eq!(delta(&before, &after, Counter::EncapBytes), out.len() as u64, "{name}: encap_bytes");
+    }
+    // The same flow always gets the same source port.
+    let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &pod_packets()[0].1);
+    let (_, a) = fx.run(programs::ENCAP, &frame);
+    let (_, b) = fx.run(programs::ENCAP, &frame);
+    assert_eq!(a[34..36], b[34..36], "one flow, one source port");
+}
+
+#[test]
+fn encap_leaves_local_and_non_cluster_traffic_alone() {
+    let mut fx = Fixture::new();
+    let cases = vec![
+        ("outside the cluster", packet::eth_ip(BRIDGE_MAC, POD_MAC, &packet::udp(OUR_POD, Ipv4Addr::new(10, 9, 9, 9), 1, 2, b"x"))),
+        ("no lease for that subnet", packet::eth_ip(BRIDGE_MAC, POD_MAC, &packet::udp(OUR_POD, Ipv4Addr::new(10, 244, 3, 3), 1, 2, b"x"))),
+        ("ARP", packet::eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28])),
+        ("IPv6", packet::eth(BRIDGE_MAC, POD_MAC, 0x86dd, &[0x60; 60])),
+    ];
+    for (name, frame) in cases {
+        let before = fx.counters();
+        let (verdict, out) = fx.run(programs::ENCAP, &frame);
+        assert_eq!(verdict, TC_ACT_OK, "{name}: must be handed to the stack");
+        assert_eq!(out, frame, "{name}: must be unchanged");
+        assert_eq!(delta(&before, &fx.counters(), Counter::PassEncap), 1, "{name}: pass_encap");
+    }
+}
+
+#[test]
+fn decap_restores_the_inner_packet_in_xdp_and_tc() {
+    let mut fx = Fixture::new();
+    for (prog, pass) in [(programs::DECAP_XDP, XDP_PASS), (programs::DECAP_TC, TC_ACT_OK)] {
+        for (name, _) in pod_packets() {
+            let inner = match name {
+                "tcp" => packet::ipv4(PEER_POD, OUR_POD, IPPROTO_TCP, &[0x22; 40]),
+                _ => packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"reply"),
+            };
+            let frame = packet::vxlan(&fx.from_peer(&inner), &inner);
+            let before = fx.counters();
+            let (verdict, out) = fx.run(prog, &frame);
+            assert_eq!(verdict, pass, "{prog}/{name}: verdict");
+            let expected = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
+            assert_eq!(out, expected, "{prog}/{name}: decapsulated frame");
+            let after = fx.counters();
+            assert_eq!(delta(&before, &after, Counter::DecapPackets), 1, "{prog}/{name}: decap_packets");
+        }
+    }
+}
+
+#[test]
+fn decap_verdicts_for_bad_and_foreign_packets() {
+    let mut fx = Fixture::new();
+    let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
+    let good = fx.from_peer(&inner);
+    let mut wrong_vni = good;
+    wrong_vni.vni = 42;
+    let mut unknown = good;
+    unknown.src_ip = [198, 18, 0, 99];
+    let spoofed_inner = packet::udp(Ipv4Addr::new(10, 244, 3, 3), OUR_POD, 6000, 5000, b"payload-payload");
+    let mut truncated = packet::vxlan(&good, &inner);
+    truncated.truncate(truncated.len() - 10);
+    let mut fragment = packet::vxlan(&good, &inner);
+    fragment[20] = 0x20; // More Fragments
+    let mut options = packet::vxlan(&good, &inner);
+    options[14] = 0x46;
+    let mut no_i_flag = packet::vxlan(&good, &inner);
+    no_i_flag[42] = 0;
+    let mut other_port = good;
+    other_port.dst_port = 4789;
+    let not_udp = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::ipv4(PEER_IP, OUR_IP, IPPROTO_TCP, &[0; 40]));
+    let plain_udp = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"));
+    let arp = packet::eth([0xff; 6], PEER_UNDERLAY_MAC, 0x0806, &[0u8; 28]);
+    let runt = vec![0u8; 20];
+
+    // (name, frame, dropped?, counter)
+    let cases: Vec<(&str, Vec<u8>, bool, Counter)> = vec![
+        ("wrong VNI", packet::vxlan(&wrong_vni, &inner), true, Counter::DropWrongVni),
+        ("unknown source", packet::vxlan(&unknown, &inner), true, Counter::DropUnknownPeer),
+        ("inner source outside the peer's subnet", packet::vxlan(&good, &spoofed_inner), true, Counter::DropSpoofedSource),
+        ("truncated", truncated, true, Counter::DropMalformed),
+        ("first fragment", fragment, true, Counter::DropFragment),
+        ("VXLAN without the I flag", no_i_flag, true, Counter::DropMalformed),
+        ("IP options", options, false, Counter::PassDecap),
+        ("another UDP port", packet::vxlan(&other_port, &inner), false, Counter::PassDecap),
+        ("not UDP", not_udp, false, Counter::PassDecap),
+        ("plain UDP", plain_udp, false, Counter::PassDecap),
+        ("ARP", arp, false, Counter::PassDecap),
+        ("runt", runt, false, Counter::PassDecap),
+    ];
+    for (prog, pass, drop) in [(programs::DECAP_XDP, XDP_PASS, XDP_DROP), (programs::DECAP_TC, TC_ACT_OK, TC_ACT_SHOT)] {
+        for (name, frame, dropped, counter) in &cases {
+            let before = fx.counters();
+            let (verdict, out) = fx.run(prog, frame);
+            let expected = if *dropped { drop } else { pass };
+            assert_eq!(verdict, expected, "{prog}/{name}: verdict");
+            if !dropped {
+                assert_eq!(&out, frame, "{prog}/{name}: passed frames must be unchanged");
+            }
+            assert_eq!(delta(&before, &fx.counters(), *counter), 1, "{prog}/{name}: counter {}", counter.name());
+        }
+    }
+}
+
+#[test]
+fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
+    let mut fx = Fixture::new();
+    let frame = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"));
+    let before = fx.counters();
+    for _ in 0..5 {
+        assert_eq!(fx.run(programs::DECAP_XDP, &frame).0, XDP_PASS);
+    }
+    assert_eq!(delta(&before, &fx.counters(), Counter::PassDecap), 5);
+    let pinned = overlay_agent::dataplane::read_pinned_counters(fx.dp.pin_root()).unwrap();
+    assert_eq!(pinned, fx.counters(), "the pinned counter map is the one the programs write");
+    for m in overlay_common::maps::ALL {
+        assert!(fx.dp.pin_root().join(m).exists(), "map {m} not pinned under {}", fx.dp.pin_root().display());
+    }
+    let _ = IPPROTO_UDP;
+}
