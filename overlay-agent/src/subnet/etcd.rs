@@ -80,8 +80,6 @@ impl EtcdRegistry {
             let mut t = etcd_client::TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
                 t = t.ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-cafile", ca)?));
-            } else {
-                t = t.with_native_roots();
             }
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(etcd_client::Identity::from_pem(

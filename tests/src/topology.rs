@@ -1,0 +1,96 @@
+//! Node and pod namespaces wired like production: an underlay segment between nodes
+//! (198.18.0.0/24 on a bridge in its own namespace), a `cni0` bridge on every node with pods on it.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Result;
+
+use crate::netns::{veth, Netns};
+
+/// The shared underlay L2 segment: a bridge inside its own namespace.
+pub struct Underlay {
+    pub ns: Netns,
+}
+
+impl Underlay {
+    pub fn new() -> Result<Self> {
+        let ns = Netns::new("ovlu")?;
+        ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Underlay { ns })
+    }
+}
+
+/// One node: `eth0` on the underlay (198.18.0.<10+index>/24), `cni0` with 10.244.<index>.1/24.
+pub struct Node {
+    pub ns: Netns,
+    pub index: u8,
+    pub pods: Vec<Pod>,
+}
+
+/// One pod: `eth0` on its node's `cni0`, default route via the bridge address.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+}
+
+impl Node {
+    pub fn underlay_ip(index: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, 0, 10 + index)
+    }
+
+    pub fn subnet(index: u8) -> String {
+        format!("10.244.{index}.0/24")
+    }
+
+    /// Creates the node namespace and its underlay link (MTU `mtu`), forwarding on.
+    pub fn new(underlay: &Underlay, index: u8, mtu: u32) -> Result<Self> {
+        let ns = Netns::new("ovln")?;
+        let port = format!("p{index}");
+        veth(&ns, "eth0", Some(&underlay.ns), &port)?;
+        underlay.ns.ip(&["link", "set", &port, "master", "br0"])?;
+        underlay.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
+        ns.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
+        ns.ip(&["addr", "add", &format!("{}/24", Self::underlay_ip(index)), "dev", "eth0"])?;
+        ns.sysctl("net.ipv4.ip_forward=1")?;
+        Ok(Node { ns, index, pods: Vec::new() })
+    }
+
+    /// Creates `cni0` (10.244.<index>.1/24) as the CNI bridge plugin does.
+    pub fn add_bridge(&self, pod_mtu: u32) -> Result<()> {
+        self.ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
+        self.ns.ip(&["link", "set", "cni0", "mtu", &pod_mtu.to_string()])?;
+        self.ns.ip(&["addr", "add", &format!("10.244.{}.1/24", self.index), "dev", "cni0"])?;
+        self.ns.ip(&["link", "set", "cni0", "up"])?;
+        Ok(())
+    }
+
+    /// Adds pod number `n` (address 10.244.<index>.<n+1>) with the given MTU.
+    pub fn add_pod(&mut self, n: u8, mtu: u32) -> Result<Ipv4Addr> {
+        let ip = Ipv4Addr::new(10, 244, self.index, n + 1);
+        let pod = Netns::new("ovlp")?;
+        let port = format!("veth{n}");
+        veth(&pod, "eth0", Some(&self.ns), &port)?;
+        self.ns.ip(&["link", "set", &port, "master", "cni0"])?;
+        self.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
+        pod.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
+        pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        pod.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", self.index)])?;
+        self.pods.push(Pod { ns: pod, ip });
+        Ok(ip)
+    }
+}
+
+/// `ping -c count` from a namespace; true when every reply arrived.
+pub fn ping(from: &Netns, to: Ipv4Addr, count: u32, size: Option<u32>) -> bool {
+    let c = count.to_string();
+    let mut args = vec!["-c", &c, "-i", "0.2", "-W", "2", "-q"];
+    let s;
+    if let Some(size) = size {
+        s = size.to_string();
+        args.extend(["-M", "do", "-s", &s]);
+    }
+    let t = to.to_string();
+    args.push(&t);
+    from.exec("ping", &args).is_ok()
+}
