@@ -6,3 +6,10 @@
 pub mod bpffs;
 pub mod dataplane;
 pub mod object;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod iface;
+pub mod lease;
+pub mod subnet;
+pub mod subnet_env;

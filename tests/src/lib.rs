@@ -3,3 +3,4 @@
 pub mod netns;
 pub mod packet;
 pub mod topology;
+pub mod cluster;

@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
+use ipnet::Ipv4Net;
 
 use crate::netns::{veth, Netns};
 
@@ -58,27 +59,44 @@ impl Node {
 
     /// Creates `cni0` (10.244.<index>.1/24) as the CNI bridge plugin does.
     pub fn add_bridge(&self, pod_mtu: u32) -> Result<()> {
+        self.add_bridge_for(Self::subnet(self.index).parse()?, pod_mtu)
+    }
+
+    /// Creates `cni0` with the first host address of `subnet`, as the CNI bridge plugin does.
+    pub fn add_bridge_for(&self, subnet: Ipv4Net, pod_mtu: u32) -> Result<()> {
+        let gw = nth_host(subnet, 1);
         self.ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
         self.ns.ip(&["link", "set", "cni0", "mtu", &pod_mtu.to_string()])?;
-        self.ns.ip(&["addr", "add", &format!("10.244.{}.1/24", self.index), "dev", "cni0"])?;
+        self.ns.ip(&["addr", "add", &format!("{gw}/{}", subnet.prefix_len()), "dev", "cni0"])?;
         self.ns.ip(&["link", "set", "cni0", "up"])?;
         Ok(())
     }
 
     /// Adds pod number `n` (address 10.244.<index>.<n+1>) with the given MTU.
     pub fn add_pod(&mut self, n: u8, mtu: u32) -> Result<Ipv4Addr> {
-        let ip = Ipv4Addr::new(10, 244, self.index, n + 1);
+        self.add_pod_in(Self::subnet(self.index).parse()?, n, mtu)
+    }
+
+    /// Adds pod number `n` (the subnet's host n+1) on `cni0` with the given MTU.
+    pub fn add_pod_in(&mut self, subnet: Ipv4Net, n: u8, mtu: u32) -> Result<Ipv4Addr> {
+        let ip = nth_host(subnet, u32::from(n) + 1);
+        let gw = nth_host(subnet, 1);
         let pod = Netns::new("ovlp")?;
         let port = format!("veth{n}");
         veth(&pod, "eth0", Some(&self.ns), &port)?;
         self.ns.ip(&["link", "set", &port, "master", "cni0"])?;
         self.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
         pod.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
-        pod.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        pod.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", self.index)])?;
+        pod.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix_len()), "dev", "eth0"])?;
+        pod.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         self.pods.push(Pod { ns: pod, ip });
         Ok(ip)
     }
+}
+
+/// The `n`th address of `subnet` (0 is the network address).
+pub fn nth_host(subnet: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + n)
 }
 
 /// `ping -c count` from a namespace; true when every reply arrived.

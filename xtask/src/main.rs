@@ -94,10 +94,12 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
             "tier 2: BPF_PROG_TEST_RUN (root)",
             vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
         ));
-        tiers.push((
-            "tier 3: network namespaces, real etcd, real traffic (root)",
-            vec!["test", "--package", "overlay-tests", "--test", "netns_*", "--test", "control_plane"],
-        ));
+        let mut args = vec!["test", "--package", "overlay-tests"];
+        for t in e2e_targets()? {
+            args.push("--test");
+            args.push(Box::leak(t.into_boxed_str()));
+        }
+        tiers.push(("tier 3: network namespaces, real etcd, real traffic (root)", args));
     }
     for (name, mut args) in tiers {
         eprintln!("\n=== {name} ===");
@@ -110,6 +112,18 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
         cargo(&args)?;
     }
     Ok(())
+}
+
+/// Every end-to-end test file in tests/tests except the BPF_PROG_TEST_RUN tier.
+fn e2e_targets() -> Result<Vec<String>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .filter(|n| n != "prog_test_run")
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -1,0 +1,116 @@
+//! `cargo xtask run`: a local etcd and netns nodes running the agent with pods on their bridges.
+//! Prints the leases, proves cross-node ping and a TCP transfer (with a MASQUERADE rule on the
+//! sender, showing the source IP the far pod saw), then stays up until Ctrl-C.
+
+use std::{sync::atomic::{AtomicBool, Ordering}, sync::Arc, time::Duration};
+
+use anyhow::{bail, Result};
+use overlay_tests::{
+    cluster::{tcp_transfer, Cluster},
+    netns::require_root,
+    topology::ping,
+};
+
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let exit_after = args.iter().any(|a| a == "--exit-after-checks");
+    let nodes: u8 = args
+        .iter()
+        .position(|a| a == "--nodes")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2);
+    if nodes < 2 {
+        bail!("--nodes must be at least 2 to show cross-node traffic");
+    }
+    require_root();
+
+    println!("==> etcd on the underlay (198.18.0.1:2379), network config: {CONFIG}");
+    let mut c = Cluster::new(nodes, CONFIG)?;
+    println!("==> starting {nodes} agents (logs under {})", c.dir().display());
+    for i in 0..c.nodes.len() {
+        c.start_agent(i)?;
+    }
+    let mut pods = Vec::new();
+    for i in 0..c.nodes.len() {
+        let ips = c.add_pods(i, 1)?;
+        let (subnet, mtu) = c.nodes[i].subnet_env().unwrap();
+        println!("    node{} (198.18.0.{}): lease {subnet}, MTU {mtu}, pod {}", i + 1, 11 + i, ips[0]);
+        pods.push(ips[0]);
+    }
+    println!("==> leases in etcd:");
+    for line in c.leases()?.lines() {
+        println!("    {line}");
+    }
+    // Give every agent a moment to learn every peer from its watch.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut failures = 0;
+    println!("==> all-pairs ping between pods");
+    for a in 0..c.nodes.len() {
+        for b in 0..c.nodes.len() {
+            if a == b {
+                continue;
+            }
+            let ok = ping(&c.nodes[a].node.pods[0].ns, pods[b], 3, None);
+            println!("    {} -> {}: {}", pods[a], pods[b], if ok { "ok" } else { "FAILED" });
+            failures += usize::from(!ok);
+        }
+    }
+
+    println!("==> MASQUERADE on node1 (as Docker/CNI add it), then a 3 s TCP transfer node1 pod -> node2 pod");
+    c.nodes[0].node.ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-o", "cni0", "-j", "MASQUERADE"],
+    )?;
+    let (first, rest) = c.nodes.split_at_mut(1);
+    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 3)?;
+    println!("    throughput {:.2} Gbit/s; the far pod saw the connection come from {seen}", bps / 1e9);
+    if seen != pods[0].to_string() {
+        println!("    FAILED: the source IP was rewritten (expected {})", pods[0]);
+        failures += 1;
+    } else {
+        println!("    source IP kept: {seen} is the sending pod's own address");
+    }
+
+    if failures > 0 {
+        for i in 0..c.nodes.len() {
+            eprintln!("--- agent log node{} ---\n{}", i + 1, c.agent_log(i));
+        }
+        bail!("{failures} check(s) failed");
+    }
+    println!("==> all checks passed");
+    if exit_after {
+        return Ok(());
+    }
+    println!("==> cluster stays up; Ctrl-C to tear it down. Try:");
+    println!("    ip netns exec {} ping {}", c.nodes[0].node.pods[0].ns.name, pods[1]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc_wait(s);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("==> tearing down");
+    Ok(())
+}
+
+/// Sets `flag` on SIGINT/SIGTERM.
+fn ctrlc_wait(flag: Arc<AtomicBool>) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: i32) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let _ = sigaction(Signal::SIGINT, &action);
+        let _ = sigaction(Signal::SIGTERM, &action);
+    }
+}

@@ -1,0 +1,252 @@
+//! A whole cluster in namespaces: an underlay segment with etcd on it, node namespaces running the
+//! real `overlay-agent` binary, and a CNI-style `cni0` bridge with pods built from each node's
+//! subnet.env, the way the flannel CNI plugin does it.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ipnet::Ipv4Net;
+use nix::sys::signal::Signal;
+
+use crate::{
+    netns::{unique_name, Netns},
+    topology::{Node, Underlay},
+};
+
+/// etcd listens on the underlay bridge's address.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NETWORK_PREFIX: &str = "/coreos.com/network";
+pub const UNDERLAY_MTU: u32 = 1500;
+
+/// The agent binary under test: `$OVERLAY_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("OVERLAY_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/overlay-agent")
+}
+
+/// One node of the cluster and its agent.
+pub struct AgentNode {
+    pub node: Node,
+    pub agent_pid: Option<u32>,
+    pub subnet_file: PathBuf,
+    pub log_file: PathBuf,
+    /// bpffs directory the agent pins into (inside the agent's own mount namespace).
+    pub pin_root: String,
+    /// Extra flags for the agent.
+    pub extra_args: Vec<String>,
+}
+
+impl AgentNode {
+    /// This node's lease as the agent wrote it to subnet.env: (subnet, MTU).
+    pub fn subnet_env(&self) -> Option<(Ipv4Net, u32)> {
+        let text = std::fs::read_to_string(&self.subnet_file).ok()?;
+        let mut subnet = None;
+        let mut mtu = None;
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix("FLANNEL_SUBNET=") {
+                subnet = v.trim().parse::<Ipv4Net>().ok();
+            }
+            if let Some(v) = line.strip_prefix("FLANNEL_MTU=") {
+                mtu = v.trim().parse().ok();
+            }
+        }
+        Some((subnet?, mtu?))
+    }
+}
+
+/// Underlay + etcd + nodes. Everything is removed on drop.
+pub struct Cluster {
+    pub nodes: Vec<AgentNode>,
+    pub underlay: Underlay,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// Creates the underlay, starts etcd on it, writes `config` as the network config, and creates
+    /// `nodes` node namespaces (agents not started).
+    pub fn new(nodes: u8, config: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name("ovlcluster"));
+        std::fs::create_dir_all(&dir)?;
+        let underlay = Underlay::new()?;
+        underlay.ns.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        let mut cluster = Cluster { nodes: Vec::new(), underlay, dir };
+        cluster.start_etcd()?;
+        if !config.is_empty() {
+            cluster.etcdctl(&["put", &format!("{NETWORK_PREFIX}/config"), config])?;
+        }
+        for i in 1..=nodes {
+            cluster.add_node(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://{ETCD_IP}:2379")
+    }
+
+    fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.join("etcd");
+        let url = |port: u16| format!("http://{ETCD_IP}:{port}");
+        let mut cmd = self.underlay.ns.command("etcd");
+        cmd.args(["--name", "default", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &url(2379), "--advertise-client-urls", &url(2379)])
+            .args(["--listen-peer-urls", &url(2380), "--initial-advertise-peer-urls", &url(2380)])
+            .args(["--initial-cluster", &format!("default={}", url(2380))])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("etcd.log"))?);
+        self.underlay.ns.spawn(cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.etcdctl(&["endpoint", "health"]).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("etcd did not become healthy in 20 s; see {}", self.dir.join("etcd.log").display())
+    }
+
+    /// Runs etcdctl (v3 API) against the cluster's etcd; returns stdout.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let ep = self.etcd_endpoint();
+        let mut full = vec!["--endpoints", &ep, "--command-timeout=3s"];
+        full.extend_from_slice(args);
+        let out = self.underlay.ns.exec("etcdctl", &full)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn add_node(&mut self, index: u8) -> Result<()> {
+        let node = Node::new(&self.underlay, index, UNDERLAY_MTU)?;
+        let ndir = self.dir.join(format!("node{index}"));
+        std::fs::create_dir_all(&ndir)?;
+        self.nodes.push(AgentNode {
+            node,
+            agent_pid: None,
+            subnet_file: ndir.join("subnet.env"),
+            log_file: ndir.join("agent.log"),
+            pin_root: format!("/sys/fs/bpf/{}", unique_name("ovlagent")),
+            extra_args: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent (index into `nodes`).
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let ep = self.etcd_endpoint();
+        let n = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_file)?;
+        let mut cmd = n.node.ns.command(agent_bin().to_str().context("agent path")?);
+        cmd.args(["--etcd-endpoints", &ep, "--iface", "eth0", "--subnet-file"])
+            .arg(&n.subnet_file)
+            .args(["--pin-root", &n.pin_root, "-v", "1"])
+            .args(&n.extra_args)
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        n.agent_pid = Some(n.node.ns.spawn(cmd)?);
+        Ok(())
+    }
+
+    /// Stops node `i`'s agent with `signal` and reaps it.
+    pub fn stop_agent(&mut self, i: usize, signal: Signal) {
+        let n = &mut self.nodes[i];
+        if let Some(pid) = n.agent_pid.take() {
+            n.node.ns.kill(pid, signal);
+        }
+    }
+
+    /// Waits until node `i`'s agent has written subnet.env; returns (subnet, MTU).
+    pub fn wait_lease(&self, i: usize, timeout: Duration) -> Result<(Ipv4Net, u32)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.nodes[i].subnet_env() {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} wrote no subnet.env within {timeout:?}; agent log:\n{}",
+                    i + 1,
+                    self.agent_log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log_file).unwrap_or_default()
+    }
+
+    /// Builds `cni0` from node `i`'s subnet.env and adds `pods` pods, as the CNI plugin does.
+    pub fn add_pods(&mut self, i: usize, pods: u8) -> Result<Vec<Ipv4Addr>> {
+        let (subnet, mtu) = self.wait_lease(i, Duration::from_secs(20))?;
+        let n = &mut self.nodes[i];
+        n.node.add_bridge_for(subnet, mtu)?;
+        let mut ips = Vec::new();
+        for p in 0..pods {
+            ips.push(n.node.add_pod_in(subnet, p + 1, mtu)?);
+        }
+        Ok(ips)
+    }
+
+    /// The leases in etcd, as `key value` lines.
+    pub fn leases(&self) -> Result<String> {
+        self.etcdctl(&["get", "--prefix", &format!("{NETWORK_PREFIX}/subnets/")])
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents first (they live in node namespaces), then etcd, then the files.
+        for n in &mut self.nodes {
+            if let Some(pid) = n.agent_pid.take() {
+                n.node.ns.kill(pid, Signal::SIGTERM);
+            }
+        }
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `cmd` in `ns` and returns its stdout, failing with stderr.
+pub fn output(ns: &Netns, cmd: &str, args: &[&str]) -> Result<String> {
+    let out = ns.exec(cmd, args)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A TCP transfer of `seconds` from `client` to an iperf3 server in `server` at `server_ip`.
+/// Returns (bits per second received, the client address the server saw).
+pub fn tcp_transfer(server: &mut Netns, server_ip: Ipv4Addr, client: &Netns, seconds: u32) -> Result<(f64, String)> {
+    let mut srv = server.command("iperf3");
+    srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()]).stdin(Stdio::null());
+    let out_path = std::env::temp_dir().join(unique_name("iperf"));
+    srv.stdout(std::fs::File::create(&out_path)?).stderr(Stdio::null());
+    let pid = server.spawn(srv)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client_res = client.exec("iperf3", &["-c", &server_ip.to_string(), "-t", &seconds.to_string(), "-J"]);
+    // The server exits after one test (-1); give it a moment, then reap it.
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill(pid, Signal::SIGTERM);
+    client_res.context("iperf3 client")?;
+    let text = std::fs::read_to_string(&out_path)?;
+    let _ = std::fs::remove_file(&out_path);
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("iperf3 server output: {text}"))?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    let remote = v["start"]["connected"][0]["remote_host"].as_str().unwrap_or("").to_string();
+    Ok((bps, remote))
+}
+
+/// Checks a command exists in PATH (for clearer failures than "No such file").
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
+}
