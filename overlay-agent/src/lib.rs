@@ -3,6 +3,7 @@
 //! Control plane (`config`, `lease`, `subnet`, `subnet_env`, `iface`, `cli`) never sees BPF;
 //! the datapath (`object`, `bpffs`, `dataplane`) never sees etcd.
 
+pub mod agent;
 pub mod bpffs;
 pub mod dataplane;
 pub mod object;

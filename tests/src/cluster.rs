@@ -237,12 +237,13 @@ pub fn tcp_transfer(server: &mut Netns, server_ip: Ipv4Addr, client: &Netns, sec
     // The server exits after one test (-1); give it a moment, then reap it.
     std::thread::sleep(Duration::from_millis(300));
     server.kill(pid, Signal::SIGTERM);
-    client_res.context("iperf3 client")?;
+    let client_out = client_res.context("iperf3 client")?;
     let text = std::fs::read_to_string(&out_path)?;
     let _ = std::fs::remove_file(&out_path);
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("iperf3 server output: {text}"))?;
-    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
     let remote = v["start"]["connected"][0]["remote_host"].as_str().unwrap_or("").to_string();
+    let c: serde_json::Value = serde_json::from_slice(&client_out.stdout).context("iperf3 client output")?;
+    let bps = c["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
     Ok((bps, remote))
 }
 

@@ -1,5 +1,6 @@
 //! Shared harness for the root-only end-to-end tests: namespaces, links, processes, packets.
 
+pub mod etcd;
 pub mod netns;
 pub mod packet;
 pub mod topology;

@@ -1,0 +1,243 @@
+//! The daemon: glue between the control plane's lease events and the dataplane's maps.
+//! One remote lease becomes one map upsert; one removed lease becomes one delete.
+
+use std::{collections::HashMap, net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
+use overlay_common::DataplaneConfig;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::{
+    cli::AgentArgs,
+    config::NetworkConfig,
+    control::{self, Event, NodeIdentity},
+    dataplane::{Dataplane, DecapMode, PeerEntry},
+    iface::{self, Underlay},
+    lease::Lease,
+    object,
+};
+
+/// How often the agent looks for the pod bridge (Docker creates docker0 after us).
+const BRIDGE_POLL: Duration = Duration::from_millis(500);
+
+/// Runs the agent until SIGTERM/SIGINT or a fatal error.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    args.validate()?;
+    object::object()?;
+    let underlay = iface::resolve(&args.iface).context("finding the underlay interface (--iface)")?;
+    let public_ip = args.public_ip.unwrap_or(underlay.ipv4);
+    let vtep_mac = iface::default_vtep_mac(public_ip);
+    info!(
+        iface = %underlay.name, %public_ip,
+        vtep_mac = %crate::lease::MacAddr(vtep_mac),
+        "starting overlay-agent"
+    );
+    enable_ip_forward()?;
+
+    let mut dp = Dataplane::load(&args.pin_root)?;
+    let decap = decap_mode();
+    dp.attach_decap(&underlay.name, decap)
+        .with_context(|| format!("attaching decap ({decap:?}) to {}", underlay.name))?;
+    info!(iface = %underlay.name, mode = ?decap, pin_root = %args.pin_root.display(), "decap attached");
+
+    let (tx, mut rx) = mpsc::channel(4096);
+    let node = NodeIdentity { public_ip, vtep_mac, iface_mtu: underlay.mtu };
+    let control_args = args.clone();
+    let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
+
+    let mut state = Sync::new(underlay, public_ip, vtep_mac);
+    let mut bridge = BridgeWatch::new(&args.bridge);
+    let mut poll = tokio::time::interval(BRIDGE_POLL);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => state.apply(&mut dp, ev),
+                None => break,
+            },
+            _ = poll.tick() => bridge.check(&mut dp),
+            r = &mut control => {
+                return match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e).context("control plane stopped"),
+                    Err(e) => Err(e).context("control plane task"),
+                };
+            }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); break; }
+            _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); break; }
+        }
+    }
+    Ok(())
+}
+
+/// Decap variant: `OVERLAY_DECAP=xdp|tc` (default tc until the benchmark says otherwise).
+fn decap_mode() -> DecapMode {
+    match std::env::var("OVERLAY_DECAP").as_deref() {
+        Ok("xdp") => DecapMode::Xdp,
+        _ => DecapMode::Tc,
+    }
+}
+
+/// The datapath needs forwarding on (decapsulated packets are routed to the bridge).
+fn enable_ip_forward() -> Result<()> {
+    let path = Path::new("/proc/sys/net/ipv4/ip_forward");
+    let now = std::fs::read_to_string(path).unwrap_or_default();
+    if now.trim() != "1" {
+        std::fs::write(path, "1").context("enabling net.ipv4.ip_forward")?;
+        info!("enabled net.ipv4.ip_forward");
+    }
+    Ok(())
+}
+
+/// The network `addr` is configured with on `iface` (address + netmask).
+fn connected_network(iface: &str, addr: Ipv4Addr) -> Option<Ipv4Net> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs.filter(|a| a.interface_name == iface) {
+        let ip = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
+        let mask = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
+        if let (Some(ip), Some(mask)) = (ip, mask) {
+            if ip == addr {
+                let prefix = u32::from(mask).leading_ones() as u8;
+                return Ipv4Net::new(ip, prefix).ok().map(|n| n.trunc());
+            }
+        }
+    }
+    None
+}
+
+/// What the maps should hold, kept in step with the lease events.
+struct Sync {
+    underlay: Underlay,
+    /// The underlay's connected network: DirectRouting peers are inside it.
+    segment: Option<Ipv4Net>,
+    public_ip: Ipv4Addr,
+    vtep_mac: [u8; 6],
+    config: Option<NetworkConfig>,
+    own: Option<Ipv4Net>,
+    peers: HashMap<Ipv4Net, PeerEntry>,
+}
+
+impl Sync {
+    fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Self {
+        let segment = connected_network(&underlay.name, underlay.ipv4);
+        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new() }
+    }
+
+    fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
+        match ev {
+            Event::Config(cfg) => {
+                self.config = Some(cfg);
+                self.write_config(dp);
+            }
+            Event::OwnLease(lease) => {
+                info!(subnet = %lease.subnet, "holding lease");
+                self.own = Some(lease.subnet);
+                self.write_config(dp);
+            }
+            Event::PeerUpsert(lease) => self.upsert(dp, &lease),
+            Event::PeerRemove(lease) => self.remove(dp, lease.subnet),
+            Event::Resync(all) => {
+                let wanted: HashMap<Ipv4Net, Lease> =
+                    all.into_iter().filter(|l| Some(l.subnet) != self.own).map(|l| (l.subnet, l)).collect();
+                let stale: Vec<Ipv4Net> = self.peers.keys().filter(|s| !wanted.contains_key(s)).copied().collect();
+                for s in stale {
+                    self.remove(dp, s);
+                }
+                for lease in wanted.values() {
+                    self.upsert(dp, lease);
+                }
+            }
+        }
+    }
+
+    fn write_config(&self, dp: &mut Dataplane) {
+        let Some(cfg) = &self.config else { return };
+        let inner_mtu = cfg.mtu(self.underlay.mtu);
+        let dc = DataplaneConfig {
+            public_ip: self.public_ip.octets(),
+            vni: cfg.backend.vni,
+            vtep_mac: self.vtep_mac,
+            port: cfg.backend.port,
+            underlay_ifindex: self.underlay.ifindex,
+            underlay_mac: self.underlay.mac,
+            flags: 0,
+            inner_mtu,
+        };
+        if let Err(e) = dp.set_config(&dc) {
+            error!(error = %e, "writing the dataplane config");
+        }
+    }
+
+    fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease) {
+        if Some(lease.subnet) == self.own {
+            return;
+        }
+        let Some(vx) = lease.vxlan() else { return };
+        let direct = self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
+            && self.segment.is_some_and(|net| net.contains(&lease.attrs.public_ip));
+        let entry = PeerEntry { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac: vx.vtep_mac.0, direct };
+        if self.peers.get(&lease.subnet) == Some(&entry) {
+            return;
+        }
+        // A peer that moved to a new PublicIP leaves a stale sender entry behind: drop it first.
+        if let Some(old) = self.peers.get(&lease.subnet).copied() {
+            if old.public_ip != entry.public_ip {
+                let _ = dp.remove_peer(old.subnet, old.public_ip);
+            }
+        }
+        match dp.upsert_peer(&entry) {
+            Ok(()) => {
+                info!(subnet = %entry.subnet, public_ip = %entry.public_ip, direct, "peer added");
+                self.peers.insert(entry.subnet, entry);
+            }
+            Err(e) => error!(subnet = %entry.subnet, error = %e, "adding peer"),
+        }
+    }
+
+    fn remove(&mut self, dp: &mut Dataplane, subnet: Ipv4Net) {
+        let Some(old) = self.peers.remove(&subnet) else { return };
+        match dp.remove_peer(old.subnet, old.public_ip) {
+            Ok(()) => info!(%subnet, public_ip = %old.public_ip, "peer removed"),
+            Err(e) => error!(%subnet, error = %e, "removing peer"),
+        }
+    }
+}
+
+/// Attaches encap to the pod bridge when it appears, and again when it is recreated.
+struct BridgeWatch {
+    name: String,
+    attached_ifindex: Option<u32>,
+    warned: bool,
+}
+
+impl BridgeWatch {
+    fn new(name: &str) -> Self {
+        BridgeWatch { name: name.to_string(), attached_ifindex: None, warned: false }
+    }
+
+    fn check(&mut self, dp: &mut Dataplane) {
+        let ifindex = nix::net::if_::if_nametoindex(self.name.as_str()).ok();
+        if ifindex == self.attached_ifindex {
+            return;
+        }
+        match ifindex {
+            None => {
+                if !self.warned {
+                    warn!(bridge = %self.name, "pod bridge not there yet; will attach when it appears");
+                    self.warned = true;
+                }
+                self.attached_ifindex = None;
+            }
+            Some(idx) => match dp.attach_encap(&self.name) {
+                Ok(()) => {
+                    info!(bridge = %self.name, ifindex = idx, "encap attached");
+                    self.attached_ifindex = Some(idx);
+                    self.warned = false;
+                }
+                Err(e) => error!(bridge = %self.name, error = %e, "attaching encap"),
+            },
+        }
+    }
+}
