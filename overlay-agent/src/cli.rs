@@ -17,9 +17,13 @@ pub enum CliError {
     KeyWithoutCert,
     #[error("--etcd-username and --etcd-password must be given together")]
     UserWithoutPassword,
-    #[error("--etcd-endpoints: {0:?} must start with http:// or https://, e.g. http://127.0.0.1:2379")]
+    #[error(
+        "--etcd-endpoints: {0:?} must start with http:// or https://, e.g. http://127.0.0.1:2379"
+    )]
     BadEndpoint(String),
-    #[error("--etcd-endpoints: {0:?} is https but no --etcd-cafile was given to verify the server")]
+    #[error(
+        "--etcd-endpoints: {0:?} is https but no --etcd-cafile was given to verify the server"
+    )]
     HttpsWithoutCa(String),
     #[error("--etcd-endpoints is empty; give at least one, e.g. http://127.0.0.1:2379")]
     NoEndpoints,
@@ -35,7 +39,12 @@ pub enum CliError {
 #[derive(clap::Args, Debug, Clone)]
 pub struct AgentArgs {
     /// Comma-separated list of etcd endpoints.
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: Vec<String>,
     /// etcd prefix under which the network config and subnet leases live.
     #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = DEFAULT_ETCD_PREFIX)]
@@ -92,9 +101,9 @@ pub struct AgentArgs {
 }
 
 fn parse_public_ip(s: &str) -> Result<Ipv4Addr, String> {
-    s.trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10"))
+    s.trim().parse().map_err(|_| {
+        format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10")
+    })
 }
 
 #[derive(Parser)]
@@ -147,7 +156,11 @@ impl AgentArgs {
     }
 
     fn endpoints(&self) -> Vec<String> {
-        self.etcd_endpoints.iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect()
+        self.etcd_endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect()
     }
 
     pub fn renew_margin(&self) -> Duration {
@@ -203,7 +216,10 @@ mod tests {
             "--v=2",
         ])
         .unwrap();
-        assert_eq!(a.etcd_endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(
+            a.etcd_endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
         assert_eq!(a.etcd_prefix, "/x/network");
         assert_eq!(a.iface, ["eth1", "192.0.2.1"]);
         assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 9)));
@@ -226,19 +242,37 @@ mod tests {
     #[test]
     fn contradictions() {
         let err = parse(&["--public-ip=fd00::1"]).unwrap_err();
-        assert!(err.contains("\"fd00::1\" is not an IPv4 address (this agent is IPv4-only)"), "{err}");
+        assert!(
+            err.contains("\"fd00::1\" is not an IPv4 address (this agent is IPv4-only)"),
+            "{err}"
+        );
         let cases: [(&[&str], CliError); 7] = [
             (&["--etcd-keyfile=/k"], CliError::KeyWithoutCert),
             (&["--etcd-certfile=/c"], CliError::KeyWithoutCert),
             (&["--etcd-username=u"], CliError::UserWithoutPassword),
-            (&["--etcd-endpoints=127.0.0.1:2379"], CliError::BadEndpoint("127.0.0.1:2379".into())),
-            (&["--etcd-endpoints=https://e:2379"], CliError::HttpsWithoutCa("https://e:2379".into())),
-            (&["--subnet-lease-renew-margin=1440"], CliError::BadRenewMargin(1440)),
-            (&["--etcd-prefix=coreos.com/network"], CliError::BadPrefix("coreos.com/network".into())),
+            (
+                &["--etcd-endpoints=127.0.0.1:2379"],
+                CliError::BadEndpoint("127.0.0.1:2379".into()),
+            ),
+            (
+                &["--etcd-endpoints=https://e:2379"],
+                CliError::HttpsWithoutCa("https://e:2379".into()),
+            ),
+            (
+                &["--subnet-lease-renew-margin=1440"],
+                CliError::BadRenewMargin(1440),
+            ),
+            (
+                &["--etcd-prefix=coreos.com/network"],
+                CliError::BadPrefix("coreos.com/network".into()),
+            ),
         ];
         for (args, want) in cases {
             assert_eq!(parse(args).unwrap().validate(), Err(want), "{args:?}");
         }
-        assert_eq!(parse(&["--kube-subnet-mgr"]).unwrap().validate(), Err(CliError::KubeSubnetMgr));
+        assert_eq!(
+            parse(&["--kube-subnet-mgr"]).unwrap().validate(),
+            Err(CliError::KubeSubnetMgr)
+        );
     }
 }

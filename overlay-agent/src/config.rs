@@ -20,11 +20,17 @@ pub enum ConfigError {
     #[error("network config must be a JSON object, e.g. {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
     NotObject,
     #[error("config field {field}: {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn field(field: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Field { field, problem: problem.into() }
+    ConfigError::Field {
+        field,
+        problem: problem.into(),
+    }
 }
 
 /// The `Backend` object, vxlan only.
@@ -72,12 +78,23 @@ impl NetworkConfig {
 
         let network = match get(obj, "Network") {
             None | Some(Value::Null) => {
-                return Err(field("Network", "is missing; set it to the cluster CIDR, e.g. \"10.244.0.0/16\""))
+                return Err(field(
+                    "Network",
+                    "is missing; set it to the cluster CIDR, e.g. \"10.244.0.0/16\"",
+                ))
             }
-            Some(Value::String(s)) => s
-                .parse::<Ipv4Net>()
-                .map_err(|_| field("Network", format!("{s:?} is not an IPv4 CIDR; use e.g. \"10.244.0.0/16\"")))?,
-            Some(_) => return Err(field("Network", "must be a string CIDR such as \"10.244.0.0/16\"")),
+            Some(Value::String(s)) => s.parse::<Ipv4Net>().map_err(|_| {
+                field(
+                    "Network",
+                    format!("{s:?} is not an IPv4 CIDR; use e.g. \"10.244.0.0/16\""),
+                )
+            })?,
+            Some(_) => {
+                return Err(field(
+                    "Network",
+                    "must be a string CIDR such as \"10.244.0.0/16\"",
+                ))
+            }
         };
         // Go's ParseCIDR masks the address; so do we.
         let network = network.trunc();
@@ -85,15 +102,19 @@ impl NetworkConfig {
 
         let subnet_len = match get(obj, "SubnetLen") {
             None | Some(Value::Null) => 0,
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n <= 32)
-                .ok_or_else(|| field("SubnetLen", "must be a prefix length between 0 and 32, e.g. 24"))?
-                as u8,
+            Some(v) => v.as_u64().filter(|n| *n <= 32).ok_or_else(|| {
+                field(
+                    "SubnetLen",
+                    "must be a prefix length between 0 and 32, e.g. 24",
+                )
+            })? as u8,
         };
         let subnet_len = if subnet_len > 0 {
             if subnet_len > 30 {
-                return Err(field("SubnetLen", format!("is /{subnet_len}; it must be /30 or shorter (less than /31)")));
+                return Err(field(
+                    "SubnetLen",
+                    format!("is /{subnet_len}; it must be /30 or shorter (less than /31)"),
+                ));
             }
             if subnet_len < plen + 2 {
                 return Err(field(
@@ -124,25 +145,36 @@ impl NetworkConfig {
             match get(obj, name) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if s.is_empty() => Ok(None),
-                Some(Value::String(s)) => s
-                    .parse::<Ipv4Addr>()
-                    .map(Some)
-                    .map_err(|_| field(name, format!("{s:?} is not an IPv4 address; use e.g. \"10.244.1.0\""))),
-                Some(_) => Err(field(name, "must be a string IPv4 address such as \"10.244.1.0\"")),
+                Some(Value::String(s)) => s.parse::<Ipv4Addr>().map(Some).map_err(|_| {
+                    field(
+                        name,
+                        format!("{s:?} is not an IPv4 address; use e.g. \"10.244.1.0\""),
+                    )
+                }),
+                Some(_) => Err(field(
+                    name,
+                    "must be a string IPv4 address such as \"10.244.1.0\"",
+                )),
             }
         };
         let in_net = |a: Ipv4Addr| network.contains(&a);
         let subnet_min = match addr("SubnetMin")? {
             None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from((net_start + size) as u32),
             Some(a) if !in_net(a) => {
-                return Err(field("SubnetMin", format!("{a} is not in the range of the Network {network}")))
+                return Err(field(
+                    "SubnetMin",
+                    format!("{a} is not in the range of the Network {network}"),
+                ))
             }
             Some(a) => a,
         };
         let subnet_max = match addr("SubnetMax")? {
             None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from((net_end - size) as u32),
             Some(a) if !in_net(a) => {
-                return Err(field("SubnetMax", format!("{a} is not in the range of the Network {network}")))
+                return Err(field(
+                    "SubnetMax",
+                    format!("{a} is not in the range of the Network {network}"),
+                ))
             }
             Some(a) => a,
         };
@@ -160,11 +192,20 @@ impl NetworkConfig {
             ));
         }
         if subnet_min > subnet_max {
-            return Err(field("SubnetMin", format!("{subnet_min} is above SubnetMax {subnet_max}")));
+            return Err(field(
+                "SubnetMin",
+                format!("{subnet_min} is above SubnetMax {subnet_max}"),
+            ));
         }
 
         let backend = parse_backend(get(obj, "Backend"))?;
-        Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend })
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            backend,
+        })
     }
 
     /// Whether `sn` may be leased under this config (flannel's `isSubnetConfigCompat`).
@@ -178,21 +219,30 @@ impl NetworkConfig {
     /// Every leasable subnet, in order.
     pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
         let size = 1u64 << (32 - self.subnet_len);
-        let (lo, hi) = (u32::from(self.subnet_min) as u64, u32::from(self.subnet_max) as u64);
-        (lo..=hi)
-            .step_by(size as usize)
-            .map(move |a| Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix"))
+        let (lo, hi) = (
+            u32::from(self.subnet_min) as u64,
+            u32::from(self.subnet_max) as u64,
+        );
+        (lo..=hi).step_by(size as usize).map(move |a| {
+            Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix")
+        })
     }
 
     /// The pod MTU: `Backend.MTU` if set, else the underlay MTU minus VXLAN overhead.
     pub fn mtu(&self, iface_mtu: u32) -> u32 {
-        self.backend.mtu.unwrap_or(iface_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.backend
+            .mtu
+            .unwrap_or(iface_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
 }
 
 /// Case-insensitive lookup (exact match preferred), as Go's encoding/json.
 fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+    obj.get(key).or_else(|| {
+        obj.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
 }
 
 fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
@@ -200,7 +250,12 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let obj = match v {
         None | Some(Value::Null) => &empty,
         Some(Value::Object(o)) => o,
-        Some(_) => return Err(field("Backend", "must be an object, e.g. {\"Type\": \"vxlan\"}")),
+        Some(_) => {
+            return Err(field(
+                "Backend",
+                "must be an object, e.g. {\"Type\": \"vxlan\"}",
+            ))
+        }
     };
     match get(obj, "Type") {
         None | Some(Value::Null) => {}
@@ -216,11 +271,12 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let uint = |name: &'static str, max: u64, hint: &str| -> Result<Option<u64>, ConfigError> {
         match get(obj, name) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n <= max)
-                .map(Some)
-                .ok_or_else(|| field(name_of(name), format!("must be an integer from 0 to {max}{hint}"))),
+            Some(v) => v.as_u64().filter(|n| *n <= max).map(Some).ok_or_else(|| {
+                field(
+                    name_of(name),
+                    format!("must be an integer from 0 to {max}{hint}"),
+                )
+            }),
         }
     };
     let vni = match uint("VNI", (1 << 24) - 1, " (24-bit VXLAN network identifier)")? {
@@ -234,7 +290,10 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let mtu = match uint("MTU", 65535, "")? {
         None | Some(0) => None,
         Some(n) if n < 576 => {
-            return Err(field("Backend.MTU", format!("{n} is too small; use at least 576 or leave it unset")))
+            return Err(field(
+                "Backend.MTU",
+                format!("{n} is too small; use at least 576 or leave it unset"),
+            ))
         }
         Some(n) => Some(n as u32),
     };
@@ -243,7 +302,12 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(field("Backend.DirectRouting", "must be true or false")),
     };
-    Ok(BackendConfig { vni, port, mtu, direct_routing })
+    Ok(BackendConfig {
+        vni,
+        port,
+        mtu,
+        direct_routing,
+    })
 }
 
 fn name_of(n: &'static str) -> &'static str {
@@ -267,15 +331,62 @@ mod tests {
     fn defaults() {
         // (json, network, subnet_len, min, max)
         let cases = [
-            (r#"{"Network":"10.244.0.0/16"}"#, "10.244.0.0/16", 24, "10.244.1.0", "10.244.255.0"),
-            (r#"{"network":"10.244.0.0/16","backend":{"type":"vxlan"}}"#, "10.244.0.0/16", 24, "10.244.1.0", "10.244.255.0"),
-            (r#"{"Network":"10.0.0.0/22"}"#, "10.0.0.0/22", 24, "10.0.1.0", "10.0.3.0"),
-            (r#"{"Network":"10.0.0.0/23"}"#, "10.0.0.0/23", 25, "10.0.0.128", "10.0.1.128"),
-            (r#"{"Network":"10.0.0.0/28"}"#, "10.0.0.0/28", 30, "10.0.0.4", "10.0.0.12"),
-            (r#"{"Network":"10.244.3.7/16"}"#, "10.244.0.0/16", 24, "10.244.1.0", "10.244.255.0"),
-            (r#"{"Network":"10.244.0.0/16","SubnetLen":26,"SubnetMin":"10.244.8.0","SubnetMax":"10.244.9.192"}"#,
-             "10.244.0.0/16", 26, "10.244.8.0", "10.244.9.192"),
-            (r#"{"Network":"10.244.0.0/16","SubnetMin":"0.0.0.0"}"#, "10.244.0.0/16", 24, "10.244.1.0", "10.244.255.0"),
+            (
+                r#"{"Network":"10.244.0.0/16"}"#,
+                "10.244.0.0/16",
+                24,
+                "10.244.1.0",
+                "10.244.255.0",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","backend":{"type":"vxlan"}}"#,
+                "10.244.0.0/16",
+                24,
+                "10.244.1.0",
+                "10.244.255.0",
+            ),
+            (
+                r#"{"Network":"10.0.0.0/22"}"#,
+                "10.0.0.0/22",
+                24,
+                "10.0.1.0",
+                "10.0.3.0",
+            ),
+            (
+                r#"{"Network":"10.0.0.0/23"}"#,
+                "10.0.0.0/23",
+                25,
+                "10.0.0.128",
+                "10.0.1.128",
+            ),
+            (
+                r#"{"Network":"10.0.0.0/28"}"#,
+                "10.0.0.0/28",
+                30,
+                "10.0.0.4",
+                "10.0.0.12",
+            ),
+            (
+                r#"{"Network":"10.244.3.7/16"}"#,
+                "10.244.0.0/16",
+                24,
+                "10.244.1.0",
+                "10.244.255.0",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetLen":26,"SubnetMin":"10.244.8.0","SubnetMax":"10.244.9.192"}"#,
+                "10.244.0.0/16",
+                26,
+                "10.244.8.0",
+                "10.244.9.192",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","SubnetMin":"0.0.0.0"}"#,
+                "10.244.0.0/16",
+                24,
+                "10.244.1.0",
+                "10.244.255.0",
+            ),
         ];
         for (json, net, len, min, max) in cases {
             let c = NetworkConfig::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
@@ -285,13 +396,29 @@ mod tests {
             assert_eq!(c.subnet_max, ip(max), "{json}");
         }
         let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        assert_eq!(c.backend, BackendConfig { vni: 1, port: 8472, mtu: None, direct_routing: false });
+        assert_eq!(
+            c.backend,
+            BackendConfig {
+                vni: 1,
+                port: 8472,
+                mtu: None,
+                direct_routing: false
+            }
+        );
         assert_eq!(c.mtu(1500), 1450);
         let c = NetworkConfig::parse(
             r#"{"NETWORK":"10.244.0.0/16","Backend":{"Type":"VXLAN","vni":42,"PORT":4789,"Mtu":1400,"directrouting":true,"GBP":false}}"#,
         )
         .unwrap();
-        assert_eq!(c.backend, BackendConfig { vni: 42, port: 4789, mtu: Some(1400), direct_routing: true });
+        assert_eq!(
+            c.backend,
+            BackendConfig {
+                vni: 42,
+                port: 4789,
+                mtu: Some(1400),
+                direct_routing: true
+            }
+        );
         assert_eq!(c.mtu(9000), 1400);
         assert_eq!(c.subnets().count(), 255);
     }
@@ -333,9 +460,18 @@ mod tests {
 
     #[test]
     fn compatibility() {
-        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.9.0"}"#).unwrap();
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.9.0"}"#,
+        )
+        .unwrap();
         let yes = ["10.244.5.0/24", "10.244.9.0/24", "10.244.7.0/24"];
-        let no = ["10.244.4.0/24", "10.244.10.0/24", "10.244.7.0/25", "10.244.7.1/24", "10.245.7.0/24"];
+        let no = [
+            "10.244.4.0/24",
+            "10.244.10.0/24",
+            "10.244.7.0/25",
+            "10.244.7.1/24",
+            "10.245.7.0/24",
+        ];
         for s in yes {
             assert!(c.is_compatible(s.parse().unwrap()), "{s}");
         }

@@ -3,12 +3,7 @@
 //! Unlike flanneld, losing our own lease (deleted, expired, taken over) is not fatal: we take a
 //! lease again (the same subnet when still free), rewrite subnet.env if it changed, and go on.
 
-use std::{
-    collections::HashMap,
-    net::Ipv4Addr,
-    path::PathBuf,
-    time::Duration,
-};
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use ipnet::Ipv4Net;
 use tokio::{sync::mpsc, time::Instant};
@@ -35,7 +30,11 @@ pub struct NodeIdentity {
 impl NodeIdentity {
     /// Identity with the VTEP MAC derived from /etc/machine-id and the public IP.
     pub fn new(public_ip: Ipv4Addr, iface_mtu: u32) -> Self {
-        NodeIdentity { public_ip, vtep_mac: crate::iface::default_vtep_mac(public_ip), iface_mtu }
+        NodeIdentity {
+            public_ip,
+            vtep_mac: crate::iface::default_vtep_mac(public_ip),
+            iface_mtu,
+        }
     }
 }
 
@@ -75,16 +74,37 @@ pub struct RunOptions {
 
 impl From<&AgentArgs> for RunOptions {
     fn from(a: &AgentArgs) -> Self {
-        RunOptions { subnet_file: a.subnet_file.clone(), ip_masq: a.ip_masq, renew_margin: a.renew_margin() }
+        RunOptions {
+            subnet_file: a.subnet_file.clone(),
+            ip_masq: a.ip_masq,
+            renew_margin: a.renew_margin(),
+        }
     }
 }
 
 /// Connects, waits for config, acquires the lease, writes subnet.env, sends `Event::Config` then
 /// `Event::OwnLease`, then `Resync` + `PeerUpsert`/`PeerRemove` forever; renews and re-acquires.
 /// Returns only on a fatal error (or `Ok` when the event receiver is dropped).
-pub async fn run(args: &AgentArgs, node: NodeIdentity, events: mpsc::Sender<Event>) -> Result<(), ControlError> {
+pub async fn run(
+    args: &AgentArgs,
+    node: NodeIdentity,
+    events: mpsc::Sender<Event>,
+) -> Result<(), ControlError> {
     args.validate()?;
-    let reg = EtcdRegistry::connect(&args.etcd_options()).await?;
+    let mut backoff = Backoff::new();
+    let reg = loop {
+        match EtcdRegistry::connect(&args.etcd_options()).await {
+            Ok(r) => break r,
+            Err(e @ EtcdConnectError::ReadFile { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot connect to etcd yet; retrying");
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = events.closed() => return Ok(()),
+                }
+            }
+        }
+    };
     run_with_registry(reg, &RunOptions::from(args), node, events).await
 }
 
@@ -133,7 +153,8 @@ async fn wait_for_config<R: Registry>(reg: &R) -> Result<NetworkConfig, ControlE
     loop {
         match reg.get_network_config().await {
             Ok(Some(json)) => {
-                return NetworkConfig::parse(&json).map_err(|source| ControlError::Config { key, source });
+                return NetworkConfig::parse(&json)
+                    .map_err(|source| ControlError::Config { key, source });
             }
             Ok(None) => {
                 if !logged_missing {
@@ -164,9 +185,19 @@ async fn acquire<R: Registry>(mgr: &mut SubnetManager<R>) -> Result<OwnLease, Co
     }
 }
 
-fn write_env(opts: &RunOptions, config: &NetworkConfig, node: &NodeIdentity, sn: Ipv4Net) -> Result<(), ControlError> {
-    SubnetEnv { network: config.network, subnet: sn, mtu: config.mtu(node.iface_mtu), ip_masq: opts.ip_masq }
-        .write(&opts.subnet_file)?;
+fn write_env(
+    opts: &RunOptions,
+    config: &NetworkConfig,
+    node: &NodeIdentity,
+    sn: Ipv4Net,
+) -> Result<(), ControlError> {
+    SubnetEnv {
+        network: config.network,
+        subnet: sn,
+        mtu: config.mtu(node.iface_mtu),
+        ip_masq: opts.ip_masq,
+    }
+    .write(&opts.subnet_file)?;
     Ok(())
 }
 
@@ -345,7 +376,9 @@ async fn handle_event<R: Registry>(
             }
         }
         WatchEvent::Delete { key } => {
-            let Ok(sn) = parse_subnet_key(&key) else { return Ok(false) };
+            let Ok(sn) = parse_subnet_key(&key) else {
+                return Ok(false);
+            };
             if sn == own_sn {
                 return Ok(true);
             }
@@ -366,26 +399,49 @@ mod tests {
     const CONFIG: &str = r#"{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#;
 
     fn node(last: u8) -> NodeIdentity {
-        NodeIdentity { public_ip: Ipv4Addr::new(198, 18, 0, last), vtep_mac: [2, 0, 0, 0, 0, last], iface_mtu: 1500 }
+        NodeIdentity {
+            public_ip: Ipv4Addr::new(198, 18, 0, last),
+            vtep_mac: [2, 0, 0, 0, 0, last],
+            iface_mtu: 1500,
+        }
     }
 
     fn opts(name: &str) -> RunOptions {
         let dir = std::env::temp_dir().join(format!("control-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        RunOptions { subnet_file: dir.join("subnet.env"), ip_masq: false, renew_margin: Duration::from_secs(3600) }
+        RunOptions {
+            subnet_file: dir.join("subnet.env"),
+            ip_masq: false,
+            renew_margin: Duration::from_secs(3600),
+        }
     }
 
     async fn next(rx: &mut mpsc::Receiver<Event>) -> Event {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("no event within 5 s").expect("channel closed")
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no event within 5 s")
+            .expect("channel closed")
     }
 
-    async fn start(reg: &MemRegistry, o: &RunOptions, n: NodeIdentity) -> (mpsc::Receiver<Event>, tokio::task::JoinHandle<Result<(), ControlError>>, Lease) {
+    async fn start(
+        reg: &MemRegistry,
+        o: &RunOptions,
+        n: NodeIdentity,
+    ) -> (
+        mpsc::Receiver<Event>,
+        tokio::task::JoinHandle<Result<(), ControlError>>,
+        Lease,
+    ) {
         let (tx, mut rx) = mpsc::channel(64);
         let (reg, o) = (reg.clone(), o.clone());
         let h = tokio::spawn(async move { run_with_registry(reg, &o, n, tx).await });
-        let Event::Config(c) = next(&mut rx).await else { panic!("first event must be Config") };
+        let Event::Config(c) = next(&mut rx).await else {
+            panic!("first event must be Config")
+        };
         assert_eq!(c.backend.vni, 7);
-        let Event::OwnLease(l) = next(&mut rx).await else { panic!("second event must be OwnLease") };
+        let Event::OwnLease(l) = next(&mut rx).await else {
+            panic!("second event must be OwnLease")
+        };
         (rx, h, l)
     }
 
@@ -402,9 +458,13 @@ mod tests {
         let o2 = o.clone();
         let h = tokio::spawn(async move { run_with_registry(reg.clone(), &o2, node(1), tx).await });
         let t0 = Instant::now();
-        let Event::Config(_) = next_long(&mut rx).await else { panic!("expected Config") };
+        let Event::Config(_) = next_long(&mut rx).await else {
+            panic!("expected Config")
+        };
         assert!(Instant::now() - t0 >= Duration::from_secs(30));
-        let Event::OwnLease(l) = next(&mut rx).await else { panic!("expected OwnLease") };
+        let Event::OwnLease(l) = next(&mut rx).await else {
+            panic!("expected OwnLease")
+        };
         assert_eq!(l.attrs.backend_data.unwrap().vni, 7);
         let env = std::fs::read_to_string(&o.subnet_file).unwrap();
         let first = Ipv4Addr::from(u32::from(l.subnet.network()) + 1);
@@ -414,7 +474,10 @@ mod tests {
     }
 
     async fn next_long(rx: &mut mpsc::Receiver<Event>) -> Event {
-        tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -422,7 +485,9 @@ mod tests {
         let reg = MemRegistry::default();
         reg.set_network_config(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"host-gw"}}"#);
         let (tx, _rx) = mpsc::channel(64);
-        let err = run_with_registry(reg, &opts("bad"), node(1), tx).await.unwrap_err();
+        let err = run_with_registry(reg, &opts("bad"), node(1), tx)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("Backend.Type"), "{err}");
         assert!(err.to_string().contains("only the vxlan backend"), "{err}");
     }
@@ -438,19 +503,29 @@ mod tests {
         // A peer appears, changes, and disappears; foreign and malformed leases are skipped.
         let psn: Ipv4Net = "10.9.200.0/24".parse().unwrap();
         let pattrs = LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, 2), 7, [2, 0, 0, 0, 0, 2]);
-        reg.put_raw("10.9.201.0/24".parse().unwrap(), r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#, None);
+        reg.put_raw(
+            "10.9.201.0/24".parse().unwrap(),
+            r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#,
+            None,
+        );
         reg.put_raw_key("not-a-subnet", "{}");
         reg.put_raw(psn, &pattrs.to_json(), Some(SUBNET_TTL));
-        let Event::PeerUpsert(p) = next(&mut rx).await else { panic!("expected PeerUpsert") };
+        let Event::PeerUpsert(p) = next(&mut rx).await else {
+            panic!("expected PeerUpsert")
+        };
         assert_eq!((p.subnet, &p.attrs), (psn, &pattrs));
         reg.delete_raw(psn);
-        let Event::PeerRemove(p) = next(&mut rx).await else { panic!("expected PeerRemove") };
+        let Event::PeerRemove(p) = next(&mut rx).await else {
+            panic!("expected PeerRemove")
+        };
         assert_eq!(p.subnet, psn);
 
         // Our key is deleted: same subnet again, announced again, subnet.env unchanged.
         let env_before = std::fs::read_to_string(&o.subnet_file).unwrap();
         reg.delete_raw(l.subnet);
-        let Event::OwnLease(l2) = next(&mut rx).await else { panic!("expected OwnLease after loss") };
+        let Event::OwnLease(l2) = next(&mut rx).await else {
+            panic!("expected OwnLease after loss")
+        };
         assert_eq!(l2.subnet, l.subnet);
         assert!(reg.get_raw(l.subnet).is_some());
         assert_eq!(std::fs::read_to_string(&o.subnet_file).unwrap(), env_before);
@@ -468,10 +543,12 @@ mod tests {
         }
         let l3 = got.expect("no OwnLease after takeover");
         assert_ne!(l3.subnet, l.subnet);
-        assert!(std::fs::read_to_string(&o.subnet_file).unwrap().contains(&format!(
-            "FLANNEL_SUBNET={}/24",
-            Ipv4Addr::from(u32::from(l3.subnet.network()) + 1)
-        )));
+        assert!(std::fs::read_to_string(&o.subnet_file)
+            .unwrap()
+            .contains(&format!(
+                "FLANNEL_SUBNET={}/24",
+                Ipv4Addr::from(u32::from(l3.subnet.network()) + 1)
+            )));
         assert!(!h.is_finished());
         h.abort();
     }
@@ -500,7 +577,10 @@ mod tests {
         reg.set_offline(true);
         tokio::time::sleep(Duration::from_secs(25 * 3600)).await;
         reg.set_offline(false);
-        assert!(reg.get_raw(l.subnet).is_none(), "key should have expired during the outage");
+        assert!(
+            reg.get_raw(l.subnet).is_none(),
+            "key should have expired during the outage"
+        );
         let mut again = None;
         for _ in 0..4 {
             if let Event::OwnLease(l2) = next_long(&mut rx).await {

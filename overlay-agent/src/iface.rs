@@ -12,7 +12,10 @@ pub enum IfaceError {
     #[error("interface {0} has no IPv4 address; give it one or pick another with --iface")]
     NoIpv4(String),
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: unexpected content {content:?}")]
     Parse { path: String, content: String },
     #[error("listing interface addresses: {0}")]
@@ -32,7 +35,8 @@ pub struct Underlay {
 pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
     let addrs = ipv4_addrs()?;
     if ifaces.is_empty() {
-        let name = default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)?;
+        let name =
+            default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)?;
         return underlay(&name, &addrs, None);
     }
     for want in ifaces {
@@ -47,25 +51,48 @@ pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
     Err(IfaceError::NotFound(ifaces.join(",")))
 }
 
-fn underlay(name: &str, addrs: &[(String, Ipv4Addr)], ip: Option<Ipv4Addr>) -> Result<Underlay, IfaceError> {
+fn underlay(
+    name: &str,
+    addrs: &[(String, Ipv4Addr)],
+    ip: Option<Ipv4Addr>,
+) -> Result<Underlay, IfaceError> {
     let ipv4 = match ip {
         Some(ip) => ip,
-        None => addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a).ok_or_else(|| IfaceError::NoIpv4(name.into()))?,
+        None => addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| IfaceError::NoIpv4(name.into()))?,
     };
     let sys = |f: &str| format!("/sys/class/net/{name}/{f}");
     let num = |f: &str| -> Result<u32, IfaceError> {
         let p = sys(f);
         let s = read(&p)?;
-        s.trim().parse().map_err(|_| IfaceError::Parse { path: p, content: s })
+        s.trim().parse().map_err(|_| IfaceError::Parse {
+            path: p,
+            content: s,
+        })
     };
     let mac_path = sys("address");
     let mac_s = read(&mac_path)?;
-    let mac = parse_mac(mac_s.trim()).ok_or(IfaceError::Parse { path: mac_path, content: mac_s })?;
-    Ok(Underlay { name: name.to_string(), ifindex: num("ifindex")?, ipv4, mac, mtu: num("mtu")? })
+    let mac = parse_mac(mac_s.trim()).ok_or(IfaceError::Parse {
+        path: mac_path,
+        content: mac_s,
+    })?;
+    Ok(Underlay {
+        name: name.to_string(),
+        ifindex: num("ifindex")?,
+        ipv4,
+        mac,
+        mtu: num("mtu")?,
+    })
 }
 
 fn read(path: &str) -> Result<String, IfaceError> {
-    fs::read_to_string(path).map_err(|source| IfaceError::Read { path: path.into(), source })
+    fs::read_to_string(path).map_err(|source| IfaceError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -129,7 +156,8 @@ mod tests {
 
     #[test]
     fn default_route() {
-        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
                  eth1\t00000000\t0101A8C0\t0003\t0\t0\t50\t00000000\t0\t0\t0\n\
                  eth2\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
@@ -139,12 +167,31 @@ mod tests {
 
     #[test]
     fn vtep_mac_is_stable_local_unicast() {
-        let a = derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4\n", Ipv4Addr::new(198, 18, 0, 11));
-        assert_eq!(a, derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 11)));
-        assert_ne!(a, derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 12)));
+        let a = derive_vtep_mac(
+            "3d1219c7c4c5404aaa1f6d2a48adfda4\n",
+            Ipv4Addr::new(198, 18, 0, 11),
+        );
+        assert_eq!(
+            a,
+            derive_vtep_mac(
+                "3d1219c7c4c5404aaa1f6d2a48adfda4",
+                Ipv4Addr::new(198, 18, 0, 11)
+            )
+        );
+        assert_ne!(
+            a,
+            derive_vtep_mac(
+                "3d1219c7c4c5404aaa1f6d2a48adfda4",
+                Ipv4Addr::new(198, 18, 0, 12)
+            )
+        );
         for ip in 0..=255u8 {
             let m = derive_vtep_mac("x", Ipv4Addr::new(10, 0, 0, ip));
-            assert_eq!(m[0] & 0x03, 0x02, "{m:02x?} not locally administered unicast");
+            assert_eq!(
+                m[0] & 0x03,
+                0x02,
+                "{m:02x?} not locally administered unicast"
+            );
         }
     }
 
@@ -156,6 +203,9 @@ mod tests {
         assert!(lo.ifindex > 0 && lo.mtu > 0);
         let by_ip = resolve(&["no-such-if0".into(), "127.0.0.1".into()]).unwrap();
         assert_eq!(by_ip.name, "lo");
-        assert!(matches!(resolve(&["no-such-if0".into()]), Err(IfaceError::NotFound(_))));
+        assert!(matches!(
+            resolve(&["no-such-if0".into()]),
+            Err(IfaceError::NotFound(_))
+        ));
     }
 }

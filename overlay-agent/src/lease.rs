@@ -18,7 +18,9 @@ pub const BACKEND_VXLAN: &str = "vxlan";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
-    #[error("subnet key {key:?} is not of the form <prefix>/subnets/A.B.C.D-LEN (e.g. 10.244.7.0-24)")]
+    #[error(
+        "subnet key {key:?} is not of the form <prefix>/subnets/A.B.C.D-LEN (e.g. 10.244.7.0-24)"
+    )]
     BadKey { key: String },
     #[error("lease value at {key:?} is not flannel LeaseAttrs JSON: {reason}")]
     BadValue { key: String, reason: String },
@@ -33,7 +35,11 @@ pub struct MacAddr(pub [u8; 6]);
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -49,7 +55,9 @@ impl FromStr for MacAddr {
         let mut mac = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for b in &mut mac {
-            let p = parts.next().ok_or_else(|| format!("not a MAC address: {s:?}"))?;
+            let p = parts
+                .next()
+                .ok_or_else(|| format!("not a MAC address: {s:?}"))?;
             if p.len() != 2 {
                 return Err(format!("not a MAC address: {s:?}"));
             }
@@ -91,12 +99,24 @@ pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
-    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_data: Option<VxlanBackendData>,
     /// Carried through untouched for dual-stack flannel nodes; never written by us.
-    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "BackendV6Data",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
@@ -107,7 +127,10 @@ impl LeaseAttrs {
             public_ip,
             public_ipv6: None,
             backend_type: BACKEND_VXLAN.to_string(),
-            backend_data: Some(VxlanBackendData { vni, vtep_mac: MacAddr(vtep_mac) }),
+            backend_data: Some(VxlanBackendData {
+                vni,
+                vtep_mac: MacAddr(vtep_mac),
+            }),
             backend_v6_data: None,
         }
     }
@@ -146,13 +169,19 @@ pub fn subnet_key_suffix(subnet: Ipv4Net) -> String {
 
 /// `<prefix>/subnets/10.244.7.0-24` for a subnet.
 pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
-    format!("{}/subnets/{}", prefix.trim_end_matches('/'), subnet_key_suffix(subnet))
+    format!(
+        "{}/subnets/{}",
+        prefix.trim_end_matches('/'),
+        subnet_key_suffix(subnet)
+    )
 }
 
 /// Parses the last path element of a subnet key (`10.244.7.0-24`), as flannel's
 /// `ParseSubnetKey`: the address must be the network address of the subnet.
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
-    let bad = || LeaseError::BadKey { key: key.to_string() };
+    let bad = || LeaseError::BadKey {
+        key: key.to_string(),
+    };
     let last = key.rsplit('/').next().unwrap_or(key);
     let (addr, len) = last.split_once('-').ok_or_else(bad)?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
@@ -176,20 +205,31 @@ pub fn parse_vxlan_lease(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
         #[serde(rename = "BackendType", default)]
         backend_type: String,
     }
-    let probe: Probe = serde_json::from_slice(value)
-        .map_err(|e| LeaseError::BadValue { key: key.to_string(), reason: e.to_string() })?;
+    let probe: Probe = serde_json::from_slice(value).map_err(|e| LeaseError::BadValue {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })?;
     if probe.backend_type != BACKEND_VXLAN {
-        return Err(LeaseError::NotVxlan { key: key.to_string(), backend_type: probe.backend_type });
+        return Err(LeaseError::NotVxlan {
+            key: key.to_string(),
+            backend_type: probe.backend_type,
+        });
     }
-    let attrs: LeaseAttrs = serde_json::from_slice(value)
-        .map_err(|e| LeaseError::BadValue { key: key.to_string(), reason: e.to_string() })?;
+    let attrs: LeaseAttrs = serde_json::from_slice(value).map_err(|e| LeaseError::BadValue {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })?;
     if attrs.backend_data.is_none() {
         return Err(LeaseError::BadValue {
             key: key.to_string(),
             reason: "vxlan lease without BackendData (VNI, VtepMAC)".into(),
         });
     }
-    Ok(Lease { subnet, attrs, expiration: None })
+    Ok(Lease {
+        subnet,
+        attrs,
+        expiration: None,
+    })
 }
 
 /// What the dataplane must do to go from `old` to `new` peer sets.
@@ -226,16 +266,26 @@ mod tests {
 
     #[test]
     fn flannel_json_round_trips_byte_identical() {
-        let l = parse_vxlan_lease("/coreos.com/network/subnets/10.244.7.0-24", FLANNEL_EXAMPLE.as_bytes())
-            .unwrap();
+        let l = parse_vxlan_lease(
+            "/coreos.com/network/subnets/10.244.7.0-24",
+            FLANNEL_EXAMPLE.as_bytes(),
+        )
+        .unwrap();
         assert_eq!(l.subnet, "10.244.7.0/24".parse::<Ipv4Net>().unwrap());
         assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 11));
         assert_eq!(
             l.vxlan(),
-            Some(VxlanBackendData { vni: 1, vtep_mac: MacAddr([0x0e, 0x5c, 0x2a, 0x11, 0x90, 0x3f]) })
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: MacAddr([0x0e, 0x5c, 0x2a, 0x11, 0x90, 0x3f])
+            })
         );
         assert_eq!(l.attrs.to_json(), FLANNEL_EXAMPLE);
-        let ours = LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, 11), 1, [0x0e, 0x5c, 0x2a, 0x11, 0x90, 0x3f]);
+        let ours = LeaseAttrs::vxlan(
+            Ipv4Addr::new(198, 18, 0, 11),
+            1,
+            [0x0e, 0x5c, 0x2a, 0x11, 0x90, 0x3f],
+        );
         assert_eq!(ours.to_json(), FLANNEL_EXAMPLE);
     }
 
@@ -261,10 +311,17 @@ mod tests {
             "/x/subnets/garbage",
         ];
         for k in bad {
-            assert_eq!(parse_subnet_key(k), Err(LeaseError::BadKey { key: k.into() }), "key {k}");
+            assert_eq!(
+                parse_subnet_key(k),
+                Err(LeaseError::BadKey { key: k.into() }),
+                "key {k}"
+            );
         }
         let sn: Ipv4Net = "10.244.7.0/24".parse().unwrap();
-        assert_eq!(subnet_key("/coreos.com/network/", sn), "/coreos.com/network/subnets/10.244.7.0-24");
+        assert_eq!(
+            subnet_key("/coreos.com/network/", sn),
+            "/coreos.com/network/subnets/10.244.7.0-24"
+        );
         assert_eq!(parse_subnet_key(&subnet_key("/p", sn)), Ok(sn));
     }
 
@@ -275,7 +332,10 @@ mod tests {
             parse_vxlan_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"host-gw"}"#),
             Err(LeaseError::NotVxlan { backend_type, .. }) if backend_type == "host-gw"
         ));
-        assert!(matches!(parse_vxlan_lease(k, b"{not json"), Err(LeaseError::BadValue { .. })));
+        assert!(matches!(
+            parse_vxlan_lease(k, b"{not json"),
+            Err(LeaseError::BadValue { .. })
+        ));
         assert!(matches!(
             parse_vxlan_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#),
             Err(LeaseError::BadValue { .. })
@@ -296,10 +356,14 @@ mod tests {
             attrs: LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, ip), 1, [2, 0, 0, 0, 0, ip]),
             expiration: None,
         };
-        let old: HashMap<_, _> =
-            [mk("10.0.1.0/24", 1), mk("10.0.2.0/24", 2)].into_iter().map(|l| (l.subnet, l)).collect();
-        let new: HashMap<_, _> =
-            [mk("10.0.2.0/24", 2), mk("10.0.3.0/24", 3)].into_iter().map(|l| (l.subnet, l)).collect();
+        let old: HashMap<_, _> = [mk("10.0.1.0/24", 1), mk("10.0.2.0/24", 2)]
+            .into_iter()
+            .map(|l| (l.subnet, l))
+            .collect();
+        let new: HashMap<_, _> = [mk("10.0.2.0/24", 2), mk("10.0.3.0/24", 3)]
+            .into_iter()
+            .map(|l| (l.subnet, l))
+            .collect();
         let d = diff_peers(&old, &new);
         assert_eq!(d.upsert, vec![mk("10.0.3.0/24", 3)]);
         assert_eq!(d.remove, vec![mk("10.0.1.0/24", 1)]);

@@ -11,9 +11,15 @@ use ipnet::Ipv4Net;
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
     #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,10 +46,19 @@ impl SubnetEnv {
 
     /// Writes to a temp file in the same directory, fsyncs, then renames over `path`.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let err = |source| SubnetEnvError::Write { path: path.to_path_buf(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let err = |source| SubnetEnvError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(err)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
         let res = (|| {
             let mut f = std::fs::File::create(&tmp)?;
@@ -63,7 +78,12 @@ pub fn read_previous_subnet(path: &Path) -> Result<Option<Ipv4Net>, SubnetEnvErr
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(SubnetEnvError::Read { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(SubnetEnvError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
     };
     Ok(parse_previous_subnet(&text))
 }
@@ -90,7 +110,10 @@ mod tests {
         };
         let text = env.render();
         assert_eq!(text, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
-        assert_eq!(parse_previous_subnet(&text), Some("10.244.7.0/24".parse().unwrap()));
+        assert_eq!(
+            parse_previous_subnet(&text),
+            Some("10.244.7.0/24".parse().unwrap())
+        );
         assert_eq!(parse_previous_subnet("FLANNEL_NETWORK=10.0.0.0/8\n"), None);
         assert_eq!(parse_previous_subnet("FLANNEL_SUBNET=junk\n"), None);
 
@@ -99,7 +122,11 @@ mod tests {
         env.write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         assert_eq!(read_previous_subnet(&path).unwrap(), Some(env.subnet));
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
         assert_eq!(read_previous_subnet(&dir.join("missing")).unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }

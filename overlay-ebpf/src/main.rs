@@ -44,6 +44,8 @@ static OVL_VTEPS: HashMap<[u8; 4], Vtep, { MAX_PEERS as usize }> = HashMap::new(
 static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 const AF_INET: u8 = 2;
+/// Not in the pinned bindings yet (uapi `enum bpf_adj_room_flags`, 1 << 10).
+const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 // TC verdicts as the u32 the shared plumbing uses (the bindings' types differ between them).
 const TC_ACT_OK: u32 = aya_ebpf::bindings::TC_ACT_OK as u32;
 const TC_ACT_SHOT: u32 = aya_ebpf::bindings::TC_ACT_SHOT as u32;
@@ -136,7 +138,8 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.ifindex = cfg.underlay_ifindex;
-    fib.__bindgen_anon_1.tot_len = (inner_len as u16).wrapping_add(VXLAN_OVERHEAD as u16);
+    // tot_len stays 0: a GSO packet is longer than the MTU until it is segmented, and the
+    // FIB's MTU check would refuse it.
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.public_ip);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(peer.public_ip);
     // SAFETY: fib points to a properly sized bpf_fib_lookup on our stack.
@@ -408,7 +411,14 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
     match classify(&f, have, frame_len, cfg)? {
         Classified::Pass => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
         Classified::Decap => {
-            ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
+            // A GSO (GRO-merged, or veth-forwarded) VXLAN packet also carries the kernel's
+            // UDP-tunnel GSO state, which only BPF_F_ADJ_ROOM_DECAP_L4_UDP (kernels after 6.18)
+            // clears; without it the inner packet could not be segmented later. Kernels without
+            // the flag refuse it and the packet is counted in drop_adjust_room — use XDP decap there.
+            // SAFETY: reading a field of our own context.
+            let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+            let flags = if gso { BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP } else { 0 };
+            ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
                 .map_err(|_| Counter::DropAdjustRoom)?;
             // Same frame as the XDP variant: to the NIC's own MAC, from the sender's VtepMAC.
             let mut macs = [0u8; 12];

@@ -44,7 +44,12 @@ impl Etcd {
 
         let dir = std::env::temp_dir().join(format!("overlay-etcd-{}", unique_name("d")));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut etcd = Etcd { ns, addr, dir, pid: None };
+        let mut etcd = Etcd {
+            ns,
+            addr,
+            dir,
+            pid: None,
+        };
         etcd.start()?;
         Ok(etcd)
     }
@@ -69,7 +74,10 @@ impl Etcd {
     pub fn start(&mut self) -> Result<()> {
         assert!(self.pid.is_none(), "etcd already running");
         let a = self.addr;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let mut cmd = self.ns.command("etcd");
         cmd.args([
             "--data-dir",
@@ -94,11 +102,18 @@ impl Etcd {
 
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.etcdctl(&["endpoint", "health", "--command-timeout=1s"]).is_ok() {
+            if self
+                .etcdctl(&["endpoint", "health", "--command-timeout=1s"])
+                .is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("etcd at {} did not become healthy within 30 s; log:\n{}", self.endpoint(), self.log_tail());
+                bail!(
+                    "etcd at {} did not become healthy within 30 s; log:\n{}",
+                    self.endpoint(),
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -123,7 +138,11 @@ impl Etcd {
             .output()
             .context("spawning etcdctl")?;
         if !out.status.success() {
-            bail!("etcdctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "etcdctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -138,8 +157,13 @@ impl Etcd {
     pub fn put_with_ttl(&self, key: &str, value: &str, ttl_secs: u32) -> Result<()> {
         let out = self.etcdctl(&["lease", "grant", &ttl_secs.to_string()])?;
         // "lease 694d7b3b1c4f0a0b granted with TTL(60s)"
-        let id = out.split_whitespace().nth(1).context("parsing `etcdctl lease grant` output")?.to_string();
-        self.etcdctl(&["put", "--lease", &id, "--", key, value]).map(|_| ())
+        let id = out
+            .split_whitespace()
+            .nth(1)
+            .context("parsing `etcdctl lease grant` output")?
+            .to_string();
+        self.etcdctl(&["put", "--lease", &id, "--", key, value])
+            .map(|_| ())
     }
 
     pub fn del(&self, key: &str) -> Result<()> {
@@ -150,7 +174,9 @@ impl Etcd {
     pub fn get(&self, key: &str) -> Result<Option<(String, i64)>> {
         let out = self.etcdctl(&["get", key, "-w", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&out).context("parsing etcdctl json")?;
-        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else { return Ok(None) };
+        let Some(kv) = v["kvs"].as_array().and_then(|a| a.first()) else {
+            return Ok(None);
+        };
         let lease = kv["lease"].as_i64().unwrap_or(0);
         let mut value = self.etcdctl(&["get", "--print-value-only", key])?;
         if value.ends_with('\n') {
@@ -162,7 +188,11 @@ impl Etcd {
     /// Keys under a prefix.
     pub fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         let out = self.etcdctl(&["get", "--prefix", "--keys-only", prefix])?;
-        Ok(out.lines().filter(|l| !l.is_empty()).map(str::to_string).collect())
+        Ok(out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
     }
 
     /// Remaining TTL of an etcd lease in seconds (-1 when it does not exist).

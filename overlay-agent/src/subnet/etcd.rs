@@ -3,8 +3,8 @@
 use std::{future::Future, time::Duration};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 use ipnet::Ipv4Net;
 use tokio::time::Instant;
@@ -35,9 +35,16 @@ pub struct EtcdOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdConnectError {
     #[error("reading {what} {path}: {source}")]
-    ReadFile { what: &'static str, path: String, source: std::io::Error },
+    ReadFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("connecting to etcd at {endpoints}: {source}")]
-    Connect { endpoints: String, source: etcd_client::Error },
+    Connect {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
 }
 
 #[derive(Clone)]
@@ -46,7 +53,9 @@ pub struct EtcdRegistry {
     prefix: String,
 }
 
-async fn timed<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, RegistryError> {
+async fn timed<T>(
+    fut: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, RegistryError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(r) => r.map_err(RegistryError::from),
         Err(_) => Err(RegistryError::Timeout(REQUEST_TIMEOUT)),
@@ -73,13 +82,23 @@ impl EtcdRegistry {
             co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
         }
         let tls = &opts.tls;
-        if tls.ca_file.is_some() || tls.cert_file.is_some() || opts.endpoints.iter().any(|e| e.starts_with("https://")) {
+        if tls.ca_file.is_some()
+            || tls.cert_file.is_some()
+            || opts.endpoints.iter().any(|e| e.starts_with("https://"))
+        {
             let read = |what: &'static str, path: &String| {
-                std::fs::read(path).map_err(|source| EtcdConnectError::ReadFile { what, path: path.clone(), source })
+                std::fs::read(path).map_err(|source| EtcdConnectError::ReadFile {
+                    what,
+                    path: path.clone(),
+                    source,
+                })
             };
             let mut t = etcd_client::TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
-                t = t.ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-cafile", ca)?));
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(read(
+                    "--etcd-cafile",
+                    ca,
+                )?));
             }
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(etcd_client::Identity::from_pem(
@@ -93,7 +112,10 @@ impl EtcdRegistry {
         let client = Client::connect(&opts.endpoints, Some(co))
             .await
             .map_err(|source| EtcdConnectError::Connect { endpoints, source })?;
-        Ok(EtcdRegistry { client, prefix: opts.prefix.trim_end_matches('/').to_string() })
+        Ok(EtcdRegistry {
+            client,
+            prefix: opts.prefix.trim_end_matches('/').to_string(),
+        })
     }
 
     fn subnets_prefix(&self) -> String {
@@ -119,7 +141,9 @@ impl Registry for EtcdRegistry {
     async fn get_network_config(&self) -> Result<Option<String>, RegistryError> {
         let mut c = self.client.clone();
         let r = timed(c.get(self.config_key(), None)).await?;
-        Ok(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     async fn list_subnets(&self) -> Result<(Vec<KeyValue>, i64), RegistryError> {
@@ -129,12 +153,21 @@ impl Registry for EtcdRegistry {
         Ok((r.kvs().iter().map(kv_of).collect(), rev))
     }
 
-    async fn create_subnet(&self, sn: Ipv4Net, value: String, ttl: Duration) -> Result<Written, RegistryError> {
+    async fn create_subnet(
+        &self,
+        sn: Ipv4Net,
+        value: String,
+        ttl: Duration,
+    ) -> Result<Written, RegistryError> {
         let key = subnet_key(&self.prefix, sn);
         let (id, exp) = self.grant(ttl).await?;
         let txn = Txn::new()
             .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(id)))]);
+            .and_then([TxnOp::put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(id)),
+            )]);
         let mut c = self.client.clone();
         let r = match timed(c.txn(txn)).await {
             Ok(r) => r,
@@ -148,7 +181,11 @@ impl Registry for EtcdRegistry {
             return Err(RegistryError::AlreadyExists(key));
         }
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(Written { lease_id: id, mod_revision: rev, expiration: Some(exp) })
+        Ok(Written {
+            lease_id: id,
+            mod_revision: rev,
+            expiration: Some(exp),
+        })
     }
 
     async fn update_subnet(
@@ -168,7 +205,11 @@ impl Registry for EtcdRegistry {
         };
         let put_opts = (id != 0).then(|| PutOptions::new().with_lease(id));
         let txn = Txn::new()
-            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, prev_mod_revision)])
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                prev_mod_revision,
+            )])
             .and_then([TxnOp::put(key.clone(), value, put_opts)]);
         let mut c = self.client.clone();
         let r = match timed(c.txn(txn)).await {
@@ -187,7 +228,11 @@ impl Registry for EtcdRegistry {
             return Err(RegistryError::Conflict(key));
         }
         let rev = r.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(Written { lease_id: id, mod_revision: rev, expiration: exp })
+        Ok(Written {
+            lease_id: id,
+            mod_revision: rev,
+            expiration: exp,
+        })
     }
 
     async fn renew_lease(&self, lease_id: i64) -> Result<Instant, RegistryError> {
@@ -212,7 +257,9 @@ impl Registry for EtcdRegistry {
 
     async fn watch_subnets(&self, from_revision: i64) -> Result<EtcdWatch, RegistryError> {
         let mut c = self.client.clone();
-        let opts = WatchOptions::new().with_prefix().with_start_revision(from_revision);
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision);
         let stream = timed(c.watch(self.subnets_prefix(), Some(opts))).await?;
         Ok(EtcdWatch { stream })
     }
@@ -236,7 +283,10 @@ impl RegistryWatch for EtcdWatch {
                 return Err(RegistryError::Compacted(resp.compact_revision()));
             }
             if resp.canceled() {
-                return Err(RegistryError::Other(format!("watch canceled by etcd: {}", resp.cancel_reason())));
+                return Err(RegistryError::Other(format!(
+                    "watch canceled by etcd: {}",
+                    resp.cancel_reason()
+                )));
             }
             let evs: Vec<WatchEvent> = resp
                 .events()
@@ -245,7 +295,9 @@ impl RegistryWatch for EtcdWatch {
                     let kv = ev.kv()?;
                     Some(match ev.event_type() {
                         EventType::Put => WatchEvent::Put(kv_of(kv)),
-                        EventType::Delete => WatchEvent::Delete { key: String::from_utf8_lossy(kv.key()).into_owned() },
+                        EventType::Delete => WatchEvent::Delete {
+                            key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        },
                     })
                 })
                 .collect();

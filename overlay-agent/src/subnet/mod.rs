@@ -15,7 +15,9 @@ use ipnet::Ipv4Net;
 use rand::seq::SliceRandom as _;
 use tokio::time::Instant;
 
-pub use registry::{KeyValue, MemRegistry, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
+pub use registry::{
+    KeyValue, MemRegistry, Registry, RegistryError, RegistryWatch, WatchEvent, Written,
+};
 
 use crate::{
     config::NetworkConfig,
@@ -33,7 +35,13 @@ pub enum SubnetError {
         "pool exhausted: all {total} /{len} subnets from {min} to {max} in {network} are leased; \
          widen Network or SubnetMin/SubnetMax in the network config, or delete stale leases"
     )]
-    Exhausted { total: u64, len: u8, min: Ipv4Addr, max: Ipv4Addr, network: Ipv4Net },
+    Exhausted {
+        total: u64,
+        len: u8,
+        min: Ipv4Addr,
+        max: Ipv4Addr,
+        network: Ipv4Net,
+    },
     #[error("lost the race for a subnet {0} times in a row; giving up this round")]
     TooManyRaces(usize),
     #[error(transparent)]
@@ -74,7 +82,14 @@ impl<R: Registry> SubnetManager<R> {
         previous: Option<Ipv4Net>,
         renew_margin: Duration,
     ) -> Self {
-        SubnetManager { registry, config, attrs, previous, renew_margin, warned: HashSet::new() }
+        SubnetManager {
+            registry,
+            config,
+            attrs,
+            previous,
+            renew_margin,
+            warned: HashSet::new(),
+        }
     }
 
     pub fn public_ip(&self) -> Ipv4Addr {
@@ -93,7 +108,9 @@ impl<R: Registry> SubnetManager<R> {
                     self.previous = Some(l.lease.subnet);
                     return Ok(l);
                 }
-                Err(SubnetError::Registry(RegistryError::AlreadyExists(k) | RegistryError::Conflict(k))) => {
+                Err(SubnetError::Registry(
+                    RegistryError::AlreadyExists(k) | RegistryError::Conflict(k),
+                )) => {
                     tracing::debug!(key = %k, "lost a race for a subnet, trying again");
                     // Spread retries of many simultaneous acquirers a little.
                     let jitter = rand::random::<u64>() % 20;
@@ -110,7 +127,9 @@ impl<R: Registry> SubnetManager<R> {
         let mut taken = HashSet::new();
         let mut mine: Vec<(Ipv4Net, &KeyValue)> = Vec::new();
         for kv in &kvs {
-            let Ok(sn) = parse_subnet_key(&kv.key) else { continue };
+            let Ok(sn) = parse_subnet_key(&kv.key) else {
+                continue;
+            };
             taken.insert(sn);
             if probe_public_ip(&kv.value) == Some(self.attrs.public_ip) {
                 mine.push((sn, kv));
@@ -125,7 +144,10 @@ impl<R: Registry> SubnetManager<R> {
                 tracing::info!(subnet = %sn, reservation, public_ip = %self.attrs.public_ip,
                     "found a lease for our public IP, reusing it");
                 let ttl = (!reservation).then_some(SUBNET_TTL);
-                let w = self.registry.update_subnet(sn, value.clone(), kv.mod_revision, ttl).await?;
+                let w = self
+                    .registry
+                    .update_subnet(sn, value.clone(), kv.mod_revision, ttl)
+                    .await?;
                 return Ok(self.own(sn, w));
             }
             tracing::info!(subnet = %sn, public_ip = %self.attrs.public_ip,
@@ -156,22 +178,33 @@ impl<R: Registry> SubnetManager<R> {
 
     fn pick_free(&self, taken: &HashSet<Ipv4Net>) -> Result<Ipv4Net, SubnetError> {
         // As flannel: up to 100 candidates, one of them at random.
-        let free: Vec<Ipv4Net> = self.config.subnets().filter(|s| !taken.contains(s)).take(100).collect();
-        free.choose(&mut rand::thread_rng()).copied().ok_or_else(|| {
-            let c = &self.config;
-            SubnetError::Exhausted {
-                total: c.subnets().count() as u64,
-                len: c.subnet_len,
-                min: c.subnet_min,
-                max: c.subnet_max,
-                network: c.network,
-            }
-        })
+        let free: Vec<Ipv4Net> = self
+            .config
+            .subnets()
+            .filter(|s| !taken.contains(s))
+            .take(100)
+            .collect();
+        free.choose(&mut rand::thread_rng())
+            .copied()
+            .ok_or_else(|| {
+                let c = &self.config;
+                SubnetError::Exhausted {
+                    total: c.subnets().count() as u64,
+                    len: c.subnet_len,
+                    min: c.subnet_min,
+                    max: c.subnet_max,
+                    network: c.network,
+                }
+            })
     }
 
     fn own(&self, sn: Ipv4Net, w: Written) -> OwnLease {
         OwnLease {
-            lease: Lease { subnet: sn, attrs: self.attrs.clone(), expiration: w.expiration },
+            lease: Lease {
+                subnet: sn,
+                attrs: self.attrs.clone(),
+                expiration: w.expiration,
+            },
             lease_id: w.lease_id,
             mod_revision: w.mod_revision,
         }
@@ -182,7 +215,9 @@ impl<R: Registry> SubnetManager<R> {
         if own.is_reservation() {
             return None;
         }
-        own.lease.expiration.map(|e| e.checked_sub(self.renew_margin).unwrap_or(e))
+        own.lease
+            .expiration
+            .map(|e| e.checked_sub(self.renew_margin).unwrap_or(e))
     }
 
     /// Refreshes our etcd lease. `Err(LeaseNotFound)` means the lease is gone: acquire again.
@@ -202,14 +237,20 @@ impl<R: Registry> SubnetManager<R> {
         match parse_vxlan_lease(&kv.key, &kv.value) {
             Ok(l) => {
                 if l.attrs.public_ip == self.attrs.public_ip {
-                    self.warn_once(&kv.key, "lease carries our own PublicIP but is not our lease; skipping it");
+                    self.warn_once(
+                        &kv.key,
+                        "lease carries our own PublicIP but is not our lease; skipping it",
+                    );
                     return None;
                 }
                 self.warned.remove(&kv.key);
                 Some(l)
             }
             Err(e @ LeaseError::NotVxlan { .. }) => {
-                self.warn_once(&kv.key, &format!("{e}; skipping it (this agent only connects vxlan nodes)"));
+                self.warn_once(
+                    &kv.key,
+                    &format!("{e}; skipping it (this agent only connects vxlan nodes)"),
+                );
                 None
             }
             Err(e) => {
@@ -237,7 +278,8 @@ impl<R: Registry> SubnetManager<R> {
     /// Whether a listing still holds our lease under our PublicIP.
     pub fn still_ours(&self, kvs: &[KeyValue], own: Ipv4Net) -> bool {
         kvs.iter().any(|kv| {
-            parse_subnet_key(&kv.key).ok() == Some(own) && probe_public_ip(&kv.value) == Some(self.attrs.public_ip)
+            parse_subnet_key(&kv.key).ok() == Some(own)
+                && probe_public_ip(&kv.value) == Some(self.attrs.public_ip)
         })
     }
 }
@@ -249,7 +291,9 @@ pub fn probe_public_ip(value: &[u8]) -> Option<Ipv4Addr> {
         #[serde(rename = "PublicIP")]
         public_ip: Ipv4Addr,
     }
-    serde_json::from_slice::<Probe>(value).ok().map(|p| p.public_ip)
+    serde_json::from_slice::<Probe>(value)
+        .ok()
+        .map(|p| p.public_ip)
 }
 
 #[cfg(test)]
@@ -265,7 +309,13 @@ mod tests {
     }
 
     fn mgr(reg: &MemRegistry, c: &NetworkConfig, last: u8) -> SubnetManager<MemRegistry> {
-        SubnetManager::new(reg.clone(), c.clone(), attrs(last), None, Duration::from_secs(3600))
+        SubnetManager::new(
+            reg.clone(),
+            c.clone(),
+            attrs(last),
+            None,
+            Duration::from_secs(3600),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,21 +324,44 @@ mod tests {
         let c = cfg(r#"{"Network":"10.9.0.0/24","SubnetLen":28}"#);
         let reg = MemRegistry::default();
         // Pre-taken: a reservation of another node, a foreign-backend lease, a malformed value.
-        let taken: Vec<Ipv4Net> = ["10.9.0.16/28", "10.9.0.32/28", "10.9.0.48/28"].iter().map(|s| s.parse().unwrap()).collect();
+        let taken: Vec<Ipv4Net> = ["10.9.0.16/28", "10.9.0.32/28", "10.9.0.48/28"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
         reg.put_raw(taken[0], &attrs(200).to_json(), None);
-        reg.put_raw(taken[1], r#"{"PublicIP":"198.18.0.201","BackendType":"host-gw"}"#, Some(SUBNET_TTL));
+        reg.put_raw(
+            taken[1],
+            r#"{"PublicIP":"198.18.0.201","BackendType":"host-gw"}"#,
+            Some(SUBNET_TTL),
+        );
         reg.put_raw(taken[2], "garbage", Some(SUBNET_TTL));
         let mut got = HashSet::new();
         for i in 0..12u8 {
             let l = mgr(&reg, &c, i + 1).acquire().await.unwrap();
-            assert!(c.is_compatible(l.lease.subnet), "{} outside the pool", l.lease.subnet);
-            assert!(!taken.contains(&l.lease.subnet), "got pre-taken {}", l.lease.subnet);
+            assert!(
+                c.is_compatible(l.lease.subnet),
+                "{} outside the pool",
+                l.lease.subnet
+            );
+            assert!(
+                !taken.contains(&l.lease.subnet),
+                "got pre-taken {}",
+                l.lease.subnet
+            );
             assert!(got.insert(l.lease.subnet), "duplicate {}", l.lease.subnet);
             assert!(l.lease.expiration.is_some() && l.lease_id != 0);
         }
         let err = mgr(&reg, &c, 99).acquire().await.unwrap_err();
-        assert!(matches!(err, SubnetError::Exhausted { total: 15, .. }), "{err}");
-        assert!(err.to_string().starts_with("pool exhausted: all 15 /28 subnets from 10.9.0.16 to 10.9.0.240 in 10.9.0.0/24"), "{err}");
+        assert!(
+            matches!(err, SubnetError::Exhausted { total: 15, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with(
+                "pool exhausted: all 15 /28 subnets from 10.9.0.16 to 10.9.0.240 in 10.9.0.0/24"
+            ),
+            "{err}"
+        );
         // A node that already holds a lease gets it back even when the pool is full.
         let again = mgr(&reg, &c, 5).acquire().await.unwrap();
         assert!(got.contains(&again.lease.subnet));
@@ -300,14 +373,32 @@ mod tests {
         let reg = MemRegistry::default();
         let prev: Ipv4Net = "10.9.77.0/24".parse().unwrap();
         // subnet.env's subnet is used when free...
-        let mut m = SubnetManager::new(reg.clone(), c.clone(), attrs(1), Some(prev), Duration::from_secs(3600));
+        let mut m = SubnetManager::new(
+            reg.clone(),
+            c.clone(),
+            attrs(1),
+            Some(prev),
+            Duration::from_secs(3600),
+        );
         let l = m.acquire().await.unwrap();
         assert_eq!(l.lease.subnet, prev);
         // ...and ignored when another node holds it.
-        let mut other = SubnetManager::new(reg.clone(), c.clone(), attrs(2), Some(prev), Duration::from_secs(3600));
+        let mut other = SubnetManager::new(
+            reg.clone(),
+            c.clone(),
+            attrs(2),
+            Some(prev),
+            Duration::from_secs(3600),
+        );
         assert_ne!(other.acquire().await.unwrap().lease.subnet, prev);
         // Our PublicIP's lease wins over subnet.env.
-        let mut m2 = SubnetManager::new(reg.clone(), c.clone(), attrs(1), Some("10.9.5.0/24".parse().unwrap()), Duration::from_secs(3600));
+        let mut m2 = SubnetManager::new(
+            reg.clone(),
+            c.clone(),
+            attrs(1),
+            Some("10.9.5.0/24".parse().unwrap()),
+            Duration::from_secs(3600),
+        );
         assert_eq!(m2.acquire().await.unwrap().lease.subnet, prev);
         // A reservation is used as it is and stays without a lease.
         let resv: Ipv4Net = "10.9.200.0/24".parse().unwrap();
@@ -337,7 +428,11 @@ mod tests {
         let mut l = m.acquire().await.unwrap();
         assert_eq!(l.lease.expiration, Some(t0 + SUBNET_TTL));
         let at = m.renew_at(&l).unwrap();
-        assert_eq!(at, t0 + SUBNET_TTL - Duration::from_secs(3600), "renew 60 min before expiry");
+        assert_eq!(
+            at,
+            t0 + SUBNET_TTL - Duration::from_secs(3600),
+            "renew 60 min before expiry"
+        );
         tokio::time::sleep_until(at).await;
         m.renew(&mut l).await.unwrap();
         assert_eq!(reg.renewals().len(), 1);
@@ -350,11 +445,19 @@ mod tests {
         let c = cfg(r#"{"Network":"10.9.0.0/16"}"#);
         let reg = MemRegistry::default();
         let mut m = mgr(&reg, &c, 1);
-        let kv = |k: &str, v: &str| KeyValue { key: format!("/coreos.com/network/subnets/{k}"), value: v.into(), lease_id: 0, mod_revision: 1 };
+        let kv = |k: &str, v: &str| KeyValue {
+            key: format!("/coreos.com/network/subnets/{k}"),
+            value: v.into(),
+            lease_id: 0,
+            mod_revision: 1,
+        };
         let kvs = vec![
             kv("10.9.1.0-24", &attrs(1).to_json()), // own
             kv("10.9.2.0-24", &attrs(2).to_json()),
-            kv("10.9.3.0-24", r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw","BackendData":null}"#),
+            kv(
+                "10.9.3.0-24",
+                r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw","BackendData":null}"#,
+            ),
             kv("10.9.4.0-24", "{"),
             kv("bogus", &attrs(5).to_json()),
         ];

@@ -64,9 +64,13 @@ pub trait Registry: Send + Sync + 'static {
     type Watch: RegistryWatch;
 
     /// `<prefix>/config`, or `None` when the key does not exist (yet).
-    fn get_network_config(&self) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
+    fn get_network_config(
+        &self,
+    ) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
     /// Every key under `<prefix>/subnets/` and the store revision they were read at.
-    fn list_subnets(&self) -> impl Future<Output = Result<(Vec<KeyValue>, i64), RegistryError>> + Send;
+    fn list_subnets(
+        &self,
+    ) -> impl Future<Output = Result<(Vec<KeyValue>, i64), RegistryError>> + Send;
     /// Creates the subnet key only if absent, attached to a fresh lease of `ttl`.
     fn create_subnet(
         &self,
@@ -84,11 +88,16 @@ pub trait Registry: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Written, RegistryError>> + Send;
     /// Refreshes an etcd lease to its full TTL; returns the new expiration.
-    fn renew_lease(&self, lease_id: i64) -> impl Future<Output = Result<Instant, RegistryError>> + Send;
+    fn renew_lease(
+        &self,
+        lease_id: i64,
+    ) -> impl Future<Output = Result<Instant, RegistryError>> + Send;
     fn delete_subnet(&self, sn: Ipv4Net) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// Watches `<prefix>/subnets/` starting at `from_revision` (inclusive).
-    fn watch_subnets(&self, from_revision: i64)
-        -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
+    fn watch_subnets(
+        &self,
+        from_revision: i64,
+    ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
     /// Key of the network config, for messages.
     fn config_key(&self) -> String;
 }
@@ -128,11 +137,20 @@ impl MemState {
     /// Deletes keys whose lease ran out; returns the next expiry, if any.
     fn expire(&mut self, tx: &broadcast::Sender<(i64, WatchEvent)>) -> Option<Instant> {
         let now = Instant::now();
-        let dead: Vec<i64> = self.leases.iter().filter(|(_, (_, e))| *e <= now).map(|(id, _)| *id).collect();
+        let dead: Vec<i64> = self
+            .leases
+            .iter()
+            .filter(|(_, (_, e))| *e <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in dead {
             self.leases.remove(&id);
-            let keys: Vec<String> =
-                self.kvs.values().filter(|kv| kv.lease_id == id).map(|kv| kv.key.clone()).collect();
+            let keys: Vec<String> = self
+                .kvs
+                .values()
+                .filter(|kv| kv.lease_id == id)
+                .map(|kv| kv.key.clone())
+                .collect();
             for key in keys {
                 self.kvs.remove(&key);
                 let rev = self.bump();
@@ -142,9 +160,20 @@ impl MemState {
         self.leases.values().map(|(_, e)| *e).min()
     }
 
-    fn put(&mut self, tx: &broadcast::Sender<(i64, WatchEvent)>, key: String, value: Vec<u8>, lease_id: i64) -> i64 {
+    fn put(
+        &mut self,
+        tx: &broadcast::Sender<(i64, WatchEvent)>,
+        key: String,
+        value: Vec<u8>,
+        lease_id: i64,
+    ) -> i64 {
         let rev = self.bump();
-        let kv = KeyValue { key: key.clone(), value, lease_id, mod_revision: rev };
+        let kv = KeyValue {
+            key: key.clone(),
+            value,
+            lease_id,
+            mod_revision: rev,
+        };
         self.kvs.insert(key, kv.clone());
         self.emit(tx, rev, WatchEvent::Put(kv));
         rev
@@ -175,7 +204,11 @@ impl Default for MemRegistry {
 impl MemRegistry {
     pub fn new(prefix: &str) -> Self {
         let (tx, _) = broadcast::channel(1024);
-        MemRegistry { prefix: prefix.trim_end_matches('/').to_string(), state: Default::default(), tx }
+        MemRegistry {
+            prefix: prefix.trim_end_matches('/').to_string(),
+            state: Default::default(),
+            tx,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemState> {
@@ -200,13 +233,23 @@ impl MemRegistry {
     pub fn put_raw(&self, sn: Ipv4Net, value: &str, ttl: Option<Duration>) {
         let mut st = self.lock();
         let lease = ttl.map(|t| st.grant(t).0).unwrap_or(0);
-        st.put(&self.tx, subnet_key(&self.prefix, sn), value.as_bytes().to_vec(), lease);
+        st.put(
+            &self.tx,
+            subnet_key(&self.prefix, sn),
+            value.as_bytes().to_vec(),
+            lease,
+        );
     }
 
     /// Writes any key under `<prefix>/subnets/` (for malformed-key tests).
     pub fn put_raw_key(&self, suffix: &str, value: &str) {
         let mut st = self.lock();
-        st.put(&self.tx, format!("{}/subnets/{suffix}", self.prefix), value.as_bytes().to_vec(), 0);
+        st.put(
+            &self.tx,
+            format!("{}/subnets/{suffix}", self.prefix),
+            value.as_bytes().to_vec(),
+            0,
+        );
     }
 
     pub fn delete_raw(&self, sn: Ipv4Net) {
@@ -262,7 +305,12 @@ impl Registry for MemRegistry {
         Ok((st.kvs.values().cloned().collect(), st.revision))
     }
 
-    async fn create_subnet(&self, sn: Ipv4Net, value: String, ttl: Duration) -> Result<Written, RegistryError> {
+    async fn create_subnet(
+        &self,
+        sn: Ipv4Net,
+        value: String,
+        ttl: Duration,
+    ) -> Result<Written, RegistryError> {
         let mut st = self.lock();
         Self::check_online(&st)?;
         let key = subnet_key(&self.prefix, sn);
@@ -271,7 +319,11 @@ impl Registry for MemRegistry {
         }
         let (id, exp) = st.grant(ttl);
         let rev = st.put(&self.tx, key, value.into_bytes(), id);
-        Ok(Written { lease_id: id, mod_revision: rev, expiration: Some(exp) })
+        Ok(Written {
+            lease_id: id,
+            mod_revision: rev,
+            expiration: Some(exp),
+        })
     }
 
     async fn update_subnet(
@@ -295,7 +347,11 @@ impl Registry for MemRegistry {
             None => (0, None),
         };
         let rev = st.put(&self.tx, key, value.into_bytes(), id);
-        Ok(Written { lease_id: id, mod_revision: rev, expiration: exp })
+        Ok(Written {
+            lease_id: id,
+            mod_revision: rev,
+            expiration: exp,
+        })
     }
 
     async fn renew_lease(&self, lease_id: i64) -> Result<Instant, RegistryError> {
@@ -323,10 +379,20 @@ impl Registry for MemRegistry {
         if from_revision <= st.compacted {
             return Err(RegistryError::Compacted(st.compacted));
         }
-        let backlog = st.history.iter().filter(|(r, _)| *r >= from_revision).cloned().collect();
+        let backlog = st
+            .history
+            .iter()
+            .filter(|(r, _)| *r >= from_revision)
+            .cloned()
+            .collect();
         let rx = self.tx.subscribe();
         drop(st);
-        Ok(MemWatch { reg: self.clone(), rx, backlog, from_revision })
+        Ok(MemWatch {
+            reg: self.clone(),
+            rx,
+            backlog,
+            from_revision,
+        })
     }
 
     fn config_key(&self) -> String {
@@ -344,10 +410,14 @@ pub struct MemWatch {
 impl RegistryWatch for MemWatch {
     async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
         if !self.backlog.is_empty() {
-            let evs: Vec<_> = self.backlog.drain(..).map(|(r, e)| {
-                self.from_revision = r + 1;
-                e
-            }).collect();
+            let evs: Vec<_> = self
+                .backlog
+                .drain(..)
+                .map(|(r, e)| {
+                    self.from_revision = r + 1;
+                    e
+                })
+                .collect();
             return Ok(evs);
         }
         loop {

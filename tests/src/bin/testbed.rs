@@ -68,6 +68,10 @@ fn main() -> Result<()> {
     let (first, rest) = c.nodes.split_at_mut(1);
     let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 3)?;
     println!("    throughput {:.2} Gbit/s; the far pod saw the connection come from {seen}", bps / 1e9);
+    if bps <= 0.0 {
+        println!("    FAILED: no data arrived");
+        failures += 1;
+    }
     if seen != pods[0].to_string() {
         println!("    FAILED: the source IP was rewritten (expected {})", pods[0]);
         failures += 1;
