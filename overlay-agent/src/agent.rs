@@ -14,6 +14,7 @@ use crate::{
     config::NetworkConfig,
     control::{self, Event, NodeIdentity},
     dataplane::{Dataplane, DecapMode, PeerEntry},
+    hostroute,
     iface::{self, Underlay},
     lease::Lease,
     object,
@@ -118,12 +119,14 @@ struct Sync {
     config: Option<NetworkConfig>,
     own: Option<Ipv4Net>,
     peers: HashMap<Ipv4Net, PeerEntry>,
+    /// The subnet the host device is set up for.
+    host_device: Option<Ipv4Net>,
 }
 
 impl Sync {
     fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Self {
         let segment = connected_network(&underlay.name, underlay.ipv4);
-        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new() }
+        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new(), host_device: None }
     }
 
     fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
@@ -153,9 +156,23 @@ impl Sync {
         }
     }
 
-    fn write_config(&self, dp: &mut Dataplane) {
+    fn write_config(&mut self, dp: &mut Dataplane) {
         let Some(cfg) = &self.config else { return };
         let inner_mtu = cfg.mtu(self.underlay.mtu);
+        if let Some(own) = self.own {
+            if self.host_device != Some(own) {
+                match hostroute::ensure(own, cfg.network, inner_mtu) {
+                    Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
+                        Ok(()) => {
+                            info!(dev = hostroute::HOST_DEVICE, address = %own.network(), network = %cfg.network, "host route to remote pods ready");
+                            self.host_device = Some(own);
+                        }
+                        Err(e) => error!(error = %e, "attaching encap to the host device"),
+                    },
+                    Err(e) => error!(error = %e, "setting up the host device for host → pod traffic"),
+                }
+            }
+        }
         let dc = DataplaneConfig {
             public_ip: self.public_ip.octets(),
             vni: cfg.backend.vni,

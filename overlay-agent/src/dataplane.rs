@@ -111,13 +111,19 @@ impl Dataplane {
 
     /// Attaches encap to the ingress of the pod bridge.
     pub fn attach_encap(&mut self, bridge: &str) -> Result<(), DataplaneError> {
-        self.attach_tc(programs::ENCAP, bridge)
+        self.attach_tc(programs::ENCAP, bridge, TcAttachType::Ingress)
+    }
+
+    /// Attaches encap to the egress of the host device that routes the cluster network, so
+    /// traffic the node itself sends to remote pods is encapsulated too.
+    pub fn attach_host_encap(&mut self, dev: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(programs::ENCAP, dev, TcAttachType::Egress)
     }
 
     /// Attaches decap to the ingress of the underlay NIC.
     pub fn attach_decap(&mut self, iface: &str, mode: DecapMode) -> Result<(), DataplaneError> {
         match mode {
-            DecapMode::Tc => self.attach_tc(programs::DECAP_TC, iface),
+            DecapMode::Tc => self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress),
             DecapMode::Xdp => {
                 let name = programs::DECAP_XDP;
                 let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
@@ -128,7 +134,7 @@ impl Dataplane {
         }
     }
 
-    fn attach_tc(&mut self, name: &'static str, iface: &str) -> Result<(), DataplaneError> {
+    fn attach_tc(&mut self, name: &'static str, iface: &str, at: TcAttachType) -> Result<(), DataplaneError> {
         // TCX (kernel ≥ 6.6) needs no qdisc, older kernels attach through clsact; having it is harmless.
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
@@ -137,7 +143,7 @@ impl Dataplane {
             }
         }
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        prog.attach(iface, TcAttachType::Ingress)
+        prog.attach(iface, at)
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(())
     }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod dataplane;
+pub mod hostroute;
 pub mod object;
 pub mod cli;
 pub mod config;

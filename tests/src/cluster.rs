@@ -122,7 +122,8 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn add_node(&mut self, index: u8) -> Result<()> {
+    /// Adds node `index` (underlay address 198.18.0.<10+index>); its agent is not started.
+    pub fn add_node(&mut self, index: u8) -> Result<()> {
         let node = Node::new(&self.underlay, index, UNDERLAY_MTU)?;
         let ndir = self.dir.join(format!("node{index}"));
         std::fs::create_dir_all(&ndir)?;
@@ -193,6 +194,44 @@ impl Cluster {
             ips.push(n.node.add_pod_in(subnet, p + 1, mtu)?);
         }
         Ok(ips)
+    }
+
+    /// The remote subnets in node `i`'s BPF peer map, read from the agent's pins with bpftool
+    /// inside the agent's mount namespace.
+    pub fn agent_peers(&self, i: usize) -> Result<Vec<Ipv4Net>> {
+        let n = &self.nodes[i];
+        let pid = n.agent_pid.context("agent not running")?;
+        let out = Command::new("nsenter")
+            .args(["--target", &pid.to_string(), "--mount", "--net", "bpftool", "-j", "map", "dump", "pinned"])
+            .arg(format!("{}/OVL_PEERS", n.pin_root))
+            .output()?;
+        if !out.status.success() {
+            bail!("bpftool map dump: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut nets = Vec::new();
+        for e in v.as_array().into_iter().flatten() {
+            let k = &e["formatted"]["key"];
+            let len = k["prefix_len"].as_u64().unwrap_or(0) as u8;
+            let d: Vec<u8> = k["data"].as_array().into_iter().flatten().filter_map(|b| b.as_u64().map(|b| b as u8)).collect();
+            if d.len() == 4 {
+                nets.push(Ipv4Net::new(Ipv4Addr::new(d[0], d[1], d[2], d[3]), len)?);
+            }
+        }
+        nets.sort();
+        Ok(nets)
+    }
+
+    /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns the time it took.
+    pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if f() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// The leases in etcd, as `key value` lines.

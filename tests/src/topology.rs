@@ -112,3 +112,64 @@ pub fn ping(from: &Netns, to: Ipv4Addr, count: u32, size: Option<u32>) -> bool {
     args.push(&t);
     from.exec("ping", &args).is_ok()
 }
+
+/// A flanneld vxlan peer as [`flannel_vxlan`] programs it: (subnet, underlay IP, flannel.1 MAC).
+pub type VxlanPeer = (Ipv4Net, Ipv4Addr, [u8; 6]);
+
+/// Configures the kernel VXLAN device exactly as flanneld's vxlan backend does, and returns the
+/// MAC of `flannel.1`.
+///
+/// Idempotent, like flanneld: the first call creates `flannel.1` (VNI 1, `local` = the node's
+/// underlay IP, `dev eth0`, UDP 8472, `nolearning`, MTU = eth0's − 50, up) with `my_subnet`'s
+/// network address as a /32; every call then (re)applies `peers`. Call it once with no peers on
+/// each node to learn the MACs, then again with the peers, the way flanneld adds them as leases
+/// arrive. Per peer: a permanent ARP entry for `10.244.P.0`, an FDB entry pointing the peer's MAC
+/// at its underlay IP, and `10.244.P.0/24 via 10.244.P.0 dev flannel.1 onlink`.
+pub fn flannel_vxlan(node: &Node, my_subnet: Ipv4Net, peers: &[VxlanPeer]) -> Result<[u8; 6]> {
+    let ns = &node.ns;
+    if ns.ip(&["link", "show", "flannel.1"]).is_err() {
+        let local = Node::underlay_ip(node.index).to_string();
+        ns.ip(&[
+            "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &local, "dev", "eth0",
+            "dstport", "8472", "nolearning",
+        ])?;
+        let eth0_mtu: u32 = String::from_utf8_lossy(&ns.exec("cat", &["/sys/class/net/eth0/mtu"])?.stdout)
+            .trim()
+            .parse()?;
+        ns.ip(&["link", "set", "flannel.1", "mtu", &(eth0_mtu - 50).to_string()])?;
+        ns.ip(&["addr", "add", &format!("{}/32", my_subnet.network()), "dev", "flannel.1"])?;
+        ns.ip(&["link", "set", "flannel.1", "up"])?;
+    }
+    for (subnet, underlay_ip, mac) in peers {
+        let mac = fmt_mac(mac);
+        let gw = subnet.network().to_string();
+        ns.ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+        // flanneld appends (a VTEP may have several destinations); appending an existing one is a no-op.
+        ns.exec(
+            "bridge",
+            &["fdb", "append", &mac, "dev", "flannel.1", "dst", &underlay_ip.to_string(), "self", "permanent"],
+        )?;
+        ns.ip(&["route", "replace", &subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+    }
+    ns.mac("flannel.1")
+}
+
+/// flannel host-gw: `route replace <subnet> via <peer underlay IP>` for every peer.
+pub fn host_gw(node: &Node, peers: &[(Ipv4Net, Ipv4Addr)]) -> Result<()> {
+    for (subnet, via) in peers {
+        node.ns.ip(&["route", "replace", &subnet.to_string(), "via", &via.to_string(), "dev", "eth0"])?;
+    }
+    Ok(())
+}
+
+/// `ethtool -K <dev> <features...>` inside `ns` (e.g. `["tso", "off", "gso", "off"]`).
+pub fn ethtool_k(ns: &Netns, dev: &str, features: &[&str]) -> Result<()> {
+    let mut args = vec!["-K", dev];
+    args.extend_from_slice(features);
+    ns.exec("ethtool", &args).map(|_| ())
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+}

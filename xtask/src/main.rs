@@ -101,6 +101,10 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
         }
         tiers.push(("tier 3: network namespaces, real etcd, real traffic (root)", args));
     }
+    if !host_only {
+        // Tier 3 runs the real agent binary (target/debug/overlay-agent) in node namespaces.
+        cargo(&["build", "--package", "overlay-agent"])?;
+    }
     for (name, mut args) in tiers {
         eprintln!("\n=== {name} ===");
         args.push("--");

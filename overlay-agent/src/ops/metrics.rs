@@ -1,0 +1,276 @@
+//! Prometheus metrics: process-wide, filled by the agent loop and the control plane's hooks,
+//! the datapath counters read from the pinned `OVL_COUNTERS` map at scrape time.
+//!
+//! | family                                   | type      | labels   | from                      |
+//! |------------------------------------------|-----------|----------|---------------------------|
+//! | `overlay_lease_held`                     | gauge     | `subnet` | agent (Event::OwnLease)   |
+//! | `overlay_lease_expiry_seconds`           | gauge     |          | agent + control (renewal) |
+//! | `overlay_programs_attached`              | gauge     |          | agent                     |
+//! | `overlay_peers`                          | gauge     |          | agent (peer map size)     |
+//! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
+//! | `overlay_map_sync_duration_seconds`      | histogram |          | agent (event → map done)  |
+//! | `overlay_datapath_packets_total`         | counter   | `path`   | BPF counters              |
+//! | `overlay_datapath_bytes_total`           | counter   | `path`   | BPF counters              |
+//! | `overlay_datapath_drops_total`           | counter   | `reason` | BPF counters (`is_drop`)  |
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, LazyLock, Mutex},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use overlay_common::Counter as BpfCounter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+use tokio::time::Instant;
+
+use crate::dataplane::{self, Counters};
+
+/// What the agent knows about itself, read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct AgentState {
+    /// Our lease, once held.
+    pub subnet: Option<Ipv4Net>,
+    /// When our etcd lease runs out (`None` for reservations).
+    pub expiration: Option<Instant>,
+    /// Decap attached to the underlay NIC.
+    pub attached: bool,
+    /// Where to read the datapath counters from.
+    pub pin_root: Option<PathBuf>,
+}
+
+impl AgentState {
+    /// `/readyz`: the lease is held and the programs are attached.
+    pub fn ready(&self) -> bool {
+        self.subnet.is_some() && self.attached
+    }
+}
+
+/// Every metric of the process.
+pub struct Metrics {
+    registry: Registry,
+    pub etcd_reconnects: Counter,
+    pub sync_latency: Histogram,
+    pub peers: Gauge,
+    state: Arc<Mutex<AgentState>>,
+}
+
+/// The process-wide metrics (the control plane bumps them without being handed anything).
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// Hook for the control plane: the etcd connection/watch was lost and is being re-established.
+pub fn etcd_reconnect() {
+    METRICS.etcd_reconnects.inc();
+}
+
+/// Hook for the control plane: our lease was renewed and now runs out at `expiration`.
+pub fn lease_renewed(expiration: Option<Instant>) {
+    METRICS.update(|s| s.expiration = expiration);
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let etcd_reconnects = Counter::default();
+        registry.register(
+            "overlay_etcd_reconnects",
+            "Times the etcd watch or list failed and the agent reconnected",
+            etcd_reconnects.clone(),
+        );
+        // 50 µs .. ~1.6 s.
+        let sync_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "overlay_map_sync_duration_seconds",
+            "Time from receiving a lease event to the BPF map update finishing",
+            sync_latency.clone(),
+        );
+        let peers = Gauge::default();
+        registry.register("overlay_peers", "Remote subnets in the peer map", peers.clone());
+        let state = Arc::new(Mutex::new(AgentState::default()));
+        registry.register_collector(Box::new(Dynamic(state.clone())));
+        Metrics { registry, etcd_reconnects, sync_latency, peers, state }
+    }
+
+    /// Changes the agent state under the lock.
+    pub fn update(&self, f: impl FnOnce(&mut AgentState)) {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn state(&self) -> AgentState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn observe_sync(&self, took: Duration) {
+        self.sync_latency.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Families computed at scrape time: lease state and the BPF counters.
+#[derive(Debug)]
+struct Dynamic(Arc<Mutex<AgentState>>);
+
+impl Collector for Dynamic {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+
+        let held = enc.encode_descriptor(
+            "overlay_lease_held",
+            "1 while this node holds its subnet lease (the subnet is a label)",
+            None,
+            MetricType::Gauge,
+        )?;
+        match s.subnet {
+            Some(sn) => {
+                let labels = [("subnet", sn.to_string())];
+                ConstGauge::new(1i64).encode(held.encode_family(&labels)?)?;
+            }
+            None => ConstGauge::new(0i64).encode(held)?,
+        }
+        if let Some(exp) = s.expiration {
+            let left = exp.saturating_duration_since(Instant::now()).as_secs_f64();
+            let m = enc.encode_descriptor(
+                "overlay_lease_expiry_seconds",
+                "Seconds until our subnet lease expires in etcd unless renewed",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(left).encode(m)?;
+        }
+        let m = enc.encode_descriptor(
+            "overlay_programs_attached",
+            "1 once the decap program is attached to the underlay NIC",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(s.attached)).encode(m)?;
+
+        let Some(pin_root) = &s.pin_root else { return Ok(()) };
+        // The agent's pins may be gone (cleanup); a scrape then just lacks these families.
+        if let Ok(c) = dataplane::read_pinned_counters(pin_root) {
+            encode_datapath(&mut enc, &c)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which family and label a BPF counter goes to.
+enum Family {
+    Packets(&'static str),
+    Bytes(&'static str),
+    Drops(&'static str),
+}
+
+fn family(c: BpfCounter) -> Family {
+    let name = c.name();
+    if c.is_drop() {
+        Family::Drops(name.strip_prefix("drop_").unwrap_or(name))
+    } else if let Some(path) = name.strip_suffix("_bytes") {
+        Family::Bytes(path)
+    } else {
+        Family::Packets(name.strip_suffix("_packets").unwrap_or(name))
+    }
+}
+
+fn encode_datapath(enc: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {
+    let families: [(&str, &str, &str, fn(&Family) -> Option<&'static str>); 3] = [
+        ("overlay_datapath_packets", "Packets handled by the datapath, by path", "path", |f| match f {
+            Family::Packets(p) => Some(p),
+            _ => None,
+        }),
+        ("overlay_datapath_bytes", "Bytes handled by the datapath, by path", "path", |f| match f {
+            Family::Bytes(p) => Some(p),
+            _ => None,
+        }),
+        ("overlay_datapath_drops", "Packets dropped by the datapath, by reason", "reason", |f| match f {
+            Family::Drops(r) => Some(r),
+            _ => None,
+        }),
+    ];
+    for (name, help, label, pick) in families {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for bc in BpfCounter::ALL {
+            if let Some(value) = pick(&family(bc)) {
+                let labels = [(label, value)];
+                ConstCounter::new(c.get(bc)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_has_every_family() {
+        let m = Metrics::new();
+        m.update(|s| {
+            s.subnet = Some("10.244.7.0/24".parse().unwrap());
+            s.attached = true;
+            s.expiration = Some(Instant::now() + Duration::from_secs(3600));
+        });
+        m.etcd_reconnects.inc();
+        m.peers.set(3);
+        m.observe_sync(Duration::from_micros(120));
+        let mut text = m.render();
+        let mut enc_out = String::new();
+        // The datapath families, from a fake counter set.
+        let counters = Counters((0..BpfCounter::ALL.len() as u64).collect());
+        {
+            let mut reg = Registry::default();
+            #[derive(Debug)]
+            struct Fake(Counters);
+            impl Collector for Fake {
+                fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                    encode_datapath(&mut enc, &self.0)
+                }
+            }
+            reg.register_collector(Box::new(Fake(counters)));
+            prometheus_client::encoding::text::encode(&mut enc_out, &reg).unwrap();
+        }
+        text.push_str(&enc_out);
+        for want in [
+            "overlay_lease_held{subnet=\"10.244.7.0/24\"} 1",
+            "overlay_programs_attached 1",
+            "overlay_peers 3",
+            "overlay_etcd_reconnects_total 1",
+            "overlay_map_sync_duration_seconds_count 1",
+            "overlay_map_sync_duration_seconds_bucket{le=\"0.0001\"} 0",
+            "overlay_datapath_packets_total{path=\"encap\"} 0",
+            "overlay_datapath_bytes_total{path=\"encap\"} 1",
+            "overlay_datapath_packets_total{path=\"decap\"} 2",
+            "overlay_datapath_packets_total{path=\"pass_encap\"} 6",
+            "overlay_datapath_drops_total{reason=\"no_config\"} 8",
+            "overlay_datapath_drops_total{reason=\"too_big\"} 16",
+            "# TYPE overlay_datapath_drops counter",
+        ] {
+            assert!(text.contains(want), "metrics text lacks {want:?}:\n{text}");
+        }
+        let exp: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("overlay_lease_expiry_seconds "))
+            .expect("no overlay_lease_expiry_seconds")
+            .parse()
+            .unwrap();
+        assert!((3590.0..=3600.0).contains(&exp), "expiry {exp}");
+    }
+}

@@ -1,0 +1,144 @@
+//! Tier 3 (root): a cluster of node namespaces running the real agent binary against a real
+//! etcd, pods on CNI-style bridges built from each node's subnet.env.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use overlay_tests::{
+    cluster::{output, tcp_transfer, Cluster},
+    netns::require_root,
+    topology::ping,
+};
+
+const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+/// Starts `n` agents and gives each node one pod; returns the pod addresses.
+fn cluster(n: u8, config: &str) -> (Cluster, Vec<std::net::Ipv4Addr>) {
+    require_root();
+    let mut c = Cluster::new(n, config).expect("building the cluster");
+    for i in 0..c.nodes.len() {
+        c.start_agent(i).unwrap();
+    }
+    let mut pods = Vec::new();
+    for i in 0..c.nodes.len() {
+        pods.push(c.add_pods(i, 1).unwrap()[0]);
+    }
+    // Every agent must know every other node before traffic is checked.
+    for i in 0..c.nodes.len() {
+        let want = c.nodes.len() - 1;
+        let ok = Cluster::wait_for(Duration::from_secs(5), || c.agent_peers(i).map(|p| p.len() == want).unwrap_or(false));
+        assert!(ok.is_some(), "node {} did not learn its {want} peers; log:\n{}", i + 1, c.agent_log(i));
+    }
+    (c, pods)
+}
+
+#[test]
+fn three_nodes_all_pairs_ping_bulk_tcp_and_kept_source_ip() {
+    let (mut c, pods) = cluster(3, CONFIG);
+    let (_, mtu) = c.nodes[0].subnet_env().unwrap();
+    assert_eq!(mtu, 1450, "subnet.env MTU must be the underlay MTU (1500) − 50");
+    for a in 0..3 {
+        for b in 0..3 {
+            if a != b {
+                assert!(ping(&c.nodes[a].node.pods[0].ns, pods[b], 2, None), "pod {} → pod {}: no reply", pods[a], pods[b]);
+                // Largest DF packet the pod MTU allows: 1450 − 20 (IP) − 8 (ICMP).
+                assert!(
+                    ping(&c.nodes[a].node.pods[0].ns, pods[b], 1, Some(mtu - 28)),
+                    "pod {} → pod {}: MTU-sized DF ping lost",
+                    pods[a],
+                    pods[b]
+                );
+            }
+        }
+    }
+
+    // A MASQUERADE rule as Docker/CNI install it on the sender must not rewrite pod sources.
+    output(
+        &c.nodes[0].node.ns,
+        "iptables",
+        &["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-o", "cni0", "-j", "MASQUERADE"],
+    )
+    .unwrap();
+    let (first, rest) = c.nodes.split_at_mut(1);
+    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 2).unwrap();
+    assert!(bps > 100e6, "bulk TCP across the overlay reached only {bps} bit/s");
+    assert_eq!(seen, pods[0].to_string(), "the receiving pod must see the sending pod's own IP");
+}
+
+#[test]
+fn host_to_remote_pod_and_flannel_style_dot_zero_sources() {
+    let (c, pods) = cluster(2, CONFIG);
+    // The node itself (hostNetwork processes, health checks) reaches a remote pod.
+    assert!(ping(&c.nodes[0].node.ns, pods[1], 3, None), "node1 → pod on node2 failed");
+    // Its packets leave from the subnet's .0 address, as flanneld's flannel.1 does.
+    let (subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let route = output(&c.nodes[0].node.ns, "ip", &["route", "get", &pods[1].to_string()]).unwrap();
+    assert!(
+        route.contains(&format!("src {}", subnet.network())),
+        "host traffic to remote pods should use {} as source: {route}",
+        subnet.network()
+    );
+}
+
+#[test]
+fn joining_and_leaving_nodes_are_reflected_within_a_second() {
+    let (mut c, _pods) = cluster(2, CONFIG);
+    // A lease appearing in etcd (a node joining) reaches node1's map within a second.
+    let key = "/coreos.com/network/subnets/10.244.250.0-24";
+    let value = r#"{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}}"#;
+    c.etcdctl(&["put", key, value]).unwrap();
+    let joined = Cluster::wait_for(Duration::from_secs(1), || {
+        c.agent_peers(0).unwrap_or_default().iter().any(|n| n.to_string() == "10.244.250.0/24")
+    });
+    assert!(joined.is_some(), "a new lease was not in node1's peer map within 1 s");
+    c.etcdctl(&["del", key]).unwrap();
+    let left = Cluster::wait_for(Duration::from_secs(1), || {
+        !c.agent_peers(0).unwrap_or_default().iter().any(|n| n.to_string() == "10.244.250.0/24")
+    });
+    assert!(left.is_some(), "a deleted lease was still in node1's peer map after 1 s");
+
+    // A real node joining: its pods are reachable from the others right after it has a lease.
+    c.add_node(3).unwrap();
+    c.start_agent(2).unwrap();
+    let new_pod = c.add_pods(2, 1).unwrap()[0];
+    let reached = Cluster::wait_for(Duration::from_secs(3), || ping(&c.nodes[0].node.pods[0].ns, new_pod, 1, None));
+    assert!(reached.is_some(), "pod on the new node3 unreachable from node1; log:\n{}", c.agent_log(2));
+}
+
+#[test]
+fn agent_restart_keeps_its_subnet_and_traffic_flows_again() {
+    let (mut c, pods) = cluster(2, CONFIG);
+    let (before, _) = c.nodes[1].subnet_env().unwrap();
+    for sig in [Signal::SIGTERM, Signal::SIGKILL] {
+        c.stop_agent(1, sig);
+        c.start_agent(1).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let (after, _) = c.wait_lease(1, Duration::from_secs(10)).unwrap();
+        assert_eq!(after, before, "after {sig:?} + start the agent took another subnet");
+        let back = Cluster::wait_for(Duration::from_secs(5), || ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None));
+        assert!(back.is_some(), "traffic did not flow again after {sig:?} + start; log:\n{}", c.agent_log(1));
+    }
+}
+
+#[test]
+fn direct_routing_peers_on_the_same_segment_skip_encapsulation() {
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let (mut c, pods) = cluster(2, config);
+    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 3, None), "direct-routed ping failed");
+    // On the wire between the nodes the pod packets travel bare: no UDP 8472 at all.
+    let mut cap = c.underlay.ns.command("tcpdump");
+    let pcap = c.dir().join("direct.txt");
+    cap.args(["-l", "-ni", "br0", "-c", "4", "icmp and host", &pods[1].to_string()])
+        .stdout(std::fs::File::create(&pcap).unwrap())
+        .stderr(std::process::Stdio::null());
+    let pid = c.underlay.ns.spawn(cap).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None));
+    std::thread::sleep(Duration::from_millis(300));
+    c.underlay.ns.kill(pid, Signal::SIGTERM);
+    let seen = std::fs::read_to_string(&pcap).unwrap();
+    assert!(
+        seen.contains(&format!("{} > {}", pods[0], pods[1])),
+        "bare pod→pod ICMP not seen on the underlay (DirectRouting should not encapsulate):\n{seen}"
+    );
+}
