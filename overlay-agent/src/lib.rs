@@ -8,6 +8,7 @@ pub mod bpffs;
 pub mod dataplane;
 pub mod hostroute;
 pub mod object;
+pub mod ops;
 pub mod cli;
 pub mod config;
 pub mod control;

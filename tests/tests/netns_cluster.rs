@@ -142,3 +142,44 @@ fn direct_routing_peers_on_the_same_segment_skip_encapsulation() {
         "bare pod→pod ICMP not seen on the underlay (DirectRouting should not encapsulate):\n{seen}"
     );
 }
+
+#[test]
+fn mixed_cluster_with_a_kernel_vxlan_flannel_node() {
+    use overlay_tests::topology::{flannel_vxlan, nth_host};
+    let (mut c, pods) = cluster(2, CONFIG);
+    // Node 3 runs no agent: it is set up exactly as flanneld's vxlan backend sets up a node.
+    c.add_node(3).unwrap();
+    let mut peers = Vec::new();
+    let leases = c.leases().unwrap();
+    let lines: Vec<&str> = leases.lines().collect();
+    for kv in lines.chunks(2) {
+        let subnet: ipnet::Ipv4Net = kv[0].rsplit('/').next().unwrap().replace('-', "/").parse().unwrap();
+        let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
+        let ip: std::net::Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
+        let mac = overlay_tests::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().unwrap()).unwrap();
+        peers.push((subnet, ip, mac));
+    }
+    assert_eq!(peers.len(), 2, "expected the two agents' leases, got:\n{leases}");
+    let flannel_subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let n3 = &mut c.nodes[2].node;
+    let mac = flannel_vxlan(n3, flannel_subnet, &peers).unwrap();
+    n3.add_bridge_for(flannel_subnet, 1450).unwrap();
+    let flannel_pod = n3.add_pod_in(flannel_subnet, 1, 1450).unwrap();
+    let value = format!(
+        r#"{{"PublicIP":"198.18.0.13","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        overlay_tests::topology::fmt_mac(&mac)
+    );
+    c.etcdctl(&["put", "/coreos.com/network/subnets/10.244.200.0-24", &value]).unwrap();
+    for i in 0..2 {
+        let ok = Cluster::wait_for(Duration::from_secs(2), || c.agent_peers(i).map(|p| p.contains(&flannel_subnet)).unwrap_or(false));
+        assert!(ok.is_some(), "agent {} did not pick up the flannel node's lease", i + 1);
+    }
+    for (i, pod) in pods.iter().enumerate() {
+        let agent_pod = &c.nodes[i].node.pods[0].ns;
+        assert!(ping(agent_pod, flannel_pod, 3, None), "agent pod {pod} → flannel pod {flannel_pod} failed");
+        assert!(ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None), "flannel pod {flannel_pod} → agent pod {pod} failed");
+        assert!(ping(agent_pod, flannel_pod, 1, Some(1422)), "MTU-sized ping agent pod → flannel pod failed");
+        // flanneld's node reaches pods from its .0 address on flannel.1.
+        assert!(ping(&c.nodes[2].node.ns, *pod, 2, None), "flannel host ({}) → agent pod {pod} failed", nth_host(flannel_subnet, 0));
+    }
+}

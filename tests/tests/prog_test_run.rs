@@ -133,6 +133,8 @@ fn pod_packets() -> Vec<(&'static str, Vec<u8>)> {
         ("tcp", packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x11; 40])),
         ("icmp", packet::ipv4(OUR_POD, PEER_POD, 1, &[8, 0, 0, 0, 0, 1, 0, 1])),
         ("mtu-sized", packet::udp(OUR_POD, PEER_POD, 5000, 6000, &big)),
+        // Larger than the MTU, as a GSO (TSO) TCP packet reaches the bridge before segmentation.
+        ("gso-sized tcp", packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x33; 3000])),
     ]
 }
 

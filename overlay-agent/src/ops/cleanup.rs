@@ -1,0 +1,150 @@
+//! `overlay-agent cleanup`: removes what the agent put on the node. Idempotent.
+//!
+//! - XDP decap attached through netlink (a leftover of a killed agent on old kernels) on any
+//!   interface; TCX/XDP *links* die with the agent process, so a running agent is reported, not
+//!   fought with: stop the service first.
+//! - Legacy (clsact/netlink) TC filters named after our programs on any interface, and the
+//!   `clsact` qdisc the agent added to the underlay NIC and the pod bridge once it carries no
+//!   filters.
+//! - The pin directory (maps and anything pinned under it).
+//! - The `ip overlay-agent` nftables table (`--ip-masq`).
+
+use std::{path::Path, process::Command};
+
+use aya::programs::{tc, TcAttachType};
+use overlay_common::programs;
+use tracing::{info, warn};
+
+use super::masq;
+use crate::dataplane;
+
+/// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
+const KERNEL_NAME_LEN: usize = 15;
+
+/// What cleanup did and what it could not undo.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub removed: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+/// Removes everything; `ifaces` are where the agent added `clsact` (underlay NIC, bridge).
+pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
+    let mut r = Report::default();
+    let links = list_links();
+    for (name, xdp_prog) in &links {
+        if let Some(prog) = xdp_prog {
+            detach_xdp(name, prog, &mut r);
+        }
+        for prog in [programs::ENCAP, programs::DECAP_TC] {
+            for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+                for n in [prog, &prog[..prog.len().min(KERNEL_NAME_LEN)]] {
+                    match tc::qdisc_detach_program(name, at, n) {
+                        Ok(()) => r.removed.push(format!("TC filter {n} ({at:?}) on {name}")),
+                        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        // No clsact qdisc: nothing of ours there.
+                        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => r.failed.push(format!("TC filter {n} on {name}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    for iface in ifaces {
+        if links.iter().any(|(n, _)| n == iface) {
+            remove_empty_clsact(iface, &mut r);
+        }
+    }
+    if pin_root.exists() {
+        match dataplane::remove_pins(pin_root) {
+            Ok(()) => r.removed.push(format!("pins under {}", pin_root.display())),
+            Err(e) => r.failed.push(e.to_string()),
+        }
+    }
+    let had_table = Command::new("nft")
+        .args(["list", "table", "ip", masq::TABLE])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    match masq::remove() {
+        Ok(()) if had_table => r.removed.push(format!("nftables table ip {}", masq::TABLE)),
+        Ok(()) => {}
+        Err(e) => r.failed.push(e.to_string()),
+    }
+    for what in &r.removed {
+        info!(%what, "removed");
+    }
+    for what in &r.failed {
+        warn!(%what, "could not remove");
+    }
+    r
+}
+
+/// Every interface, with the name of its XDP program when it is one of ours.
+fn list_links() -> Vec<(String, Option<String>)> {
+    let out = match Command::new("ip").args(["-j", "-d", "link", "show"]).output() {
+        Ok(o) if o.status.success() => o.stdout,
+        _ => return Vec::new(),
+    };
+    let Ok(serde_json::Value::Array(links)) = serde_json::from_slice(&out) else { return Vec::new() };
+    links
+        .iter()
+        .filter_map(|l| {
+            let name = l.get("ifname")?.as_str()?.to_string();
+            let ours = l.get("xdp").and_then(|x| find_prog_name(x, "overlay_"));
+            Some((name, ours))
+        })
+        .collect()
+}
+
+fn find_prog_name(v: &serde_json::Value, prefix: &str) -> Option<String> {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(n) = m.get("name").and_then(|n| n.as_str()).filter(|n| n.starts_with(prefix)) {
+                return Some(n.to_string());
+            }
+            m.values().find_map(|v| find_prog_name(v, prefix))
+        }
+        serde_json::Value::Array(a) => a.iter().find_map(|v| find_prog_name(v, prefix)),
+        _ => None,
+    }
+}
+
+fn detach_xdp(iface: &str, prog: &str, r: &mut Report) {
+    for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
+        let _ = Command::new("ip").args(["link", "set", "dev", iface, mode, "off"]).output();
+    }
+    let still = list_links().into_iter().any(|(n, p)| n == iface && p.is_some());
+    if still {
+        r.failed.push(format!(
+            "XDP program {prog} on {iface} is held by a BPF link of a running agent; stop the agent \
+             (systemctl stop overlay-agent) and run cleanup again"
+        ));
+    } else {
+        r.removed.push(format!("XDP program {prog} on {iface}"));
+    }
+}
+
+fn remove_empty_clsact(iface: &str, r: &mut Report) {
+    let has_clsact = Command::new("tc")
+        .args(["qdisc", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("qdisc clsact"))
+        .unwrap_or(false);
+    if !has_clsact {
+        return;
+    }
+    for dir in ["ingress", "egress"] {
+        let filters = Command::new("tc").args(["filter", "show", "dev", iface, dir]).output();
+        match filters {
+            Ok(o) if o.status.success() && o.stdout.iter().all(u8::is_ascii_whitespace) => {}
+            // Someone else's filters (or tc is missing): leave the qdisc alone.
+            _ => return,
+        }
+    }
+    match Command::new("tc").args(["qdisc", "del", "dev", iface, "clsact"]).output() {
+        Ok(o) if o.status.success() => r.removed.push(format!("clsact qdisc on {iface}")),
+        Ok(o) => r.failed.push(format!("clsact qdisc on {iface}: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => r.failed.push(format!("clsact qdisc on {iface}: running tc: {e}")),
+    }
+}
