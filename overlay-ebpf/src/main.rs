@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
-        xdp_action, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
     },
@@ -153,6 +153,10 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
         )
     };
     let rc = rc as u32;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // A non-GSO packet larger than the underlay MTU even before encapsulation.
+        return Err(Counter::DropTooBig);
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         return Err(Counter::DropNoRoute);
     }
