@@ -17,7 +17,7 @@ use crate::{
     hostroute,
     iface::{self, Underlay},
     lease::Lease,
-    object,
+    object, ops,
 };
 
 /// How often the agent looks for the pod bridge (Docker creates docker0 after us).
@@ -42,6 +42,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     dp.attach_decap(&underlay.name, decap)
         .with_context(|| format!("attaching decap ({decap:?}) to {}", underlay.name))?;
     info!(iface = %underlay.name, mode = ?decap, pin_root = %args.pin_root.display(), "decap attached");
+    let mut ops = ops::Ops::start(&args).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
     let node = NodeIdentity { public_ip, vtep_mac, iface_mtu: underlay.mtu };
@@ -49,13 +50,24 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
 
     let mut state = Sync::new(underlay, public_ip, vtep_mac);
+    // Peers an earlier agent left in the pinned map: the first resync keeps or removes them.
+    for p in dp.peers().unwrap_or_default() {
+        state.peers.insert(p.subnet, p);
+    }
+    if !state.peers.is_empty() {
+        info!(peers = state.peers.len(), "adopted the pinned datapath");
+    }
     let mut bridge = BridgeWatch::new(&args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
-                Some(ev) => state.apply(&mut dp, ev),
+                Some(ev) => {
+                    let seen = ops.received(&ev);
+                    state.apply(&mut dp, ev);
+                    ops.applied(seen, state.peers.len());
+                }
                 None => break,
             },
             _ = poll.tick() => bridge.check(&mut dp),
@@ -66,8 +78,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     Err(e) => Err(e).context("control plane task"),
                 };
             }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); break; }
-            _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); break; }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
+            _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); ops.stopping(); break; }
         }
     }
     Ok(())

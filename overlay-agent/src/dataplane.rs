@@ -8,7 +8,12 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{tc, SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
@@ -40,6 +45,8 @@ pub enum DataplaneError {
     Clsact { iface: String, source: tc::TcError },
     #[error("removing pins under {path}: {source}")]
     Unpin { path: String, source: std::io::Error },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: String, reason: String },
     #[error(
         "the peer map is full ({max} subnets); {subnet} was not added. Raise MAX_PEERS or use a \
          larger SubnetLen"
@@ -126,10 +133,20 @@ impl Dataplane {
             DecapMode::Tc => self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress),
             DecapMode::Xdp => {
                 let name = programs::DECAP_XDP;
+                let path = self.link_pin(name, iface)?;
                 let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
-                xdp.attach(iface, XdpMode::Default)
-                    .map_err(|source| DataplaneError::Program { name, source })?;
-                Ok(())
+                let err = |source| DataplaneError::Program { name, source };
+                // Adopt the link a previous agent pinned: the program is swapped in place, so
+                // not a packet meets a detached interface.
+                let id = match adopt::<XdpLink>(&path).map(|l| xdp.attach_to_link(l)) {
+                    Some(Ok(id)) => id,
+                    _ => {
+                        let _ = std::fs::remove_file(&path);
+                        xdp.attach(iface, XdpMode::Default).map_err(err)?
+                    }
+                };
+                let link = xdp.take_link(id).map_err(err)?;
+                pin_link(FdLink::try_from(link), &path)
             }
         }
     }
@@ -142,10 +159,28 @@ impl Dataplane {
                 return Err(DataplaneError::Clsact { iface: iface.to_string(), source: e });
             }
         }
+        let path = self.link_pin(name, iface)?;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        prog.attach(iface, at)
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        Ok(())
+        let err = |source| DataplaneError::Program { name, source };
+        let id = match adopt::<SchedClassifierLink>(&path).map(|l| prog.attach_to_link(l)) {
+            Some(Ok(id)) => id,
+            _ => {
+                // No pinned link, or one whose interface is gone (a recreated bridge).
+                let _ = std::fs::remove_file(&path);
+                prog.attach(iface, at).map_err(err)?
+            }
+        };
+        let link = prog.take_link(id).map_err(err)?;
+        pin_link(FdLink::try_from(link), &path)
+    }
+
+    /// Where the link of `prog` on `iface` is pinned: `<pin_root>/links/<prog>@<iface>` (bpffs
+    /// refuses dots in names, so a VLAN's `eth0.100` becomes `eth0_100`).
+    fn link_pin(&self, prog: &str, iface: &str) -> Result<PathBuf, DataplaneError> {
+        let dir = self.pin_root.join("links");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DataplaneError::Pin { path: dir.display().to_string(), reason: e.to_string() })?;
+        Ok(dir.join(format!("{prog}@{}", iface.replace('.', "_"))))
     }
 
     /// Writes the node-wide settings (marks them ready).
@@ -188,6 +223,26 @@ impl Dataplane {
         ignore_missing(vteps.remove(&public_ip.octets()), maps::VTEPS)
     }
 
+    /// The remote subnets in the (possibly adopted) peer map, so a restarted agent can remove
+    /// the ones whose leases went away while it was down.
+    pub fn peers(&self) -> Result<Vec<PeerEntry>, DataplaneError> {
+        let map = self.ebpf.map(maps::PEERS).ok_or(DataplaneError::MissingMap(maps::PEERS))?;
+        let peers: LpmTrie<&MapData, [u8; 4], Peer> =
+            LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name: maps::PEERS, source })?;
+        let mut out = Vec::new();
+        for item in peers.iter() {
+            let (key, p) = item.map_err(|source| DataplaneError::Map { name: maps::PEERS, source })?;
+            let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else { continue };
+            out.push(PeerEntry {
+                subnet,
+                public_ip: Ipv4Addr::from(p.public_ip),
+                vtep_mac: p.vtep_mac,
+                direct: p.flags & PEER_DIRECT != 0,
+            });
+        }
+        Ok(out)
+    }
+
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
         read_counters(self.ebpf.map(maps::COUNTERS).ok_or(DataplaneError::MissingMap(maps::COUNTERS))?)
@@ -197,6 +252,29 @@ impl Dataplane {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// A link pinned by an earlier agent, if there is one of the right kind.
+fn adopt<L: TryFrom<FdLink, Error = LinkError>>(path: &Path) -> Option<L> {
+    let pinned = PinnedLink::from_pin(path).ok()?;
+    L::try_from(FdLink::from(pinned)).ok()
+}
+
+/// Pins a link so the program stays attached while the agent is down (hitless restart).
+/// Links that are not bpf_link based (netlink TC on kernels before 6.6) cannot be pinned;
+/// they stay attached as long as the agent runs.
+fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), DataplaneError> {
+    let link = match link {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "link cannot be pinned; it detaches when the agent exits");
+            return Ok(());
+        }
+    };
+    let _ = std::fs::remove_file(path);
+    link.pin(path)
+        .map(drop)
+        .map_err(|e| DataplaneError::Pin { path: path.display().to_string(), reason: e.to_string() })
 }
 
 /// Counters from a pinned map (works whether the agent runs or not).

@@ -1,7 +1,7 @@
 //! The underlay interface: `--iface` (name or IPv4 address, first match wins) or the interface of
 //! the default IPv4 route; and the node's stable VTEP MAC.
 
-use std::{fs, net::Ipv4Addr, path::Path};
+use std::{fs, net::Ipv4Addr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
@@ -44,7 +44,7 @@ pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
             if let Some((name, _)) = addrs.iter().find(|(_, a)| *a == ip) {
                 return underlay(name, &addrs, Some(ip));
             }
-        } else if Path::new("/sys/class/net").join(want).exists() {
+        } else if nix::net::if_::if_nametoindex(want.as_str()).is_ok() {
             return underlay(want, &addrs, None);
         }
     }
@@ -64,28 +64,44 @@ fn underlay(
             .map(|(_, a)| *a)
             .ok_or_else(|| IfaceError::NoIpv4(name.into()))?,
     };
-    let sys = |f: &str| format!("/sys/class/net/{name}/{f}");
-    let num = |f: &str| -> Result<u32, IfaceError> {
-        let p = sys(f);
-        let s = read(&p)?;
-        s.trim().parse().map_err(|_| IfaceError::Parse {
-            path: p,
-            content: s,
-        })
-    };
-    let mac_path = sys("address");
-    let mac_s = read(&mac_path)?;
-    let mac = parse_mac(mac_s.trim()).ok_or(IfaceError::Parse {
-        path: mac_path,
-        content: mac_s,
-    })?;
+    // Netlink-backed calls only (no sysfs): they answer for the caller's network namespace
+    // even when /sys belongs to another one.
+    let ifindex = nix::net::if_::if_nametoindex(name).map_err(|_| IfaceError::NotFound(name.into()))?;
+    let mac = nix::ifaddrs::getifaddrs()?
+        .filter(|a| a.interface_name == name)
+        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .ok_or_else(|| IfaceError::Parse { path: format!("{name} link address"), content: String::new() })?;
+    let mtu = link_mtu(name)?;
     Ok(Underlay {
         name: name.to_string(),
-        ifindex: num("ifindex")?,
+        ifindex,
         ipv4,
         mac,
-        mtu: num("mtu")?,
+        mtu,
     })
+}
+
+/// MTU of `name` (SIOCGIFMTU).
+fn link_mtu(name: &str) -> Result<u32, IfaceError> {
+    use std::os::fd::AsRawFd as _;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of a valid ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    if rc < 0 {
+        return Err(IfaceError::Getifaddrs(nix::Error::last()));
+    }
+    // SAFETY: the kernel filled the mtu member.
+    Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
 fn read(path: &str) -> Result<String, IfaceError> {
@@ -93,10 +109,6 @@ fn read(path: &str) -> Result<String, IfaceError> {
         path: path.into(),
         source,
     })
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    s.parse::<crate::lease::MacAddr>().ok().map(|m| m.0)
 }
 
 /// (interface, IPv4) pairs in kernel order.

@@ -41,6 +41,8 @@ pub struct AgentNode {
     pub pin_root: String,
     /// Extra flags for the agent.
     pub extra_args: Vec<String>,
+    /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl AgentNode {
@@ -134,6 +136,7 @@ impl Cluster {
             log_file: ndir.join("agent.log"),
             pin_root: format!("/sys/fs/bpf/{}", unique_name("ovlagent")),
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
         });
         Ok(())
     }
@@ -143,7 +146,10 @@ impl Cluster {
         let ep = self.etcd_endpoint();
         let n = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_file)?;
-        let mut cmd = n.node.ns.command(agent_bin().to_str().context("agent path")?);
+        // Network namespace only: the agent pins into the host's bpffs, as on a real node, so its
+        // programs stay attached across restarts.
+        let mut cmd = n.node.ns.command_net_only(agent_bin().to_str().context("agent path")?);
+        cmd.envs(n.extra_env.iter().map(|(k, v)| (k, v)));
         cmd.args(["--etcd-endpoints", &ep, "--iface", "eth0", "--subnet-file"])
             .arg(&n.subnet_file)
             .args(["--pin-root", &n.pin_root, "-v", "1"])
@@ -251,6 +257,9 @@ impl Drop for Cluster {
             if let Some(pid) = n.agent_pid.take() {
                 n.node.ns.kill(pid, Signal::SIGTERM);
             }
+        }
+        for n in &self.nodes {
+            let _ = std::fs::remove_dir_all(&n.pin_root);
         }
         self.nodes.clear();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -86,6 +86,14 @@ impl Netns {
         c
     }
 
+    /// A command prepared to run inside the namespace's network only: unlike `ip netns exec` it
+    /// keeps the host's mount namespace, so its bpffs pins outlive the process (hitless restart).
+    pub fn command_net_only(&self, cmd: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path())).arg("--").arg(cmd);
+        c
+    }
+
     /// Starts a long-running process inside the namespace; it is killed when the namespace drops.
     pub fn spawn(&mut self, mut cmd: Command) -> Result<u32> {
         let child = cmd.spawn().context("spawning a process in a namespace")?;

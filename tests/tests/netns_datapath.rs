@@ -70,13 +70,21 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
         assert_eq!(drops, 0, "{mode:?}: node {name} dropped packets: {c:?}");
     }
 
-    // Teardown: dropping the datapath detaches, removing the pins leaves nothing on bpffs.
+    // The links are pinned: with the loader gone (an agent restart), traffic keeps flowing.
     drop((dp_a, dp_b));
-    assert!(!ping(&a.pods[0].ns, b.pods[0].ip, 1, None), "{mode:?}: traffic still flows with the programs detached");
+    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 2, None), "{mode:?}: traffic stopped when the loader exited");
+    // A new loader adopts the pinned links and maps instead of attaching twice.
+    let dp_a = start(&a, &b, &pins_a, mode);
+    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 2, None), "{mode:?}: traffic stopped after adoption");
+    let links = std::fs::read_dir(pins_a.0.join("links")).unwrap().count();
+    assert_eq!(links, 2, "{mode:?}: expected one pinned link per program (encap, decap)");
+    drop(dp_a);
+    // Removing the pins detaches everything and leaves nothing on bpffs.
     for pins in [&pins_a, &pins_b] {
         overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
         assert!(!pins.0.exists(), "pins left under {}", pins.0.display());
     }
+    assert!(!ping(&a.pods[0].ns, b.pods[0].ip, 1, None), "{mode:?}: traffic still flows with the pins removed");
 }
 
 #[test]
