@@ -261,6 +261,7 @@ async fn run_inner<R: Registry>(
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "listing subnet leases failed; retrying");
+                crate::ops::metrics::etcd_reconnect();
                 tokio::select! {
                     _ = backoff.wait() => {}
                     _ = events.closed() => return Err(Closed),
@@ -282,6 +283,7 @@ async fn run_inner<R: Registry>(
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "watching subnet leases failed; retrying");
+                crate::ops::metrics::etcd_reconnect();
                 backoff.wait().await;
                 continue 'relist;
             }
@@ -315,6 +317,7 @@ async fn run_inner<R: Registry>(
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "subnet watch failed; reconnecting");
+                        crate::ops::metrics::etcd_reconnect();
                         tokio::select! {
                             _ = backoff.wait() => {}
                             _ = events.closed() => return Err(Closed),
@@ -324,7 +327,10 @@ async fn run_inner<R: Registry>(
                 },
                 _ = renew_sleep => {
                     match mgr.renew(&mut own).await {
-                        Ok(()) => renew_at = mgr.renew_at(&own),
+                        Ok(()) => {
+                            crate::ops::metrics::lease_renewed(own.lease.expiration);
+                            renew_at = mgr.renew_at(&own);
+                        }
                         Err(SubnetError::Registry(RegistryError::LeaseNotFound(_))) => {
                             tracing::warn!(subnet = %own.lease.subnet, "our etcd lease expired before renewal; acquiring a lease again");
                             lost = true;

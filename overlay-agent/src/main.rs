@@ -1,9 +1,13 @@
-use std::path::PathBuf;
+use std::{io::IsTerminal as _, path::PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use overlay_agent::{agent, cli::AgentArgs, dataplane};
-use overlay_common::{Counter, DEFAULT_PIN_ROOT};
+use overlay_agent::{
+    agent,
+    cli::{AgentArgs, DEFAULT_SUBNET_FILE},
+    ops::{cleanup, docker, status},
+};
+use overlay_common::DEFAULT_PIN_ROOT;
 
 /// flannel-compatible VXLAN overlay agent with an eBPF datapath. Without a subcommand it runs
 /// the agent, taking flanneld's flags.
@@ -18,17 +22,72 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print the datapath counters from the pinned maps (works whether the agent runs or not).
+    /// Show this node's datapath config, peers and counters from the pinned maps (works whether
+    /// the agent runs or not).
     Status {
         #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove everything the agent put on this node: leftover XDP/TC attachments, the host
+    /// device, the pinned maps and the ip-masq nftables table. Stop the agent first. Idempotent.
+    Cleanup {
+        #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// Underlay interface(s) the agent used (default: the interface of the default route).
+        #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',')]
+        iface: Vec<String>,
+        /// Pod bridge the agent attached to.
+        #[arg(long, env = "FLANNELD_BRIDGE", default_value = "cni0")]
+        bridge: String,
+    },
+    /// Write Docker options from subnet.env, like flannel's mk-docker-opts.sh:
+    /// `DOCKER_OPTS="--bip=… --ip-masq=… --mtu=…"`.
+    DockerOpts {
+        /// subnet.env to read.
+        #[arg(long, short = 'f', env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
+        /// File to write.
+        #[arg(short = 'd', default_value = docker::DEFAULT_OUT)]
+        out: PathBuf,
+        /// Variable name to write.
+        #[arg(short = 'k', default_value = docker::DEFAULT_KEY)]
+        key: String,
     },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Some(Cmd::Status { pin_root }) => status(&pin_root),
+        Some(Cmd::Status { pin_root, json }) => {
+            let s = status::read(&pin_root)?;
+            print!("{}", if json { s.to_json() + "\n" } else { s.render() });
+            Ok(())
+        }
+        Some(Cmd::Cleanup { pin_root, iface, bridge }) => {
+            init_logging("info");
+            let mut ifaces = iface;
+            if ifaces.is_empty() {
+                if let Ok(u) = overlay_agent::iface::resolve(&[]) {
+                    ifaces.push(u.name);
+                }
+            }
+            ifaces.push(bridge);
+            let r = cleanup::run(&pin_root, &ifaces);
+            if r.removed.is_empty() && r.failed.is_empty() {
+                println!("nothing to clean up");
+            }
+            for what in &r.removed {
+                println!("removed {what}");
+            }
+            if !r.failed.is_empty() {
+                bail!("could not remove:\n  {}", r.failed.join("\n  "));
+            }
+            Ok(())
+        }
+        Some(Cmd::DockerOpts { subnet_file, out, key }) => Ok(docker::write(&subnet_file, &out, &key)?),
         None => {
             init_logging(cli.args.log_level());
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -37,16 +96,17 @@ fn main() -> Result<()> {
     }
 }
 
+/// Logs to stderr; plain (no ANSI colours) under journald or when stderr is not a terminal.
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("overlay_agent={level},warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
-}
-
-fn status(pin_root: &std::path::Path) -> Result<()> {
-    let counters = dataplane::read_pinned_counters(pin_root)?;
-    for c in Counter::ALL {
-        println!("{:<22} {}", c.name(), counters.get(c));
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = !journald && std::io::stderr().is_terminal();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr);
+    // journald stamps every line itself.
+    if journald {
+        fmt.without_time().init();
+    } else {
+        fmt.init();
     }
-    Ok(())
 }

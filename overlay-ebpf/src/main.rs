@@ -9,8 +9,10 @@
 //!
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
 //! reason, which is counted. Header arithmetic lives in `overlay_common::wire`.
-#![no_std]
-#![no_main]
+// Built for bpfel-unknown-none by overlay-agent's build script; on the host (`cargo check
+// --workspace`) it compiles as an ordinary binary that does nothing.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::{
@@ -439,11 +441,14 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -40,6 +40,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         nodes: u32,
     },
+    /// Benchmark the BPF overlay against host-gw routing and the kernel's VXLAN (root, minutes).
+    /// Writes target/bench/latest.{json,svg,txt}.
+    Bench {
+        /// One round with short transfers, for iteration.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the bench binary (--rounds N, --secs N, --no-control).
+        #[arg(last = true)]
+        rest: Vec<String>,
+    },
     /// Only install the toolchain.
     Setup,
 }
@@ -77,6 +87,17 @@ fn main() -> Result<()> {
                 args.push("--exit-after-checks".into());
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cargo(&args)
+        }
+        Cmd::Bench { quick, rest } => {
+            toolchain::ensure()?;
+            require_root("cargo xtask bench")?;
+            cargo(&["build", "--release", "--package", "overlay-agent"])?;
+            let mut args = vec!["run", "--quiet", "--release", "--package", "overlay-tests", "--bin", "bench", "--"];
+            if quick {
+                args.push("--quick");
+            }
+            args.extend(rest.iter().map(String::as_str));
             cargo(&args)
         }
     }

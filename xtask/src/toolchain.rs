@@ -28,6 +28,8 @@ pub const PACKAGES: &[&str] = &[
     "iperf3",
     "tcpdump",
     "ethtool",
+    "curl",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

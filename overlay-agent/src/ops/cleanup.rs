@@ -1,12 +1,13 @@
 //! `overlay-agent cleanup`: removes what the agent put on the node. Idempotent.
 //!
-//! - XDP decap attached through netlink (a leftover of a killed agent on old kernels) on any
-//!   interface; TCX/XDP *links* die with the agent process, so a running agent is reported, not
-//!   fought with: stop the service first.
+//! - The pin directory (maps, and the TC/XDP links the agent pins under `links/` so that
+//!   programs stay attached across restarts: unpinning detaches them).
+//! - XDP decap attached through netlink (a leftover on old kernels) on any interface. A link a
+//!   running agent still holds is reported, not fought with: stop the service first.
 //! - Legacy (clsact/netlink) TC filters named after our programs on any interface, and the
 //!   `clsact` qdisc the agent added to the underlay NIC and the pod bridge once it carries no
 //!   filters.
-//! - The pin directory (maps and anything pinned under it).
+//! - The host device (`overlay0`, a veth pair) for host → remote pod traffic.
 //! - The `ip overlay-agent` nftables table (`--ip-masq`).
 
 use std::{path::Path, process::Command};
@@ -16,7 +17,7 @@ use overlay_common::programs;
 use tracing::{info, warn};
 
 use super::masq;
-use crate::dataplane;
+use crate::{dataplane, hostroute};
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
 const KERNEL_NAME_LEN: usize = 15;
@@ -31,6 +32,14 @@ pub struct Report {
 /// Removes everything; `ifaces` are where the agent added `clsact` (underlay NIC, bridge).
 pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
     let mut r = Report::default();
+    // First the pins: they include the agent's pinned TC/XDP links (`<pin_root>/links/`), and
+    // unpinning the last reference detaches a program.
+    if pin_root.exists() {
+        match dataplane::remove_pins(pin_root) {
+            Ok(()) => r.removed.push(format!("pins under {}", pin_root.display())),
+            Err(e) => r.failed.push(e.to_string()),
+        }
+    }
     let links = list_links();
     for (name, xdp_prog) in &links {
         if let Some(prog) = xdp_prog {
@@ -50,15 +59,16 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
             }
         }
     }
+    if links.iter().any(|(n, _)| n == hostroute::HOST_DEVICE) {
+        match Command::new("ip").args(["link", "del", hostroute::HOST_DEVICE]).output() {
+            Ok(o) if o.status.success() => r.removed.push(format!("host device {}", hostroute::HOST_DEVICE)),
+            Ok(o) => r.failed.push(format!("host device {}: {}", hostroute::HOST_DEVICE, String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => r.failed.push(format!("host device {}: running ip: {e}", hostroute::HOST_DEVICE)),
+        }
+    }
     for iface in ifaces {
         if links.iter().any(|(n, _)| n == iface) {
             remove_empty_clsact(iface, &mut r);
-        }
-    }
-    if pin_root.exists() {
-        match dataplane::remove_pins(pin_root) {
-            Ok(()) => r.removed.push(format!("pins under {}", pin_root.display())),
-            Err(e) => r.failed.push(e.to_string()),
         }
     }
     let had_table = Command::new("nft")
@@ -114,7 +124,15 @@ fn detach_xdp(iface: &str, prog: &str, r: &mut Report) {
     for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
         let _ = Command::new("ip").args(["link", "set", "dev", iface, mode, "off"]).output();
     }
-    let still = list_links().into_iter().any(|(n, p)| n == iface && p.is_some());
+    // A link released by unpinning goes away asynchronously: give it a moment.
+    let mut still = true;
+    for _ in 0..20 {
+        still = list_links().into_iter().any(|(n, p)| n == iface && p.is_some());
+        if !still {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     if still {
         r.failed.push(format!(
             "XDP program {prog} on {iface} is held by a BPF link of a running agent; stop the agent \

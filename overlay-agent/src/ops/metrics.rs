@@ -131,7 +131,7 @@ impl Collector for Dynamic {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
 
-        let held = enc.encode_descriptor(
+        let mut held = enc.encode_descriptor(
             "overlay_lease_held",
             "1 while this node holds its subnet lease (the subnet is a label)",
             None,
@@ -171,43 +171,30 @@ impl Collector for Dynamic {
     }
 }
 
-/// Which family and label a BPF counter goes to.
-enum Family {
-    Packets(&'static str),
-    Bytes(&'static str),
-    Drops(&'static str),
-}
-
-fn family(c: BpfCounter) -> Family {
+/// Which family (0 packets, 1 bytes, 2 drops) and label value a BPF counter goes to.
+fn family(c: BpfCounter) -> (usize, &'static str) {
     let name = c.name();
     if c.is_drop() {
-        Family::Drops(name.strip_prefix("drop_").unwrap_or(name))
+        (2, name.strip_prefix("drop_").unwrap_or(name))
     } else if let Some(path) = name.strip_suffix("_bytes") {
-        Family::Bytes(path)
+        (1, path)
     } else {
-        Family::Packets(name.strip_suffix("_packets").unwrap_or(name))
+        (0, name.strip_suffix("_packets").unwrap_or(name))
     }
 }
 
+const DATAPATH_FAMILIES: [(&str, &str, &str); 3] = [
+    ("overlay_datapath_packets", "Packets handled by the datapath, by path", "path"),
+    ("overlay_datapath_bytes", "Bytes handled by the datapath, by path", "path"),
+    ("overlay_datapath_drops", "Packets dropped by the datapath, by reason", "reason"),
+];
+
 fn encode_datapath(enc: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {
-    let families: [(&str, &str, &str, fn(&Family) -> Option<&'static str>); 3] = [
-        ("overlay_datapath_packets", "Packets handled by the datapath, by path", "path", |f| match f {
-            Family::Packets(p) => Some(p),
-            _ => None,
-        }),
-        ("overlay_datapath_bytes", "Bytes handled by the datapath, by path", "path", |f| match f {
-            Family::Bytes(p) => Some(p),
-            _ => None,
-        }),
-        ("overlay_datapath_drops", "Packets dropped by the datapath, by reason", "reason", |f| match f {
-            Family::Drops(r) => Some(r),
-            _ => None,
-        }),
-    ];
-    for (name, help, label, pick) in families {
+    for (i, (name, help, label)) in DATAPATH_FAMILIES.into_iter().enumerate() {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
         for bc in BpfCounter::ALL {
-            if let Some(value) = pick(&family(bc)) {
+            let (fam, value) = family(bc);
+            if fam == i {
                 let labels = [(label, value)];
                 ConstCounter::new(c.get(bc)).encode(m.encode_family(&labels)?)?;
             }
