@@ -93,6 +93,7 @@ impl Dataplane {
     pub fn load(pin_root: &Path) -> Result<Self, DataplaneError> {
         let bytes = object::object()?;
         bpffs::prepare_pin_root(pin_root)?;
+        retire_incompatible_pins(bytes, pin_root);
         let pins: Vec<(&'static str, PathBuf)> =
             maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -251,6 +252,30 @@ impl Dataplane {
     /// The loaded object, for tests that drive programs with BPF_PROG_TEST_RUN.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+/// A pinned map left by an agent whose map layout differs from ours (an upgrade that changed a
+/// key, value or size) cannot be adopted: unpin it so a fresh one is created. The agent refills
+/// it from etcd; the old programs keep the old map until their links are swapped.
+fn retire_incompatible_pins(object: &[u8], pin_root: &Path) {
+    let Ok(obj) = aya_obj::Object::parse(object) else { return };
+    for name in maps::ALL {
+        let path = pin_root.join(name);
+        let (Some(want), Ok(pinned)) = (obj.maps.get(name), MapData::from_pin(&path)) else { continue };
+        let Ok(info) = pinned.info() else { continue };
+        let same = info.key_size() == want.key_size()
+            && info.value_size() == want.value_size()
+            && info.max_entries() == want.max_entries();
+        if !same {
+            tracing::warn!(
+                map = name,
+                pinned = ?(info.key_size(), info.value_size(), info.max_entries()),
+                ours = ?(want.key_size(), want.value_size(), want.max_entries()),
+                "pinned map has another layout; replacing it"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 

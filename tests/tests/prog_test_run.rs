@@ -290,3 +290,24 @@ fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
     }
     let _ = IPPROTO_UDP;
 }
+
+#[test]
+fn a_pinned_map_with_another_layout_is_replaced() {
+    require_root();
+    let pins = PinRoot::new();
+    std::fs::create_dir_all(&pins.0).unwrap();
+    // What an older agent with fewer counters would have left behind.
+    let path = pins.0.join(overlay_common::maps::COUNTERS);
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "3", "name", "OVL_COUNTERS"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+    let dp = Dataplane::load(&pins.0).expect("loading over an incompatible pinned map");
+    let counters = dp.counters().expect("reading counters from the replaced map");
+    assert_eq!(counters.0.len(), overlay_common::counters::COUNTER_COUNT as usize);
+    let pinned = aya::maps::MapData::from_pin(&path).unwrap();
+    assert_eq!(pinned.info().unwrap().max_entries(), overlay_common::counters::COUNTER_COUNT, "the pin must now be the new map");
+}
