@@ -33,10 +33,13 @@ pub enum Counter {
     DropAdjustRoom,
     /// Packet too large for the tunnel.
     DropTooBig,
+    /// Larger than the tunnel MTU: handed to the stack, which routes it via the host device and
+    /// answers DF packets with ICMP fragmentation-needed (or fragments the others).
+    PassTooBig,
 }
 
 /// Number of counters (the per-CPU array's `max_entries`).
-pub const COUNTER_COUNT: u32 = Counter::DropTooBig as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PassTooBig as u32 + 1;
 
 impl Counter {
     /// All counters in index order.
@@ -58,6 +61,7 @@ impl Counter {
         Counter::DropNoRoute,
         Counter::DropAdjustRoom,
         Counter::DropTooBig,
+        Counter::PassTooBig,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -80,12 +84,14 @@ impl Counter {
             Counter::DropNoRoute => "drop_no_route",
             Counter::DropAdjustRoom => "drop_adjust_room",
             Counter::DropTooBig => "drop_too_big",
+            Counter::PassTooBig => "pass_too_big",
         }
     }
 
     /// True for the counters that record dropped packets.
     pub const fn is_drop(self) -> bool {
-        (self as u32) >= Counter::DropNoConfig as u32
+        let i = self as u32;
+        i >= Counter::DropNoConfig as u32 && i <= Counter::DropTooBig as u32
     }
 }
 
@@ -103,5 +109,7 @@ mod tests {
         }
         assert!(Counter::DropMalformed.is_drop());
         assert!(!Counter::PassDecap.is_drop());
+        assert!(Counter::DropTooBig.is_drop());
+        assert!(!Counter::PassTooBig.is_drop());
     }
 }

@@ -30,7 +30,7 @@ use overlay_common::{
     counters::COUNTER_COUNT,
     maps::{CONFIG_READY, MAX_PEERS, PEER_DIRECT},
     wire::{
-        encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_UDP,
+        encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
     },
     Counter, DataplaneConfig, Peer, Vtep,
@@ -135,6 +135,12 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
     };
     let cfg = config()?;
     let inner_len = ctx.len() - ETH_LEN as u32;
+    if peer.flags & PEER_DIRECT == 0 && inner_l3_len(ctx, &ip, inner_len)? > cfg.inner_mtu {
+        // Too big for the tunnel (a pod ignoring subnet.env's MTU): the stack routes it via the
+        // host device, whose MTU is the tunnel's, and sends ICMP fragmentation-needed for DF
+        // packets (PMTU discovery) or fragments the rest, which then come back here.
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
+    }
 
     // Next hop towards the peer's PublicIP on the underlay.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
@@ -194,6 +200,28 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
     });
     ctx.store(0, &hdr, 0).map_err(|_| Counter::DropMalformed)?;
     redirect(ctx, rc, &fib, out_ifindex, Counter::EncapPackets, Counter::EncapBytes)
+}
+
+/// Length of the inner IPv4 packets that will be on the wire: the packet itself, or for a GSO
+/// packet one segment (gso_size plus its IP and TCP/UDP headers).
+#[inline(always)]
+fn inner_l3_len(ctx: &TcContext, ip: &InnerIp, inner_len: u32) -> Result<u32, Counter> {
+    // SAFETY: reading a field of our own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return Ok(inner_len);
+    }
+    let ihl = u32::from(ip.ver_ihl & 0x0f) * 4;
+    let proto: u8 = ctx.load(ETH_LEN + 9).map_err(|_| Counter::DropMalformed)?;
+    let l4 = match proto {
+        IPPROTO_TCP => {
+            let doff: u8 = ctx.load(ETH_LEN + (ihl as usize & 0x3c) + 12).map_err(|_| Counter::DropMalformed)?;
+            u32::from(doff >> 4) * 4
+        }
+        IPPROTO_UDP => UDP_LEN as u32,
+        _ => 0,
+    };
+    Ok(gso_size + ihl + l4)
 }
 
 /// Sends the (possibly rewritten) frame out of `ifindex`, with MACs from the FIB when the

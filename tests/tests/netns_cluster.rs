@@ -229,3 +229,24 @@ fn restarts_lose_no_packet_of_a_steady_udp_flow() {
         assert_eq!(lost, 0, "{sig:?}: {lost} of {packets} packets lost across agent restarts");
     }
 }
+
+#[test]
+fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
+    let (mut c, pods) = cluster(2, CONFIG);
+    // A second pod on node1 with MTU 1500, as if it ignored subnet.env's 1450.
+    let (subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let big = c.nodes[0].node.add_pod_in(subnet, 2, 1500).unwrap();
+    let big_ns = &c.nodes[0].node.pods[1].ns;
+    // A 1500-byte DF ping (1472 + 28) cannot cross a 1450 tunnel: ICMP tells the pod so.
+    let out = big_ns.command("ping").args(["-c", "2", "-W", "1", "-M", "do", "-s", "1472", &pods[1].to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("mtu = 1450") || text.contains("mtu=1450"),
+        "expected ICMP fragmentation-needed with next-hop MTU 1450 for {big}, got:\n{text}"
+    );
+    // PMTU discovery then lets a TCP transfer from that pod complete.
+    let (first, rest) = c.nodes.split_at_mut(1);
+    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[1].ns, 2).unwrap();
+    assert!(bps > 50e6, "TCP from the MTU-1500 pod reached only {bps} bit/s");
+    assert_eq!(seen, big.to_string());
+}

@@ -167,12 +167,22 @@ fn encap_output_matches_the_shared_builder() {
         assert_eq!(delta(&before, &after, Counter::EncapPackets), 1, "{name}: encap_packets");
         assert_eq!(delta(&before, &after, Counter::EncapBytes), out.len() as u64, "{name}: encap_bytes");
     }
-    // Larger than the underlay MTU and not GSO (BPF_PROG_TEST_RUN cannot mark a packet GSO; real
-    // GSO packets are covered by the bulk TCP tests in tier 3): dropped as too big, not mangled.
-    let huge = packet::eth_ip(BRIDGE_MAC, POD_MAC, &packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x33; 3000]));
-    let before = fx.counters();
-    assert_eq!(fx.run(programs::ENCAP, &huge).0, TC_ACT_SHOT, "an oversized non-GSO packet");
-    assert_eq!(delta(&before, &fx.counters(), Counter::DropTooBig), 1, "drop_too_big");
+    // Larger than the tunnel MTU (1450, a pod ignoring subnet.env) and not GSO: handed to the
+    // stack unchanged, which answers DF packets with ICMP fragmentation-needed via the host
+    // device's MTU (tier 3 checks that end to end). BPF_PROG_TEST_RUN cannot mark a packet GSO;
+    // real GSO packets are covered by the bulk TCP tests in tier 3.
+    for len in [1451usize, 3000] {
+        let ip = packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &vec![0x33; len - 20]);
+        let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip);
+        let before = fx.counters();
+        let (verdict, out) = fx.run(programs::ENCAP, &frame);
+        assert_eq!(verdict, TC_ACT_OK, "a {len}-byte packet must go to the stack");
+        assert_eq!(out, frame, "a {len}-byte packet must be unchanged");
+        assert_eq!(delta(&before, &fx.counters(), Counter::PassTooBig), 1, "pass_too_big for {len} bytes");
+    }
+    // Exactly the tunnel MTU still fits.
+    let ip = packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x44; 1430]);
+    assert_eq!(fx.run(programs::ENCAP, &packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip)).0, TC_ACT_REDIRECT, "1450 bytes fit");
 
     // The same flow always gets the same source port.
     let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &pod_packets()[0].1);
