@@ -321,3 +321,166 @@ fn a_pinned_map_with_another_layout_is_replaced() {
     let pinned = aya::maps::MapData::from_pin(&path).unwrap();
     assert_eq!(pinned.info().unwrap().max_entries(), overlay_common::counters::COUNTER_COUNT, "the pin must now be the new map");
 }
+
+/// What the rules say a frame should get: (dropped?, counter).
+type Expect = (bool, Counter);
+
+/// Independent reference model of the decap rules, on plain bytes.
+fn model_decap(f: &[u8], underlay_mac: [u8; 6]) -> Expect {
+    let _ = underlay_mac;
+    const PASS: Expect = (false, Counter::PassDecap);
+    let be16 = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
+    if f.len() < 34 || be16(12) != 0x0800 || f[23] != 17 || f[14] != 0x45 || f[30..34] != OUR_IP.octets() {
+        return PASS;
+    }
+    // UDP and beyond are only examined in frames long enough to be VXLAN at all (84 bytes).
+    let full = f.len() >= 84;
+    let frag = be16(20) & 0x3fff;
+    if frag != 0 {
+        return if frag & 0x1fff == 0 && full && be16(36) == DEFAULT_VXLAN_PORT { (true, Counter::DropFragment) } else { PASS };
+    }
+    if !full || be16(36) != DEFAULT_VXLAN_PORT {
+        return PASS;
+    }
+    let (tot, udp) = (be16(16) as usize, be16(38) as usize);
+    if tot + 14 > f.len() || udp + 20 != tot || tot < 70 {
+        return (true, Counter::DropMalformed);
+    }
+    if f[26..30] != PEER_IP.octets() {
+        return (true, Counter::DropUnknownPeer);
+    }
+    if f[42] & 0x08 == 0 {
+        return (true, Counter::DropMalformed);
+    }
+    if u32::from_be_bytes([0, f[46], f[47], f[48]]) != DEFAULT_VNI {
+        return (true, Counter::DropWrongVni);
+    }
+    if be16(62) != 0x0800 || f[64] >> 4 != 4 {
+        return (true, Counter::DropMalformed);
+    }
+    if f[76..79] != [10, 244, 2] {
+        return (true, Counter::DropSpoofedSource);
+    }
+    (false, Counter::DecapPackets)
+}
+
+/// Independent reference model of the encap rules.
+fn model_encap(f: &[u8]) -> Expect {
+    if u16::from_be_bytes([f[12], f[13]]) != 0x0800 {
+        return (false, Counter::PassEncap);
+    }
+    if f.len() < 34 {
+        return (true, Counter::DropMalformed);
+    }
+    if f[30..33] != [10, 244, 2] {
+        return (false, Counter::PassEncap);
+    }
+    if f.len() - 14 > 1450 {
+        return (false, Counter::PassTooBig);
+    }
+    (false, Counter::EncapPackets)
+}
+
+/// xorshift64*: deterministic, seedable, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A random or mutated frame: valid VXLAN or pod frames bent in the ways that break parsers.
+fn fuzz_frame(rng: &mut Rng, fx: &Fixture, decap: bool) -> Vec<u8> {
+    let inner = match rng.below(3) {
+        0 => packet::udp(PEER_POD, OUR_POD, 1, 2, &vec![7u8; rng.below(200)]),
+        1 => packet::ipv4(PEER_POD, OUR_POD, IPPROTO_TCP, &vec![9u8; 20 + rng.below(1500)]),
+        _ => packet::ipv4(Ipv4Addr::new(10, 244, rng.below(4) as u8, 9), OUR_POD, 1, &[8, 0, 0, 0]),
+    };
+    let mut f = if decap {
+        let mut p = fx.from_peer(&inner);
+        if rng.below(8) == 0 {
+            p.vni = rng.below(4) as u32;
+        }
+        if rng.below(8) == 0 {
+            p.src_ip[3] = rng.below(256) as u8;
+        }
+        if rng.below(10) == 0 {
+            p.dst_port = [8472, 4789, 53][rng.below(3)];
+        }
+        packet::vxlan(&p, &inner)
+    } else {
+        let dst = [PEER_POD, Ipv4Addr::new(10, 244, 3, 3), Ipv4Addr::new(10, 9, 9, 9)][rng.below(3)];
+        let mut ip = inner.clone();
+        ip[16..20].copy_from_slice(&dst.octets());
+        packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip)
+    };
+    // Mutations (every frame is at least 42 bytes here); truncation comes last.
+    for _ in 0..rng.below(4) {
+        match rng.below(9) {
+            0 => {}
+            1 => f[14] = 0x40 | (rng.below(16) as u8), // IHL
+            2 => f[20] = [0x20, 0x00, 0x40, 0x01][rng.below(4)], // MF / offset / DF
+            3 => {
+                // A VLAN tag in front of the IP header.
+                f.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+            }
+            4 => f[12..14].copy_from_slice(&[[0x86, 0xdd], [0x08, 0x06], [0x08, 0x00]][rng.below(3)]),
+            5 if f.len() > 40 => f[38..40].copy_from_slice(&(rng.below(70000) as u16).to_be_bytes()), // UDP length
+            6 if f.len() > 18 => f[16..18].copy_from_slice(&(rng.below(70000) as u16).to_be_bytes()), // IP length
+            7 => {
+                let i = rng.below(f.len().min(90));
+                f[i] = rng.below(256) as u8;
+            }
+            _ => f[23] = [17, 6, 1][rng.below(3)],
+        }
+    }
+    if rng.below(6) == 0 {
+        let n = 14 + rng.below(f.len() - 13);
+        f.truncate(n);
+    }
+    f
+}
+
+#[test]
+fn fuzzed_packets_get_exactly_the_verdicts_of_the_reference_model() {
+    let mut fx = Fixture::new();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let runs = 100_000;
+    for i in 0..runs {
+        let decap = i % 2 == 0;
+        let mut frame = fuzz_frame(&mut rng, &fx, decap);
+        let prog = if decap { if i % 4 == 0 { programs::DECAP_XDP } else { programs::DECAP_TC } } else { programs::ENCAP };
+        if prog != programs::DECAP_XDP {
+            // BPF_PROG_TEST_RUN refuses skbs shorter than the header their ethertype promises.
+            let min = match u16::from_be_bytes([frame[12], frame[13]]) {
+                0x0800 => 34,
+                0x86dd => 54,
+                _ => 14,
+            };
+            if frame.len() < min {
+                frame.resize(min, 0);
+            }
+        }
+        let before = fx.counters();
+        let (expect_drop, expect_counter) = if decap { model_decap(&frame, fx.underlay_mac) } else { model_encap(&frame) };
+        let (verdict, _) = fx.run(prog, &frame);
+        let dropped = match prog {
+            programs::DECAP_XDP => verdict == XDP_DROP,
+            _ => verdict == TC_ACT_SHOT,
+        };
+        let after = fx.counters();
+        assert!(
+            dropped == expect_drop && delta(&before, &after, expect_counter) == 1,
+            "run {i}: {prog} gave verdict {verdict} moving {:?}; the model says {} via {}\nframe: {frame:02x?}",
+            moved(&before, &after),
+            if expect_drop { "drop" } else { "no drop" },
+            expect_counter.name()
+        );
+    }
+}
