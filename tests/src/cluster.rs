@@ -68,6 +68,7 @@ pub struct Cluster {
     pub nodes: Vec<AgentNode>,
     pub underlay: Underlay,
     dir: PathBuf,
+    etcd_pid: Option<u32>,
 }
 
 impl Cluster {
@@ -78,7 +79,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let underlay = Underlay::new()?;
         underlay.ns.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-        let mut cluster = Cluster { nodes: Vec::new(), underlay, dir };
+        let mut cluster = Cluster { nodes: Vec::new(), underlay, dir, etcd_pid: None };
         cluster.start_etcd()?;
         if !config.is_empty() {
             cluster.etcdctl(&["put", &format!("{NETWORK_PREFIX}/config"), config])?;
@@ -93,7 +94,15 @@ impl Cluster {
         format!("http://{ETCD_IP}:2379")
     }
 
-    fn start_etcd(&mut self) -> Result<()> {
+    /// Stops etcd (SIGKILL: an outage, not a shutdown); its data stays for [`Cluster::start_etcd`].
+    pub fn stop_etcd(&mut self) {
+        if let Some(pid) = self.etcd_pid.take() {
+            self.underlay.ns.kill(pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Starts etcd on the underlay with the cluster's data directory and waits until it is healthy.
+    pub fn start_etcd(&mut self) -> Result<()> {
         let data = self.dir.join("etcd");
         let url = |port: u16| format!("http://{ETCD_IP}:{port}");
         let mut cmd = self.underlay.ns.command("etcd");
@@ -103,8 +112,8 @@ impl Cluster {
             .args(["--listen-peer-urls", &url(2380), "--initial-advertise-peer-urls", &url(2380)])
             .args(["--initial-cluster", &format!("default={}", url(2380))])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.dir.join("etcd.log"))?);
-        self.underlay.ns.spawn(cmd)?;
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log"))?);
+        self.etcd_pid = Some(self.underlay.ns.spawn(cmd)?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.etcdctl(&["endpoint", "health"]).is_ok() {
@@ -298,4 +307,48 @@ pub fn tcp_transfer(server: &mut Netns, server_ip: Ipv4Addr, client: &Netns, sec
 /// Checks a command exists in PATH (for clearer failures than "No such file").
 pub fn have(cmd: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// A steady UDP flow (iperf3, 100-byte datagrams at 1,000 packets/s) between two pods.
+pub struct UdpFlow {
+    report: PathBuf,
+    server_pid: u32,
+}
+
+impl UdpFlow {
+    /// Starts the receiver in `server` (listening on `server_ip`) and the sender in `client`
+    /// for `secs` seconds.
+    pub fn start(server: &mut Netns, server_ip: Ipv4Addr, client: &mut Netns, secs: u32, report: PathBuf) -> Result<Self> {
+        let mut srv = server.command("iperf3");
+        srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
+            .stdout(std::fs::File::create(&report)?)
+            .stderr(Stdio::null());
+        let server_pid = server.spawn(srv)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let mut cli = client.command("iperf3");
+        cli.args(["-c", &server_ip.to_string(), "-u", "-b", "800K", "-l", "100", "-t", &secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        client.spawn(cli)?;
+        Ok(UdpFlow { report, server_pid })
+    }
+
+    /// Waits for the receiver's report (up to `timeout`); returns (packets sent, packets lost).
+    pub fn finish(self, server: &mut Netns, timeout: Duration) -> Result<(u64, u64)> {
+        let deadline = Instant::now() + timeout;
+        let v = loop {
+            let text = std::fs::read_to_string(&self.report).unwrap_or_default();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                break v;
+            }
+            if Instant::now() > deadline {
+                server.kill(self.server_pid, Signal::SIGTERM);
+                bail!("no iperf3 report within {timeout:?}: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        server.kill(self.server_pid, Signal::SIGTERM);
+        let sum = &v["end"]["sum"];
+        Ok((sum["packets"].as_u64().unwrap_or(0), sum["lost_packets"].as_u64().unwrap_or(u64::MAX)))
+    }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use overlay_tests::{
-    cluster::{output, tcp_transfer, Cluster},
+    cluster::{output, tcp_transfer, Cluster, UdpFlow},
     netns::require_root,
     topology::ping,
 };
@@ -190,17 +190,8 @@ fn restarts_lose_no_packet_of_a_steady_udp_flow() {
     for sig in [Signal::SIGTERM, Signal::SIGKILL] {
         // 1,000 packets/s of 100-byte UDP from the pod on node1 to the pod on node2, for 6 s.
         let report = c.dir().join(format!("udp-{sig:?}.json"));
-        let mut srv = c.nodes[1].node.pods[0].ns.command("iperf3");
-        srv.args(["-s", "-1", "-J", "-B", &pods[1].to_string()])
-            .stdout(std::fs::File::create(&report).unwrap())
-            .stderr(std::process::Stdio::null());
-        let srv_pid = c.nodes[1].node.pods[0].ns.spawn(srv).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let mut cli = c.nodes[0].node.pods[0].ns.command("iperf3");
-        cli.args(["-c", &pods[1].to_string(), "-u", "-b", "800K", "-l", "100", "-t", "6"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let cli_pid = c.nodes[0].node.pods[0].ns.spawn(cli).unwrap();
+        let (first, rest) = c.nodes.split_at_mut(1);
+        let flow = UdpFlow::start(&mut rest[0].node.pods[0].ns, pods[1], &mut first[0].node.pods[0].ns, 6, report).unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         // Restart the receiving node's agent, then the sending node's, under the flow.
         for node in [1, 0] {
@@ -210,21 +201,7 @@ fn restarts_lose_no_packet_of_a_steady_udp_flow() {
             c.wait_lease(node, Duration::from_secs(5)).unwrap();
             std::thread::sleep(Duration::from_millis(1000));
         }
-        // Let the flow end (6 s in all), then read what the receiver counted.
-        std::thread::sleep(Duration::from_millis(2500));
-        let _ = cli_pid;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let v = loop {
-            let text = std::fs::read_to_string(&report).unwrap_or_default();
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                break v;
-            }
-            assert!(std::time::Instant::now() < deadline, "no iperf3 report after {sig:?}: {text}");
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        c.nodes[1].node.pods[0].ns.kill(srv_pid, Signal::SIGTERM);
-        let sum = &v["end"]["sum"];
-        let (packets, lost) = (sum["packets"].as_u64().unwrap_or(0), sum["lost_packets"].as_u64().unwrap_or(u64::MAX));
+        let (packets, lost) = flow.finish(&mut c.nodes[1].node.pods[0].ns, Duration::from_secs(8)).unwrap();
         assert!(packets >= 5000, "{sig:?}: only {packets} packets in the flow");
         assert_eq!(lost, 0, "{sig:?}: {lost} of {packets} packets lost across agent restarts");
     }
