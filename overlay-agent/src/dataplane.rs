@@ -85,18 +85,25 @@ impl Counters {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_root: PathBuf,
+    max_peers: u32,
 }
 
 impl Dataplane {
     /// Mounts bpffs if needed, loads the embedded object with every map pinned under `pin_root`
     /// (reusing maps already pinned there) and loads all programs into the kernel.
     pub fn load(pin_root: &Path) -> Result<Self, DataplaneError> {
+        Self::load_with_capacity(pin_root, maps::MAX_PEERS)
+    }
+
+    /// [`Dataplane::load`] with peer tables of `max_peers` entries (tests fill them up).
+    pub fn load_with_capacity(pin_root: &Path, max_peers: u32) -> Result<Self, DataplaneError> {
         let bytes = object::object()?;
         bpffs::prepare_pin_root(pin_root)?;
         retire_incompatible_pins(bytes, pin_root);
         let pins: Vec<(&'static str, PathBuf)> =
             maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::PEERS, max_peers).map_max_entries(maps::VTEPS, max_peers);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -110,7 +117,7 @@ impl Dataplane {
         }
         let xdp: &mut Xdp = program(&mut ebpf, programs::DECAP_XDP)?;
         xdp.load().map_err(|source| DataplaneError::Program { name: programs::DECAP_XDP, source })?;
-        Ok(Dataplane { ebpf, pin_root: pin_root.to_path_buf() })
+        Ok(Dataplane { ebpf, pin_root: pin_root.to_path_buf(), max_peers })
     }
 
     pub fn pin_root(&self) -> &Path {
@@ -202,7 +209,7 @@ impl Dataplane {
         let vtep = Vtep { subnet: p.subnet.network().octets(), prefix_len: p.subnet.prefix_len(), _pad: [0; 3] };
         {
             let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
-            vteps.insert(p.public_ip.octets(), vtep, 0).map_err(|e| full_or(e, maps::VTEPS, p.subnet))?;
+            vteps.insert(p.public_ip.octets(), vtep, 0).map_err(|e| full_or(e, maps::VTEPS, p.subnet, self.max_peers))?;
         }
         let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
         let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
@@ -210,7 +217,7 @@ impl Dataplane {
             // Keep the two tables in step: undo the sender entry.
             let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
             let _ = vteps.remove(&p.public_ip.octets());
-            return Err(full_or(e, maps::PEERS, p.subnet));
+            return Err(full_or(e, maps::PEERS, p.subnet, self.max_peers));
         }
         Ok(())
     }
@@ -345,10 +352,10 @@ where
     T::try_from(m).map_err(|source| DataplaneError::Map { name, source })
 }
 
-fn full_or(e: aya::maps::MapError, name: &'static str, subnet: Ipv4Net) -> DataplaneError {
+fn full_or(e: aya::maps::MapError, name: &'static str, subnet: Ipv4Net, max: u32) -> DataplaneError {
     let full = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC));
     if full {
-        DataplaneError::PeersFull { max: maps::MAX_PEERS, subnet }
+        DataplaneError::PeersFull { max, subnet }
     } else {
         DataplaneError::Map { name, source: e }
     }

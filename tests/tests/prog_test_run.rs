@@ -484,3 +484,39 @@ fn fuzzed_packets_get_exactly_the_verdicts_of_the_reference_model() {
         );
     }
 }
+
+#[test]
+fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
+    use overlay_agent::dataplane::DataplaneError;
+    require_root();
+    let pins = PinRoot::new();
+    let mut dp = Dataplane::load_with_capacity(&pins.0, 4).unwrap();
+    let peer = |i: u8| PeerEntry {
+        subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+        public_ip: Ipv4Addr::new(198, 18, 1, i),
+        vtep_mac: [0x0e, 0, 0, 0, 1, i],
+        direct: false,
+    };
+    for i in 1..=4 {
+        dp.upsert_peer(&peer(i)).unwrap();
+    }
+    match dp.upsert_peer(&peer(5)) {
+        Err(e @ DataplaneError::PeersFull { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("10.244.5.0/24") && msg.contains("full"), "unclear error: {msg}");
+        }
+        other => panic!("a fifth peer in a 4-entry map must fail with PeersFull, got {other:?}"),
+    }
+    let mut subnets: Vec<String> = dp.peers().unwrap().iter().map(|p| p.subnet.to_string()).collect();
+    subnets.sort();
+    assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"]);
+    // The sender table did not keep the rejected peer either (no half-applied state).
+    let vteps: aya::maps::HashMap<_, [u8; 4], overlay_common::Vtep> =
+        aya::maps::HashMap::try_from(dp.ebpf_mut().map(overlay_common::maps::VTEPS).unwrap()).unwrap();
+    assert!(vteps.get(&[198, 18, 1, 5], 0).is_err(), "the rejected peer's sender entry was left behind");
+    assert_eq!(vteps.keys().count(), 4);
+    // Updating a peer that is already there still works when the map is full.
+    let mut moved = peer(2);
+    moved.vtep_mac = [0x0e, 0, 0, 0, 2, 2];
+    dp.upsert_peer(&moved).expect("updating an existing peer in a full map");
+}
