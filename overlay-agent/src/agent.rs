@@ -42,6 +42,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     dp.attach_decap(&underlay.name, decap)
         .with_context(|| format!("attaching decap ({decap:?}) to {}", underlay.name))?;
     info!(iface = %underlay.name, mode = ?decap, pin_root = %args.pin_root.display(), "decap attached");
+    if decap == DecapMode::Xdp {
+        match iface::ensure_gro(&underlay.name) {
+            Ok(true) => info!(iface = %underlay.name, "turned GRO on: XDP-decapsulated frames are merged before routing"),
+            Ok(false) => {}
+            Err(e) => warn!(iface = %underlay.name, error = %e, "could not turn GRO on"),
+        }
+    }
     let mut ops = ops::Ops::start(&args).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);

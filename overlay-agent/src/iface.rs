@@ -221,3 +221,43 @@ mod tests {
         ));
     }
 }
+
+/// Turns GRO on for `name` if it is off (ETHTOOL_SGRO). XDP decap hands inner frames to the
+/// stack one by one; GRO merges them back into large TCP segments before routing. Real NICs
+/// have it on already; veth has it off by default. Returns true when it changed the setting.
+pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    use std::os::fd::AsRawFd as _;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let call = |cmd: u32, data: u32| -> Result<u32, IfaceError> {
+        let mut v = EthtoolValue { cmd, data };
+        // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+        // SAFETY: SIOCETHTOOL with a valid ifreq pointing at a live ethtool_value.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+        if rc < 0 {
+            return Err(IfaceError::Getifaddrs(nix::Error::last()));
+        }
+        Ok(v.data)
+    };
+    if call(ETHTOOL_GGRO, 0)? != 0 {
+        return Ok(false);
+    }
+    call(ETHTOOL_SGRO, 1)?;
+    Ok(true)
+}

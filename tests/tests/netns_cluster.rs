@@ -233,7 +233,7 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     use overlay_agent::dataplane::read_pinned_counters;
     use overlay_common::{wire::EncapParams, Counter};
     use overlay_tests::{netns::{veth, Netns}, packet};
-    let (mut c, pods) = cluster(2, CONFIG);
+    let (c, pods) = cluster(2, CONFIG);
     // The attacker: a namespace on the underlay segment.
     let attacker = Netns::new("ovla").unwrap();
     veth(&attacker, "eth0", Some(&c.underlay.ns), "patk").unwrap();

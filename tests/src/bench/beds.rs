@@ -107,13 +107,12 @@ impl Bed {
 
     fn agents(case: Case) -> Result<Self> {
         let mut c = Cluster::new(2, CONFIG)?;
-        // The agent reads its decap mode from the environment, which `ip netns exec` passes on.
-        if case == Case::BpfTc {
-            std::env::set_var("OVERLAY_DECAP", "tc");
+        for i in 0..2 {
+            if case == Case::BpfTc {
+                c.nodes[i].extra_env.push(("OVERLAY_DECAP".into(), "tc".into()));
+            }
+            c.start_agent(i)?;
         }
-        let started = (0..2).try_for_each(|i| c.start_agent(i));
-        std::env::remove_var("OVERLAY_DECAP");
-        started?;
         let mut ips = Vec::new();
         for i in 0..2 {
             ips.push(c.add_pods(i, 1)?[0]);

@@ -189,8 +189,23 @@ pub fn run(probes: u32) -> Result<ControlResults> {
 /// it again and time until a pod on node1 first gets a ping answer from the pod on node2.
 pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result<f64> {
     c.stop_agent(client, Signal::SIGTERM);
+    // The datapath outlives the agent (pinned links, by design): clear it so the start is cold.
+    let n = &c.nodes[client];
+    let agent = overlay_tests::cluster::agent_bin();
+    // Best effort: it exits non-zero when the pins are out of its sight (a fresh mount namespace
+    // under `ip netns exec`) but still detaches the programs; the ping below is the real check.
+    let _ = n
+        .node
+        .ns
+        .command(agent.to_str().context("agent path")?)
+        .args(["cleanup", "--pin-root", &n.pin_root, "--iface", "eth0", "--bridge", "cni0"])
+        .stdin(Stdio::null())
+        .output();
     std::thread::sleep(Duration::from_millis(300));
     let pod: &Netns = &c.nodes[client].node.pods[0].ns;
+    if pod.exec("ping", &["-c", "1", "-W", "0.5", "-q", &server_ip.to_string()]).is_ok() {
+        bail!("pods still reach each other after stopping the agent and `overlay-agent cleanup`: not a cold start");
+    }
     // Pings every 2 ms until the first reply (or 20 s), started before the agent.
     let mut ping = pod
         .command("ping")
@@ -205,7 +220,38 @@ pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result
     let status = ping.wait()?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if !status.success() {
-        bail!("no ping answer within 20 s of starting the agent; log:\n{}", c.agent_log(client));
+        let pid = c.nodes[client].agent_pid.unwrap_or(0);
+        bail!(
+            "no ping answer within 20 s of starting the agent (pid {pid}; threads blocked in: {}; children: {}); log:\n{}",
+            wchans(pid),
+            children(pid),
+            c.agent_log(client)
+        );
     }
     Ok(ms)
+}
+
+/// Where each of the agent's threads sleeps in the kernel (diagnostics for a stalled start).
+fn wchans(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "?".into() };
+    let mut w: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("wchan")).ok())
+        .collect();
+    w.sort();
+    w.dedup();
+    w.join(",")
+}
+
+/// The agent's child processes with their command lines (a hung helper shows here).
+fn children(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "?".into() };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for k in kids.split_whitespace() {
+            let cmd = std::fs::read_to_string(format!("/proc/{k}/cmdline")).unwrap_or_default().replace('\0', " ");
+            out.push(format!("{k}: {}", cmd.trim()));
+        }
+    }
+    if out.is_empty() { "none".into() } else { out.join("; ") }
 }

@@ -110,7 +110,7 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
     }
     let _ = writeln!(out, "\ntargets (bpf-xdp / bpf-tc)");
     let goal = |out: &mut String, name: &str, vals: [f64; 2], ok: &dyn Fn(f64) -> bool| {
-        let fmt = |v: f64| if v.is_finite() { format!("{v:.2} {}", if ok(v) { "ok" } else { "MISS" }) } else { "-".into() };
+        let fmt = |v: f64| if v.is_finite() { format!("{v:.3} {}", if ok(v) { "ok" } else { "MISS" }) } else { "-".into() };
         let _ = writeln!(out, "  {name:<44} {:>12} {:>12}", fmt(vals[0]), fmt(vals[1]));
     };
     let r = |f: Flavour, c: Case, m: &str| ratio(s.median(f, c, m), s.median(f, Case::HostGw, m));
@@ -190,7 +190,8 @@ pub fn svg(s: &Samples, title: &str) -> String {
         let _ = writeln!(o, r#"<text x="{left}" y="{}" font-weight="bold">{} underlay</text>"#, y0 - 8.0, f.name());
         for t in [0.0, 0.5, 1.0, 1.5, 2.0] {
             let color = if t == 1.0 { "#000" } else { "#ddd" };
-            let _ = writeln!(o, r#"<line x1="{left}" x2="{}" y1="{2}" y2="{2}" stroke="{color}"/><text x="{}" y="{}" text-anchor="end">{t:.1}</text>"#, w - 20.0, y(t), left - 6.0, y(t) + 4.0);
+            let (x2, yt, xl, yl) = (w - 20.0, y(t), left - 6.0, y(t) + 4.0);
+            let _ = writeln!(o, r#"<line x1="{left}" x2="{x2}" y1="{yt}" y2="{yt}" stroke="{color}"/><text x="{xl}" y="{yl}" text-anchor="end">{t:.1}</text>"#);
         }
         for (mi, (key, label, _, _)) in metrics.iter().enumerate() {
             let gx = left + group_w * mi as f64;

@@ -87,7 +87,8 @@ pub fn tcp(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32, flows: u
     Ok(Tcp {
         gbps: bps / 1e9,
         retransmits: v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0),
-        cpu_s_per_gbit: if gbit > 0.0 { cpu_s / gbit } else { f64::NAN },
+        // Below 0.1 Gbit/s (a stalled transfer) the ratio says nothing: leave it out.
+        cpu_s_per_gbit: if gbit > 0.1 * seconds { cpu_s / gbit } else { f64::NAN },
     })
 }
 
