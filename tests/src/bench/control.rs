@@ -185,41 +185,45 @@ pub fn run(probes: u32) -> Result<ControlResults> {
     Ok(r)
 }
 
-/// Cold start: stop node1's agent (its programs detach, its private bpffs goes with it), start
+/// Cold start: stop node1's agent, remove its datapath with `overlay-agent cleanup`, start
 /// it again and time until a pod on node1 first gets a ping answer from the pod on node2.
 pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result<f64> {
     c.stop_agent(client, Signal::SIGTERM);
     // The datapath outlives the agent (pinned links, by design): clear it so the start is cold.
     let n = &c.nodes[client];
     let agent = overlay_tests::cluster::agent_bin();
-    // Best effort: it exits non-zero when the pins are out of its sight (a fresh mount namespace
-    // under `ip netns exec`) but still detaches the programs; the ping below is the real check.
-    let _ = n
+    // In the node's network namespace but the host's mount namespace, where the agent pinned.
+    let out = n
         .node
         .ns
-        .command(agent.to_str().context("agent path")?)
+        .command_net_only(agent.to_str().context("agent path")?)
         .args(["cleanup", "--pin-root", &n.pin_root, "--iface", "eth0", "--bridge", "cni0"])
         .stdin(Stdio::null())
-        .output();
+        .output()?;
+    if !out.status.success() {
+        bail!("overlay-agent cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
     std::thread::sleep(Duration::from_millis(300));
     let pod: &Netns = &c.nodes[client].node.pods[0].ns;
     if pod.exec("ping", &["-c", "1", "-W", "0.5", "-q", &server_ip.to_string()]).is_ok() {
         bail!("pods still reach each other after stopping the agent and `overlay-agent cleanup`: not a cold start");
     }
-    // Pings every 2 ms until the first reply (or 20 s), started before the agent.
-    let mut ping = pod
-        .command("ping")
-        .args(["-c", "1", "-i", "0.002", "-w", "20", "-q", &server_ip.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning ping")?;
-    std::thread::sleep(Duration::from_millis(100));
+    // One-shot pings, each waiting up to 50 ms, back to back from the moment the agent starts,
+    // until one is answered (or 20 s). A single long-running `ping -c 1 -w 20` started before the agent
+    // was seen never to get its answer here (its probes stopped reaching the bridge after the node
+    // had answered "unreachable"), while a fresh ping right after was answered.
     let t0 = Instant::now();
     c.start_agent(client)?;
-    let status = ping.wait()?;
+    let pod: &Netns = &c.nodes[client].node.pods[0].ns;
+    let mut answered = false;
+    while t0.elapsed() < Duration::from_secs(20) {
+        if pod.exec("ping", &["-c", "1", "-W", "0.05", "-q", &server_ip.to_string()]).is_ok() {
+            answered = true;
+            break;
+        }
+    }
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    if !status.success() {
+    if !answered {
         let pid = c.nodes[client].agent_pid.unwrap_or(0);
         bail!(
             "no ping answer within 20 s of starting the agent (pid {pid}; threads blocked in: {}; children: {}); log:\n{}",
