@@ -81,8 +81,13 @@ fn underlay(
     })
 }
 
-/// MTU of `name` (SIOCGIFMTU).
-fn link_mtu(name: &str) -> Result<u32, IfaceError> {
+/// Runs an interface ioctl on `name`: `fill` sets the request's payload, the filled-in request
+/// comes back.
+fn if_ioctl(
+    name: &str,
+    request: libc::c_ulong,
+    fill: impl FnOnce(&mut libc::ifreq),
+) -> Result<libc::ifreq, IfaceError> {
     use std::os::fd::AsRawFd as _;
     let sock = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
@@ -95,11 +100,18 @@ fn link_mtu(name: &str) -> Result<u32, IfaceError> {
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
         *d = s as libc::c_char;
     }
-    // SAFETY: SIOCGIFMTU reads ifr_name and writes ifr_mtu of a valid ifreq.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) };
+    fill(&mut req);
+    // SAFETY: an interface ioctl on a valid ifreq whose payload `fill` set up.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut req) };
     if rc < 0 {
         return Err(IfaceError::Getifaddrs(nix::Error::last()));
     }
+    Ok(req)
+}
+
+/// MTU of `name` (SIOCGIFMTU).
+fn link_mtu(name: &str) -> Result<u32, IfaceError> {
+    let req = if_ioctl(name, libc::SIOCGIFMTU, |_| {})?;
     // SAFETY: the kernel filled the mtu member.
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
@@ -233,26 +245,9 @@ pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
         cmd: u32,
         data: u32,
     }
-    use std::os::fd::AsRawFd as _;
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
     let call = |cmd: u32, data: u32| -> Result<u32, IfaceError> {
         let mut v = EthtoolValue { cmd, data };
-        // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-            *d = s as libc::c_char;
-        }
-        req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
-        // SAFETY: SIOCETHTOOL with a valid ifreq pointing at a live ethtool_value.
-        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
-        if rc < 0 {
-            return Err(IfaceError::Getifaddrs(nix::Error::last()));
-        }
+        if_ioctl(name, libc::SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast())?;
         Ok(v.data)
     };
     if call(ETHTOOL_GGRO, 0)? != 0 {
