@@ -15,8 +15,8 @@ pub const METRICS: &[(&str, &str, &str, bool)] = &[
     ("udp64_kpps", "UDP 64 B received", "kpps", true),
     ("rr_mean_us", "TCP RR mean", "µs", false),
     ("rr_p99_us", "TCP RR p99", "µs", false),
-    ("cpu1_s_per_gbit", "CPU sys+softirq, 1 flow", "s/Gbit", false),
-    ("cpu4_s_per_gbit", "CPU sys+softirq, 4 flows", "s/Gbit", false),
+    ("cpu1_s_per_gbit", "CPU/Gbit, 1 flow", "sys+softirq s", false),
+    ("cpu4_s_per_gbit", "CPU/Gbit, 4 flows", "sys+softirq s", false),
     ("retr1", "retransmits, 1 flow", "segs", false),
     ("retr4", "retransmits, 4 flows", "segs", false),
 ];
