@@ -75,21 +75,27 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     state.apply(&mut dp, ev);
                     ops.applied(seen, state.peers.len());
                 }
-                None => break,
+                // The control plane ended (dropping its sender): its result says why. Without
+                // this a fatal error (a bad network config) could end the agent with status 0.
+                None => return control_result((&mut control).await),
             },
             _ = poll.tick() => bridge.check(&mut dp),
-            r = &mut control => {
-                return match r {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e).context("control plane stopped"),
-                    Err(e) => Err(e).context("control plane task"),
-                };
-            }
+            r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
             _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); ops.stopping(); break; }
         }
     }
     Ok(())
+}
+
+fn control_result(
+    r: Result<Result<(), control::ControlError>, tokio::task::JoinError>,
+) -> Result<()> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e).context("control plane stopped"),
+        Err(e) => Err(e).context("control plane task"),
+    }
 }
 
 /// Decap variant: `OVERLAY_DECAP=xdp|tc`. XDP by default: it sees every VXLAN frame before

@@ -58,8 +58,6 @@ pub enum ControlError {
     Config { key: String, source: ConfigError },
     #[error(transparent)]
     Connect(#[from] EtcdConnectError),
-    #[error("acquiring a subnet lease: {0}")]
-    Lease(#[from] SubnetError),
     #[error(transparent)]
     SubnetEnv(#[from] SubnetEnvError),
 }
@@ -95,7 +93,9 @@ pub async fn run(
     let reg = loop {
         match EtcdRegistry::connect(&args.etcd_options()).await {
             Ok(r) => break r,
-            Err(e @ EtcdConnectError::ReadFile { .. }) => return Err(e.into()),
+            Err(e @ (EtcdConnectError::ReadFile { .. } | EtcdConnectError::Tls { .. })) => {
+                return Err(e.into())
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot connect to etcd yet; retrying");
                 tokio::select! {
@@ -118,8 +118,13 @@ impl Backoff {
         Backoff(Self::MIN)
     }
     async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
+        tokio::time::sleep(self.next_delay()).await;
+    }
+    /// The delay to wait now; doubles the next one.
+    fn next_delay(&mut self) -> Duration {
+        let d = self.0;
         self.0 = (self.0 * 2).min(Self::MAX);
+        d
     }
     fn reset(&mut self) {
         self.0 = Self::MIN;
@@ -171,16 +176,34 @@ async fn wait_for_config<R: Registry>(reg: &R) -> Result<NetworkConfig, ControlE
     }
 }
 
-async fn acquire<R: Registry>(mgr: &mut SubnetManager<R>) -> Result<OwnLease, ControlError> {
+/// How long an agent waits before trying again when every subnet of the pool is leased.
+pub const EXHAUSTED_RETRY: Duration = Duration::from_secs(10);
+
+/// Acquires a lease, retrying until one is granted: lost races and etcd errors with backoff,
+/// an exhausted pool every [`EXHAUSTED_RETRY`] (a lease may be freed by another node).
+async fn acquire<R: Registry>(
+    mgr: &mut SubnetManager<R>,
+    events: &mpsc::Sender<Event>,
+) -> Result<OwnLease, Closed> {
     let mut backoff = Backoff::new();
     loop {
-        match mgr.acquire().await {
+        let wait = match mgr.acquire().await {
             Ok(l) => return Ok(l),
-            Err(e @ SubnetError::Exhausted { .. }) => return Err(e.into()),
+            Err(e @ SubnetError::Exhausted { .. }) => {
+                crate::ops::metrics::pool_exhausted();
+                tracing::error!(error = %e, retry_in = ?EXHAUSTED_RETRY,
+                    "cannot lease a subnet: the pool is exhausted; waiting for a lease to be freed");
+                // A little jitter so many waiting nodes do not all retry in the same instant.
+                EXHAUSTED_RETRY + Duration::from_millis(rand::random::<u64>() % 500)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "failed to acquire a subnet lease; retrying");
-                backoff.wait().await;
+                backoff.next_delay()
             }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = events.closed() => return Err(Closed),
         }
     }
 }
@@ -225,10 +248,7 @@ async fn run_inner<R: Registry>(
     let attrs = LeaseAttrs::vxlan(node.public_ip, config.backend.vni, node.vtep_mac);
     let mut mgr = SubnetManager::new(reg, config.clone(), attrs, previous, opts.renew_margin);
 
-    let mut own = match acquire(&mut mgr).await {
-        Ok(l) => l,
-        Err(e) => return Ok(Err(e)),
-    };
+    let mut own = acquire(&mut mgr, events).await?;
     if let Err(e) = write_env(opts, &config, &node, own.lease.subnet) {
         return Ok(Err(e));
     }
@@ -237,15 +257,16 @@ async fn run_inner<R: Registry>(
     let mut backoff = Backoff::new();
     // Set when our lease is found gone; handled at the top of the loop.
     let mut lost = false;
+    // After a broken watch: the revision to watch from again instead of listing everything.
+    let mut resume: Option<i64> = None;
+    let mut peers: HashMap<Ipv4Net, Lease> = HashMap::new();
     'relist: loop {
         if lost {
             lost = false;
+            resume = None;
             let old = own.lease.subnet;
             mgr.set_previous(old);
-            own = match acquire(&mut mgr).await {
-                Ok(l) => l,
-                Err(e) => return Ok(Err(e)),
-            };
+            own = acquire(&mut mgr, events).await?;
             if own.lease.subnet != old {
                 tracing::warn!(old = %old, new = %own.lease.subnet, "re-acquired a DIFFERENT subnet; pods on the old one lose connectivity");
                 if let Err(e) = write_env(opts, &config, &node, own.lease.subnet) {
@@ -257,35 +278,68 @@ async fn run_inner<R: Registry>(
             send(events, Event::OwnLease(own.lease.clone())).await?;
         }
 
-        let (kvs, rev) = match mgr.registry.list_subnets().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing subnet leases failed; retrying");
-                crate::ops::metrics::etcd_reconnect();
-                tokio::select! {
-                    _ = backoff.wait() => {}
-                    _ = events.closed() => return Err(Closed),
+        let mut watch = if let Some(from) = resume {
+            // Resume where the broken watch stopped: every change since arrives as events.
+            // A compacted history shows up as `Compacted` (here or as the watch's first answer).
+            match mgr.registry.watch_subnets(from).await {
+                Ok(w) => {
+                    tracing::info!(revision = from, "subnet watch resumed");
+                    resume = None;
+                    w
                 }
+                Err(RegistryError::Compacted(r)) => {
+                    tracing::info!(revision = r, "watch history compacted while disconnected; listing leases again");
+                    resume = None;
+                    continue 'relist;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "resuming the subnet watch failed; retrying");
+                    crate::ops::metrics::etcd_reconnect();
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = events.closed() => return Err(Closed),
+                    }
+                    continue 'relist;
+                }
+            }
+        } else {
+            let (kvs, rev) = match mgr.registry.list_subnets().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing subnet leases failed; retrying");
+                    crate::ops::metrics::etcd_reconnect();
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = events.closed() => return Err(Closed),
+                    }
+                    continue 'relist;
+                }
+            };
+            if !mgr.still_ours(&kvs, own.lease.subnet) {
+                tracing::warn!(subnet = %own.lease.subnet, "our subnet lease is gone from etcd; acquiring a lease again");
+                lost = true;
                 continue 'relist;
             }
-        };
-        if !mgr.still_ours(&kvs, own.lease.subnet) {
-            tracing::warn!(subnet = %own.lease.subnet, "our subnet lease is gone from etcd; acquiring a lease again");
-            lost = true;
-            continue 'relist;
-        }
-        let mut peers: HashMap<Ipv4Net, Lease> = mgr.peers_from(&kvs, own.lease.subnet);
-        let mut all: Vec<Lease> = peers.values().cloned().collect();
-        all.sort_by_key(|l| l.subnet);
-        send(events, Event::Resync(all)).await?;
+            peers = mgr.peers_from(&kvs, own.lease.subnet);
+            let mut all: Vec<Lease> = peers.values().cloned().collect();
+            all.sort_by_key(|l| l.subnet);
+            send(events, Event::Resync(all)).await?;
 
-        let mut watch = match mgr.registry.watch_subnets(rev + 1).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "watching subnet leases failed; retrying");
-                crate::ops::metrics::etcd_reconnect();
-                backoff.wait().await;
-                continue 'relist;
+            match mgr.registry.watch_subnets(rev + 1).await {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching subnet leases failed; retrying");
+                    crate::ops::metrics::etcd_reconnect();
+                    // Nothing was missed yet: watch from right after the listing.
+                    if !matches!(e, RegistryError::Compacted(_)) {
+                        resume = Some(rev + 1);
+                    }
+                    tokio::select! {
+                        _ = backoff.wait() => {}
+                        _ = events.closed() => return Err(Closed),
+                    }
+                    continue 'relist;
+                }
             }
         };
         backoff.reset();
@@ -318,6 +372,7 @@ async fn run_inner<R: Registry>(
                     Err(e) => {
                         tracing::warn!(error = %e, "subnet watch failed; reconnecting");
                         crate::ops::metrics::etcd_reconnect();
+                        resume = Some(watch.revision() + 1);
                         tokio::select! {
                             _ = backoff.wait() => {}
                             _ = events.closed() => return Err(Closed),
@@ -382,6 +437,7 @@ async fn handle_event<R: Registry>(
             }
         }
         WatchEvent::Delete { key } => {
+            mgr.forget(&key);
             let Ok(sn) = parse_subnet_key(&key) else {
                 return Ok(false);
             };
@@ -596,6 +652,85 @@ mod tests {
         }
         assert_eq!(again.expect("no OwnLease after expiry").subnet, l.subnet);
         assert!(reg.get_raw(l.subnet).is_some());
+        assert!(!h.is_finished());
+        h.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhausted_pool_waits_and_takes_a_freed_subnet() {
+        let reg = MemRegistry::default();
+        // 3 leasable /26s (the first is skipped), all held by other nodes.
+        reg.set_network_config(r#"{"Network":"10.9.0.0/24","SubnetLen":26,"Backend":{"VNI":7}}"#);
+        let held: Vec<Ipv4Net> = ["10.9.0.64/26", "10.9.0.128/26", "10.9.0.192/26"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        for (i, sn) in held.iter().enumerate() {
+            let a = LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, 100 + i as u8), 7, [2, 0, 0, 0, 0, 9]);
+            reg.put_raw(*sn, &a.to_json(), Some(SUBNET_TTL));
+        }
+        let (tx, mut rx) = mpsc::channel(64);
+        let (r2, o) = (reg.clone(), opts("exhausted"));
+        let h = tokio::spawn(async move { run_with_registry(r2, &o, node(1), tx).await });
+        assert!(matches!(next(&mut rx).await, Event::Config(_)));
+        // Waiting, not dead: no lease for a minute, the task still runs.
+        let quiet = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
+        assert!(quiet.is_err(), "expected no event while the pool is full, got {quiet:?}");
+        assert!(!h.is_finished(), "an exhausted pool must not stop the agent: {:?}", h.await);
+        // A lease is freed: taken within one retry period.
+        reg.delete_raw(held[1]);
+        let t0 = Instant::now();
+        let Event::OwnLease(l) = next_long(&mut rx).await else {
+            panic!("expected OwnLease once a subnet was freed")
+        };
+        assert_eq!(l.subnet, held[1]);
+        assert!(Instant::now() - t0 <= EXHAUSTED_RETRY + Duration::from_secs(1));
+        h.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn broken_watch_resumes_and_compaction_relists() {
+        let reg = MemRegistry::default();
+        reg.set_network_config(CONFIG);
+        let o = opts("resume");
+        let (mut rx, h, _l) = start(&reg, &o, node(1)).await;
+        assert_eq!(next(&mut rx).await, Event::Resync(vec![]));
+        let peer = |last: u8| LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, last), 7, [2, 0, 0, 0, 0, last]);
+        let sn = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+        reg.put_raw(sn("10.9.50.0/24"), &peer(50).to_json(), Some(SUBNET_TTL));
+        assert!(matches!(next(&mut rx).await, Event::PeerUpsert(l) if l.subnet == sn("10.9.50.0/24")));
+
+        // Watch broken, history kept: the resumed watch delivers what happened meanwhile as
+        // events, without a full re-list.
+        reg.set_offline(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        reg.put_raw(sn("10.9.51.0/24"), &peer(51).to_json(), Some(SUBNET_TTL));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        reg.set_offline(false);
+        match next_long(&mut rx).await {
+            Event::PeerUpsert(l) => assert_eq!(l.subnet, sn("10.9.51.0/24")),
+            ev => panic!("expected the missed PeerUpsert from the resumed watch, got {ev:?}"),
+        }
+
+        // Watch broken and history compacted meanwhile: re-list, and the Resync drops the
+        // lease deleted during the gap and holds the one added.
+        reg.set_offline(true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        reg.delete_raw(sn("10.9.50.0/24"));
+        reg.put_raw(sn("10.9.52.0/24"), &peer(52).to_json(), Some(SUBNET_TTL));
+        reg.compact();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        reg.set_offline(false);
+        match next_long(&mut rx).await {
+            Event::Resync(ls) => {
+                let got: Vec<Ipv4Net> = ls.iter().map(|l| l.subnet).collect();
+                assert_eq!(got, vec![sn("10.9.51.0/24"), sn("10.9.52.0/24")]);
+            }
+            ev => panic!("expected a Resync after compaction, got {ev:?}"),
+        }
+        // And the new watch works.
+        reg.delete_raw(sn("10.9.51.0/24"));
+        assert!(matches!(next(&mut rx).await, Event::PeerRemove(l) if l.subnet == sn("10.9.51.0/24")));
         assert!(!h.is_finished());
         h.abort();
     }

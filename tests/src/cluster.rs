@@ -177,6 +177,24 @@ impl Cluster {
         }
     }
 
+    /// Waits up to `timeout` for node `i`'s agent to exit; its exit status, or `None` if it
+    /// still runs.
+    pub fn wait_agent_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let n = &mut self.nodes[i];
+        let pid = n.agent_pid?;
+        loop {
+            if let Some(st) = n.node.ns.try_wait(pid) {
+                n.agent_pid = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until node `i`'s agent has written subnet.env; returns (subnet, MTU).
     pub fn wait_lease(&self, i: usize, timeout: Duration) -> Result<(Ipv4Net, u32)> {
         let deadline = Instant::now() + timeout;

@@ -111,6 +111,15 @@ impl Netns {
         }
     }
 
+    /// The exit status of a process started with [`Netns::spawn`] once it has exited (it is
+    /// reaped then); `None` while it runs.
+    pub fn try_wait(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
+        let i = self.children.iter().position(|c| c.id() == pid)?;
+        let status = self.children[i].try_wait().ok()??;
+        self.children.remove(i);
+        Some(status)
+    }
+
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> Result<Entered> {
         let original = std::fs::File::open("/proc/thread-self/ns/net").context("opening our netns")?;

@@ -6,10 +6,18 @@ use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use overlay_agent::{
     cli::AgentArgs,
-    control::{run, ControlError, Event, NodeIdentity},
+    control::{run, run_with_registry, ControlError, Event, NodeIdentity, RunOptions},
     lease::{Lease, LeaseAttrs},
+    ops::metrics::METRICS,
+    subnet::{
+        etcd::{EtcdOptions, EtcdRegistry},
+        SUBNET_TTL,
+    },
 };
-use overlay_tests::{etcd::Etcd, netns::require_root};
+use overlay_tests::{
+    etcd::{Etcd, EtcdCluster},
+    netns::require_root,
+};
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
 
 const PREFIX: &str = "/coreos.com/network";
@@ -76,7 +84,13 @@ fn spawn(
     subnet_file: PathBuf,
     n: NodeIdentity,
 ) -> (mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>) {
-    let a = args(etcd, &subnet_file);
+    spawn_args(args(etcd, &subnet_file), n)
+}
+
+fn spawn_args(
+    a: AgentArgs,
+    n: NodeIdentity,
+) -> (mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>) {
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(async move { run(&a, n, tx).await });
     (rx, task)
@@ -92,7 +106,15 @@ async fn recv(rx: &mut mpsc::Receiver<Event>, within: Duration, what: &str) -> E
 
 /// Waits for Config then OwnLease.
 async fn start(etcd: &Etcd, subnet_file: PathBuf, n: NodeIdentity) -> Agent {
-    let (mut rx, task) = spawn(etcd, subnet_file.clone(), n);
+    let (rx, task) = spawn(etcd, subnet_file.clone(), n);
+    started(rx, task, subnet_file).await
+}
+
+async fn started(
+    mut rx: mpsc::Receiver<Event>,
+    task: JoinHandle<Result<(), ControlError>>,
+    subnet_file: PathBuf,
+) -> Agent {
     let ev = recv(&mut rx, Duration::from_secs(10), "Config").await;
     assert!(
         matches!(ev, Event::Config(_)),
@@ -311,58 +333,6 @@ async fn peer_events_arrive_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn concurrent_acquirers_never_duplicate() {
-    require_root();
-    let etcd = Etcd::start_new().expect("starting etcd");
-    // 16 /28s, the first skipped: 15 leasable.
-    etcd.put(
-        &format!("{PREFIX}/config"),
-        r#"{"Network":"10.250.0.0/24","SubnetLen":28}"#,
-    )
-    .unwrap();
-    let tmp = TempDir::new("race");
-    let mut tasks = Vec::new();
-    for i in 0..32u8 {
-        let (mut rx, task) = spawn(&etcd, tmp.0.join(format!("{i}.env")), node(100 + i));
-        tasks.push(tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                if let Event::OwnLease(l) = ev {
-                    task.abort();
-                    return Ok(l.subnet.to_string());
-                }
-            }
-            match task.await {
-                Ok(Err(e)) => Err(e.to_string()),
-                other => Err(format!("agent ended without a lease or error: {other:?}")),
-            }
-        }));
-    }
-    let mut won = HashSet::new();
-    let mut lost = Vec::new();
-    for t in tasks {
-        match timeout(Duration::from_secs(60), t)
-            .await
-            .expect("acquirer hung")
-            .unwrap()
-        {
-            Ok(sn) => assert!(won.insert(sn.clone()), "subnet {sn} handed out twice"),
-            Err(e) => lost.push(e),
-        }
-    }
-    assert_eq!(
-        won.len(),
-        15,
-        "expected all 15 subnets leased, got {won:?}; errors {lost:?}"
-    );
-    assert_eq!(lost.len(), 17);
-    for e in &lost {
-        assert!(e.contains("pool exhausted"), "unexpected error: {e}");
-    }
-    let keys = etcd.keys(&format!("{PREFIX}/subnets/")).unwrap();
-    assert_eq!(keys.len(), 15, "{keys:?}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn etcd_restart_is_survived() {
     require_root();
     let mut etcd = etcd_with_config();
@@ -408,4 +378,318 @@ async fn etcd_restart_is_survived() {
         |e| matches!(e, Event::PeerRemove(l) if l.subnet.to_string() == "10.244.88.0/24"),
     )
     .await;
+}
+
+fn vxlan_value(last: u8) -> String {
+    LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 1, last), 1, [0x0e, 0, 0, 0, 1, last]).to_json()
+}
+
+fn is_upsert(e: &Event, subnet: &str) -> bool {
+    match e {
+        Event::PeerUpsert(l) => l.subnet.to_string() == subnet,
+        Event::Resync(ls) => ls.iter().any(|l| l.subnet.to_string() == subnet),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease() {
+    require_root();
+    let etcd = Etcd::start_new().expect("starting etcd");
+    // Exactly 16 leasable /28s.
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.250.0.0/23","SubnetLen":28,"SubnetMin":"10.250.0.16","SubnetMax":"10.250.1.0"}"#,
+    )
+    .unwrap();
+    let tmp = TempDir::new("pool");
+    let exhausted_before = METRICS.pool_exhausted.get();
+    let mut agents: Vec<(mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>)> = (0..64u8)
+        .map(|i| spawn(&etcd, tmp.0.join(format!("{i}.env")), node(100 + i)))
+        .collect();
+    // Which agent holds which subnet; every OwnLease ever announced.
+    let mut holder: Vec<Option<String>> = vec![None; 64];
+    let mut announced: Vec<(usize, String)> = Vec::new();
+    let drain = |agents: &mut Vec<(mpsc::Receiver<Event>, JoinHandle<_>)>,
+                 holder: &mut Vec<Option<String>>,
+                 announced: &mut Vec<(usize, String)>| {
+        for (i, (rx, _)) in agents.iter_mut().enumerate() {
+            while let Ok(ev) = rx.try_recv() {
+                if let Event::OwnLease(l) = ev {
+                    holder[i] = Some(l.subnet.to_string());
+                    announced.push((i, l.subnet.to_string()));
+                }
+            }
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        drain(&mut agents, &mut holder, &mut announced);
+        let held = holder.iter().flatten().count();
+        let exhausted = METRICS.pool_exhausted.get() - exhausted_before;
+        if held == 16 && exhausted >= 48 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 40 s: {held} agents hold a lease (want 16), {exhausted} exhausted reports (want ≥ 48); {announced:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drain(&mut agents, &mut holder, &mut announced);
+    let subnets: HashSet<&String> = holder.iter().flatten().collect();
+    assert_eq!(subnets.len(), 16, "a subnet was handed out twice: {holder:?}");
+    assert_eq!(announced.len(), 16, "leases announced beyond the pool: {announced:?}");
+    for (i, (_, task)) in agents.iter().enumerate() {
+        assert!(!task.is_finished(), "agent {i} stopped; an exhausted pool must be waited out");
+    }
+    assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 16);
+
+    // One holder goes away for good and its lease is deleted: exactly one waiter takes it.
+    let gone = holder.iter().position(Option::is_some).unwrap();
+    let freed = holder[gone].take().unwrap();
+    agents[gone].1.abort();
+    etcd.del(&key(&freed)).unwrap();
+    let t0 = std::time::Instant::now();
+    let taker = loop {
+        drain(&mut agents, &mut holder, &mut announced);
+        if announced.len() > 16 {
+            break announced[16].clone();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "nobody took the freed {freed} within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(taker.1, freed, "the waiter took another subnet than the freed one");
+    assert_ne!(taker.0, gone);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drain(&mut agents, &mut holder, &mut announced);
+    assert_eq!(announced.len(), 17, "more than one waiter got a lease: {:?}", &announced[16..]);
+    let subnets: HashSet<&String> = holder.iter().flatten().collect();
+    assert_eq!(subnets.len(), 16, "duplicate after the freed lease was taken: {holder:?}");
+    for (_, task) in &agents {
+        task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewing() {
+    require_root();
+    let mut cluster = EtcdCluster::start_new().expect("starting a 3-member etcd cluster");
+    cluster.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+    let tmp = TempDir::new("members");
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: cluster.endpoints(),
+        prefix: PREFIX.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Renew every 2 s instead of after 23 h, so renewal is exercised across the failovers.
+    let opts = RunOptions {
+        subnet_file: tmp.0.join("a.env"),
+        ip_masq: false,
+        renew_margin: SUBNET_TTL - Duration::from_secs(2),
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move { run_with_registry(reg, &opts, node(20), tx).await });
+    let mut a = started(rx, task, tmp.0.join("a.env")).await;
+    let own_key = key(&a.own.subnet.to_string());
+    let lease_ttl = |c: &EtcdCluster| -> i64 {
+        let v: serde_json::Value = serde_json::from_str(&c.etcdctl_retry(&["get", &own_key, "-w", "json"]).unwrap()).unwrap();
+        let id = v["kvs"][0]["lease"].as_i64().expect("own key or its lease missing");
+        let t: serde_json::Value =
+            serde_json::from_str(&c.etcdctl_retry(&["lease", "timetolive", &format!("{id:x}"), "-w", "json"]).unwrap())
+                .unwrap();
+        t["ttl"].as_i64().unwrap_or(-1)
+    };
+    // Kill each member in turn (one of them carries the agent's watch), with the other two
+    // keeping quorum.
+    for m in 0..3 {
+        let talking = cluster.members_with_client_connections().unwrap_or_default();
+        cluster.kill_member(m);
+        let sn = format!("10.244.{}.0/24", 200 + m);
+        cluster.etcdctl_retry(&["put", &key(&sn), &vxlan_value(m as u8)]).unwrap();
+        wait_for(&mut a.rx, Duration::from_secs(15), &format!("peer {sn} with member m{m} down"), |e| {
+            is_upsert(e, &sn)
+        })
+        .await;
+        // Renewals go on through the other members: a renewal that hit the dead member is
+        // retried 10 s later, so within 15 s the TTL is back within 3 s of 24 h.
+        let t0 = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let ttl = lease_ttl(&cluster);
+            if ttl >= 86_400 - 3 && t0.elapsed() >= Duration::from_secs(4) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "own lease not renewed for 15 s with m{m} down (agent was connected to {talking:?}): TTL {ttl}"
+            );
+        }
+        cluster.etcdctl_retry(&["del", &key(&sn)]).unwrap();
+        wait_for(&mut a.rx, Duration::from_secs(15), &format!("removal of {sn}"), |e| match e {
+            Event::PeerRemove(l) => l.subnet.to_string() == sn,
+            Event::Resync(ls) => !ls.iter().any(|l| l.subnet.to_string() == sn),
+            _ => false,
+        })
+        .await;
+        assert!(!a.task.is_finished(), "agent stopped with m{m} down");
+        cluster.restart_member(m).unwrap();
+    }
+    // Never lost its lease on the way.
+    let v = cluster.etcdctl(&["get", &own_key, "--print-value-only"]).unwrap();
+    assert!(v.contains("198.18.0.20"), "own lease changed hands: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compaction_while_disconnected_relists_and_converges() {
+    require_root();
+    let mut etcd = etcd_with_config();
+    let tmp = TempDir::new("compact");
+    let mut a = start(&etcd, tmp.0.join("a.env"), node(30)).await;
+    let _ = recv(&mut a.rx, Duration::from_secs(5), "initial Resync").await;
+    let (p1, p2, p3, p4) = ("10.244.131.0/24", "10.244.132.0/24", "10.244.133.0/24", "10.244.134.0/24");
+    etcd.put_with_ttl(&key(p1), &vxlan_value(131), 600).unwrap();
+    etcd.put(&key(p2), &vxlan_value(132)).unwrap();
+    wait_for(&mut a.rx, Duration::from_secs(5), "p2", |e| is_upsert(e, p2)).await;
+
+    // Cut the agent off and restart etcd, so its watch breaks now and cannot come back.
+    let reconnects = METRICS.etcd_reconnects.get();
+    etcd.block_host(true).unwrap();
+    etcd.stop();
+    etcd.start().unwrap();
+    // Meanwhile: p1 goes, p3 comes, many revisions, and the history is compacted.
+    etcd.etcdctl_local(&["del", &key(p1)]).unwrap();
+    etcd.etcdctl_local(&["put", &key(p3), &vxlan_value(133)]).unwrap();
+    for i in 0..30 {
+        etcd.etcdctl_local(&["put", &format!("{PREFIX}/noise"), &i.to_string()]).unwrap();
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl_local(&["get", &format!("{PREFIX}/noise"), "-w", "json"]).unwrap()).unwrap();
+    let rev = v["header"]["revision"].as_i64().unwrap();
+    etcd.etcdctl_local(&["compact", &rev.to_string()]).unwrap();
+    assert!(METRICS.etcd_reconnects.get() > reconnects, "the agent did not notice its watch broke");
+    assert!(!a.task.is_finished());
+    etcd.block_host(false).unwrap();
+
+    // First thing after reconnecting: a full Resync (the resumed watch was compacted) that
+    // no longer has p1 and has p3.
+    let ev = wait_for(&mut a.rx, Duration::from_secs(20), "Resync after compaction", |e| {
+        !matches!(e, Event::Resync(ls) if ls.is_empty())
+    })
+    .await;
+    match ev {
+        Event::Resync(ls) => {
+            let got: Vec<String> = ls.iter().map(|l| l.subnet.to_string()).collect();
+            assert_eq!(got, vec![p2.to_string(), p3.to_string()], "Resync after compaction");
+        }
+        ev => panic!("expected a Resync after compaction, got {ev:?}"),
+    }
+    // Events written after the compaction arrive.
+    etcd.put(&key(p4), &vxlan_value(134)).unwrap();
+    match recv(&mut a.rx, Duration::from_secs(2), "p4").await {
+        Event::PeerUpsert(l) => assert_eq!(l.subnet.to_string(), p4),
+        ev => panic!("expected PeerUpsert {p4}, got {ev:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_leases_are_skipped_counted_once_per_key() {
+    require_root();
+    let etcd = etcd_with_config();
+    let tmp = TempDir::new("malformed");
+    let mut a = start(&etcd, tmp.0.join("a.env"), node(40)).await;
+    let _ = recv(&mut a.rx, Duration::from_secs(5), "initial Resync").await;
+    let before = METRICS.malformed_leases.get();
+    let bad = [
+        (format!("{PREFIX}/subnets/garbage"), vxlan_value(1)),
+        (format!("{PREFIX}/subnets/10.244.300.0-24"), vxlan_value(2)),
+        (format!("{PREFIX}/subnets/10.244.141.0-99"), vxlan_value(3)),
+        (key("10.244.142.0/24"), "not json".to_string()),
+        (key("10.244.143.0/24"), r#"{"PublicIP":"fd00::1","BackendType":"vxlan"}"#.to_string()),
+        (key("10.244.144.0/24"), r#"{"PublicIP":"198.18.1.144","BackendType":"vxlan","BackendData":{"VNI":"x"}}"#.to_string()),
+        (key("10.244.145.0/24"), "x".repeat(100_000)),
+    ];
+    for (k, v) in &bad {
+        etcd.put(k, v).unwrap();
+    }
+    // Same keys again with other bad values: skipped, but neither warned nor counted twice.
+    for (k, _) in &bad {
+        etcd.put(k, "{}").unwrap();
+    }
+    // A foreign backend is skipped but is not malformed.
+    etcd.put(&key("10.244.146.0/24"), r#"{"PublicIP":"198.18.1.146","BackendType":"host-gw"}"#).unwrap();
+    let good = "10.244.147.0/24";
+    etcd.put(&key(good), &vxlan_value(147)).unwrap();
+    let ev = recv(&mut a.rx, Duration::from_secs(3), "the good peer after the bad ones").await;
+    assert!(is_upsert(&ev, good), "expected only PeerUpsert {good}, got {ev:?}");
+    assert_eq!(METRICS.malformed_leases.get() - before, bad.len() as u64, "malformed count");
+    assert!(!a.task.is_finished());
+}
+
+fn tls_args(etcd: &Etcd, subnet_file: &std::path::Path, ca: &std::path::Path, key: &std::path::Path) -> AgentArgs {
+    let p = etcd.pki().unwrap();
+    AgentArgs::try_parse_from([
+        "overlay-agent".to_string(),
+        format!("--etcd-endpoints={}", etcd.endpoint()),
+        format!("--etcd-cafile={}", ca.display()),
+        format!("--etcd-certfile={}", p.client_cert.display()),
+        format!("--etcd-keyfile={}", key.display()),
+        format!("--subnet-file={}", subnet_file.display()),
+    ])
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_with_client_certificates_and_clear_tls_errors() {
+    require_root();
+    let etcd = Etcd::start_new_tls().expect("starting etcd with TLS");
+    etcd.put(&format!("{PREFIX}/config"), CONFIG).unwrap();
+    let tmp = TempDir::new("tls");
+    let p = etcd.pki().unwrap();
+
+    // Right CA, client certificate: the agent works as without TLS.
+    let (rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("a.env"), &p.ca, &p.client_key), node(50));
+    let mut a = started(rx, task, tmp.0.join("a.env")).await;
+    etcd.put(&key("10.244.150.0/24"), &vxlan_value(150)).unwrap();
+    wait_for(&mut a.rx, Duration::from_secs(5), "peer over TLS", |e| is_upsert(e, "10.244.150.0/24")).await;
+
+    // A key file that does not exist: fatal at once, naming the flag and the file.
+    let missing = tmp.0.join("no-such-client.key");
+    let (_rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("b.env"), &p.ca, &missing), node(51));
+    let err = timeout(Duration::from_secs(5), task).await.expect("agent with a missing key file kept running").unwrap().unwrap_err().to_string();
+    assert!(err.contains("--etcd-keyfile") && err.contains(&missing.display().to_string()), "{err}");
+
+    // The wrong CA: the server's certificate cannot be verified; the error says so and names
+    // --etcd-cafile and the file.
+    let (_rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("c.env"), &p.other_ca, &p.client_key), node(52));
+    let err = timeout(Duration::from_secs(15), task).await.expect("agent with a wrong CA kept running").unwrap().unwrap_err().to_string();
+    assert!(err.contains("--etcd-cafile") && err.contains(&p.other_ca.display().to_string()), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_username_and_password() {
+    require_root();
+    let mut etcd = etcd_with_config();
+    etcd.enable_auth("s3cret").unwrap();
+    let tmp = TempDir::new("auth");
+    let with = |pw: &str, file: &str| {
+        AgentArgs::try_parse_from([
+            "overlay-agent".to_string(),
+            format!("--etcd-endpoints={}", etcd.endpoint()),
+            "--etcd-username=root".to_string(),
+            format!("--etcd-password={pw}"),
+            format!("--subnet-file={}", tmp.0.join(file).display()),
+        ])
+        .unwrap()
+    };
+    let (rx, task) = spawn_args(with("s3cret", "a.env"), node(60));
+    let a = started(rx, task, tmp.0.join("a.env")).await;
+    assert!(etcd.get(&key(&a.own.subnet.to_string())).unwrap().is_some());
+    // A wrong password is reported as such (the agent keeps retrying: it may be fixed in etcd).
+    let err = EtcdRegistry::connect(&with("wrong", "b.env").etcd_options()).await.err().expect("wrong password accepted").to_string();
+    assert!(err.contains("authentication failed") && err.contains("--etcd-username"), "{err}");
 }

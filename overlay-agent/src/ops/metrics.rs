@@ -8,6 +8,8 @@
 //! | `overlay_programs_attached`              | gauge     |          | agent                     |
 //! | `overlay_peers`                          | gauge     |          | agent (peer map size)     |
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
+//! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
+//! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
 //! | `overlay_map_sync_duration_seconds`      | histogram |          | agent (event → map done)  |
 //! | `overlay_datapath_packets_total`         | counter   | `path`   | BPF counters              |
 //! | `overlay_datapath_bytes_total`           | counter   | `path`   | BPF counters              |
@@ -60,6 +62,8 @@ impl AgentState {
 pub struct Metrics {
     registry: Registry,
     pub etcd_reconnects: Counter,
+    pub malformed_leases: Counter,
+    pub pool_exhausted: Counter,
     pub sync_latency: Histogram,
     pub peers: Gauge,
     state: Arc<Mutex<AgentState>>,
@@ -71,6 +75,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 /// Hook for the control plane: the etcd connection/watch was lost and is being re-established.
 pub fn etcd_reconnect() {
     METRICS.etcd_reconnects.inc();
+}
+
+/// Hook for the subnet manager: a malformed lease key or value was skipped.
+pub fn malformed_lease() {
+    METRICS.malformed_leases.inc();
+}
+
+/// Hook for the control plane: acquiring a lease found every subnet of the pool taken.
+pub fn pool_exhausted() {
+    METRICS.pool_exhausted.inc();
 }
 
 /// Hook for the control plane: our lease was renewed and now runs out at `expiration`.
@@ -87,6 +101,18 @@ impl Metrics {
             "Times the etcd watch or list failed and the agent reconnected",
             etcd_reconnects.clone(),
         );
+        let malformed_leases = Counter::default();
+        registry.register(
+            "overlay_malformed_leases",
+            "Subnet keys or lease values in etcd that could not be parsed and were skipped",
+            malformed_leases.clone(),
+        );
+        let pool_exhausted = Counter::default();
+        registry.register(
+            "overlay_lease_pool_exhausted",
+            "Lease acquisitions that found no free subnet in the pool (retried every 10 s)",
+            pool_exhausted.clone(),
+        );
         // 50 µs .. ~1.6 s.
         let sync_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -98,7 +124,7 @@ impl Metrics {
         registry.register("overlay_peers", "Remote subnets in the peer map", peers.clone());
         let state = Arc::new(Mutex::new(AgentState::default()));
         registry.register_collector(Box::new(Dynamic(state.clone())));
-        Metrics { registry, etcd_reconnects, sync_latency, peers, state }
+        Metrics { registry, etcd_reconnects, malformed_leases, pool_exhausted, sync_latency, peers, state }
     }
 
     /// Changes the agent state under the lock.
@@ -216,6 +242,7 @@ mod tests {
             s.expiration = Some(Instant::now() + Duration::from_secs(3600));
         });
         m.etcd_reconnects.inc();
+        m.malformed_leases.inc();
         m.peers.set(3);
         m.observe_sync(Duration::from_micros(120));
         let mut text = m.render();
@@ -240,6 +267,8 @@ mod tests {
             "overlay_programs_attached 1",
             "overlay_peers 3",
             "overlay_etcd_reconnects_total 1",
+            "overlay_malformed_leases_total 1",
+            "overlay_lease_pool_exhausted_total 0",
             "overlay_map_sync_duration_seconds_count 1",
             "overlay_map_sync_duration_seconds_bucket{le=\"0.0001\"} 0",
             "overlay_datapath_packets_total{path=\"encap\"} 0",

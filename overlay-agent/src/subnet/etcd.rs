@@ -40,11 +40,44 @@ pub enum EtcdConnectError {
         path: String,
         source: std::io::Error,
     },
-    #[error("connecting to etcd at {endpoints}: {source}")]
+    #[error("connecting to etcd at {endpoints}: {detail}{hint}")]
     Connect {
         endpoints: String,
+        /// The error with its whole source chain (tonic hides the cause behind "transport error").
+        detail: String,
+        hint: &'static str,
         source: etcd_client::Error,
     },
+    /// The TLS handshake failed: a configuration error that retrying cannot fix.
+    #[error("TLS handshake with etcd at {endpoints} failed: {detail}; check that --etcd-cafile {ca_file} is the CA that signed etcd's server certificate (and that etcd accepts the client certificate --etcd-certfile {cert_file})")]
+    Tls {
+        endpoints: String,
+        ca_file: String,
+        cert_file: String,
+        detail: String,
+    },
+}
+
+/// `e: cause: cause…`, skipping causes already contained in the text so far.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+fn is_tls_failure(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    ["certificate", "unknownissuer", "handshake", "tls", "bad ca"]
+        .iter()
+        .any(|w| d.contains(w))
 }
 
 #[derive(Clone)]
@@ -82,10 +115,10 @@ impl EtcdRegistry {
             co = co.with_user(user.clone(), opts.password.clone().unwrap_or_default());
         }
         let tls = &opts.tls;
-        if tls.ca_file.is_some()
+        let tls_on = tls.ca_file.is_some()
             || tls.cert_file.is_some()
-            || opts.endpoints.iter().any(|e| e.starts_with("https://"))
-        {
+            || opts.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls_on {
             let read = |what: &'static str, path: &String| {
                 std::fs::read(path).map_err(|source| EtcdConnectError::ReadFile {
                     what,
@@ -109,13 +142,46 @@ impl EtcdRegistry {
             co = co.with_tls(t);
         }
         let endpoints = opts.endpoints.join(",");
+        let hint = if opts.username.is_some() {
+            " (check --etcd-username and --etcd-password)"
+        } else {
+            ""
+        };
+        let connect_err = |source: etcd_client::Error| {
+            let detail = chain(&source);
+            if tls_on && is_tls_failure(&detail) {
+                EtcdConnectError::Tls {
+                    endpoints: endpoints.clone(),
+                    ca_file: tls.ca_file.clone().unwrap_or_else(|| "(none)".into()),
+                    cert_file: tls.cert_file.clone().unwrap_or_else(|| "(none)".into()),
+                    detail,
+                }
+            } else {
+                EtcdConnectError::Connect {
+                    endpoints: endpoints.clone(),
+                    detail,
+                    hint,
+                    source,
+                }
+            }
+        };
         let client = Client::connect(&opts.endpoints, Some(co))
             .await
-            .map_err(|source| EtcdConnectError::Connect { endpoints, source })?;
-        Ok(EtcdRegistry {
+            .map_err(connect_err)?;
+        let reg = EtcdRegistry {
             client,
             prefix: opts.prefix.trim_end_matches('/').to_string(),
-        })
+        };
+        if tls_on {
+            // The client connects lazily: one request now, so a certificate problem is reported
+            // as one (naming the files) instead of as endless retries.
+            let mut c = reg.client.clone();
+            match tokio::time::timeout(REQUEST_TIMEOUT, c.get(reg.config_key(), None)).await {
+                Ok(Err(e)) => return Err(connect_err(e)),
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+        Ok(reg)
     }
 
     fn subnets_prefix(&self) -> String {
@@ -261,7 +327,10 @@ impl Registry for EtcdRegistry {
             .with_prefix()
             .with_start_revision(from_revision);
         let stream = timed(c.watch(self.subnets_prefix(), Some(opts))).await?;
-        Ok(EtcdWatch { stream })
+        Ok(EtcdWatch {
+            stream,
+            revision: from_revision - 1,
+        })
     }
 
     fn config_key(&self) -> String {
@@ -271,9 +340,15 @@ impl Registry for EtcdRegistry {
 
 pub struct EtcdWatch {
     stream: WatchStream,
+    /// mod revision of the last event delivered.
+    revision: i64,
 }
 
 impl RegistryWatch for EtcdWatch {
+    fn revision(&self) -> i64 {
+        self.revision
+    }
+
     async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
         loop {
             let Some(resp) = self.stream.message().await? else {
@@ -293,6 +368,7 @@ impl RegistryWatch for EtcdWatch {
                 .iter()
                 .filter_map(|ev| {
                     let kv = ev.kv()?;
+                    self.revision = self.revision.max(kv.mod_revision());
                     Some(match ev.event_type() {
                         EventType::Put => WatchEvent::Put(kv_of(kv)),
                         EventType::Delete => WatchEvent::Delete {

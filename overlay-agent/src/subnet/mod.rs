@@ -254,16 +254,26 @@ impl<R: Registry> SubnetManager<R> {
                 None
             }
             Err(e) => {
-                self.warn_once(&kv.key, &format!("{e}; skipping it"));
+                if self.warn_once(&kv.key, &format!("{e}; skipping it")) {
+                    crate::ops::metrics::malformed_lease();
+                }
                 None
             }
         }
     }
 
-    fn warn_once(&mut self, key: &str, msg: &str) {
-        if self.warned.insert(key.to_string()) {
+    /// A key was deleted: warn about it again if it comes back malformed.
+    pub fn forget(&mut self, key: &str) {
+        self.warned.remove(key);
+    }
+
+    /// Logs `msg` unless `key` was already warned about; true when it logged.
+    fn warn_once(&mut self, key: &str, msg: &str) -> bool {
+        let first = self.warned.insert(key.to_string());
+        if first {
             tracing::warn!(key, "{msg}");
         }
+        first
     }
 
     /// All peers in a listing, excluding `own`.

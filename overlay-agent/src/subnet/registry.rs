@@ -105,6 +105,9 @@ pub trait Registry: Send + Sync + 'static {
 pub trait RegistryWatch: Send {
     /// The next non-empty batch of events; `Err(Compacted)` means list again.
     fn next(&mut self) -> impl Future<Output = Result<Vec<WatchEvent>, RegistryError>> + Send;
+    /// The revision of the last event delivered (the start revision − 1 before any): a new
+    /// watch from `revision() + 1` misses nothing.
+    fn revision(&self) -> i64;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,6 +411,10 @@ pub struct MemWatch {
 }
 
 impl RegistryWatch for MemWatch {
+    fn revision(&self) -> i64 {
+        self.from_revision - 1
+    }
+
     async fn next(&mut self) -> Result<Vec<WatchEvent>, RegistryError> {
         if !self.backlog.is_empty() {
             let evs: Vec<_> = self
@@ -436,6 +443,10 @@ impl RegistryWatch for MemWatch {
             };
             tokio::select! {
                 r = self.rx.recv() => match r {
+                    // An outage breaks the stream; a new watch replays from the history.
+                    Ok(_) if self.reg.state.lock().expect("registry lock").offline => {
+                        return Err(RegistryError::WatchClosed)
+                    }
                     Ok((rev, ev)) if rev >= self.from_revision => {
                         self.from_revision = rev + 1;
                         let mut evs = vec![ev];
