@@ -23,6 +23,12 @@ use crate::{
 /// How often the agent looks for the pod bridge (Docker creates docker0 after us).
 const BRIDGE_POLL: Duration = Duration::from_millis(500);
 
+/// A removed lease stays in the maps this long: a node whose key was deleted or expired takes
+/// its lease back within milliseconds, and its packets must not meet "unknown peer" meanwhile.
+const PEER_HOLD_DOWN: Duration = Duration::from_millis(500);
+/// How often held-down peers are checked for removal.
+const REAP_TICK: Duration = Duration::from_millis(100);
+
 /// Runs the agent until SIGTERM/SIGINT or a fatal error.
 pub async fn run(args: AgentArgs) -> Result<()> {
     args.validate()?;
@@ -66,6 +72,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     let mut bridge = BridgeWatch::new(&args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
+    let mut reap = tokio::time::interval(REAP_TICK);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -80,6 +87,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 None => return control_result((&mut control).await),
             },
             _ = poll.tick() => bridge.check(&mut dp),
+            _ = reap.tick() => state.reap(&mut dp),
             r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
             _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); ops.stopping(); break; }
@@ -144,6 +152,8 @@ struct Sync {
     config: Option<NetworkConfig>,
     own: Option<Ipv4Net>,
     peers: HashMap<Ipv4Net, PeerEntry>,
+    /// Peers whose lease went away, removed from the maps at the given time unless it returns.
+    leaving: HashMap<Ipv4Net, tokio::time::Instant>,
     /// The subnet the host device is set up for.
     host_device: Option<Ipv4Net>,
 }
@@ -151,7 +161,7 @@ struct Sync {
 impl Sync {
     fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Self {
         let segment = connected_network(&underlay.name, underlay.ipv4);
-        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new(), host_device: None }
+        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new(), leaving: HashMap::new(), host_device: None }
     }
 
     fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
@@ -166,13 +176,13 @@ impl Sync {
                 self.write_config(dp);
             }
             Event::PeerUpsert(lease) => self.upsert(dp, &lease),
-            Event::PeerRemove(lease) => self.remove(dp, lease.subnet),
+            Event::PeerRemove(lease) => self.hold_down(lease.subnet),
             Event::Resync(all) => {
                 let wanted: HashMap<Ipv4Net, Lease> =
                     all.into_iter().filter(|l| Some(l.subnet) != self.own).map(|l| (l.subnet, l)).collect();
                 let stale: Vec<Ipv4Net> = self.peers.keys().filter(|s| !wanted.contains_key(s)).copied().collect();
                 for s in stale {
-                    self.remove(dp, s);
+                    self.hold_down(s);
                 }
                 for lease in wanted.values() {
                     self.upsert(dp, lease);
@@ -217,6 +227,8 @@ impl Sync {
         if Some(lease.subnet) == self.own {
             return;
         }
+        // The lease is back (or still there): no removal.
+        self.leaving.remove(&lease.subnet);
         let Some(vx) = lease.vxlan() else { return };
         let direct = self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
             && self.segment.is_some_and(|net| net.contains(&lease.attrs.public_ip));
@@ -236,6 +248,23 @@ impl Sync {
                 self.peers.insert(entry.subnet, entry);
             }
             Err(e) => error!(subnet = %entry.subnet, error = %e, "adding peer"),
+        }
+    }
+
+    /// Schedules the removal of a peer whose lease went away (see [`PEER_HOLD_DOWN`]).
+    fn hold_down(&mut self, subnet: Ipv4Net) {
+        if self.peers.contains_key(&subnet) {
+            self.leaving.entry(subnet).or_insert_with(|| tokio::time::Instant::now() + PEER_HOLD_DOWN);
+        }
+    }
+
+    /// Removes the held-down peers whose time is up.
+    fn reap(&mut self, dp: &mut Dataplane) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Ipv4Net> = self.leaving.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
+        for subnet in due {
+            self.leaving.remove(&subnet);
+            self.remove(dp, subnet);
         }
     }
 
