@@ -19,7 +19,12 @@ fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("overlay.bpf.o");
-    for p in ["overlay-ebpf/src", "overlay-ebpf/Cargo.toml", "overlay-common/src", "overlay-common/Cargo.toml"] {
+    for p in [
+        "overlay-ebpf/src",
+        "overlay-ebpf/Cargo.toml",
+        "overlay-common/src",
+        "overlay-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }
     println!("cargo:rerun-if-env-changed=OVERLAY_EBPF_STUB");
@@ -45,7 +50,9 @@ fn main() {
         }
     }
     // rustc finds bpf-linker through PATH; rustup users keep it in ~/.cargo/bin.
-    let mut path: Vec<PathBuf> = env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
+    let mut path: Vec<PathBuf> = env::var_os("PATH")
+        .map(|p| env::split_paths(&p).collect())
+        .unwrap_or_default();
     if let Some(home) = env::var_os("HOME") {
         path.push(PathBuf::from(home).join(".cargo").join("bin"));
     }
@@ -54,10 +61,21 @@ fn main() {
         .env("RUSTC", BPF_RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
-        .args(["build", "--package", "overlay-ebpf", "--release", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--package",
+            "overlay-ebpf",
+            "--release",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     let status = cmd.status().expect("running cargo for the eBPF object");
-    assert!(status.success(), "building overlay-ebpf for {TARGET} failed (see the errors above)");
+    assert!(
+        status.success(),
+        "building overlay-ebpf for {TARGET} failed (see the errors above)"
+    );
     let elf = target_dir.join(TARGET).join("release").join("overlay");
     std::fs::copy(&elf, &out).unwrap_or_else(|e| panic!("copying {}: {e}", elf.display()));
 }
@@ -65,7 +83,9 @@ fn main() {
 /// What is missing for the BPF build, if anything.
 fn missing_toolchain() -> Option<String> {
     if !Path::new(BPF_RUSTC).exists() || !Path::new(BPF_CORE).exists() {
-        return Some(format!("{BPF_RUSTC} with {BPF_CORE} not installed (Debian rustc-web, libstd-rust-web-dev-bpf)"));
+        return Some(format!(
+            "{BPF_RUSTC} with {BPF_CORE} not installed (Debian rustc-web, libstd-rust-web-dev-bpf)"
+        ));
     }
     let in_path = env::var_os("PATH")
         .map(|p| env::split_paths(&p).any(|d| d.join("bpf-linker").exists()))

@@ -50,7 +50,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     info!(iface = %underlay.name, mode = ?decap, pin_root = %args.pin_root.display(), "decap attached");
     if decap == DecapMode::Xdp {
         match iface::ensure_gro(&underlay.name) {
-            Ok(true) => info!(iface = %underlay.name, "turned GRO on: XDP-decapsulated frames are merged before routing"),
+            Ok(true) => {
+                info!(iface = %underlay.name, "turned GRO on: XDP-decapsulated frames are merged before routing")
+            }
             Ok(false) => {}
             Err(e) => warn!(iface = %underlay.name, error = %e, "could not turn GRO on"),
         }
@@ -58,7 +60,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut ops = ops::Ops::start(&args).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
-    let node = NodeIdentity { public_ip, vtep_mac, iface_mtu: underlay.mtu };
+    let node = NodeIdentity {
+        public_ip,
+        vtep_mac,
+        iface_mtu: underlay.mtu,
+    };
     let control_args = args.clone();
     let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
 
@@ -96,9 +102,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-fn control_result(
-    r: Result<Result<(), control::ControlError>, tokio::task::JoinError>,
-) -> Result<()> {
+fn control_result(r: Result<Result<(), control::ControlError>, tokio::task::JoinError>) -> Result<()> {
     match r {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e).context("control plane stopped"),
@@ -130,8 +134,16 @@ fn enable_ip_forward() -> Result<()> {
 fn connected_network(iface: &str, addr: Ipv4Addr) -> Option<Ipv4Net> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs.filter(|a| a.interface_name == iface) {
-        let ip = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
-        let mask = a.netmask.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip());
+        let ip = a
+            .address
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip());
+        let mask = a
+            .netmask
+            .as_ref()
+            .and_then(|s| s.as_sockaddr_in())
+            .map(|s| s.ip());
         if let (Some(ip), Some(mask)) = (ip, mask) {
             if ip == addr {
                 let prefix = u32::from(mask).leading_ones() as u8;
@@ -161,7 +173,17 @@ struct Sync {
 impl Sync {
     fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Self {
         let segment = connected_network(&underlay.name, underlay.ipv4);
-        Sync { underlay, segment, public_ip, vtep_mac, config: None, own: None, peers: HashMap::new(), leaving: HashMap::new(), host_device: None }
+        Sync {
+            underlay,
+            segment,
+            public_ip,
+            vtep_mac,
+            config: None,
+            own: None,
+            peers: HashMap::new(),
+            leaving: HashMap::new(),
+            host_device: None,
+        }
     }
 
     fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
@@ -178,9 +200,17 @@ impl Sync {
             Event::PeerUpsert(lease) => self.upsert(dp, &lease),
             Event::PeerRemove(lease) => self.hold_down(lease.subnet),
             Event::Resync(all) => {
-                let wanted: HashMap<Ipv4Net, Lease> =
-                    all.into_iter().filter(|l| Some(l.subnet) != self.own).map(|l| (l.subnet, l)).collect();
-                let stale: Vec<Ipv4Net> = self.peers.keys().filter(|s| !wanted.contains_key(s)).copied().collect();
+                let wanted: HashMap<Ipv4Net, Lease> = all
+                    .into_iter()
+                    .filter(|l| Some(l.subnet) != self.own)
+                    .map(|l| (l.subnet, l))
+                    .collect();
+                let stale: Vec<Ipv4Net> = self
+                    .peers
+                    .keys()
+                    .filter(|s| !wanted.contains_key(s))
+                    .copied()
+                    .collect();
                 for s in stale {
                     self.hold_down(s);
                 }
@@ -231,8 +261,15 @@ impl Sync {
         self.leaving.remove(&lease.subnet);
         let Some(vx) = lease.vxlan() else { return };
         let direct = self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
-            && self.segment.is_some_and(|net| net.contains(&lease.attrs.public_ip));
-        let entry = PeerEntry { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac: vx.vtep_mac.0, direct };
+            && self
+                .segment
+                .is_some_and(|net| net.contains(&lease.attrs.public_ip));
+        let entry = PeerEntry {
+            subnet: lease.subnet,
+            public_ip: lease.attrs.public_ip,
+            vtep_mac: vx.vtep_mac.0,
+            direct,
+        };
         if self.peers.get(&lease.subnet) == Some(&entry) {
             return;
         }
@@ -254,14 +291,21 @@ impl Sync {
     /// Schedules the removal of a peer whose lease went away (see [`PEER_HOLD_DOWN`]).
     fn hold_down(&mut self, subnet: Ipv4Net) {
         if self.peers.contains_key(&subnet) {
-            self.leaving.entry(subnet).or_insert_with(|| tokio::time::Instant::now() + PEER_HOLD_DOWN);
+            self.leaving
+                .entry(subnet)
+                .or_insert_with(|| tokio::time::Instant::now() + PEER_HOLD_DOWN);
         }
     }
 
     /// Removes the held-down peers whose time is up.
     fn reap(&mut self, dp: &mut Dataplane) {
         let now = tokio::time::Instant::now();
-        let due: Vec<Ipv4Net> = self.leaving.iter().filter(|(_, t)| **t <= now).map(|(s, _)| *s).collect();
+        let due: Vec<Ipv4Net> = self
+            .leaving
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(s, _)| *s)
+            .collect();
         for subnet in due {
             self.leaving.remove(&subnet);
             self.remove(dp, subnet);
@@ -269,7 +313,9 @@ impl Sync {
     }
 
     fn remove(&mut self, dp: &mut Dataplane, subnet: Ipv4Net) {
-        let Some(old) = self.peers.remove(&subnet) else { return };
+        let Some(old) = self.peers.remove(&subnet) else {
+            return;
+        };
         match dp.remove_peer(old.subnet, old.public_ip) {
             Ok(()) => info!(%subnet, public_ip = %old.public_ip, "peer removed"),
             Err(e) => error!(%subnet, error = %e, "removing peer"),
@@ -286,7 +332,11 @@ struct BridgeWatch {
 
 impl BridgeWatch {
     fn new(name: &str) -> Self {
-        BridgeWatch { name: name.to_string(), attached_ifindex: None, warned: false }
+        BridgeWatch {
+            name: name.to_string(),
+            attached_ifindex: None,
+            warned: false,
+        }
     }
 
     fn check(&mut self, dp: &mut Dataplane) {

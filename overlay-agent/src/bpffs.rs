@@ -20,17 +20,28 @@ pub enum BpffsError {
 /// Mounts bpffs on `mountpoint` unless it is mounted already.
 pub fn ensure_mounted(mountpoint: &Path) -> Result<(), BpffsError> {
     let path = mountpoint.display().to_string();
-    let st = statfs(mountpoint).map_err(|source| BpffsError::Stat { path: path.clone(), source })?;
+    let st = statfs(mountpoint).map_err(|source| BpffsError::Stat {
+        path: path.clone(),
+        source,
+    })?;
     if st.filesystem_type() == BPF_FS_MAGIC {
         return Ok(());
     }
-    mount(Some("bpf"), mountpoint, Some("bpf"), MsFlags::empty(), None::<&str>)
-        .map_err(|source| BpffsError::Mount { path, source })
+    mount(
+        Some("bpf"),
+        mountpoint,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| BpffsError::Mount { path, source })
 }
 
 /// Mounts bpffs on its standard place if needed and creates `pin_root` inside it.
 pub fn prepare_pin_root(pin_root: &Path) -> Result<(), BpffsError> {
     ensure_mounted(Path::new("/sys/fs/bpf"))?;
-    std::fs::create_dir_all(pin_root)
-        .map_err(|source| BpffsError::CreateDir { path: pin_root.display().to_string(), source })
+    std::fs::create_dir_all(pin_root).map_err(|source| BpffsError::CreateDir {
+        path: pin_root.display().to_string(),
+        source,
+    })
 }

@@ -17,13 +17,9 @@ pub enum CliError {
     KeyWithoutCert,
     #[error("--etcd-username and --etcd-password must be given together")]
     UserWithoutPassword,
-    #[error(
-        "--etcd-endpoints: {0:?} must start with http:// or https://, e.g. http://127.0.0.1:2379"
-    )]
+    #[error("--etcd-endpoints: {0:?} must start with http:// or https://, e.g. http://127.0.0.1:2379")]
     BadEndpoint(String),
-    #[error(
-        "--etcd-endpoints: {0:?} is https but no --etcd-cafile was given to verify the server"
-    )]
+    #[error("--etcd-endpoints: {0:?} is https but no --etcd-cafile was given to verify the server")]
     HttpsWithoutCa(String),
     #[error("--etcd-endpoints is empty; give at least one, e.g. http://127.0.0.1:2379")]
     NoEndpoints,
@@ -101,9 +97,9 @@ pub struct AgentArgs {
 }
 
 fn parse_public_ip(s: &str) -> Result<Ipv4Addr, String> {
-    s.trim().parse().map_err(|_| {
-        format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10")
-    })
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10"))
 }
 
 #[derive(Parser)]
@@ -216,10 +212,7 @@ mod tests {
             "--v=2",
         ])
         .unwrap();
-        assert_eq!(
-            a.etcd_endpoints,
-            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
-        );
+        assert_eq!(a.etcd_endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
         assert_eq!(a.etcd_prefix, "/x/network");
         assert_eq!(a.iface, ["eth1", "192.0.2.1"]);
         assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 9)));

@@ -20,10 +20,7 @@ pub enum ConfigError {
     #[error("network config must be a JSON object, e.g. {{\"Network\": \"10.244.0.0/16\", \"Backend\": {{\"Type\": \"vxlan\"}}}}")]
     NotObject,
     #[error("config field {field}: {problem}")]
-    Field {
-        field: &'static str,
-        problem: String,
-    },
+    Field { field: &'static str, problem: String },
 }
 
 fn field(field: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -102,12 +99,11 @@ impl NetworkConfig {
 
         let subnet_len = match get(obj, "SubnetLen") {
             None | Some(Value::Null) => 0,
-            Some(v) => v.as_u64().filter(|n| *n <= 32).ok_or_else(|| {
-                field(
-                    "SubnetLen",
-                    "must be a prefix length between 0 and 32, e.g. 24",
-                )
-            })? as u8,
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= 32)
+                .ok_or_else(|| field("SubnetLen", "must be a prefix length between 0 and 32, e.g. 24"))?
+                as u8,
         };
         let subnet_len = if subnet_len > 0 {
             if subnet_len > 30 {
@@ -223,9 +219,9 @@ impl NetworkConfig {
             u32::from(self.subnet_min) as u64,
             u32::from(self.subnet_max) as u64,
         );
-        (lo..=hi).step_by(size as usize).map(move |a| {
-            Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix")
-        })
+        (lo..=hi)
+            .step_by(size as usize)
+            .map(move |a| Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix"))
     }
 
     /// The pod MTU: `Backend.MTU` if set, else the underlay MTU minus VXLAN overhead.
@@ -250,12 +246,7 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let obj = match v {
         None | Some(Value::Null) => &empty,
         Some(Value::Object(o)) => o,
-        Some(_) => {
-            return Err(field(
-                "Backend",
-                "must be an object, e.g. {\"Type\": \"vxlan\"}",
-            ))
-        }
+        Some(_) => return Err(field("Backend", "must be an object, e.g. {\"Type\": \"vxlan\"}")),
     };
     match get(obj, "Type") {
         None | Some(Value::Null) => {}
@@ -271,12 +262,11 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
     let uint = |name: &'static str, max: u64, hint: &str| -> Result<Option<u64>, ConfigError> {
         match get(obj, name) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().filter(|n| *n <= max).map(Some).ok_or_else(|| {
-                field(
-                    name_of(name),
-                    format!("must be an integer from 0 to {max}{hint}"),
-                )
-            }),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| *n <= max)
+                .map(Some)
+                .ok_or_else(|| field(name_of(name), format!("must be an integer from 0 to {max}{hint}"))),
         }
     };
     let vni = match uint("VNI", (1 << 24) - 1, " (24-bit VXLAN network identifier)")? {

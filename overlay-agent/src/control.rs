@@ -158,8 +158,7 @@ async fn wait_for_config<R: Registry>(reg: &R) -> Result<NetworkConfig, ControlE
     loop {
         match reg.get_network_config().await {
             Ok(Some(json)) => {
-                return NetworkConfig::parse(&json)
-                    .map_err(|source| ControlError::Config { key, source });
+                return NetworkConfig::parse(&json).map_err(|source| ControlError::Config { key, source });
             }
             Ok(None) => {
                 if !logged_missing {
@@ -288,7 +287,10 @@ async fn run_inner<R: Registry>(
                     w
                 }
                 Err(RegistryError::Compacted(r)) => {
-                    tracing::info!(revision = r, "watch history compacted while disconnected; listing leases again");
+                    tracing::info!(
+                        revision = r,
+                        "watch history compacted while disconnected; listing leases again"
+                    );
                     resume = None;
                     continue 'relist;
                 }
@@ -675,8 +677,15 @@ mod tests {
         assert!(matches!(next(&mut rx).await, Event::Config(_)));
         // Waiting, not dead: no lease for a minute, the task still runs.
         let quiet = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
-        assert!(quiet.is_err(), "expected no event while the pool is full, got {quiet:?}");
-        assert!(!h.is_finished(), "an exhausted pool must not stop the agent: {:?}", h.await);
+        assert!(
+            quiet.is_err(),
+            "expected no event while the pool is full, got {quiet:?}"
+        );
+        assert!(
+            !h.is_finished(),
+            "an exhausted pool must not stop the agent: {:?}",
+            h.await
+        );
         // A lease is freed: taken within one retry period.
         reg.delete_raw(held[1]);
         let t0 = Instant::now();

@@ -32,15 +32,24 @@ pub enum DataplaneError {
     #[error(transparent)]
     Bpffs(#[from] bpffs::BpffsError),
     #[error("loading the eBPF object (maps pinned under {pin_root}): {source}")]
-    Load { pin_root: String, source: aya::EbpfError },
+    Load {
+        pin_root: String,
+        source: Box<aya::EbpfError>,
+    },
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("adding the clsact qdisc to {iface}: {source}")]
     Clsact { iface: String, source: tc::TcError },
     #[error("removing pins under {path}: {source}")]
@@ -100,24 +109,33 @@ impl Dataplane {
         let bytes = object::object()?;
         bpffs::prepare_pin_root(pin_root)?;
         retire_incompatible_pins(bytes, pin_root);
-        let pins: Vec<(&'static str, PathBuf)> =
-            maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
+        let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::PEERS, max_peers).map_max_entries(maps::VTEPS, max_peers);
+        loader
+            .map_max_entries(maps::PEERS, max_peers)
+            .map_max_entries(maps::VTEPS, max_peers);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(bytes).map_err(|source| DataplaneError::Load {
             pin_root: pin_root.display().to_string(),
-            source,
+            source: Box::new(source),
         })?;
         for name in [programs::ENCAP, programs::DECAP_TC] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| DataplaneError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
         }
         let xdp: &mut Xdp = program(&mut ebpf, programs::DECAP_XDP)?;
-        xdp.load().map_err(|source| DataplaneError::Program { name: programs::DECAP_XDP, source })?;
-        Ok(Dataplane { ebpf, pin_root: pin_root.to_path_buf(), max_peers })
+        xdp.load().map_err(|source| DataplaneError::Program {
+            name: programs::DECAP_XDP,
+            source,
+        })?;
+        Ok(Dataplane {
+            ebpf,
+            pin_root: pin_root.to_path_buf(),
+            max_peers,
+        })
     }
 
     pub fn pin_root(&self) -> &Path {
@@ -164,7 +182,10 @@ impl Dataplane {
         if let Err(e) = tc::qdisc_add_clsact(iface) {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
             if !exists {
-                return Err(DataplaneError::Clsact { iface: iface.to_string(), source: e });
+                return Err(DataplaneError::Clsact {
+                    iface: iface.to_string(),
+                    source: e,
+                });
             }
         }
         let path = self.link_pin(name, iface)?;
@@ -186,8 +207,10 @@ impl Dataplane {
     /// refuses dots in names, so a VLAN's `eth0.100` becomes `eth0_100`).
     fn link_pin(&self, prog: &str, iface: &str) -> Result<PathBuf, DataplaneError> {
         let dir = self.pin_root.join("links");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| DataplaneError::Pin { path: dir.display().to_string(), reason: e.to_string() })?;
+        std::fs::create_dir_all(&dir).map_err(|e| DataplaneError::Pin {
+            path: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(dir.join(format!("{prog}@{}", iface.replace('.', "_"))))
     }
 
@@ -196,7 +219,10 @@ impl Dataplane {
         let mut cfg = *cfg;
         cfg.flags |= maps::CONFIG_READY;
         let mut arr: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
-        arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map { name: maps::CONFIG, source })
+        arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map {
+            name: maps::CONFIG,
+            source,
+        })
     }
 
     /// Adds or replaces one remote subnet: one LPM upsert plus its sender entry.
@@ -206,10 +232,16 @@ impl Dataplane {
             vtep_mac: p.vtep_mac,
             flags: if p.direct { PEER_DIRECT } else { 0 },
         };
-        let vtep = Vtep { subnet: p.subnet.network().octets(), prefix_len: p.subnet.prefix_len(), _pad: [0; 3] };
+        let vtep = Vtep {
+            subnet: p.subnet.network().octets(),
+            prefix_len: p.subnet.prefix_len(),
+            _pad: [0; 3],
+        };
         {
             let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
-            vteps.insert(p.public_ip.octets(), vtep, 0).map_err(|e| full_or(e, maps::VTEPS, p.subnet, self.max_peers))?;
+            vteps
+                .insert(p.public_ip.octets(), vtep, 0)
+                .map_err(|e| full_or(e, maps::VTEPS, p.subnet, self.max_peers))?;
         }
         let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
         let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
@@ -234,13 +266,24 @@ impl Dataplane {
     /// The remote subnets in the (possibly adopted) peer map, so a restarted agent can remove
     /// the ones whose leases went away while it was down.
     pub fn peers(&self) -> Result<Vec<PeerEntry>, DataplaneError> {
-        let map = self.ebpf.map(maps::PEERS).ok_or(DataplaneError::MissingMap(maps::PEERS))?;
+        let map = self
+            .ebpf
+            .map(maps::PEERS)
+            .ok_or(DataplaneError::MissingMap(maps::PEERS))?;
         let peers: LpmTrie<&MapData, [u8; 4], Peer> =
-            LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name: maps::PEERS, source })?;
+            LpmTrie::try_from(map).map_err(|source| DataplaneError::Map {
+                name: maps::PEERS,
+                source,
+            })?;
         let mut out = Vec::new();
         for item in peers.iter() {
-            let (key, p) = item.map_err(|source| DataplaneError::Map { name: maps::PEERS, source })?;
-            let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else { continue };
+            let (key, p) = item.map_err(|source| DataplaneError::Map {
+                name: maps::PEERS,
+                source,
+            })?;
+            let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+                continue;
+            };
             out.push(PeerEntry {
                 subnet,
                 public_ip: Ipv4Addr::from(p.public_ip),
@@ -253,7 +296,11 @@ impl Dataplane {
 
     /// Counters summed over CPUs.
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
-        read_counters(self.ebpf.map(maps::COUNTERS).ok_or(DataplaneError::MissingMap(maps::COUNTERS))?)
+        read_counters(
+            self.ebpf
+                .map(maps::COUNTERS)
+                .ok_or(DataplaneError::MissingMap(maps::COUNTERS))?,
+        )
     }
 
     /// The loaded object, for tests that drive programs with BPF_PROG_TEST_RUN.
@@ -266,10 +313,14 @@ impl Dataplane {
 /// key, value or size) cannot be adopted: unpin it so a fresh one is created. The agent refills
 /// it from etcd; the old programs keep the old map until their links are swapped.
 fn retire_incompatible_pins(object: &[u8], pin_root: &Path) {
-    let Ok(obj) = aya_obj::Object::parse(object) else { return };
+    let Ok(obj) = aya_obj::Object::parse(object) else {
+        return;
+    };
     for name in maps::ALL {
         let path = pin_root.join(name);
-        let (Some(want), Ok(pinned)) = (obj.maps.get(name), MapData::from_pin(&path)) else { continue };
+        let (Some(want), Ok(pinned)) = (obj.maps.get(name), MapData::from_pin(&path)) else {
+            continue;
+        };
         let Ok(info) = pinned.info() else { continue };
         let same = info.key_size() == want.key_size()
             && info.value_size() == want.value_size()
@@ -304,24 +355,33 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Dataplan
         }
     };
     let _ = std::fs::remove_file(path);
-    link.pin(path)
-        .map(drop)
-        .map_err(|e| DataplaneError::Pin { path: path.display().to_string(), reason: e.to_string() })
+    link.pin(path).map(drop).map_err(|e| DataplaneError::Pin {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Counters from a pinned map (works whether the agent runs or not).
 pub fn read_pinned_counters(pin_root: &Path) -> Result<Counters, DataplaneError> {
-    let data = MapData::from_pin(pin_root.join(maps::COUNTERS))
-        .map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+    let data = MapData::from_pin(pin_root.join(maps::COUNTERS)).map_err(|source| DataplaneError::Map {
+        name: maps::COUNTERS,
+        source,
+    })?;
     read_counters(&aya::maps::Map::PerCpuArray(data))
 }
 
 fn read_counters(map: &aya::maps::Map) -> Result<Counters, DataplaneError> {
-    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)
-        .map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
     let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
     for i in 0..COUNTER_COUNT {
-        let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map { name: maps::COUNTERS, source })?;
+        let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
         out.push(v.iter().sum());
     }
     Ok(Counters(out))
@@ -332,7 +392,10 @@ pub fn remove_pins(pin_root: &Path) -> Result<(), DataplaneError> {
     match std::fs::remove_dir_all(pin_root) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Unpin { path: pin_root.display().to_string(), source }),
+        Err(source) => Err(DataplaneError::Unpin {
+            path: pin_root.display().to_string(),
+            source,
+        }),
     }
 }
 
@@ -340,8 +403,11 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, D
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram(name))?;
-    p.try_into().map_err(|source| DataplaneError::Program { name, source })
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?;
+    p.try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
@@ -364,7 +430,9 @@ fn full_or(e: aya::maps::MapError, name: &'static str, subnet: Ipv4Net, max: u32
 fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<(), DataplaneError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         Err(source) => Err(DataplaneError::Map { name, source }),
         Ok(()) => Ok(()),
     }

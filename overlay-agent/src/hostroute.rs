@@ -36,20 +36,48 @@ fn ip(args: &[&str]) -> Result<(), HostRouteError> {
 /// Idempotent: safe on every start and on every lease change.
 pub fn ensure(subnet: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), HostRouteError> {
     if ip(&["link", "show", HOST_DEVICE]).is_err() {
-        ip(&["link", "add", HOST_DEVICE, "type", "veth", "peer", "name", HOST_DEVICE_PEER])?;
+        ip(&[
+            "link",
+            "add",
+            HOST_DEVICE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_DEVICE_PEER,
+        ])?;
     }
     ip(&["link", "set", HOST_DEVICE_PEER, "up"])?;
-    ip(&["link", "set", HOST_DEVICE, "mtu", &mtu.to_string(), "arp", "off", "up"])?;
+    ip(&[
+        "link",
+        "set",
+        HOST_DEVICE,
+        "mtu",
+        &mtu.to_string(),
+        "arp",
+        "off",
+        "up",
+    ])?;
     let addr = subnet.network();
     // Leave a correct address alone (a restarting agent must not blip host traffic).
-    let current = Command::new("ip").args(["-4", "-o", "addr", "show", "dev", HOST_DEVICE]).output()?;
+    let current = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", HOST_DEVICE])
+        .output()?;
     let text = String::from_utf8_lossy(&current.stdout);
     let want = format!("inet {addr}/32 ");
     if !text.contains(&want) || text.lines().count() != 1 {
         ip(&["addr", "flush", "dev", HOST_DEVICE])?;
         ip(&["addr", "add", &format!("{addr}/32"), "dev", HOST_DEVICE])?;
     }
-    ip(&["route", "replace", &network.trunc().to_string(), "dev", HOST_DEVICE, "src", &addr.to_string()])?;
+    ip(&[
+        "route",
+        "replace",
+        &network.trunc().to_string(),
+        "dev",
+        HOST_DEVICE,
+        "src",
+        &addr.to_string(),
+    ])?;
     Ok(())
 }
 

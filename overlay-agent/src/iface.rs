@@ -12,10 +12,7 @@ pub enum IfaceError {
     #[error("interface {0} has no IPv4 address; give it one or pick another with --iface")]
     NoIpv4(String),
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}: unexpected content {content:?}")]
     Parse { path: String, content: String },
     #[error("listing interface addresses: {0}")]
@@ -35,8 +32,7 @@ pub struct Underlay {
 pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
     let addrs = ipv4_addrs()?;
     if ifaces.is_empty() {
-        let name =
-            default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)?;
+        let name = default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)?;
         return underlay(&name, &addrs, None);
     }
     for want in ifaces {
@@ -51,11 +47,7 @@ pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
     Err(IfaceError::NotFound(ifaces.join(",")))
 }
 
-fn underlay(
-    name: &str,
-    addrs: &[(String, Ipv4Addr)],
-    ip: Option<Ipv4Addr>,
-) -> Result<Underlay, IfaceError> {
+fn underlay(name: &str, addrs: &[(String, Ipv4Addr)], ip: Option<Ipv4Addr>) -> Result<Underlay, IfaceError> {
     let ipv4 = match ip {
         Some(ip) => ip,
         None => addrs
@@ -70,7 +62,10 @@ fn underlay(
     let mac = nix::ifaddrs::getifaddrs()?
         .filter(|a| a.interface_name == name)
         .find_map(|a| a.address?.as_link_addr()?.addr())
-        .ok_or_else(|| IfaceError::Parse { path: format!("{name} link address"), content: String::new() })?;
+        .ok_or_else(|| IfaceError::Parse {
+            path: format!("{name} link address"),
+            content: String::new(),
+        })?;
     let mtu = link_mtu(name)?;
     Ok(Underlay {
         name: name.to_string(),
@@ -174,14 +169,38 @@ pub fn default_vtep_mac(public_ip: Ipv4Addr) -> [u8; 6] {
     derive_vtep_mac(&id, public_ip)
 }
 
+/// Turns GRO on for `name` if it is off (ETHTOOL_SGRO). XDP decap hands inner frames to the
+/// stack one by one; GRO merges them back into large TCP segments before routing. Real NICs
+/// have it on already; veth has it off by default. Returns true when it changed the setting.
+pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    let call = |cmd: u32, data: u32| -> Result<u32, IfaceError> {
+        let mut v = EthtoolValue { cmd, data };
+        if_ioctl(name, libc::SIOCETHTOOL, |req| {
+            req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast()
+        })?;
+        Ok(v.data)
+    };
+    if call(ETHTOOL_GGRO, 0)? != 0 {
+        return Ok(false);
+    }
+    call(ETHTOOL_SGRO, 1)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn default_route() {
-        let t =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+        let t = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                  eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
                  eth1\t00000000\t0101A8C0\t0003\t0\t0\t50\t00000000\t0\t0\t0\n\
                  eth2\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
@@ -197,25 +216,15 @@ mod tests {
         );
         assert_eq!(
             a,
-            derive_vtep_mac(
-                "3d1219c7c4c5404aaa1f6d2a48adfda4",
-                Ipv4Addr::new(198, 18, 0, 11)
-            )
+            derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 11))
         );
         assert_ne!(
             a,
-            derive_vtep_mac(
-                "3d1219c7c4c5404aaa1f6d2a48adfda4",
-                Ipv4Addr::new(198, 18, 0, 12)
-            )
+            derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 12))
         );
         for ip in 0..=255u8 {
             let m = derive_vtep_mac("x", Ipv4Addr::new(10, 0, 0, ip));
-            assert_eq!(
-                m[0] & 0x03,
-                0x02,
-                "{m:02x?} not locally administered unicast"
-            );
+            assert_eq!(m[0] & 0x03, 0x02, "{m:02x?} not locally administered unicast");
         }
     }
 
@@ -232,27 +241,4 @@ mod tests {
             Err(IfaceError::NotFound(_))
         ));
     }
-}
-
-/// Turns GRO on for `name` if it is off (ETHTOOL_SGRO). XDP decap hands inner frames to the
-/// stack one by one; GRO merges them back into large TCP segments before routing. Real NICs
-/// have it on already; veth has it off by default. Returns true when it changed the setting.
-pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
-    const ETHTOOL_GGRO: u32 = 0x2b;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let call = |cmd: u32, data: u32| -> Result<u32, IfaceError> {
-        let mut v = EthtoolValue { cmd, data };
-        if_ioctl(name, libc::SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast())?;
-        Ok(v.data)
-    };
-    if call(ETHTOOL_GGRO, 0)? != 0 {
-        return Ok(false);
-    }
-    call(ETHTOOL_SGRO, 1)?;
-    Ok(true)
 }

@@ -18,9 +18,7 @@ pub const BACKEND_VXLAN: &str = "vxlan";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
-    #[error(
-        "subnet key {key:?} is not of the form <prefix>/subnets/A.B.C.D-LEN (e.g. 10.244.7.0-24)"
-    )]
+    #[error("subnet key {key:?} is not of the form <prefix>/subnets/A.B.C.D-LEN (e.g. 10.244.7.0-24)")]
     BadKey { key: String },
     #[error("lease value at {key:?} is not flannel LeaseAttrs JSON: {reason}")]
     BadValue { key: String, reason: String },
@@ -55,9 +53,7 @@ impl FromStr for MacAddr {
         let mut mac = [0u8; 6];
         let mut parts = s.split([':', '-']);
         for b in &mut mac {
-            let p = parts
-                .next()
-                .ok_or_else(|| format!("not a MAC address: {s:?}"))?;
+            let p = parts.next().ok_or_else(|| format!("not a MAC address: {s:?}"))?;
             if p.len() != 2 {
                 return Err(format!("not a MAC address: {s:?}"));
             }
@@ -99,24 +95,12 @@ pub struct LeaseAttrs {
     pub public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(
-        rename = "BackendType",
-        default,
-        skip_serializing_if = "String::is_empty"
-    )]
+    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
     pub backend_type: String,
-    #[serde(
-        rename = "BackendData",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
     pub backend_data: Option<VxlanBackendData>,
     /// Carried through untouched for dual-stack flannel nodes; never written by us.
-    #[serde(
-        rename = "BackendV6Data",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
@@ -179,9 +163,7 @@ pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
 /// Parses the last path element of a subnet key (`10.244.7.0-24`), as flannel's
 /// `ParseSubnetKey`: the address must be the network address of the subnet.
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseError> {
-    let bad = || LeaseError::BadKey {
-        key: key.to_string(),
-    };
+    let bad = || LeaseError::BadKey { key: key.to_string() };
     let last = key.rsplit('/').next().unwrap_or(key);
     let (addr, len) = last.split_once('-').ok_or_else(bad)?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;

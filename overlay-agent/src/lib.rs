@@ -5,14 +5,14 @@
 
 pub mod agent;
 pub mod bpffs;
-pub mod dataplane;
-pub mod hostroute;
-pub mod object;
-pub mod ops;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dataplane;
+pub mod hostroute;
 pub mod iface;
 pub mod lease;
+pub mod object;
+pub mod ops;
 pub mod subnet;
 pub mod subnet_env;

@@ -66,7 +66,11 @@ fn main() -> Result<()> {
             print!("{}", if json { s.to_json() + "\n" } else { s.render() });
             Ok(())
         }
-        Some(Cmd::Cleanup { pin_root, iface, bridge }) => {
+        Some(Cmd::Cleanup {
+            pin_root,
+            iface,
+            bridge,
+        }) => {
             init_logging("info");
             let mut ifaces = iface;
             if ifaces.is_empty() {
@@ -87,10 +91,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Some(Cmd::DockerOpts { subnet_file, out, key }) => Ok(docker::write(&subnet_file, &out, &key)?),
+        Some(Cmd::DockerOpts {
+            subnet_file,
+            out,
+            key,
+        }) => Ok(docker::write(&subnet_file, &out, &key)?),
         None => {
             init_logging(cli.args.log_level());
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             rt.block_on(agent::run(cli.args))
         }
     }
@@ -102,7 +113,11 @@ fn init_logging(level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("overlay_agent={level},warn")));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let ansi = !journald && std::io::stderr().is_terminal();
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     // journald stamps every line itself.
     if journald {
         fmt.without_time().init();

@@ -38,11 +38,22 @@ mod tests {
         let bytes = object().expect("the real eBPF object must be embedded (run via cargo xtask test)");
         let obj = aya_obj::Object::parse(bytes).expect("the embedded object parses");
         for name in programs::ALL {
-            assert!(obj.programs.contains_key(name), "program {name} missing; found {:?}", obj.programs.keys());
+            assert!(
+                obj.programs.contains_key(name),
+                "program {name} missing; found {:?}",
+                obj.programs.keys()
+            );
         }
         for name in maps::ALL {
-            assert!(obj.maps.contains_key(name), "map {name} missing; found {:?}", obj.maps.keys());
+            assert!(
+                obj.maps.contains_key(name),
+                "map {name} missing; found {:?}",
+                obj.maps.keys()
+            );
         }
-        assert!(obj.btf.is_some(), "the object carries no BTF (build with -Clink-arg=--btf)");
+        assert!(
+            obj.btf.is_some(),
+            "the object carries no BTF (build with -Clink-arg=--btf)"
+        );
     }
 }

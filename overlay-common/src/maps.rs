@@ -111,12 +111,20 @@ mod tests {
 
     #[test]
     fn vtep_contains_only_its_subnet() {
-        let v = Vtep { subnet: [10, 244, 7, 0], prefix_len: 24, _pad: [0; 3] };
+        let v = Vtep {
+            subnet: [10, 244, 7, 0],
+            prefix_len: 24,
+            _pad: [0; 3],
+        };
         assert!(v.contains([10, 244, 7, 1]));
         assert!(v.contains([10, 244, 7, 255]));
         assert!(!v.contains([10, 244, 8, 1]));
         assert!(!v.contains([10, 245, 7, 1]));
-        let all = Vtep { subnet: [0; 4], prefix_len: 0, _pad: [0; 3] };
+        let all = Vtep {
+            subnet: [0; 4],
+            prefix_len: 0,
+            _pad: [0; 3],
+        };
         assert!(all.contains([1, 2, 3, 4]));
     }
 

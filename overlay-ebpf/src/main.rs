@@ -16,13 +16,15 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
-        xdp_action, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh, xdp_action,
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
-    helpers::generated::{bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head},
+    helpers::generated::{
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head,
+    },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -80,7 +82,12 @@ struct Verdict {
 
 impl Verdict {
     const fn pass(action: u32, counter: Counter) -> Self {
-        Verdict { action, counter, bytes: None, len: 0 }
+        Verdict {
+            action,
+            counter,
+            bytes: None,
+            len: 0,
+        }
     }
 }
 
@@ -172,7 +179,14 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
 
     if peer.flags & PEER_DIRECT != 0 {
         // DirectRouting: the peer is on our L2 segment; forward the pod packet unencapsulated.
-        return redirect(ctx, rc, &fib, out_ifindex, Counter::DirectPackets, Counter::DirectBytes);
+        return redirect(
+            ctx,
+            rc,
+            &fib,
+            out_ifindex,
+            Counter::DirectPackets,
+            Counter::DirectBytes,
+        );
     }
 
     // SAFETY: the skb pointer is the program's context.
@@ -199,7 +213,14 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
         inner_tos: ip.tos,
     });
     ctx.store(0, &hdr, 0).map_err(|_| Counter::DropMalformed)?;
-    redirect(ctx, rc, &fib, out_ifindex, Counter::EncapPackets, Counter::EncapBytes)
+    redirect(
+        ctx,
+        rc,
+        &fib,
+        out_ifindex,
+        Counter::EncapPackets,
+        Counter::EncapBytes,
+    )
 }
 
 /// Length of the inner IPv4 packets that will be on the wire: the packet itself, or for a GSO
@@ -215,7 +236,9 @@ fn inner_l3_len(ctx: &TcContext, ip: &InnerIp, inner_len: u32) -> Result<u32, Co
     let proto: u8 = ctx.load(ETH_LEN + 9).map_err(|_| Counter::DropMalformed)?;
     let l4 = match proto {
         IPPROTO_TCP => {
-            let doff: u8 = ctx.load(ETH_LEN + (ihl as usize & 0x3c) + 12).map_err(|_| Counter::DropMalformed)?;
+            let doff: u8 = ctx
+                .load(ETH_LEN + (ihl as usize & 0x3c) + 12)
+                .map_err(|_| Counter::DropMalformed)?;
             u32::from(doff >> 4) * 4
         }
         IPPROTO_UDP => UDP_LEN as u32,
@@ -253,13 +276,23 @@ fn redirect(
         nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
         // SAFETY: nh is a valid bpf_redir_neigh on our stack.
         unsafe {
-            bpf_redirect_neigh(ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
+            bpf_redirect_neigh(
+                ifindex,
+                &mut nh,
+                core::mem::size_of::<bpf_redir_neigh>() as i32,
+                0,
+            )
         }
     };
     if action as u32 != TC_ACT_REDIRECT {
         return Err(Counter::DropNoRoute);
     }
-    Ok(Verdict { action: TC_ACT_REDIRECT, counter: packets, bytes: Some(bytes), len })
+    Ok(Verdict {
+        action: TC_ACT_REDIRECT,
+        counter: packets,
+        bytes: Some(bytes),
+        len,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -311,7 +344,12 @@ enum Classified {
 /// The decap rules, shared by the XDP and TC variants. `frame` holds the first
 /// `min(frame_len, size_of::<VxlanFrame>())` bytes; `have` says how many are valid.
 #[inline(always)]
-fn classify(f: &VxlanFrame, have: usize, frame_len: usize, cfg: &DataplaneConfig) -> Result<Classified, Counter> {
+fn classify(
+    f: &VxlanFrame,
+    have: usize,
+    frame_len: usize,
+    cfg: &DataplaneConfig,
+) -> Result<Classified, Counter> {
     if have < ETH_LEN + IPV4_LEN || f.eth_proto != ETH_P_IP.to_be_bytes() {
         return Ok(Classified::Pass);
     }
@@ -386,7 +424,11 @@ fn try_decap_xdp(ctx: &XdpContext) -> Result<Verdict, Counter> {
     } else if start + ETH_LEN + IPV4_LEN <= end {
         // SAFETY: bounds checked just above; copies only the first two headers.
         unsafe {
-            core::ptr::copy_nonoverlapping(start as *const u8, &mut short as *mut _ as *mut u8, ETH_LEN + IPV4_LEN);
+            core::ptr::copy_nonoverlapping(
+                start as *const u8,
+                &mut short as *mut _ as *mut u8,
+                ETH_LEN + IPV4_LEN,
+            );
         }
         (&short, ETH_LEN + IPV4_LEN)
     } else {
@@ -451,7 +493,11 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
             // the flag refuse it and the packet is counted in drop_adjust_room — use XDP decap there.
             // SAFETY: reading a field of our own context.
             let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-            let flags = if gso { BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP } else { 0 };
+            let flags = if gso {
+                BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP
+            } else {
+                0
+            };
             ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
                 .map_err(|_| Counter::DropAdjustRoom)?;
             // Same frame as the XDP variant: to the NIC's own MAC, from the sender's VtepMAC.

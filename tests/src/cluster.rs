@@ -78,8 +78,15 @@ impl Cluster {
         let dir = std::env::temp_dir().join(unique_name("ovlcluster"));
         std::fs::create_dir_all(&dir)?;
         let underlay = Underlay::new()?;
-        underlay.ns.ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-        let mut cluster = Cluster { nodes: Vec::new(), underlay, dir, etcd_pid: None };
+        underlay
+            .ns
+            .ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            underlay,
+            dir,
+            etcd_pid: None,
+        };
         cluster.start_etcd()?;
         if !config.is_empty() {
             cluster.etcdctl(&["put", &format!("{NETWORK_PREFIX}/config"), config])?;
@@ -108,11 +115,26 @@ impl Cluster {
         let mut cmd = self.underlay.ns.command("etcd");
         cmd.args(["--name", "default", "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", &url(2379), "--advertise-client-urls", &url(2379)])
-            .args(["--listen-peer-urls", &url(2380), "--initial-advertise-peer-urls", &url(2380)])
+            .args([
+                "--listen-client-urls",
+                &url(2379),
+                "--advertise-client-urls",
+                &url(2379),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &url(2380),
+                "--initial-advertise-peer-urls",
+                &url(2380),
+            ])
             .args(["--initial-cluster", &format!("default={}", url(2380))])
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log"))?);
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("etcd.log"))?,
+            );
         self.etcd_pid = Some(self.underlay.ns.spawn(cmd)?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -121,7 +143,10 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("etcd did not become healthy in 20 s; see {}", self.dir.join("etcd.log").display())
+        bail!(
+            "etcd did not become healthy in 20 s; see {}",
+            self.dir.join("etcd.log").display()
+        )
     }
 
     /// Runs etcdctl (v3 API) against the cluster's etcd; returns stdout.
@@ -154,10 +179,16 @@ impl Cluster {
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let ep = self.etcd_endpoint();
         let n = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log_file)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log_file)?;
         // Network namespace only: the agent pins into the host's bpffs, as on a real node, so its
         // programs stay attached across restarts.
-        let mut cmd = n.node.ns.command_net_only(agent_bin().to_str().context("agent path")?);
+        let mut cmd = n
+            .node
+            .ns
+            .command_net_only(agent_bin().to_str().context("agent path")?);
         cmd.envs(n.extra_env.iter().map(|(k, v)| (k, v)));
         cmd.args(["--etcd-endpoints", &ep, "--iface", "eth0", "--subnet-file"])
             .arg(&n.subnet_file)
@@ -235,7 +266,17 @@ impl Cluster {
         let n = &self.nodes[i];
         let pid = n.agent_pid.context("agent not running")?;
         let out = Command::new("nsenter")
-            .args(["--target", &pid.to_string(), "--mount", "--net", "bpftool", "-j", "map", "dump", "pinned"])
+            .args([
+                "--target",
+                &pid.to_string(),
+                "--mount",
+                "--net",
+                "bpftool",
+                "-j",
+                "map",
+                "dump",
+                "pinned",
+            ])
             .arg(format!("{}/OVL_PEERS", n.pin_root))
             .output()?;
         if !out.status.success() {
@@ -246,7 +287,12 @@ impl Cluster {
         for e in v.as_array().into_iter().flatten() {
             let k = &e["formatted"]["key"];
             let len = k["prefix_len"].as_u64().unwrap_or(0) as u8;
-            let d: Vec<u8> = k["data"].as_array().into_iter().flatten().filter_map(|b| b.as_u64().map(|b| b as u8)).collect();
+            let d: Vec<u8> = k["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                .collect();
             if d.len() == 4 {
                 nets.push(Ipv4Net::new(Ipv4Addr::new(d[0], d[1], d[2], d[3]), len)?);
             }
@@ -301,30 +347,50 @@ pub fn output(ns: &Netns, cmd: &str, args: &[&str]) -> Result<String> {
 
 /// A TCP transfer of `seconds` from `client` to an iperf3 server in `server` at `server_ip`.
 /// Returns (bits per second received, the client address the server saw).
-pub fn tcp_transfer(server: &mut Netns, server_ip: Ipv4Addr, client: &Netns, seconds: u32) -> Result<(f64, String)> {
+pub fn tcp_transfer(
+    server: &mut Netns,
+    server_ip: Ipv4Addr,
+    client: &Netns,
+    seconds: u32,
+) -> Result<(f64, String)> {
     let mut srv = server.command("iperf3");
-    srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()]).stdin(Stdio::null());
+    srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
+        .stdin(Stdio::null());
     let out_path = std::env::temp_dir().join(unique_name("iperf"));
-    srv.stdout(std::fs::File::create(&out_path)?).stderr(Stdio::null());
+    srv.stdout(std::fs::File::create(&out_path)?)
+        .stderr(Stdio::null());
     let pid = server.spawn(srv)?;
     std::thread::sleep(Duration::from_millis(300));
-    let client_res = client.exec("iperf3", &["-c", &server_ip.to_string(), "-t", &seconds.to_string(), "-J"]);
+    let client_res = client.exec(
+        "iperf3",
+        &["-c", &server_ip.to_string(), "-t", &seconds.to_string(), "-J"],
+    );
     // The server exits after one test (-1); give it a moment, then reap it.
     std::thread::sleep(Duration::from_millis(300));
     server.kill(pid, Signal::SIGTERM);
     let client_out = client_res.context("iperf3 client")?;
     let text = std::fs::read_to_string(&out_path)?;
     let _ = std::fs::remove_file(&out_path);
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("iperf3 server output: {text}"))?;
-    let remote = v["start"]["connected"][0]["remote_host"].as_str().unwrap_or("").to_string();
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("iperf3 server output: {text}"))?;
+    let remote = v["start"]["connected"][0]["remote_host"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     let c: serde_json::Value = serde_json::from_slice(&client_out.stdout).context("iperf3 client output")?;
-    let bps = c["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    let bps = c["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
     Ok((bps, remote))
 }
 
 /// Checks a command exists in PATH (for clearer failures than "No such file").
 pub fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// A steady UDP flow (iperf3, 100-byte datagrams at 1,000 packets/s) between two pods.
@@ -336,7 +402,13 @@ pub struct UdpFlow {
 impl UdpFlow {
     /// Starts the receiver in `server` (listening on `server_ip`) and the sender in `client`
     /// for `secs` seconds.
-    pub fn start(server: &mut Netns, server_ip: Ipv4Addr, client: &mut Netns, secs: u32, report: PathBuf) -> Result<Self> {
+    pub fn start(
+        server: &mut Netns,
+        server_ip: Ipv4Addr,
+        client: &mut Netns,
+        secs: u32,
+        report: PathBuf,
+    ) -> Result<Self> {
         let mut srv = server.command("iperf3");
         srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
             .stdout(std::fs::File::create(&report)?)
@@ -344,9 +416,19 @@ impl UdpFlow {
         let server_pid = server.spawn(srv)?;
         std::thread::sleep(Duration::from_millis(300));
         let mut cli = client.command("iperf3");
-        cli.args(["-c", &server_ip.to_string(), "-u", "-b", "800K", "-l", "100", "-t", &secs.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cli.args([
+            "-c",
+            &server_ip.to_string(),
+            "-u",
+            "-b",
+            "800K",
+            "-l",
+            "100",
+            "-t",
+            &secs.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         client.spawn(cli)?;
         Ok(UdpFlow { report, server_pid })
     }
@@ -367,6 +449,9 @@ impl UdpFlow {
         };
         server.kill(self.server_pid, Signal::SIGTERM);
         let sum = &v["end"]["sum"];
-        Ok((sum["packets"].as_u64().unwrap_or(0), sum["lost_packets"].as_u64().unwrap_or(u64::MAX)))
+        Ok((
+            sum["packets"].as_u64().unwrap_or(0),
+            sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
+        ))
     }
 }

@@ -115,7 +115,20 @@ impl Etcd {
         self.ns
             .exec(
                 "iptables",
-                &[op, "INPUT", "-s", &host, "-p", "tcp", "--dport", "2379", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                &[
+                    op,
+                    "INPUT",
+                    "-s",
+                    &host,
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    "2379",
+                    "-j",
+                    "REJECT",
+                    "--reject-with",
+                    "tcp-reset",
+                ],
             )
             .map(|_| ())
     }
@@ -130,7 +143,10 @@ impl Etcd {
     }
 
     fn etcdctl_flags(&self) -> Vec<String> {
-        let mut v = vec![format!("--endpoints={}", self.endpoint()), "--dial-timeout=2s".to_string()];
+        let mut v = vec![
+            format!("--endpoints={}", self.endpoint()),
+            "--dial-timeout=2s".to_string(),
+        ];
         if let Some(p) = &self.tls {
             v.push(format!("--cacert={}", p.ca.display()));
             v.push(format!("--cert={}", p.client_cert.display()));
@@ -329,31 +345,77 @@ impl Pki {
         let openssl = |args: &[&str]| crate::netns::run("openssl", args).map(|_| ());
         let new_ca = |key: &PathBuf, cert: &PathBuf, cn: &str| {
             openssl(&[
-                "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", &s(key), "-out", &s(cert), "-days", "1", "-subj", &format!("/CN={cn}"),
-                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &s(key),
+                "-out",
+                &s(cert),
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
             ])
         };
         new_ca(&f("ca.key"), &f("ca.pem"), "overlay-test-ca")?;
         new_ca(&f("other-ca.key"), &f("other-ca.pem"), "overlay-test-other-ca")?;
         let leaf = |name: &str, ext: String| -> Result<()> {
-            let (key, csr, cert, extf) =
-                (f(&format!("{name}.key")), f(&format!("{name}.csr")), f(&format!("{name}.pem")), f(&format!("{name}.ext")));
+            let (key, csr, cert, extf) = (
+                f(&format!("{name}.key")),
+                f(&format!("{name}.csr")),
+                f(&format!("{name}.pem")),
+                f(&format!("{name}.ext")),
+            );
             std::fs::write(&extf, ext)?;
             openssl(&[
-                "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &s(&key),
-                "-out", &s(&csr), "-subj", &format!("/CN={name}"),
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &s(&key),
+                "-out",
+                &s(&csr),
+                "-subj",
+                &format!("/CN={name}"),
             ])?;
             openssl(&[
-                "x509", "-req", "-in", &s(&csr), "-CA", &s(&f("ca.pem")), "-CAkey", &s(&f("ca.key")),
-                "-CAcreateserial", "-out", &s(&cert), "-days", "1", "-extfile", &s(&extf),
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-CA",
+                &s(&f("ca.pem")),
+                "-CAkey",
+                &s(&f("ca.key")),
+                "-CAcreateserial",
+                "-out",
+                &s(&cert),
+                "-days",
+                "1",
+                "-extfile",
+                &s(&extf),
             ])
         };
         leaf(
             "server",
             format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"),
         )?;
-        leaf("client", "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n".to_string())?;
+        leaf(
+            "client",
+            "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n".to_string(),
+        )?;
         Ok(Pki {
             ca: f("ca.pem"),
             server_cert: f("server.pem"),
@@ -383,7 +445,11 @@ impl EtcdCluster {
         let slot = (std::process::id().wrapping_mul(64).wrapping_add(n + (n & 1))) % 16384;
         let base = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + slot * 4;
         let host = Ipv4Addr::from(base + 1);
-        let addrs = [Ipv4Addr::from(base + 2), Ipv4Addr::from(base + 3), Ipv4Addr::from(base + 4)];
+        let addrs = [
+            Ipv4Addr::from(base + 2),
+            Ipv4Addr::from(base + 3),
+            Ipv4Addr::from(base + 4),
+        ];
 
         let ns = Netns::new("etcdc")?;
         let root_dev = unique_name("etc");
@@ -394,7 +460,12 @@ impl EtcdCluster {
         crate::netns::ip(&["addr", "add", &format!("{host}/29"), "dev", &root_dev])?;
         let dir = std::env::temp_dir().join(format!("overlay-etcdc-{}", unique_name("d")));
         std::fs::create_dir_all(&dir)?;
-        let mut c = EtcdCluster { ns, addrs, dir, pids: [None; 3] };
+        let mut c = EtcdCluster {
+            ns,
+            addrs,
+            dir,
+            pids: [None; 3],
+        };
         for i in 0..3 {
             c.spawn_member(i)?;
         }
@@ -412,14 +483,37 @@ impl EtcdCluster {
     fn spawn_member(&mut self, i: usize) -> Result<()> {
         assert!(self.pids[i].is_none(), "member {i} already running");
         let a = self.addrs[i];
-        let initial: Vec<String> = self.addrs.iter().enumerate().map(|(j, a)| format!("m{j}=http://{a}:2380")).collect();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("m{i}.log")))?;
+        let initial: Vec<String> = self
+            .addrs
+            .iter()
+            .enumerate()
+            .map(|(j, a)| format!("m{j}=http://{a}:2380"))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("m{i}.log")))?;
         let mut cmd = self.ns.command("etcd");
         cmd.args(["--name", &format!("m{i}"), "--data-dir"])
             .arg(self.dir.join(format!("m{i}")))
-            .args(["--listen-client-urls", &format!("http://{a}:2379"), "--advertise-client-urls", &format!("http://{a}:2379")])
-            .args(["--listen-peer-urls", &format!("http://{a}:2380"), "--initial-advertise-peer-urls", &format!("http://{a}:2380")])
-            .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+            .args([
+                "--listen-client-urls",
+                &format!("http://{a}:2379"),
+                "--advertise-client-urls",
+                &format!("http://{a}:2379"),
+            ])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://{a}:2380"),
+                "--initial-advertise-peer-urls",
+                &format!("http://{a}:2380"),
+            ])
+            .args([
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-state",
+                "new",
+            ])
             .args(["--initial-cluster-token", &format!("ovl-{}", self.ns.name)])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -431,12 +525,18 @@ impl EtcdCluster {
     fn wait_healthy(&self, i: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if self.etcdctl_at(i, &["endpoint", "health", "--command-timeout=1s"]).is_ok() {
+            if self
+                .etcdctl_at(i, &["endpoint", "health", "--command-timeout=1s"])
+                .is_ok()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("etcd member m{i} did not become healthy within 30 s; see {}", self.dir.display())
+        bail!(
+            "etcd member m{i} did not become healthy within 30 s; see {}",
+            self.dir.display()
+        )
     }
 
     /// Kills member `i` (SIGKILL: a crash, not a shutdown).
@@ -463,8 +563,10 @@ impl EtcdCluster {
 
     /// etcdctl against every member that runs.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
-        let eps: Vec<String> =
-            (0..3).filter(|i| self.pids[*i].is_some()).map(|i| format!("http://{}:2379", self.addrs[i])).collect();
+        let eps: Vec<String> = (0..3)
+            .filter(|i| self.pids[*i].is_some())
+            .map(|i| format!("http://{}:2379", self.addrs[i]))
+            .collect();
         let ep = format!("--endpoints={}", eps.join(","));
         let mut full = vec![ep.as_str(), "--dial-timeout=2s", "--command-timeout=5s"];
         full.extend_from_slice(args);
@@ -488,13 +590,16 @@ impl EtcdCluster {
     /// Members the test process (the agent, in-process) has established client connections
     /// to, by index.
     pub fn members_with_client_connections(&self) -> Result<Vec<usize>> {
-        let out = self.ns.exec("ss", &["-Htn", "state", "established", "( sport = :2379 )"])?;
+        let out = self
+            .ns
+            .exec("ss", &["-Htn", "state", "established", "( sport = :2379 )"])?;
         let text = String::from_utf8_lossy(&out.stdout);
         let host = Ipv4Addr::from(u32::from(self.addrs[0]) - 1).to_string();
         let mut v: Vec<usize> = (0..3)
             .filter(|i| {
                 let local = format!("{}:2379", self.addrs[*i]);
-                text.lines().any(|l| l.contains(&local) && l.contains(&format!("{host}:")))
+                text.lines()
+                    .any(|l| l.contains(&local) && l.contains(&format!("{host}:")))
             })
             .collect();
         v.dedup();

@@ -1,7 +1,7 @@
 //! Shared harness for the root-only end-to-end tests: namespaces, links, processes, packets.
 
+pub mod cluster;
 pub mod etcd;
 pub mod netns;
 pub mod packet;
 pub mod topology;
-pub mod cluster;

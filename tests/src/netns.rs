@@ -60,7 +60,10 @@ impl Netns {
     pub fn new(prefix: &str) -> Result<Self> {
         let name = unique_name(prefix);
         ip(&["netns", "add", &name])?;
-        let ns = Netns { name, children: Vec::new() };
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -116,7 +119,8 @@ impl Netns {
     pub fn try_wait(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
         let i = self.children.iter().position(|c| c.id() == pid)?;
         let status = self.children[i].try_wait().ok()??;
-        self.children.remove(i);
+        // Reaped by try_wait above; only the handle goes.
+        drop(self.children.remove(i));
         Some(status)
     }
 
@@ -182,7 +186,10 @@ impl PinRoot {
     /// Mounts bpffs on /sys/fs/bpf first if needed (a fresh machine has none).
     pub fn new() -> Self {
         overlay_agent::bpffs::ensure_mounted(std::path::Path::new("/sys/fs/bpf")).expect("mounting bpffs");
-        PinRoot(std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("ovltest"))))
+        PinRoot(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique_name("ovltest")
+        )))
     }
 }
 

@@ -85,6 +85,10 @@ pub fn send_raw(ns: &crate::netns::Netns, dev: &str, frame: &[u8]) -> anyhow::Re
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };
-    anyhow::ensure!(rc == frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+    anyhow::ensure!(
+        rc == frame.len() as isize,
+        "sendto: {}",
+        std::io::Error::last_os_error()
+    );
     Ok(())
 }

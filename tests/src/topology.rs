@@ -52,9 +52,19 @@ impl Node {
         underlay.ns.ip(&["link", "set", &port, "master", "br0"])?;
         underlay.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
         ns.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
-        ns.ip(&["addr", "add", &format!("{}/24", Self::underlay_ip(index)), "dev", "eth0"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::underlay_ip(index)),
+            "dev",
+            "eth0",
+        ])?;
         ns.sysctl("net.ipv4.ip_forward=1")?;
-        Ok(Node { ns, index, pods: Vec::new() })
+        Ok(Node {
+            ns,
+            index,
+            pods: Vec::new(),
+        })
     }
 
     /// Creates `cni0` (10.244.<index>.1/24) as the CNI bridge plugin does.
@@ -66,8 +76,15 @@ impl Node {
     pub fn add_bridge_for(&self, subnet: Ipv4Net, pod_mtu: u32) -> Result<()> {
         let gw = nth_host(subnet, 1);
         self.ns.ip(&["link", "add", "cni0", "type", "bridge"])?;
-        self.ns.ip(&["link", "set", "cni0", "mtu", &pod_mtu.to_string()])?;
-        self.ns.ip(&["addr", "add", &format!("{gw}/{}", subnet.prefix_len()), "dev", "cni0"])?;
+        self.ns
+            .ip(&["link", "set", "cni0", "mtu", &pod_mtu.to_string()])?;
+        self.ns.ip(&[
+            "addr",
+            "add",
+            &format!("{gw}/{}", subnet.prefix_len()),
+            "dev",
+            "cni0",
+        ])?;
         self.ns.ip(&["link", "set", "cni0", "up"])?;
         Ok(())
     }
@@ -87,7 +104,13 @@ impl Node {
         self.ns.ip(&["link", "set", &port, "master", "cni0"])?;
         self.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
         pod.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
-        pod.ip(&["addr", "add", &format!("{ip}/{}", subnet.prefix_len()), "dev", "eth0"])?;
+        pod.ip(&[
+            "addr",
+            "add",
+            &format!("{ip}/{}", subnet.prefix_len()),
+            "dev",
+            "eth0",
+        ])?;
         pod.ip(&["route", "add", "default", "via", &gw.to_string()])?;
         self.pods.push(Pod { ns: pod, ip });
         Ok(ip)
@@ -130,26 +153,73 @@ pub fn flannel_vxlan(node: &Node, my_subnet: Ipv4Net, peers: &[VxlanPeer]) -> Re
     if ns.ip(&["link", "show", "flannel.1"]).is_err() {
         let local = Node::underlay_ip(node.index).to_string();
         ns.ip(&[
-            "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &local, "dev", "eth0",
-            "dstport", "8472", "nolearning",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
         ])?;
         let eth0_mtu: u32 = String::from_utf8_lossy(&ns.exec("cat", &["/sys/class/net/eth0/mtu"])?.stdout)
             .trim()
             .parse()?;
         ns.ip(&["link", "set", "flannel.1", "mtu", &(eth0_mtu - 50).to_string()])?;
-        ns.ip(&["addr", "add", &format!("{}/32", my_subnet.network()), "dev", "flannel.1"])?;
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/32", my_subnet.network()),
+            "dev",
+            "flannel.1",
+        ])?;
         ns.ip(&["link", "set", "flannel.1", "up"])?;
     }
     for (subnet, underlay_ip, mac) in peers {
         let mac = fmt_mac(mac);
         let gw = subnet.network().to_string();
-        ns.ip(&["neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
         // flanneld appends (a VTEP may have several destinations); appending an existing one is a no-op.
         ns.exec(
             "bridge",
-            &["fdb", "append", &mac, "dev", "flannel.1", "dst", &underlay_ip.to_string(), "self", "permanent"],
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &underlay_ip.to_string(),
+                "self",
+                "permanent",
+            ],
         )?;
-        ns.ip(&["route", "replace", &subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+        ns.ip(&[
+            "route",
+            "replace",
+            &subnet.to_string(),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
     }
     ns.mac("flannel.1")
 }
@@ -157,7 +227,15 @@ pub fn flannel_vxlan(node: &Node, my_subnet: Ipv4Net, peers: &[VxlanPeer]) -> Re
 /// flannel host-gw: `route replace <subnet> via <peer underlay IP>` for every peer.
 pub fn host_gw(node: &Node, peers: &[(Ipv4Net, Ipv4Addr)]) -> Result<()> {
     for (subnet, via) in peers {
-        node.ns.ip(&["route", "replace", &subnet.to_string(), "via", &via.to_string(), "dev", "eth0"])?;
+        node.ns.ip(&[
+            "route",
+            "replace",
+            &subnet.to_string(),
+            "via",
+            &via.to_string(),
+            "dev",
+            "eth0",
+        ])?;
     }
     Ok(())
 }
@@ -171,5 +249,8 @@ pub fn ethtool_k(ns: &Netns, dev: &str, features: &[&str]) -> Result<()> {
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }

@@ -39,10 +39,7 @@ fn node(last: u8) -> NodeIdentity {
 struct TempDir(PathBuf);
 impl TempDir {
     fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "cp-{tag}-{}",
-            overlay_tests::netns::unique_name("t")
-        ));
+        let p = std::env::temp_dir().join(format!("cp-{tag}-{}", overlay_tests::netns::unique_name("t")));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -192,7 +189,10 @@ async fn two_agents_take_distinct_subnets() {
     let env = std::fs::read_to_string(&a.subnet_file).unwrap();
     assert_eq!(
         env,
-        format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n", first_host(&a.own))
+        format!(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={}\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+            first_host(&a.own)
+        )
     );
 
     // Each sees the other.
@@ -207,9 +207,7 @@ async fn two_agents_take_distinct_subnets() {
         matches!(e, Event::Resync(_))
     })
     .await;
-    let Event::Resync(ls) = ev else {
-        unreachable!()
-    };
+    let Event::Resync(ls) = ev else { unreachable!() };
     assert_eq!(ls.len(), 1, "B should see exactly A: {ls:?}");
     assert_eq!(ls[0].subnet, a.own.subnet);
     assert_eq!(
@@ -277,16 +275,11 @@ async fn deleted_key_is_reacquired() {
     let k = key(&a.own.subnet.to_string());
     let env_before = std::fs::read_to_string(&a.subnet_file).unwrap();
     etcd.del(&k).unwrap();
-    let ev = wait_for(
-        &mut a.rx,
-        Duration::from_secs(5),
-        "OwnLease after delete",
-        |e| matches!(e, Event::OwnLease(_)),
-    )
+    let ev = wait_for(&mut a.rx, Duration::from_secs(5), "OwnLease after delete", |e| {
+        matches!(e, Event::OwnLease(_))
+    })
     .await;
-    let Event::OwnLease(l) = ev else {
-        unreachable!()
-    };
+    let Event::OwnLease(l) = ev else { unreachable!() };
     assert_eq!(l.subnet, a.own.subnet, "should take the same subnet back");
     let (_, lease) = etcd.get(&k).unwrap().expect("key not recreated");
     assert_ne!(lease, 0);
@@ -309,13 +302,11 @@ async fn peer_events_arrive_within_a_second() {
         r#"{"PublicIP":"198.18.0.201","BackendType":"host-gw","BackendData":null}"#,
     )
     .unwrap();
-    etcd.put(&format!("{PREFIX}/subnets/garbage"), "{}")
-        .unwrap();
+    etcd.put(&format!("{PREFIX}/subnets/garbage"), "{}").unwrap();
     etcd.put(&key("10.244.202.0/24"), "not json").unwrap();
 
     let peer = r#"{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:4d"}}"#;
-    etcd.put_with_ttl(&key("10.244.77.0/24"), peer, 600)
-        .unwrap();
+    etcd.put_with_ttl(&key("10.244.77.0/24"), peer, 600).unwrap();
     match recv(&mut a.rx, Duration::from_secs(1), "PeerUpsert").await {
         Event::PeerUpsert(l) => {
             assert_eq!(l.subnet.to_string(), "10.244.77.0/24");
@@ -404,7 +395,8 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
     .unwrap();
     let tmp = TempDir::new("pool");
     let exhausted_before = METRICS.pool_exhausted.get();
-    let mut agents: Vec<(mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>)> = (0..64u8)
+    type Agent = (mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>);
+    let mut agents: Vec<Agent> = (0..64u8)
         .map(|i| spawn(&etcd, tmp.0.join(format!("{i}.env")), node(100 + i)))
         .collect();
     // Which agent holds which subnet; every OwnLease ever announced.
@@ -440,9 +432,16 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
     drain(&mut agents, &mut holder, &mut announced);
     let subnets: HashSet<&String> = holder.iter().flatten().collect();
     assert_eq!(subnets.len(), 16, "a subnet was handed out twice: {holder:?}");
-    assert_eq!(announced.len(), 16, "leases announced beyond the pool: {announced:?}");
+    assert_eq!(
+        announced.len(),
+        16,
+        "leases announced beyond the pool: {announced:?}"
+    );
     for (i, (_, task)) in agents.iter().enumerate() {
-        assert!(!task.is_finished(), "agent {i} stopped; an exhausted pool must be waited out");
+        assert!(
+            !task.is_finished(),
+            "agent {i} stopped; an exhausted pool must be waited out"
+        );
     }
     assert_eq!(etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().len(), 16);
 
@@ -457,16 +456,31 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
         if announced.len() > 16 {
             break announced[16].clone();
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "nobody took the freed {freed} within 20 s");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "nobody took the freed {freed} within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(taker.1, freed, "the waiter took another subnet than the freed one");
+    assert_eq!(
+        taker.1, freed,
+        "the waiter took another subnet than the freed one"
+    );
     assert_ne!(taker.0, gone);
     tokio::time::sleep(Duration::from_secs(1)).await;
     drain(&mut agents, &mut holder, &mut announced);
-    assert_eq!(announced.len(), 17, "more than one waiter got a lease: {:?}", &announced[16..]);
+    assert_eq!(
+        announced.len(),
+        17,
+        "more than one waiter got a lease: {:?}",
+        &announced[16..]
+    );
     let subnets: HashSet<&String> = holder.iter().flatten().collect();
-    assert_eq!(subnets.len(), 16, "duplicate after the freed lease was taken: {holder:?}");
+    assert_eq!(
+        subnets.len(),
+        16,
+        "duplicate after the freed lease was taken: {holder:?}"
+    );
     for (_, task) in &agents {
         task.abort();
     }
@@ -476,7 +490,9 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
 async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewing() {
     require_root();
     let mut cluster = EtcdCluster::start_new().expect("starting a 3-member etcd cluster");
-    cluster.etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG]).unwrap();
+    cluster
+        .etcdctl(&["put", &format!("{PREFIX}/config"), CONFIG])
+        .unwrap();
     let tmp = TempDir::new("members");
     let reg = EtcdRegistry::connect(&EtcdOptions {
         endpoints: cluster.endpoints(),
@@ -496,11 +512,16 @@ async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewin
     let mut a = started(rx, task, tmp.0.join("a.env")).await;
     let own_key = key(&a.own.subnet.to_string());
     let lease_ttl = |c: &EtcdCluster| -> i64 {
-        let v: serde_json::Value = serde_json::from_str(&c.etcdctl_retry(&["get", &own_key, "-w", "json"]).unwrap()).unwrap();
-        let id = v["kvs"][0]["lease"].as_i64().expect("own key or its lease missing");
-        let t: serde_json::Value =
-            serde_json::from_str(&c.etcdctl_retry(&["lease", "timetolive", &format!("{id:x}"), "-w", "json"]).unwrap())
-                .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&c.etcdctl_retry(&["get", &own_key, "-w", "json"]).unwrap()).unwrap();
+        let id = v["kvs"][0]["lease"]
+            .as_i64()
+            .expect("own key or its lease missing");
+        let t: serde_json::Value = serde_json::from_str(
+            &c.etcdctl_retry(&["lease", "timetolive", &format!("{id:x}"), "-w", "json"])
+                .unwrap(),
+        )
+        .unwrap();
         t["ttl"].as_i64().unwrap_or(-1)
     };
     // Kill each member in turn (one of them carries the agent's watch), with the other two
@@ -509,10 +530,15 @@ async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewin
         let talking = cluster.members_with_client_connections().unwrap_or_default();
         cluster.kill_member(m);
         let sn = format!("10.244.{}.0/24", 200 + m);
-        cluster.etcdctl_retry(&["put", &key(&sn), &vxlan_value(m as u8)]).unwrap();
-        wait_for(&mut a.rx, Duration::from_secs(15), &format!("peer {sn} with member m{m} down"), |e| {
-            is_upsert(e, &sn)
-        })
+        cluster
+            .etcdctl_retry(&["put", &key(&sn), &vxlan_value(m as u8)])
+            .unwrap();
+        wait_for(
+            &mut a.rx,
+            Duration::from_secs(15),
+            &format!("peer {sn} with member m{m} down"),
+            |e| is_upsert(e, &sn),
+        )
         .await;
         // Renewals go on through the other members: a renewal that hit the dead member is
         // retried 10 s later, so within 15 s the TTL is back within 3 s of 24 h.
@@ -529,11 +555,16 @@ async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewin
             );
         }
         cluster.etcdctl_retry(&["del", &key(&sn)]).unwrap();
-        wait_for(&mut a.rx, Duration::from_secs(15), &format!("removal of {sn}"), |e| match e {
-            Event::PeerRemove(l) => l.subnet.to_string() == sn,
-            Event::Resync(ls) => !ls.iter().any(|l| l.subnet.to_string() == sn),
-            _ => false,
-        })
+        wait_for(
+            &mut a.rx,
+            Duration::from_secs(15),
+            &format!("removal of {sn}"),
+            |e| match e {
+                Event::PeerRemove(l) => l.subnet.to_string() == sn,
+                Event::Resync(ls) => !ls.iter().any(|l| l.subnet.to_string() == sn),
+                _ => false,
+            },
+        )
         .await;
         assert!(!a.task.is_finished(), "agent stopped with m{m} down");
         cluster.restart_member(m).unwrap();
@@ -550,7 +581,12 @@ async fn compaction_while_disconnected_relists_and_converges() {
     let tmp = TempDir::new("compact");
     let mut a = start(&etcd, tmp.0.join("a.env"), node(30)).await;
     let _ = recv(&mut a.rx, Duration::from_secs(5), "initial Resync").await;
-    let (p1, p2, p3, p4) = ("10.244.131.0/24", "10.244.132.0/24", "10.244.133.0/24", "10.244.134.0/24");
+    let (p1, p2, p3, p4) = (
+        "10.244.131.0/24",
+        "10.244.132.0/24",
+        "10.244.133.0/24",
+        "10.244.134.0/24",
+    );
     etcd.put_with_ttl(&key(p1), &vxlan_value(131), 600).unwrap();
     etcd.put(&key(p2), &vxlan_value(132)).unwrap();
     wait_for(&mut a.rx, Duration::from_secs(5), "p2", |e| is_upsert(e, p2)).await;
@@ -564,26 +600,41 @@ async fn compaction_while_disconnected_relists_and_converges() {
     etcd.etcdctl_local(&["del", &key(p1)]).unwrap();
     etcd.etcdctl_local(&["put", &key(p3), &vxlan_value(133)]).unwrap();
     for i in 0..30 {
-        etcd.etcdctl_local(&["put", &format!("{PREFIX}/noise"), &i.to_string()]).unwrap();
+        etcd.etcdctl_local(&["put", &format!("{PREFIX}/noise"), &i.to_string()])
+            .unwrap();
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&etcd.etcdctl_local(&["get", &format!("{PREFIX}/noise"), "-w", "json"]).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &etcd
+            .etcdctl_local(&["get", &format!("{PREFIX}/noise"), "-w", "json"])
+            .unwrap(),
+    )
+    .unwrap();
     let rev = v["header"]["revision"].as_i64().unwrap();
     etcd.etcdctl_local(&["compact", &rev.to_string()]).unwrap();
-    assert!(METRICS.etcd_reconnects.get() > reconnects, "the agent did not notice its watch broke");
+    assert!(
+        METRICS.etcd_reconnects.get() > reconnects,
+        "the agent did not notice its watch broke"
+    );
     assert!(!a.task.is_finished());
     etcd.block_host(false).unwrap();
 
     // First thing after reconnecting: a full Resync (the resumed watch was compacted) that
     // no longer has p1 and has p3.
-    let ev = wait_for(&mut a.rx, Duration::from_secs(20), "Resync after compaction", |e| {
-        !matches!(e, Event::Resync(ls) if ls.is_empty())
-    })
+    let ev = wait_for(
+        &mut a.rx,
+        Duration::from_secs(20),
+        "Resync after compaction",
+        |e| !matches!(e, Event::Resync(ls) if ls.is_empty()),
+    )
     .await;
     match ev {
         Event::Resync(ls) => {
             let got: Vec<String> = ls.iter().map(|l| l.subnet.to_string()).collect();
-            assert_eq!(got, vec![p2.to_string(), p3.to_string()], "Resync after compaction");
+            assert_eq!(
+                got,
+                vec![p2.to_string(), p3.to_string()],
+                "Resync after compaction"
+            );
         }
         ev => panic!("expected a Resync after compaction, got {ev:?}"),
     }
@@ -608,8 +659,14 @@ async fn malformed_leases_are_skipped_counted_once_per_key() {
         (format!("{PREFIX}/subnets/10.244.300.0-24"), vxlan_value(2)),
         (format!("{PREFIX}/subnets/10.244.141.0-99"), vxlan_value(3)),
         (key("10.244.142.0/24"), "not json".to_string()),
-        (key("10.244.143.0/24"), r#"{"PublicIP":"fd00::1","BackendType":"vxlan"}"#.to_string()),
-        (key("10.244.144.0/24"), r#"{"PublicIP":"198.18.1.144","BackendType":"vxlan","BackendData":{"VNI":"x"}}"#.to_string()),
+        (
+            key("10.244.143.0/24"),
+            r#"{"PublicIP":"fd00::1","BackendType":"vxlan"}"#.to_string(),
+        ),
+        (
+            key("10.244.144.0/24"),
+            r#"{"PublicIP":"198.18.1.144","BackendType":"vxlan","BackendData":{"VNI":"x"}}"#.to_string(),
+        ),
         (key("10.244.145.0/24"), "x".repeat(100_000)),
     ];
     for (k, v) in &bad {
@@ -620,16 +677,37 @@ async fn malformed_leases_are_skipped_counted_once_per_key() {
         etcd.put(k, "{}").unwrap();
     }
     // A foreign backend is skipped but is not malformed.
-    etcd.put(&key("10.244.146.0/24"), r#"{"PublicIP":"198.18.1.146","BackendType":"host-gw"}"#).unwrap();
+    etcd.put(
+        &key("10.244.146.0/24"),
+        r#"{"PublicIP":"198.18.1.146","BackendType":"host-gw"}"#,
+    )
+    .unwrap();
     let good = "10.244.147.0/24";
     etcd.put(&key(good), &vxlan_value(147)).unwrap();
-    let ev = recv(&mut a.rx, Duration::from_secs(3), "the good peer after the bad ones").await;
-    assert!(is_upsert(&ev, good), "expected only PeerUpsert {good}, got {ev:?}");
-    assert_eq!(METRICS.malformed_leases.get() - before, bad.len() as u64, "malformed count");
+    let ev = recv(
+        &mut a.rx,
+        Duration::from_secs(3),
+        "the good peer after the bad ones",
+    )
+    .await;
+    assert!(
+        is_upsert(&ev, good),
+        "expected only PeerUpsert {good}, got {ev:?}"
+    );
+    assert_eq!(
+        METRICS.malformed_leases.get() - before,
+        bad.len() as u64,
+        "malformed count"
+    );
     assert!(!a.task.is_finished());
 }
 
-fn tls_args(etcd: &Etcd, subnet_file: &std::path::Path, ca: &std::path::Path, key: &std::path::Path) -> AgentArgs {
+fn tls_args(
+    etcd: &Etcd,
+    subnet_file: &std::path::Path,
+    ca: &std::path::Path,
+    key: &std::path::Path,
+) -> AgentArgs {
     let p = etcd.pki().unwrap();
     AgentArgs::try_parse_from([
         "overlay-agent".to_string(),
@@ -651,22 +729,47 @@ async fn etcd_with_client_certificates_and_clear_tls_errors() {
     let p = etcd.pki().unwrap();
 
     // Right CA, client certificate: the agent works as without TLS.
-    let (rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("a.env"), &p.ca, &p.client_key), node(50));
+    let (rx, task) = spawn_args(
+        tls_args(&etcd, &tmp.0.join("a.env"), &p.ca, &p.client_key),
+        node(50),
+    );
     let mut a = started(rx, task, tmp.0.join("a.env")).await;
     etcd.put(&key("10.244.150.0/24"), &vxlan_value(150)).unwrap();
-    wait_for(&mut a.rx, Duration::from_secs(5), "peer over TLS", |e| is_upsert(e, "10.244.150.0/24")).await;
+    wait_for(&mut a.rx, Duration::from_secs(5), "peer over TLS", |e| {
+        is_upsert(e, "10.244.150.0/24")
+    })
+    .await;
 
     // A key file that does not exist: fatal at once, naming the flag and the file.
     let missing = tmp.0.join("no-such-client.key");
     let (_rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("b.env"), &p.ca, &missing), node(51));
-    let err = timeout(Duration::from_secs(5), task).await.expect("agent with a missing key file kept running").unwrap().unwrap_err().to_string();
-    assert!(err.contains("--etcd-keyfile") && err.contains(&missing.display().to_string()), "{err}");
+    let err = timeout(Duration::from_secs(5), task)
+        .await
+        .expect("agent with a missing key file kept running")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--etcd-keyfile") && err.contains(&missing.display().to_string()),
+        "{err}"
+    );
 
     // The wrong CA: the server's certificate cannot be verified; the error says so and names
     // --etcd-cafile and the file.
-    let (_rx, task) = spawn_args(tls_args(&etcd, &tmp.0.join("c.env"), &p.other_ca, &p.client_key), node(52));
-    let err = timeout(Duration::from_secs(15), task).await.expect("agent with a wrong CA kept running").unwrap().unwrap_err().to_string();
-    assert!(err.contains("--etcd-cafile") && err.contains(&p.other_ca.display().to_string()), "{err}");
+    let (_rx, task) = spawn_args(
+        tls_args(&etcd, &tmp.0.join("c.env"), &p.other_ca, &p.client_key),
+        node(52),
+    );
+    let err = timeout(Duration::from_secs(15), task)
+        .await
+        .expect("agent with a wrong CA kept running")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--etcd-cafile") && err.contains(&p.other_ca.display().to_string()),
+        "{err}"
+    );
     assert!(err.contains("certificate"), "{err}");
 }
 
@@ -690,6 +793,13 @@ async fn etcd_username_and_password() {
     let a = started(rx, task, tmp.0.join("a.env")).await;
     assert!(etcd.get(&key(&a.own.subnet.to_string())).unwrap().is_some());
     // A wrong password is reported as such (the agent keeps retrying: it may be fixed in etcd).
-    let err = EtcdRegistry::connect(&with("wrong", "b.env").etcd_options()).await.err().expect("wrong password accepted").to_string();
-    assert!(err.contains("authentication failed") && err.contains("--etcd-username"), "{err}");
+    let err = EtcdRegistry::connect(&with("wrong", "b.env").etcd_options())
+        .await
+        .err()
+        .expect("wrong password accepted")
+        .to_string();
+    assert!(
+        err.contains("authentication failed") && err.contains("--etcd-username"),
+        "{err}"
+    );
 }

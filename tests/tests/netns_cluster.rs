@@ -26,8 +26,15 @@ fn cluster(n: u8, config: &str) -> (Cluster, Vec<std::net::Ipv4Addr>) {
     // Every agent must know every other node before traffic is checked.
     for i in 0..c.nodes.len() {
         let want = c.nodes.len() - 1;
-        let ok = Cluster::wait_for(Duration::from_secs(5), || c.agent_peers(i).map(|p| p.len() == want).unwrap_or(false));
-        assert!(ok.is_some(), "node {} did not learn its {want} peers; log:\n{}", i + 1, c.agent_log(i));
+        let ok = Cluster::wait_for(Duration::from_secs(5), || {
+            c.agent_peers(i).map(|p| p.len() == want).unwrap_or(false)
+        });
+        assert!(
+            ok.is_some(),
+            "node {} did not learn its {want} peers; log:\n{}",
+            i + 1,
+            c.agent_log(i)
+        );
     }
     (c, pods)
 }
@@ -40,7 +47,12 @@ fn three_nodes_all_pairs_ping_bulk_tcp_and_kept_source_ip() {
     for a in 0..3 {
         for b in 0..3 {
             if a != b {
-                assert!(ping(&c.nodes[a].node.pods[0].ns, pods[b], 2, None), "pod {} → pod {}: no reply", pods[a], pods[b]);
+                assert!(
+                    ping(&c.nodes[a].node.pods[0].ns, pods[b], 2, None),
+                    "pod {} → pod {}: no reply",
+                    pods[a],
+                    pods[b]
+                );
                 // Largest DF packet the pod MTU allows: 1450 − 20 (IP) − 8 (ICMP).
                 assert!(
                     ping(&c.nodes[a].node.pods[0].ns, pods[b], 1, Some(mtu - 28)),
@@ -56,20 +68,48 @@ fn three_nodes_all_pairs_ping_bulk_tcp_and_kept_source_ip() {
     output(
         &c.nodes[0].node.ns,
         "iptables",
-        &["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-o", "cni0", "-j", "MASQUERADE"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-o",
+            "cni0",
+            "-j",
+            "MASQUERADE",
+        ],
     )
     .unwrap();
     let (first, rest) = c.nodes.split_at_mut(1);
-    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 2).unwrap();
-    assert!(bps > 100e6, "bulk TCP across the overlay reached only {bps} bit/s");
-    assert_eq!(seen, pods[0].to_string(), "the receiving pod must see the sending pod's own IP");
+    let (bps, seen) = tcp_transfer(
+        &mut rest[0].node.pods[0].ns,
+        pods[1],
+        &first[0].node.pods[0].ns,
+        2,
+    )
+    .unwrap();
+    assert!(
+        bps > 100e6,
+        "bulk TCP across the overlay reached only {bps} bit/s"
+    );
+    assert_eq!(
+        seen,
+        pods[0].to_string(),
+        "the receiving pod must see the sending pod's own IP"
+    );
 }
 
 #[test]
 fn host_to_remote_pod_and_flannel_style_dot_zero_sources() {
     let (c, pods) = cluster(2, CONFIG);
     // The node itself (hostNetwork processes, health checks) reaches a remote pod.
-    assert!(ping(&c.nodes[0].node.ns, pods[1], 3, None), "node1 → pod on node2 failed");
+    assert!(
+        ping(&c.nodes[0].node.ns, pods[1], 3, None),
+        "node1 → pod on node2 failed"
+    );
     // Its packets leave from the subnet's .0 address, as flanneld's flannel.1 does.
     let (subnet, _) = c.nodes[0].subnet_env().unwrap();
     let route = output(&c.nodes[0].node.ns, "ip", &["route", "get", &pods[1].to_string()]).unwrap();
@@ -88,21 +128,39 @@ fn joining_and_leaving_nodes_are_reflected_within_a_second() {
     let value = r#"{"PublicIP":"198.18.0.99","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}}"#;
     c.etcdctl(&["put", key, value]).unwrap();
     let joined = Cluster::wait_for(Duration::from_secs(1), || {
-        c.agent_peers(0).unwrap_or_default().iter().any(|n| n.to_string() == "10.244.250.0/24")
+        c.agent_peers(0)
+            .unwrap_or_default()
+            .iter()
+            .any(|n| n.to_string() == "10.244.250.0/24")
     });
-    assert!(joined.is_some(), "a new lease was not in node1's peer map within 1 s");
+    assert!(
+        joined.is_some(),
+        "a new lease was not in node1's peer map within 1 s"
+    );
     c.etcdctl(&["del", key]).unwrap();
     let left = Cluster::wait_for(Duration::from_secs(1), || {
-        !c.agent_peers(0).unwrap_or_default().iter().any(|n| n.to_string() == "10.244.250.0/24")
+        !c.agent_peers(0)
+            .unwrap_or_default()
+            .iter()
+            .any(|n| n.to_string() == "10.244.250.0/24")
     });
-    assert!(left.is_some(), "a deleted lease was still in node1's peer map after 1 s");
+    assert!(
+        left.is_some(),
+        "a deleted lease was still in node1's peer map after 1 s"
+    );
 
     // A real node joining: its pods are reachable from the others right after it has a lease.
     c.add_node(3).unwrap();
     c.start_agent(2).unwrap();
     let new_pod = c.add_pods(2, 1).unwrap()[0];
-    let reached = Cluster::wait_for(Duration::from_secs(3), || ping(&c.nodes[0].node.pods[0].ns, new_pod, 1, None));
-    assert!(reached.is_some(), "pod on the new node3 unreachable from node1; log:\n{}", c.agent_log(2));
+    let reached = Cluster::wait_for(Duration::from_secs(3), || {
+        ping(&c.nodes[0].node.pods[0].ns, new_pod, 1, None)
+    });
+    assert!(
+        reached.is_some(),
+        "pod on the new node3 unreachable from node1; log:\n{}",
+        c.agent_log(2)
+    );
 }
 
 #[test]
@@ -114,9 +172,18 @@ fn agent_restart_keeps_its_subnet_and_traffic_flows_again() {
         c.start_agent(1).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let (after, _) = c.wait_lease(1, Duration::from_secs(10)).unwrap();
-        assert_eq!(after, before, "after {sig:?} + start the agent took another subnet");
-        let back = Cluster::wait_for(Duration::from_secs(5), || ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None));
-        assert!(back.is_some(), "traffic did not flow again after {sig:?} + start; log:\n{}", c.agent_log(1));
+        assert_eq!(
+            after, before,
+            "after {sig:?} + start the agent took another subnet"
+        );
+        let back = Cluster::wait_for(Duration::from_secs(5), || {
+            ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None)
+        });
+        assert!(
+            back.is_some(),
+            "traffic did not flow again after {sig:?} + start; log:\n{}",
+            c.agent_log(1)
+        );
     }
 }
 
@@ -124,13 +191,24 @@ fn agent_restart_keeps_its_subnet_and_traffic_flows_again() {
 fn direct_routing_peers_on_the_same_segment_skip_encapsulation() {
     let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
     let (mut c, pods) = cluster(2, config);
-    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 3, None), "direct-routed ping failed");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 3, None),
+        "direct-routed ping failed"
+    );
     // On the wire between the nodes the pod packets travel bare: no UDP 8472 at all.
     let mut cap = c.underlay.ns.command("tcpdump");
     let pcap = c.dir().join("direct.txt");
-    cap.args(["-l", "-ni", "br0", "-c", "4", "icmp and host", &pods[1].to_string()])
-        .stdout(std::fs::File::create(&pcap).unwrap())
-        .stderr(std::process::Stdio::null());
+    cap.args([
+        "-l",
+        "-ni",
+        "br0",
+        "-c",
+        "4",
+        "icmp and host",
+        &pods[1].to_string(),
+    ])
+    .stdout(std::fs::File::create(&pcap).unwrap())
+    .stderr(std::process::Stdio::null());
     let pid = c.underlay.ns.spawn(cap).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None));
@@ -153,7 +231,13 @@ fn mixed_cluster_with_a_kernel_vxlan_flannel_node() {
     let leases = c.leases().unwrap();
     let lines: Vec<&str> = leases.lines().collect();
     for kv in lines.chunks(2) {
-        let subnet: ipnet::Ipv4Net = kv[0].rsplit('/').next().unwrap().replace('-', "/").parse().unwrap();
+        let subnet: ipnet::Ipv4Net = kv[0]
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .replace('-', "/")
+            .parse()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
         let ip: std::net::Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
         let mac = overlay_tests::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().unwrap()).unwrap();
@@ -169,18 +253,40 @@ fn mixed_cluster_with_a_kernel_vxlan_flannel_node() {
         r#"{{"PublicIP":"198.18.0.13","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
         overlay_tests::topology::fmt_mac(&mac)
     );
-    c.etcdctl(&["put", "/coreos.com/network/subnets/10.244.200.0-24", &value]).unwrap();
+    c.etcdctl(&["put", "/coreos.com/network/subnets/10.244.200.0-24", &value])
+        .unwrap();
     for i in 0..2 {
-        let ok = Cluster::wait_for(Duration::from_secs(2), || c.agent_peers(i).map(|p| p.contains(&flannel_subnet)).unwrap_or(false));
-        assert!(ok.is_some(), "agent {} did not pick up the flannel node's lease", i + 1);
+        let ok = Cluster::wait_for(Duration::from_secs(2), || {
+            c.agent_peers(i)
+                .map(|p| p.contains(&flannel_subnet))
+                .unwrap_or(false)
+        });
+        assert!(
+            ok.is_some(),
+            "agent {} did not pick up the flannel node's lease",
+            i + 1
+        );
     }
     for (i, pod) in pods.iter().enumerate() {
         let agent_pod = &c.nodes[i].node.pods[0].ns;
-        assert!(ping(agent_pod, flannel_pod, 3, None), "agent pod {pod} → flannel pod {flannel_pod} failed");
-        assert!(ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None), "flannel pod {flannel_pod} → agent pod {pod} failed");
-        assert!(ping(agent_pod, flannel_pod, 1, Some(1422)), "MTU-sized ping agent pod → flannel pod failed");
+        assert!(
+            ping(agent_pod, flannel_pod, 3, None),
+            "agent pod {pod} → flannel pod {flannel_pod} failed"
+        );
+        assert!(
+            ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None),
+            "flannel pod {flannel_pod} → agent pod {pod} failed"
+        );
+        assert!(
+            ping(agent_pod, flannel_pod, 1, Some(1422)),
+            "MTU-sized ping agent pod → flannel pod failed"
+        );
         // flanneld's node reaches pods from its .0 address on flannel.1.
-        assert!(ping(&c.nodes[2].node.ns, *pod, 2, None), "flannel host ({}) → agent pod {pod} failed", nth_host(flannel_subnet, 0));
+        assert!(
+            ping(&c.nodes[2].node.ns, *pod, 2, None),
+            "flannel host ({}) → agent pod {pod} failed",
+            nth_host(flannel_subnet, 0)
+        );
     }
 }
 
@@ -191,7 +297,14 @@ fn restarts_lose_no_packet_of_a_steady_udp_flow() {
         // 1,000 packets/s of 100-byte UDP from the pod on node1 to the pod on node2, for 6 s.
         let report = c.dir().join(format!("udp-{sig:?}.json"));
         let (first, rest) = c.nodes.split_at_mut(1);
-        let flow = UdpFlow::start(&mut rest[0].node.pods[0].ns, pods[1], &mut first[0].node.pods[0].ns, 6, report).unwrap();
+        let flow = UdpFlow::start(
+            &mut rest[0].node.pods[0].ns,
+            pods[1],
+            &mut first[0].node.pods[0].ns,
+            6,
+            report,
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         // Restart the receiving node's agent, then the sending node's, under the flow.
         for node in [1, 0] {
@@ -201,9 +314,14 @@ fn restarts_lose_no_packet_of_a_steady_udp_flow() {
             c.wait_lease(node, Duration::from_secs(5)).unwrap();
             std::thread::sleep(Duration::from_millis(1000));
         }
-        let (packets, lost) = flow.finish(&mut c.nodes[1].node.pods[0].ns, Duration::from_secs(8)).unwrap();
+        let (packets, lost) = flow
+            .finish(&mut c.nodes[1].node.pods[0].ns, Duration::from_secs(8))
+            .unwrap();
         assert!(packets >= 5000, "{sig:?}: only {packets} packets in the flow");
-        assert_eq!(lost, 0, "{sig:?}: {lost} of {packets} packets lost across agent restarts");
+        assert_eq!(
+            lost, 0,
+            "{sig:?}: {lost} of {packets} packets lost across agent restarts"
+        );
     }
 }
 
@@ -215,7 +333,21 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
     let big = c.nodes[0].node.add_pod_in(subnet, 2, 1500).unwrap();
     let big_ns = &c.nodes[0].node.pods[1].ns;
     // A 1500-byte DF ping (1472 + 28) cannot cross a 1450 tunnel: ICMP tells the pod so.
-    let out = big_ns.command("ping").args(["-c", "2", "-W", "1", "-M", "do", "-s", "1472", &pods[1].to_string()]).output().unwrap();
+    let out = big_ns
+        .command("ping")
+        .args([
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "1472",
+            &pods[1].to_string(),
+        ])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("mtu = 1450") || text.contains("mtu=1450"),
@@ -223,7 +355,13 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
     );
     // PMTU discovery then lets a TCP transfer from that pod complete.
     let (first, rest) = c.nodes.split_at_mut(1);
-    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[1].ns, 2).unwrap();
+    let (bps, seen) = tcp_transfer(
+        &mut rest[0].node.pods[0].ns,
+        pods[1],
+        &first[0].node.pods[1].ns,
+        2,
+    )
+    .unwrap();
     assert!(bps > 50e6, "TCP from the MTU-1500 pod reached only {bps} bit/s");
     assert_eq!(seen, big.to_string());
 }
@@ -232,19 +370,31 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
 fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     use overlay_agent::dataplane::read_pinned_counters;
     use overlay_common::{wire::EncapParams, Counter};
-    use overlay_tests::{netns::{veth, Netns}, packet};
+    use overlay_tests::{
+        netns::{veth, Netns},
+        packet,
+    };
     let (c, pods) = cluster(2, CONFIG);
     // The attacker: a namespace on the underlay segment.
     let attacker = Netns::new("ovla").unwrap();
     veth(&attacker, "eth0", Some(&c.underlay.ns), "patk").unwrap();
-    c.underlay.ns.ip(&["link", "set", "patk", "master", "br0"]).unwrap();
-    attacker.ip(&["addr", "add", "198.18.0.66/24", "dev", "eth0"]).unwrap();
+    c.underlay
+        .ns
+        .ip(&["link", "set", "patk", "master", "br0"])
+        .unwrap();
+    attacker
+        .ip(&["addr", "add", "198.18.0.66/24", "dev", "eth0"])
+        .unwrap();
 
     let victim = &c.nodes[1];
     let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
     let vtep_of = |i: usize| {
         let leases = c.leases().unwrap();
-        let line = leases.lines().find(|l| l.contains(&format!("198.18.0.1{}", i + 1))).unwrap().to_string();
+        let line = leases
+            .lines()
+            .find(|l| l.contains(&format!("198.18.0.1{}", i + 1)))
+            .unwrap()
+            .to_string();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         overlay_tests::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().unwrap()).unwrap()
     };
@@ -268,8 +418,16 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     let mut wrong_vni = base;
     wrong_vni.vni = 2;
     let cases = [
-        ("from a non-member", packet::vxlan(&unknown, &inner(legit_src, b"SPOOF-A")), Counter::DropUnknownPeer),
-        ("wrong VNI", packet::vxlan(&wrong_vni, &inner(legit_src, b"SPOOF-B")), Counter::DropWrongVni),
+        (
+            "from a non-member",
+            packet::vxlan(&unknown, &inner(legit_src, b"SPOOF-A")),
+            Counter::DropUnknownPeer,
+        ),
+        (
+            "wrong VNI",
+            packet::vxlan(&wrong_vni, &inner(legit_src, b"SPOOF-B")),
+            Counter::DropWrongVni,
+        ),
         (
             "inner source outside the sender's subnet",
             packet::vxlan(&base, &inner("10.244.250.9".parse().unwrap(), b"SPOOF-C")),
@@ -283,14 +441,29 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
         let moved = Cluster::wait_for(Duration::from_secs(1), || {
             read_pinned_counters(&pin_root).unwrap().get(*counter) > before.get(*counter)
         });
-        assert!(moved.is_some(), "{name}: {} did not count the crafted packet", counter.name());
+        assert!(
+            moved.is_some(),
+            "{name}: {} did not count the crafted packet",
+            counter.name()
+        );
     }
     // Control: the same crafting with a member's address, our VNI and a source inside its subnet
     // is decapsulated, so the drops above are the checks at work, not broken frames.
     let before = read_pinned_counters(&pin_root).unwrap();
-    packet::send_raw(&attacker, "eth0", &packet::vxlan(&base, &inner(legit_src, b"LEGIT"))).unwrap();
+    packet::send_raw(
+        &attacker,
+        "eth0",
+        &packet::vxlan(&base, &inner(legit_src, b"LEGIT")),
+    )
+    .unwrap();
     let moved = Cluster::wait_for(Duration::from_secs(1), || {
-        read_pinned_counters(&pin_root).unwrap().get(Counter::DecapPackets) > before.get(Counter::DecapPackets)
+        read_pinned_counters(&pin_root)
+            .unwrap()
+            .get(Counter::DecapPackets)
+            > before.get(Counter::DecapPackets)
     });
-    assert!(moved.is_some(), "a well-formed frame from a member's address was not decapsulated");
+    assert!(
+        moved.is_some(),
+        "a well-formed frame from a member's address was not decapsulated"
+    );
 }

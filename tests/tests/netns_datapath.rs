@@ -60,31 +60,58 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
         b.pods[0].ip
     );
     // Full-size packets at the pod MTU (1450 − 28 bytes of IP/ICMP) with DF set.
-    assert!(ping(&b.pods[0].ns, a.pods[0].ip, 3, Some(1422)), "{mode:?}: MTU-sized DF ping failed");
+    assert!(
+        ping(&b.pods[0].ns, a.pods[0].ip, 3, Some(1422)),
+        "{mode:?}: MTU-sized DF ping failed"
+    );
 
     let (ca, cb) = (dp_a.counters().unwrap(), dp_b.counters().unwrap());
     for (name, c) in [("a", &ca), ("b", &cb)] {
-        assert!(c.get(Counter::EncapPackets) >= 8, "{mode:?}: node {name} encapsulated {} packets, expected ≥ 8", c.get(Counter::EncapPackets));
-        assert!(c.get(Counter::DecapPackets) >= 8, "{mode:?}: node {name} decapsulated {} packets, expected ≥ 8", c.get(Counter::DecapPackets));
-        let drops: u64 = Counter::ALL.iter().filter(|c| c.is_drop()).map(|d| c.get(*d)).sum();
+        assert!(
+            c.get(Counter::EncapPackets) >= 8,
+            "{mode:?}: node {name} encapsulated {} packets, expected ≥ 8",
+            c.get(Counter::EncapPackets)
+        );
+        assert!(
+            c.get(Counter::DecapPackets) >= 8,
+            "{mode:?}: node {name} decapsulated {} packets, expected ≥ 8",
+            c.get(Counter::DecapPackets)
+        );
+        let drops: u64 = Counter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .map(|d| c.get(*d))
+            .sum();
         assert_eq!(drops, 0, "{mode:?}: node {name} dropped packets: {c:?}");
     }
 
     // The links are pinned: with the loader gone (an agent restart), traffic keeps flowing.
     drop((dp_a, dp_b));
-    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 2, None), "{mode:?}: traffic stopped when the loader exited");
+    assert!(
+        ping(&a.pods[0].ns, b.pods[0].ip, 2, None),
+        "{mode:?}: traffic stopped when the loader exited"
+    );
     // A new loader adopts the pinned links and maps instead of attaching twice.
     let dp_a = start(&a, &b, &pins_a, mode);
-    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 2, None), "{mode:?}: traffic stopped after adoption");
+    assert!(
+        ping(&a.pods[0].ns, b.pods[0].ip, 2, None),
+        "{mode:?}: traffic stopped after adoption"
+    );
     let links = std::fs::read_dir(pins_a.0.join("links")).unwrap().count();
-    assert_eq!(links, 2, "{mode:?}: expected one pinned link per program (encap, decap)");
+    assert_eq!(
+        links, 2,
+        "{mode:?}: expected one pinned link per program (encap, decap)"
+    );
     drop(dp_a);
     // Removing the pins detaches everything and leaves nothing on bpffs.
     for pins in [&pins_a, &pins_b] {
         overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
         assert!(!pins.0.exists(), "pins left under {}", pins.0.display());
     }
-    assert!(!ping(&a.pods[0].ns, b.pods[0].ip, 1, None), "{mode:?}: traffic still flows with the pins removed");
+    assert!(
+        !ping(&a.pods[0].ns, b.pods[0].ip, 1, None),
+        "{mode:?}: traffic still flows with the pins removed"
+    );
 }
 
 #[test]

@@ -21,12 +21,21 @@ fn etcd_outage_of_a_minute_loses_no_packet_and_the_agents_recover() {
         pods.push(c.add_pods(i, 1).unwrap()[0]);
     }
     for i in 0..2 {
-        let ok = Cluster::wait_for(Duration::from_secs(5), || c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false));
+        let ok = Cluster::wait_for(Duration::from_secs(5), || {
+            c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false)
+        });
         assert!(ok.is_some(), "node {} did not learn its peer", i + 1);
     }
     let report = c.dir().join("outage.json");
     let (first, rest) = c.nodes.split_at_mut(1);
-    let flow = UdpFlow::start(&mut rest[0].node.pods[0].ns, pods[1], &mut first[0].node.pods[0].ns, 66, report).unwrap();
+    let flow = UdpFlow::start(
+        &mut rest[0].node.pods[0].ns,
+        pods[1],
+        &mut first[0].node.pods[0].ns,
+        66,
+        report,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     c.stop_etcd();
     std::thread::sleep(Duration::from_secs(60));
@@ -40,9 +49,14 @@ fn etcd_outage_of_a_minute_loses_no_packet_and_the_agents_recover() {
         );
     }
     c.start_etcd().unwrap();
-    let (packets, lost) = flow.finish(&mut c.nodes[1].node.pods[0].ns, Duration::from_secs(20)).unwrap();
+    let (packets, lost) = flow
+        .finish(&mut c.nodes[1].node.pods[0].ns, Duration::from_secs(20))
+        .unwrap();
     assert!(packets >= 60_000, "only {packets} packets in the flow");
-    assert_eq!(lost, 0, "{lost} of {packets} packets lost during a 60 s etcd outage");
+    assert_eq!(
+        lost, 0,
+        "{lost} of {packets} packets lost during a 60 s etcd outage"
+    );
     // The agents reconnect: a lease written after the outage reaches their maps.
     c.etcdctl(&[
         "put",
@@ -52,8 +66,16 @@ fn etcd_outage_of_a_minute_loses_no_packet_and_the_agents_recover() {
     .unwrap();
     for i in 0..2 {
         let seen = Cluster::wait_for(Duration::from_secs(15), || {
-            c.agent_peers(i).unwrap_or_default().iter().any(|n| n.to_string() == "10.244.250.0/24")
+            c.agent_peers(i)
+                .unwrap_or_default()
+                .iter()
+                .any(|n| n.to_string() == "10.244.250.0/24")
         });
-        assert!(seen.is_some(), "agent {} did not resume watching after the outage; log:\n{}", i + 1, c.agent_log(i));
+        assert!(
+            seen.is_some(),
+            "agent {} did not resume watching after the outage; log:\n{}",
+            i + 1,
+            c.agent_log(i)
+        );
     }
 }

@@ -49,8 +49,14 @@ struct BpffsMount(TempDir);
 impl BpffsMount {
     fn new() -> Self {
         let d = TempDir::new();
-        nix::mount::mount(Some("bpf"), &d.0, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .expect("mounting a bpffs instance for the test");
+        nix::mount::mount(
+            Some("bpf"),
+            &d.0,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mounting a bpffs instance for the test");
         BpffsMount(d)
     }
 }
@@ -67,13 +73,18 @@ fn verify_unit(unit: &Path) -> (bool, String) {
         .arg(unit)
         .output()
         .expect("running systemd-analyze (Debian package `systemd`; `cargo xtask test` installs it)");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text.trim().to_string())
 }
 
 #[test]
 fn systemd_unit_verifies() {
-    let unit = std::fs::read_to_string(repo_file("dist/overlay-agent.service")).expect("dist/overlay-agent.service");
+    let unit =
+        std::fs::read_to_string(repo_file("dist/overlay-agent.service")).expect("dist/overlay-agent.service");
     for want in [
         "Type=notify",
         "Restart=on-failure",
@@ -88,17 +99,35 @@ fn systemd_unit_verifies() {
     }
     // verify insists that ExecStart exists: point it at the binary under test, change nothing else.
     let dir = TempDir::new();
-    let bin = agent_bin().canonicalize().expect("build the agent first: cargo build -p overlay-agent");
+    let bin = agent_bin()
+        .canonicalize()
+        .expect("build the agent first: cargo build -p overlay-agent");
     let copy = dir.0.join("overlay-agent.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/overlay-agent", bin.to_str().unwrap())).unwrap();
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/overlay-agent", bin.to_str().unwrap()),
+    )
+    .unwrap();
     let (ok, text) = verify_unit(&copy);
-    assert!(ok && text.is_empty(), "systemd-analyze verify failed (ok={ok}):\n{text}");
+    assert!(
+        ok && text.is_empty(),
+        "systemd-analyze verify failed (ok={ok}):\n{text}"
+    );
 
     // The check must be able to fail: verify reports a broken unit (it prints and may exit 0).
     let broken = dir.0.join("broken.service");
-    std::fs::write(&broken, std::fs::read_to_string(&copy).unwrap().replace("Type=notify", "Type=notifyy")).unwrap();
+    std::fs::write(
+        &broken,
+        std::fs::read_to_string(&copy)
+            .unwrap()
+            .replace("Type=notify", "Type=notifyy"),
+    )
+    .unwrap();
     let (ok, text) = verify_unit(&broken);
-    assert!(!ok || text.contains("notifyy"), "systemd-analyze did not notice a bad Type=; the check is blind");
+    assert!(
+        !ok || text.contains("notifyy"),
+        "systemd-analyze did not notice a bad Type=; the check is blind"
+    );
 }
 
 /// `curl` inside `ns`: (status code, body).
@@ -126,7 +155,8 @@ fn notification(sock: &UnixDatagram, within: Duration) -> Option<String> {
 
 /// The value of `name{labels}` (or `name`) in Prometheus text.
 fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// `{"PublicIP":…,"backend":{"data":{"VtepMAC":…}}}` per subnet, from etcd.
@@ -135,7 +165,13 @@ fn etcd_leases(c: &Cluster) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
     for kv in lines.chunks(2) {
-        let sn: Ipv4Net = kv[0].rsplit('/').next().unwrap().replace('-', "/").parse().unwrap();
+        let sn: Ipv4Net = kv[0]
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .replace('-', "/")
+            .parse()
+            .unwrap();
         let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
         let ip = v["PublicIP"].as_str().unwrap().parse().unwrap();
         let mac = v["BackendData"]["VtepMAC"].as_str().unwrap().to_string();
@@ -153,25 +189,39 @@ fn notify_health_metrics_and_status() {
     let dir = TempDir::new();
     let sock_path = dir.0.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    c.nodes[0].extra_env.push(("NOTIFY_SOCKET".into(), sock_path.to_string_lossy().into_owned()));
-    c.nodes[0].extra_args.extend(["--healthz-port".into(), HEALTHZ_PORT.to_string()]);
+    c.nodes[0]
+        .extra_env
+        .push(("NOTIFY_SOCKET".into(), sock_path.to_string_lossy().into_owned()));
+    c.nodes[0]
+        .extra_args
+        .extend(["--healthz-port".into(), HEALTHZ_PORT.to_string()]);
     c.start_agent(0).unwrap();
 
     // Alive but not ready, and no READY=1 while there is no lease.
     let ns0 = &c.nodes[0].node.ns;
     let alive = Cluster::wait_for(Duration::from_secs(10), || http_get(ns0, "/healthz").0 == 200);
-    assert!(alive.is_some(), "/healthz never answered 200; log:\n{}", c.agent_log(0));
+    assert!(
+        alive.is_some(),
+        "/healthz never answered 200; log:\n{}",
+        c.agent_log(0)
+    );
     let (code, body) = http_get(ns0, "/readyz");
     assert_eq!(code, 503, "/readyz without a lease: {body}");
     assert!(body.contains("no lease"), "/readyz body: {body}");
-    assert_eq!(notification(&sock, Duration::from_secs(2)), None, "READY=1 before any lease");
+    assert_eq!(
+        notification(&sock, Duration::from_secs(2)),
+        None,
+        "READY=1 before any lease"
+    );
 
     // The config appears: lease, subnet.env, then READY=1.
     c.etcdctl(&["put", "/coreos.com/network/config", CONFIG]).unwrap();
     let msg = notification(&sock, Duration::from_secs(20))
         .unwrap_or_else(|| panic!("no READY=1 within 20 s of the config; log:\n{}", c.agent_log(0)));
     assert!(msg.lines().any(|l| l == "READY=1"), "first notification: {msg:?}");
-    let (subnet, _) = c.nodes[0].subnet_env().expect("READY=1 arrived before subnet.env was written");
+    let (subnet, _) = c.nodes[0]
+        .subnet_env()
+        .expect("READY=1 arrived before subnet.env was written");
     let subnet = subnet.trunc();
     assert!(msg.contains(&format!("STATUS=holding {subnet}")), "{msg:?}");
     let (code, body) = http_get(&c.nodes[0].node.ns, "/readyz");
@@ -182,28 +232,62 @@ fn notify_health_metrics_and_status() {
     let pod0 = c.add_pods(0, 1).unwrap()[0];
     let pod1 = c.add_pods(1, 1).unwrap()[0];
     for i in 0..2 {
-        let learned = Cluster::wait_for(Duration::from_secs(10), || c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false));
-        assert!(learned.is_some(), "node {} did not learn the other; log:\n{}", i + 1, c.agent_log(i));
+        let learned = Cluster::wait_for(Duration::from_secs(10), || {
+            c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false)
+        });
+        assert!(
+            learned.is_some(),
+            "node {} did not learn the other; log:\n{}",
+            i + 1,
+            c.agent_log(i)
+        );
     }
-    assert!(ping(&c.nodes[0].node.pods[0].ns, pod1, 3, None), "pod {pod0} → pod {pod1}: no reply");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pod1, 3, None),
+        "pod {pod0} → pod {pod1}: no reply"
+    );
 
     let (code, text) = http_get(&c.nodes[0].node.ns, "/metrics");
     assert_eq!(code, 200, "/metrics");
-    assert_eq!(metric(&text, &format!("overlay_lease_held{{subnet=\"{subnet}\"}}")), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, &format!("overlay_lease_held{{subnet=\"{subnet}\"}}")),
+        Some(1.0),
+        "{text}"
+    );
     let exp = metric(&text, "overlay_lease_expiry_seconds").expect("no overlay_lease_expiry_seconds");
-    assert!(exp > 23.0 * 3600.0 && exp <= 24.0 * 3600.0, "lease expiry {exp} s, expected about 24 h");
+    assert!(
+        exp > 23.0 * 3600.0 && exp <= 24.0 * 3600.0,
+        "lease expiry {exp} s, expected about 24 h"
+    );
     assert_eq!(metric(&text, "overlay_peers"), Some(1.0), "{text}");
     assert_eq!(metric(&text, "overlay_programs_attached"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "overlay_etcd_reconnects_total"), Some(0.0), "{text}");
+    assert_eq!(
+        metric(&text, "overlay_etcd_reconnects_total"),
+        Some(0.0),
+        "{text}"
+    );
     let syncs = metric(&text, "overlay_map_sync_duration_seconds_count").expect("no sync histogram");
-    assert!(syncs >= 3.0, "expected ≥ 3 map syncs (config, own lease, resync/peer), saw {syncs}");
+    assert!(
+        syncs >= 3.0,
+        "expected ≥ 3 map syncs (config, own lease, resync/peer), saw {syncs}"
+    );
     let encap = metric(&text, "overlay_datapath_packets_total{path=\"encap\"}").expect("no encap packets");
     let decap = metric(&text, "overlay_datapath_packets_total{path=\"decap\"}").expect("no decap packets");
     // Every request is encapsulated; a reply may reach the pod without being counted as decap
     // (e.g. handed to the stack while a neighbour is resolved), so only ask that decap moved.
-    assert!(encap >= 3.0 && decap >= 1.0, "encap {encap}, decap {decap} after 3 pings:\n{text}");
-    assert!(metric(&text, "overlay_datapath_bytes_total{path=\"encap\"}").unwrap_or(0.0) > 0.0, "{text}");
-    assert_eq!(metric(&text, "overlay_datapath_drops_total{reason=\"unknown_peer\"}"), Some(0.0), "{text}");
+    assert!(
+        encap >= 3.0 && decap >= 1.0,
+        "encap {encap}, decap {decap} after 3 pings:\n{text}"
+    );
+    assert!(
+        metric(&text, "overlay_datapath_bytes_total{path=\"encap\"}").unwrap_or(0.0) > 0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "overlay_datapath_drops_total{reason=\"unknown_peer\"}"),
+        Some(0.0),
+        "{text}"
+    );
 
     // status --json, in the agent's own mount namespace (its bpffs), against etcd's leases.
     let pid = c.nodes[0].agent_pid.unwrap();
@@ -213,7 +297,11 @@ fn notify_health_metrics_and_status() {
         .args(["status", "--json", "--pin-root", &c.nodes[0].pin_root])
         .output()
         .unwrap();
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
     let leases = etcd_leases(&c);
     assert_eq!(leases.len(), 2, "{leases:?}");
@@ -223,7 +311,11 @@ fn notify_health_metrics_and_status() {
     assert_eq!(st["node"]["public_ip"], me.1.to_string(), "{st}");
     assert_eq!(st["node"]["public_ip"], Node::underlay_ip(1).to_string(), "{st}");
     assert_eq!(st["node"]["vtep_mac"], me.2, "{st}");
-    assert_eq!((st["node"]["vni"].as_u64(), st["node"]["port"].as_u64()), (Some(1), Some(8472)), "{st}");
+    assert_eq!(
+        (st["node"]["vni"].as_u64(), st["node"]["port"].as_u64()),
+        (Some(1), Some(8472)),
+        "{st}"
+    );
     let peers = st["peers"].as_array().unwrap();
     assert_eq!(peers.len(), 1, "{st}");
     assert_eq!(peers[0]["subnet"], peer.0.to_string(), "{st}");
@@ -272,14 +364,25 @@ fn first_client(ns: &Netns, addr: Ipv4Addr, port: u16) -> std::thread::JoinHandl
 /// The address `client` appears to come from when it connects to `server_ns` at `addr`.
 fn seen_source(client: &Netns, server_ns: &Netns, addr: Ipv4Addr) -> Option<Ipv4Addr> {
     let h = first_client(server_ns, addr, 8080);
-    let _ = client.exec("curl", &["-s", "--max-time", "5", &format!("http://{addr}:8080/")]);
+    let _ = client.exec(
+        "curl",
+        &["-s", "--max-time", "5", &format!("http://{addr}:8080/")],
+    );
     h.join().unwrap()
 }
 
 /// The rules of our nftables table in `ns` (`nft -j`), as their JSON expressions.
 fn masq_rules(ns: &Netns) -> Vec<String> {
-    let out = ns.command("nft").args(["-j", "list", "ruleset"]).output().unwrap();
-    assert!(out.status.success(), "nft list ruleset: {}", String::from_utf8_lossy(&out.stderr));
+    let out = ns
+        .command("nft")
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft list ruleset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["nftables"]
         .as_array()
@@ -304,28 +407,55 @@ fn ip_masq_snat_restart_and_cleanup() {
     }
     let pod0 = c.add_pods(0, 1).unwrap()[0];
     let pod1 = c.add_pods(1, 1).unwrap()[0];
-    let learned = Cluster::wait_for(Duration::from_secs(10), || c.agent_peers(0).map(|p| p.len() == 1).unwrap_or(false));
-    assert!(learned.is_some(), "node 1 did not learn node 2; log:\n{}", c.agent_log(0));
+    let learned = Cluster::wait_for(Duration::from_secs(10), || {
+        c.agent_peers(0).map(|p| p.len() == 1).unwrap_or(false)
+    });
+    assert!(
+        learned.is_some(),
+        "node 1 did not learn node 2; log:\n{}",
+        c.agent_log(0)
+    );
 
     // "The outside": a host on the underlay segment that knows no pod routes.
     let outside = Netns::new("ovlo").unwrap();
     let outside_ip = Ipv4Addr::new(198, 18, 0, 200);
     let port = unique_name("po");
     veth(&outside, "eth0", Some(&c.underlay.ns), &port).unwrap();
-    c.underlay.ns.ip(&["link", "set", &port, "master", "br0"]).unwrap();
-    outside.ip(&["addr", "add", &format!("{outside_ip}/24"), "dev", "eth0"]).unwrap();
+    c.underlay
+        .ns
+        .ip(&["link", "set", &port, "master", "br0"])
+        .unwrap();
+    outside
+        .ip(&["addr", "add", &format!("{outside_ip}/24"), "dev", "eth0"])
+        .unwrap();
 
     let check_traffic = |c: &Cluster, when: &str| {
         let pod_ns = &c.nodes[0].node.pods[0].ns;
         let seen = seen_source(pod_ns, &outside, outside_ip);
-        assert_eq!(seen, Some(Node::underlay_ip(1)), "{when}: pod {pod0} → outside must be SNATed to node 1's address");
+        assert_eq!(
+            seen,
+            Some(Node::underlay_ip(1)),
+            "{when}: pod {pod0} → outside must be SNATed to node 1's address"
+        );
         let seen = seen_source(pod_ns, &c.nodes[1].node.pods[0].ns, pod1);
-        assert_eq!(seen, Some(pod0), "{when}: pod {pod0} → pod {pod1} must keep its source address");
+        assert_eq!(
+            seen,
+            Some(pod0),
+            "{when}: pod {pod0} → pod {pod1} must keep its source address"
+        );
     };
     check_traffic(&c, "first start");
     let rules = masq_rules(&c.nodes[0].node.ns);
-    assert_eq!(rules.len(), 5, "expected the 5 rules of table ip overlay-agent, got {rules:#?}");
-    assert_eq!(rules.iter().filter(|r| r.contains("masquerade")).count(), 2, "{rules:#?}");
+    assert_eq!(
+        rules.len(),
+        5,
+        "expected the 5 rules of table ip overlay-agent, got {rules:#?}"
+    );
+    assert_eq!(
+        rules.iter().filter(|r| r.contains("masquerade")).count(),
+        2,
+        "{rules:#?}"
+    );
 
     // Restart: the table is replaced, never appended to.
     c.stop_agent(0, Signal::SIGTERM);
@@ -333,33 +463,59 @@ fn ip_masq_snat_restart_and_cleanup() {
     let reinstalled = Cluster::wait_for(Duration::from_secs(20), || {
         c.agent_log(0).matches("ip-masq rules installed").count() == 2
     });
-    assert!(reinstalled.is_some(), "the restarted agent did not reinstall ip-masq; log:\n{}", c.agent_log(0));
+    assert!(
+        reinstalled.is_some(),
+        "the restarted agent did not reinstall ip-masq; log:\n{}",
+        c.agent_log(0)
+    );
     let after = masq_rules(&c.nodes[0].node.ns);
-    assert_eq!(after, rules, "after a restart the table must hold exactly one copy of the rules");
+    assert_eq!(
+        after, rules,
+        "after a restart the table must hold exactly one copy of the rules"
+    );
     let tables = output(&c.nodes[0].node.ns, "nft", &["list", "tables"]).unwrap();
     assert_eq!(tables.matches("table ip overlay-agent").count(), 1, "{tables}");
     check_traffic(&c, "after restart");
 
     // cleanup after the agent stopped: pins, masquerade table, host device, qdiscs — twice.
     c.stop_agent(0, Signal::SIGTERM);
-    assert!(Path::new(&pin_root).join("OVL_PEERS").exists(), "pins should outlive the agent under {pin_root}");
+    assert!(
+        Path::new(&pin_root).join("OVL_PEERS").exists(),
+        "pins should outlive the agent under {pin_root}"
+    );
     let cleanup = |c: &Cluster| {
-        let out = c.nodes[0].node.ns.command(agent_bin().to_str().unwrap())
+        let out = c.nodes[0]
+            .node
+            .ns
+            .command(agent_bin().to_str().unwrap())
             .args(["cleanup", "--pin-root", &pin_root, "--iface", "eth0"])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "cleanup failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cleanup failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         text
     };
     let first = cleanup(&c);
-    assert!(first.contains("removed pins") && first.contains("removed nftables table"), "{first}");
+    assert!(
+        first.contains("removed pins") && first.contains("removed nftables table"),
+        "{first}"
+    );
     assert!(!Path::new(&pin_root).exists(), "pins left under {pin_root}");
-    assert!(masq_rules(&c.nodes[0].node.ns).is_empty(), "masquerade rules left");
+    assert!(
+        masq_rules(&c.nodes[0].node.ns).is_empty(),
+        "masquerade rules left"
+    );
     let tables = output(&c.nodes[0].node.ns, "nft", &["list", "tables"]).unwrap();
     assert!(!tables.contains("overlay-agent"), "{tables}");
     let links = output(&c.nodes[0].node.ns, "ip", &["-d", "link", "show"]).unwrap();
-    assert!(!links.contains("overlay0") && !links.contains("prog/xdp"), "left on the links:\n{links}");
+    assert!(
+        !links.contains("overlay0") && !links.contains("prog/xdp"),
+        "left on the links:\n{links}"
+    );
     for dev in ["eth0", "cni0"] {
         let q = output(&c.nodes[0].node.ns, "tc", &["qdisc", "show", "dev", dev]).unwrap();
         assert!(!q.contains("clsact"), "clsact left on {dev}: {q}");

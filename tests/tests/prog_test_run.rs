@@ -46,12 +46,23 @@ impl Fixture {
         require_root();
         let ns = Netns::new("ptr").unwrap();
         ns.sysctl("net.ipv4.ip_forward=1").unwrap();
-        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]).unwrap();
+        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
+            .unwrap();
         ns.ip(&["link", "set", "eth0", "up"]).unwrap();
         ns.ip(&["link", "set", "eth0p", "up"]).unwrap();
         ns.ip(&["addr", "add", "198.18.0.11/24", "dev", "eth0"]).unwrap();
-        ns.ip(&["neigh", "replace", "198.18.0.12", "lladdr", "02:00:00:00:00:12", "dev", "eth0", "nud", "permanent"])
-            .unwrap();
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "198.18.0.12",
+            "lladdr",
+            "02:00:00:00:00:12",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
         let underlay_mac = ns.mac("eth0").unwrap();
         let pins = PinRoot::new();
         let mut dp = Dataplane::load(&pins.0).expect("loading the datapath");
@@ -73,7 +84,12 @@ impl Fixture {
             direct: false,
         })
         .unwrap();
-        Fixture { dp, ns, underlay_mac, _pins: pins }
+        Fixture {
+            dp,
+            ns,
+            underlay_mac,
+            _pins: pins,
+        }
     }
 
     fn counters(&self) -> Counters {
@@ -85,7 +101,11 @@ impl Fixture {
         let _inside = self.ns.enter().unwrap();
         let mut out = vec![0u8; input.len() + 256];
         let p = self.dp.ebpf_mut().program_mut(prog).unwrap();
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::new() };
+        let opts = TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
         let r = if prog == programs::DECAP_XDP {
             let x: &mut Xdp = p.try_into().unwrap();
             x.test_run(opts)
@@ -99,7 +119,7 @@ impl Fixture {
     }
 
     /// A VXLAN frame from the peer to us around `inner_ip`.
-    fn from_peer(&self, inner_ip: &[u8]) -> EncapParams {
+    fn vxlan_from_peer(&self, inner_ip: &[u8]) -> EncapParams {
         let _ = inner_ip;
         EncapParams {
             outer_src_mac: PEER_UNDERLAY_MAC,
@@ -123,7 +143,11 @@ fn delta(before: &Counters, after: &Counters, c: Counter) -> u64 {
 
 /// The counters that changed, by name, for failure messages.
 fn moved(before: &Counters, after: &Counters) -> Vec<(&'static str, u64)> {
-    Counter::ALL.iter().filter(|c| after.get(**c) != before.get(**c)).map(|c| (c.name(), after.get(*c) - before.get(*c))).collect()
+    Counter::ALL
+        .iter()
+        .filter(|c| after.get(**c) != before.get(**c))
+        .map(|c| (c.name(), after.get(*c) - before.get(*c)))
+        .collect()
 }
 
 fn pod_packets() -> Vec<(&'static str, Vec<u8>)> {
@@ -131,7 +155,10 @@ fn pod_packets() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("udp", packet::udp(OUR_POD, PEER_POD, 5000, 6000, b"hello")),
         ("tcp", packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x11; 40])),
-        ("icmp", packet::ipv4(OUR_POD, PEER_POD, 1, &[8, 0, 0, 0, 0, 1, 0, 1])),
+        (
+            "icmp",
+            packet::ipv4(OUR_POD, PEER_POD, 1, &[8, 0, 0, 0, 0, 1, 0, 1]),
+        ),
         ("mtu-sized", packet::udp(OUR_POD, PEER_POD, 5000, 6000, &big)),
     ]
 }
@@ -144,10 +171,22 @@ fn encap_output_matches_the_shared_builder() {
         let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip);
         let before = fx.counters();
         let (verdict, out) = fx.run(programs::ENCAP, &frame);
-        assert_eq!(verdict, TC_ACT_REDIRECT, "{name}: encap verdict; counters moved: {:?}", moved(&before, &fx.counters()));
-        assert_eq!(out.len(), frame.len() + 50, "{name}: 50 bytes of outer headers expected");
+        assert_eq!(
+            verdict,
+            TC_ACT_REDIRECT,
+            "{name}: encap verdict; counters moved: {:?}",
+            moved(&before, &fx.counters())
+        );
+        assert_eq!(
+            out.len(),
+            frame.len() + 50,
+            "{name}: 50 bytes of outer headers expected"
+        );
         let sport = u16::from_be_bytes([out[34], out[35]]);
-        assert!((32768..61000).contains(&sport), "{name}: source port {sport} outside the flow range");
+        assert!(
+            (32768..61000).contains(&sport),
+            "{name}: source port {sport} outside the flow range"
+        );
         let expected = wire::encap_header(&EncapParams {
             outer_src_mac: underlay_mac,
             outer_dst_mac: PEER_UNDERLAY_MAC,
@@ -161,11 +200,23 @@ fn encap_output_matches_the_shared_builder() {
             inner_ip_len: ip.len() as u16,
             inner_tos: ip[1],
         });
-        assert_eq!(&out[..ENCAP_HDR_LEN], &expected[..], "{name}: outer headers differ from the builder");
+        assert_eq!(
+            &out[..ENCAP_HDR_LEN],
+            &expected[..],
+            "{name}: outer headers differ from the builder"
+        );
         assert_eq!(&out[ENCAP_HDR_LEN..], &ip[..], "{name}: inner packet changed");
         let after = fx.counters();
-        assert_eq!(delta(&before, &after, Counter::EncapPackets), 1, "{name}: encap_packets");
-        assert_eq!(delta(&before, &after, Counter::EncapBytes), out.len() as u64, "{name}: encap_bytes");
+        assert_eq!(
+            delta(&before, &after, Counter::EncapPackets),
+            1,
+            "{name}: encap_packets"
+        );
+        assert_eq!(
+            delta(&before, &after, Counter::EncapBytes),
+            out.len() as u64,
+            "{name}: encap_bytes"
+        );
     }
     // Larger than the tunnel MTU (1450, a pod ignoring subnet.env) and not GSO: handed to the
     // stack unchanged, which answers DF packets with ICMP fragmentation-needed via the host
@@ -178,11 +229,20 @@ fn encap_output_matches_the_shared_builder() {
         let (verdict, out) = fx.run(programs::ENCAP, &frame);
         assert_eq!(verdict, TC_ACT_OK, "a {len}-byte packet must go to the stack");
         assert_eq!(out, frame, "a {len}-byte packet must be unchanged");
-        assert_eq!(delta(&before, &fx.counters(), Counter::PassTooBig), 1, "pass_too_big for {len} bytes");
+        assert_eq!(
+            delta(&before, &fx.counters(), Counter::PassTooBig),
+            1,
+            "pass_too_big for {len} bytes"
+        );
     }
     // Exactly the tunnel MTU still fits.
     let ip = packet::ipv4(OUR_POD, PEER_POD, IPPROTO_TCP, &[0x44; 1430]);
-    assert_eq!(fx.run(programs::ENCAP, &packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip)).0, TC_ACT_REDIRECT, "1450 bytes fit");
+    assert_eq!(
+        fx.run(programs::ENCAP, &packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip))
+            .0,
+        TC_ACT_REDIRECT,
+        "1450 bytes fit"
+    );
 
     // The same flow always gets the same source port.
     let frame = packet::eth_ip(BRIDGE_MAC, POD_MAC, &pod_packets()[0].1);
@@ -195,8 +255,22 @@ fn encap_output_matches_the_shared_builder() {
 fn encap_leaves_local_and_non_cluster_traffic_alone() {
     let mut fx = Fixture::new();
     let cases = vec![
-        ("outside the cluster", packet::eth_ip(BRIDGE_MAC, POD_MAC, &packet::udp(OUR_POD, Ipv4Addr::new(10, 9, 9, 9), 1, 2, b"x"))),
-        ("no lease for that subnet", packet::eth_ip(BRIDGE_MAC, POD_MAC, &packet::udp(OUR_POD, Ipv4Addr::new(10, 244, 3, 3), 1, 2, b"x"))),
+        (
+            "outside the cluster",
+            packet::eth_ip(
+                BRIDGE_MAC,
+                POD_MAC,
+                &packet::udp(OUR_POD, Ipv4Addr::new(10, 9, 9, 9), 1, 2, b"x"),
+            ),
+        ),
+        (
+            "no lease for that subnet",
+            packet::eth_ip(
+                BRIDGE_MAC,
+                POD_MAC,
+                &packet::udp(OUR_POD, Ipv4Addr::new(10, 244, 3, 3), 1, 2, b"x"),
+            ),
+        ),
         ("ARP", packet::eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28])),
         ("IPv6", packet::eth(BRIDGE_MAC, POD_MAC, 0x86dd, &[0x60; 60])),
     ];
@@ -205,7 +279,11 @@ fn encap_leaves_local_and_non_cluster_traffic_alone() {
         let (verdict, out) = fx.run(programs::ENCAP, &frame);
         assert_eq!(verdict, TC_ACT_OK, "{name}: must be handed to the stack");
         assert_eq!(out, frame, "{name}: must be unchanged");
-        assert_eq!(delta(&before, &fx.counters(), Counter::PassEncap), 1, "{name}: pass_encap");
+        assert_eq!(
+            delta(&before, &fx.counters(), Counter::PassEncap),
+            1,
+            "{name}: pass_encap"
+        );
     }
 }
 
@@ -218,14 +296,18 @@ fn decap_restores_the_inner_packet_in_xdp_and_tc() {
                 "tcp" => packet::ipv4(PEER_POD, OUR_POD, IPPROTO_TCP, &[0x22; 40]),
                 _ => packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"reply"),
             };
-            let frame = packet::vxlan(&fx.from_peer(&inner), &inner);
+            let frame = packet::vxlan(&fx.vxlan_from_peer(&inner), &inner);
             let before = fx.counters();
             let (verdict, out) = fx.run(prog, &frame);
             assert_eq!(verdict, pass, "{prog}/{name}: verdict");
             let expected = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
             assert_eq!(out, expected, "{prog}/{name}: decapsulated frame");
             let after = fx.counters();
-            assert_eq!(delta(&before, &after, Counter::DecapPackets), 1, "{prog}/{name}: decap_packets");
+            assert_eq!(
+                delta(&before, &after, Counter::DecapPackets),
+                1,
+                "{prog}/{name}: decap_packets"
+            );
         }
     }
 }
@@ -234,12 +316,18 @@ fn decap_restores_the_inner_packet_in_xdp_and_tc() {
 fn decap_verdicts_for_bad_and_foreign_packets() {
     let mut fx = Fixture::new();
     let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
-    let good = fx.from_peer(&inner);
+    let good = fx.vxlan_from_peer(&inner);
     let mut wrong_vni = good;
     wrong_vni.vni = 42;
     let mut unknown = good;
     unknown.src_ip = [198, 18, 0, 99];
-    let spoofed_inner = packet::udp(Ipv4Addr::new(10, 244, 3, 3), OUR_POD, 6000, 5000, b"payload-payload");
+    let spoofed_inner = packet::udp(
+        Ipv4Addr::new(10, 244, 3, 3),
+        OUR_POD,
+        6000,
+        5000,
+        b"payload-payload",
+    );
     let mut truncated = packet::vxlan(&good, &inner);
     truncated.truncate(truncated.len() - 10);
     let mut fragment = packet::vxlan(&good, &inner);
@@ -250,27 +338,63 @@ fn decap_verdicts_for_bad_and_foreign_packets() {
     no_i_flag[42] = 0;
     let mut other_port = good;
     other_port.dst_port = 4789;
-    let not_udp = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::ipv4(PEER_IP, OUR_IP, IPPROTO_TCP, &[0; 40]));
-    let plain_udp = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"));
+    let not_udp = packet::eth_ip(
+        fx.underlay_mac,
+        PEER_UNDERLAY_MAC,
+        &packet::ipv4(PEER_IP, OUR_IP, IPPROTO_TCP, &[0; 40]),
+    );
+    let plain_udp = packet::eth_ip(
+        fx.underlay_mac,
+        PEER_UNDERLAY_MAC,
+        &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"),
+    );
     let arp = packet::eth([0xff; 6], PEER_UNDERLAY_MAC, 0x0806, &[0u8; 28]);
     let runt = vec![0u8; 20];
 
     // (name, frame, dropped?, counter)
     let cases: Vec<(&str, Vec<u8>, bool, Counter)> = vec![
-        ("wrong VNI", packet::vxlan(&wrong_vni, &inner), true, Counter::DropWrongVni),
-        ("unknown source", packet::vxlan(&unknown, &inner), true, Counter::DropUnknownPeer),
-        ("inner source outside the peer's subnet", packet::vxlan(&good, &spoofed_inner), true, Counter::DropSpoofedSource),
+        (
+            "wrong VNI",
+            packet::vxlan(&wrong_vni, &inner),
+            true,
+            Counter::DropWrongVni,
+        ),
+        (
+            "unknown source",
+            packet::vxlan(&unknown, &inner),
+            true,
+            Counter::DropUnknownPeer,
+        ),
+        (
+            "inner source outside the peer's subnet",
+            packet::vxlan(&good, &spoofed_inner),
+            true,
+            Counter::DropSpoofedSource,
+        ),
         ("truncated", truncated, true, Counter::DropMalformed),
         ("first fragment", fragment, true, Counter::DropFragment),
-        ("VXLAN without the I flag", no_i_flag, true, Counter::DropMalformed),
+        (
+            "VXLAN without the I flag",
+            no_i_flag,
+            true,
+            Counter::DropMalformed,
+        ),
         ("IP options", options, false, Counter::PassDecap),
-        ("another UDP port", packet::vxlan(&other_port, &inner), false, Counter::PassDecap),
+        (
+            "another UDP port",
+            packet::vxlan(&other_port, &inner),
+            false,
+            Counter::PassDecap,
+        ),
         ("not UDP", not_udp, false, Counter::PassDecap),
         ("plain UDP", plain_udp, false, Counter::PassDecap),
         ("ARP", arp, false, Counter::PassDecap),
         ("runt", runt, false, Counter::PassDecap),
     ];
-    for (prog, pass, drop) in [(programs::DECAP_XDP, XDP_PASS, XDP_DROP), (programs::DECAP_TC, TC_ACT_OK, TC_ACT_SHOT)] {
+    for (prog, pass, drop) in [
+        (programs::DECAP_XDP, XDP_PASS, XDP_DROP),
+        (programs::DECAP_TC, TC_ACT_OK, TC_ACT_SHOT),
+    ] {
         for (name, frame, dropped, counter) in &cases {
             let before = fx.counters();
             let (verdict, out) = fx.run(prog, frame);
@@ -279,7 +403,12 @@ fn decap_verdicts_for_bad_and_foreign_packets() {
             if !dropped {
                 assert_eq!(&out, frame, "{prog}/{name}: passed frames must be unchanged");
             }
-            assert_eq!(delta(&before, &fx.counters(), *counter), 1, "{prog}/{name}: counter {}", counter.name());
+            assert_eq!(
+                delta(&before, &fx.counters(), *counter),
+                1,
+                "{prog}/{name}: counter {}",
+                counter.name()
+            );
         }
     }
 }
@@ -287,16 +416,28 @@ fn decap_verdicts_for_bad_and_foreign_packets() {
 #[test]
 fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
     let mut fx = Fixture::new();
-    let frame = packet::eth_ip(fx.underlay_mac, PEER_UNDERLAY_MAC, &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"));
+    let frame = packet::eth_ip(
+        fx.underlay_mac,
+        PEER_UNDERLAY_MAC,
+        &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"),
+    );
     let before = fx.counters();
     for _ in 0..5 {
         assert_eq!(fx.run(programs::DECAP_XDP, &frame).0, XDP_PASS);
     }
     assert_eq!(delta(&before, &fx.counters(), Counter::PassDecap), 5);
     let pinned = overlay_agent::dataplane::read_pinned_counters(fx.dp.pin_root()).unwrap();
-    assert_eq!(pinned, fx.counters(), "the pinned counter map is the one the programs write");
+    assert_eq!(
+        pinned,
+        fx.counters(),
+        "the pinned counter map is the one the programs write"
+    );
     for m in overlay_common::maps::ALL {
-        assert!(fx.dp.pin_root().join(m).exists(), "map {m} not pinned under {}", fx.dp.pin_root().display());
+        assert!(
+            fx.dp.pin_root().join(m).exists(),
+            "map {m} not pinned under {}",
+            fx.dp.pin_root().display()
+        );
     }
     let _ = IPPROTO_UDP;
 }
@@ -311,15 +452,34 @@ fn a_pinned_map_with_another_layout_is_replaced() {
     let out = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&path)
-        .args(["type", "percpu_array", "key", "4", "value", "8", "entries", "3", "name", "OVL_COUNTERS"])
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "3",
+            "name",
+            "OVL_COUNTERS",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "bpftool map create: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dp = Dataplane::load(&pins.0).expect("loading over an incompatible pinned map");
     let counters = dp.counters().expect("reading counters from the replaced map");
     assert_eq!(counters.0.len(), overlay_common::counters::COUNTER_COUNT as usize);
     let pinned = aya::maps::MapData::from_pin(&path).unwrap();
-    assert_eq!(pinned.info().unwrap().max_entries(), overlay_common::counters::COUNTER_COUNT, "the pin must now be the new map");
+    assert_eq!(
+        pinned.info().unwrap().max_entries(),
+        overlay_common::counters::COUNTER_COUNT,
+        "the pin must now be the new map"
+    );
 }
 
 /// What the rules say a frame should get: (dropped?, counter).
@@ -337,7 +497,11 @@ fn model_decap(f: &[u8], underlay_mac: [u8; 6]) -> Expect {
     let full = f.len() >= 84;
     let frag = be16(20) & 0x3fff;
     if frag != 0 {
-        return if frag & 0x1fff == 0 && full && be16(36) == DEFAULT_VXLAN_PORT { (true, Counter::DropFragment) } else { PASS };
+        return if frag & 0x1fff == 0 && full && be16(36) == DEFAULT_VXLAN_PORT {
+            (true, Counter::DropFragment)
+        } else {
+            PASS
+        };
     }
     if !full || be16(36) != DEFAULT_VXLAN_PORT {
         return PASS;
@@ -400,10 +564,15 @@ fn fuzz_frame(rng: &mut Rng, fx: &Fixture, decap: bool) -> Vec<u8> {
     let inner = match rng.below(3) {
         0 => packet::udp(PEER_POD, OUR_POD, 1, 2, &vec![7u8; rng.below(200)]),
         1 => packet::ipv4(PEER_POD, OUR_POD, IPPROTO_TCP, &vec![9u8; 20 + rng.below(1500)]),
-        _ => packet::ipv4(Ipv4Addr::new(10, 244, rng.below(4) as u8, 9), OUR_POD, 1, &[8, 0, 0, 0]),
+        _ => packet::ipv4(
+            Ipv4Addr::new(10, 244, rng.below(4) as u8, 9),
+            OUR_POD,
+            1,
+            &[8, 0, 0, 0],
+        ),
     };
     let mut f = if decap {
-        let mut p = fx.from_peer(&inner);
+        let mut p = fx.vxlan_from_peer(&inner);
         if rng.below(8) == 0 {
             p.vni = rng.below(4) as u32;
         }
@@ -455,7 +624,15 @@ fn fuzzed_packets_get_exactly_the_verdicts_of_the_reference_model() {
     for i in 0..runs {
         let decap = i % 2 == 0;
         let mut frame = fuzz_frame(&mut rng, &fx, decap);
-        let prog = if decap { if i % 4 == 0 { programs::DECAP_XDP } else { programs::DECAP_TC } } else { programs::ENCAP };
+        let prog = if decap {
+            if i % 4 == 0 {
+                programs::DECAP_XDP
+            } else {
+                programs::DECAP_TC
+            }
+        } else {
+            programs::ENCAP
+        };
         if prog != programs::DECAP_XDP {
             // BPF_PROG_TEST_RUN refuses skbs shorter than the header their ethertype promises.
             let min = match u16::from_be_bytes([frame[12], frame[13]]) {
@@ -468,7 +645,11 @@ fn fuzzed_packets_get_exactly_the_verdicts_of_the_reference_model() {
             }
         }
         let before = fx.counters();
-        let (expect_drop, expect_counter) = if decap { model_decap(&frame, fx.underlay_mac) } else { model_encap(&frame) };
+        let (expect_drop, expect_counter) = if decap {
+            model_decap(&frame, fx.underlay_mac)
+        } else {
+            model_encap(&frame)
+        };
         let (verdict, _) = fx.run(prog, &frame);
         let dropped = match prog {
             programs::DECAP_XDP => verdict == XDP_DROP,
@@ -503,20 +684,30 @@ fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
     match dp.upsert_peer(&peer(5)) {
         Err(e @ DataplaneError::PeersFull { .. }) => {
             let msg = e.to_string();
-            assert!(msg.contains("10.244.5.0/24") && msg.contains("full"), "unclear error: {msg}");
+            assert!(
+                msg.contains("10.244.5.0/24") && msg.contains("full"),
+                "unclear error: {msg}"
+            );
         }
         other => panic!("a fifth peer in a 4-entry map must fail with PeersFull, got {other:?}"),
     }
     let mut subnets: Vec<String> = dp.peers().unwrap().iter().map(|p| p.subnet.to_string()).collect();
     subnets.sort();
-    assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"]);
+    assert_eq!(
+        subnets,
+        ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"]
+    );
     // The sender table did not keep the rejected peer either (no half-applied state).
     let vteps: aya::maps::HashMap<_, [u8; 4], overlay_common::Vtep> =
         aya::maps::HashMap::try_from(dp.ebpf_mut().map(overlay_common::maps::VTEPS).unwrap()).unwrap();
-    assert!(vteps.get(&[198, 18, 1, 5], 0).is_err(), "the rejected peer's sender entry was left behind");
+    assert!(
+        vteps.get(&[198, 18, 1, 5], 0).is_err(),
+        "the rejected peer's sender entry was left behind"
+    );
     assert_eq!(vteps.keys().count(), 4);
     // Updating a peer that is already there still works when the map is full.
     let mut moved = peer(2);
     moved.vtep_mac = [0x0e, 0, 0, 0, 2, 2];
-    dp.upsert_peer(&moved).expect("updating an existing peer in a full map");
+    dp.upsert_peer(&moved)
+        .expect("updating an existing peer in a full map");
 }

@@ -67,7 +67,10 @@ fn main() -> Result<()> {
             cargo(&args)
         }
         Cmd::Test { host_only, rest } => test(host_only, &rest),
-        Cmd::Run { exit_after_checks, nodes } => {
+        Cmd::Run {
+            exit_after_checks,
+            nodes,
+        } => {
             toolchain::ensure()?;
             require_root("cargo xtask run")?;
             cargo(&["build", "--release", "--package", "overlay-agent"])?;
@@ -93,7 +96,16 @@ fn main() -> Result<()> {
             toolchain::ensure()?;
             require_root("cargo xtask bench")?;
             cargo(&["build", "--release", "--package", "overlay-agent"])?;
-            let mut args = vec!["run", "--quiet", "--release", "--package", "overlay-tests", "--bin", "bench", "--"];
+            let mut args = vec![
+                "run",
+                "--quiet",
+                "--release",
+                "--package",
+                "overlay-tests",
+                "--bin",
+                "bench",
+                "--",
+            ];
             if quick {
                 args.push("--quick");
             }
@@ -107,7 +119,15 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
     toolchain::ensure()?;
     let mut tiers: Vec<(&str, Vec<&str>)> = vec![(
         "tier 1: host unit tests",
-        vec!["test", "--package", "overlay-common", "--package", "overlay-agent", "--package", "xtask"],
+        vec![
+            "test",
+            "--package",
+            "overlay-common",
+            "--package",
+            "overlay-agent",
+            "--package",
+            "xtask",
+        ],
     )];
     if !host_only {
         require_root("the BPF and network-namespace test tiers (use --host-only without root)")?;
@@ -144,7 +164,13 @@ fn e2e_targets() -> Result<Vec<String>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".rs")
+                .map(str::to_string)
+        })
         .filter(|n| n != "prog_test_run")
         .collect();
     names.sort();

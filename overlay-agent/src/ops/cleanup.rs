@@ -52,7 +52,9 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
                         Ok(()) => r.removed.push(format!("TC filter {n} ({at:?}) on {name}")),
                         Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
                         // No clsact qdisc: nothing of ours there.
-                        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(tc::TcError::NetlinkError(e))
+                            if e.raw_os_error() == Some(libc::EINVAL)
+                                || e.raw_os_error() == Some(libc::ENOENT) => {}
                         Err(e) => r.failed.push(format!("TC filter {n} on {name}: {e}")),
                     }
                 }
@@ -60,10 +62,19 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         }
     }
     if links.iter().any(|(n, _)| n == hostroute::HOST_DEVICE) {
-        match Command::new("ip").args(["link", "del", hostroute::HOST_DEVICE]).output() {
+        match Command::new("ip")
+            .args(["link", "del", hostroute::HOST_DEVICE])
+            .output()
+        {
             Ok(o) if o.status.success() => r.removed.push(format!("host device {}", hostroute::HOST_DEVICE)),
-            Ok(o) => r.failed.push(format!("host device {}: {}", hostroute::HOST_DEVICE, String::from_utf8_lossy(&o.stderr).trim())),
-            Err(e) => r.failed.push(format!("host device {}: running ip: {e}", hostroute::HOST_DEVICE)),
+            Ok(o) => r.failed.push(format!(
+                "host device {}: {}",
+                hostroute::HOST_DEVICE,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => r
+                .failed
+                .push(format!("host device {}: running ip: {e}", hostroute::HOST_DEVICE)),
         }
     }
     for iface in ifaces {
@@ -96,7 +107,9 @@ fn list_links() -> Vec<(String, Option<String>)> {
         Ok(o) if o.status.success() => o.stdout,
         _ => return Vec::new(),
     };
-    let Ok(serde_json::Value::Array(links)) = serde_json::from_slice(&out) else { return Vec::new() };
+    let Ok(serde_json::Value::Array(links)) = serde_json::from_slice(&out) else {
+        return Vec::new();
+    };
     links
         .iter()
         .filter_map(|l| {
@@ -110,7 +123,11 @@ fn list_links() -> Vec<(String, Option<String>)> {
 fn find_prog_name(v: &serde_json::Value, prefix: &str) -> Option<String> {
     match v {
         serde_json::Value::Object(m) => {
-            if let Some(n) = m.get("name").and_then(|n| n.as_str()).filter(|n| n.starts_with(prefix)) {
+            if let Some(n) = m
+                .get("name")
+                .and_then(|n| n.as_str())
+                .filter(|n| n.starts_with(prefix))
+            {
                 return Some(n.to_string());
             }
             m.values().find_map(|v| find_prog_name(v, prefix))
@@ -122,7 +139,9 @@ fn find_prog_name(v: &serde_json::Value, prefix: &str) -> Option<String> {
 
 fn detach_xdp(iface: &str, prog: &str, r: &mut Report) {
     for mode in ["xdp", "xdpgeneric", "xdpdrv"] {
-        let _ = Command::new("ip").args(["link", "set", "dev", iface, mode, "off"]).output();
+        let _ = Command::new("ip")
+            .args(["link", "set", "dev", iface, mode, "off"])
+            .output();
     }
     // A link released by unpinning goes away asynchronously: give it a moment.
     let mut still = true;
@@ -153,16 +172,24 @@ fn remove_empty_clsact(iface: &str, r: &mut Report) {
         return;
     }
     for dir in ["ingress", "egress"] {
-        let filters = Command::new("tc").args(["filter", "show", "dev", iface, dir]).output();
+        let filters = Command::new("tc")
+            .args(["filter", "show", "dev", iface, dir])
+            .output();
         match filters {
             Ok(o) if o.status.success() && o.stdout.iter().all(u8::is_ascii_whitespace) => {}
             // Someone else's filters (or tc is missing): leave the qdisc alone.
             _ => return,
         }
     }
-    match Command::new("tc").args(["qdisc", "del", "dev", iface, "clsact"]).output() {
+    match Command::new("tc")
+        .args(["qdisc", "del", "dev", iface, "clsact"])
+        .output()
+    {
         Ok(o) if o.status.success() => r.removed.push(format!("clsact qdisc on {iface}")),
-        Ok(o) => r.failed.push(format!("clsact qdisc on {iface}: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Ok(o) => r.failed.push(format!(
+            "clsact qdisc on {iface}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
         Err(e) => r.failed.push(format!("clsact qdisc on {iface}: running tc: {e}")),
     }
 }

@@ -29,7 +29,10 @@ pub fn render(subnet_env: &str, key: &str, path: &Path) -> Result<String, Docker
         .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
         .collect();
     let get = |var: &'static str| {
-        vars.get(var).copied().ok_or(DockerOptsError::Missing { path: path.to_path_buf(), var })
+        vars.get(var).copied().ok_or(DockerOptsError::Missing {
+            path: path.to_path_buf(),
+            var,
+        })
     };
     let mut opts = vec![format!("--bip={}", get("FLANNEL_SUBNET")?)];
     if let Some(masq) = vars.get("FLANNEL_IPMASQ") {
@@ -41,10 +44,15 @@ pub fn render(subnet_env: &str, key: &str, path: &Path) -> Result<String, Docker
 
 /// Reads `subnet_file` and writes `out` (atomically: temp file + rename).
 pub fn write(subnet_file: &Path, out: &Path, key: &str) -> Result<(), DockerOptsError> {
-    let text = std::fs::read_to_string(subnet_file)
-        .map_err(|source| DockerOptsError::Read { path: subnet_file.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(subnet_file).map_err(|source| DockerOptsError::Read {
+        path: subnet_file.to_path_buf(),
+        source,
+    })?;
     let rendered = render(&text, key, subnet_file)?;
-    let err = |source| DockerOptsError::Write { path: out.to_path_buf(), source };
+    let err = |source| DockerOptsError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -75,8 +83,13 @@ mod tests {
             "OPTS=\"--bip=10.244.7.1/24 --ip-masq=true --mtu=1450\"\n"
         );
         let absent = ENV.replace("FLANNEL_IPMASQ=true\n", "");
-        assert_eq!(render(&absent, DEFAULT_KEY, p).unwrap(), "DOCKER_OPTS=\"--bip=10.244.7.1/24 --mtu=1450\"\n");
-        let err = render("FLANNEL_MTU=1450\n", DEFAULT_KEY, p).unwrap_err().to_string();
+        assert_eq!(
+            render(&absent, DEFAULT_KEY, p).unwrap(),
+            "DOCKER_OPTS=\"--bip=10.244.7.1/24 --mtu=1450\"\n"
+        );
+        let err = render("FLANNEL_MTU=1450\n", DEFAULT_KEY, p)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no FLANNEL_SUBNET"), "{err}");
     }
 
@@ -90,6 +103,9 @@ mod tests {
         write(&env, &out, DEFAULT_KEY).unwrap();
         let got = std::fs::read_to_string(&out).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(got, "DOCKER_OPTS=\"--bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n");
+        assert_eq!(
+            got,
+            "DOCKER_OPTS=\"--bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n"
+        );
     }
 }

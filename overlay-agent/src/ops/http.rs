@@ -26,12 +26,18 @@ const METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset
 
 /// Binds now (so a taken port is a startup error) and serves in the background.
 pub async fn spawn(addr: SocketAddr) -> Result<SocketAddr, HttpError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| HttpError { addr, source })?;
-    let local = listener.local_addr().map_err(|source| HttpError { addr, source })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| HttpError { addr, source })?;
     info!(addr = %local, "serving /healthz, /readyz and /metrics");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service_fn(handle));
@@ -67,16 +73,23 @@ pub fn route(path: &str) -> Response<Full<Bytes>> {
         }
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(METRICS.render())));
-            r.headers_mut().insert(CONTENT_TYPE, METRICS_TYPE.parse().expect("static header"));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, METRICS_TYPE.parse().expect("static header"));
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, "text/plain; charset=utf-8".parse().expect("static header"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        "text/plain; charset=utf-8".parse().expect("static header"),
+    );
     r
 }

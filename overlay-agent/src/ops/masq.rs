@@ -6,7 +6,10 @@
 //! Network is left alone, pod → outside is masqueraded (except multicast), outside → our pods
 //! is left alone, and the host → remote pods is masqueraded so replies come back to us.
 
-use std::{io::Write as _, process::{Command, Stdio}};
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
 
 use ipnet::Ipv4Net;
 
@@ -20,7 +23,10 @@ pub enum MasqError {
     #[error("running nft (is the nftables package installed?): {0}")]
     Spawn(std::io::Error),
     #[error("nft -f - rejected the ruleset ({status}): {stderr}")]
-    Nft { status: std::process::ExitStatus, stderr: String },
+    Nft {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// The transaction that installs (or replaces) the table for `network` with our lease `subnet`.
@@ -89,16 +95,45 @@ mod tests {
         let s = render("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap());
         let lines: Vec<&str> = s.lines().map(str::trim).collect();
         // Replace, never append: the table is created, deleted and defined in one transaction.
-        assert_eq!(&lines[..3], ["add table ip overlay-agent", "delete table ip overlay-agent", "table ip overlay-agent {"]);
-        assert!(lines.contains(&"type nat hook postrouting priority srcnat; policy accept;"), "{s}");
-        let rules: Vec<&str> = lines.iter().copied().filter(|l| l.contains(" return") || l.contains("masquerade")).collect();
+        assert_eq!(
+            &lines[..3],
+            [
+                "add table ip overlay-agent",
+                "delete table ip overlay-agent",
+                "table ip overlay-agent {"
+            ]
+        );
+        assert!(
+            lines.contains(&"type nat hook postrouting priority srcnat; policy accept;"),
+            "{s}"
+        );
+        let rules: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains(" return") || l.contains("masquerade"))
+            .collect();
         assert_eq!(rules.len(), 5, "{s}");
-        assert!(rules[1].starts_with("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return"), "{s}");
-        assert!(rules[2].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.7.0/24 return"), "{s}");
-        assert!(rules[3].starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"), "{s}");
-        assert!(rules[4].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade"), "{s}");
+        assert!(
+            rules[1].starts_with("ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return"),
+            "{s}"
+        );
+        assert!(
+            rules[2].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.7.0/24 return"),
+            "{s}"
+        );
+        assert!(
+            rules[3].starts_with("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random"),
+            "{s}"
+        );
+        assert!(
+            rules[4].starts_with("ip saddr != 10.244.0.0/16 ip daddr 10.244.0.0/16 masquerade"),
+            "{s}"
+        );
         // Pod-to-pod exemptions come before any masquerade.
         assert_eq!(rules.iter().position(|r| r.contains("masquerade")), Some(3));
-        assert_eq!(render_remove(), "add table ip overlay-agent\ndelete table ip overlay-agent\n");
+        assert_eq!(
+            render_remove(),
+            "add table ip overlay-agent\ndelete table ip overlay-agent\n"
+        );
     }
 }

@@ -124,7 +124,15 @@ impl Metrics {
         registry.register("overlay_peers", "Remote subnets in the peer map", peers.clone());
         let state = Arc::new(Mutex::new(AgentState::default()));
         registry.register_collector(Box::new(Dynamic(state.clone())));
-        Metrics { registry, etcd_reconnects, malformed_leases, pool_exhausted, sync_latency, peers, state }
+        Metrics {
+            registry,
+            etcd_reconnects,
+            malformed_leases,
+            pool_exhausted,
+            sync_latency,
+            peers,
+            state,
+        }
     }
 
     /// Changes the agent state under the lock.
@@ -188,7 +196,9 @@ impl Collector for Dynamic {
         )?;
         ConstGauge::new(i64::from(s.attached)).encode(m)?;
 
-        let Some(pin_root) = &s.pin_root else { return Ok(()) };
+        let Some(pin_root) = &s.pin_root else {
+            return Ok(());
+        };
         // The agent's pins may be gone (cleanup); a scrape then just lacks these families.
         if let Ok(c) = dataplane::read_pinned_counters(pin_root) {
             encode_datapath(&mut enc, &c)?;
@@ -210,9 +220,21 @@ fn family(c: BpfCounter) -> (usize, &'static str) {
 }
 
 const DATAPATH_FAMILIES: [(&str, &str, &str); 3] = [
-    ("overlay_datapath_packets", "Packets handled by the datapath, by path", "path"),
-    ("overlay_datapath_bytes", "Bytes handled by the datapath, by path", "path"),
-    ("overlay_datapath_drops", "Packets dropped by the datapath, by reason", "reason"),
+    (
+        "overlay_datapath_packets",
+        "Packets handled by the datapath, by path",
+        "path",
+    ),
+    (
+        "overlay_datapath_bytes",
+        "Bytes handled by the datapath, by path",
+        "path",
+    ),
+    (
+        "overlay_datapath_drops",
+        "Packets dropped by the datapath, by reason",
+        "reason",
+    ),
 ];
 
 fn encode_datapath(enc: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {

@@ -50,7 +50,12 @@ impl Ops {
                 error!(error = %e, "removing a stale ip-masq table");
             }
         }
-        Ok(Ops { ip_masq: args.ip_masq, network: None, ready_sent: false, masq_for: None })
+        Ok(Ops {
+            ip_masq: args.ip_masq,
+            network: None,
+            ready_sent: false,
+            masq_for: None,
+        })
     }
 
     pub fn received(&mut self, ev: &Event) -> Received {
@@ -62,7 +67,10 @@ impl Ops {
             Event::OwnLease(l) => Some((l.subnet, l.expiration)),
             _ => None,
         };
-        Received { at: Instant::now(), own }
+        Received {
+            at: Instant::now(),
+            own,
+        }
     }
 
     /// After the event is in the maps: latency, peer count, lease state; on our lease the

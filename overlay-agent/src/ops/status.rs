@@ -25,7 +25,10 @@ pub enum StatusError {
     )]
     NotPinned { path: PathBuf, pin_root: PathBuf },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error(transparent)]
     Counters(#[from] dataplane::DataplaneError),
 }
@@ -65,7 +68,10 @@ pub struct Status {
 fn open(pin_root: &Path, name: &'static str) -> Result<MapData, StatusError> {
     let path = pin_root.join(name);
     if !path.exists() {
-        return Err(StatusError::NotPinned { path, pin_root: pin_root.to_path_buf() });
+        return Err(StatusError::NotPinned {
+            path,
+            pin_root: pin_root.to_path_buf(),
+        });
     }
     MapData::from_pin(&path).map_err(|source| StatusError::Map { name, source })
 }
@@ -94,22 +100,39 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         let key: Key<[u8; 4]> = key.map_err(err(maps::PEERS))?;
         // An entry removed between listing and reading is simply gone.
         let Ok(p) = trie.get(&key, 0) else { continue };
-        let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else { continue };
+        let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+            continue;
+        };
         peers.push(PeerView {
             subnet,
             public_ip: p.public_ip.into(),
             vtep_mac: MacAddr(p.vtep_mac).to_string(),
-            mode: if p.flags & PEER_DIRECT != 0 { "direct" } else { "encap" },
+            mode: if p.flags & PEER_DIRECT != 0 {
+                "direct"
+            } else {
+                "encap"
+            },
         });
     }
     peers.sort_by_key(|p| p.subnet);
 
     if !pin_root.join(maps::COUNTERS).exists() {
-        return Err(StatusError::NotPinned { path: pin_root.join(maps::COUNTERS), pin_root: pin_root.to_path_buf() });
+        return Err(StatusError::NotPinned {
+            path: pin_root.join(maps::COUNTERS),
+            pin_root: pin_root.to_path_buf(),
+        });
     }
     let counters = dataplane::read_pinned_counters(pin_root)?;
-    let counters = Counter::ALL.iter().map(|c| (c.name(), counters.get(*c))).collect();
-    Ok(Status { pin_root: pin_root.to_path_buf(), node, peers, counters })
+    let counters = Counter::ALL
+        .iter()
+        .map(|c| (c.name(), counters.get(*c)))
+        .collect();
+    Ok(Status {
+        pin_root: pin_root.to_path_buf(),
+        node,
+        peers,
+        counters,
+    })
 }
 
 impl Status {
@@ -129,14 +152,24 @@ impl Status {
                 n.public_ip, n.vni, n.port, n.vtep_mac, n.inner_mtu
             );
         } else {
-            let _ = writeln!(s, "node        not configured yet (the agent has not written OVL_CONFIG)");
+            let _ = writeln!(
+                s,
+                "node        not configured yet (the agent has not written OVL_CONFIG)"
+            );
         }
         let _ = writeln!(s, "\npeers ({})", self.peers.len());
         if !self.peers.is_empty() {
             let _ = writeln!(s, "  {:<20} {:<16} {:<18} mode", "subnet", "PublicIP", "VtepMAC");
         }
         for p in &self.peers {
-            let _ = writeln!(s, "  {:<20} {:<16} {:<18} {}", p.subnet.to_string(), p.public_ip.to_string(), p.vtep_mac, p.mode);
+            let _ = writeln!(
+                s,
+                "  {:<20} {:<16} {:<18} {}",
+                p.subnet.to_string(),
+                p.public_ip.to_string(),
+                p.vtep_mac,
+                p.mode
+            );
         }
         let _ = writeln!(s, "\ncounters");
         for c in Counter::ALL {

@@ -3,8 +3,8 @@
 use std::{future::Future, time::Duration};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions, WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 use ipnet::Ipv4Net;
 use tokio::time::Instant;
@@ -86,9 +86,7 @@ pub struct EtcdRegistry {
     prefix: String,
 }
 
-async fn timed<T>(
-    fut: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, RegistryError> {
+async fn timed<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, RegistryError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
         Ok(r) => r.map_err(RegistryError::from),
         Err(_) => Err(RegistryError::Timeout(REQUEST_TIMEOUT)),
@@ -128,10 +126,7 @@ impl EtcdRegistry {
             };
             let mut t = etcd_client::TlsOptions::new();
             if let Some(ca) = &tls.ca_file {
-                t = t.ca_certificate(etcd_client::Certificate::from_pem(read(
-                    "--etcd-cafile",
-                    ca,
-                )?));
+                t = t.ca_certificate(etcd_client::Certificate::from_pem(read("--etcd-cafile", ca)?));
             }
             if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
                 t = t.identity(etcd_client::Identity::from_pem(
@@ -176,9 +171,8 @@ impl EtcdRegistry {
             // The client connects lazily: one request now, so a certificate problem is reported
             // as one (naming the files) instead of as endless retries.
             let mut c = reg.client.clone();
-            match tokio::time::timeout(REQUEST_TIMEOUT, c.get(reg.config_key(), None)).await {
-                Ok(Err(e)) => return Err(connect_err(e)),
-                Ok(Ok(_)) | Err(_) => {}
+            if let Ok(Err(e)) = tokio::time::timeout(REQUEST_TIMEOUT, c.get(reg.config_key(), None)).await {
+                return Err(connect_err(e));
             }
         }
         Ok(reg)

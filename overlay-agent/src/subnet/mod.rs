@@ -15,9 +15,7 @@ use ipnet::Ipv4Net;
 use rand::seq::SliceRandom as _;
 use tokio::time::Instant;
 
-pub use registry::{
-    KeyValue, MemRegistry, Registry, RegistryError, RegistryWatch, WatchEvent, Written,
-};
+pub use registry::{KeyValue, MemRegistry, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
 
 use crate::{
     config::NetworkConfig,
@@ -108,9 +106,7 @@ impl<R: Registry> SubnetManager<R> {
                     self.previous = Some(l.lease.subnet);
                     return Ok(l);
                 }
-                Err(SubnetError::Registry(
-                    RegistryError::AlreadyExists(k) | RegistryError::Conflict(k),
-                )) => {
+                Err(SubnetError::Registry(RegistryError::AlreadyExists(k) | RegistryError::Conflict(k))) => {
                     tracing::debug!(key = %k, "lost a race for a subnet, trying again");
                     // Spread retries of many simultaneous acquirers a little.
                     let jitter = rand::random::<u64>() % 20;
@@ -184,18 +180,16 @@ impl<R: Registry> SubnetManager<R> {
             .filter(|s| !taken.contains(s))
             .take(100)
             .collect();
-        free.choose(&mut rand::thread_rng())
-            .copied()
-            .ok_or_else(|| {
-                let c = &self.config;
-                SubnetError::Exhausted {
-                    total: c.subnets().count() as u64,
-                    len: c.subnet_len,
-                    min: c.subnet_min,
-                    max: c.subnet_max,
-                    network: c.network,
-                }
-            })
+        free.choose(&mut rand::thread_rng()).copied().ok_or_else(|| {
+            let c = &self.config;
+            SubnetError::Exhausted {
+                total: c.subnets().count() as u64,
+                len: c.subnet_len,
+                min: c.subnet_min,
+                max: c.subnet_max,
+                network: c.network,
+            }
+        })
     }
 
     fn own(&self, sn: Ipv4Net, w: Written) -> OwnLease {
@@ -301,9 +295,7 @@ pub fn probe_public_ip(value: &[u8]) -> Option<Ipv4Addr> {
         #[serde(rename = "PublicIP")]
         public_ip: Ipv4Addr,
     }
-    serde_json::from_slice::<Probe>(value)
-        .ok()
-        .map(|p| p.public_ip)
+    serde_json::from_slice::<Probe>(value).ok().map(|p| p.public_ip)
 }
 
 #[cfg(test)]
@@ -362,10 +354,7 @@ mod tests {
             assert!(l.lease.expiration.is_some() && l.lease_id != 0);
         }
         let err = mgr(&reg, &c, 99).acquire().await.unwrap_err();
-        assert!(
-            matches!(err, SubnetError::Exhausted { total: 15, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SubnetError::Exhausted { total: 15, .. }), "{err}");
         assert!(
             err.to_string().starts_with(
                 "pool exhausted: all 15 /28 subnets from 10.9.0.16 to 10.9.0.240 in 10.9.0.0/24"

@@ -64,13 +64,9 @@ pub trait Registry: Send + Sync + 'static {
     type Watch: RegistryWatch;
 
     /// `<prefix>/config`, or `None` when the key does not exist (yet).
-    fn get_network_config(
-        &self,
-    ) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
+    fn get_network_config(&self) -> impl Future<Output = Result<Option<String>, RegistryError>> + Send;
     /// Every key under `<prefix>/subnets/` and the store revision they were read at.
-    fn list_subnets(
-        &self,
-    ) -> impl Future<Output = Result<(Vec<KeyValue>, i64), RegistryError>> + Send;
+    fn list_subnets(&self) -> impl Future<Output = Result<(Vec<KeyValue>, i64), RegistryError>> + Send;
     /// Creates the subnet key only if absent, attached to a fresh lease of `ttl`.
     fn create_subnet(
         &self,
@@ -88,10 +84,7 @@ pub trait Registry: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Written, RegistryError>> + Send;
     /// Refreshes an etcd lease to its full TTL; returns the new expiration.
-    fn renew_lease(
-        &self,
-        lease_id: i64,
-    ) -> impl Future<Output = Result<Instant, RegistryError>> + Send;
+    fn renew_lease(&self, lease_id: i64) -> impl Future<Output = Result<Instant, RegistryError>> + Send;
     fn delete_subnet(&self, sn: Ipv4Net) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// Watches `<prefix>/subnets/` starting at `from_revision` (inclusive).
     fn watch_subnets(

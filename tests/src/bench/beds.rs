@@ -79,7 +79,11 @@ impl Bed {
 
     fn plain(case: Case) -> Result<Self> {
         let underlay = Underlay::new()?;
-        let pod_mtu = if case == Case::HostGw { UNDERLAY_MTU } else { UNDERLAY_MTU - 50 };
+        let pod_mtu = if case == Case::HostGw {
+            UNDERLAY_MTU
+        } else {
+            UNDERLAY_MTU - 50
+        };
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let mut n = Node::new(&underlay, i, UNDERLAY_MTU)?;
@@ -102,7 +106,11 @@ impl Bed {
             }
         }
         let server_ip = nodes[1].pods[0].ip;
-        Ok(Bed { case, kind: Kind::Plain { nodes, underlay }, server_ip })
+        Ok(Bed {
+            case,
+            kind: Kind::Plain { nodes, underlay },
+            server_ip,
+        })
     }
 
     fn agents(case: Case) -> Result<Self> {
@@ -117,8 +125,13 @@ impl Bed {
         for i in 0..2 {
             ips.push(c.add_pods(i, 1)?[0]);
         }
-        let bed = Bed { case, kind: Kind::Agents(c), server_ip: ips[1] };
-        bed.wait_ping(Duration::from_secs(10)).with_context(|| format!("{}: pods cannot reach each other", case.name()))?;
+        let bed = Bed {
+            case,
+            kind: Kind::Agents(c),
+            server_ip: ips[1],
+        };
+        bed.wait_ping(Duration::from_secs(10))
+            .with_context(|| format!("{}: pods cannot reach each other", case.name()))?;
         Ok(bed)
     }
 
@@ -151,7 +164,19 @@ impl Bed {
     /// Pings node2's pod from node1's until it answers.
     pub fn wait_ping(&self, timeout: Duration) -> Result<()> {
         let w = timeout.as_secs().max(1).to_string();
-        self.client().exec("ping", &["-c", "1", "-i", "0.01", "-w", &w, "-q", &self.server_ip.to_string()])?;
+        self.client().exec(
+            "ping",
+            &[
+                "-c",
+                "1",
+                "-i",
+                "0.01",
+                "-w",
+                &w,
+                "-q",
+                &self.server_ip.to_string(),
+            ],
+        )?;
         Ok(())
     }
 
@@ -159,9 +184,15 @@ impl Bed {
     pub fn set_flavour(&self, flavour: Flavour) -> Result<()> {
         let (node_feats, port_feats): (&[&str], &[&str]) = match flavour {
             // veth's defaults.
-            Flavour::Veth => (&["tso", "on", "gso", "on", "gro", "off"], &["tso", "on", "gso", "on", "gro", "off"]),
+            Flavour::Veth => (
+                &["tso", "on", "gso", "on", "gro", "off"],
+                &["tso", "on", "gso", "on", "gro", "off"],
+            ),
             // Nodes segment on transmit and coalesce on receive; the switch does neither.
-            Flavour::Nic => (&["tso", "off", "gso", "off", "gro", "on"], &["tso", "off", "gso", "off", "gro", "off"]),
+            Flavour::Nic => (
+                &["tso", "off", "gso", "off", "gro", "on"],
+                &["tso", "off", "gso", "off", "gro", "off"],
+            ),
         };
         let (nodes, underlay): (Vec<&Node>, &Underlay) = match &self.kind {
             Kind::Plain { nodes, underlay } => (nodes.iter().collect(), underlay),

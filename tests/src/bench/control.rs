@@ -42,7 +42,9 @@ fn b64(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= c.len() {
                 out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -77,14 +79,25 @@ fn etcd_post(underlay: &Netns, path: &str, body: &serde_json::Value) -> Result<s
 }
 
 fn lease_key(subnet: Ipv4Net) -> String {
-    format!("{NETWORK_PREFIX}/subnets/{}-{}", subnet.network(), subnet.prefix_len())
+    format!(
+        "{NETWORK_PREFIX}/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix_len()
+    )
 }
 
 /// flannel LeaseAttrs JSON for a fake vxlan peer number `i`.
 fn lease_value(i: u32) -> String {
     let ip = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, 1 + (i % 250) as u8);
-    let mac = format!("0e:00:00:{:02x}:{:02x}:{:02x}", (i >> 16) as u8, (i >> 8) as u8, i as u8);
-    format!(r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#)
+    let mac = format!(
+        "0e:00:00:{:02x}:{:02x}:{:02x}",
+        (i >> 16) as u8,
+        (i >> 8) as u8,
+        i as u8
+    );
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+    )
 }
 
 fn put_op(subnet: Ipv4Net, i: u32) -> serde_json::Value {
@@ -142,7 +155,11 @@ pub fn run(probes: u32) -> Result<ControlResults> {
     let t0 = Instant::now();
     for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
         let ops: Vec<serde_json::Value> = chunk.iter().map(|&i| put_op(nth_subnet(i, own), i)).collect();
-        etcd_post(&c.underlay.ns, "/v3/kv/txn", &serde_json::json!({ "success": ops }))?;
+        etcd_post(
+            &c.underlay.ns,
+            "/v3/kv/txn",
+            &serde_json::json!({ "success": ops }),
+        )?;
     }
     r.write_1k_ms = t0.elapsed().as_secs_f64() * 1e3;
     let deadline = t0 + Duration::from_secs(30);
@@ -153,11 +170,17 @@ pub fn run(probes: u32) -> Result<ControlResults> {
             break;
         }
         if Instant::now() > deadline || interrupted() {
-            bail!("only {n} of {N} peers reached the map in 30 s; agent log:\n{}", c.agent_log(0));
+            bail!(
+                "only {n} of {N} peers reached the map in 30 s; agent log:\n{}",
+                c.agent_log(0)
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    progress(&format!("control plane: {N} leases written in {:.0} ms, all in the BPF map after {:.0} ms", r.write_1k_ms, r.sync_1k_ms));
+    progress(&format!(
+        "control plane: {N} leases written in {:.0} ms, all in the BPF map after {:.0} ms",
+        r.write_1k_ms, r.sync_1k_ms
+    ));
     std::thread::sleep(Duration::from_millis(500));
     r.rss_kb_1k = rss_kb(pid)?;
 
@@ -197,15 +220,29 @@ pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result
         .node
         .ns
         .command_net_only(agent.to_str().context("agent path")?)
-        .args(["cleanup", "--pin-root", &n.pin_root, "--iface", "eth0", "--bridge", "cni0"])
+        .args([
+            "cleanup",
+            "--pin-root",
+            &n.pin_root,
+            "--iface",
+            "eth0",
+            "--bridge",
+            "cni0",
+        ])
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
-        bail!("overlay-agent cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "overlay-agent cleanup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     let pod: &Netns = &c.nodes[client].node.pods[0].ns;
-    if pod.exec("ping", &["-c", "1", "-W", "0.5", "-q", &server_ip.to_string()]).is_ok() {
+    if pod
+        .exec("ping", &["-c", "1", "-W", "0.5", "-q", &server_ip.to_string()])
+        .is_ok()
+    {
         bail!("pods still reach each other after stopping the agent and `overlay-agent cleanup`: not a cold start");
     }
     // One-shot pings, each waiting up to 50 ms, back to back from the moment the agent starts,
@@ -217,7 +254,10 @@ pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result
     let pod: &Netns = &c.nodes[client].node.pods[0].ns;
     let mut answered = false;
     while t0.elapsed() < Duration::from_secs(20) {
-        if pod.exec("ping", &["-c", "1", "-W", "0.05", "-q", &server_ip.to_string()]).is_ok() {
+        if pod
+            .exec("ping", &["-c", "1", "-W", "0.05", "-q", &server_ip.to_string()])
+            .is_ok()
+        {
             answered = true;
             break;
         }
@@ -237,7 +277,9 @@ pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result
 
 /// Where each of the agent's threads sleeps in the kernel (diagnostics for a stalled start).
 fn wchans(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "?".into() };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "?".into();
+    };
     let mut w: Vec<String> = tasks
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("wchan")).ok())
         .collect();
@@ -248,14 +290,22 @@ fn wchans(pid: u32) -> String {
 
 /// The agent's child processes with their command lines (a hung helper shows here).
 fn children(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "?".into() };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "?".into();
+    };
     let mut out = Vec::new();
     for t in tasks.flatten() {
         let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
         for k in kids.split_whitespace() {
-            let cmd = std::fs::read_to_string(format!("/proc/{k}/cmdline")).unwrap_or_default().replace('\0', " ");
+            let cmd = std::fs::read_to_string(format!("/proc/{k}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ");
             out.push(format!("{k}: {}", cmd.trim()));
         }
     }
-    if out.is_empty() { "none".into() } else { out.join("; ") }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join("; ")
+    }
 }

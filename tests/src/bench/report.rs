@@ -60,18 +60,30 @@ fn fmt_v(v: f64) -> String {
 }
 
 fn ratio(v: f64, base: f64) -> f64 {
-    if base.is_finite() && base != 0.0 { v / base } else { f64::NAN }
+    if base.is_finite() && base != 0.0 {
+        v / base
+    } else {
+        f64::NAN
+    }
 }
 
 fn fmt_r(r: f64) -> String {
-    if r.is_finite() { format!("{r:.2}") } else { "-".into() }
+    if r.is_finite() {
+        format!("{r:.2}")
+    } else {
+        "-".into()
+    }
 }
 
 /// The terminal table: medians per flavour, with ratios to (a) host-gw and (b) kernel VXLAN.
 pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f64]) -> String {
     let mut out = String::new();
     for f in Flavour::ALL {
-        let _ = writeln!(out, "\n{} underlay — medians of {rounds} round(s); (×a ×b) = ratio to host-gw / kernel VXLAN", f.name());
+        let _ = writeln!(
+            out,
+            "\n{} underlay — medians of {rounds} round(s); (×a ×b) = ratio to host-gw / kernel VXLAN",
+            f.name()
+        );
         let _ = writeln!(
             out,
             "{:<34}{:>12}{:>22}{:>26}{:>26}",
@@ -86,16 +98,37 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
             for c in [Case::BpfXdp, Case::BpfTc] {
                 let v = s.median(f, c, key);
                 let fails = s.failures(f, c, key);
-                let mark = if fails > 0 { format!(" {fails}✗") } else { String::new() };
-                let _ = write!(row, "{:>26}", format!("{} ({} {}){mark}", fmt_v(v), fmt_r(ratio(v, a)), fmt_r(ratio(v, b))));
+                let mark = if fails > 0 {
+                    format!(" {fails}✗")
+                } else {
+                    String::new()
+                };
+                let _ = write!(
+                    row,
+                    "{:>26}",
+                    format!(
+                        "{} ({} {}){mark}",
+                        fmt_v(v),
+                        fmt_r(ratio(v, a)),
+                        fmt_r(ratio(v, b))
+                    )
+                );
             }
             let _ = writeln!(out, "{row}");
         }
     }
     if let Some(cp) = cp {
         let _ = writeln!(out, "\ncontrol plane (real agent, etcd 3.4 on the underlay)");
-        let _ = writeln!(out, "  1,000 leases written (10 txns)          {:>8.0} ms", cp.write_1k_ms);
-        let _ = writeln!(out, "  1,000 peers in the BPF map after         {:>8.0} ms (from the first write)", cp.sync_1k_ms);
+        let _ = writeln!(
+            out,
+            "  1,000 leases written (10 txns)          {:>8.0} ms",
+            cp.write_1k_ms
+        );
+        let _ = writeln!(
+            out,
+            "  1,000 peers in the BPF map after         {:>8.0} ms (from the first write)",
+            cp.sync_1k_ms
+        );
         let _ = writeln!(
             out,
             "  one lease → map, p50 / p99 (n={})        {:>8.1} / {:.1} ms (includes the etcd write)",
@@ -103,30 +136,86 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
             percentile(&cp.lease_to_map_ms, 50.0),
             percentile(&cp.lease_to_map_ms, 99.0)
         );
-        let _ = writeln!(out, "  agent RSS idle / with 1,000+ peers       {:>8.1} / {:.1} MB", cp.rss_kb_idle / 1024.0, cp.rss_kb_1k / 1024.0);
+        let _ = writeln!(
+            out,
+            "  agent RSS idle / with 1,000+ peers       {:>8.1} / {:.1} MB",
+            cp.rss_kb_idle / 1024.0,
+            cp.rss_kb_1k / 1024.0
+        );
     }
     if !cold_ms.is_empty() {
-        let _ = writeln!(out, "  cold start → first forwarded ping (xdp)  {:>8.0} ms median of {}", median(cold_ms), cold_ms.len());
+        let _ = writeln!(
+            out,
+            "  cold start → first forwarded ping (xdp)  {:>8.0} ms median of {}",
+            median(cold_ms),
+            cold_ms.len()
+        );
     }
     let _ = writeln!(out, "\ntargets (bpf-xdp / bpf-tc)");
     let goal = |out: &mut String, name: &str, vals: [f64; 2], ok: &dyn Fn(f64) -> bool| {
-        let fmt = |v: f64| if v.is_finite() { format!("{v:.3} {}", if ok(v) { "ok" } else { "MISS" }) } else { "-".into() };
+        let fmt = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.3} {}", if ok(v) { "ok" } else { "MISS" })
+            } else {
+                "-".into()
+            }
+        };
         let _ = writeln!(out, "  {name:<44} {:>12} {:>12}", fmt(vals[0]), fmt(vals[1]));
     };
     let r = |f: Flavour, c: Case, m: &str| ratio(s.median(f, c, m), s.median(f, Case::HostGw, m));
     let both = |f: Flavour, m: &str| [r(f, Case::BpfXdp, m), r(f, Case::BpfTc, m)];
-    goal(&mut out, "veth TCP 1 flow ≥ 0.97×a", both(Flavour::Veth, "tcp1_gbps"), &|v| v >= 0.97);
-    goal(&mut out, "NIC-emulation TCP 1 flow ≥ 0.90×a", both(Flavour::Nic, "tcp1_gbps"), &|v| v >= 0.90);
-    goal(&mut out, "veth UDP 64 B ≥ 0.95×a", both(Flavour::Veth, "udp64_kpps"), &|v| v >= 0.95);
-    goal(&mut out, "NIC-emulation UDP 64 B ≥ 0.95×a", both(Flavour::Nic, "udp64_kpps"), &|v| v >= 0.95);
-    goal(&mut out, "veth RR mean ≤ 1.05×a", both(Flavour::Veth, "rr_mean_us"), &|v| v <= 1.05);
-    goal(&mut out, "NIC-emulation RR mean ≤ 1.05×a", both(Flavour::Nic, "rr_mean_us"), &|v| v <= 1.05);
+    goal(
+        &mut out,
+        "veth TCP 1 flow ≥ 0.97×a",
+        both(Flavour::Veth, "tcp1_gbps"),
+        &|v| v >= 0.97,
+    );
+    goal(
+        &mut out,
+        "NIC-emulation TCP 1 flow ≥ 0.90×a",
+        both(Flavour::Nic, "tcp1_gbps"),
+        &|v| v >= 0.90,
+    );
+    goal(
+        &mut out,
+        "veth UDP 64 B ≥ 0.95×a",
+        both(Flavour::Veth, "udp64_kpps"),
+        &|v| v >= 0.95,
+    );
+    goal(
+        &mut out,
+        "NIC-emulation UDP 64 B ≥ 0.95×a",
+        both(Flavour::Nic, "udp64_kpps"),
+        &|v| v >= 0.95,
+    );
+    goal(
+        &mut out,
+        "veth RR mean ≤ 1.05×a",
+        both(Flavour::Veth, "rr_mean_us"),
+        &|v| v <= 1.05,
+    );
+    goal(
+        &mut out,
+        "NIC-emulation RR mean ≤ 1.05×a",
+        both(Flavour::Nic, "rr_mean_us"),
+        &|v| v <= 1.05,
+    );
     if let Some(cp) = cp {
         let p99 = percentile(&cp.lease_to_map_ms, 99.0);
         let na = f64::NAN;
         goal(&mut out, "lease → map p99 ≤ 50 ms", [p99, na], &|v| v <= 50.0);
-        goal(&mut out, "1,000 peers in sync ≤ 1000 ms", [cp.sync_1k_ms, na], &|v| v <= 1000.0);
-        goal(&mut out, "RSS with 1,000 peers ≤ 20 MB", [cp.rss_kb_1k / 1024.0, na], &|v| v <= 20.0);
+        goal(
+            &mut out,
+            "1,000 peers in sync ≤ 1000 ms",
+            [cp.sync_1k_ms, na],
+            &|v| v <= 1000.0,
+        );
+        goal(
+            &mut out,
+            "RSS with 1,000 peers ≤ 20 MB",
+            [cp.rss_kb_1k / 1024.0, na],
+            &|v| v <= 20.0,
+        );
     }
     out
 }
@@ -142,11 +231,27 @@ pub fn json(
     let mut samples = serde_json::Map::new();
     let mut medians = serde_json::Map::new();
     for ((f, c, m), v) in &s.0 {
-        let vals: Vec<serde_json::Value> = v.iter().map(|x| if x.is_finite() { (*x).into() } else { serde_json::Value::Null }).collect();
+        let vals: Vec<serde_json::Value> = v
+            .iter()
+            .map(|x| {
+                if x.is_finite() {
+                    (*x).into()
+                } else {
+                    serde_json::Value::Null
+                }
+            })
+            .collect();
         let key = format!("{f}/{c}/{m}");
         samples.insert(key.clone(), vals.into());
         let md = median(v);
-        medians.insert(key, if md.is_finite() { md.into() } else { serde_json::Value::Null });
+        medians.insert(
+            key,
+            if md.is_finite() {
+                md.into()
+            } else {
+                serde_json::Value::Null
+            },
+        );
     }
     let control = cp.map(|cp| {
         serde_json::json!({
@@ -172,26 +277,47 @@ pub fn json(
 /// Bar charts of the ratios to host-gw, one panel per underlay flavour.
 pub fn svg(s: &Samples, title: &str) -> String {
     let metrics: Vec<_> = METRICS.iter().filter(|m| !m.0.starts_with("retr")).collect();
-    let cases = [(Case::KernelVxlan, "#9e9e9e"), (Case::BpfXdp, "#1f77b4"), (Case::BpfTc, "#ff7f0e")];
+    let cases = [
+        (Case::KernelVxlan, "#9e9e9e"),
+        (Case::BpfXdp, "#1f77b4"),
+        (Case::BpfTc, "#ff7f0e"),
+    ];
     let (w, panel_h, top, left) = (980.0, 300.0, 60.0, 60.0);
     let h = top + panel_h * Flavour::ALL.len() as f64 + 40.0;
     let max_r = 2.0f64;
     let mut o = String::new();
-    let _ = writeln!(o, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(o, r#"<text x="{left}" y="22" font-size="16" font-weight="bold">{title}</text>"#);
-    let _ = writeln!(o, r#"<text x="{left}" y="42">ratio to host-gw (a), medians. Throughput/pps: higher is better; latency/CPU: lower is better. Bars past {max_r} are clipped.</text>"#);
+    let _ = writeln!(
+        o,
+        r#"<text x="{left}" y="22" font-size="16" font-weight="bold">{title}</text>"#
+    );
+    let _ = writeln!(
+        o,
+        r#"<text x="{left}" y="42">ratio to host-gw (a), medians. Throughput/pps: higher is better; latency/CPU: lower is better. Bars past {max_r} are clipped.</text>"#
+    );
     let group_w = (w - left - 20.0) / metrics.len() as f64;
     let bar_w = group_w / (cases.len() as f64 + 1.0);
     for (pi, f) in Flavour::ALL.iter().enumerate() {
         let y0 = top + panel_h * pi as f64 + 30.0;
         let ph = panel_h - 80.0;
         let y = |r: f64| y0 + ph - (r.min(max_r) / max_r) * ph;
-        let _ = writeln!(o, r#"<text x="{left}" y="{}" font-weight="bold">{} underlay</text>"#, y0 - 8.0, f.name());
+        let _ = writeln!(
+            o,
+            r#"<text x="{left}" y="{}" font-weight="bold">{} underlay</text>"#,
+            y0 - 8.0,
+            f.name()
+        );
         for t in [0.0, 0.5, 1.0, 1.5, 2.0] {
             let color = if t == 1.0 { "#000" } else { "#ddd" };
             let (x2, yt, xl, yl) = (w - 20.0, y(t), left - 6.0, y(t) + 4.0);
-            let _ = writeln!(o, r#"<line x1="{left}" x2="{x2}" y1="{yt}" y2="{yt}" stroke="{color}"/><text x="{xl}" y="{yl}" text-anchor="end">{t:.1}</text>"#);
+            let _ = writeln!(
+                o,
+                r#"<line x1="{left}" x2="{x2}" y1="{yt}" y2="{yt}" stroke="{color}"/><text x="{xl}" y="{yl}" text-anchor="end">{t:.1}</text>"#
+            );
         }
         for (mi, (key, label, _, _)) in metrics.iter().enumerate() {
             let gx = left + group_w * mi as f64;
@@ -200,19 +326,48 @@ pub fn svg(s: &Samples, title: &str) -> String {
                 let r = ratio(s.median(*f, *c, key), a);
                 let x = gx + bar_w * (ci as f64 + 0.5);
                 if r.is_finite() {
-                    let _ = writeln!(o, r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: {r:.3}</title></rect>"#, y(r), bar_w * 0.9, y(0.0) - y(r), c.name(), label);
-                    let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{r:.2}</text>"#, x + bar_w * 0.45, y(r) - 3.0);
+                    let _ = writeln!(
+                        o,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: {r:.3}</title></rect>"#,
+                        y(r),
+                        bar_w * 0.9,
+                        y(0.0) - y(r),
+                        c.name(),
+                        label
+                    );
+                    let _ = writeln!(
+                        o,
+                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{r:.2}</text>"#,
+                        x + bar_w * 0.45,
+                        y(r) - 3.0
+                    );
                 } else {
-                    let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="red">fail</text>"#, x + bar_w * 0.45, y(0.0) - 3.0);
+                    let _ = writeln!(
+                        o,
+                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="red">fail</text>"#,
+                        x + bar_w * 0.45,
+                        y(0.0) - 3.0
+                    );
                 }
             }
-            let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#, gx + group_w / 2.0, y(0.0) + 16.0);
+            let _ = writeln!(
+                o,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+                gx + group_w / 2.0,
+                y(0.0) + 16.0
+            );
         }
     }
     let ly = h - 16.0;
     for (i, (c, color)) in cases.iter().enumerate() {
         let x = left + 160.0 * i as f64;
-        let _ = writeln!(o, r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{ly}">{}</text>"#, ly - 10.0, x + 16.0, c.name());
+        let _ = writeln!(
+            o,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{ly}">{}</text>"#,
+            ly - 10.0,
+            x + 16.0,
+            c.name()
+        );
     }
     o.push_str("</svg>\n");
     o

@@ -31,7 +31,11 @@ fn sys_softirq() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let cpu = stat.lines().next().context("empty /proc/stat")?;
     // cpu user nice system idle iowait irq softirq ...
-    let f: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     if f.len() < 7 {
         bail!("unexpected /proc/stat line: {cpu}");
     }
@@ -41,7 +45,10 @@ fn sys_softirq() -> Result<u64> {
 /// Starts a one-shot iperf3 server bound to `ip` in `server` and waits until it listens.
 fn iperf_server(server: &mut Netns, ip: Ipv4Addr) -> Result<u32> {
     let mut srv = server.command("iperf3");
-    srv.args(["-s", "-1", "-B", &ip.to_string()]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    srv.args(["-s", "-1", "-B", &ip.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let pid = server.spawn(srv)?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
@@ -56,17 +63,41 @@ fn iperf_server(server: &mut Netns, ip: Ipv4Addr) -> Result<u32> {
 }
 
 /// Runs an iperf3 client (with a hard timeout) against a fresh server; returns its JSON.
-fn iperf(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32, extra: &[&str]) -> Result<serde_json::Value> {
+fn iperf(
+    server: &mut Netns,
+    ip: Ipv4Addr,
+    client: &Netns,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let pid = iperf_server(server, ip)?;
     let limit = (secs + 10).to_string();
     let (ips, s) = (ip.to_string(), secs.to_string());
-    let mut args = vec![&limit[..], "iperf3", "-c", &ips, "-t", &s, "-J", "--connect-timeout", "3000"];
+    let mut args = vec![
+        &limit[..],
+        "iperf3",
+        "-c",
+        &ips,
+        "-t",
+        &s,
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ];
     args.extend_from_slice(extra);
-    let out = client.command("timeout").args(&args).stdin(Stdio::null()).output();
+    let out = client
+        .command("timeout")
+        .args(&args)
+        .stdin(Stdio::null())
+        .output();
     server.kill(pid, Signal::SIGKILL);
     let out = out.context("running iperf3")?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!("iperf3 printed no JSON ({}): {}", out.status, String::from_utf8_lossy(&out.stderr))
+        format!(
+            "iperf3 printed no JSON ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
     })?;
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("iperf3: {e}");
@@ -81,14 +112,20 @@ pub fn tcp(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32, flows: u
     let v = iperf(server, ip, client, secs, &["-P", &p])?;
     let cpu_s = (sys_softirq()? - before) as f64 / USER_HZ;
     let recv = &v["end"]["sum_received"];
-    let bps = recv["bits_per_second"].as_f64().context("iperf3 JSON without end.sum_received")?;
+    let bps = recv["bits_per_second"]
+        .as_f64()
+        .context("iperf3 JSON without end.sum_received")?;
     let seconds = recv["seconds"].as_f64().unwrap_or(f64::from(secs));
     let gbit = bps * seconds / 1e9;
     Ok(Tcp {
         gbps: bps / 1e9,
         retransmits: v["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0),
         // Below 0.1 Gbit/s (a stalled transfer) the ratio says nothing: leave it out.
-        cpu_s_per_gbit: if gbit > 0.1 * seconds { cpu_s / gbit } else { f64::NAN },
+        cpu_s_per_gbit: if gbit > 0.1 * seconds {
+            cpu_s / gbit
+        } else {
+            f64::NAN
+        },
     })
 }
 
@@ -97,7 +134,9 @@ pub fn udp64(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32) -> Res
     let v = iperf(server, ip, client, secs, &["-u", "-l", "64", "-b", "0"])?;
     // The client's end.sum carries the server's view: packets sent, and how many were lost.
     let sum = &v["end"]["sum"];
-    let packets = sum["packets"].as_f64().context("iperf3 UDP JSON without end.sum.packets")?;
+    let packets = sum["packets"]
+        .as_f64()
+        .context("iperf3 UDP JSON without end.sum.packets")?;
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
     let seconds = sum["seconds"].as_f64().unwrap_or(f64::from(secs));
     Ok((packets - lost).max(0.0) / seconds)
@@ -133,7 +172,8 @@ pub fn rr(server: &Netns, ip: Ipv4Addr, client: &Netns, secs: u32) -> Result<Rr>
     });
     let mut stream = {
         let _in = client.enter()?;
-        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).with_context(|| format!("connecting to {addr}"))?
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connecting to {addr}"))?
     };
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -156,14 +196,18 @@ pub fn rr(server: &Netns, ip: Ipv4Addr, client: &Netns, secs: u32) -> Result<Rr>
         i += 1;
     }
     drop(stream);
-    srv.join().map_err(|_| anyhow::anyhow!("ping-pong server panicked"))??;
+    srv.join()
+        .map_err(|_| anyhow::anyhow!("ping-pong server panicked"))??;
     if samples.is_empty() {
         bail!("no ping-pong round trips completed");
     }
     let mean = samples.iter().map(|&x| f64::from(x)).sum::<f64>() / samples.len() as f64;
     samples.sort_unstable();
     let p99 = samples[(samples.len() * 99 / 100).min(samples.len() - 1)];
-    Ok(Rr { mean_us: mean / 1e3, p99_us: f64::from(p99) / 1e3 })
+    Ok(Rr {
+        mean_us: mean / 1e3,
+        p99_us: f64::from(p99) / 1e3,
+    })
 }
 
 /// The median of `v` (NaN when empty); NaNs (failed runs) sort last and are excluded.
@@ -174,7 +218,11 @@ pub fn median(v: &[f64]) -> f64 {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Percentile `p` (0..=100) of `v` by nearest rank.

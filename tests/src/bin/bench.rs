@@ -55,14 +55,30 @@ fn parse_args() -> Result<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let mut o = if quick {
-        Opts { rounds: 1, secs: 1, rr_secs: 1, probes: 20, control: true, cases: Case::ALL.to_vec() }
+        Opts {
+            rounds: 1,
+            secs: 1,
+            rr_secs: 1,
+            probes: 20,
+            control: true,
+            cases: Case::ALL.to_vec(),
+        }
     } else {
-        Opts { rounds: 3, secs: 3, rr_secs: 2, probes: 50, control: true, cases: Case::ALL.to_vec() }
+        Opts {
+            rounds: 3,
+            secs: 3,
+            rr_secs: 2,
+            probes: 50,
+            control: true,
+            cases: Case::ALL.to_vec(),
+        }
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = |name: &str| -> Result<u32> {
-            it.next().and_then(|v| v.parse().ok()).with_context(|| format!("{name} needs a number"))
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{name} needs a number"))
         };
         match a.as_str() {
             "--quick" => {}
@@ -120,7 +136,10 @@ fn main() -> Result<()> {
     }
     let agent = overlay_tests::cluster::agent_bin();
     if !agent.exists() {
-        bail!("{} is missing: build it with `cargo build --release -p overlay-agent` (cargo xtask bench does)", agent.display());
+        bail!(
+            "{} is missing: build it with `cargo build --release -p overlay-agent` (cargo xtask bench does)",
+            agent.display()
+        );
     }
     for tool in ["iperf3", "ethtool", "etcd", "ping", "ss", "timeout"] {
         if !overlay_tests::cluster::have(tool) {
@@ -179,7 +198,10 @@ fn main() -> Result<()> {
                 let ip = xdp.server_ip;
                 match control::cold_start(xdp.cluster().expect("agents"), 0, ip) {
                     Ok(ms) => {
-                        progress(&format!("round {}: bpf-xdp cold start → first forwarded ping {ms:.0} ms", round + 1));
+                        progress(&format!(
+                            "round {}: bpf-xdp cold start → first forwarded ping {ms:.0} ms",
+                            round + 1
+                        ));
                         cold.push(ms);
                     }
                     Err(e) => {
@@ -227,7 +249,10 @@ fn main() -> Result<()> {
         meta["kernel"].as_str().unwrap_or("?")
     );
     std::fs::write(out_dir.join("latest.svg"), report::svg(&samples, &title))?;
-    progress(&format!("wrote {0}/latest.json, {0}/bench-{stamp}.json, {0}/latest.svg, {0}/latest.txt", out_dir.display()));
+    progress(&format!(
+        "wrote {0}/latest.json, {0}/bench-{stamp}.json, {0}/latest.svg, {0}/latest.txt",
+        out_dir.display()
+    ));
     Ok(())
 }
 
@@ -236,7 +261,13 @@ fn main() -> Result<()> {
 fn measure(bed: &mut Bed, f: Flavour, o: &Opts, round: u32, s: &mut Samples, errors: &mut Vec<String>) {
     let case = bed.case;
     let ip = bed.server_ip;
-    let tag = format!("round {}/{} {:<13} {:<12}", round + 1, o.rounds, f.name(), case.name());
+    let tag = format!(
+        "round {}/{} {:<13} {:<12}",
+        round + 1,
+        o.rounds,
+        f.name(),
+        case.name()
+    );
     let mut fail = |what: &str, e: anyhow::Error| {
         let msg = format!("{tag} {what}: {e:#}");
         progress(&msg);
@@ -244,13 +275,19 @@ fn measure(bed: &mut Bed, f: Flavour, o: &Opts, round: u32, s: &mut Samples, err
     };
     let (client, server) = bed.pods();
     let mut line = Vec::new();
-    for (flows, g, c, r) in [(1, "tcp1_gbps", "cpu1_s_per_gbit", "retr1"), (4, "tcp4_gbps", "cpu4_s_per_gbit", "retr4")] {
+    for (flows, g, c, r) in [
+        (1, "tcp1_gbps", "cpu1_s_per_gbit", "retr1"),
+        (4, "tcp4_gbps", "cpu4_s_per_gbit", "retr4"),
+    ] {
         match traffic::tcp(server, ip, client, o.secs, flows) {
             Ok(t) => {
                 s.push(f, case, g, t.gbps);
                 s.push(f, case, c, t.cpu_s_per_gbit);
                 s.push(f, case, r, t.retransmits);
-                line.push(format!("tcp×{flows} {:.2} Gbit/s ({:.0} retr)", t.gbps, t.retransmits));
+                line.push(format!(
+                    "tcp×{flows} {:.2} Gbit/s ({:.0} retr)",
+                    t.gbps, t.retransmits
+                ));
             }
             Err(e) => {
                 for m in [g, c, r] {

@@ -2,7 +2,11 @@
 //! Prints the leases, proves cross-node ping and a TCP transfer (with a MASQUERADE rule on the
 //! sender, showing the source IP the far pod saw), then stays up until Ctrl-C.
 
-use std::{sync::atomic::{AtomicBool, Ordering}, sync::Arc, time::Duration};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{bail, Result};
 use overlay_tests::{
@@ -37,7 +41,12 @@ fn main() -> Result<()> {
     for i in 0..c.nodes.len() {
         let ips = c.add_pods(i, 1)?;
         let (subnet, mtu) = c.nodes[i].subnet_env().unwrap();
-        println!("    node{} (198.18.0.{}): lease {subnet}, MTU {mtu}, pod {}", i + 1, 11 + i, ips[0]);
+        println!(
+            "    node{} (198.18.0.{}): lease {subnet}, MTU {mtu}, pod {}",
+            i + 1,
+            11 + i,
+            ips[0]
+        );
         pods.push(ips[0]);
     }
     println!("==> leases in etcd:");
@@ -55,19 +64,46 @@ fn main() -> Result<()> {
                 continue;
             }
             let ok = ping(&c.nodes[a].node.pods[0].ns, pods[b], 3, None);
-            println!("    {} -> {}: {}", pods[a], pods[b], if ok { "ok" } else { "FAILED" });
+            println!(
+                "    {} -> {}: {}",
+                pods[a],
+                pods[b],
+                if ok { "ok" } else { "FAILED" }
+            );
             failures += usize::from(!ok);
         }
     }
 
-    println!("==> MASQUERADE on node1 (as Docker/CNI add it), then a 3 s TCP transfer node1 pod -> node2 pod");
+    println!(
+        "==> MASQUERADE on node1 (as Docker/CNI add it), then a 3 s TCP transfer node1 pod -> node2 pod"
+    );
     c.nodes[0].node.ns.exec(
         "iptables",
-        &["-t", "nat", "-A", "POSTROUTING", "-s", "10.244.0.0/16", "!", "-o", "cni0", "-j", "MASQUERADE"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-o",
+            "cni0",
+            "-j",
+            "MASQUERADE",
+        ],
     )?;
     let (first, rest) = c.nodes.split_at_mut(1);
-    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 3)?;
-    println!("    throughput {:.2} Gbit/s; the far pod saw the connection come from {seen}", bps / 1e9);
+    let (bps, seen) = tcp_transfer(
+        &mut rest[0].node.pods[0].ns,
+        pods[1],
+        &first[0].node.pods[0].ns,
+        3,
+    )?;
+    println!(
+        "    throughput {:.2} Gbit/s; the far pod saw the connection come from {seen}",
+        bps / 1e9
+    );
     if bps <= 0.0 {
         println!("    FAILED: no data arrived");
         failures += 1;
@@ -90,7 +126,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     println!("==> cluster stays up; Ctrl-C to tear it down. Try:");
-    println!("    ip netns exec {} ping {}", c.nodes[0].node.pods[0].ns.name, pods[1]);
+    println!(
+        "    ip netns exec {} ping {}",
+        c.nodes[0].node.pods[0].ns.name, pods[1]
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc_wait(s);
