@@ -284,7 +284,11 @@ impl Sync {
                 info!(subnet = %entry.subnet, public_ip = %entry.public_ip, direct, "peer added");
                 self.peers.insert(entry.subnet, entry);
             }
-            Err(e) => error!(subnet = %entry.subnet, error = %e, "adding peer"),
+            Err(e) => {
+                let full = matches!(e, crate::dataplane::DataplaneError::PeersFull { .. });
+                crate::ops::metrics::peer_map_error(if full { "full" } else { "other" });
+                error!(subnet = %entry.subnet, error = %e, "adding peer");
+            }
         }
     }
 

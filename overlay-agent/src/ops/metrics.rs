@@ -10,6 +10,7 @@
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
 //! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
 //! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
+//! | `overlay_peer_map_errors_total`          | counter   | `reason` | agent (upsert refused: `full`, `other`) |
 //! | `overlay_map_sync_duration_seconds`      | histogram |          | agent (event → map done)  |
 //! | `overlay_datapath_packets_total`         | counter   | `path`   | BPF counters              |
 //! | `overlay_datapath_bytes_total`           | counter   | `path`   | BPF counters              |
@@ -28,6 +29,7 @@ use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{
         counter::{ConstCounter, Counter},
+        family::Family,
         gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
         MetricType,
@@ -64,6 +66,7 @@ pub struct Metrics {
     pub etcd_reconnects: Counter,
     pub malformed_leases: Counter,
     pub pool_exhausted: Counter,
+    pub peer_map_errors: Family<Vec<(String, String)>, Counter>,
     pub sync_latency: Histogram,
     pub peers: Gauge,
     state: Arc<Mutex<AgentState>>,
@@ -85,6 +88,14 @@ pub fn malformed_lease() {
 /// Hook for the control plane: acquiring a lease found every subnet of the pool taken.
 pub fn pool_exhausted() {
     METRICS.pool_exhausted.inc();
+}
+
+/// Hook for the agent: a peer could not be written to the BPF maps (`full` or `other`).
+pub fn peer_map_error(reason: &str) {
+    METRICS
+        .peer_map_errors
+        .get_or_create(&vec![("reason".to_string(), reason.to_string())])
+        .inc();
 }
 
 /// Hook for the control plane: our lease was renewed and now runs out at `expiration`.
@@ -113,6 +124,12 @@ impl Metrics {
             "Lease acquisitions that found no free subnet in the pool (retried every 10 s)",
             pool_exhausted.clone(),
         );
+        let peer_map_errors = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "overlay_peer_map_errors",
+            "Peers that could not be written to the BPF maps, by reason (full: the peer map is at capacity)",
+            peer_map_errors.clone(),
+        );
         // 50 µs .. ~1.6 s.
         let sync_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -129,6 +146,7 @@ impl Metrics {
             etcd_reconnects,
             malformed_leases,
             pool_exhausted,
+            peer_map_errors,
             sync_latency,
             peers,
             state,
@@ -265,6 +283,9 @@ mod tests {
         });
         m.etcd_reconnects.inc();
         m.malformed_leases.inc();
+        m.peer_map_errors
+            .get_or_create(&vec![("reason".to_string(), "full".to_string())])
+            .inc();
         m.peers.set(3);
         m.observe_sync(Duration::from_micros(120));
         let mut text = m.render();
@@ -291,6 +312,7 @@ mod tests {
             "overlay_etcd_reconnects_total 1",
             "overlay_malformed_leases_total 1",
             "overlay_lease_pool_exhausted_total 0",
+            "overlay_peer_map_errors_total{reason=\"full\"} 1",
             "overlay_map_sync_duration_seconds_count 1",
             "overlay_map_sync_duration_seconds_bucket{le=\"0.0001\"} 0",
             "overlay_datapath_packets_total{path=\"encap\"} 0",
