@@ -455,3 +455,73 @@ impl UdpFlow {
         ))
     }
 }
+
+impl Cluster {
+    /// `n` nodes with their agents started and one pod each, every agent knowing every other
+    /// node; returns the cluster and the pod addresses (node order).
+    pub fn running(n: u8, config: &str) -> Result<(Cluster, Vec<Ipv4Addr>)> {
+        let mut c = Cluster::new(n, config)?;
+        for i in 0..c.nodes.len() {
+            c.start_agent(i)?;
+        }
+        let mut pods = Vec::new();
+        for i in 0..c.nodes.len() {
+            pods.push(c.add_pods(i, 1)?[0]);
+        }
+        for i in 0..c.nodes.len() {
+            let want = c.nodes.len() - 1;
+            let ok = Cluster::wait_for(Duration::from_secs(5), || {
+                c.agent_peers(i).map(|p| p.len() == want).unwrap_or(false)
+            });
+            if ok.is_none() {
+                bail!(
+                    "node {} did not learn its {want} peers; log:\n{}",
+                    i + 1,
+                    c.agent_log(i)
+                );
+            }
+        }
+        Ok((c, pods))
+    }
+
+    /// The vxlan leases in etcd: (subnet, PublicIP, VtepMAC), sorted by subnet.
+    pub fn lease_list(&self) -> Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>> {
+        let text = self.leases()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let mut out = Vec::new();
+        for kv in lines.chunks(2) {
+            let [key, value] = kv else {
+                bail!("odd etcdctl output:\n{text}")
+            };
+            let subnet: Ipv4Net = key.rsplit('/').next().unwrap_or("").replace('-', "/").parse()?;
+            let v: serde_json::Value = serde_json::from_str(value)?;
+            let ip: Ipv4Addr = v["PublicIP"].as_str().context("PublicIP")?.parse()?;
+            let mac = crate::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().context("VtepMAC")?)?;
+            out.push((subnet, ip, mac));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Adds the rule Docker and the CNI portmap/bridge plugins install on node `i`:
+    /// `-t nat -A POSTROUTING -s 10.244.0.0/16 ! -o cni0 -j MASQUERADE`.
+    pub fn masquerade_like_docker(&self, i: usize) -> Result<()> {
+        self.nodes[i].node.ns.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "10.244.0.0/16",
+                "!",
+                "-o",
+                "cni0",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        Ok(())
+    }
+}

@@ -15,28 +15,7 @@ const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#
 /// Starts `n` agents and gives each node one pod; returns the pod addresses.
 fn cluster(n: u8, config: &str) -> (Cluster, Vec<std::net::Ipv4Addr>) {
     require_root();
-    let mut c = Cluster::new(n, config).expect("building the cluster");
-    for i in 0..c.nodes.len() {
-        c.start_agent(i).unwrap();
-    }
-    let mut pods = Vec::new();
-    for i in 0..c.nodes.len() {
-        pods.push(c.add_pods(i, 1).unwrap()[0]);
-    }
-    // Every agent must know every other node before traffic is checked.
-    for i in 0..c.nodes.len() {
-        let want = c.nodes.len() - 1;
-        let ok = Cluster::wait_for(Duration::from_secs(5), || {
-            c.agent_peers(i).map(|p| p.len() == want).unwrap_or(false)
-        });
-        assert!(
-            ok.is_some(),
-            "node {} did not learn its {want} peers; log:\n{}",
-            i + 1,
-            c.agent_log(i)
-        );
-    }
-    (c, pods)
+    Cluster::running(n, config).expect("building the cluster")
 }
 
 #[test]
@@ -65,24 +44,7 @@ fn three_nodes_all_pairs_ping_bulk_tcp_and_kept_source_ip() {
     }
 
     // A MASQUERADE rule as Docker/CNI install it on the sender must not rewrite pod sources.
-    output(
-        &c.nodes[0].node.ns,
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            "10.244.0.0/16",
-            "!",
-            "-o",
-            "cni0",
-            "-j",
-            "MASQUERADE",
-        ],
-    )
-    .unwrap();
+    c.masquerade_like_docker(0).unwrap();
     let (first, rest) = c.nodes.split_at_mut(1);
     let (bps, seen) = tcp_transfer(
         &mut rest[0].node.pods[0].ns,
@@ -227,23 +189,8 @@ fn mixed_cluster_with_a_kernel_vxlan_flannel_node() {
     let (mut c, pods) = cluster(2, CONFIG);
     // Node 3 runs no agent: it is set up exactly as flanneld's vxlan backend sets up a node.
     c.add_node(3).unwrap();
-    let mut peers = Vec::new();
-    let leases = c.leases().unwrap();
-    let lines: Vec<&str> = leases.lines().collect();
-    for kv in lines.chunks(2) {
-        let subnet: ipnet::Ipv4Net = kv[0]
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .replace('-', "/")
-            .parse()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
-        let ip: std::net::Ipv4Addr = v["PublicIP"].as_str().unwrap().parse().unwrap();
-        let mac = overlay_tests::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().unwrap()).unwrap();
-        peers.push((subnet, ip, mac));
-    }
-    assert_eq!(peers.len(), 2, "expected the two agents' leases, got:\n{leases}");
+    let peers = c.lease_list().unwrap();
+    assert_eq!(peers.len(), 2, "expected the two agents' leases, got {peers:?}");
     let flannel_subnet: ipnet::Ipv4Net = "10.244.200.0/24".parse().unwrap();
     let n3 = &mut c.nodes[2].node;
     let mac = flannel_vxlan(n3, flannel_subnet, &peers).unwrap();
@@ -388,15 +335,10 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
 
     let victim = &c.nodes[1];
     let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let leases = c.lease_list().unwrap();
     let vtep_of = |i: usize| {
-        let leases = c.leases().unwrap();
-        let line = leases
-            .lines()
-            .find(|l| l.contains(&format!("198.18.0.1{}", i + 1)))
-            .unwrap()
-            .to_string();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        overlay_tests::netns::parse_mac(v["BackendData"]["VtepMAC"].as_str().unwrap()).unwrap()
+        let ip = overlay_tests::topology::Node::underlay_ip(i as u8 + 1);
+        leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
     };
     let base = EncapParams {
         outer_src_mac: attacker.mac("eth0").unwrap(),

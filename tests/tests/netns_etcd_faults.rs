@@ -152,17 +152,7 @@ fn broken_network_configs_stop_the_agent_naming_the_field() {
 #[test]
 fn own_lease_lost_and_taken_over_while_etcd_flaps_under_traffic() {
     require_root();
-    let mut c = Cluster::new(2, CONFIG).unwrap();
-    for i in 0..2 {
-        c.start_agent(i).unwrap();
-    }
-    let pods = [c.add_pods(0, 1).unwrap()[0], c.add_pods(1, 1).unwrap()[0]];
-    for i in 0..2 {
-        let ok = Cluster::wait_for(Duration::from_secs(5), || {
-            c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false)
-        });
-        assert!(ok.is_some(), "node {} did not learn its peer", i + 1);
-    }
+    let (mut c, pods) = Cluster::running(2, CONFIG).unwrap();
     let subnet = c.nodes[0].subnet_env().unwrap().0.trunc();
     let env_before = std::fs::read_to_string(&c.nodes[0].subnet_file).unwrap();
     let own_key = format!(

@@ -12,20 +12,7 @@ const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#
 #[test]
 fn etcd_outage_of_a_minute_loses_no_packet_and_the_agents_recover() {
     require_root();
-    let mut c = Cluster::new(2, CONFIG).unwrap();
-    let mut pods = Vec::new();
-    for i in 0..2 {
-        c.start_agent(i).unwrap();
-    }
-    for i in 0..2 {
-        pods.push(c.add_pods(i, 1).unwrap()[0]);
-    }
-    for i in 0..2 {
-        let ok = Cluster::wait_for(Duration::from_secs(5), || {
-            c.agent_peers(i).map(|p| p.len() == 1).unwrap_or(false)
-        });
-        assert!(ok.is_some(), "node {} did not learn its peer", i + 1);
-    }
+    let (mut c, pods) = Cluster::running(2, CONFIG).unwrap();
     let report = c.dir().join("outage.json");
     let (first, rest) = c.nodes.split_at_mut(1);
     let flow = UdpFlow::start(

@@ -159,26 +159,13 @@ fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// `{"PublicIP":…,"backend":{"data":{"VtepMAC":…}}}` per subnet, from etcd.
+/// (subnet, PublicIP, VtepMAC as text) per lease in etcd.
 fn etcd_leases(c: &Cluster) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
-    let text = c.leases().unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    let mut out = Vec::new();
-    for kv in lines.chunks(2) {
-        let sn: Ipv4Net = kv[0]
-            .rsplit('/')
-            .next()
-            .unwrap()
-            .replace('-', "/")
-            .parse()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
-        let ip = v["PublicIP"].as_str().unwrap().parse().unwrap();
-        let mac = v["BackendData"]["VtepMAC"].as_str().unwrap().to_string();
-        out.push((sn, ip, mac));
-    }
-    out.sort();
-    out
+    c.lease_list()
+        .unwrap()
+        .into_iter()
+        .map(|(sn, ip, mac)| (sn, ip, overlay_tests::topology::fmt_mac(&mac)))
+        .collect()
 }
 
 #[test]

@@ -77,22 +77,7 @@ fn main() -> Result<()> {
     println!(
         "==> MASQUERADE on node1 (as Docker/CNI add it), then a 3 s TCP transfer node1 pod -> node2 pod"
     );
-    c.nodes[0].node.ns.exec(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            "10.244.0.0/16",
-            "!",
-            "-o",
-            "cni0",
-            "-j",
-            "MASQUERADE",
-        ],
-    )?;
+    c.masquerade_like_docker(0)?;
     let (first, rest) = c.nodes.split_at_mut(1);
     let (bps, seen) = tcp_transfer(
         &mut rest[0].node.pods[0].ns,
