@@ -85,7 +85,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             ev = rx.recv() => match ev {
                 Some(ev) => {
                     let seen = ops.received(&ev);
-                    state.apply(&mut dp, ev);
+                    state.apply(&mut dp, ev).await;
                     ops.applied(seen, state.peers.len());
                 }
                 // The control plane ended (dropping its sender): its result says why. Without
@@ -186,16 +186,16 @@ impl Sync {
         }
     }
 
-    fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
+    async fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
         match ev {
             Event::Config(cfg) => {
                 self.config = Some(cfg);
-                self.write_config(dp);
+                self.write_config(dp).await;
             }
             Event::OwnLease(lease) => {
                 info!(subnet = %lease.subnet, "holding lease");
                 self.own = Some(lease.subnet);
-                self.write_config(dp);
+                self.write_config(dp).await;
             }
             Event::PeerUpsert(lease) => self.upsert(dp, &lease),
             Event::PeerRemove(lease) => self.hold_down(lease.subnet),
@@ -221,12 +221,12 @@ impl Sync {
         }
     }
 
-    fn write_config(&mut self, dp: &mut Dataplane) {
+    async fn write_config(&mut self, dp: &mut Dataplane) {
         let Some(cfg) = &self.config else { return };
         let inner_mtu = cfg.mtu(self.underlay.mtu);
         if let Some(own) = self.own {
             if self.host_device != Some(own) {
-                match hostroute::ensure(own, cfg.network, inner_mtu) {
+                match hostroute::ensure(own, cfg.network, inner_mtu).await {
                     Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
                         Ok(()) => {
                             info!(dev = hostroute::HOST_DEVICE, address = %own.network(), network = %cfg.network, "host route to remote pods ready");

@@ -4,9 +4,14 @@
 //! per-peer routes, ARP or FDB entries. It is one end of a veth pair (`overlay0`/`overlay0p`):
 //! veth exists on every kernel, where the dummy driver is often a module that is not loaded.
 
-use std::process::Command;
+use std::net::{IpAddr, Ipv4Addr};
 
+use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
+use rtnetlink::{
+    packet_route::{address::AddressAttribute, route::RouteScope},
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 /// The host device's name.
 pub const HOST_DEVICE: &str = "overlay0";
@@ -15,76 +20,132 @@ pub const HOST_DEVICE_PEER: &str = "overlay0p";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostRouteError {
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
-    #[error("running ip: {0}")]
-    Spawn(#[from] std::io::Error),
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("netlink, {what}: {source}")]
+    Netlink {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
+    #[error("{0} did not appear after it was created")]
+    Missing(&'static str),
 }
 
-fn ip(args: &[&str]) -> Result<(), HostRouteError> {
-    let out = Command::new("ip").args(args).output()?;
-    if !out.status.success() {
-        return Err(HostRouteError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> HostRouteError {
+    move |source| HostRouteError::Netlink { what, source }
+}
+
+/// Index of link `name`, if it exists.
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, HostRouteError> {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(Some(link)) => Ok(Some(link.header.index)),
+        Ok(None) => Ok(None),
+        // The kernel answers ENODEV for a name that does not exist.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(source) => Err(HostRouteError::Netlink {
+            what: "looking up the host device",
+            source,
+        }),
     }
-    Ok(())
 }
 
 /// Creates (or updates) the host device for our `subnet` inside the cluster `network`.
-/// Idempotent: safe on every start and on every lease change.
-pub fn ensure(subnet: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), HostRouteError> {
-    if ip(&["link", "show", HOST_DEVICE]).is_err() {
-        ip(&[
-            "link",
-            "add",
-            HOST_DEVICE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            HOST_DEVICE_PEER,
-        ])?;
-    }
-    ip(&["link", "set", HOST_DEVICE_PEER, "up"])?;
-    ip(&[
-        "link",
-        "set",
-        HOST_DEVICE,
-        "mtu",
-        &mtu.to_string(),
-        "arp",
-        "off",
-        "up",
-    ])?;
-    let addr = subnet.network();
-    // Leave a correct address alone (a restarting agent must not blip host traffic).
-    let current = Command::new("ip")
-        .args(["-4", "-o", "addr", "show", "dev", HOST_DEVICE])
-        .output()?;
-    let text = String::from_utf8_lossy(&current.stdout);
-    let want = format!("inet {addr}/32 ");
-    if !text.contains(&want) || text.lines().count() != 1 {
-        ip(&["addr", "flush", "dev", HOST_DEVICE])?;
-        ip(&["addr", "add", &format!("{addr}/32"), "dev", HOST_DEVICE])?;
-    }
-    ip(&[
-        "route",
-        "replace",
-        &network.trunc().to_string(),
-        "dev",
-        HOST_DEVICE,
-        "src",
-        &addr.to_string(),
-    ])?;
-    Ok(())
+/// Idempotent: safe on every start and on every lease change; a correct address is left alone so
+/// a restarting agent does not blip host traffic.
+pub async fn ensure(subnet: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), HostRouteError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let conn = tokio::spawn(conn);
+    let r = configure(&handle, subnet, network, mtu).await;
+    conn.abort();
+    r
 }
 
-/// Removes the host device (and with it its address and route). Missing is fine.
-pub fn remove() -> Result<(), HostRouteError> {
-    if ip(&["link", "show", HOST_DEVICE]).is_ok() {
-        ip(&["link", "del", HOST_DEVICE])?;
+async fn configure(
+    handle: &Handle,
+    subnet: Ipv4Net,
+    network: Ipv4Net,
+    mtu: u32,
+) -> Result<(), HostRouteError> {
+    if link_index(handle, HOST_DEVICE).await?.is_none() {
+        let veth = LinkVeth::new(HOST_DEVICE, HOST_DEVICE_PEER).build();
+        handle
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(nl("creating the host device"))?;
     }
+    let dev = link_index(handle, HOST_DEVICE)
+        .await?
+        .ok_or(HostRouteError::Missing(HOST_DEVICE))?;
+    let peer = link_index(handle, HOST_DEVICE_PEER)
+        .await?
+        .ok_or(HostRouteError::Missing(HOST_DEVICE_PEER))?;
+    let up = LinkUnspec::new_with_index(peer).up().build();
+    handle
+        .link()
+        .set(up)
+        .execute()
+        .await
+        .map_err(nl("bringing the host device's peer up"))?;
+    let set = LinkUnspec::new_with_index(dev).mtu(mtu).arp(false).up().build();
+    handle
+        .link()
+        .set(set)
+        .execute()
+        .await
+        .map_err(nl("setting up the host device"))?;
+
+    let addr = subnet.network();
+    let current: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(dev)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing the host device's addresses"))?;
+    let has = |m: &rtnetlink::packet_route::address::AddressMessage, a: Ipv4Addr| {
+        m.header.prefix_len == 32
+            && m.attributes
+                .iter()
+                .any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if *x == a))
+    };
+    if !(current.len() == 1 && has(&current[0], addr)) {
+        for m in current {
+            handle
+                .address()
+                .del(m)
+                .execute()
+                .await
+                .map_err(nl("removing a stale address"))?;
+        }
+        handle
+            .address()
+            .add(dev, IpAddr::V4(addr), 32)
+            .execute()
+            .await
+            .map_err(nl("adding the node's .0 address"))?;
+    }
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(network.trunc().network(), network.prefix_len())
+        .output_interface(dev)
+        .pref_source(addr)
+        .scope(RouteScope::Link)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("routing the cluster network"))?;
     Ok(())
 }
