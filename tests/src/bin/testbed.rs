@@ -30,9 +30,19 @@ fn main() -> Result<()> {
         bail!("--nodes must be at least 2 to show cross-node traffic");
     }
     require_root();
+    // Ctrl-C at any point tears the cluster down (its guards run when main returns).
+    let stop = Arc::new(AtomicBool::new(false));
+    ctrlc_wait(stop.clone());
+    let check = || -> Result<()> {
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted; tearing down");
+        }
+        Ok(())
+    };
 
     println!("==> etcd on the underlay (198.18.0.1:2379), network config: {CONFIG}");
     let mut c = Cluster::new(nodes, CONFIG)?;
+    check()?;
     println!("==> starting {nodes} agents (logs under {})", c.dir().display());
     for i in 0..c.nodes.len() {
         c.start_agent(i)?;
@@ -49,6 +59,7 @@ fn main() -> Result<()> {
         );
         pods.push(ips[0]);
     }
+    check()?;
     println!("==> leases in etcd:");
     for line in c.leases()?.lines() {
         println!("    {line}");
@@ -56,6 +67,7 @@ fn main() -> Result<()> {
     // Give every agent a moment to learn every peer from its watch.
     std::thread::sleep(Duration::from_millis(500));
 
+    check()?;
     let mut failures = 0;
     println!("==> all-pairs ping between pods");
     for a in 0..c.nodes.len() {
@@ -100,6 +112,7 @@ fn main() -> Result<()> {
         println!("    source IP kept: {seen} is the sending pod's own address");
     }
 
+    check()?;
     if failures > 0 {
         for i in 0..c.nodes.len() {
             eprintln!("--- agent log node{} ---\n{}", i + 1, c.agent_log(i));
@@ -115,9 +128,6 @@ fn main() -> Result<()> {
         "    ip netns exec {} ping {}",
         c.nodes[0].node.pods[0].ns.name, pods[1]
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc_wait(s);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
     }
