@@ -203,15 +203,27 @@ impl Dataplane {
         pin_link(FdLink::try_from(link), &path)
     }
 
-    /// Where the link of `prog` on `iface` is pinned: `<pin_root>/links/<prog>@<iface>` (bpffs
-    /// refuses dots in names, so a VLAN's `eth0.100` becomes `eth0_100`).
+    /// Where the link of `prog` on `iface` is pinned: `<pin_root>/links/<prog>@<iface>@<ifindex>`
+    /// (bpffs refuses dots in names, so a VLAN's `eth0.100` becomes `eth0_100`). The ifindex makes
+    /// a link on a since-deleted device (a recreated bridge) never look adoptable; pins of such
+    /// devices are removed here.
     fn link_pin(&self, prog: &str, iface: &str) -> Result<PathBuf, DataplaneError> {
         let dir = self.pin_root.join("links");
-        std::fs::create_dir_all(&dir).map_err(|e| DataplaneError::Pin {
+        let pin_err = |e: std::io::Error| DataplaneError::Pin {
             path: dir.display().to_string(),
             reason: e.to_string(),
-        })?;
-        Ok(dir.join(format!("{prog}@{}", iface.replace('.', "_"))))
+        };
+        std::fs::create_dir_all(&dir).map_err(pin_err)?;
+        let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| pin_err(e.into()))?;
+        let stem = format!("{prog}@{}@", iface.replace('.', "_"));
+        let name = format!("{stem}{ifindex}");
+        for entry in std::fs::read_dir(&dir).map_err(pin_err)?.flatten() {
+            let other = entry.file_name().to_string_lossy().into_owned();
+            if other.starts_with(&stem) && other != name {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(dir.join(name))
     }
 
     /// Writes the node-wide settings (marks them ready).

@@ -409,3 +409,47 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
         "a well-formed frame from a member's address was not decapsulated"
     );
 }
+
+#[test]
+fn a_recreated_bridge_gets_encap_again() {
+    let (mut c, pods) = cluster(2, CONFIG);
+    let attached_to = |c: &Cluster, ifindex: u32| {
+        let want = format!("ifindex={ifindex}");
+        Cluster::wait_for(Duration::from_secs(3), || {
+            c.agent_log(0)
+                .lines()
+                .any(|l| l.contains("encap attached") && l.contains("bridge=cni0") && l.ends_with(&want))
+        })
+        .is_some()
+    };
+    let old = c.nodes[0].node.ns.ifindex("cni0").unwrap();
+    assert!(
+        attached_to(&c, old),
+        "encap never attached to cni0 ({old}); log:\n{}",
+        c.agent_log(0)
+    );
+    // Docker/CNI restarts can delete and recreate the bridge (new ifindex, no programs).
+    let (subnet, mtu) = c.nodes[0].subnet_env().unwrap();
+    c.nodes[0].node.pods.clear();
+    c.nodes[0].node.ns.ip(&["link", "del", "cni0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    c.nodes[0].node.add_bridge_for(subnet, mtu).unwrap();
+    let pod = c.nodes[0].node.add_pod_in(subnet, 1, mtu).unwrap();
+    let new = c.nodes[0].node.ns.ifindex("cni0").unwrap();
+    assert_ne!(old, new);
+    // Reachable alone would not prove it (the host route via overlay0 also carries pod traffic):
+    // the agent must attach encap to the new bridge.
+    assert!(
+        attached_to(&c, new),
+        "encap not attached to the recreated cni0 ({new}); log:\n{}",
+        c.agent_log(0)
+    );
+    let back = Cluster::wait_for(Duration::from_secs(5), || {
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None)
+    });
+    assert!(
+        back.is_some(),
+        "pod {pod} on the recreated cni0 cannot reach {}",
+        pods[1]
+    );
+}
