@@ -346,6 +346,8 @@ async fn run_inner<R: Registry>(
         };
         backoff.reset();
         let mut renew_at = mgr.renew_at(&own);
+        // Consecutive failed renewals: the retry waits 1, 2, 4, 8, then 10 s.
+        let mut renew_failures: u32 = 0;
 
         loop {
             let renew_sleep = async {
@@ -387,6 +389,7 @@ async fn run_inner<R: Registry>(
                         Ok(()) => {
                             crate::ops::metrics::lease_renewed(own.lease.expiration);
                             renew_at = mgr.renew_at(&own);
+                            renew_failures = 0;
                         }
                         Err(SubnetError::Registry(RegistryError::LeaseNotFound(_))) => {
                             tracing::warn!(subnet = %own.lease.subnet, "our etcd lease expired before renewal; acquiring a lease again");
@@ -394,7 +397,9 @@ async fn run_inner<R: Registry>(
                             continue 'relist;
                         }
                         Err(e) => {
-                            let retry = Duration::from_secs(10);
+                            // Quick at first: the next attempt usually reaches a live member.
+                            let retry = Duration::from_secs(1 << renew_failures.min(3)).min(Duration::from_secs(10));
+                            renew_failures += 1;
                             tracing::warn!(error = %e, ?retry, "renewing the subnet lease failed; retrying");
                             renew_at = Some(Instant::now() + retry);
                         }
