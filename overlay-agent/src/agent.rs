@@ -35,7 +35,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     object::object()?;
     let underlay = iface::resolve(&args.iface).context("finding the underlay interface (--iface)")?;
     let public_ip = args.public_ip.unwrap_or(underlay.ipv4);
-    let vtep_mac = iface::default_vtep_mac(public_ip);
+    let node = NodeIdentity::new(public_ip, underlay.mtu);
+    let vtep_mac = node.vtep_mac;
     info!(
         iface = %underlay.name, %public_ip,
         vtep_mac = %crate::lease::MacAddr(vtep_mac),
@@ -60,11 +61,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut ops = ops::Ops::start(&args).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
-    let node = NodeIdentity {
-        public_ip,
-        vtep_mac,
-        iface_mtu: underlay.mtu,
-    };
     let control_args = args.clone();
     let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
 

@@ -108,7 +108,7 @@ impl Dataplane {
     pub fn load_with_capacity(pin_root: &Path, max_peers: u32) -> Result<Self, DataplaneError> {
         let bytes = object::object()?;
         bpffs::prepare_pin_root(pin_root)?;
-        retire_incompatible_pins(bytes, pin_root);
+        retire_incompatible_pins(bytes, pin_root, max_peers);
         let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -287,23 +287,7 @@ impl Dataplane {
                 name: maps::PEERS,
                 source,
             })?;
-        let mut out = Vec::new();
-        for item in peers.iter() {
-            let (key, p) = item.map_err(|source| DataplaneError::Map {
-                name: maps::PEERS,
-                source,
-            })?;
-            let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
-                continue;
-            };
-            out.push(PeerEntry {
-                subnet,
-                public_ip: Ipv4Addr::from(p.public_ip),
-                vtep_mac: p.vtep_mac,
-                direct: p.flags & PEER_DIRECT != 0,
-            });
-        }
-        Ok(out)
+        peer_entries(&peers)
     }
 
     /// Counters summed over CPUs.
@@ -324,7 +308,7 @@ impl Dataplane {
 /// A pinned map left by an agent whose map layout differs from ours (an upgrade that changed a
 /// key, value or size) cannot be adopted: unpin it so a fresh one is created. The agent refills
 /// it from etcd; the old programs keep the old map until their links are swapped.
-fn retire_incompatible_pins(object: &[u8], pin_root: &Path) {
+fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) {
     let Ok(obj) = aya_obj::Object::parse(object) else {
         return;
     };
@@ -334,14 +318,20 @@ fn retire_incompatible_pins(object: &[u8], pin_root: &Path) {
             continue;
         };
         let Ok(info) = pinned.info() else { continue };
+        // The peer tables are created with the loader's capacity, not the object's.
+        let max_entries = if name == maps::PEERS || name == maps::VTEPS {
+            max_peers
+        } else {
+            want.max_entries()
+        };
         let same = info.key_size() == want.key_size()
             && info.value_size() == want.value_size()
-            && info.max_entries() == want.max_entries();
+            && info.max_entries() == max_entries;
         if !same {
             tracing::warn!(
                 map = name,
                 pinned = ?(info.key_size(), info.value_size(), info.max_entries()),
-                ours = ?(want.key_size(), want.value_size(), want.max_entries()),
+                ours = ?(want.key_size(), want.value_size(), max_entries),
                 "pinned map has another layout; replacing it"
             );
             let _ = std::fs::remove_file(&path);
@@ -371,6 +361,32 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Dataplan
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+/// Every remote subnet in a peer map, sorted by subnet. An entry removed between listing and
+/// reading (the agent writes while `status` reads) is simply gone.
+pub fn peer_entries<T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, [u8; 4], Peer>,
+) -> Result<Vec<PeerEntry>, DataplaneError> {
+    let mut out = Vec::new();
+    for key in trie.keys() {
+        let key = key.map_err(|source| DataplaneError::Map {
+            name: maps::PEERS,
+            source,
+        })?;
+        let Ok(p) = trie.get(&key, 0) else { continue };
+        let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+            continue;
+        };
+        out.push(PeerEntry {
+            subnet,
+            public_ip: Ipv4Addr::from(p.public_ip),
+            vtep_mac: p.vtep_mac,
+            direct: p.flags & PEER_DIRECT != 0,
+        });
+    }
+    out.sort_by_key(|p| p.subnet);
+    Ok(out)
 }
 
 /// Counters from a pinned map (works whether the agent runs or not).

@@ -7,10 +7,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData};
+use aya::maps::{Array, LpmTrie, Map, MapData};
 use ipnet::Ipv4Net;
 use overlay_common::{
-    maps::{self, CONFIG_READY, PEER_DIRECT},
+    maps::{self, CONFIG_READY},
     Counter, DataplaneConfig, Peer,
 };
 use serde::Serialize;
@@ -95,26 +95,15 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
 
     let trie = LpmTrie::<MapData, [u8; 4], Peer>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS)?))
         .map_err(err(maps::PEERS))?;
-    let mut peers = Vec::new();
-    for key in trie.keys() {
-        let key: Key<[u8; 4]> = key.map_err(err(maps::PEERS))?;
-        // An entry removed between listing and reading is simply gone.
-        let Ok(p) = trie.get(&key, 0) else { continue };
-        let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
-            continue;
-        };
-        peers.push(PeerView {
-            subnet,
-            public_ip: p.public_ip.into(),
+    let peers = dataplane::peer_entries(&trie)?
+        .into_iter()
+        .map(|p| PeerView {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
             vtep_mac: MacAddr(p.vtep_mac).to_string(),
-            mode: if p.flags & PEER_DIRECT != 0 {
-                "direct"
-            } else {
-                "encap"
-            },
-        });
-    }
-    peers.sort_by_key(|p| p.subnet);
+            mode: if p.direct { "direct" } else { "encap" },
+        })
+        .collect();
 
     if !pin_root.join(maps::COUNTERS).exists() {
         return Err(StatusError::NotPinned {
