@@ -353,26 +353,16 @@ pub fn tcp_transfer(
     client: &Netns,
     seconds: u32,
 ) -> Result<(f64, String)> {
-    let mut srv = server.command("iperf3");
-    srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
-        .stdin(Stdio::null());
     let out_path = std::env::temp_dir().join(unique_name("iperf"));
-    srv.stdout(std::fs::File::create(&out_path)?)
-        .stderr(Stdio::null());
-    let pid = server.spawn(srv)?;
-    std::thread::sleep(Duration::from_millis(300));
+    let srv = IperfServer::start(server, server_ip, out_path.clone())?;
     let client_res = client.exec(
         "iperf3",
         &["-c", &server_ip.to_string(), "-t", &seconds.to_string(), "-J"],
     );
-    // The server exits after one test (-1); give it a moment, then reap it.
-    std::thread::sleep(Duration::from_millis(300));
-    server.kill(pid, Signal::SIGTERM);
-    let client_out = client_res.context("iperf3 client")?;
-    let text = std::fs::read_to_string(&out_path)?;
+    let v = srv.report(server, Duration::from_secs(5));
     let _ = std::fs::remove_file(&out_path);
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("iperf3 server output: {text}"))?;
+    let client_out = client_res.context("iperf3 client")?;
+    let v = v?;
     let remote = v["start"]["connected"][0]["remote_host"]
         .as_str()
         .unwrap_or("")
@@ -382,6 +372,43 @@ pub fn tcp_transfer(
         .as_f64()
         .unwrap_or(0.0);
     Ok((bps, remote))
+}
+
+/// A one-test iperf3 server (`-s -1 -J`) writing its JSON report to a file.
+struct IperfServer {
+    report: PathBuf,
+    pid: u32,
+}
+
+impl IperfServer {
+    fn start(server: &mut Netns, server_ip: Ipv4Addr, report: PathBuf) -> Result<Self> {
+        let mut srv = server.command("iperf3");
+        srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&report)?)
+            .stderr(Stdio::null());
+        let pid = server.spawn(srv)?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(IperfServer { report, pid })
+    }
+
+    /// Waits (up to `timeout`) for the complete report, then reaps the server.
+    fn report(self, server: &mut Netns, timeout: Duration) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let v = loop {
+            let text = std::fs::read_to_string(&self.report).unwrap_or_default();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                break v;
+            }
+            if Instant::now() > deadline {
+                server.kill(self.pid, Signal::SIGTERM);
+                bail!("no iperf3 report within {timeout:?}: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        server.kill(self.pid, Signal::SIGTERM);
+        Ok(v)
+    }
 }
 
 /// Checks a command exists in PATH (for clearer failures than "No such file").
@@ -395,8 +422,7 @@ pub fn have(cmd: &str) -> bool {
 
 /// A steady UDP flow (iperf3, 100-byte datagrams at 1,000 packets/s) between two pods.
 pub struct UdpFlow {
-    report: PathBuf,
-    server_pid: u32,
+    server: IperfServer,
 }
 
 impl UdpFlow {
@@ -409,12 +435,7 @@ impl UdpFlow {
         secs: u32,
         report: PathBuf,
     ) -> Result<Self> {
-        let mut srv = server.command("iperf3");
-        srv.args(["-s", "-1", "-J", "-B", &server_ip.to_string()])
-            .stdout(std::fs::File::create(&report)?)
-            .stderr(Stdio::null());
-        let server_pid = server.spawn(srv)?;
-        std::thread::sleep(Duration::from_millis(300));
+        let server = IperfServer::start(server, server_ip, report)?;
         let mut cli = client.command("iperf3");
         cli.args([
             "-c",
@@ -430,24 +451,12 @@ impl UdpFlow {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         client.spawn(cli)?;
-        Ok(UdpFlow { report, server_pid })
+        Ok(UdpFlow { server })
     }
 
     /// Waits for the receiver's report (up to `timeout`); returns (packets sent, packets lost).
     pub fn finish(self, server: &mut Netns, timeout: Duration) -> Result<(u64, u64)> {
-        let deadline = Instant::now() + timeout;
-        let v = loop {
-            let text = std::fs::read_to_string(&self.report).unwrap_or_default();
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                break v;
-            }
-            if Instant::now() > deadline {
-                server.kill(self.server_pid, Signal::SIGTERM);
-                bail!("no iperf3 report within {timeout:?}: {text}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        server.kill(self.server_pid, Signal::SIGTERM);
+        let v = self.server.report(server, timeout)?;
         let sum = &v["end"]["sum"];
         Ok((
             sum["packets"].as_u64().unwrap_or(0),
