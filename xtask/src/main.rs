@@ -117,8 +117,10 @@ fn main() -> Result<()> {
 
 fn test(host_only: bool, rest: &[String]) -> Result<()> {
     toolchain::ensure()?;
-    let mut tiers: Vec<(&str, Vec<&str>)> = vec![(
+    // (name, needs root, cargo arguments)
+    let mut tiers: Vec<(&str, bool, Vec<&str>)> = vec![(
         "tier 1: host unit tests",
+        false,
         vec![
             "test",
             "--package",
@@ -129,28 +131,31 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
             "xtask",
         ],
     )];
+    let e2e = if host_only { Vec::new() } else { e2e_targets()? };
     if !host_only {
         require_root("the BPF and network-namespace test tiers (use --host-only without root)")?;
         tiers.push((
             "tier 2: BPF_PROG_TEST_RUN (root)",
+            true,
             vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
         ));
         let mut args = vec!["test", "--package", "overlay-tests"];
-        for t in e2e_targets()? {
-            args.push("--test");
-            args.push(Box::leak(t.into_boxed_str()));
+        for t in &e2e {
+            args.extend(["--test", t.as_str()]);
         }
-        tiers.push(("tier 3: network namespaces, real etcd, real traffic (root)", args));
-    }
-    if !host_only {
+        tiers.push((
+            "tier 3: network namespaces, real etcd, real traffic (root)",
+            true,
+            args,
+        ));
         // Tier 3 runs the real agent binary (target/debug/overlay-agent) in node namespaces.
         cargo(&["build", "--package", "overlay-agent"])?;
     }
-    for (name, mut args) in tiers {
+    for (name, root, mut args) in tiers {
         eprintln!("\n=== {name} ===");
         args.push("--");
         // Root tiers create namespaces and processes: one test at a time keeps them readable.
-        if name.contains("root") {
+        if root {
             args.push("--test-threads=1");
         }
         args.extend(rest.iter().map(String::as_str));
