@@ -9,12 +9,14 @@ use overlay_common::DataplaneConfig;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use overlay_common::maps;
+
 use crate::{
-    cli::AgentArgs,
+    cli::{AgentArgs, DecapChoice, DeliverChoice},
     config::NetworkConfig,
     control::{self, Event, NodeIdentity},
     dataplane::{Dataplane, DecapMode, PeerEntry},
-    hostroute,
+    endpoints, hostroute,
     iface::{self, Underlay},
     lease::Lease,
     object, ops,
@@ -45,11 +47,21 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     enable_ip_forward()?;
 
     let mut dp = Dataplane::load(&args.pin_root)?;
-    let decap = decap_mode();
-    dp.attach_decap(&underlay.name, decap)
-        .with_context(|| format!("attaching decap ({decap:?}) to {}", underlay.name))?;
-    info!(iface = %underlay.name, mode = ?decap, pin_root = %args.pin_root.display(), "decap attached");
-    if decap == DecapMode::Xdp {
+    let choice = choose_decap(args.decap, &underlay.name);
+    info!(iface = %underlay.name, mode = ?choice.mode, why = %choice.why, "decap mode");
+    let mut choice = choice;
+    if let Err(e) = dp.attach_decap(&underlay.name, choice.mode, choice.native_only) {
+        if !choice.native_only {
+            return Err(e)
+                .with_context(|| format!("attaching decap ({:?}) to {}", choice.mode, underlay.name));
+        }
+        warn!(iface = %underlay.name, error = %e, "the driver runs no XDP; using TC decap");
+        choice.mode = DecapMode::Tc;
+        dp.attach_decap(&underlay.name, DecapMode::Tc, false)
+            .with_context(|| format!("attaching decap (Tc) to {}", underlay.name))?;
+    }
+    info!(iface = %underlay.name, mode = ?choice.mode, pin_root = %args.pin_root.display(), "decap attached");
+    if choice.mode == DecapMode::Xdp {
         match iface::ensure_gro(&underlay.name) {
             Ok(true) => {
                 info!(iface = %underlay.name, "turned GRO on: XDP-decapsulated frames are merged before routing")
@@ -58,13 +70,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Err(e) => warn!(iface = %underlay.name, error = %e, "could not turn GRO on"),
         }
     }
+    let datapath_flags = datapath_flags(args.deliver, choice.hardware);
     let mut ops = ops::Ops::start(&args).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
     let control_args = args.clone();
     let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
 
-    let mut state = Sync::new(underlay, public_ip, vtep_mac);
+    let mut state = Sync::new(underlay, public_ip, vtep_mac, datapath_flags);
     // Peers an earlier agent left in the pinned map: the first resync keeps or removes them.
     for p in dp.peers().unwrap_or_default() {
         state.peers.insert(p.subnet, p);
@@ -73,6 +86,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         info!(peers = state.peers.len(), "adopted the pinned datapath");
     }
     let mut bridge = BridgeWatch::new(&args.bridge);
+    let (mut local, mut local_watch) = endpoints::start(&dp, &args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
     let mut reap = tokio::time::interval(REAP_TICK);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -82,6 +96,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 Some(ev) => {
                     let seen = ops.received(&ev);
                     state.apply(&mut dp, ev).await;
+                    local.own_subnet(&mut dp, state.own);
                     ops.applied(seen, state.peers.len());
                 }
                 // The control plane ended (dropping its sender): its result says why. Without
@@ -89,6 +104,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 None => return control_result((&mut control).await),
             },
             _ = poll.tick() => bridge.check(&mut dp),
+            d = local_watch.next() => local.discovered(&mut dp, d),
             _ = reap.tick() => state.reap(&mut dp),
             r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
@@ -106,13 +122,66 @@ fn control_result(r: Result<Result<(), control::ControlError>, tokio::task::Join
     }
 }
 
-/// Decap variant: `OVERLAY_DECAP=xdp|tc`. XDP by default: it sees every VXLAN frame before
-/// GRO, where TC decap of GRO-merged frames needs a kernel newer than 6.18.
-fn decap_mode() -> DecapMode {
-    match std::env::var("OVERLAY_DECAP").as_deref() {
-        Ok("tc") => DecapMode::Tc,
-        _ => DecapMode::Xdp,
+/// The decap hook for the underlay and why.
+#[derive(Debug)]
+struct DecapChoiceMade {
+    mode: DecapMode,
+    /// XDP must run in the driver (auto on a hardware NIC: generic XDP would be slower than TC).
+    native_only: bool,
+    /// The underlay is a hardware (or paravirtual) NIC, not a veth or other virtual device.
+    hardware: bool,
+    why: String,
+}
+
+/// `--decap` (`OVERLAY_DECAP`, the variable of earlier releases, still counts when the flag is
+/// left at auto). Auto: XDP on a NIC with a bus address (a hardware or virtio NIC: its driver
+/// runs XDP before GRO and builds no skb for dropped frames); TC on veth and other virtual
+/// devices, where XDP would turn GSO off on the peer and copy every frame, while TC keeps GSO
+/// super-packets whole.
+fn choose_decap(flag: DecapChoice, iface: &str) -> DecapChoiceMade {
+    let info = iface::driver_info(iface).ok();
+    let hardware = info.as_ref().is_some_and(|i| !i.bus_info.is_empty());
+    let driver = info.as_ref().map_or("unknown", |i| i.driver.as_str()).to_string();
+    let flag = match (flag, std::env::var("OVERLAY_DECAP").as_deref()) {
+        (DecapChoice::Auto, Ok("tc")) => DecapChoice::Tc,
+        (DecapChoice::Auto, Ok("xdp")) => DecapChoice::Xdp,
+        (f, _) => f,
+    };
+    let (mode, native_only, why) = match flag {
+        DecapChoice::Xdp => (DecapMode::Xdp, false, "--decap xdp".to_string()),
+        DecapChoice::Tc => (DecapMode::Tc, false, "--decap tc".to_string()),
+        DecapChoice::Auto if hardware => (
+            DecapMode::Xdp,
+            true,
+            format!("auto: {iface} is a NIC (driver {driver}): XDP in the driver, before GRO"),
+        ),
+        DecapChoice::Auto => (
+            DecapMode::Tc,
+            false,
+            format!("auto: {iface} is a virtual device (driver {driver}): TC keeps GSO packets whole"),
+        ),
+    };
+    DecapChoiceMade {
+        mode,
+        native_only,
+        hardware,
+        why,
     }
+}
+
+/// The `DataplaneConfig::flags` bits that come from flags and the underlay.
+fn datapath_flags(deliver: DeliverChoice, hardware: bool) -> u16 {
+    let mut flags = 0;
+    match deliver {
+        DeliverChoice::Peer => {}
+        DeliverChoice::Veth => flags |= maps::CONFIG_DELIVER_VIA_VETH,
+        DeliverChoice::Stack => flags |= maps::CONFIG_NO_DELIVER,
+    }
+    if hardware {
+        // The NIC verified the checksums; stripping the outer headers must not forget that.
+        flags |= maps::CONFIG_KEEP_CSUM;
+    }
+    flags
 }
 
 /// The datapath needs forwarding on (decapsulated packets are routed to the bridge).
@@ -164,12 +233,15 @@ struct Sync {
     leaving: HashMap<Ipv4Net, tokio::time::Instant>,
     /// The subnet the host device is set up for.
     host_device: Option<Ipv4Net>,
+    /// `DataplaneConfig::flags` from the command line and the underlay.
+    datapath_flags: u16,
 }
 
 impl Sync {
-    fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6]) -> Self {
+    fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6], datapath_flags: u16) -> Self {
         let segment = connected_network(&underlay.name, underlay.ipv4);
         Sync {
+            datapath_flags,
             underlay,
             segment,
             public_ip,
@@ -241,7 +313,7 @@ impl Sync {
             port: cfg.backend.port,
             underlay_ifindex: self.underlay.ifindex,
             underlay_mac: self.underlay.mac,
-            flags: 0,
+            flags: self.datapath_flags,
             inner_mtu,
         };
         if let Err(e) = dp.set_config(&dc) {

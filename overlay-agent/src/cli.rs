@@ -94,6 +94,32 @@ pub struct AgentArgs {
     /// bpffs directory for pinned programs and maps.
     #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
     pub pin_root: PathBuf,
+    /// Where VXLAN is stripped on the underlay NIC: `xdp` (before GRO; the choice for a NIC
+    /// with a native XDP driver), `tc` (keeps GSO super-packets whole; the choice for veth and
+    /// other virtual devices), or `auto` (picks from the device's driver and logs why).
+    #[arg(long, env = "FLANNELD_DECAP", default_value = "auto")]
+    pub decap: DecapChoice,
+    /// How decapsulated packets for a pod on this node reach it: `peer` (bpf_redirect_peer into
+    /// the pod's namespace), `veth` (bpf_redirect through its host-side veth) or `stack` (the
+    /// node's routing and the bridge, as flannel.1 does).
+    #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer")]
+    pub deliver: DeliverChoice,
+}
+
+/// `--decap`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapChoice {
+    Auto,
+    Xdp,
+    Tc,
+}
+
+/// `--deliver`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverChoice {
+    Peer,
+    Veth,
+    Stack,
 }
 
 fn parse_public_ip(s: &str) -> Result<Ipv4Addr, String> {

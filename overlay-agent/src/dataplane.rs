@@ -20,7 +20,7 @@ use ipnet::Ipv4Net;
 use overlay_common::{
     counters::COUNTER_COUNT,
     maps::{self, PEER_DIRECT},
-    programs, Counter, DataplaneConfig, Peer, Vtep,
+    programs, Counter, DataplaneConfig, Endpoint, Peer, Vtep,
 };
 
 use crate::{bpffs, object};
@@ -50,6 +50,8 @@ pub enum DataplaneError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("carrying the counters of a retired map over: {0}")]
+    CarryCounters(std::io::Error),
     #[error("adding the clsact qdisc to {iface}: {source}")]
     Clsact { iface: String, source: tc::TcError },
     #[error("removing pins under {path}: {source}")]
@@ -80,6 +82,16 @@ pub struct PeerEntry {
     pub direct: bool,
 }
 
+/// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
+/// `ifindex` (the pod's host-side veth), addressed to `mac`, from `gw_mac` (the bridge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalEndpoint {
+    pub ip: Ipv4Addr,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub gw_mac: [u8; 6],
+}
+
 /// Summed per-CPU counters, indexed by [`Counter`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters(pub Vec<u64>);
@@ -108,7 +120,7 @@ impl Dataplane {
     pub fn load_with_capacity(pin_root: &Path, max_peers: u32) -> Result<Self, DataplaneError> {
         let bytes = object::object()?;
         bpffs::prepare_pin_root(pin_root)?;
-        retire_incompatible_pins(bytes, pin_root, max_peers);
+        let carried = retire_incompatible_pins(bytes, pin_root, max_peers);
         let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
         loader
@@ -131,11 +143,38 @@ impl Dataplane {
             name: programs::DECAP_XDP,
             source,
         })?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             pin_root: pin_root.to_path_buf(),
             max_peers,
-        })
+        };
+        if let Some(old) = carried {
+            dp.carry_counters(&old)?;
+        }
+        Ok(dp)
+    }
+
+    /// Writes the per-CPU counts of a retired counters map into ours, slot by slot.
+    fn carry_counters(&mut self, old: &[Vec<u64>]) -> Result<(), DataplaneError> {
+        let mut arr: PerCpuArray<&mut MapData, u64> = map_mut(&mut self.ebpf, maps::COUNTERS)?;
+        let err = |source| DataplaneError::Map {
+            name: maps::COUNTERS,
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::CarryCounters(e))?;
+        for (i, per_cpu) in (0..arr.len()).zip(old) {
+            let mut values = vec![0u64; cpus];
+            for (v, o) in values.iter_mut().zip(per_cpu) {
+                *v = *o;
+            }
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(DataplaneError::CarryCounters)?;
+            arr.set(i, values, 0).map_err(err)?;
+        }
+        tracing::info!(
+            slots = old.len(),
+            "carried the counts over from the retired counters map"
+        );
+        Ok(())
     }
 
     pub fn pin_root(&self) -> &Path {
@@ -154,9 +193,26 @@ impl Dataplane {
     }
 
     /// Attaches decap to the ingress of the underlay NIC.
-    pub fn attach_decap(&mut self, iface: &str, mode: DecapMode) -> Result<(), DataplaneError> {
+    ///
+    /// TC: the TC program strips and delivers; an XDP decap an earlier agent left there (a
+    /// changed `--decap`, or an upgrade that changed the default) is detached afterwards. The
+    /// new hook is in place before the old one goes: while both run, XDP strips first and TC
+    /// sees only inner frames, which it passes or delivers, so no packet is stripped twice and
+    /// none meets a NIC without decap.
+    ///
+    /// XDP: XDP strips (before GRO) and the TC program, after GRO, delivers what XDP stripped
+    /// straight to local pods. `native_only` refuses generic (skb-mode) XDP.
+    pub fn attach_decap(
+        &mut self,
+        iface: &str,
+        mode: DecapMode,
+        native_only: bool,
+    ) -> Result<(), DataplaneError> {
         match mode {
-            DecapMode::Tc => self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress),
+            DecapMode::Tc => {
+                self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress)?;
+                self.retire_link(programs::DECAP_XDP, iface)
+            }
             DecapMode::Xdp => {
                 let name = programs::DECAP_XDP;
                 let path = self.link_pin(name, iface)?;
@@ -168,13 +224,41 @@ impl Dataplane {
                     Some(Ok(id)) => id,
                     _ => {
                         let _ = std::fs::remove_file(&path);
-                        xdp.attach(iface, XdpMode::Default).map_err(err)?
+                        let mode = if native_only {
+                            XdpMode::Driver
+                        } else {
+                            XdpMode::Default
+                        };
+                        xdp.attach(iface, mode).map_err(err)?
                     }
                 };
                 let link = xdp.take_link(id).map_err(err)?;
-                pin_link(FdLink::try_from(link), &path)
+                pin_link(FdLink::try_from(link), &path)?;
+                // The TC program after GRO delivers the frames XDP stripped straight to local
+                // pods (it recognises them by XDP metadata and leaves everything else alone).
+                self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress)
             }
         }
+    }
+
+    /// Removes the pinned link of `prog` on `iface`, detaching the program unless another
+    /// process holds the link open.
+    fn retire_link(&self, prog: &str, iface: &str) -> Result<(), DataplaneError> {
+        let dir = self.pin_root.join("links");
+        let stem = format!("{prog}@{}@", iface.replace('.', "_"));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&stem) {
+                tracing::info!(link = %entry.path().display(), "detaching the decap variant no longer in use");
+                std::fs::remove_file(entry.path()).map_err(|source| DataplaneError::Unpin {
+                    path: entry.path().display().to_string(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn attach_tc(&mut self, name: &'static str, iface: &str, at: TcAttachType) -> Result<(), DataplaneError> {
@@ -266,6 +350,41 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Adds or replaces one local pod.
+    pub fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError> {
+        let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
+        let value = Endpoint {
+            ifindex: e.ifindex,
+            mac: e.mac,
+            gw_mac: e.gw_mac,
+        };
+        eps.insert(e.ip.octets(), value, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: maps::ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Removes one local pod. Absent is not an error.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
+        ignore_missing(eps.remove(&ip.octets()), maps::ENDPOINTS)
+    }
+
+    /// The local pods in the (possibly adopted) endpoint map.
+    pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::ENDPOINTS)
+            .ok_or(DataplaneError::MissingMap(maps::ENDPOINTS))?;
+        let eps: HashMap<&MapData, [u8; 4], Endpoint> =
+            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
+                name: maps::ENDPOINTS,
+                source,
+            })?;
+        Ok(endpoint_entries(&eps))
+    }
+
     /// Removes one remote subnet and its sender entry. Absent entries are not an error.
     pub fn remove_peer(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<(), DataplaneError> {
         let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
@@ -307,11 +426,14 @@ impl Dataplane {
 
 /// A pinned map left by an agent whose map layout differs from ours (an upgrade that changed a
 /// key, value or size) cannot be adopted: unpin it so a fresh one is created. The agent refills
-/// it from etcd; the old programs keep the old map until their links are swapped.
-fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) {
+/// the peer tables from etcd and the endpoints from the node; the old programs keep the old map
+/// until their links are swapped. The counters are carried over: their per-CPU values (index →
+/// one value per CPU) are returned for [`Dataplane::carry_counters`].
+fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) -> Option<Vec<Vec<u64>>> {
     let Ok(obj) = aya_obj::Object::parse(object) else {
-        return;
+        return None;
     };
+    let mut carried = None;
     for name in maps::ALL {
         let path = pin_root.join(name);
         let (Some(want), Ok(pinned)) = (obj.maps.get(name), MapData::from_pin(&path)) else {
@@ -334,9 +456,22 @@ fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) {
                 ours = ?(want.key_size(), want.value_size(), max_entries),
                 "pinned map has another layout; replacing it"
             );
+            if name == maps::COUNTERS && info.value_size() == 8 && info.key_size() == 4 {
+                carried = per_cpu_counts(pinned);
+            }
             let _ = std::fs::remove_file(&path);
         }
     }
+    carried
+}
+
+/// Every slot of a per-CPU `u64` array, one value per CPU.
+fn per_cpu_counts(data: MapData) -> Option<Vec<Vec<u64>>> {
+    let map = aya::maps::Map::PerCpuArray(data);
+    let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(&map).ok()?;
+    (0..arr.len())
+        .map(|i| arr.get(&i, 0).ok().map(|v| v.iter().copied().collect()))
+        .collect()
 }
 
 /// A link pinned by an earlier agent, if there is one of the right kind.
@@ -389,6 +524,39 @@ pub fn peer_entries<T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
+/// Every local pod in an endpoint map, sorted by address. Entries removed while reading are gone.
+pub fn endpoint_entries<T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, [u8; 4], Endpoint>,
+) -> Vec<LocalEndpoint> {
+    let mut out: Vec<LocalEndpoint> = map
+        .iter()
+        .flatten()
+        .map(|(ip, e)| LocalEndpoint {
+            ip: Ipv4Addr::from(ip),
+            ifindex: e.ifindex,
+            mac: e.mac,
+            gw_mac: e.gw_mac,
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    out
+}
+
+/// Local pods from a pinned endpoint map (works whether the agent runs or not).
+pub fn read_pinned_endpoints(pin_root: &Path) -> Result<Vec<LocalEndpoint>, DataplaneError> {
+    let data = MapData::from_pin(pin_root.join(maps::ENDPOINTS)).map_err(|source| DataplaneError::Map {
+        name: maps::ENDPOINTS,
+        source,
+    })?;
+    let map = aya::maps::Map::HashMap(data);
+    let eps: HashMap<&MapData, [u8; 4], Endpoint> =
+        HashMap::try_from(&map).map_err(|source| DataplaneError::Map {
+            name: maps::ENDPOINTS,
+            source,
+        })?;
+    Ok(endpoint_entries(&eps))
+}
+
 /// Counters from a pinned map (works whether the agent runs or not).
 pub fn read_pinned_counters(pin_root: &Path) -> Result<Counters, DataplaneError> {
     let data = MapData::from_pin(pin_root.join(maps::COUNTERS)).map_err(|source| DataplaneError::Map {
@@ -405,13 +573,16 @@ fn read_counters(map: &aya::maps::Map) -> Result<Counters, DataplaneError> {
             source,
         })?;
     let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
-    for i in 0..COUNTER_COUNT {
+    // A map pinned by an older release may have fewer slots: its missing counters read 0.
+    let slots = arr.len().min(COUNTER_COUNT);
+    for i in 0..slots {
         let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map {
             name: maps::COUNTERS,
             source,
         })?;
         out.push(v.iter().sum());
     }
+    out.resize(COUNTER_COUNT as usize, 0);
     Ok(Counters(out))
 }
 

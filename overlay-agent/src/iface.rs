@@ -194,6 +194,50 @@ pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
     Ok(true)
 }
 
+/// What ethtool says about a device's driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// e.g. `veth`, `mlx5_core`, `virtio_net`.
+    pub driver: String,
+    /// The bus address of the device (`0000:03:00.0`); empty for virtual devices.
+    pub bus_info: String,
+}
+
+/// The driver of `name` (ETHTOOL_GDRVINFO).
+pub fn driver_info(name: &str) -> Result<DriverInfo, IfaceError> {
+    const ETHTOOL_GDRVINFO: u32 = 0x03;
+    // struct ethtool_drvinfo: cmd, driver[32], version[32], fw_version[32], bus_info[32],
+    // erom_version[32], reserved2[12], five u32 counts.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        rest: [u8; 32 + 12 + 20],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        rest: [0; 64],
+    };
+    if_ioctl(name, libc::SIOCETHTOOL, |req| {
+        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast()
+    })?;
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    Ok(DriverInfo {
+        driver: text(&info.driver),
+        bus_info: text(&info.bus_info),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,8 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Show this node's datapath config, peers and counters from the pinned maps (works whether
-    /// the agent runs or not).
+    /// Show this node's datapath config, peers, local endpoints and counters from the pinned maps
+    /// (works whether the agent runs or not).
     Status {
         #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,

@@ -36,10 +36,23 @@ pub enum Counter {
     /// Larger than the tunnel MTU: handed to the stack, which routes it via the host device and
     /// answers DF packets with ICMP fragmentation-needed (or fragments the others).
     PassTooBig,
+    /// Decapsulated and handed straight to a local pod's veth (no bridge, no routing).
+    DeliverPackets,
+    DeliverBytes,
+    /// Decapsulated packets that were GSO super-packets (several MTU-sized segments in one).
+    DecapGsoPackets,
+    /// Frames XDP decap stripped that the TC program on the same NIC (after GRO) left to the
+    /// stack: not for a local pod, or delivery is off.
+    XdpDecapToStack,
 }
 
-/// Number of counters (the per-CPU array's `max_entries`).
-pub const COUNTER_COUNT: u32 = Counter::PassTooBig as u32 + 1;
+/// Number of counters defined.
+pub const COUNTER_COUNT: u32 = Counter::XdpDecapToStack as u32 + 1;
+
+/// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
+/// the pinned map's layout, so an upgrade keeps the counts.
+pub const COUNTER_SLOTS: u32 = 64;
+const _: () = assert!(COUNTER_COUNT <= COUNTER_SLOTS);
 
 impl Counter {
     /// All counters in index order.
@@ -62,6 +75,10 @@ impl Counter {
         Counter::DropAdjustRoom,
         Counter::DropTooBig,
         Counter::PassTooBig,
+        Counter::DeliverPackets,
+        Counter::DeliverBytes,
+        Counter::DecapGsoPackets,
+        Counter::XdpDecapToStack,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -85,6 +102,10 @@ impl Counter {
             Counter::DropAdjustRoom => "drop_adjust_room",
             Counter::DropTooBig => "drop_too_big",
             Counter::PassTooBig => "pass_too_big",
+            Counter::DeliverPackets => "deliver_packets",
+            Counter::DeliverBytes => "deliver_bytes",
+            Counter::DecapGsoPackets => "decap_gso_packets",
+            Counter::XdpDecapToStack => "xdp_decap_to_stack",
         }
     }
 

@@ -5,6 +5,7 @@
 //! | `OVL_CONFIG`   | array[1]       | `u32` 0                     | [`DataplaneConfig`]| agent      |
 //! | `OVL_PEERS`    | LPM trie       | prefix + remote subnet      | [`Peer`]           | agent      |
 //! | `OVL_VTEPS`    | hash           | peer PublicIP (`[u8; 4]`)   | [`Vtep`]           | agent      |
+//! | `OVL_ENDPOINTS`| hash           | local pod IPv4 (`[u8; 4]`)  | [`Endpoint`]       | agent      |
 //! | `OVL_COUNTERS` | per-CPU array  | [`crate::Counter`] as `u32` | `u64`              | programs   |
 //!
 //! All addresses are stored in network byte order as byte arrays, all other integers in host order.
@@ -14,15 +15,28 @@ use core::mem::size_of;
 pub const CONFIG: &str = "OVL_CONFIG";
 pub const PEERS: &str = "OVL_PEERS";
 pub const VTEPS: &str = "OVL_VTEPS";
+pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
 pub const COUNTERS: &str = "OVL_COUNTERS";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 4] = [CONFIG, PEERS, VTEPS, COUNTERS];
+pub const ALL: [&str; 5] = [CONFIG, PEERS, VTEPS, ENDPOINTS, COUNTERS];
+
+/// Capacity of the local endpoint table (pods on this node).
+pub const MAX_ENDPOINTS: u32 = 16384;
 
 /// Capacity of the peer tables (remote subnets).
 pub const MAX_PEERS: u32 = 16384;
 
 /// `DataplaneConfig::flags`: the agent has filled the config in.
 pub const CONFIG_READY: u16 = 1;
+/// `DataplaneConfig::flags`: deliver decapsulated packets to a local pod with `bpf_redirect` to
+/// its host-side veth (through the veth's transmit path) instead of `bpf_redirect_peer`.
+pub const CONFIG_DELIVER_VIA_VETH: u16 = 1 << 1;
+/// `DataplaneConfig::flags`: keep the NIC's "checksum verified" state when stripping the outer
+/// headers (`BPF_F_ADJ_ROOM_NO_CSUM_RESET`); set on hardware NICs.
+pub const CONFIG_KEEP_CSUM: u16 = 1 << 2;
+/// `DataplaneConfig::flags`: do not deliver straight to pods, always hand decapsulated packets
+/// to the stack (the datapath v1 behaviour; for measurements and as an escape hatch).
+pub const CONFIG_NO_DELIVER: u16 = 1 << 3;
 
 /// Node-wide settings the programs need. One entry, key 0.
 #[repr(C)]
@@ -83,6 +97,20 @@ impl Vtep {
     }
 }
 
+/// A pod on this node, the value for its IPv4 address in `OVL_ENDPOINTS`: decap hands packets
+/// for it straight to its veth, skipping the bridge and the node's routing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The host-side veth of the pod (a port of the pod bridge).
+    pub ifindex: u32,
+    /// The pod's MAC: the destination MAC of delivered frames.
+    pub mac: [u8; 6],
+    /// The pod bridge's MAC (the pod's gateway): the source MAC of delivered frames.
+    pub gw_mac: [u8; 6],
+}
+const _: () = assert!(size_of::<Endpoint>() == 16);
+
 /// Netmask for a prefix length, host order; lengths above 32 are treated as 32.
 pub const fn prefix_mask(prefix_len: u8) -> u32 {
     if prefix_len == 0 {
@@ -103,6 +131,8 @@ mod pod {
     unsafe impl aya::Pod for Peer {}
     // SAFETY: repr(C), byte arrays and explicit padding only (size asserted above).
     unsafe impl aya::Pod for Vtep {}
+    // SAFETY: repr(C), a u32 and byte arrays, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for Endpoint {}
 }
 
 #[cfg(test)]

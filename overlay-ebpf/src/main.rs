@@ -5,6 +5,7 @@
 //! | `OVL_CONFIG`   | array[1]      | 0                      | `DataplaneConfig` | agent      |
 //! | `OVL_PEERS`    | LPM trie      | remote pod subnet      | `Peer`            | agent      |
 //! | `OVL_VTEPS`    | hash          | peer PublicIP          | `Vtep`            | agent      |
+//! | `OVL_ENDPOINTS`| hash          | local pod IPv4         | `Endpoint`        | agent      |
 //! | `OVL_COUNTERS` | per-CPU array | `Counter` index        | `u64`             | programs   |
 //!
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
@@ -20,22 +21,27 @@ use aya_ebpf::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_ADJ_ROOM_NO_CSUM_RESET,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_xdp_adjust_head,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    counters::COUNTER_COUNT,
-    maps::{CONFIG_READY, MAX_PEERS, PEER_DIRECT},
+    counters::COUNTER_SLOTS,
+    maps::{
+        CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER, CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS,
+        PEER_DIRECT,
+    },
     wire::{
         encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
     },
-    Counter, DataplaneConfig, Peer, Vtep,
+    Counter, DataplaneConfig, Endpoint, Peer, Vtep,
 };
 
 #[btf_map]
@@ -45,7 +51,9 @@ static OVL_PEERS: LpmTrie<[u8; 4], Peer, { MAX_PEERS as usize }> = LpmTrie::new(
 #[btf_map]
 static OVL_VTEPS: HashMap<[u8; 4], Vtep, { MAX_PEERS as usize }> = HashMap::new();
 #[btf_map]
-static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+static OVL_ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+#[btf_map]
+static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
 const AF_INET: u8 = 2;
 /// Not in the pinned bindings yet (uapi `enum bpf_adj_room_flags`, 1 << 10).
@@ -55,6 +63,9 @@ const TC_ACT_OK: u32 = aya_ebpf::bindings::TC_ACT_OK as u32;
 const TC_ACT_SHOT: u32 = aya_ebpf::bindings::TC_ACT_SHOT as u32;
 const TC_ACT_REDIRECT: u32 = aya_ebpf::bindings::TC_ACT_REDIRECT as u32;
 const ETH_P_IP_BE: u16 = ETH_P_IP.to_be();
+/// XDP metadata that marks a frame XDP decap stripped, for the TC program on the same NIC
+/// (after GRO) to deliver it straight to a local pod. Only XDP programs can write metadata.
+const DECAPPED_MARK: u32 = 0x4f56_4c31; // "OVL1"
 
 #[inline(always)]
 fn count(c: Counter, n: u64) {
@@ -449,6 +460,7 @@ fn try_decap_xdp(ctx: &XdpContext) -> Result<Verdict, Counter> {
             // The inner frame is addressed to our VtepMAC; the stack wants the NIC's own MAC.
             // SAFETY: bounds checked just above.
             unsafe { (*(start as *mut [u8; 6])) = cfg.underlay_mac };
+            mark_decapped(ctx);
             Ok(Verdict {
                 action: xdp_action::XDP_PASS,
                 counter: Counter::DecapPackets,
@@ -456,6 +468,50 @@ fn try_decap_xdp(ctx: &XdpContext) -> Result<Verdict, Counter> {
                 len: inner_len + ETH_LEN as u64,
             })
         }
+    }
+}
+
+/// Tags the frame for [`try_decap_tc`] (best effort: a driver without metadata support just
+/// leaves the frame to the stack).
+#[inline(always)]
+fn mark_decapped(ctx: &XdpContext) {
+    // SAFETY: helper on our own context.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return;
+    }
+    let meta = ctx.metadata();
+    if meta + 4 <= ctx.data() {
+        // SAFETY: bounds checked just above.
+        unsafe { *(meta as *mut u32) = DECAPPED_MARK };
+    }
+}
+
+/// True when XDP decap stripped this frame (see [`mark_decapped`]).
+#[inline(always)]
+fn decapped_by_xdp(ctx: &TcContext) -> bool {
+    // SAFETY: reading fields of our own context.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    // SAFETY: bounds checked in the same expression.
+    meta + 4 <= data && unsafe { *(meta as *const u32) } == DECAPPED_MARK
+}
+
+/// A frame XDP decap already stripped (and GRO may have merged): deliver it straight to a
+/// local pod when it is one, else leave it to the stack.
+#[inline(always)]
+fn try_deliver_decapped(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Counter> {
+    let stack = Verdict::pass(TC_ACT_OK, Counter::XdpDecapToStack);
+    if cfg.flags & CONFIG_NO_DELIVER != 0 {
+        return Ok(stack);
+    }
+    let proto: u16 = ctx.load(12).map_err(|_| Counter::DropMalformed)?;
+    if proto != ETH_P_IP_BE {
+        return Ok(stack);
+    }
+    let ip: InnerIp = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
+    // SAFETY: the hash map value is read once and copied.
+    match unsafe { OVL_ENDPOINTS.get(ip.dst) }.copied() {
+        Some(ep) => Ok(deliver(ctx, cfg, &ep)?.unwrap_or(stack)),
+        None => Ok(stack),
     }
 }
 
@@ -470,6 +526,9 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
         Ok(c) => c,
         Err(_) => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
     };
+    if decapped_by_xdp(ctx) {
+        return try_deliver_decapped(ctx, cfg);
+    }
     let frame_len = ctx.len() as usize;
     let mut f: VxlanFrame = unsafe { core::mem::zeroed() };
     let full = core::mem::size_of::<VxlanFrame>();
@@ -487,20 +546,25 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
     match classify(&f, have, frame_len, cfg)? {
         Classified::Pass => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
         Classified::Decap => {
-            // A GSO (GRO-merged, or veth-forwarded) VXLAN packet also carries the kernel's
-            // UDP-tunnel GSO state, which only BPF_F_ADJ_ROOM_DECAP_L4_UDP (kernels after 6.18)
-            // clears; without it the inner packet could not be segmented later. Kernels without
-            // the flag refuse it and the packet is counted in drop_adjust_room — use XDP decap there.
             // SAFETY: reading a field of our own context.
             let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-            let flags = if gso {
-                BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP
-            } else {
-                0
-            };
-            ctx.adjust_room(-(VXLAN_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, flags)
-                .map_err(|_| Counter::DropAdjustRoom)?;
-            // Same frame as the XDP variant: to the NIC's own MAC, from the sender's VtepMAC.
+            strip_outer(ctx, cfg)?;
+            if gso {
+                count(Counter::DecapGsoPackets, 1);
+            }
+            let len = ctx.len() as u64;
+            if cfg.flags & CONFIG_NO_DELIVER == 0 {
+                // SAFETY: the hash map value is read once and copied.
+                if let Some(ep) = unsafe { OVL_ENDPOINTS.get(f.inner_dst_ip) }.copied() {
+                    if let Some(v) = deliver(ctx, cfg, &ep)? {
+                        count(Counter::DecapPackets, 1);
+                        count(Counter::DecapBytes, len);
+                        return Ok(v);
+                    }
+                }
+            }
+            // To the stack: addressed to the NIC's own MAC, from the sender's VtepMAC, as the
+            // XDP variant hands it on.
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&cfg.underlay_mac);
             macs[6..].copy_from_slice(&f.inner_src_mac);
@@ -509,10 +573,80 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
                 action: TC_ACT_OK,
                 counter: Counter::DecapPackets,
                 bytes: Some(Counter::DecapBytes),
-                len: ctx.len() as u64,
+                len,
             })
         }
     }
+}
+
+/// Removes the outer Ethernet/IPv4/UDP/VXLAN headers, leaving the inner frame.
+///
+/// A GSO packet (veth-forwarded, or GRO-merged) keeps its length per segment
+/// (`BPF_F_ADJ_ROOM_FIXED_GSO`) and so crosses whole. Kernels that know
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` also clear its UDP-tunnel GSO state; older ones (6.18) refuse
+/// the flag and the packet keeps that state, which the pod's veth carries fine (its
+/// `hw_enc_features` take the packet whole) but the bridge and `ip_forward` do not: such packets
+/// are delivered straight to the pod whenever it is a known endpoint.
+#[inline(always)]
+fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<(), Counter> {
+    let mut flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+    if cfg.flags & CONFIG_KEEP_CSUM != 0 {
+        flags |= BPF_F_ADJ_ROOM_NO_CSUM_RESET as u64;
+    }
+    let diff = -(VXLAN_OVERHEAD as i32);
+    if ctx
+        .adjust_room(diff, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_DECAP_L4_UDP)
+        .is_ok()
+    {
+        return Ok(());
+    }
+    ctx.adjust_room(diff, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Counter::DropAdjustRoom)
+}
+
+/// Hands a decapsulated packet straight to a pod on this node, as the node's routing would
+/// (TTL decremented, from the bridge's MAC to the pod's), without the bridge or the routing.
+/// `None` leaves the packet to the stack (TTL expiring: the stack sends time-exceeded).
+#[inline(always)]
+fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, ep: &Endpoint) -> Result<Option<Verdict>, Counter> {
+    const TTL_OFF: usize = ETH_LEN + 8;
+    const CSUM_OFF: usize = ETH_LEN + 10;
+    let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).map_err(|_| Counter::DropMalformed)?;
+    if ttl_proto[0] <= 1 {
+        return Ok(None);
+    }
+    let new = [ttl_proto[0] - 1, ttl_proto[1]];
+    ctx.l3_csum_replace(
+        CSUM_OFF,
+        u16::from_ne_bytes(ttl_proto) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )
+    .map_err(|_| Counter::DropMalformed)?;
+    ctx.store(TTL_OFF, &new[0], 0)
+        .map_err(|_| Counter::DropMalformed)?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ep.mac);
+    macs[6..].copy_from_slice(&ep.gw_mac);
+    ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
+    let len = ctx.len() as u64;
+    // SAFETY: plain helper calls.
+    let action = unsafe {
+        if cfg.flags & CONFIG_DELIVER_VIA_VETH != 0 {
+            bpf_redirect(ep.ifindex, 0)
+        } else {
+            bpf_redirect_peer(ep.ifindex, 0)
+        }
+    };
+    if action as u32 != TC_ACT_REDIRECT {
+        return Err(Counter::DropNoRoute);
+    }
+    Ok(Some(Verdict {
+        action: TC_ACT_REDIRECT,
+        counter: Counter::DeliverPackets,
+        bytes: Some(Counter::DeliverBytes),
+        len,
+    }))
 }
 
 #[cfg(target_arch = "bpf")]

@@ -43,6 +43,9 @@ pub struct AgentNode {
     pub extra_args: Vec<String>,
     /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
     pub extra_env: Vec<(String, String)>,
+    /// The binary [`Cluster::start_agent`] runs on this node; `None`: [`agent_bin`] (another
+    /// release's binary for upgrade tests).
+    pub agent_bin: Option<PathBuf>,
 }
 
 impl AgentNode {
@@ -171,6 +174,7 @@ impl Cluster {
             pin_root: format!("/sys/fs/bpf/{}", unique_name("ovlagent")),
             extra_args: Vec::new(),
             extra_env: Vec::new(),
+            agent_bin: None,
         });
         Ok(())
     }
@@ -185,10 +189,8 @@ impl Cluster {
             .open(&n.log_file)?;
         // Network namespace only: the agent pins into the host's bpffs, as on a real node, so its
         // programs stay attached across restarts.
-        let mut cmd = n
-            .node
-            .ns
-            .command_net_only(agent_bin().to_str().context("agent path")?);
+        let bin = n.agent_bin.clone().unwrap_or_else(agent_bin);
+        let mut cmd = n.node.ns.command_net_only(bin.to_str().context("agent path")?);
         cmd.envs(n.extra_env.iter().map(|(k, v)| (k, v)));
         cmd.args(["--etcd-endpoints", &ep, "--iface", "eth0", "--subnet-file"])
             .arg(&n.subnet_file)
@@ -224,6 +226,18 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// True while node `i`'s agent process runs (`try_wait`: an exited agent is reaped, not a
+    /// zombie that still looks alive in /proc).
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        let n = &mut self.nodes[i];
+        let Some(pid) = n.agent_pid else { return false };
+        if n.node.ns.try_wait(pid).is_some() {
+            n.agent_pid = None;
+            return false;
+        }
+        true
     }
 
     /// Waits until node `i`'s agent has written subnet.env; returns (subnet, MTU).
@@ -470,6 +484,14 @@ impl Cluster {
     /// node; returns the cluster and the pod addresses (node order).
     pub fn running(n: u8, config: &str) -> Result<(Cluster, Vec<Ipv4Addr>)> {
         let mut c = Cluster::new(n, config)?;
+        let pods = c.start_with_pods()?;
+        Ok((c, pods))
+    }
+
+    /// Starts every node's agent (as configured: flags, binary) and gives each node one pod,
+    /// waiting until every agent knows every other node; returns the pod addresses (node order).
+    pub fn start_with_pods(&mut self) -> Result<Vec<Ipv4Addr>> {
+        let c = self;
         for i in 0..c.nodes.len() {
             c.start_agent(i)?;
         }
@@ -490,7 +512,7 @@ impl Cluster {
                 );
             }
         }
-        Ok((c, pods))
+        Ok(pods)
     }
 
     /// The vxlan leases in etcd: (subnet, PublicIP, VtepMAC), sorted by subnet.
@@ -532,5 +554,59 @@ impl Cluster {
             ],
         )?;
         Ok(())
+    }
+}
+
+/// One local endpoint as `overlay-agent status --json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EndpointSeen {
+    pub ip: Ipv4Addr,
+    pub ifindex: u32,
+    /// The veth's name as resolved in the node's namespace.
+    pub iface: Option<String>,
+    pub mac: String,
+    pub gw_mac: String,
+}
+
+impl Cluster {
+    /// `overlay-agent status --json` for node `i`, run in its network namespace (so interface
+    /// names resolve there) and the host's mount namespace (where the pins are).
+    pub fn status_json(&self, i: usize) -> Result<serde_json::Value> {
+        let n = &self.nodes[i];
+        let out = n
+            .node
+            .ns
+            .command_net_only(agent_bin().to_str().context("agent path")?)
+            .args(["status", "--json", "--pin-root", &n.pin_root])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "overlay-agent status on node {}: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Node `i`'s local endpoints per `overlay-agent status --json`, sorted by address.
+    pub fn agent_endpoints(&self, i: usize) -> Result<Vec<EndpointSeen>> {
+        let v = self.status_json(i)?;
+        let mut out = Vec::new();
+        for e in v["endpoints"]
+            .as_array()
+            .context("status has no endpoints list")?
+        {
+            let s = |k: &str| e[k].as_str().map(str::to_string);
+            out.push(EndpointSeen {
+                ip: s("ip").context("endpoint ip")?.parse()?,
+                ifindex: e["ifindex"].as_u64().context("endpoint ifindex")? as u32,
+                iface: s("iface"),
+                mac: s("mac").context("endpoint mac")?,
+                gw_mac: s("gw_mac").context("endpoint gw_mac")?,
+            });
+        }
+        out.sort();
+        Ok(out)
     }
 }

@@ -43,6 +43,18 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8
     f
 }
 
+/// A gratuitous ARP (a request for its own address, broadcast) from `mac`/`ip`: how a new
+/// interface tells its segment which MAC the address now has.
+pub fn garp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    let mut arp = Vec::with_capacity(28);
+    arp.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    arp.extend_from_slice(&mac);
+    arp.extend_from_slice(&ip.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&ip.octets());
+    eth([0xff; 6], mac, 0x0806, &arp)
+}
+
 /// A full VXLAN frame as a peer sends it: outer headers from the shared builder, then `inner_ip`.
 pub fn vxlan(p: &EncapParams, inner_ip: &[u8]) -> Vec<u8> {
     let mut params = *p;

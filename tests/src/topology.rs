@@ -1,12 +1,12 @@
 //! Node and pod namespaces wired like production: an underlay segment between nodes
 //! (198.18.0.0/24 on a bridge in its own namespace), a `cni0` bridge on every node with pods on it.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Result;
 use ipnet::Ipv4Net;
 
-use crate::netns::{veth, Netns};
+use crate::netns::{unique_name, veth, Netns};
 
 /// The shared underlay L2 segment: a bridge inside its own namespace.
 pub struct Underlay {
@@ -33,6 +33,10 @@ pub struct Node {
 pub struct Pod {
     pub ns: Netns,
     pub ip: Ipv4Addr,
+    /// The host-side veth (a port of `cni0`, in the node namespace).
+    pub veth: String,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
 }
 
 impl Node {
@@ -97,12 +101,18 @@ impl Node {
     /// Adds pod number `n` (the subnet's host n+1) on `cni0` with the given MTU.
     pub fn add_pod_in(&mut self, subnet: Ipv4Net, n: u8, mtu: u32) -> Result<Ipv4Addr> {
         let ip = nth_host(subnet, u32::from(n) + 1);
+        let pod = self.make_pod(subnet, ip, mtu, &format!("veth{n}"))?;
+        self.pods.push(pod);
+        Ok(ip)
+    }
+
+    /// A pod namespace with `ip` on `eth0`, its peer `port` on `cni0`.
+    fn make_pod(&self, subnet: Ipv4Net, ip: Ipv4Addr, mtu: u32, port: &str) -> Result<Pod> {
         let gw = nth_host(subnet, 1);
         let pod = Netns::new("ovlp")?;
-        let port = format!("veth{n}");
-        veth(&pod, "eth0", Some(&self.ns), &port)?;
-        self.ns.ip(&["link", "set", &port, "master", "cni0"])?;
-        self.ns.ip(&["link", "set", &port, "mtu", &mtu.to_string()])?;
+        veth(&pod, "eth0", Some(&self.ns), port)?;
+        self.ns.ip(&["link", "set", port, "master", "cni0"])?;
+        self.ns.ip(&["link", "set", port, "mtu", &mtu.to_string()])?;
         pod.ip(&["link", "set", "eth0", "mtu", &mtu.to_string()])?;
         pod.ip(&[
             "addr",
@@ -112,8 +122,31 @@ impl Node {
             "eth0",
         ])?;
         pod.ip(&["route", "add", "default", "via", &gw.to_string()])?;
-        self.pods.push(Pod { ns: pod, ip });
-        Ok(ip)
+        Ok(Pod {
+            ns: pod,
+            ip,
+            veth: port.to_string(),
+            subnet,
+            mtu,
+        })
+    }
+
+    /// A pod restart as the kubelet and the CNI bridge plugin do it: pod `i`'s host-side veth
+    /// is deleted with its namespace; after `down` a new namespace gets the same address on a
+    /// new veth pair (new name, new MACs) on `cni0` and announces itself with a gratuitous ARP,
+    /// as the bridge plugin does. Returns the new host-side veth's name.
+    pub fn recreate_pod(&mut self, i: usize, down: Duration) -> Result<String> {
+        let old = self.pods.remove(i);
+        let (ip, subnet, mtu) = (old.ip, old.subnet, old.mtu);
+        self.ns.ip(&["link", "del", &old.veth])?;
+        drop(old);
+        std::thread::sleep(down);
+        let pod = self.make_pod(subnet, ip, mtu, &unique_name("vethr"))?;
+        let frame = crate::packet::garp(pod.ns.mac("eth0")?, ip);
+        crate::packet::send_raw(&pod.ns, "eth0", &frame)?;
+        let veth = pod.veth.clone();
+        self.pods.insert(i, pod);
+        Ok(veth)
     }
 }
 

@@ -453,3 +453,196 @@ fn a_recreated_bridge_gets_encap_again() {
         pods[1]
     );
 }
+
+/// What node `i`'s endpoint map should hold: each of its pods with its host-side veth (index and
+/// name in the node's namespace), its MAC, and the bridge's MAC.
+fn expected_endpoints(c: &Cluster, i: usize) -> Vec<overlay_tests::cluster::EndpointSeen> {
+    use overlay_tests::topology::fmt_mac;
+    let node = &c.nodes[i].node;
+    let gw_mac = fmt_mac(&node.ns.mac("cni0").unwrap());
+    let mut v: Vec<_> = node
+        .pods
+        .iter()
+        .map(|p| overlay_tests::cluster::EndpointSeen {
+            ip: p.ip,
+            ifindex: node.ns.ifindex(&p.veth).unwrap(),
+            iface: Some(p.veth.clone()),
+            mac: fmt_mac(&p.ns.mac("eth0").unwrap()),
+            gw_mac: gw_mac.clone(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits (up to `timeout`) until node `i`'s endpoint map, per `overlay-agent status --json`, is
+/// exactly `want`.
+fn wait_endpoints(c: &Cluster, i: usize, want: &[overlay_tests::cluster::EndpointSeen], timeout: Duration) {
+    let mut seen = Vec::new();
+    let ok = Cluster::wait_for(timeout, || {
+        seen = c.agent_endpoints(i).unwrap_or_default();
+        seen == want
+    });
+    assert!(
+        ok.is_some(),
+        "node{}'s endpoint map should list exactly its pods within {timeout:?}\n  want {want:?}\n  \
+         seen {seen:?}\nlog:\n{}",
+        i + 1,
+        c.agent_log(i)
+    );
+}
+
+#[test]
+fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
+    use overlay_agent::dataplane::read_pinned_endpoints;
+    let (mut c, pods) = cluster(2, CONFIG);
+    let (subnet, mtu) = c.nodes[0].subnet_env().unwrap();
+    let second = c.nodes[0].node.add_pod_in(subnet, 2, mtu).unwrap();
+    // Traffic across the overlay and between the two local pods: the hosts resolve their pods'
+    // addresses and the bridges learn their MACs.
+    for ((node, pod), to) in [
+        ((0, 0), pods[1]),
+        ((0, 1), pods[1]),
+        ((1, 0), pods[0]),
+        ((1, 0), second),
+        ((0, 0), second),
+    ] {
+        assert!(
+            ping(&c.nodes[node].node.pods[pod].ns, to, 2, None),
+            "pod {} on node{} → {to}: no reply",
+            c.nodes[node].node.pods[pod].ip,
+            node + 1
+        );
+    }
+    let want = expected_endpoints(&c, 0);
+    assert_eq!(want.len(), 2, "node1 has two pods: {want:?}");
+    wait_endpoints(&c, 0, &want, Duration::from_secs(2));
+    wait_endpoints(&c, 1, &expected_endpoints(&c, 1), Duration::from_secs(2));
+
+    // A deleted veth leaves the map within milliseconds of RTM_DELLINK (a stale ifindex would
+    // black-hole the pod's traffic), not at the next periodic resync.
+    let pin_root = std::path::PathBuf::from(&c.nodes[0].pin_root);
+    let veth = c.nodes[0].node.pods[1].veth.clone();
+    c.nodes[0].node.ns.ip(&["link", "del", &veth]).unwrap();
+    let start = std::time::Instant::now();
+    let mut left = Vec::new();
+    while start.elapsed() < Duration::from_secs(6) {
+        left = read_pinned_endpoints(&pin_root).unwrap();
+        if !left.iter().any(|e| e.ip == second) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = start.elapsed();
+    println!("endpoint {second} left the map {took:?} after its veth was deleted");
+    assert!(
+        took < Duration::from_millis(250),
+        "{second}'s endpoint stayed in the map {took:?} after its veth {veth} was deleted (want < 250 ms; \
+         the periodic resync is every {:?}); map: {left:?}",
+        overlay_agent::endpoints::RESYNC_EVERY
+    );
+    c.nodes[0].node.pods.remove(1);
+    // The bridge's MAC may change with its ports (it takes the lowest port MAC unless one was
+    // set), which flushes its neighbour table: the other pod is back once traffic re-resolves
+    // it, with the bridge's new MAC.
+    assert!(
+        ping(&c.nodes[1].node.pods[0].ns, pods[0], 2, None),
+        "pod {} unreachable after its neighbour's veth was deleted",
+        pods[0]
+    );
+    wait_endpoints(&c, 0, &expected_endpoints(&c, 0), Duration::from_secs(2));
+}
+
+#[test]
+fn a_restarted_pod_is_reachable_again_within_a_second() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let (mut c, pods) = cluster(2, CONFIG);
+    let target = pods[0];
+    let old = expected_endpoints(&c, 0);
+    // Pings every 10 ms from the pod on node2 to the pod on node1, each reply timestamped.
+    let log = c.dir().join("flood.txt");
+    let pinger = &mut c.nodes[1].node.pods[0].ns;
+    let mut cmd = pinger.command("ping");
+    cmd.args(["-D", "-n", "-i", "0.01", "-W", "1", &target.to_string()])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::process::Stdio::null());
+    let pid = pinger.spawn(cmd).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    // The pod is a known endpoint before its restart (decap delivers to its veth, where the
+    // datapath does that), so what follows is about the restart. Up to a periodic resync.
+    wait_endpoints(
+        &c,
+        0,
+        &old,
+        overlay_agent::endpoints::RESYNC_EVERY + Duration::from_secs(1),
+    );
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let deleted = now();
+    // Down for 300 ms, then back with the same address on a new veth with a new MAC.
+    let veth = c.nodes[0]
+        .node
+        .recreate_pod(0, Duration::from_millis(300))
+        .unwrap();
+    let recreated = now();
+    std::thread::sleep(Duration::from_secs(2));
+    c.nodes[1].node.pods[0].ns.kill(pid, Signal::SIGINT);
+
+    // `[1732551234.567890] 64 bytes from 10.244.1.2: icmp_seq=12 ttl=62 time=0.321 ms`
+    let text = std::fs::read_to_string(&log).unwrap();
+    let replies: Vec<(f64, u64)> = text
+        .lines()
+        .filter(|l| l.contains(" bytes from "))
+        .filter_map(|l| {
+            let ts = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let seq = l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok()?;
+            Some((ts, seq))
+        })
+        .collect();
+    let before = replies.iter().filter(|r| r.0 < deleted).count();
+    assert!(
+        before >= 50,
+        "the flow was not running before the restart: {before} replies in 1 s\n{text}"
+    );
+    let after: Vec<(f64, u64)> = replies.iter().copied().filter(|r| r.0 >= recreated).collect();
+    let Some(&(first, first_seq)) = after.first() else {
+        panic!(
+            "no reply in the 2 s after the pod was recreated; log:\n{}",
+            c.agent_log(0)
+        )
+    };
+    let delay = first - recreated;
+    println!(
+        "first reply {:.0} ms after the pod was recreated ({:.0} ms after it was deleted)",
+        delay * 1e3,
+        (first - deleted) * 1e3
+    );
+    assert!(
+        delay < 1.0,
+        "the recreated pod answered only {delay:.3} s after it was back (want < 1 s)"
+    );
+    // Once back, every ping is answered.
+    let last_seq = after.last().unwrap().1;
+    let answered = after.len() as u64;
+    assert_eq!(
+        answered,
+        last_seq - first_seq + 1,
+        "pings {first_seq}..={last_seq} after the restart: {} unanswered",
+        last_seq - first_seq + 1 - answered
+    );
+
+    // The endpoint map follows: the new veth and MAC for the same address.
+    let new = expected_endpoints(&c, 0);
+    assert_eq!(new.len(), 1);
+    assert_eq!(new[0].iface.as_deref(), Some(veth.as_str()));
+    assert_ne!(
+        new[0].ifindex, old[0].ifindex,
+        "the recreated veth kept its ifindex"
+    );
+    assert_ne!(new[0].mac, old[0].mac, "the recreated pod kept its MAC");
+    wait_endpoints(&c, 0, &new, Duration::from_secs(1));
+}

@@ -2,7 +2,7 @@
 //! attached with the agent's own loading code, real pings across. No etcd: peers are written
 //! directly, as the agent does for each lease.
 
-use overlay_agent::dataplane::{Dataplane, DecapMode, PeerEntry};
+use overlay_agent::dataplane::{Dataplane, DecapMode, LocalEndpoint, PeerEntry};
 use overlay_common::{Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
     netns::{require_root, PinRoot},
@@ -13,12 +13,28 @@ fn vtep_mac(index: u8) -> [u8; 6] {
     [0x0e, 0, 0, 0, 0, index]
 }
 
+/// How decap hands packets to the local pod in a test run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Delivery {
+    /// No endpoint known: the stack routes the inner packet to the bridge.
+    Stack,
+    /// The pod is an endpoint: `bpf_redirect_peer` into its namespace.
+    Peer,
+    /// The pod is an endpoint: `bpf_redirect` through its host-side veth.
+    Veth,
+}
+
 /// Loads and attaches the datapath inside `node`'s namespace, pointing at `peer`.
 fn start(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode) -> Dataplane {
+    start_delivering(node, peer, pins, mode, Delivery::Stack)
+}
+
+fn start_delivering(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode, how: Delivery) -> Dataplane {
     let _inside = node.ns.enter().unwrap();
     let mut dp = Dataplane::load(&pins.0).expect("loading the datapath");
     dp.attach_encap("cni0").expect("attaching encap to cni0");
-    dp.attach_decap("eth0", mode).expect("attaching decap to eth0");
+    dp.attach_decap("eth0", mode, false)
+        .expect("attaching decap to eth0");
     dp.set_config(&DataplaneConfig {
         public_ip: Node::underlay_ip(node.index).octets(),
         vni: DEFAULT_VNI,
@@ -26,10 +42,25 @@ fn start(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode) -> Dataplane
         port: DEFAULT_VXLAN_PORT,
         underlay_ifindex: node.ns.ifindex("eth0").unwrap(),
         underlay_mac: node.ns.mac("eth0").unwrap(),
-        flags: 0,
+        flags: if how == Delivery::Veth {
+            overlay_common::maps::CONFIG_DELIVER_VIA_VETH
+        } else {
+            0
+        },
         inner_mtu: 1450,
     })
     .unwrap();
+    if how != Delivery::Stack {
+        let pod = &node.pods[0];
+        let pod_mac = pod.ns.mac("eth0").unwrap();
+        dp.upsert_endpoint(&LocalEndpoint {
+            ip: pod.ip,
+            ifindex: node.ns.ifindex(&pod.veth).unwrap(),
+            mac: pod_mac,
+            gw_mac: node.ns.mac("cni0").unwrap(),
+        })
+        .unwrap();
+    }
     dp.upsert_peer(&PeerEntry {
         subnet: Node::subnet(peer.index).parse().unwrap(),
         public_ip: Node::underlay_ip(peer.index),
@@ -41,6 +72,10 @@ fn start(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode) -> Dataplane
 }
 
 fn two_nodes_forward_pod_traffic(mode: DecapMode) {
+    forward_pod_traffic(mode, Delivery::Stack);
+}
+
+fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
     require_root();
     let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
     let underlay = Underlay::new().unwrap();
@@ -50,8 +85,8 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
         n.add_bridge(1450).unwrap();
         n.add_pod(1, 1450).unwrap();
     }
-    let dp_a = start(&a, &b, &pins_a, mode);
-    let dp_b = start(&b, &a, &pins_b, mode);
+    let dp_a = start_delivering(&a, &b, &pins_a, mode, how);
+    let dp_b = start_delivering(&b, &a, &pins_b, mode, how);
 
     assert!(
         ping(&a.pods[0].ns, b.pods[0].ip, 5, None),
@@ -83,6 +118,23 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
             .map(|d| c.get(*d))
             .sum();
         assert_eq!(drops, 0, "{mode:?}: node {name} dropped packets: {c:?}");
+        // Every decapsulated packet went straight to the pod, or none did.
+        let want = if how == Delivery::Stack {
+            0
+        } else {
+            c.get(Counter::DecapPackets)
+        };
+        assert_eq!(
+            c.get(Counter::DeliverPackets),
+            want,
+            "{mode:?}/{how:?}: node {name} delivered {} of {} decapsulated packets straight to the pod",
+            c.get(Counter::DeliverPackets),
+            c.get(Counter::DecapPackets)
+        );
+    }
+    if how != Delivery::Stack {
+        // The rest of the test is about pins, the same for every delivery.
+        return;
     }
 
     // The links are pinned: with the loader gone (an agent restart), traffic keeps flowing.
@@ -98,9 +150,11 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
         "{mode:?}: traffic stopped after adoption"
     );
     let links = std::fs::read_dir(pins_a.0.join("links")).unwrap().count();
+    // XDP decap also has the TC program after GRO, which delivers to pods.
+    let want = if mode == DecapMode::Xdp { 3 } else { 2 };
     assert_eq!(
-        links, 2,
-        "{mode:?}: expected one pinned link per program (encap, decap)"
+        links, want,
+        "{mode:?}: expected one pinned link per program (encap, decap, and TC delivery with XDP)"
     );
     drop(dp_a);
     // Removing the pins detaches everything and leaves nothing on bpffs.
@@ -108,10 +162,15 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
         overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
         assert!(!pins.0.exists(), "pins left under {}", pins.0.display());
     }
-    assert!(
-        !ping(&a.pods[0].ns, b.pods[0].ip, 1, None),
-        "{mode:?}: traffic still flows with the pins removed"
-    );
+    // The kernel releases an unpinned link asynchronously: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while ping(&a.pods[0].ns, b.pods[0].ip, 1, None) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{mode:?}: traffic still flows 3 s after the pins were removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -122,4 +181,19 @@ fn xdp_decap_two_nodes_forward_pod_traffic() {
 #[test]
 fn tc_decap_two_nodes_forward_pod_traffic() {
     two_nodes_forward_pod_traffic(DecapMode::Tc);
+}
+
+#[test]
+fn tc_decap_delivers_straight_to_the_pod_with_redirect_peer() {
+    forward_pod_traffic(DecapMode::Tc, Delivery::Peer);
+}
+
+#[test]
+fn tc_decap_delivers_straight_to_the_pod_through_its_veth() {
+    forward_pod_traffic(DecapMode::Tc, Delivery::Veth);
+}
+
+#[test]
+fn xdp_decap_then_tc_delivers_straight_to_the_pod() {
+    forward_pod_traffic(DecapMode::Xdp, Delivery::Peer);
 }

@@ -300,8 +300,17 @@ fn decap_restores_the_inner_packet_in_xdp_and_tc() {
             let before = fx.counters();
             let (verdict, out) = fx.run(prog, &frame);
             assert_eq!(verdict, pass, "{prog}/{name}: verdict");
-            let expected = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
-            assert_eq!(out, expected, "{prog}/{name}: decapsulated frame");
+            let mut expected = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
+            if prog == programs::DECAP_XDP {
+                // XDP marks what it stripped for the TC program after GRO: 4 bytes of
+                // metadata in front of the frame, the u32 0x4f564c31 ("OVL1") in host order.
+                let mark = 0x4f56_4c31u32.to_ne_bytes();
+                expected.splice(0..0, mark);
+            }
+            assert_eq!(
+                out, expected,
+                "{prog}/{name}: decapsulated frame (and XDP's metadata)"
+            );
             let after = fx.counters();
             assert_eq!(
                 delta(&before, &after, Counter::DecapPackets),
@@ -443,11 +452,12 @@ fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
 }
 
 #[test]
-fn a_pinned_map_with_another_layout_is_replaced() {
+fn a_pinned_counters_map_with_another_layout_is_replaced_and_its_counts_carried_over() {
     require_root();
     let pins = PinRoot::new();
     std::fs::create_dir_all(&pins.0).unwrap();
-    // What an older agent with fewer counters would have left behind.
+    // What an older agent with fewer counter slots would have left behind (the release before
+    // datapath v2 had 18), with counts in it.
     let path = pins.0.join(overlay_common::maps::COUNTERS);
     let out = std::process::Command::new("bpftool")
         .args(["map", "create"])
@@ -460,7 +470,7 @@ fn a_pinned_map_with_another_layout_is_replaced() {
             "value",
             "8",
             "entries",
-            "3",
+            "18",
             "name",
             "OVL_COUNTERS",
         ])
@@ -471,13 +481,41 @@ fn a_pinned_map_with_another_layout_is_replaced() {
         "bpftool map create: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Slot 2 (decap_packets) = 7 on every CPU, slot 10 (drop_unknown_peer) = 3 on every CPU.
+    for (slot, value) in [(2u32, 7u64), (10, 3)] {
+        let mut args: Vec<String> = vec!["map".into(), "update".into(), "pinned".into()];
+        args.push(path.display().to_string());
+        args.push("key".into());
+        args.extend(slot.to_le_bytes().iter().map(|b| b.to_string()));
+        args.push("value".into());
+        args.extend(value.to_le_bytes().iter().map(|b| b.to_string()));
+        let out = std::process::Command::new("bpftool")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bpftool map update: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let cpus = aya::util::nr_cpus().unwrap() as u64;
     let dp = Dataplane::load(&pins.0).expect("loading over an incompatible pinned map");
     let counters = dp.counters().expect("reading counters from the replaced map");
     assert_eq!(counters.0.len(), overlay_common::counters::COUNTER_COUNT as usize);
+    assert_eq!(
+        (
+            counters.get(Counter::DecapPackets),
+            counters.get(Counter::DropUnknownPeer)
+        ),
+        (7 * cpus, 3 * cpus),
+        "the counts of the retired map must be carried over"
+    );
+    assert_eq!(counters.get(Counter::EncapPackets), 0);
     let pinned = aya::maps::MapData::from_pin(&path).unwrap();
     assert_eq!(
         pinned.info().unwrap().max_entries(),
-        overlay_common::counters::COUNTER_COUNT,
+        overlay_common::counters::COUNTER_SLOTS,
         "the pin must now be the new map"
     );
 }

@@ -18,6 +18,8 @@ pub const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "protobuf-compiler",
+    // google/protobuf/*.proto, which etcd-client's .proto files import (not pulled in by protoc).
+    "libprotobuf-dev",
     "etcd-server",
     "etcd-client",
     "bpftool",

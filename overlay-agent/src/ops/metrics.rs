@@ -7,6 +7,7 @@
 //! | `overlay_lease_expiry_seconds`           | gauge     |          | agent + control (renewal) |
 //! | `overlay_programs_attached`              | gauge     |          | agent                     |
 //! | `overlay_peers`                          | gauge     |          | agent (peer map size)     |
+//! | `overlay_local_endpoints`                | gauge     |          | agent (endpoint map size) |
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
 //! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
 //! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
@@ -69,6 +70,7 @@ pub struct Metrics {
     pub peer_map_errors: Family<Vec<(String, String)>, Counter>,
     pub sync_latency: Histogram,
     pub peers: Gauge,
+    pub local_endpoints: Gauge,
     state: Arc<Mutex<AgentState>>,
 }
 
@@ -139,6 +141,12 @@ impl Metrics {
         );
         let peers = Gauge::default();
         registry.register("overlay_peers", "Remote subnets in the peer map", peers.clone());
+        let local_endpoints = Gauge::default();
+        registry.register(
+            "overlay_local_endpoints",
+            "Pods on this node in the endpoint map (decap delivers to their veth directly)",
+            local_endpoints.clone(),
+        );
         let state = Arc::new(Mutex::new(AgentState::default()));
         registry.register_collector(Box::new(Dynamic(state.clone())));
         Metrics {
@@ -149,6 +157,7 @@ impl Metrics {
             peer_map_errors,
             sync_latency,
             peers,
+            local_endpoints,
             state,
         }
     }
@@ -287,6 +296,7 @@ mod tests {
             .get_or_create(&vec![("reason".to_string(), "full".to_string())])
             .inc();
         m.peers.set(3);
+        m.local_endpoints.set(2);
         m.observe_sync(Duration::from_micros(120));
         let mut text = m.render();
         let mut enc_out = String::new();
@@ -309,6 +319,7 @@ mod tests {
             "overlay_lease_held{subnet=\"10.244.7.0/24\"} 1",
             "overlay_programs_attached 1",
             "overlay_peers 3",
+            "overlay_local_endpoints 2",
             "overlay_etcd_reconnects_total 1",
             "overlay_malformed_leases_total 1",
             "overlay_lease_pool_exhausted_total 0",

@@ -56,11 +56,27 @@ pub struct PeerView {
     pub mode: &'static str,
 }
 
+/// One pod on this node (`OVL_ENDPOINTS`): decap delivers its packets to `ifindex` directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointView {
+    pub ip: Ipv4Addr,
+    /// The pod's host-side veth.
+    pub ifindex: u32,
+    /// Its name, when it exists in the namespace `status` runs in.
+    pub iface: Option<String>,
+    /// The pod's MAC.
+    pub mac: String,
+    /// The bridge's MAC (the source of delivered frames).
+    pub gw_mac: String,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub pin_root: PathBuf,
     pub node: NodeView,
     pub peers: Vec<PeerView>,
+    /// Local pods (empty when the pinned datapath has no endpoint map).
+    pub endpoints: Vec<EndpointView>,
     /// Counter name → value summed over CPUs.
     pub counters: BTreeMap<&'static str, u64>,
 }
@@ -76,7 +92,7 @@ fn open(pin_root: &Path, name: &'static str) -> Result<MapData, StatusError> {
     MapData::from_pin(&path).map_err(|source| StatusError::Map { name, source })
 }
 
-/// Reads `OVL_CONFIG`, `OVL_PEERS` and `OVL_COUNTERS` under `pin_root`.
+/// Reads `OVL_CONFIG`, `OVL_PEERS`, `OVL_ENDPOINTS` and `OVL_COUNTERS` under `pin_root`.
 pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let err = |name| move |source| StatusError::Map { name, source };
 
@@ -105,6 +121,24 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         })
         .collect();
 
+    // A datapath pinned by an older release has no endpoint map.
+    let endpoints = if pin_root.join(maps::ENDPOINTS).exists() {
+        dataplane::read_pinned_endpoints(pin_root)?
+            .into_iter()
+            .map(|e| EndpointView {
+                ip: e.ip,
+                ifindex: e.ifindex,
+                iface: nix::net::if_::if_indextoname(e.ifindex)
+                    .ok()
+                    .map(|n| n.to_string_lossy().into_owned()),
+                mac: MacAddr(e.mac).to_string(),
+                gw_mac: MacAddr(e.gw_mac).to_string(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+
     if !pin_root.join(maps::COUNTERS).exists() {
         return Err(StatusError::NotPinned {
             path: pin_root.join(maps::COUNTERS),
@@ -120,6 +154,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         pin_root: pin_root.to_path_buf(),
         node,
         peers,
+        endpoints,
         counters,
     })
 }
@@ -159,6 +194,17 @@ impl Status {
                 p.vtep_mac,
                 p.mode
             );
+        }
+        let _ = writeln!(s, "\nlocal endpoints ({})", self.endpoints.len());
+        if !self.endpoints.is_empty() {
+            let _ = writeln!(s, "  {:<16} {:<24} mac", "ip", "veth");
+        }
+        for e in &self.endpoints {
+            let veth = match &e.iface {
+                Some(name) => format!("{name} ({})", e.ifindex),
+                None => e.ifindex.to_string(),
+            };
+            let _ = writeln!(s, "  {:<16} {:<24} {}", e.ip.to_string(), veth, e.mac);
         }
         let _ = writeln!(s, "\ncounters");
         for c in Counter::ALL {

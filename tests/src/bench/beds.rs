@@ -1,6 +1,6 @@
 //! The four cases, each on its own underlay segment so they can stay up side by side and be
 //! measured alternately: (a) host-gw routing, (b) flanneld's kernel VXLAN device, (c) the agent
-//! with XDP decap and with TC decap.
+//! with XDP decap, with TC decap delivering by bpf_redirect_peer, and by bpf_redirect to the veth.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -21,10 +21,19 @@ pub enum Case {
     KernelVxlan,
     BpfXdp,
     BpfTc,
+    BpfTcVeth,
 }
 
 impl Case {
-    pub const ALL: [Case; 4] = [Case::HostGw, Case::KernelVxlan, Case::BpfXdp, Case::BpfTc];
+    pub const ALL: [Case; 5] = [
+        Case::HostGw,
+        Case::KernelVxlan,
+        Case::BpfXdp,
+        Case::BpfTc,
+        Case::BpfTcVeth,
+    ];
+    /// The agent's cases, in table order.
+    pub const BPF: [Case; 3] = [Case::BpfXdp, Case::BpfTc, Case::BpfTcVeth];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,6 +41,21 @@ impl Case {
             Case::KernelVxlan => "kernel-vxlan",
             Case::BpfXdp => "bpf-xdp",
             Case::BpfTc => "bpf-tc",
+            Case::BpfTcVeth => "bpf-tc-veth",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Option<Case> {
+        Case::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The agent's flags for this case.
+    fn agent_flags(self) -> &'static [&'static str] {
+        match self {
+            Case::BpfXdp => &["--decap", "xdp"],
+            Case::BpfTc => &["--decap", "tc", "--deliver", "peer"],
+            Case::BpfTcVeth => &["--decap", "tc", "--deliver", "veth"],
+            Case::HostGw | Case::KernelVxlan => &[],
         }
     }
 }
@@ -73,7 +97,7 @@ impl Bed {
     pub fn new(case: Case) -> Result<Self> {
         match case {
             Case::HostGw | Case::KernelVxlan => Self::plain(case),
-            Case::BpfXdp | Case::BpfTc => Self::agents(case),
+            Case::BpfXdp | Case::BpfTc | Case::BpfTcVeth => Self::agents(case),
         }
     }
 
@@ -116,9 +140,9 @@ impl Bed {
     fn agents(case: Case) -> Result<Self> {
         let mut c = Cluster::new(2, CONFIG)?;
         for i in 0..2 {
-            if case == Case::BpfTc {
-                c.nodes[i].extra_env.push(("OVERLAY_DECAP".into(), "tc".into()));
-            }
+            c.nodes[i]
+                .extra_args
+                .extend(case.agent_flags().iter().map(|a| a.to_string()));
             c.start_agent(i)?;
         }
         let mut ips = Vec::new();

@@ -85,9 +85,16 @@ fn parse_args() -> Result<Opts> {
             "--rounds" => o.rounds = num("--rounds")?,
             "--secs" => o.secs = num("--secs")?,
             "--no-control" => o.control = false,
+            "--cases" => {
+                let list = it.next().context("--cases needs a list, e.g. host-gw,bpf-tc")?;
+                o.cases = list
+                    .split(',')
+                    .map(|n| Case::by_name(n).with_context(|| format!("--cases: no case {n:?}")))
+                    .collect::<Result<_>>()?;
+            }
             "--data-only" => o.control = false,
             "--help" | "-h" => {
-                println!("bench [--quick] [--rounds N] [--secs N] [--no-control]");
+                println!("bench [--quick] [--rounds N] [--secs N] [--no-control] [--cases host-gw,kernel-vxlan,bpf-xdp,bpf-tc,bpf-tc-veth]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
