@@ -197,3 +197,54 @@ fn tc_decap_delivers_straight_to_the_pod_through_its_veth() {
 fn xdp_decap_then_tc_delivers_straight_to_the_pod() {
     forward_pod_traffic(DecapMode::Xdp, Delivery::Peer);
 }
+
+/// Bulk TCP over a veth underlay, whose "wire" carries GSO super-packets: TC decap must take
+/// them whole (not one MTU-sized packet at a time) and hand them to the pod still whole.
+#[test]
+fn bulk_tcp_crosses_a_gso_underlay_in_super_packets_delivered_whole() {
+    require_root();
+    let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
+    let underlay = Underlay::new().unwrap();
+    let mut a = Node::new(&underlay, 1, 1500).unwrap();
+    let mut b = Node::new(&underlay, 2, 1500).unwrap();
+    for n in [&mut a, &mut b] {
+        n.add_bridge(1450).unwrap();
+        n.add_pod(1, 1450).unwrap();
+    }
+    let dp_a = start_delivering(&a, &b, &pins_a, DecapMode::Tc, Delivery::Peer);
+    let dp_b = start_delivering(&b, &a, &pins_b, DecapMode::Tc, Delivery::Peer);
+    let before = dp_b.counters().unwrap();
+    let server_ip = b.pods[0].ip;
+    let (bps, _) = overlay_tests::cluster::tcp_transfer(&mut b.pods[0].ns, server_ip, &a.pods[0].ns, 2)
+        .expect("iperf3 across the overlay");
+    let after = dp_b.counters().unwrap();
+    let d = |c: Counter| after.get(c) - before.get(c);
+    let (packets, bytes, gso) = (
+        d(Counter::DecapPackets),
+        d(Counter::DecapBytes),
+        d(Counter::DecapGsoPackets),
+    );
+    assert!(bps > 1e8, "bulk TCP ran at {bps:.0} bit/s");
+    assert!(packets > 0, "node b decapsulated nothing");
+    let mean = bytes / packets;
+    assert!(
+        mean > 4 * 1500,
+        "decapsulated packets average {mean} bytes ({bytes} B in {packets}): GSO super-packets were \
+         split before decap (expected far more than the 1500-byte MTU)"
+    );
+    assert!(
+        gso * 2 > packets,
+        "only {gso} of {packets} decapsulated packets were GSO super-packets"
+    );
+    assert_eq!(
+        d(Counter::DeliverPackets),
+        packets,
+        "every decapsulated packet must go straight to the pod"
+    );
+    let drops: u64 = Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| d(*c)).sum();
+    assert_eq!(drops, 0, "node b dropped packets: {after:?}");
+    drop((dp_a, dp_b));
+    for pins in [&pins_a, &pins_b] {
+        overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+    }
+}
