@@ -71,7 +71,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         }
     }
     let datapath_flags = datapath_flags(args.deliver, choice.hardware);
-    let mut ops = ops::Ops::start(&args).await?;
+    let mut ops = ops::Ops::start(&args, choice.mode).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
     let control_args = args.clone();

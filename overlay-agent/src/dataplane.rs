@@ -65,6 +65,9 @@ pub enum DataplaneError {
     PeersFull { max: u32, subnet: Ipv4Net },
 }
 
+/// Directory under the pin root holding the program links: `<prog>@<iface>@<ifindex>`.
+pub const LINKS_DIR: &str = "links";
+
 /// Where decap runs on the underlay NIC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapMode {
@@ -244,7 +247,7 @@ impl Dataplane {
     /// Removes the pinned link of `prog` on `iface`, detaching the program unless another
     /// process holds the link open.
     fn retire_link(&self, prog: &str, iface: &str) -> Result<(), DataplaneError> {
-        let dir = self.pin_root.join("links");
+        let dir = self.pin_root.join(LINKS_DIR);
         let stem = format!("{prog}@{}@", iface.replace('.', "_"));
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
@@ -292,7 +295,7 @@ impl Dataplane {
     /// a link on a since-deleted device (a recreated bridge) never look adoptable; pins of such
     /// devices are removed here.
     fn link_pin(&self, prog: &str, iface: &str) -> Result<PathBuf, DataplaneError> {
-        let dir = self.pin_root.join("links");
+        let dir = self.pin_root.join(LINKS_DIR);
         let pin_err = |e: std::io::Error| DataplaneError::Pin {
             path: dir.display().to_string(),
             reason: e.to_string(),

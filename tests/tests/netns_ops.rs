@@ -1,6 +1,6 @@
 //! Tier 3 (root): the operations side of the real agent binary in a netns cluster: systemd
-//! notifications, /healthz /readyz /metrics, `status --json`, `--ip-masq`, `cleanup`; and the
-//! shipped systemd unit checked by `systemd-analyze verify`.
+//! notifications, /healthz /readyz /metrics, `status --json` (maps, decap mode, attachments),
+//! `--ip-masq`, `cleanup`; and the shipped systemd unit checked by `systemd-analyze verify`.
 //!
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_ops -- --test-threads=1`
 
@@ -159,6 +159,68 @@ fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Our attachments in `status --json` as (program, interface, "hook mode-or-direction"), sorted,
+/// after checking each one against the node: its interface exists in `ns` with the ifindex
+/// the pin names, and its link and program ids are nonzero and are a live link of that
+/// program per `bpftool link show` (an independent reader).
+fn our_attachments(st: &serde_json::Value, ns: &Netns) -> Vec<(String, String, String)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("running bpftool");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool -j link show");
+    let links = links.as_array().expect("bpftool link list");
+    let mut seen = Vec::new();
+    for a in st["attachments"]
+        .as_array()
+        .expect("status has no attachments list")
+    {
+        assert_eq!(a["ours"], true, "an attachment that is not ours: {a}\n{st}");
+        let s = |k: &str| {
+            a[k].as_str()
+                .unwrap_or_else(|| panic!("attachment without {k}: {a}"))
+        };
+        let (program, iface, hook) = (s("program"), s("iface"), s("hook"));
+        let ifindex = a["ifindex"].as_u64().unwrap_or(0);
+        assert!(
+            a["iface_present"] == true && u64::from(ns.ifindex(iface).unwrap_or(0)) == ifindex,
+            "{program} on {iface} ({ifindex}): the interface should exist with that ifindex in the node: {a}"
+        );
+        let (link, prog) = (
+            a["link_id"].as_u64().unwrap_or(0),
+            a["prog_id"].as_u64().unwrap_or(0),
+        );
+        assert!(
+            link > 0 && prog > 0,
+            "{program} on {iface}: link id {link}, program id {prog}: {a}"
+        );
+        assert!(
+            links
+                .iter()
+                .any(|l| l["id"].as_u64() == Some(link) && l["prog_id"].as_u64() == Some(prog)),
+            "{program} on {iface}: bpftool knows no link {link} of program {prog}:\n{links:#?}"
+        );
+        assert!(
+            s("pin").ends_with(&format!("/links/{program}@{iface}@{ifindex}")),
+            "pin of {program} on {iface}: {a}"
+        );
+        let how = a["xdp_mode"].as_str().or(a["direction"].as_str()).unwrap_or("?");
+        seen.push((program.to_string(), iface.to_string(), format!("{hook} {how}")));
+    }
+    seen.sort();
+    seen
+}
+
+/// The expected attachments, in the form [`our_attachments`] returns.
+fn attachments(want: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = want
+        .iter()
+        .map(|(p, i, h)| (p.to_string(), i.to_string(), h.to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
 /// (subnet, PublicIP, VtepMAC as text) per lease in etcd.
 fn etcd_leases(c: &Cluster) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
     c.lease_list()
@@ -182,6 +244,13 @@ fn notify_health_metrics_and_status() {
     c.nodes[0]
         .extra_args
         .extend(["--healthz-port".into(), HEALTHZ_PORT.to_string()]);
+    // Node 1 (a veth underlay) picks TC decap on its own; node 2 is told to run XDP.
+    c.nodes[1].extra_args.extend([
+        "--healthz-port".into(),
+        HEALTHZ_PORT.to_string(),
+        "--decap".into(),
+        "xdp".into(),
+    ]);
     c.start_agent(0).unwrap();
 
     // Alive but not ready, and no READY=1 while there is no lease.
@@ -249,6 +318,24 @@ fn notify_health_metrics_and_status() {
     assert_eq!(metric(&text, "overlay_peers"), Some(1.0), "{text}");
     assert_eq!(metric(&text, "overlay_programs_attached"), Some(1.0), "{text}");
     assert_eq!(
+        (
+            metric(&text, "overlay_decap_mode{mode=\"tc\"}"),
+            metric(&text, "overlay_decap_mode{mode=\"xdp\"}")
+        ),
+        (Some(1.0), Some(0.0)),
+        "node 1 runs TC decap (auto on a veth):\n{text}"
+    );
+    let (code, text1) = http_get(&c.nodes[1].node.ns, "/metrics");
+    assert_eq!(code, 200, "/metrics of node 2");
+    assert_eq!(
+        (
+            metric(&text1, "overlay_decap_mode{mode=\"xdp\"}"),
+            metric(&text1, "overlay_decap_mode{mode=\"tc\"}")
+        ),
+        (Some(1.0), Some(0.0)),
+        "node 2 runs XDP decap (--decap xdp):\n{text1}"
+    );
+    assert_eq!(
         metric(&text, "overlay_etcd_reconnects_total"),
         Some(0.0),
         "{text}"
@@ -310,6 +397,52 @@ fn notify_health_metrics_and_status() {
     assert_eq!(peers[0]["vtep_mac"], peer.2, "{st}");
     assert_eq!(peers[0]["mode"], "encap", "{st}");
     assert!(st["counters"]["encap_packets"].as_u64().unwrap() >= 3, "{st}");
+
+    // Decap mode and attachments: every link we pinned, on the interface the pin names.
+    assert_eq!(st["decap"], "tc", "node 1 (auto on a veth underlay): {st}");
+    assert_eq!(
+        our_attachments(&st, &c.nodes[0].node.ns),
+        attachments(&[
+            ("overlay_decap_tc", "eth0", "tcx ingress"),
+            ("overlay_encap", "cni0", "tcx ingress"),
+            ("overlay_encap", "overlay0", "tcx egress"),
+        ]),
+        "node 1's attachments: {st}"
+    );
+    let st1 = c.status_json(1).expect("status of node 2");
+    assert_eq!(st1["decap"], "xdp", "node 2 (--decap xdp): {st1}");
+    // veth runs XDP in its driver; TC beside it delivers what XDP stripped.
+    assert_eq!(
+        our_attachments(&st1, &c.nodes[1].node.ns),
+        attachments(&[
+            ("overlay_decap_xdp", "eth0", "xdp driver"),
+            ("overlay_decap_tc", "eth0", "tcx ingress"),
+            ("overlay_encap", "cni0", "tcx ingress"),
+            ("overlay_encap", "overlay0", "tcx egress"),
+        ]),
+        "node 2's attachments: {st1}"
+    );
+    let xdp = output(
+        &c.nodes[1].node.ns,
+        "ip",
+        &["-j", "-d", "link", "show", "dev", "eth0"],
+    )
+    .unwrap();
+    let xdp: serde_json::Value = serde_json::from_str(&xdp).unwrap();
+    let xdp_prog = st1["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["program"] == "overlay_decap_xdp")
+        .map(|a| a["prog_id"].clone());
+    assert_eq!(
+        (
+            xdp[0]["xdp"]["mode"].as_u64(),
+            Some(xdp[0]["xdp"]["prog"]["id"].clone())
+        ),
+        (Some(1), xdp_prog),
+        "node 2's eth0 per ip link should have our XDP program in the driver (mode 1):\n{xdp:#}"
+    );
 
     // SIGTERM: STOPPING=1.
     c.stop_agent(0, Signal::SIGTERM);

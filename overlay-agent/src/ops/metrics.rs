@@ -6,6 +6,7 @@
 //! | `overlay_lease_held`                     | gauge     | `subnet` | agent (Event::OwnLease)   |
 //! | `overlay_lease_expiry_seconds`           | gauge     |          | agent + control (renewal) |
 //! | `overlay_programs_attached`              | gauge     |          | agent                     |
+//! | `overlay_decap_mode`                     | gauge     | `mode`   | agent (`xdp`/`tc`: 1 for the one attached) |
 //! | `overlay_peers`                          | gauge     |          | agent (peer map size)     |
 //! | `overlay_local_endpoints`                | gauge     |          | agent (endpoint map size) |
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
@@ -39,7 +40,7 @@ use prometheus_client::{
 };
 use tokio::time::Instant;
 
-use crate::dataplane::{self, Counters};
+use crate::dataplane::{self, Counters, DecapMode};
 
 /// What the agent knows about itself, read at scrape time.
 #[derive(Debug, Default, Clone)]
@@ -50,6 +51,8 @@ pub struct AgentState {
     pub expiration: Option<Instant>,
     /// Decap attached to the underlay NIC.
     pub attached: bool,
+    /// How: XDP (with TC delivering) or TC alone.
+    pub decap: Option<DecapMode>,
     /// Where to read the datapath counters from.
     pub pin_root: Option<PathBuf>,
 }
@@ -222,6 +225,18 @@ impl Collector for Dynamic {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(s.attached)).encode(m)?;
+        if let Some(mode) = s.decap {
+            let mut m = enc.encode_descriptor(
+                "overlay_decap_mode",
+                "The decap mode on the underlay NIC: 1 for the one in use (xdp: XDP strips, TC delivers)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for each in [DecapMode::Xdp, DecapMode::Tc] {
+                let labels = [("mode", super::decap_label(each))];
+                ConstGauge::new(i64::from(each == mode)).encode(m.encode_family(&labels)?)?;
+            }
+        }
 
         let Some(pin_root) = &s.pin_root else {
             return Ok(());
@@ -288,6 +303,7 @@ mod tests {
         m.update(|s| {
             s.subnet = Some("10.244.7.0/24".parse().unwrap());
             s.attached = true;
+            s.decap = Some(DecapMode::Tc);
             s.expiration = Some(Instant::now() + Duration::from_secs(3600));
         });
         m.etcd_reconnects.inc();
@@ -318,6 +334,9 @@ mod tests {
         for want in [
             "overlay_lease_held{subnet=\"10.244.7.0/24\"} 1",
             "overlay_programs_attached 1",
+            "overlay_decap_mode{mode=\"tc\"} 1",
+            "overlay_decap_mode{mode=\"xdp\"} 0",
+            "# TYPE overlay_decap_mode gauge",
             "overlay_peers 3",
             "overlay_local_endpoints 2",
             "overlay_etcd_reconnects_total 1",

@@ -16,8 +16,16 @@ use ipnet::Ipv4Net;
 use tokio::time::Instant;
 use tracing::{error, info};
 
-use crate::{cli::AgentArgs, control::Event};
+use crate::{cli::AgentArgs, control::Event, dataplane::DecapMode};
 use metrics::METRICS;
+
+/// `xdp` or `tc`: how `status` and `/metrics` name a decap mode.
+pub fn decap_label(mode: DecapMode) -> &'static str {
+    match mode {
+        DecapMode::Xdp => "xdp",
+        DecapMode::Tc => "tc",
+    }
+}
 
 /// The agent's operations side: started once decap is attached.
 pub struct Ops {
@@ -35,11 +43,13 @@ pub struct Received {
 }
 
 impl Ops {
-    /// Marks the programs attached, starts the HTTP endpoint (port 0: off) and, without
-    /// `--ip-masq`, removes a masquerade table a previous run with it left behind.
-    pub async fn start(args: &AgentArgs) -> Result<Ops, http::HttpError> {
+    /// Marks the programs attached with `decap` on the underlay, starts the HTTP endpoint (port
+    /// 0: off) and, without `--ip-masq`, removes a masquerade table a previous run with it left
+    /// behind.
+    pub async fn start(args: &AgentArgs, decap: DecapMode) -> Result<Ops, http::HttpError> {
         METRICS.update(|s| {
             s.attached = true;
+            s.decap = Some(decap);
             s.pin_root = Some(args.pin_root.clone());
         });
         if args.healthz_port != 0 {

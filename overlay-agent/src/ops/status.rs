@@ -1,21 +1,33 @@
-//! `overlay-agent status`: what the pinned maps say, whether the agent runs or not.
+//! `overlay-agent status`: what the pinned maps and links say, whether the agent runs or not.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, LpmTrie, Map, MapData};
+use aya::{
+    maps::{Array, LpmTrie, Map, MapData},
+    programs::{
+        links::{FdLink, LinkType, PinnedLink},
+        SchedClassifier, TcAttachType,
+    },
+};
+use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use overlay_common::{
     maps::{self, CONFIG_READY},
-    Counter, DataplaneConfig, Peer,
+    programs, Counter, DataplaneConfig, Peer,
 };
+use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 use serde::Serialize;
 
-use crate::{dataplane, lease::MacAddr};
+use super::decap_label;
+use crate::{
+    dataplane::{self, DecapMode},
+    lease::MacAddr,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -70,10 +82,94 @@ pub struct EndpointView {
     pub gw_mac: String,
 }
 
+/// One program attached to an interface: a link pinned under `<pin_root>/links` (ours), or
+/// another XDP or TCX program on an interface we attach to (not ours).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttachmentView {
+    /// Ours: the name in the pin; others: the kernel's name for it (at most 15 characters).
+    pub program: String,
+    /// Its name in the namespace `status` runs in, else as the pin spells it (dots become `_`).
+    pub iface: String,
+    pub ifindex: u32,
+    /// The interface exists with this ifindex in the namespace `status` runs in (a link on a
+    /// deleted device is defunct: it holds the program but sees no packets).
+    pub iface_present: bool,
+    /// `xdp`, `tcx`, another kernel link type, or `unknown` (the pin could not be read).
+    pub hook: String,
+    /// XDP: `driver`, `generic` or `offload`, as netlink reports the program.
+    pub xdp_mode: Option<&'static str>,
+    /// TCX: `ingress` or `egress`.
+    pub direction: Option<&'static str>,
+    /// The kernel's link id (ours only).
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+    /// Where the link is pinned (ours only).
+    pub pin: Option<PathBuf>,
+    /// Pinned under our pin root.
+    pub ours: bool,
+}
+
+impl AttachmentView {
+    /// The same program on the same hook of the same interface.
+    fn same_hook(&self, other: &AttachmentView) -> bool {
+        self.ifindex == other.ifindex
+            && self.hook == other.hook
+            && self.xdp_mode.or(self.direction) == other.xdp_mode.or(other.direction)
+            && self.prog_id == other.prog_id
+    }
+}
+
+/// A link pin's name taken apart: `<program>@<iface>@<ifindex>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkPin<'a> {
+    pub program: &'a str,
+    /// As the pin spells it: bpffs refuses dots, so `eth0.100` is `eth0_100`.
+    pub iface: &'a str,
+    pub ifindex: u32,
+}
+
+impl<'a> LinkPin<'a> {
+    /// `None` for a name that is not `<program>@<iface>@<ifindex>`.
+    pub fn parse(name: &'a str) -> Option<Self> {
+        let (program, rest) = name.split_once('@')?;
+        let (iface, ifindex) = rest.rsplit_once('@')?;
+        if program.is_empty() || iface.is_empty() {
+            return None;
+        }
+        Some(LinkPin {
+            program,
+            iface,
+            ifindex: ifindex.parse().ok().filter(|i| *i != 0)?,
+        })
+    }
+}
+
+/// The decap mode the pinned links say is in use: an XDP decap link on the underlay (any
+/// interface while `underlay_ifindex` is unknown, 0) is XDP mode (the TC program beside it only
+/// delivers), a TC decap link alone is TC mode; `None` without either.
+pub fn decap_in_use(attachments: &[AttachmentView], underlay_ifindex: u32) -> Option<DecapMode> {
+    let pinned = |prog: &str| {
+        attachments
+            .iter()
+            .any(|a| a.ours && a.program == prog && (underlay_ifindex == 0 || a.ifindex == underlay_ifindex))
+    };
+    if pinned(programs::DECAP_XDP) {
+        Some(DecapMode::Xdp)
+    } else if pinned(programs::DECAP_TC) {
+        Some(DecapMode::Tc)
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub pin_root: PathBuf,
     pub node: NodeView,
+    /// `xdp`, `tc`, or `none` when no decap link is pinned (see [`decap_in_use`]).
+    pub decap: &'static str,
+    /// Our pinned links, then the programs of others on the interfaces we attach to.
+    pub attachments: Vec<AttachmentView>,
     pub peers: Vec<PeerView>,
     /// Local pods (empty when the pinned datapath has no endpoint map).
     pub endpoints: Vec<EndpointView>,
@@ -150,13 +246,233 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         .iter()
         .map(|c| (c.name(), counters.get(*c)))
         .collect();
+    let underlay = if node.ready { node.underlay_ifindex } else { 0 };
+    let attachments = read_attachments(pin_root, underlay);
+    let decap = decap_in_use(&attachments, underlay).map_or("none", decap_label);
     Ok(Status {
         pin_root: pin_root.to_path_buf(),
         node,
+        decap,
+        attachments,
         peers,
         endpoints,
         counters,
     })
+}
+
+/// Our pinned links (the underlay first, then by ifindex; XDP before TC on an interface) and
+/// the XDP and TCX programs of others on the interfaces they are on and on the underlay. Best
+/// effort: a link that cannot be read is `unknown`, a hook that cannot be queried is left out,
+/// nothing fails `status`. (Legacy netlink TC filters of others are not looked for.)
+fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentView> {
+    let mut pins: Vec<(String, PathBuf)> = std::fs::read_dir(pin_root.join(dataplane::LINKS_DIR))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    pins.sort();
+    let xdp = xdp_programs();
+    let mut tcx = TcxPrograms::default();
+    let mut out = Vec::new();
+    for (name, path) in pins {
+        let pin = LinkPin::parse(&name).unwrap_or(LinkPin {
+            program: &name,
+            iface: "?",
+            ifindex: 0,
+        });
+        let present = present_name(pin.ifindex, pin.iface);
+        let info = PinnedLink::from_pin(&path)
+            .ok()
+            .and_then(|l| FdLink::from(l).info().ok());
+        let hook = match info.as_ref().map(|i| i.link_type()) {
+            Some(Ok(LinkType::Xdp)) => "xdp".to_string(),
+            Some(Ok(LinkType::Tcx)) => "tcx".to_string(),
+            Some(Ok(other)) => format!("{other:?}").to_lowercase(),
+            Some(Err(_)) | None => "unknown".to_string(),
+        };
+        let prog_id = info.as_ref().map(|i| i.program_id());
+        let xdp_mode = match (hook.as_str(), prog_id) {
+            ("xdp", Some(id)) => xdp_mode_of(&xdp, pin.ifindex, id),
+            _ => None,
+        };
+        let direction = match (hook.as_str(), prog_id, &present) {
+            ("tcx", Some(id), Some(iface)) => tcx.direction(iface, id),
+            _ => None,
+        };
+        out.push(AttachmentView {
+            program: pin.program.to_string(),
+            iface: present.clone().unwrap_or_else(|| pin.iface.to_string()),
+            ifindex: pin.ifindex,
+            iface_present: present.is_some(),
+            hook,
+            xdp_mode,
+            direction,
+            link_id: info.as_ref().map(|i| i.id()),
+            prog_id,
+            pin: Some(path),
+            ours: true,
+        });
+    }
+    out.sort_by_cached_key(|a| {
+        (
+            a.ifindex != underlay_ifindex,
+            a.ifindex,
+            a.hook != "xdp",
+            a.program.clone(),
+        )
+    });
+
+    // Programs of others on the same interfaces: whatever runs there besides our links (our
+    // program attached to the same interface by someone else is theirs too: another hook).
+    let ifindexes: BTreeSet<u32> = out
+        .iter()
+        .filter(|a| a.iface_present)
+        .map(|a| a.ifindex)
+        .chain((underlay_ifindex != 0).then_some(underlay_ifindex))
+        .collect();
+    let mut others = Vec::new();
+    for ifindex in ifindexes {
+        let Ok(iface) = nix::net::if_::if_indextoname(ifindex) else {
+            continue;
+        };
+        let iface = iface.to_string_lossy().into_owned();
+        let other = |program: String, hook: &str, prog_id: u32| AttachmentView {
+            program,
+            iface: iface.clone(),
+            ifindex,
+            iface_present: true,
+            hook: hook.to_string(),
+            xdp_mode: None,
+            direction: None,
+            link_id: None,
+            prog_id: Some(prog_id),
+            pin: None,
+            ours: false,
+        };
+        for &(id, mode) in xdp.get(&ifindex).into_iter().flatten() {
+            others.push(AttachmentView {
+                xdp_mode: Some(mode),
+                ..other(program_name(id), "xdp", id)
+            });
+        }
+        for direction in TcxPrograms::DIRECTIONS {
+            for (id, name) in tcx.programs(&iface, direction) {
+                others.push(AttachmentView {
+                    direction: Some(direction),
+                    ..other(name.clone(), "tcx", *id)
+                });
+            }
+        }
+    }
+    others.retain(|o| !out.iter().any(|a| a.same_hook(o)));
+    out.extend(others);
+    out
+}
+
+/// The name of `ifindex` in this namespace, if it is the interface the pin names.
+fn present_name(ifindex: u32, pin_iface: &str) -> Option<String> {
+    let name = nix::net::if_::if_indextoname(ifindex).ok()?;
+    let name = name.to_string_lossy().into_owned();
+    (name.replace('.', "_") == pin_iface).then_some(name)
+}
+
+/// The mode XDP program `prog_id` runs in on `ifindex`.
+fn xdp_mode_of(
+    xdp: &HashMap<u32, Vec<(u32, &'static str)>>,
+    ifindex: u32,
+    prog_id: u32,
+) -> Option<&'static str> {
+    xdp.get(&ifindex)?
+        .iter()
+        .find(|(id, _)| *id == prog_id)
+        .map(|(_, mode)| *mode)
+}
+
+/// The programs in an `IFLA_XDP` attribute, with the mode each runs in (the kernel reports one
+/// program id per mode in use).
+fn xdp_modes(attrs: &[LinkXdp]) -> Vec<(u32, &'static str)> {
+    attrs
+        .iter()
+        .filter_map(|a| match a {
+            LinkXdp::DrvProgId(id) => Some((*id, "driver")),
+            LinkXdp::SkbProgId(id) => Some((*id, "generic")),
+            LinkXdp::HwProgId(id) => Some((*id, "offload")),
+            _ => None,
+        })
+        .collect()
+}
+
+/// ifindex → XDP programs with their modes, from one netlink link dump (empty if it fails).
+/// On a thread of its own, so a caller already inside a tokio runtime can use `read` too.
+fn xdp_programs() -> HashMap<u32, Vec<(u32, &'static str)>> {
+    let dump = || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+            let conn = tokio::spawn(conn);
+            let mut out = HashMap::new();
+            let mut links = handle.link().get().execute();
+            while let Ok(Some(msg)) = links.try_next().await {
+                for attr in &msg.attributes {
+                    if let LinkAttribute::Xdp(xdp) = attr {
+                        let progs = xdp_modes(xdp);
+                        if !progs.is_empty() {
+                            out.insert(msg.header.index, progs);
+                        }
+                    }
+                }
+            }
+            conn.abort();
+            Some(out)
+        })
+    };
+    std::thread::scope(|s| s.spawn(dump).join().ok().flatten()).unwrap_or_default()
+}
+
+/// The kernel's name for program `id` (empty if it is gone).
+fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The TCX programs on (interface, direction): (program id, name), each hook queried once.
+#[derive(Default)]
+struct TcxPrograms(HashMap<(String, &'static str), Vec<(u32, String)>>);
+
+impl TcxPrograms {
+    const DIRECTIONS: [&'static str; 2] = ["ingress", "egress"];
+
+    fn programs(&mut self, iface: &str, direction: &'static str) -> &[(u32, String)] {
+        self.0.entry((iface.to_string(), direction)).or_insert_with(|| {
+            let at = if direction == "ingress" {
+                TcAttachType::Ingress
+            } else {
+                TcAttachType::Egress
+            };
+            SchedClassifier::query_tcx(iface, at)
+                .map(|(_, progs)| {
+                    progs
+                        .iter()
+                        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+    }
+
+    /// Where program `prog_id` is attached on `iface`.
+    fn direction(&mut self, iface: &str, prog_id: u32) -> Option<&'static str> {
+        Self::DIRECTIONS
+            .into_iter()
+            .find(|d| self.programs(iface, d).iter().any(|(id, _)| *id == prog_id))
+    }
 }
 
 impl Status {
@@ -179,6 +495,45 @@ impl Status {
             let _ = writeln!(
                 s,
                 "node        not configured yet (the agent has not written OVL_CONFIG)"
+            );
+        }
+        let _ = writeln!(s, "decap       {}", self.decap);
+        let ours = self.attachments.iter().filter(|a| a.ours).count();
+        let _ = write!(s, "\nattachments ({ours} pinned");
+        if ours < self.attachments.len() {
+            let _ = write!(s, ", {} not ours", self.attachments.len() - ours);
+        }
+        let _ = writeln!(s, ")");
+        if !self.attachments.is_empty() {
+            let _ = writeln!(
+                s,
+                "  {:<18} {:<20} {:<12} {:>6} {:>6}  pin",
+                "program", "interface", "hook", "link", "prog"
+            );
+        }
+        for a in &self.attachments {
+            let iface = if a.iface_present {
+                format!("{} ({})", a.iface, a.ifindex)
+            } else {
+                format!("{} ({}, gone)", a.iface, a.ifindex)
+            };
+            let hook = match a.xdp_mode.or(a.direction) {
+                Some(how) => format!("{} {how}", a.hook),
+                None => a.hook.clone(),
+            };
+            let id = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+            let pin = match &a.pin {
+                Some(p) => p.strip_prefix(&self.pin_root).unwrap_or(p).display().to_string(),
+                None => "(not ours)".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<18} {:<20} {:<12} {:>6} {:>6}  {pin}",
+                a.program,
+                iface,
+                hook,
+                id(a.link_id),
+                id(a.prog_id)
             );
         }
         let _ = writeln!(s, "\npeers ({})", self.peers.len());
@@ -212,5 +567,185 @@ impl Status {
             let _ = writeln!(s, "  {:<22} {v}", c.name());
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names() {
+        let p = |name| LinkPin::parse(name).map(|p| (p.program, p.iface, p.ifindex));
+        assert_eq!(p("overlay_encap@cni0@5"), Some(("overlay_encap", "cni0", 5)));
+        assert_eq!(
+            p("overlay_decap_xdp@eth0_100@12"),
+            Some(("overlay_decap_xdp", "eth0_100", 12))
+        );
+        // Interface names may hold an `@`; the ifindex is after the last one.
+        assert_eq!(p("overlay_encap@a@b@7"), Some(("overlay_encap", "a@b", 7)));
+        for bad in [
+            "OVL_PEERS",
+            "overlay_encap@cni0",
+            "overlay_encap@cni0@",
+            "overlay_encap@cni0@x5",
+            "overlay_encap@cni0@0",
+            "overlay_encap@cni0@-1",
+            "@cni0@5",
+            "overlay_encap@@5",
+        ] {
+            assert_eq!(p(bad), None, "{bad:?} is not a link pin name");
+        }
+    }
+
+    fn pinned(program: &str, ifindex: u32, hook: &str) -> AttachmentView {
+        AttachmentView {
+            program: program.to_string(),
+            iface: format!("if{ifindex}"),
+            ifindex,
+            iface_present: true,
+            hook: hook.to_string(),
+            xdp_mode: None,
+            direction: None,
+            link_id: Some(10 + ifindex),
+            prog_id: Some(20 + ifindex),
+            pin: Some(PathBuf::from(format!(
+                "/sys/fs/bpf/o/links/{program}@if{ifindex}@{ifindex}"
+            ))),
+            ours: true,
+        }
+    }
+
+    #[test]
+    fn decap_mode_from_the_pins() {
+        let encap = pinned(programs::ENCAP, 5, "tcx");
+        let tc = pinned(programs::DECAP_TC, 2, "tcx");
+        let xdp = pinned(programs::DECAP_XDP, 2, "xdp");
+        let mode = |a: &[AttachmentView], underlay| decap_in_use(a, underlay);
+        assert_eq!(mode(&[], 2), None);
+        assert_eq!(mode(std::slice::from_ref(&encap), 2), None);
+        assert_eq!(mode(&[encap.clone(), tc.clone()], 2), Some(DecapMode::Tc));
+        assert_eq!(
+            mode(&[tc.clone(), encap.clone(), xdp.clone()], 2),
+            Some(DecapMode::Xdp)
+        );
+        // Underlay not known yet (no config written): any interface counts.
+        assert_eq!(mode(&[tc.clone(), xdp.clone()], 0), Some(DecapMode::Xdp));
+        // An XDP decap pinned on another interface is not the underlay's decap.
+        assert_eq!(mode(&[tc.clone(), xdp.clone()], 3), None);
+        assert_eq!(
+            mode(&[tc.clone(), pinned(programs::DECAP_XDP, 7, "xdp")], 2),
+            Some(DecapMode::Tc)
+        );
+        // Someone else's program named like ours is not our decap.
+        let foreign = AttachmentView {
+            ours: false,
+            pin: None,
+            link_id: None,
+            ..xdp.clone()
+        };
+        assert_eq!(mode(&[tc, foreign], 2), Some(DecapMode::Tc));
+    }
+
+    #[test]
+    fn xdp_modes_from_netlink() {
+        use rtnetlink::packet_route::link::XdpAttached;
+        // One program in the driver: the kernel sends its mode and its id twice.
+        let drv = [
+            LinkXdp::Attached(XdpAttached::Driver),
+            LinkXdp::DrvProgId(41),
+            LinkXdp::ProgId(41),
+        ];
+        assert_eq!(xdp_modes(&drv), vec![(41, "driver")]);
+        let multi = [
+            LinkXdp::SkbProgId(7),
+            LinkXdp::DrvProgId(8),
+            LinkXdp::HwProgId(9),
+            LinkXdp::Attached(XdpAttached::Multiple),
+        ];
+        assert_eq!(
+            xdp_modes(&multi),
+            vec![(7, "generic"), (8, "driver"), (9, "offload")]
+        );
+        assert_eq!(xdp_modes(&[LinkXdp::Attached(XdpAttached::None)]), vec![]);
+        let by_if = HashMap::from([(2, xdp_modes(&multi))]);
+        assert_eq!(xdp_mode_of(&by_if, 2, 8), Some("driver"));
+        assert_eq!(xdp_mode_of(&by_if, 2, 41), None);
+        assert_eq!(xdp_mode_of(&by_if, 3, 8), None);
+    }
+
+    #[test]
+    fn render_lists_the_attachments() {
+        let xdp = AttachmentView {
+            xdp_mode: Some("driver"),
+            ..pinned(programs::DECAP_XDP, 2, "xdp")
+        };
+        let tc = AttachmentView {
+            direction: Some("ingress"),
+            ..pinned(programs::DECAP_TC, 2, "tcx")
+        };
+        let gone = AttachmentView {
+            iface_present: false,
+            ..pinned(programs::ENCAP, 9, "tcx")
+        };
+        let other = AttachmentView {
+            program: "fw_ingress".into(),
+            ours: false,
+            pin: None,
+            link_id: None,
+            prog_id: Some(77),
+            direction: Some("ingress"),
+            ..pinned("", 2, "tcx")
+        };
+        let st = Status {
+            pin_root: PathBuf::from("/sys/fs/bpf/o"),
+            node: NodeView {
+                ready: true,
+                public_ip: Ipv4Addr::new(198, 18, 0, 11),
+                vni: 1,
+                port: 8472,
+                vtep_mac: "02:00:00:00:00:01".into(),
+                underlay_ifindex: 2,
+                inner_mtu: 1450,
+            },
+            decap: "xdp",
+            attachments: vec![xdp, tc, gone, other],
+            peers: Vec::new(),
+            endpoints: Vec::new(),
+            counters: BTreeMap::new(),
+        };
+        let text = st.render();
+        let line = |start: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(start))
+                .unwrap_or_else(|| panic!("no line starting {start:?}:\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(line("decap"), "decap xdp");
+        assert_eq!(line("attachments"), "attachments (3 pinned, 1 not ours)");
+        assert_eq!(
+            line("overlay_decap_xdp"),
+            "overlay_decap_xdp if2 (2) xdp driver 12 22 links/overlay_decap_xdp@if2@2"
+        );
+        assert_eq!(
+            line("overlay_decap_tc"),
+            "overlay_decap_tc if2 (2) tcx ingress 12 22 links/overlay_decap_tc@if2@2"
+        );
+        assert_eq!(
+            line("overlay_encap"),
+            "overlay_encap if9 (9, gone) tcx 19 29 links/overlay_encap@if9@9"
+        );
+        assert_eq!(
+            line("fw_ingress"),
+            "fw_ingress if2 (2) tcx ingress - 77 (not ours)"
+        );
+        let json: serde_json::Value = serde_json::from_str(&st.to_json()).unwrap();
+        assert_eq!(json["decap"], "xdp");
+        assert_eq!(json["attachments"][0]["xdp_mode"], "driver");
+        assert_eq!(json["attachments"][1]["direction"], "ingress");
+        assert_eq!(json["attachments"][3]["ours"], false);
+        assert_eq!(json["attachments"][3]["pin"], serde_json::Value::Null);
     }
 }
