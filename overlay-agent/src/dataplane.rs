@@ -265,8 +265,12 @@ impl Dataplane {
     }
 
     fn attach_tc(&mut self, name: &'static str, iface: &str, at: TcAttachType) -> Result<(), DataplaneError> {
-        // TCX (kernel ≥ 6.6) needs no qdisc, older kernels attach through clsact; having it is harmless.
-        if let Err(e) = tc::qdisc_add_clsact(iface) {
+        // TCX (kernel ≥ 6.6, which aya then uses) needs no qdisc; older kernels attach through
+        // clsact. Adding a qdisc to a live device stops its transmit queues for a moment and
+        // drops what is in flight (seen as lost packets during upgrades), so only when needed.
+        let tcx =
+            aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        if let Err(e) = if tcx { Ok(()) } else { tc::qdisc_add_clsact(iface) } {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
             if !exists {
                 return Err(DataplaneError::Clsact {

@@ -43,8 +43,8 @@ pub struct AgentNode {
     pub extra_args: Vec<String>,
     /// Extra environment variables for the agent (e.g. `NOTIFY_SOCKET`).
     pub extra_env: Vec<(String, String)>,
-    /// The binary [`Cluster::start_agent`] runs on this node; `None`: [`agent_bin`] (another
-    /// release's binary for upgrade tests).
+    /// The binary [`Cluster::start_agent`] runs on this node (another release's, for upgrade
+    /// tests); `None`: [`agent_bin`].
     pub agent_bin: Option<PathBuf>,
 }
 

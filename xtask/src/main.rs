@@ -1,9 +1,10 @@
 //! Orchestration only: install the toolchain, build, test, run the demo, benchmark.
 //! Depends on nothing heavy so it builds on a fresh machine before anything is installed.
 
+mod prev_release;
 mod toolchain;
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -50,14 +51,24 @@ enum Cmd {
         #[arg(last = true)]
         rest: Vec<String>,
     },
-    /// Only install the toolchain.
+    /// Only check and install what the build and the tests use; prints each thing as present,
+    /// installed or missing (with the command that fixes it).
     Setup,
+    /// Build the previous release's agent (the commit in tests/previous-release; cached per
+    /// commit) and print its path, for running netns_upgrade alone:
+    /// `OVERLAY_PREV_AGENT_BIN=$(cargo xtask prev-release) cargo test -p overlay-tests --test netns_upgrade`.
+    PrevRelease,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => toolchain::ensure(),
+        Cmd::Setup => toolchain::setup(),
+        Cmd::PrevRelease => {
+            toolchain::ensure()?;
+            println!("{}", prev_release::ensure_built()?.display());
+            Ok(())
+        }
         Cmd::Build { release } => {
             toolchain::ensure()?;
             let mut args = vec!["build", "--package", "overlay-agent"];
@@ -115,13 +126,21 @@ fn main() -> Result<()> {
     }
 }
 
+/// One `cargo test` run of `cargo xtask test`.
+struct Tier<'a> {
+    name: &'a str,
+    /// Needs root: creates namespaces and processes, so one test at a time keeps them readable.
+    root: bool,
+    args: Vec<&'a str>,
+    env: Vec<(&'static str, PathBuf)>,
+}
+
 fn test(host_only: bool, rest: &[String]) -> Result<()> {
     toolchain::ensure()?;
-    // (name, needs root, cargo arguments)
-    let mut tiers: Vec<(&str, bool, Vec<&str>)> = vec![(
-        "tier 1: host unit tests",
-        false,
-        vec![
+    let mut tiers = vec![Tier {
+        name: "tier 1: host unit tests",
+        root: false,
+        args: vec![
             "test",
             "--package",
             "overlay-common",
@@ -130,36 +149,40 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
             "--package",
             "xtask",
         ],
-    )];
+        env: Vec::new(),
+    }];
     let e2e = if host_only { Vec::new() } else { e2e_targets()? };
     if !host_only {
         require_root("the BPF and network-namespace test tiers (use --host-only without root)")?;
-        tiers.push((
-            "tier 2: BPF_PROG_TEST_RUN (root)",
-            true,
-            vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
-        ));
+        tiers.push(Tier {
+            name: "tier 2: BPF_PROG_TEST_RUN (root)",
+            root: true,
+            args: vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
+            env: Vec::new(),
+        });
         let mut args = vec!["test", "--package", "overlay-tests"];
         for t in &e2e {
             args.extend(["--test", t.as_str()]);
         }
-        tiers.push((
-            "tier 3: network namespaces, real etcd, real traffic (root)",
-            true,
+        // netns_upgrade upgrades from (and downgrades to) the previous release's binary.
+        let prev = prev_release::ensure_built()?;
+        tiers.push(Tier {
+            name: "tier 3: network namespaces, real etcd, real traffic (root)",
+            root: true,
             args,
-        ));
+            env: vec![(prev_release::ENV, prev)],
+        });
         // Tier 3 runs the real agent binary (target/debug/overlay-agent) in node namespaces.
         cargo(&["build", "--package", "overlay-agent"])?;
     }
-    for (name, root, mut args) in tiers {
-        eprintln!("\n=== {name} ===");
-        args.push("--");
-        // Root tiers create namespaces and processes: one test at a time keeps them readable.
-        if root {
-            args.push("--test-threads=1");
+    for mut t in tiers {
+        eprintln!("\n=== {} ===", t.name);
+        t.args.push("--");
+        if t.root {
+            t.args.push("--test-threads=1");
         }
-        args.extend(rest.iter().map(String::as_str));
-        cargo(&args)?;
+        t.args.extend(rest.iter().map(String::as_str));
+        cargo_env(&t.args, &t.env)?;
     }
     Ok(())
 }
@@ -183,9 +206,14 @@ fn e2e_targets() -> Result<Vec<String>> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_env(args, &[])
+}
+
+fn cargo_env(args: &[&str], env: &[(&str, PathBuf)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .status()
         .with_context(|| format!("running {cargo}"))?;
     if !status.success() {
