@@ -228,6 +228,24 @@ impl Cluster {
         }
     }
 
+    /// `bin cleanup` for node `i` with the agent's flags, to run in the node's network namespace
+    /// and the host's mount namespace, where the agent pinned.
+    pub fn cleanup_command(&self, i: usize, bin: &std::path::Path) -> Result<Command> {
+        let n = &self.nodes[i];
+        let mut cmd = n.node.ns.command_net_only(bin.to_str().context("agent path")?);
+        cmd.args([
+            "cleanup",
+            "--pin-root",
+            &n.pin_root,
+            "--iface",
+            "eth0",
+            "--bridge",
+            "cni0",
+        ])
+        .stdin(Stdio::null());
+        Ok(cmd)
+    }
+
     /// True while node `i`'s agent process runs (`try_wait`: an exited agent is reaped, not a
     /// zombie that still looks alive in /proc).
     pub fn agent_running(&mut self, i: usize) -> bool {

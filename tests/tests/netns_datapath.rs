@@ -75,9 +75,8 @@ fn two_nodes_forward_pod_traffic(mode: DecapMode) {
     forward_pod_traffic(mode, Delivery::Stack);
 }
 
-fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
-    require_root();
-    let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
+/// An underlay and two nodes on it, each with `cni0` and one pod at the tunnel MTU.
+fn two_nodes() -> (Underlay, Node, Node) {
     let underlay = Underlay::new().unwrap();
     let mut a = Node::new(&underlay, 1, 1500).unwrap();
     let mut b = Node::new(&underlay, 2, 1500).unwrap();
@@ -85,6 +84,13 @@ fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
         n.add_bridge(1450).unwrap();
         n.add_pod(1, 1450).unwrap();
     }
+    (underlay, a, b)
+}
+
+fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
+    require_root();
+    let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
+    let (_underlay, a, b) = two_nodes();
     let dp_a = start_delivering(&a, &b, &pins_a, mode, how);
     let dp_b = start_delivering(&b, &a, &pins_b, mode, how);
 
@@ -204,13 +210,7 @@ fn xdp_decap_then_tc_delivers_straight_to_the_pod() {
 fn bulk_tcp_crosses_a_gso_underlay_in_super_packets_delivered_whole() {
     require_root();
     let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
-    let underlay = Underlay::new().unwrap();
-    let mut a = Node::new(&underlay, 1, 1500).unwrap();
-    let mut b = Node::new(&underlay, 2, 1500).unwrap();
-    for n in [&mut a, &mut b] {
-        n.add_bridge(1450).unwrap();
-        n.add_pod(1, 1450).unwrap();
-    }
+    let (_underlay, a, mut b) = two_nodes();
     let dp_a = start_delivering(&a, &b, &pins_a, DecapMode::Tc, Delivery::Peer);
     let dp_b = start_delivering(&b, &a, &pins_b, DecapMode::Tc, Delivery::Peer);
     let before = dp_b.counters().unwrap();

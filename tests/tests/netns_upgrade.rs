@@ -592,20 +592,9 @@ fn downgrading_a_node_to_the_previous_release_leaves_it_working() {
 /// Runs `release`'s `overlay-agent cleanup` on node `i` with the agent's flags, as root in the
 /// node's network namespace and the host's mount namespace (where the pins are); returns stdout.
 fn cleanup(c: &Cluster, i: usize, release: Release) -> String {
-    let n = &c.nodes[i];
-    let out = n
-        .node
-        .ns
-        .command_net_only(release.bin().to_str().unwrap())
-        .args([
-            "cleanup",
-            "--pin-root",
-            &n.pin_root,
-            "--iface",
-            "eth0",
-            "--bridge",
-            "cni0",
-        ])
+    let out = c
+        .cleanup_command(i, &release.bin())
+        .expect("cleanup command")
         .output()
         .expect("running cleanup");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

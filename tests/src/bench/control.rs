@@ -8,7 +8,6 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, TcpStream},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -213,23 +212,8 @@ pub fn run(probes: u32) -> Result<ControlResults> {
 pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result<f64> {
     c.stop_agent(client, Signal::SIGTERM);
     // The datapath outlives the agent (pinned links, by design): clear it so the start is cold.
-    let n = &c.nodes[client];
-    let agent = overlay_tests::cluster::agent_bin();
-    // In the node's network namespace but the host's mount namespace, where the agent pinned.
-    let out = n
-        .node
-        .ns
-        .command_net_only(agent.to_str().context("agent path")?)
-        .args([
-            "cleanup",
-            "--pin-root",
-            &n.pin_root,
-            "--iface",
-            "eth0",
-            "--bridge",
-            "cni0",
-        ])
-        .stdin(Stdio::null())
+    let out = c
+        .cleanup_command(client, &overlay_tests::cluster::agent_bin())?
         .output()?;
     if !out.status.success() {
         bail!(
