@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, SchedClassifierLink},
@@ -49,6 +49,12 @@ pub enum DataplaneError {
     Map {
         name: &'static str,
         source: aya::maps::MapError,
+    },
+    #[error("local endpoint {ip}: its veth (ifindex {ifindex}) cannot go into the device map: {source}")]
+    EndpointDevice {
+        ip: Ipv4Addr,
+        ifindex: u32,
+        source: aya::maps::xdp::XdpMapError,
     },
     #[error("carrying the counters of a retired map over: {0}")]
     CarryCounters(std::io::Error),
@@ -357,8 +363,18 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Adds or replaces one local pod.
+    /// Adds or replaces one local pod: its device entry first (decap delivers only when both
+    /// agree on the ifindex), then its endpoint.
     pub fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError> {
+        {
+            let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::ENDPOINT_DEVS)?;
+            devs.insert(maps::endpoint_dev_key(e.ip.octets()), e.ifindex, None, 0)
+                .map_err(|source| DataplaneError::EndpointDevice {
+                    ip: e.ip,
+                    ifindex: e.ifindex,
+                    source,
+                })?;
+        }
         let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
         let value = Endpoint {
             ifindex: e.ifindex,
@@ -375,10 +391,14 @@ impl Dataplane {
     /// Removes one local pod. Absent is not an error.
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
         let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
-        ignore_missing(eps.remove(&ip.octets()), maps::ENDPOINTS)
+        ignore_missing(eps.remove(&ip.octets()), maps::ENDPOINTS)?;
+        let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::ENDPOINT_DEVS)?;
+        ignore_missing(devs.remove(maps::endpoint_dev_key(ip.octets())), maps::ENDPOINT_DEVS)
     }
 
-    /// The local pods in the (possibly adopted) endpoint map.
+    /// The local pods the datapath delivers to: entries of the (possibly adopted) endpoint map
+    /// whose device entry still names the same veth. An endpoint whose veth went away while no
+    /// agent ran is left out, so a resync removes or replaces it.
     pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
         let map = self
             .ebpf
@@ -389,7 +409,22 @@ impl Dataplane {
                 name: maps::ENDPOINTS,
                 source,
             })?;
-        Ok(endpoint_entries(&eps))
+        let devs = self
+            .ebpf
+            .map(maps::ENDPOINT_DEVS)
+            .ok_or(DataplaneError::MissingMap(maps::ENDPOINT_DEVS))?;
+        let devs: DevMapHash<&MapData> =
+            DevMapHash::try_from(devs).map_err(|source| DataplaneError::Map {
+                name: maps::ENDPOINT_DEVS,
+                source,
+            })?;
+        Ok(endpoint_entries(&eps)
+            .into_iter()
+            .filter(|e| {
+                devs.get(maps::endpoint_dev_key(e.ip.octets()), 0)
+                    .is_ok_and(|v| v.if_index == e.ifindex)
+            })
+            .collect())
     }
 
     /// Removes one remote subnet and its sender entry. Absent entries are not an error.

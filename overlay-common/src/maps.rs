@@ -6,6 +6,7 @@
 //! | `OVL_PEERS`    | LPM trie       | prefix + remote subnet      | [`Peer`]           | agent      |
 //! | `OVL_VTEPS`    | hash           | peer PublicIP (`[u8; 4]`)   | [`Vtep`]           | agent      |
 //! | `OVL_ENDPOINTS`| hash           | local pod IPv4 (`[u8; 4]`)  | [`Endpoint`]       | agent      |
+//! | `OVL_ENDPOINT_DEVS` | devmap hash | local pod IPv4 ([`endpoint_dev_key`]) | its veth's ifindex | agent; the kernel deletes entries of removed devices |
 //! | `OVL_COUNTERS` | per-CPU array  | [`crate::Counter`] as `u32` | `u64`              | programs   |
 //!
 //! All addresses are stored in network byte order as byte arrays, all other integers in host order.
@@ -16,9 +17,17 @@ pub const CONFIG: &str = "OVL_CONFIG";
 pub const PEERS: &str = "OVL_PEERS";
 pub const VTEPS: &str = "OVL_VTEPS";
 pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
+pub const ENDPOINT_DEVS: &str = "OVL_ENDPOINT_DEVS";
 pub const COUNTERS: &str = "OVL_COUNTERS";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 5] = [CONFIG, PEERS, VTEPS, ENDPOINTS, COUNTERS];
+pub const ALL: [&str; 6] = [CONFIG, PEERS, VTEPS, ENDPOINTS, ENDPOINT_DEVS, COUNTERS];
+
+/// Key of a pod in `OVL_ENDPOINT_DEVS`: its IPv4 address's bytes read as a native `u32`.
+/// A device map entry disappears with its device, so decap never redirects to a veth that is
+/// gone (a pod deleted while the agent was not running), whatever `OVL_ENDPOINTS` still says.
+pub const fn endpoint_dev_key(ip: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(ip)
+}
 
 /// Capacity of the local endpoint table (pods on this node).
 pub const MAX_ENDPOINTS: u32 = 16384;

@@ -6,6 +6,7 @@
 //! | `OVL_PEERS`    | LPM trie      | remote pod subnet      | `Peer`            | agent      |
 //! | `OVL_VTEPS`    | hash          | peer PublicIP          | `Vtep`            | agent      |
 //! | `OVL_ENDPOINTS`| hash          | local pod IPv4         | `Endpoint`        | agent      |
+//! | `OVL_ENDPOINT_DEVS` | devmap hash | local pod IPv4   | veth ifindex      | agent; kernel removes gone devices |
 //! | `OVL_COUNTERS` | per-CPU array | `Counter` index        | `u64`             | programs   |
 //!
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
@@ -23,7 +24,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_ADJ_ROOM_NO_CSUM_RESET,
     },
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
     helpers::generated::{
         bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
         bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
@@ -34,8 +35,8 @@ use aya_ebpf::{
 use overlay_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER, CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS,
-        PEER_DIRECT,
+        endpoint_dev_key, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER, CONFIG_READY,
+        MAX_ENDPOINTS, MAX_PEERS, PEER_DIRECT,
     },
     wire::{
         encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
@@ -52,6 +53,8 @@ static OVL_PEERS: LpmTrie<[u8; 4], Peer, { MAX_PEERS as usize }> = LpmTrie::new(
 static OVL_VTEPS: HashMap<[u8; 4], Vtep, { MAX_PEERS as usize }> = HashMap::new();
 #[btf_map]
 static OVL_ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+#[btf_map]
+static OVL_ENDPOINT_DEVS: DevMapHash<{ MAX_ENDPOINTS as usize }> = DevMapHash::new();
 #[btf_map]
 static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
 
@@ -611,6 +614,12 @@ fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<(), Counter> {
 fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, ep: &Endpoint) -> Result<Option<Verdict>, Counter> {
     const TTL_OFF: usize = ETH_LEN + 8;
     const CSUM_OFF: usize = ETH_LEN + 10;
+    const DST_OFF: usize = ETH_LEN + 16;
+    // The veth must still exist: the kernel drops device-map entries of removed devices.
+    let dst: [u8; 4] = ctx.load(DST_OFF).map_err(|_| Counter::DropMalformed)?;
+    if OVL_ENDPOINT_DEVS.get_ifindex(endpoint_dev_key(dst)) != Some(ep.ifindex) {
+        return Ok(None);
+    }
     let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).map_err(|_| Counter::DropMalformed)?;
     if ttl_proto[0] <= 1 {
         return Ok(None);

@@ -248,3 +248,42 @@ fn bulk_tcp_crosses_a_gso_underlay_in_super_packets_delivered_whole() {
         overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
     }
 }
+
+/// A pod deleted and recreated with the same address while no agent keeps the endpoint map
+/// (the agent restarting): the stale endpoint entry names a veth that is gone. Decap must not
+/// redirect into it (a black hole) but hand the packets to the stack, which reaches the new pod.
+#[test]
+fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
+    require_root();
+    let (pins_a, pins_b) = (PinRoot::new(), PinRoot::new());
+    let (_underlay, a, mut b) = two_nodes();
+    let dp_a = start_delivering(&a, &b, &pins_a, DecapMode::Tc, Delivery::Peer);
+    let dp_b = start_delivering(&b, &a, &pins_b, DecapMode::Tc, Delivery::Peer);
+    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 3, None), "before the pod restart");
+    let stale = dp_b.endpoints().unwrap();
+    assert_eq!(stale.len(), 1, "node b's endpoint: {stale:?}");
+    let delivered = dp_b.counters().unwrap().get(Counter::DeliverPackets);
+    assert!(delivered >= 3, "pings went straight to the pod before the restart ({delivered})");
+
+    b.recreate_pod(0, std::time::Duration::from_millis(100)).unwrap();
+    // Nobody updated the maps: the endpoint map still names the old veth.
+    let pinned = overlay_agent::dataplane::read_pinned_endpoints(&pins_b.0).unwrap();
+    assert_eq!(pinned, stale, "the endpoint map must still hold the stale entry");
+    assert!(
+        ping(&a.pods[0].ns, b.pods[0].ip, 5, None),
+        "the recreated pod {} is unreachable: decap redirected into the deleted veth",
+        b.pods[0].ip
+    );
+    let after = dp_b.counters().unwrap();
+    assert_eq!(
+        after.get(Counter::DeliverPackets),
+        delivered,
+        "nothing may be delivered to the deleted veth"
+    );
+    // The agent's view leaves the stale endpoint out, so its next resync replaces it.
+    assert_eq!(dp_b.endpoints().unwrap(), vec![], "endpoints() must skip the stale entry");
+    drop((dp_a, dp_b));
+    for pins in [&pins_a, &pins_b] {
+        overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+    }
+}
