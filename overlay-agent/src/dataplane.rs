@@ -71,6 +71,9 @@ pub enum DataplaneError {
     PeersFull { max: u32, subnet: Ipv4Net },
 }
 
+/// The ifindex [`Dataplane::endpoints`] reports for an endpoint whose veth is gone.
+pub const STALE_IFINDEX: u32 = 0;
+
 /// Directory under the pin root holding the program links: `<prog>@<iface>@<ifindex>`.
 pub const LINKS_DIR: &str = "links";
 
@@ -396,9 +399,10 @@ impl Dataplane {
         ignore_missing(devs.remove(maps::endpoint_dev_key(ip.octets())), maps::ENDPOINT_DEVS)
     }
 
-    /// The local pods the datapath delivers to: entries of the (possibly adopted) endpoint map
-    /// whose device entry still names the same veth. An endpoint whose veth went away while no
-    /// agent ran is left out, so a resync removes or replaces it.
+    /// The local pods in the (possibly adopted) endpoint map. One whose device entry no longer
+    /// names the same veth (the veth went away, possibly while no agent ran) is reported with
+    /// ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from anything
+    /// discovered, so a resync removes or replaces it.
     pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
         let map = self
             .ebpf
@@ -420,9 +424,14 @@ impl Dataplane {
             })?;
         Ok(endpoint_entries(&eps)
             .into_iter()
-            .filter(|e| {
-                devs.get(maps::endpoint_dev_key(e.ip.octets()), 0)
-                    .is_ok_and(|v| v.if_index == e.ifindex)
+            .map(|mut e| {
+                let live = devs
+                    .get(maps::endpoint_dev_key(e.ip.octets()), 0)
+                    .is_ok_and(|v| v.if_index == e.ifindex);
+                if !live {
+                    e.ifindex = STALE_IFINDEX;
+                }
+                e
             })
             .collect())
     }

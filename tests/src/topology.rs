@@ -155,10 +155,22 @@ pub fn nth_host(subnet: Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + n)
 }
 
-/// `ping -c count` from a namespace; true when every reply arrived.
+/// `ping -c count` from a namespace; true when every reply arrived: ping's summary says
+/// `count` transmitted and `count` received. (Its exit status alone is 0 as soon as one reply
+/// came back, so partial loss would pass.) Callers that tolerate loss use [`ping_counts`].
 pub fn ping(from: &Netns, to: Ipv4Addr, count: u32, size: Option<u32>) -> bool {
+    matches!(ping_counts(from, to, count, size), Some((sent, received)) if sent == count && received == count)
+}
+
+/// `ping -c count [-M do -s size]` from a namespace: (transmitted, received) from ping's
+/// summary line, or `None` when ping printed no summary (e.g. no route, bad address).
+/// No `-w` deadline on purpose: with one, ping keeps sending past `count` to make up for
+/// losses; `-W 2` bounds the wait for each reply instead.
+pub fn ping_counts(from: &Netns, to: Ipv4Addr, count: u32, size: Option<u32>) -> Option<(u32, u32)> {
     let c = count.to_string();
-    let mut args = vec!["-c", &c, "-i", "0.2", "-W", "2", "-q"];
+    let mut args = vec![
+        "netns", "exec", &from.name, "ping", "-c", &c, "-i", "0.2", "-W", "2", "-q",
+    ];
     let s;
     if let Some(size) = size {
         s = size.to_string();
@@ -166,7 +178,19 @@ pub fn ping(from: &Netns, to: Ipv4Addr, count: u32, size: Option<u32>) -> bool {
     }
     let t = to.to_string();
     args.push(&t);
-    from.exec("ping", &args).is_ok()
+    // Not `Netns::exec`: that fails on a non-zero exit, and ping exits 1 on any loss.
+    let out = std::process::Command::new("ip").args(&args).output().ok()?;
+    parse_ping_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// (transmitted, received) from ping's summary:
+/// "10 packets transmitted, 9 received, [+1 errors, ]10% packet loss, time 1803ms".
+pub fn parse_ping_summary(text: &str) -> Option<(u32, u32)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut parts = line.split(',');
+    let sent = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    let received = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    Some((sent, received))
 }
 
 /// A flanneld vxlan peer as [`flannel_vxlan`] programs it: (subnet, underlay IP, flannel.1 MAC).
@@ -286,4 +310,20 @@ pub fn fmt_mac(m: &[u8; 6]) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ping_summary;
+
+    #[test]
+    fn ping_summary_counts_replies_not_exit_status() {
+        let full = "--- 10.244.1.2 ping statistics ---\n3 packets transmitted, 3 received, 0% packet loss, time 402ms\n";
+        assert_eq!(parse_ping_summary(full), Some((3, 3)));
+        let partial = "3 packets transmitted, 2 received, 33.3333% packet loss, time 404ms\n";
+        assert_eq!(parse_ping_summary(partial), Some((3, 2)));
+        let errors = "5 packets transmitted, 0 received, +5 errors, 100% packet loss, time 812ms\n";
+        assert_eq!(parse_ping_summary(errors), Some((5, 0)));
+        assert_eq!(parse_ping_summary("connect: Network is unreachable\n"), None);
+    }
 }

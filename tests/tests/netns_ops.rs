@@ -297,6 +297,7 @@ fn notify_health_metrics_and_status() {
             i + 1,
             c.agent_log(i)
         );
+        c.wait_encap_attached(i);
     }
     assert!(
         ping(&c.nodes[0].node.pods[0].ns, pod1, 3, None),
