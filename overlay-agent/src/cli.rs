@@ -1,9 +1,11 @@
 //! flanneld-compatible command line: the same flag names and `FLANNELD_<FLAG>` environment
-//! variables, for the flags that matter to an etcd-backed vxlan node.
+//! variables, for the flags that matter to an etcd-backed vxlan node, written either way
+//! flanneld's users write them: `--flag=value` or Go's `-flag=value` / `-flag value` (see
+//! [`go_style_argv`]).
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, CommandFactory as _, Parser};
 
 use crate::subnet::etcd::{EtcdOptions, EtcdTls};
 
@@ -58,12 +60,11 @@ pub struct AgentArgs {
     pub etcd_username: Option<String>,
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
-    /// Interface (name or IPv4 address) for inter-host traffic; may be repeated, first match wins.
-    /// Default: the interface of the default route.
-    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',', action = ArgAction::Append)]
-    pub iface: Vec<String>,
+    /// How the underlay interface is chosen: `--iface`, `--iface-regex`, `--iface-can-reach`.
+    #[command(flatten)]
+    pub iface: IfaceArgs,
     /// IPv4 address other nodes use to reach this one (default: the interface's address).
-    #[arg(long, env = "FLANNELD_PUBLIC_IP", value_parser = parse_public_ip)]
+    #[arg(long, env = "FLANNELD_PUBLIC_IP", value_parser = parse_ipv4)]
     pub public_ip: Option<Ipv4Addr>,
     /// Where the CNI plugin reads this node's subnet.
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
@@ -73,7 +74,8 @@ pub struct AgentArgs {
     pub subnet_lease_renew_margin: u32,
     /// Masquerade traffic leaving the overlay (recorded in subnet.env as FLANNEL_IPMASQ).
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_value_t = false,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", require_equals = true, action = ArgAction::Set,
+          value_parser = parse_go_bool)]
     pub ip_masq: bool,
     /// Address the health endpoint listens on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
@@ -86,7 +88,8 @@ pub struct AgentArgs {
     pub verbosity: u8,
     /// Rejected with a clear message (this agent does not use the Kubernetes API for leases).
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, default_value_t = false,
-          default_missing_value = "true", action = ArgAction::Set, hide = true)]
+          default_missing_value = "true", require_equals = true, action = ArgAction::Set,
+          value_parser = parse_go_bool, hide = true)]
     pub kube_subnet_mgr: bool,
     /// Pod bridge the agent attaches to.
     #[arg(long, env = "FLANNELD_BRIDGE", default_value = "cni0")]
@@ -106,6 +109,33 @@ pub struct AgentArgs {
     pub deliver: DeliverChoice,
 }
 
+/// Which interface carries inter-host traffic, in flanneld's order of precedence: each `--iface`
+/// in turn, then each `--iface-regex`, then `--iface-can-reach`; with none of them, the interface
+/// of the default route. The first that yields an interface with an IPv4 address wins.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct IfaceArgs {
+    /// Interface (name or IPv4 address) for inter-host traffic; may be repeated, first match wins.
+    /// Default: the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", value_delimiter = ',', action = ArgAction::Append)]
+    pub iface: Vec<String>,
+    /// Regular expression matched against every interface's IPv4 addresses, then (if no address
+    /// matches) against interface names; the first match wins. May be repeated; tried in order
+    /// after the --iface values.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", action = ArgAction::Append, value_parser = parse_regex)]
+    pub iface_regex: Vec<String>,
+    /// Use the interface (and source address) of the route to this IPv4 address, as
+    /// `ip route get ADDRESS` shows it; tried after --iface and --iface-regex.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH", value_parser = parse_ipv4)]
+    pub iface_can_reach: Option<Ipv4Addr>,
+}
+
+impl IfaceArgs {
+    /// True when no option was given: the default route's interface is used.
+    pub fn is_default(&self) -> bool {
+        self.iface.is_empty() && self.iface_regex.is_empty() && self.iface_can_reach.is_none()
+    }
+}
+
 /// `--decap`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapChoice {
@@ -122,26 +152,132 @@ pub enum DeliverChoice {
     Stack,
 }
 
-fn parse_public_ip(s: &str) -> Result<Ipv4Addr, String> {
+fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.trim()
         .parse()
         .map_err(|_| format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10"))
 }
 
+/// A regular expression as flanneld (Go's RE2 syntax, unanchored) takes it; kept as text.
+fn parse_regex(s: &str) -> Result<String, String> {
+    regex::Regex::new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("{s:?} is not a valid regular expression: {e}"))
+}
+
+/// A boolean as Go's `strconv.ParseBool` reads it (what flanneld accepts for `-ip-masq=…` and
+/// `FLANNELD_IP_MASQ`).
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean; use true or false")),
+    }
+}
+
+/// How a long flag takes its value, for reading Go-style command lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlagKind {
+    /// Needs a value: `-name=value` or `-name value`.
+    Value,
+    /// Takes no value or an optional one given only with `=` (`-ip-masq`, `-ip-masq=false`,
+    /// `--help`): the next argument is never its value.
+    Bool,
+}
+
+/// The long flags `cmd` accepts at its top level and how each takes its value.
+pub fn flag_table(cmd: &clap::Command) -> Vec<(String, FlagKind)> {
+    let mut cmd = cmd.clone();
+    cmd.build();
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let takes_value =
+                a.get_action().takes_values() && a.get_num_args().is_none_or(|n| n.min_values() > 0);
+            let kind = if takes_value {
+                FlagKind::Value
+            } else {
+                FlagKind::Bool
+            };
+            Some((a.get_long()?.to_string(), kind))
+        })
+        .collect()
+}
+
+/// Rewrites a command line written for flanneld (Go's `flag` package) into the form clap reads.
+///
+/// Go accepts `-name`, `--name`, `-name=value`, `--name=value` and, for flags that need a value,
+/// `-name value`; a boolean flag never takes the next argument (`-ip-masq`, `-ip-masq=false`).
+/// Flag parsing stops at `--` or at the first argument that is not a flag (a subcommand here).
+/// Every flag before that becomes `--name` or `--name=value` (the value of a [`FlagKind::Value`]
+/// flag is taken whole, even when it starts with `-`). Unknown names are rewritten the same way so
+/// that clap's error names them as `--name`; single-letter short options clap knows only as
+/// shorts (`-h`, `-V`) and anything that is not UTF-8 are left as they are.
+pub fn go_style_argv<I, T>(argv: I, flags: &[(String, FlagKind)]) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let mut it = argv.into_iter().map(Into::into);
+    let mut out: Vec<OsString> = it.next().into_iter().collect();
+    while let Some(arg) = it.next() {
+        let Some(text) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        let body = match text.strip_prefix("--").or_else(|| text.strip_prefix('-')) {
+            // `--`, a lone `-`, a subcommand or a positional: Go stops reading flags here.
+            Some(b) if !b.is_empty() && text != "--" => b,
+            _ => {
+                out.push(arg);
+                out.extend(it);
+                break;
+            }
+        };
+        if body.starts_with('-') {
+            out.push(arg); // `---x`: bad syntax; clap says so.
+            continue;
+        }
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let kind = flags.iter().find(|(n, _)| n == name).map(|(_, k)| *k);
+        if kind.is_none() && name.chars().count() == 1 && !text.starts_with("--") {
+            out.push(arg); // a short option (`-h`, `-V`)
+            continue;
+        }
+        match (kind, value) {
+            (Some(FlagKind::Value), None) => match it.next() {
+                Some(v) => {
+                    let mut joined = OsString::from(format!("--{name}="));
+                    joined.push(v);
+                    out.push(joined);
+                }
+                None => out.push(format!("--{name}").into()),
+            },
+            (_, Some(v)) => out.push(format!("--{name}={v}").into()),
+            (_, None) => out.push(format!("--{name}").into()),
+        }
+    }
+    out
+}
+
 #[derive(Parser)]
-#[command(name = "overlay-agent")]
+#[command(name = "overlay-agent", args_override_self = true)]
 struct Standalone {
     #[command(flatten)]
     args: AgentArgs,
 }
 
 impl AgentArgs {
-    /// Parses flags (argv[0] first) and validates them; for tests and embedding.
+    /// Parses flags (argv[0] first), flanneld's Go-style spellings included; for tests and
+    /// embedding. [`AgentArgs::validate`] checks them.
     pub fn try_parse_from<I, T>(argv: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
+        T: Into<OsString>,
     {
+        let argv = go_style_argv(argv, &flag_table(&Standalone::command()));
         Ok(Standalone::try_parse_from(argv)?.args)
     }
 
@@ -240,7 +376,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.etcd_endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
         assert_eq!(a.etcd_prefix, "/x/network");
-        assert_eq!(a.iface, ["eth1", "192.0.2.1"]);
+        assert_eq!(a.iface.iface, ["eth1", "192.0.2.1"]);
         assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 9)));
         assert!(a.ip_masq);
         assert_eq!(a.renew_margin(), Duration::from_secs(1800));
@@ -293,5 +429,215 @@ mod tests {
             parse(&["--kube-subnet-mgr"]).unwrap().validate(),
             Err(CliError::KubeSubnetMgr)
         );
+    }
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn go_style_argv_rewrites_single_dash_flags() {
+        let table: Vec<(String, FlagKind)> = [
+            ("etcd-endpoints", FlagKind::Value),
+            ("iface", FlagKind::Value),
+            ("etcd-password", FlagKind::Value),
+            ("v", FlagKind::Value),
+            ("ip-masq", FlagKind::Bool),
+            ("help", FlagKind::Bool),
+        ]
+        .iter()
+        .map(|(n, k)| (n.to_string(), *k))
+        .collect();
+        let cases: &[(&[&str], &[&str])] = &[
+            // (argv after argv[0], what clap gets)
+            (
+                &[
+                    "-etcd-endpoints=http://e:2379",
+                    "-iface",
+                    "eth0",
+                    "-ip-masq",
+                    "-v=1",
+                ],
+                &[
+                    "--etcd-endpoints=http://e:2379",
+                    "--iface=eth0",
+                    "--ip-masq",
+                    "--v=1",
+                ],
+            ),
+            (
+                &["--iface", "eth0", "--iface=eth1", "-v", "2", "-ip-masq=false"],
+                &["--iface=eth0", "--iface=eth1", "--v=2", "--ip-masq=false"],
+            ),
+            // A value is taken whole, even when it looks like a flag (Go does the same).
+            (&["-etcd-password", "-secret=x"], &["--etcd-password=-secret=x"]),
+            // A boolean never takes the next argument.
+            (&["-ip-masq", "-iface", "eth0"], &["--ip-masq", "--iface=eth0"]),
+            (&["-ip-masq", "false"], &["--ip-masq", "false"]),
+            // Unknown names become --name, so clap's error names them; shorts stay.
+            (
+                &["-no-such-flag=1", "-x", "-h", "-help"],
+                &["--no-such-flag=1", "-x", "-h", "--help"],
+            ),
+            // Missing value: left for clap to report.
+            (&["-iface"], &["--iface"]),
+            // Flag parsing stops at `--` and at the first non-flag (a subcommand).
+            (
+                &["-iface", "eth0", "--", "-ip-masq"],
+                &["--iface=eth0", "--", "-ip-masq"],
+            ),
+            (&["status", "-iface", "eth0"], &["status", "-iface", "eth0"]),
+            (&["-", "-iface"], &["-", "-iface"]),
+            // Bad syntax stays for clap to reject; `eth0` after it is then a stray argument.
+            (&["---iface", "eth0"], &["---iface", "eth0"]),
+        ];
+        for (argv, want) in cases {
+            let mut full = vec!["overlay-agent"];
+            full.extend_from_slice(argv);
+            let mut expect = vec!["overlay-agent"];
+            expect.extend_from_slice(want);
+            assert_eq!(go_style_argv(os(&full), &table), os(&expect), "{argv:?}");
+        }
+        // Not UTF-8: passed through untouched.
+        use std::os::unix::ffi::OsStringExt as _;
+        let odd = OsString::from_vec(vec![b'-', 0xff]);
+        let out = go_style_argv(vec![OsString::from("a"), odd.clone()], &table);
+        assert_eq!(out, vec![OsString::from("a"), odd]);
+    }
+
+    #[test]
+    fn flag_table_follows_the_agent_flags() {
+        let t = flag_table(&Standalone::command());
+        let kind = |n: &str| t.iter().find(|(f, _)| f == n).map(|(_, k)| *k);
+        assert_eq!(kind("etcd-endpoints"), Some(FlagKind::Value));
+        assert_eq!(kind("iface"), Some(FlagKind::Value));
+        assert_eq!(kind("iface-regex"), Some(FlagKind::Value));
+        assert_eq!(kind("iface-can-reach"), Some(FlagKind::Value));
+        assert_eq!(kind("v"), Some(FlagKind::Value));
+        assert_eq!(kind("ip-masq"), Some(FlagKind::Bool));
+        assert_eq!(kind("kube-subnet-mgr"), Some(FlagKind::Bool));
+        assert_eq!(kind("help"), Some(FlagKind::Bool));
+    }
+
+    /// A valid value for every flag that takes one.
+    fn sample(flag: &str) -> &'static str {
+        match flag {
+            "etcd-endpoints" => "http://10.0.0.1:2379,http://10.0.0.2:2379",
+            "etcd-prefix" => "/x/network",
+            "etcd-keyfile" => "/k.pem",
+            "etcd-certfile" => "/c.pem",
+            "etcd-cafile" => "/ca.pem",
+            "etcd-username" => "u",
+            "etcd-password" => "p",
+            "iface" => "eth1",
+            "iface-regex" => "^10\\.",
+            "iface-can-reach" => "192.0.2.1",
+            "public-ip" => "192.0.2.9",
+            "subnet-file" => "/run/x.env",
+            "subnet-lease-renew-margin" => "30",
+            "ip-masq" | "kube-subnet-mgr" => "true",
+            "healthz-ip" => "127.0.0.1",
+            "healthz-port" => "8471",
+            "v" => "2",
+            "bridge" => "br9",
+            "pin-root" => "/sys/fs/bpf/x",
+            "decap" => "tc",
+            "deliver" => "stack",
+            other => panic!("no sample value for --{other}: add one so its Go spellings are tested"),
+        }
+    }
+
+    #[test]
+    fn every_flag_in_every_go_spelling() {
+        let debug = |argv: &[String]| -> String {
+            let mut full = vec!["overlay-agent".to_string()];
+            full.extend_from_slice(argv);
+            match AgentArgs::try_parse_from(&full) {
+                Ok(a) => format!("{a:?}"),
+                Err(e) => panic!("{full:?}: {e}"),
+            }
+        };
+        let defaults = debug(&[]);
+        for (name, kind) in flag_table(&Standalone::command()) {
+            if name == "help" {
+                continue;
+            }
+            let v = sample(&name);
+            let want = debug(&[format!("--{name}={v}")]);
+            assert_ne!(want, defaults, "--{name}={v} changed nothing");
+            let mut spellings = vec![vec![format!("-{name}={v}")]];
+            match kind {
+                FlagKind::Value => {
+                    spellings.push(vec![format!("-{name}"), v.to_string()]);
+                    spellings.push(vec![format!("--{name}"), v.to_string()]);
+                }
+                FlagKind::Bool => spellings.push(vec![format!("-{name}")]),
+            }
+            for argv in spellings {
+                assert_eq!(debug(&argv), want, "{argv:?} differs from --{name}={v}");
+            }
+        }
+    }
+
+    #[test]
+    fn go_booleans_and_last_value_wins() {
+        for (arg, want) in [
+            ("-ip-masq", true),
+            ("--ip-masq", true),
+            ("-ip-masq=true", true),
+            ("-ip-masq=1", true),
+            ("-ip-masq=T", true),
+            ("-ip-masq=false", false),
+            ("-ip-masq=0", false),
+            ("-ip-masq=F", false),
+            ("--ip-masq=False", false),
+        ] {
+            assert_eq!(parse(&[arg]).map(|a| a.ip_masq), Ok(want), "{arg}");
+        }
+        // Go reads `-ip-masq false` as the flag and then a stray argument.
+        let err = parse(&["-ip-masq", "false"]).unwrap_err();
+        assert!(err.contains("unexpected argument 'false'"), "{err}");
+        let err = parse(&["-ip-masq=yes"]).unwrap_err();
+        assert!(err.contains("\"yes\" is not a boolean"), "{err}");
+        // Go's flag package: a repeated flag keeps its last value.
+        let a = parse(&["-subnet-file=/a", "-subnet-file", "/b", "-v=1", "-v=0"]).unwrap();
+        assert_eq!(a.subnet_file, PathBuf::from("/b"));
+        assert_eq!(a.verbosity, 0);
+        // Repeatable ones accumulate, in order.
+        let a = parse(&[
+            "-iface=eth1",
+            "-iface",
+            "eth2",
+            "-iface-regex=^10\\.",
+            "-iface-regex",
+            "eth",
+        ])
+        .unwrap();
+        assert_eq!(a.iface.iface, ["eth1", "eth2"]);
+        assert_eq!(a.iface.iface_regex, ["^10\\.", "eth"]);
+    }
+
+    #[test]
+    fn unknown_and_bad_flags_are_named() {
+        for (argv, want) in [
+            (&["-no-such-flag"][..], "unexpected argument '--no-such-flag'"),
+            // flanneld has it; we do not.
+            (
+                &["-ip-masq-fully-random-disable"],
+                "unexpected argument '--ip-masq-fully-random-disable'",
+            ),
+            (
+                &["-iface-regex=eth("],
+                "\"eth(\" is not a valid regular expression",
+            ),
+            (
+                &["-iface-can-reach", "fd00::1"],
+                "\"fd00::1\" is not an IPv4 address",
+            ),
+            (&["-iface"], "a value is required for '--iface <IFACE>'"),
+        ] {
+            let err = parse(argv).unwrap_err();
+            assert!(err.contains(want), "{argv:?}: want {want:?} in:\n{err}");
+        }
     }
 }

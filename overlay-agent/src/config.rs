@@ -248,9 +248,9 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(Value::Object(o)) => o,
         Some(_) => return Err(field("Backend", "must be an object, e.g. {\"Type\": \"vxlan\"}")),
     };
-    match get(obj, "Type") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("vxlan") => {}
+    let has_type = match get(obj, "Type") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("vxlan") => true,
         Some(Value::String(t)) => {
             return Err(field(
                 "Backend.Type",
@@ -258,7 +258,7 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
             ))
         }
         Some(_) => return Err(field("Backend.Type", "must be the string \"vxlan\"")),
-    }
+    };
     let uint = |name: &'static str, max: u64, hint: &str| -> Result<Option<u64>, ConfigError> {
         match get(obj, name) {
             None | Some(Value::Null) => Ok(None),
@@ -292,6 +292,17 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(field("Backend.DirectRouting", "must be true or false")),
     };
+    // Checked last, so a config with other Backend mistakes names those first.
+    if !has_type {
+        let problem = if matches!(v, None | Some(Value::Null)) {
+            // flanneld: no Backend means its udp backend.
+            "is missing: without a Backend flanneld uses its udp backend, which this agent does not \
+             implement; add \"Backend\": {\"Type\": \"vxlan\"} to the network config"
+        } else {
+            "is missing (flanneld would refuse the config too); set it: \"Backend\": {\"Type\": \"vxlan\"}"
+        };
+        return Err(field("Backend.Type", problem));
+    }
     Ok(BackendConfig {
         vni,
         port,
@@ -322,7 +333,7 @@ mod tests {
         // (json, network, subnet_len, min, max)
         let cases = [
             (
-                r#"{"Network":"10.244.0.0/16"}"#,
+                r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
                 "10.244.0.0/16",
                 24,
                 "10.244.1.0",
@@ -336,42 +347,42 @@ mod tests {
                 "10.244.255.0",
             ),
             (
-                r#"{"Network":"10.0.0.0/22"}"#,
+                r#"{"Network":"10.0.0.0/22","Backend":{"Type":"vxlan"}}"#,
                 "10.0.0.0/22",
                 24,
                 "10.0.1.0",
                 "10.0.3.0",
             ),
             (
-                r#"{"Network":"10.0.0.0/23"}"#,
+                r#"{"Network":"10.0.0.0/23","Backend":{"Type":"vxlan"}}"#,
                 "10.0.0.0/23",
                 25,
                 "10.0.0.128",
                 "10.0.1.128",
             ),
             (
-                r#"{"Network":"10.0.0.0/28"}"#,
+                r#"{"Network":"10.0.0.0/28","Backend":{"Type":"vxlan"}}"#,
                 "10.0.0.0/28",
                 30,
                 "10.0.0.4",
                 "10.0.0.12",
             ),
             (
-                r#"{"Network":"10.244.3.7/16"}"#,
+                r#"{"Network":"10.244.3.7/16","Backend":{"Type":"vxlan"}}"#,
                 "10.244.0.0/16",
                 24,
                 "10.244.1.0",
                 "10.244.255.0",
             ),
             (
-                r#"{"Network":"10.244.0.0/16","SubnetLen":26,"SubnetMin":"10.244.8.0","SubnetMax":"10.244.9.192"}"#,
+                r#"{"Network":"10.244.0.0/16","SubnetLen":26,"SubnetMin":"10.244.8.0","SubnetMax":"10.244.9.192","Backend":{"Type":"vxlan"}}"#,
                 "10.244.0.0/16",
                 26,
                 "10.244.8.0",
                 "10.244.9.192",
             ),
             (
-                r#"{"Network":"10.244.0.0/16","SubnetMin":"0.0.0.0"}"#,
+                r#"{"Network":"10.244.0.0/16","SubnetMin":"0.0.0.0","Backend":{"Type":"vxlan"}}"#,
                 "10.244.0.0/16",
                 24,
                 "10.244.1.0",
@@ -385,7 +396,7 @@ mod tests {
             assert_eq!(c.subnet_min, ip(min), "{json}");
             assert_eq!(c.subnet_max, ip(max), "{json}");
         }
-        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         assert_eq!(
             c.backend,
             BackendConfig {
@@ -439,6 +450,10 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Port":-1}}"#, "config field Backend.Port: must be an integer from 0 to 65535 (UDP port; 0 means 8472)"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"MTU":100}}"#, "config field Backend.MTU: 100 is too small; use at least 576 or leave it unset"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"DirectRouting":"yes"}}"#, "config field Backend.DirectRouting: must be true or false"),
+            (r#"{"Network":"10.0.0.0/16"}"#, "config field Backend.Type: is missing: without a Backend flanneld uses its udp backend, which this agent does not implement; add \"Backend\": {\"Type\": \"vxlan\"} to the network config"),
+            (r#"{"Network":"10.0.0.0/16","Backend":null}"#, "config field Backend.Type: is missing: without a Backend flanneld uses its udp backend, which this agent does not implement; add \"Backend\": {\"Type\": \"vxlan\"} to the network config"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"VNI":1}}"#, "config field Backend.Type: is missing (flanneld would refuse the config too); set it: \"Backend\": {\"Type\": \"vxlan\"}"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":null}}"#, "config field Backend.Type: is missing (flanneld would refuse the config too); set it: \"Backend\": {\"Type\": \"vxlan\"}"),
         ];
         for (json, want) in cases {
             match NetworkConfig::parse(json) {
@@ -451,7 +466,7 @@ mod tests {
     #[test]
     fn compatibility() {
         let c = NetworkConfig::parse(
-            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.9.0"}"#,
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.9.0","Backend":{"Type":"vxlan"}}"#,
         )
         .unwrap();
         let yes = ["10.244.5.0/24", "10.244.9.0/24", "10.244.7.0/24"];

@@ -667,7 +667,9 @@ mod tests {
     async fn exhausted_pool_waits_and_takes_a_freed_subnet() {
         let reg = MemRegistry::default();
         // 3 leasable /26s (the first is skipped), all held by other nodes.
-        reg.set_network_config(r#"{"Network":"10.9.0.0/24","SubnetLen":26,"Backend":{"VNI":7}}"#);
+        reg.set_network_config(
+            r#"{"Network":"10.9.0.0/24","SubnetLen":26,"Backend":{"Type":"vxlan","VNI":7}}"#,
+        );
         let held: Vec<Ipv4Net> = ["10.9.0.64/26", "10.9.0.128/26", "10.9.0.192/26"]
             .iter()
             .map(|s| s.parse().unwrap())

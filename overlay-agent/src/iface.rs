@@ -1,16 +1,31 @@
-//! The underlay interface: `--iface` (name or IPv4 address, first match wins) or the interface of
-//! the default IPv4 route; and the node's stable VTEP MAC.
+//! The underlay interface, chosen as flanneld chooses it (`--iface`, then `--iface-regex`, then
+//! `--iface-can-reach`, else the interface of the default IPv4 route), and the node's stable
+//! VTEP MAC.
 
 use std::{fs, net::Ipv4Addr};
 
+use crate::cli::IfaceArgs;
+
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
-    #[error("--iface {0:?}: no interface has that name or IPv4 address")]
+    #[error("interface {0:?} not found")]
     NotFound(String),
-    #[error("no default IPv4 route in /proc/net/route; pass --iface NAME or --iface ADDRESS")]
+    #[error(
+        "no interface matches {}; interfaces here: {available}",
+        tried.join("; ")
+    )]
+    NoMatch {
+        /// One entry per option tried, with why it did not match.
+        tried: Vec<String>,
+        /// `name [addresses]` of every interface.
+        available: String,
+    },
+    #[error("no default IPv4 route in /proc/net/route; pass --iface NAME, --iface ADDRESS, --iface-regex or --iface-can-reach")]
     NoDefaultRoute,
     #[error("interface {0} has no IPv4 address; give it one or pick another with --iface")]
     NoIpv4(String),
+    #[error("looking up the route to {dst} (--iface-can-reach): {reason}")]
+    Route { dst: Ipv4Addr, reason: String },
     #[error("reading {path}: {source}")]
     Read { path: String, source: std::io::Error },
     #[error("{path}: unexpected content {content:?}")]
@@ -28,34 +43,243 @@ pub struct Underlay {
     pub mtu: u32,
 }
 
-/// Resolves the underlay from `--iface` values (empty = default route).
-pub fn resolve(ifaces: &[String]) -> Result<Underlay, IfaceError> {
-    let addrs = ipv4_addrs()?;
-    if ifaces.is_empty() {
-        let name = default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)?;
-        return underlay(&name, &addrs, None);
-    }
-    for want in ifaces {
-        if let Ok(ip) = want.parse::<Ipv4Addr>() {
-            if let Some((name, _)) = addrs.iter().find(|(_, a)| *a == ip) {
-                return underlay(name, &addrs, Some(ip));
-            }
-        } else if nix::net::if_::if_nametoindex(want.as_str()).is_ok() {
-            return underlay(want, &addrs, None);
-        }
-    }
-    Err(IfaceError::NotFound(ifaces.join(",")))
+/// One interface as selection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub ifindex: u32,
+    /// Its IPv4 addresses, in the kernel's order (the first is the one a name match uses).
+    pub ipv4: Vec<Ipv4Addr>,
 }
 
-fn underlay(name: &str, addrs: &[(String, Ipv4Addr)], ip: Option<Ipv4Addr>) -> Result<Underlay, IfaceError> {
-    let ipv4 = match ip {
-        Some(ip) => ip,
-        None => addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .ok_or_else(|| IfaceError::NoIpv4(name.into()))?,
+/// The interface selection picked, the address to use on it, and which option picked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub name: String,
+    pub ipv4: Ipv4Addr,
+    pub by: String,
+}
+
+/// The routing lookups selection needs, apart from the interface list (tests answer them).
+pub trait Routes {
+    /// The interface of the default IPv4 route.
+    fn default_iface(&self) -> Result<String, IfaceError>;
+    /// `ip route get dst`: the output interface's index and the preferred source, if any.
+    fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError>;
+}
+
+/// Picks the underlay as flanneld's `LookupExtIface` does (IPv4): every `--iface` in order, then
+/// every `--iface-regex` in order, then `--iface-can-reach` (see [`by_iface`], [`by_regex`],
+/// [`by_route`]); the first that finds an interface with an IPv4 address wins. With none of these
+/// options: the default route's interface. Interfaces are searched in index order.
+pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<Choice, IfaceError> {
+    // Interfaces in index order, as Go's net.Interfaces lists them.
+    let mut by_index: Vec<&Link> = links.iter().collect();
+    by_index.sort_by_key(|l| l.ifindex);
+    let choice = |(l, ip): (&Link, Ipv4Addr), by: String| Choice {
+        name: l.name.clone(),
+        ipv4: ip,
+        by,
     };
+    if sel.is_default() {
+        let name = routes.default_iface()?;
+        let l = by_index
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| IfaceError::NotFound(name.clone()))?;
+        let found = first_v4(l).map_err(|_| IfaceError::NoIpv4(name))?;
+        return Ok(choice(found, "the default route".into()));
+    }
+    // Lazily, in flanneld's order: the first that matches ends the search.
+    let attempts = sel
+        .iface
+        .iter()
+        .map(|w| (format!("--iface {w}"), by_iface(w, &by_index)))
+        .chain(
+            sel.iface_regex
+                .iter()
+                .map(|p| (format!("--iface-regex {p}"), by_regex(p, &by_index))),
+        )
+        .chain(
+            sel.iface_can_reach
+                .into_iter()
+                .map(|d| (format!("--iface-can-reach {d}"), by_route(d, &by_index, routes))),
+        );
+    let mut tried = Vec::new();
+    for (by, result) in attempts {
+        match result {
+            Ok(found) => return Ok(choice(found, by)),
+            Err(why) => tried.push(format!("{by}: {why}")),
+        }
+    }
+    let available = by_index
+        .iter()
+        .map(|l| {
+            let addrs: Vec<String> = l.ipv4.iter().map(Ipv4Addr::to_string).collect();
+            format!("{} [{}]", l.name, addrs.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(IfaceError::NoMatch { tried, available })
+}
+
+/// The interface's first IPv4 address (what a match by name uses).
+fn first_v4(l: &Link) -> Result<(&Link, Ipv4Addr), String> {
+    match l.ipv4.first() {
+        Some(ip) => Ok((l, *ip)),
+        None => Err(format!("{} has no IPv4 address", l.name)),
+    }
+}
+
+/// `--iface`: an IPv4 address picks the interface holding it, with that address; a name picks
+/// that interface with its first address.
+fn by_iface<'a>(want: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr), String> {
+    if let Ok(ip) = want.parse::<Ipv4Addr>() {
+        let l = links
+            .iter()
+            .find(|l| l.ipv4.contains(&ip))
+            .ok_or("no interface has that IPv4 address")?;
+        return Ok((l, ip));
+    }
+    first_v4(
+        links
+            .iter()
+            .find(|l| l.name == want)
+            .ok_or("no interface has that name")?,
+    )
+}
+
+/// `--iface-regex`: every interface's addresses first (the matching address is used), then the
+/// first interface whose name matches, with its first address.
+fn by_regex<'a>(pattern: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr), String> {
+    let re = regex::Regex::new(pattern).map_err(|e| format!("not a valid regular expression: {e}"))?;
+    for l in links {
+        if let Some(ip) = l.ipv4.iter().find(|ip| re.is_match(&ip.to_string())) {
+            return Ok((l, *ip));
+        }
+    }
+    first_v4(
+        links
+            .iter()
+            .find(|l| re.is_match(&l.name))
+            .ok_or("matches no interface address or name")?,
+    )
+}
+
+/// `--iface-can-reach`: the route's output interface, with its preferred source address (else
+/// the interface's first address).
+fn by_route<'a>(
+    dst: Ipv4Addr,
+    links: &[&'a Link],
+    routes: &impl Routes,
+) -> Result<(&'a Link, Ipv4Addr), String> {
+    let (oif, src) = routes.route_to(dst).map_err(|e| e.to_string())?;
+    let l = links
+        .iter()
+        .find(|l| l.ifindex == oif)
+        .ok_or_else(|| format!("the route leaves through interface index {oif}, which is not listed"))?;
+    match src {
+        Some(ip) => Ok((l, ip)),
+        None => first_v4(l),
+    }
+}
+
+/// This system's routing table, through `/proc/net/route` and an `RTM_GETROUTE` request.
+struct SystemRoutes;
+
+impl Routes for SystemRoutes {
+    fn default_iface(&self) -> Result<String, IfaceError> {
+        default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)
+    }
+
+    fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError> {
+        route_get(dst).map_err(|reason| IfaceError::Route { dst, reason })
+    }
+}
+
+/// `ip route get dst` over netlink: (output ifindex, preferred source).
+fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
+    use rtnetlink::{
+        packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
+        packet_route::{
+            route::{RouteAddress, RouteAttribute, RouteMessage},
+            AddressFamily, RouteNetlinkMessage,
+        },
+        sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
+    };
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = 32;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+    req.header.flags = NLM_F_REQUEST;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    let io = |e: std::io::Error| e.to_string();
+    let mut sock = Socket::new(NETLINK_ROUTE).map_err(io)?;
+    sock.bind_auto().map_err(io)?;
+    sock.connect(&SocketAddr::new(0, 0)).map_err(io)?;
+    sock.send(&buf, 0).map_err(io)?;
+    let mut rx = vec![0; 8192];
+    let n = sock.recv(&mut &mut rx[..], 0).map_err(io)?;
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[..n]).map_err(|e| e.to_string())?;
+    match reply.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => {
+            let mut oif = None;
+            let mut src = None;
+            for a in m.attributes {
+                match a {
+                    RouteAttribute::Oif(i) => oif = Some(i),
+                    RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => src = Some(ip),
+                    _ => {}
+                }
+            }
+            Ok((oif.ok_or("the route has no output interface")?, src))
+        }
+        NetlinkPayload::Error(e) => Err(e.to_io().to_string()),
+        other => Err(format!("unexpected netlink reply {other:?}")),
+    }
+}
+
+/// Resolves the underlay from the interface options (all empty = the default route).
+pub fn resolve(sel: &IfaceArgs) -> Result<Underlay, IfaceError> {
+    let links = links()?;
+    let c = choose(sel, &links, &SystemRoutes)?;
+    tracing::info!(iface = %c.name, address = %c.ipv4, by = %c.by, "underlay interface chosen");
+    underlay(&c.name, c.ipv4)
+}
+
+/// Every interface with its index and IPv4 addresses (netlink-backed: this network namespace).
+fn links() -> Result<Vec<Link>, IfaceError> {
+    let mut links: Vec<Link> = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        let i = match links.iter().position(|l| l.name == ifa.interface_name) {
+            Some(i) => i,
+            None => {
+                links.push(Link {
+                    name: ifa.interface_name.clone(),
+                    ifindex: 0,
+                    ipv4: Vec::new(),
+                });
+                links.len() - 1
+            }
+        };
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            links[i].ipv4.push(a.ip());
+        }
+        if let Some(ll) = ifa.address.as_ref().and_then(|a| a.as_link_addr()) {
+            links[i].ifindex = ll.ifindex() as u32;
+        }
+    }
+    for l in links.iter_mut().filter(|l| l.ifindex == 0) {
+        l.ifindex = nix::net::if_::if_nametoindex(l.name.as_str()).unwrap_or(0);
+    }
+    Ok(links)
+}
+
+fn underlay(name: &str, ipv4: Ipv4Addr) -> Result<Underlay, IfaceError> {
     // Netlink-backed calls only (no sysfs): they answer for the caller's network namespace
     // even when /sys belongs to another one.
     let ifindex = nix::net::if_::if_nametoindex(name).map_err(|_| IfaceError::NotFound(name.into()))?;
@@ -116,16 +340,6 @@ fn read(path: &str) -> Result<String, IfaceError> {
         path: path.into(),
         source,
     })
-}
-
-/// (interface, IPv4) pairs in kernel order.
-fn ipv4_addrs() -> Result<Vec<(String, Ipv4Addr)>, IfaceError> {
-    Ok(nix::ifaddrs::getifaddrs()?
-        .filter_map(|ifa| {
-            let a = ifa.address?.as_sockaddr_in()?.ip();
-            Some((ifa.interface_name, a))
-        })
-        .collect())
 }
 
 /// The interface of the lowest-metric default route in `/proc/net/route` text.
@@ -273,16 +487,212 @@ mod tests {
     }
 
     #[test]
-    fn loopback_by_name_and_address() {
-        let lo = resolve(&["lo".into()]).unwrap();
+    fn loopback_by_name_address_and_route() {
+        let lo = resolve(&opts("--iface lo")).unwrap();
         assert_eq!(lo.ipv4, Ipv4Addr::LOCALHOST);
         assert_eq!(lo.mac, [0; 6]);
         assert!(lo.ifindex > 0 && lo.mtu > 0);
-        let by_ip = resolve(&["no-such-if0".into(), "127.0.0.1".into()]).unwrap();
+        let by_ip = resolve(&opts("--iface no-such-if0 --iface 127.0.0.1")).unwrap();
         assert_eq!(by_ip.name, "lo");
+        let by_re = resolve(&opts(r"--iface no-such-if0 --iface-regex ^127\.0\.0\.1$")).unwrap();
+        assert_eq!((by_re.name.as_str(), by_re.ipv4), ("lo", Ipv4Addr::LOCALHOST));
+        // A real RTM_GETROUTE: 127.0.0.9 is reached through lo, from 127.0.0.1.
+        let by_route = resolve(&opts("--iface-can-reach 127.0.0.9")).unwrap();
+        assert_eq!(
+            (by_route.name.as_str(), by_route.ipv4),
+            ("lo", Ipv4Addr::LOCALHOST)
+        );
+        let err = resolve(&opts("--iface no-such-if0")).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "no interface matches --iface no-such-if0: no interface has that name; interfaces here: "
+            ),
+            "{err}"
+        );
+        assert!(err.contains("lo [127.0.0.1]"), "{err}");
+    }
+
+    /// A canned routing table: the default route's interface and `ip route get` answers.
+    struct Table {
+        default: Option<&'static str>,
+        routes: Vec<(Ipv4Addr, u32, Option<Ipv4Addr>)>,
+    }
+
+    impl Routes for Table {
+        fn default_iface(&self) -> Result<String, IfaceError> {
+            self.default.map(str::to_string).ok_or(IfaceError::NoDefaultRoute)
+        }
+        fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError> {
+            self.routes
+                .iter()
+                .find(|r| r.0 == dst)
+                .map(|r| (r.1, r.2))
+                .ok_or(IfaceError::Route {
+                    dst,
+                    reason: "Network is unreachable (os error 101)".into(),
+                })
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// Listed out of index order on purpose: selection goes by index, as flanneld does.
+    fn links() -> Vec<Link> {
+        let l = |name: &str, ifindex, addrs: &[&str]| Link {
+            name: name.into(),
+            ifindex,
+            ipv4: addrs.iter().map(|a| ip(a)).collect(),
+        };
+        vec![
+            l("bond0", 5, &["192.168.5.5"]),
+            l("lo", 1, &["127.0.0.1"]),
+            l("eth1", 3, &["10.1.2.3"]),
+            l("eth0", 2, &["198.18.0.11", "198.18.0.99"]),
+            l("wg0", 4, &[]),
+        ]
+    }
+
+    fn table() -> Table {
+        Table {
+            default: Some("eth0"),
+            routes: vec![
+                (ip("10.9.9.9"), 3, Some(ip("10.1.2.3"))),
+                (ip("10.8.8.8"), 3, None),
+                // A route through eth1 whose preferred source lives on bond0.
+                (ip("10.7.7.7"), 3, Some(ip("192.168.5.5"))),
+                (ip("10.6.6.6"), 4, None),
+            ],
+        }
+    }
+
+    /// The options from a command-line-like string: `--iface eth0 --iface-regex ^10\.`.
+    fn opts(line: &str) -> IfaceArgs {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let mut s = IfaceArgs::default();
+        for pair in words.chunks(2) {
+            match pair {
+                ["--iface", v] => s.iface.push(v.to_string()),
+                ["--iface-regex", v] => s.iface_regex.push(v.to_string()),
+                ["--iface-can-reach", v] => s.iface_can_reach = Some(ip(v)),
+                other => panic!("bad test options {other:?}"),
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn flannel_precedence_and_matching() {
+        // (options, "interface address chosen-by")
+        let cases = [
+            ("", "eth0 198.18.0.11 the default route"),
+            ("--iface eth1", "eth1 10.1.2.3 --iface eth1"),
+            // An address picks its interface and that address, not the interface's first.
+            ("--iface 198.18.0.99", "eth0 198.18.0.99 --iface 198.18.0.99"),
+            // In order; one that does not exist or has no IPv4 address is skipped.
+            (
+                "--iface nosuch0 --iface wg0 --iface 10.1.2.3 --iface eth0",
+                "eth1 10.1.2.3 --iface 10.1.2.3",
+            ),
+            // --iface before --iface-regex before --iface-can-reach.
+            (
+                "--iface eth1 --iface-regex ^198 --iface-can-reach 10.7.7.7",
+                "eth1 10.1.2.3 --iface eth1",
+            ),
+            (
+                "--iface nosuch0 --iface-regex ^198 --iface-can-reach 10.9.9.9",
+                "eth0 198.18.0.11 --iface-regex ^198",
+            ),
+            (
+                r"--iface nosuch0 --iface-regex ^172\. --iface-can-reach 10.9.9.9",
+                "eth1 10.1.2.3 --iface-can-reach 10.9.9.9",
+            ),
+            // A regex is searched for in addresses (unanchored) and the matching one is used.
+            (r"--iface-regex \.99$", r"eth0 198.18.0.99 --iface-regex \.99$"),
+            (r"--iface-regex 18\.0", r"eth0 198.18.0.11 --iface-regex 18\.0"),
+            // Interfaces in index order: eth0 (2) before eth1 (3) and bond0 (5).
+            (
+                r"--iface-regex ^(198|10|192)\.",
+                r"eth0 198.18.0.11 --iface-regex ^(198|10|192)\.",
+            ),
+            // Every address is tried before any name: bond0's address beats eth1's name.
+            (
+                r"--iface-regex ^eth1$|^192\.",
+                r"bond0 192.168.5.5 --iface-regex ^eth1$|^192\.",
+            ),
+            // Then names, the first match with its first address.
+            ("--iface-regex ^bond", "bond0 192.168.5.5 --iface-regex ^bond"),
+            ("--iface-regex eth", "eth0 198.18.0.11 --iface-regex eth"),
+            // The first name match has no IPv4 address: that regex fails, the next is tried.
+            (
+                "--iface-regex ^wg --iface-regex ^eth1$",
+                "eth1 10.1.2.3 --iface-regex ^eth1$",
+            ),
+            // The route's interface and preferred source, else the interface's first address.
+            (
+                "--iface-can-reach 10.9.9.9",
+                "eth1 10.1.2.3 --iface-can-reach 10.9.9.9",
+            ),
+            (
+                "--iface-can-reach 10.8.8.8",
+                "eth1 10.1.2.3 --iface-can-reach 10.8.8.8",
+            ),
+            (
+                "--iface-can-reach 10.7.7.7",
+                "eth1 192.168.5.5 --iface-can-reach 10.7.7.7",
+            ),
+        ];
+        for (line, want) in cases {
+            let c = choose(&opts(line), &links(), &table()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(format!("{} {} {}", c.name, c.ipv4, c.by), want, "{line}");
+        }
+    }
+
+    #[test]
+    fn nothing_matches_names_every_attempt() {
+        // With any option given, the default route is no fallback (flanneld exits too).
+        let s = opts(
+            "--iface nosuch0 --iface wg0 --iface 203.0.113.1 --iface-regex ^172\\. --iface-regex ^wg \
+             --iface-can-reach 10.6.6.6",
+        );
+        let err = choose(&s, &links(), &table()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "no interface matches --iface nosuch0: no interface has that name; \
+             --iface wg0: wg0 has no IPv4 address; \
+             --iface 203.0.113.1: no interface has that IPv4 address; \
+             --iface-regex ^172\\.: matches no interface address or name; \
+             --iface-regex ^wg: wg0 has no IPv4 address; \
+             --iface-can-reach 10.6.6.6: wg0 has no IPv4 address; \
+             interfaces here: lo [127.0.0.1], eth0 [198.18.0.11 198.18.0.99], eth1 [10.1.2.3], \
+             wg0 [], bond0 [192.168.5.5]"
+        );
+        let err = choose(&opts("--iface-can-reach 10.5.5.5"), &links(), &table())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "no interface matches --iface-can-reach 10.5.5.5: looking up the route to 10.5.5.5 \
+                 (--iface-can-reach): Network is unreachable (os error 101); interfaces here:"
+            ),
+            "{err}"
+        );
+        let no_default = Table {
+            default: None,
+            routes: Vec::new(),
+        };
         assert!(matches!(
-            resolve(&["no-such-if0".into()]),
-            Err(IfaceError::NotFound(_))
+            choose(&IfaceArgs::default(), &links(), &no_default),
+            Err(IfaceError::NoDefaultRoute)
+        ));
+        let wg_default = Table {
+            default: Some("wg0"),
+            routes: Vec::new(),
+        };
+        assert!(matches!(
+            choose(&IfaceArgs::default(), &links(), &wg_default),
+            Err(IfaceError::NoIpv4(n)) if n == "wg0"
         ));
     }
 }

@@ -1,18 +1,24 @@
 use std::{io::IsTerminal as _, path::PathBuf};
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
     agent,
-    cli::{AgentArgs, DEFAULT_SUBNET_FILE},
+    cli::{self, AgentArgs, IfaceArgs, DEFAULT_SUBNET_FILE},
     ops::{cleanup, docker, status},
 };
 use overlay_common::DEFAULT_PIN_ROOT;
 
 /// flannel-compatible VXLAN overlay agent with an eBPF datapath. Without a subcommand it runs
-/// the agent, taking flanneld's flags.
+/// the agent, taking flanneld's flags (`--flag`, or `-flag` as flanneld's Go flag parser reads them).
 #[derive(Parser)]
-#[command(name = "overlay-agent", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "overlay-agent",
+    version,
+    args_conflicts_with_subcommands = true,
+    // Go's flag package: a flag given twice takes its last value.
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -59,7 +65,10 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    // flanneld unit files write `-etcd-endpoints=…`, `-iface eth0`, `-ip-masq`: read them as
+    // flanneld (Go's flag package) does.
+    let argv = cli::go_style_argv(std::env::args_os(), &cli::flag_table(&Cli::command()));
+    let cli = Cli::parse_from(argv);
     match cli.cmd {
         Some(Cmd::Status { pin_root, json }) => {
             let s = status::read(&pin_root)?;
@@ -74,7 +83,7 @@ fn main() -> Result<()> {
             init_logging("info");
             let mut ifaces = iface;
             if ifaces.is_empty() {
-                if let Ok(u) = overlay_agent::iface::resolve(&[]) {
+                if let Ok(u) = overlay_agent::iface::resolve(&IfaceArgs::default()) {
                     ifaces.push(u.name);
                 }
             }

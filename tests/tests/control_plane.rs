@@ -390,7 +390,7 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
     // Exactly 16 leasable /28s.
     etcd.put(
         &format!("{PREFIX}/config"),
-        r#"{"Network":"10.250.0.0/23","SubnetLen":28,"SubnetMin":"10.250.0.16","SubnetMax":"10.250.1.0"}"#,
+        r#"{"Network":"10.250.0.0/23","SubnetLen":28,"SubnetMin":"10.250.0.16","SubnetMax":"10.250.1.0","Backend":{"Type":"vxlan"}}"#,
     )
     .unwrap();
     let tmp = TempDir::new("pool");

@@ -73,6 +73,16 @@ fn broken_network_configs_stop_the_agent_naming_the_field() {
             r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#.into(),
             "config field Backend: must be an object",
         ),
+        // flanneld would pick its udp backend, which this agent does not implement.
+        (
+            r#"{"Network":"10.244.0.0/16"}"#.into(),
+            "config field Backend.Type: is missing: without a Backend flanneld uses its udp backend, \
+             which this agent does not implement; add \"Backend\": {\"Type\": \"vxlan\"}",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"VNI":1}}"#.into(),
+            "config field Backend.Type: is missing",
+        ),
         (
             r#"{"Network":"10.244.0.0/16","Backend":{"VNI":"1"}}"#.into(),
             "config field Backend.VNI: must be an integer",

@@ -323,7 +323,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn allocation_never_returns_a_taken_subnet() {
         // 15 leasable /28s (the first subnet is skipped).
-        let c = cfg(r#"{"Network":"10.9.0.0/24","SubnetLen":28}"#);
+        let c = cfg(r#"{"Network":"10.9.0.0/24","SubnetLen":28,"Backend":{"Type":"vxlan"}}"#);
         let reg = MemRegistry::default();
         // Pre-taken: a reservation of another node, a foreign-backend lease, a malformed value.
         let taken: Vec<Ipv4Net> = ["10.9.0.16/28", "10.9.0.32/28", "10.9.0.48/28"]
@@ -368,7 +368,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn acquisition_order() {
-        let c = cfg(r#"{"Network":"10.9.0.0/16"}"#);
+        let c = cfg(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan"}}"#);
         let reg = MemRegistry::default();
         let prev: Ipv4Net = "10.9.77.0/24".parse().unwrap();
         // subnet.env's subnet is used when free...
@@ -420,7 +420,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn renewal_timing() {
-        let c = cfg(r#"{"Network":"10.9.0.0/16"}"#);
+        let c = cfg(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan"}}"#);
         let reg = MemRegistry::default();
         let m = &mut mgr(&reg, &c, 1);
         let t0 = Instant::now();
@@ -441,7 +441,7 @@ mod tests {
 
     #[test]
     fn peers_skip_foreign_and_malformed() {
-        let c = cfg(r#"{"Network":"10.9.0.0/16"}"#);
+        let c = cfg(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan"}}"#);
         let reg = MemRegistry::default();
         let mut m = mgr(&reg, &c, 1);
         let kv = |k: &str, v: &str| KeyValue {
