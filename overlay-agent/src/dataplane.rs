@@ -396,7 +396,10 @@ impl Dataplane {
         let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
         ignore_missing(eps.remove(&ip.octets()), maps::ENDPOINTS)?;
         let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::ENDPOINT_DEVS)?;
-        ignore_missing(devs.remove(maps::endpoint_dev_key(ip.octets())), maps::ENDPOINT_DEVS)
+        ignore_missing(
+            devs.remove(maps::endpoint_dev_key(ip.octets())),
+            maps::ENDPOINT_DEVS,
+        )
     }
 
     /// The local pods in the (possibly adopted) endpoint map. One whose device entry no longer

@@ -259,11 +259,17 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
     let (_underlay, a, mut b) = two_nodes();
     let dp_a = start_delivering(&a, &b, &pins_a, DecapMode::Tc, Delivery::Peer);
     let dp_b = start_delivering(&b, &a, &pins_b, DecapMode::Tc, Delivery::Peer);
-    assert!(ping(&a.pods[0].ns, b.pods[0].ip, 3, None), "before the pod restart");
+    assert!(
+        ping(&a.pods[0].ns, b.pods[0].ip, 3, None),
+        "before the pod restart"
+    );
     let stale = dp_b.endpoints().unwrap();
     assert_eq!(stale.len(), 1, "node b's endpoint: {stale:?}");
     let delivered = dp_b.counters().unwrap().get(Counter::DeliverPackets);
-    assert!(delivered >= 3, "pings went straight to the pod before the restart ({delivered})");
+    assert!(
+        delivered >= 3,
+        "pings went straight to the pod before the restart ({delivered})"
+    );
 
     b.recreate_pod(0, std::time::Duration::from_millis(100)).unwrap();
     // Nobody updated the maps: the endpoint map still names the old veth.
