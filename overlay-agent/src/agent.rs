@@ -47,9 +47,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     enable_ip_forward()?;
 
     let mut dp = Dataplane::load(&args.pin_root)?;
-    let choice = choose_decap(args.decap, &underlay.name);
+    let mut choice = choose_decap(args.decap, &underlay.name);
     info!(iface = %underlay.name, mode = ?choice.mode, why = %choice.why, "decap mode");
-    let mut choice = choice;
     if let Err(e) = dp.attach_decap(&underlay.name, choice.mode, choice.native_only) {
         if !choice.native_only {
             return Err(e)

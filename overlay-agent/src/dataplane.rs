@@ -257,7 +257,7 @@ impl Dataplane {
     /// process holds the link open.
     fn retire_link(&self, prog: &str, iface: &str) -> Result<(), DataplaneError> {
         let dir = self.pin_root.join(LINKS_DIR);
-        let stem = format!("{prog}@{}@", iface.replace('.', "_"));
+        let stem = link_stem(prog, iface);
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
         };
@@ -315,7 +315,7 @@ impl Dataplane {
         };
         std::fs::create_dir_all(&dir).map_err(pin_err)?;
         let ifindex = nix::net::if_::if_nametoindex(iface).map_err(|e| pin_err(e.into()))?;
-        let stem = format!("{prog}@{}@", iface.replace('.', "_"));
+        let stem = link_stem(prog, iface);
         let name = format!("{stem}{ifindex}");
         for entry in std::fs::read_dir(&dir).map_err(pin_err)?.flatten() {
             let other = entry.file_name().to_string_lossy().into_owned();
@@ -407,24 +407,8 @@ impl Dataplane {
     /// ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from anything
     /// discovered, so a resync removes or replaces it.
     pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(maps::ENDPOINTS)
-            .ok_or(DataplaneError::MissingMap(maps::ENDPOINTS))?;
-        let eps: HashMap<&MapData, [u8; 4], Endpoint> =
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-                name: maps::ENDPOINTS,
-                source,
-            })?;
-        let devs = self
-            .ebpf
-            .map(maps::ENDPOINT_DEVS)
-            .ok_or(DataplaneError::MissingMap(maps::ENDPOINT_DEVS))?;
-        let devs: DevMapHash<&MapData> =
-            DevMapHash::try_from(devs).map_err(|source| DataplaneError::Map {
-                name: maps::ENDPOINT_DEVS,
-                source,
-            })?;
+        let eps: HashMap<&MapData, [u8; 4], Endpoint> = map_ref(&self.ebpf, maps::ENDPOINTS)?;
+        let devs: DevMapHash<&MapData> = map_ref(&self.ebpf, maps::ENDPOINT_DEVS)?;
         Ok(endpoint_entries(&eps)
             .into_iter()
             .map(|mut e| {
@@ -451,15 +435,7 @@ impl Dataplane {
     /// The remote subnets in the (possibly adopted) peer map, so a restarted agent can remove
     /// the ones whose leases went away while it was down.
     pub fn peers(&self) -> Result<Vec<PeerEntry>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(maps::PEERS)
-            .ok_or(DataplaneError::MissingMap(maps::PEERS))?;
-        let peers: LpmTrie<&MapData, [u8; 4], Peer> =
-            LpmTrie::try_from(map).map_err(|source| DataplaneError::Map {
-                name: maps::PEERS,
-                source,
-            })?;
+        let peers: LpmTrie<&MapData, [u8; 4], Peer> = map_ref(&self.ebpf, maps::PEERS)?;
         peer_entries(&peers)
     }
 
@@ -526,6 +502,11 @@ fn per_cpu_counts(data: MapData) -> Option<Vec<Vec<u64>>> {
     (0..arr.len())
         .map(|i| arr.get(&i, 0).ok().map(|v| v.iter().copied().collect()))
         .collect()
+}
+
+/// The name of a link pin up to its ifindex: `<prog>@<iface>@` (bpffs refuses dots in names).
+fn link_stem(prog: &str, iface: &str) -> String {
+    format!("{prog}@{}@", iface.replace('.', "_"))
 }
 
 /// A link pinned by an earlier agent, if there is one of the right kind.
@@ -661,6 +642,14 @@ where
         .ok_or(DataplaneError::MissingProgram(name))?;
     p.try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn map_ref<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(m).map_err(|source| DataplaneError::Map { name, source })
 }
 
 fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DataplaneError>

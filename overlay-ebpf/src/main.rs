@@ -503,19 +503,13 @@ fn decapped_by_xdp(ctx: &TcContext) -> bool {
 #[inline(always)]
 fn try_deliver_decapped(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Counter> {
     let stack = Verdict::pass(TC_ACT_OK, Counter::XdpDecapToStack);
-    if cfg.flags & CONFIG_NO_DELIVER != 0 {
-        return Ok(stack);
-    }
     let proto: u16 = ctx.load(12).map_err(|_| Counter::DropMalformed)?;
     if proto != ETH_P_IP_BE {
         return Ok(stack);
     }
+    // XDP only marks frames whose inner IPv4 header it checked, so this load cannot fail.
     let ip: InnerIp = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
-    // SAFETY: the hash map value is read once and copied.
-    match unsafe { OVL_ENDPOINTS.get(ip.dst) }.copied() {
-        Some(ep) => Ok(deliver(ctx, cfg, &ep)?.unwrap_or(stack)),
-        None => Ok(stack),
-    }
+    Ok(deliver(ctx, cfg, ip.dst)?.unwrap_or(stack))
 }
 
 #[classifier]
@@ -556,15 +550,10 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
                 count(Counter::DecapGsoPackets, 1);
             }
             let len = ctx.len() as u64;
-            if cfg.flags & CONFIG_NO_DELIVER == 0 {
-                // SAFETY: the hash map value is read once and copied.
-                if let Some(ep) = unsafe { OVL_ENDPOINTS.get(f.inner_dst_ip) }.copied() {
-                    if let Some(v) = deliver(ctx, cfg, &ep)? {
-                        count(Counter::DecapPackets, 1);
-                        count(Counter::DecapBytes, len);
-                        return Ok(v);
-                    }
-                }
+            if let Some(v) = deliver(ctx, cfg, f.inner_dst_ip)? {
+                count(Counter::DecapPackets, 1);
+                count(Counter::DecapBytes, len);
+                return Ok(v);
             }
             // To the stack: addressed to the NIC's own MAC, from the sender's VtepMAC, as the
             // XDP variant hands it on.
@@ -607,16 +596,22 @@ fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<(), Counter> {
         .map_err(|_| Counter::DropAdjustRoom)
 }
 
-/// Hands a decapsulated packet straight to a pod on this node, as the node's routing would
-/// (TTL decremented, from the bridge's MAC to the pod's), without the bridge or the routing.
-/// `None` leaves the packet to the stack (TTL expiring: the stack sends time-exceeded).
+/// Hands a decapsulated packet for `dst` straight to a pod on this node, as the node's routing
+/// would (TTL decremented, from the bridge's MAC to the pod's), without the bridge or the
+/// routing. `None` leaves the packet to the stack: delivery off, not a known endpoint, its veth
+/// gone, or its TTL expiring (the stack sends time-exceeded).
 #[inline(always)]
-fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, ep: &Endpoint) -> Result<Option<Verdict>, Counter> {
+fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Option<Verdict>, Counter> {
     const TTL_OFF: usize = ETH_LEN + 8;
     const CSUM_OFF: usize = ETH_LEN + 10;
-    const DST_OFF: usize = ETH_LEN + 16;
+    if cfg.flags & CONFIG_NO_DELIVER != 0 {
+        return Ok(None);
+    }
+    // SAFETY: the hash map value is read once and copied.
+    let Some(ep) = (unsafe { OVL_ENDPOINTS.get(dst) }).copied() else {
+        return Ok(None);
+    };
     // The veth must still exist: the kernel drops device-map entries of removed devices.
-    let dst: [u8; 4] = ctx.load(DST_OFF).map_err(|_| Counter::DropMalformed)?;
     if OVL_ENDPOINT_DEVS.get_ifindex(endpoint_dev_key(dst)) != Some(ep.ifindex) {
         return Ok(None);
     }
