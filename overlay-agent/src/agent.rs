@@ -88,6 +88,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (mut local, mut local_watch) = endpoints::start(&dp, &args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
     let mut reap = tokio::time::interval(REAP_TICK);
+    let mut forward = tokio::time::interval(Duration::from_secs(args.iptables_resync.into()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -105,6 +106,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             _ = poll.tick() => bridge.check(&mut dp),
             d = local_watch.next() => local.discovered(&mut dp, d),
             _ = reap.tick() => state.reap(&mut dp),
+            _ = forward.tick() => ops.ensure_forward(),
             r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
             _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); ops.stopping(); break; }

@@ -77,6 +77,17 @@ pub struct AgentArgs {
           default_missing_value = "true", require_equals = true, action = ArgAction::Set,
           value_parser = parse_go_bool)]
     pub ip_masq: bool,
+    /// Accept forwarded traffic to and from the cluster network in the FORWARD chain (flanneld's
+    /// `FLANNEL-FWD` rules), so a FORWARD policy of DROP (Docker, ufw, firewalld) does not drop
+    /// overlay traffic that goes through the stack.
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", require_equals = true, action = ArgAction::Set,
+          value_parser = parse_go_bool)]
+    pub iptables_forward_rules: bool,
+    /// How often (seconds) the FORWARD rules are checked and put back if removed.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub iptables_resync: u32,
     /// Address the health endpoint listens on.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: std::net::IpAddr,

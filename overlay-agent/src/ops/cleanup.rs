@@ -9,6 +9,8 @@
 //!   filters.
 //! - The host device (`overlay0`, a veth pair) for host → remote pod traffic.
 //! - The `ip overlay-agent` nftables table (`--ip-masq`).
+//! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), in each iptables
+//!   backend that has them.
 
 use std::{path::Path, process::Command};
 
@@ -16,7 +18,7 @@ use aya::programs::{tc, TcAttachType};
 use overlay_common::programs;
 use tracing::{info, warn};
 
-use super::masq;
+use super::{forward, masq};
 use crate::{dataplane, hostroute};
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
@@ -91,6 +93,17 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         Ok(()) if had_table => r.removed.push(format!("nftables table ip {}", masq::TABLE)),
         Ok(()) => {}
         Err(e) => r.failed.push(e.to_string()),
+    }
+    for (backend, res) in forward::remove_everywhere() {
+        match res {
+            Ok(true) => r.removed.push(format!(
+                "iptables ({}) chain {} and its FORWARD jump",
+                backend.label(),
+                forward::CHAIN
+            )),
+            Ok(false) => {}
+            Err(e) => r.failed.push(format!("FORWARD rules ({}): {e}", backend.label())),
+        }
     }
     for what in &r.removed {
         info!(%what, "removed");

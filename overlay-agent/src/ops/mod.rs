@@ -1,9 +1,11 @@
-//! Operations: systemd notifications, `/healthz` `/readyz` `/metrics`, `--ip-masq`, and the
+//! Operations: systemd notifications, `/healthz` `/readyz` `/metrics`, `--ip-masq`,
+//! `--iptables-forward-rules`, and the
 //! `status`, `cleanup` and `docker-opts` subcommands. The agent loop calls [`Ops`] around each
 //! control-plane event; nothing here touches etcd, and BPF only through pinned maps.
 
 pub mod cleanup;
 pub mod docker;
+pub mod forward;
 pub mod http;
 pub mod masq;
 pub mod metrics;
@@ -14,7 +16,7 @@ use std::net::SocketAddr;
 
 use ipnet::Ipv4Net;
 use tokio::time::Instant;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::{cli::AgentArgs, control::Event, dataplane::DecapMode};
 use metrics::METRICS;
@@ -34,6 +36,9 @@ pub struct Ops {
     ready_sent: bool,
     /// (network, subnet) the masquerade table was last installed for.
     masq_for: Option<(Ipv4Net, Ipv4Net)>,
+    forward_rules: bool,
+    /// The network the FORWARD rules were last found or written for.
+    forward_for: Option<Ipv4Net>,
 }
 
 /// Taken when an event arrives, handed back once it has been applied to the maps.
@@ -65,6 +70,8 @@ impl Ops {
             network: None,
             ready_sent: false,
             masq_for: None,
+            forward_rules: args.iptables_forward_rules,
+            forward_for: None,
         })
     }
 
@@ -72,6 +79,7 @@ impl Ops {
         let own = match ev {
             Event::Config(cfg) => {
                 self.network = Some(cfg.network);
+                self.ensure_forward();
                 None
             }
             Event::OwnLease(l) => Some((l.subnet, l.expiration)),
@@ -118,6 +126,35 @@ impl Ops {
             }
             Err(e) => error!(error = %e, "installing ip-masq rules"),
         }
+    }
+
+    /// `--iptables-forward-rules`: puts the FORWARD rules for the network in place (at once when
+    /// the config arrives, then every `--iptables-resync`), rewriting them when someone removed
+    /// them. They stay when the agent stops; `cleanup` removes them.
+    pub fn ensure_forward(&mut self) {
+        let (true, Some(network)) = (self.forward_rules, self.network) else {
+            return;
+        };
+        let backends = match forward::backends() {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, "iptables-forward-rules: cannot tell the iptables backend");
+                return;
+            }
+        };
+        for b in backends {
+            match forward::ensure(b, network) {
+                Ok(forward::Ensured::AlreadyThere) => {}
+                Ok(forward::Ensured::Written) if self.forward_for == Some(network) => {
+                    warn!(%network, backend = b.label(), chain = forward::CHAIN, "FORWARD rules were missing; rewritten")
+                }
+                Ok(forward::Ensured::Written) => {
+                    info!(%network, backend = b.label(), chain = forward::CHAIN, "FORWARD accept rules installed")
+                }
+                Err(e) => error!(error = %e, backend = b.label(), "installing the FORWARD accept rules"),
+            }
+        }
+        self.forward_for = Some(network);
     }
 
     /// SIGTERM/SIGINT.
