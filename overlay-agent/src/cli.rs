@@ -371,6 +371,24 @@ mod tests {
     }
 
     #[test]
+    fn iptables_forward_rules_as_flanneld_takes_them() {
+        let d = parse(&[]).unwrap();
+        assert!(d.iptables_forward_rules, "on by default, as in flanneld");
+        assert_eq!(d.iptables_resync, 5);
+        let a = parse(&["--iptables-forward-rules=false", "--iptables-resync=1"]).unwrap();
+        assert!(!a.iptables_forward_rules);
+        assert_eq!(a.iptables_resync, 1);
+        // Go's spelling and booleans (try_parse_from reads flanneld's command line).
+        assert!(
+            !parse(&["-iptables-forward-rules=0"])
+                .unwrap()
+                .iptables_forward_rules
+        );
+        let err = parse(&["--iptables-resync=0"]).unwrap_err();
+        assert!(err.contains("iptables-resync"), "{err}");
+    }
+
+    #[test]
     fn flanneld_flags() {
         let a = parse(&[
             "--etcd-endpoints=http://10.0.0.1:2379,http://10.0.0.2:2379",

@@ -78,13 +78,14 @@ pub const NEEDS: &[Need] = &[
     cmd("ip", "iproute2", "agent cleanup, tests"),
     cmd("tc", "iproute2", "agent, tests"),
     cmd("nft", "nftables", "agent (--ip-masq), tests"),
+    cmd("iptables", "iptables", "agent (--iptables-forward-rules), tests"),
+    cmd("iptables-restore", "iptables", "agent (--iptables-forward-rules)"),
     // The tests and the demo.
     cmd("etcd", "etcd-server", "tests, xtask run"),
     cmd("etcdctl", "etcd-client", "tests"),
     cmd("bpftool", "bpftool", "tests, README"),
     cmd("ss", "iproute2", "tests"),
     cmd("bridge", "iproute2", "tests"),
-    cmd("iptables", "iptables", "tests (faults, MASQUERADE)"),
     cmd("ping", "iputils-ping", "tests"),
     cmd("iperf3", "iperf3", "tests, bench"),
     cmd("tcpdump", "tcpdump", "tests"),
@@ -95,6 +96,35 @@ pub const NEEDS: &[Need] = &[
     cmd("nsenter", "util-linux", "tests"),
     cmd("sysctl", "procps", "tests"),
     cmd("timeout", "coreutils", "bench"),
+    // Real hosts: one Docker daemon per test node, pods made by the CNI bridge plugin.
+    file(
+        "/usr/sbin/dockerd",
+        "docker.io",
+        "tests (Docker nodes), xtask run --docker",
+    ),
+    // By path: an unrelated `docker` client may come first on PATH.
+    file(
+        "/usr/bin/docker",
+        "docker.io",
+        "tests (Docker nodes), xtask run --docker",
+    ),
+    // The containers' image is this static busybox; the dynamic `busybox` package installs the
+    // same path, so the package's own copyright file tells them apart.
+    file(
+        "/usr/share/doc/busybox-static/copyright",
+        "busybox-static",
+        "tests (Docker image), xtask run --docker",
+    ),
+    file(
+        "/usr/lib/cni/bridge",
+        "containernetworking-plugins",
+        "tests (CNI bridge plugin)",
+    ),
+    file(
+        "/usr/lib/cni/host-local",
+        "containernetworking-plugins",
+        "tests (CNI bridge plugin)",
+    ),
 ];
 
 /// What building bpf-linker needs, checked only when bpf-linker has to be built.
@@ -347,7 +377,42 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend_from_slice(packages);
+    // Installing docker.io would start the host's own Docker daemon (and with it a docker0 and
+    // a FORWARD policy of DROP on the host); the tests start their own daemons in namespaces.
+    let _no_starts = packages
+        .contains(&"docker.io")
+        .then(NoServiceStarts::new)
+        .flatten();
     apt(&args)
+}
+
+/// Debian's `policy-rc.d` hook refusing service starts while it lives (only when the machine
+/// has none of its own: an existing hook is left as it is).
+struct NoServiceStarts;
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl NoServiceStarts {
+    fn new() -> Option<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if Path::new(POLICY_RC_D).exists() {
+            return None;
+        }
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# cargo xtask: no service starts while installing\nexit 101\n",
+        )
+        .ok()?;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755)).ok()?;
+        eprintln!("xtask: services will not be started by this install (temporary {POLICY_RC_D})");
+        Some(NoServiceStarts)
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
 }
 
 fn apt(args: &[&str]) -> Result<()> {
