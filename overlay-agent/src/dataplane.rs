@@ -349,18 +349,25 @@ impl Dataplane {
             prefix_len: p.subnet.prefix_len(),
             _pad: [0; 3],
         };
-        {
+        let sender = p.public_ip.octets();
+        // The sender entry may already exist for another subnet of the same PublicIP.
+        let previous = {
             let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+            let previous = vteps.get(&sender, 0).ok();
             vteps
-                .insert(p.public_ip.octets(), vtep, 0)
+                .insert(sender, vtep, 0)
                 .map_err(|e| full_or(e, maps::VTEPS, p.subnet, self.max_peers))?;
-        }
+            previous
+        };
         let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
         let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
         if let Err(e) = peers.insert(&key, value, 0) {
-            // Keep the two tables in step: undo the sender entry.
+            // Keep the two tables in step: put the sender entry back as it was.
             let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
-            let _ = vteps.remove(&p.public_ip.octets());
+            let _ = match previous {
+                Some(v) => vteps.insert(sender, v, 0),
+                None => vteps.remove(&sender),
+            };
             return Err(full_or(e, maps::PEERS, p.subnet, self.max_peers));
         }
         Ok(())

@@ -966,6 +966,26 @@ fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
         "the rejected peer's sender entry was left behind"
     );
     assert_eq!(vteps.keys().count(), 4);
+    // Two subnets, one PublicIP (a node that took a new subnet while its old lease lives on):
+    // the sender entry of 198.18.1.4 exists for 10.244.4.0/24. A new subnet from that address
+    // that does not fit must leave the old entry as it was, not remove it: decap checks every
+    // packet from 198.18.1.4 against it.
+    let mut second = peer(4);
+    second.subnet = "10.244.9.0/24".parse().unwrap();
+    assert!(
+        matches!(dp.upsert_peer(&second), Err(DataplaneError::PeersFull { .. })),
+        "a fifth subnet in a 4-entry map must fail with PeersFull"
+    );
+    let vteps: aya::maps::HashMap<_, [u8; 4], overlay_common::Vtep> =
+        aya::maps::HashMap::try_from(dp.ebpf_mut().map(overlay_common::maps::VTEPS).unwrap()).unwrap();
+    let kept = vteps
+        .get(&[198, 18, 1, 4], 0)
+        .expect("the rollback removed the sender entry another subnet still uses");
+    assert_eq!(
+        (kept.subnet, kept.prefix_len),
+        ([10, 244, 4, 0], 24),
+        "the rollback must restore the sender entry as it was"
+    );
     // Updating a peer that is already there still works when the map is full.
     let mut moved = peer(2);
     moved.vtep_mac = [0x0e, 0, 0, 0, 2, 2];
