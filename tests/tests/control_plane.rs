@@ -349,7 +349,21 @@ async fn etcd_restart_is_survived() {
         },
     )
     .await;
-    assert!(!matches!(ev, Event::OwnLease(_)));
+    // The event carries the lease as written, not just its key.
+    let leases = match ev {
+        Event::PeerUpsert(l) => vec![l],
+        Event::Resync(ls) => ls,
+        other => unreachable!("wait_for matched {other:?}"),
+    };
+    let got = leases
+        .iter()
+        .find(|l| l.subnet.to_string() == "10.244.88.0/24")
+        .expect("the peer is in the matched event");
+    assert_eq!(got.attrs.public_ip.to_string(), "198.18.0.88");
+    assert_eq!(
+        got.attrs.backend_data.as_ref().map(|d| d.vtep_mac.to_string()),
+        Some("0e:00:00:00:00:58".to_string())
+    );
     assert!(
         !a.task.is_finished(),
         "agent exited after etcd restart: {:?}",

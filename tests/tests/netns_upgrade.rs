@@ -28,6 +28,7 @@ use overlay_agent::hostroute::HOST_DEVICE;
 use overlay_tests::{
     cluster::{agent_bin, output, Cluster, UdpFlow},
     netns::{require_root, Netns},
+    topology,
 };
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
@@ -242,34 +243,9 @@ fn finish_flows(c: &mut Cluster, flows: [UdpFlow; 2]) -> [(u64, u64); 2] {
     [f, b]
 }
 
-/// `ping -c count` from `from` to `to`: (transmitted, received) from ping's summary. (Its exit
-/// status alone says only that some reply came.)
+/// `ping -c count` from `from` to `to`: (transmitted, received) from ping's summary.
 fn ping_counts(from: &Netns, to: Ipv4Addr, count: u32) -> (u32, u32) {
-    let out = from
-        .command("ping")
-        .args([
-            "-c",
-            &count.to_string(),
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            "-q",
-            &to.to_string(),
-        ])
-        .output()
-        .expect("running ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no summary from ping {to}: {text}"));
-    // "10 packets transmitted, 10 received, [+1 errors, ]0% packet loss, time 1803ms"
-    let n: Vec<u32> = line
-        .split(',')
-        .filter_map(|p| p.split_whitespace().next()?.parse().ok())
-        .collect();
-    (n[0], n[1])
+    topology::ping_counts(from, to, count, None).unwrap_or_else(|| panic!("no summary from ping {to}"))
 }
 
 /// Pod ↔ pod, both ways: every ping answered.

@@ -107,6 +107,13 @@ impl Fixture {
         self.dp.counters().unwrap()
     }
 
+    /// One counter's value on each possible CPU, read straight from the per-CPU map.
+    fn per_cpu(&mut self, c: Counter) -> Vec<u64> {
+        let map = self.dp.ebpf_mut().map(overlay_common::maps::COUNTERS).unwrap();
+        let arr: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
+        arr.get(&(c as u32), 0).unwrap().iter().copied().collect()
+    }
+
     /// Runs `prog` on `input` inside the node namespace; returns (verdict, output bytes).
     fn run(&mut self, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
         let _inside = self.ns.enter().unwrap();
@@ -604,11 +611,39 @@ fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
         PEER_UNDERLAY_MAC,
         &packet::udp(PEER_IP, OUR_IP, 1, 53, b"dns"),
     );
+    // Each CPU counts in its own slot: runs pinned to the first CPU land there and nowhere else,
+    // runs on the last CPU land there, and the agent's reading is their sum.
+    let online = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| online.is_set(c).unwrap_or(false))
+        .collect();
+    let (first, last) = (cpus[0], *cpus.last().unwrap());
     let before = fx.counters();
-    for _ in 0..5 {
-        assert_eq!(fx.run(programs::DECAP_XDP, &frame).0, XDP_PASS);
+    let slot_before = fx.per_cpu(Counter::PassDecap);
+    for (cpu, runs) in [(first, 5u64), (last, 3)] {
+        let mut only = nix::sched::CpuSet::new();
+        only.set(cpu).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &only).unwrap();
+        for _ in 0..runs {
+            assert_eq!(fx.run(programs::DECAP_XDP, &frame).0, XDP_PASS);
+        }
     }
-    assert_eq!(delta(&before, &fx.counters(), Counter::PassDecap), 5);
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &online).unwrap();
+    let slot_after = fx.per_cpu(Counter::PassDecap);
+    let grew: Vec<(usize, u64)> = slot_after
+        .iter()
+        .zip(&slot_before)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(cpu, (a, b))| (cpu, a - b))
+        .collect();
+    let want: Vec<(usize, u64)> = if first == last {
+        vec![(first, 8)]
+    } else {
+        vec![(first, 5), (last, 3)]
+    };
+    assert_eq!(grew, want, "per-CPU slots that grew (cpu, by)");
+    assert_eq!(delta(&before, &fx.counters(), Counter::PassDecap), 8);
     let pinned = overlay_agent::dataplane::read_pinned_counters(fx.dp.pin_root()).unwrap();
     assert_eq!(
         pinned,
