@@ -1,6 +1,7 @@
 //! Shared harness for the root-only end-to-end tests: namespaces, links, processes, packets.
 
 pub mod cluster;
+pub mod cni;
 pub mod etcd;
 pub mod netns;
 pub mod packet;
