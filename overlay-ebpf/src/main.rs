@@ -283,7 +283,18 @@ fn redirect(
         ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) }
+    } else if packets == Counter::EncapPackets {
+        // The neighbour is not resolved yet: the kernel routes the outer packet itself and
+        // queues it until ARP answers. No next hop is passed on purpose: with one, the kernel
+        // keeps the skb's route, and a packet the node sent through `overlay0` carries the
+        // route to the pod via `overlay0`; once ARP answered, the queued packet was sent with
+        // `overlay0`'s MAC as both source and destination and never arrived (the node's first
+        // packet to a remote pod was lost). Without one, the outer route replaces it.
+        // SAFETY: a NULL next hop with length 0 is the helper's documented form.
+        unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) }
     } else {
+        // DirectRouting: the inner destination (a pod) has no kernel route via the underlay;
+        // the FIB lookup's next hop (the peer) says where it goes.
         let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
         nh.nh_family = AF_INET as u32;
         // SAFETY: reading the union member the FIB lookup filled for AF_INET.

@@ -85,10 +85,8 @@ fn forward_drop_policy_keeps_the_fast_path_and_host_to_pod_and_rules_come_back()
     }
     assert_pods_talk(&c, &pods, "default delivery");
 
-    // Host → remote pod through overlay0. KNOWN BUG (see netns_cluster's host_to_remote_pod…):
-    // the node's first packet to a remote pod is lost on a cold path; one warm-up ping.
+    // Host → remote pod through overlay0.
     let host = &c.nodes[0].node.ns;
-    let _ = ping_counts(host, pods[1], 1, None);
     assert!(ping(host, pods[1], 3, None), "node 0 → pod 1 under FORWARD DROP");
 
     // Someone flushes the chain and deletes the jump: the agent puts both back (resync 1 s).
