@@ -218,6 +218,11 @@ fn run(cmd: &'static str, program: &str, args: &[&str]) -> Result<String, Forwar
         .stdin(Stdio::null())
         .output()
         .map_err(|err| ForwardError::Spawn { cmd, err })?;
+    stdout_of(cmd, out)
+}
+
+/// The output of a finished command, or its failure with its stderr.
+fn stdout_of(cmd: &'static str, out: std::process::Output) -> Result<String, ForwardError> {
     if !out.status.success() {
         return Err(ForwardError::Failed {
             cmd,
@@ -246,14 +251,7 @@ fn restore(backend: Backend, script: &str) -> Result<(), ForwardError> {
     let out = child
         .wait_with_output()
         .map_err(|err| ForwardError::Spawn { cmd, err })?;
-    if !out.status.success() {
-        return Err(ForwardError::Failed {
-            cmd,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    stdout_of(cmd, out).map(drop)
 }
 
 #[cfg(test)]
