@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod docker;
 pub mod etcd;
 pub mod netns;
 pub mod packet;
