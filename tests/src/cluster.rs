@@ -31,6 +31,24 @@ pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/overlay-agent")
 }
 
+/// Makes [`agent_bin`] the workspace's release build unless `$OVERLAY_AGENT_BIN` names one (the
+/// demo and the benchmark run what `cargo xtask run/bench` built); fails when it is missing.
+pub fn use_release_agent() -> Result<PathBuf> {
+    if std::env::var_os("OVERLAY_AGENT_BIN").is_none() {
+        let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/overlay-agent");
+        std::env::set_var("OVERLAY_AGENT_BIN", &release);
+    }
+    let agent = agent_bin();
+    if !agent.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p overlay-agent` (cargo xtask \
+             run and bench do)",
+            agent.display()
+        );
+    }
+    Ok(agent)
+}
+
 /// One node of the cluster and its agent.
 pub struct AgentNode {
     pub node: Node,

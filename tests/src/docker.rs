@@ -132,7 +132,8 @@ impl Dockerd {
         &self.opts
     }
 
-    fn socket(&self) -> PathBuf {
+    /// The daemon's API socket (`docker -H unix://<this>`).
+    pub fn socket(&self) -> PathBuf {
         self.dir.join("s")
     }
 

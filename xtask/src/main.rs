@@ -40,6 +40,10 @@ enum Cmd {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: u32,
+        /// Real Docker on every node (one dockerd per node namespace, busybox containers)
+        /// instead of hand-made pods on cni0.
+        #[arg(long)]
+        docker: bool,
     },
     /// Benchmark the BPF overlay against host-gw routing and the kernel's VXLAN (root, minutes).
     /// Writes target/bench/latest.{json,svg,txt}.
@@ -81,6 +85,7 @@ fn main() -> Result<()> {
         Cmd::Run {
             exit_after_checks,
             nodes,
+            docker,
         } => {
             toolchain::ensure()?;
             require_root("cargo xtask run")?;
@@ -99,6 +104,9 @@ fn main() -> Result<()> {
             ];
             if exit_after_checks {
                 args.push("--exit-after-checks".into());
+            }
+            if docker {
+                args.push("--docker".into());
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             cargo(&args)

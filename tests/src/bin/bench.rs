@@ -137,17 +137,7 @@ fn main() -> Result<()> {
     let o = parse_args()?;
     require_root();
     on_signals();
-    if std::env::var_os("OVERLAY_AGENT_BIN").is_none() {
-        let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/overlay-agent");
-        std::env::set_var("OVERLAY_AGENT_BIN", &release);
-    }
-    let agent = overlay_tests::cluster::agent_bin();
-    if !agent.exists() {
-        bail!(
-            "{} is missing: build it with `cargo build --release -p overlay-agent` (cargo xtask bench does)",
-            agent.display()
-        );
-    }
+    let agent = overlay_tests::cluster::use_release_agent()?;
     for tool in ["iperf3", "ethtool", "etcd", "ping", "ss", "timeout"] {
         if !overlay_tests::cluster::have(tool) {
             bail!("{tool} is not installed (cargo xtask setup installs the toolchain)");
