@@ -168,3 +168,51 @@ fn stack_path_under_forward_drop_needs_the_rules_and_cleanup_removes_them() {
         "without the accept rules FORWARD DROP must drop the stack path"
     );
 }
+
+#[test]
+fn a_drop_policy_in_the_legacy_backend_gets_the_rules_there_too() {
+    require_root();
+    // The host's firewall is iptables-legacy (its filter table exists), while `iptables` here is
+    // the nf_tables one: a packet must pass both, so the accept must be in both.
+    let mut c = Cluster::new(2, CONFIG).expect("building the cluster");
+    for n in &mut c.nodes {
+        n.node
+            .ns
+            .exec("iptables-legacy", &["-P", "FORWARD", "DROP"])
+            .expect("iptables-legacy -P FORWARD DROP");
+        n.extra_args
+            .extend(["--deliver".to_string(), "stack".to_string()]);
+    }
+    let pods = c.start_with_pods().expect("agents and pods");
+    for (i, n) in c.nodes.iter().enumerate() {
+        let legacy = output(&n.node.ns, "iptables-legacy", &["-S", "FLANNEL-FWD"]).unwrap_or_default();
+        assert!(
+            legacy.lines().any(|l| l == ACCEPT_TO) && legacy.lines().any(|l| l == ACCEPT_FROM),
+            "node {i}: no rules in the legacy backend: {legacy:?}\n{}",
+            c.agent_log(i)
+        );
+        assert!(rules_in_place(&n.node.ns), "node {i}: nf_tables rules");
+    }
+    assert_pods_talk(&c, &pods, "legacy DROP, stack delivery");
+    // cleanup removes them from both backends.
+    c.stop_agent(1, Signal::SIGTERM);
+    let out = c
+        .cleanup_command(1, &agent_bin())
+        .expect("cleanup command")
+        .output()
+        .expect("running cleanup");
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ns1 = &c.nodes[1].node.ns;
+    assert!(
+        output(ns1, "iptables-legacy", &["-S", "FLANNEL-FWD"]).is_err(),
+        "cleanup left the legacy chain"
+    );
+    assert!(
+        forward_rules(ns1).1.is_empty(),
+        "cleanup left the nf_tables chain"
+    );
+}
