@@ -565,6 +565,9 @@ mod tests {
             "subnet-file" => "/run/x.env",
             "subnet-lease-renew-margin" => "30",
             "ip-masq" | "kube-subnet-mgr" => "true",
+            // On by default: only `=false` changes anything.
+            "iptables-forward-rules" => "false",
+            "iptables-resync" => "9",
             "healthz-ip" => "127.0.0.1",
             "healthz-port" => "8471",
             "v" => "2",
@@ -600,7 +603,9 @@ mod tests {
                     spellings.push(vec![format!("-{name}"), v.to_string()]);
                     spellings.push(vec![format!("--{name}"), v.to_string()]);
                 }
-                FlagKind::Bool => spellings.push(vec![format!("-{name}")]),
+                // The bare flag means true.
+                FlagKind::Bool if v == "true" => spellings.push(vec![format!("-{name}")]),
+                FlagKind::Bool => {}
             }
             for argv in spellings {
                 assert_eq!(debug(&argv), want, "{argv:?} differs from --{name}={v}");
