@@ -156,6 +156,15 @@ fn stack_path_under_forward_drop_needs_the_rules_and_cleanup_removes_them() {
         c.agent_log(1)
     );
     c.wait_log_after(1, mark, "encap attached", Duration::from_secs(10));
+    // cleanup emptied the maps: decap drops the peer's packets until its lease is back in them.
+    let knows_peer = Cluster::wait_for(Duration::from_secs(10), || {
+        c.agent_peers(1).is_ok_and(|p| p.len() == 1)
+    });
+    assert!(
+        knows_peer.is_some(),
+        "restarted agent did not learn its peer:\n{}",
+        c.agent_log(1)
+    );
     assert_pods_talk(&c, &pods, "after cleanup and restart");
 
     c.stop_agent(1, Signal::SIGTERM);
