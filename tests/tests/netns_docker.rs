@@ -143,6 +143,24 @@ impl DockerNodes {
 
     /// The client address a TCP server in `server` (node `si`) sees for a connection from
     /// `client` (node `ci`).
+    /// Container `a` on node 0 and `b` on node 1: every ping answered each way, and a new TCP
+    /// connection each way arrives from the client container's own address (not its node's,
+    /// which Docker's MASQUERADE would substitute if the packet were routed).
+    fn assert_talk_both_ways(&self, a: &Container, b: &Container) {
+        self.assert_pings(0, a, b);
+        self.assert_pings(1, b, a);
+        assert_eq!(
+            self.peer_seen(1, b, 0, a),
+            a.ip,
+            "b saw a's connection come from another address: source rewritten"
+        );
+        assert_eq!(
+            self.peer_seen(0, a, 1, b),
+            b.ip,
+            "a saw b's connection come from another address: source rewritten"
+        );
+    }
+
     fn peer_seen(&self, si: usize, server: &Container, ci: usize, client: &Container) -> Ipv4Addr {
         let mut nc = self.docker[ci].nc_command(client, server.ip, PORT);
         peer_seen_by(&self.docker[si], server, PORT, &mut nc).unwrap_or_else(|e| {
@@ -194,21 +212,7 @@ fn containers_on_two_nodes_talk_with_their_own_addresses() {
         );
     }
 
-    d.assert_pings(0, &a, &b);
-    d.assert_pings(1, &b, &a);
-
-    // A new TCP connection each way: the server sees the client container's own address, not
-    // its node's (which Docker's MASQUERADE would substitute if the packet were routed).
-    assert_eq!(
-        d.peer_seen(1, &b, 0, &a),
-        a.ip,
-        "b saw a's connection come from another address: source rewritten"
-    );
-    assert_eq!(
-        d.peer_seen(0, &a, 1, &b),
-        b.ip,
-        "a saw b's connection come from another address: source rewritten"
-    );
+    d.assert_talk_both_ways(&a, &b);
     // The check can tell sources apart: a connection from node 1 itself (routed via overlay0)
     // arrives from a node address, not a container's.
     let node = &d.c.nodes[0].node.ns;
@@ -289,18 +293,7 @@ fn docker_started_before_the_agent_and_after_it() {
         b.ip
     );
 
-    d.assert_pings(0, &a, &b);
-    d.assert_pings(1, &b, &a);
-    assert_eq!(
-        d.peer_seen(1, &b, 0, &a),
-        a.ip,
-        "b saw a's connection from another address"
-    );
-    assert_eq!(
-        d.peer_seen(0, &a, 1, &b),
-        b.ip,
-        "a saw b's connection from another address"
-    );
+    d.assert_talk_both_ways(&a, &b);
 }
 
 /// FORWARD policy DROP on both nodes, then fresh containers: the first packets go to a

@@ -212,7 +212,7 @@ fn unmatched_interface_options_and_unknown_flags_stop_the_agent_with_a_clear_err
     );
     // A flanneld flag this agent does not take, and a misspelt one: named, exit status 2.
     for (flag, want) in [
-        ("-iptables-resync=5", "unexpected argument '--iptables-resync'"),
+        ("-kube-api-url=https://x", "unexpected argument '--kube-api-url'"),
         ("-ifac=eth0", "unexpected argument '--ifac'"),
         ("-iface-regex=eth(", r#""eth(" is not a valid regular expression"#),
     ] {

@@ -124,6 +124,16 @@ fn main() -> Result<()> {
     }
 
     check()?;
+    let try_this = format!(
+        "ip netns exec {} ping {}",
+        c.nodes[0].node.pods[0].ns.name, pods[1]
+    );
+    finish(&c, failures, exit_after, &stop, &try_this)
+}
+
+/// Fails with the agents' logs when a check failed; otherwise returns (`--exit-after-checks`)
+/// or keeps the cluster up until Ctrl-C, suggesting `try_this`.
+fn finish(c: &Cluster, failures: usize, exit_after: bool, stop: &AtomicBool, try_this: &str) -> Result<()> {
     if failures > 0 {
         for i in 0..c.nodes.len() {
             eprintln!("--- agent log node{} ---\n{}", i + 1, c.agent_log(i));
@@ -134,11 +144,7 @@ fn main() -> Result<()> {
     if exit_after {
         return Ok(());
     }
-    println!("==> cluster stays up; Ctrl-C to tear it down. Try:");
-    println!(
-        "    ip netns exec {} ping {}",
-        c.nodes[0].node.pods[0].ns.name, pods[1]
-    );
+    println!("==> cluster stays up; Ctrl-C to tear it down. Try:\n    {try_this}");
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -229,29 +235,16 @@ fn docker_demo(mut c: Cluster, exit_after: bool, stop: &AtomicBool) -> Result<()
     } else {
         println!("    source IP kept under Docker's MASQUERADE rule");
     }
-    if failures > 0 {
-        for i in 0..c.nodes.len() {
-            eprintln!("--- agent log node{} ---\n{}", i + 1, c.agent_log(i));
-        }
-        bail!("{failures} check(s) failed");
-    }
-    println!("==> all checks passed");
-    if exit_after {
-        return Ok(());
-    }
-    println!("==> cluster stays up; Ctrl-C to tear it down. Try:");
-    println!(
-        "    /usr/bin/docker -H unix://{} exec {} ping {}",
+    let try_this = format!(
+        "/usr/bin/docker -H unix://{} exec {} ping {}",
         daemons[0].socket().display(),
         containers[0].name,
         containers[1].ip
     );
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    println!("==> tearing down");
+    let done = finish(&c, failures, exit_after, stop, &try_this);
+    // The daemons run in the cluster's namespaces: they go first.
     drop(daemons);
-    Ok(())
+    done
 }
 
 /// Sets `flag` on SIGINT/SIGTERM.
