@@ -3,6 +3,8 @@
 
 use std::{collections::HashMap, net::Ipv4Addr, path::Path, time::Duration};
 
+use tracing::debug;
+
 use anyhow::{Context as _, Result};
 use ipnet::Ipv4Net;
 use overlay_common::DataplaneConfig;
@@ -18,7 +20,7 @@ use crate::{
     dataplane::{Dataplane, DecapMode, PeerEntry},
     endpoints, hostroute,
     iface::{self, Underlay},
-    lease::Lease,
+    lease::{Lease, SubnetKey},
     object, ops,
 };
 
@@ -37,10 +39,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     object::object()?;
     let underlay = iface::resolve(&args.iface).context("finding the underlay interface (--iface)")?;
     let public_ip = args.public_ip.unwrap_or(underlay.ipv4);
-    let node = NodeIdentity::new(public_ip, underlay.mtu);
+    // flanneld: --public-ipv6, else the interface's preferred IPv6 address; used only when the
+    // network config enables IPv6.
+    let public_ipv6 = args.public_ipv6.or(underlay.ipv6);
+    let node = NodeIdentity::new(Some(public_ip), public_ipv6, underlay.mtu);
     let vtep_mac = node.vtep_mac;
     info!(
-        iface = %underlay.name, %public_ip,
+        iface = %underlay.name, %public_ip, public_ipv6 = ?public_ipv6,
         vtep_mac = %crate::lease::MacAddr(vtep_mac),
         "starting overlay-agent"
     );
@@ -73,8 +78,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut ops = ops::Ops::start(&args, choice.mode).await?;
 
     let (tx, mut rx) = mpsc::channel(4096);
-    let control_args = args.clone();
-    let mut control = tokio::spawn(async move { control::run(&control_args, node, tx).await });
+    let control_opts = args.control_options();
+    let mut control = tokio::spawn(async move { control::run(&control_opts, node, tx).await });
 
     let mut state = Sync::new(underlay, public_ip, vtep_mac, datapath_flags);
     // Peers an earlier agent left in the pinned map: the first resync keeps or removes them.
@@ -230,6 +235,9 @@ struct Sync {
     config: Option<NetworkConfig>,
     own: Option<Ipv4Net>,
     peers: HashMap<Ipv4Net, PeerEntry>,
+    /// The lease (key) each peer entry came from: a removed lease takes its entry with it only
+    /// if no other lease (the same node under a new key, e.g. IPv6 turned on) replaced it.
+    owners: HashMap<Ipv4Net, SubnetKey>,
     /// Peers whose lease went away, removed from the maps at the given time unless it returns.
     leaving: HashMap<Ipv4Net, tokio::time::Instant>,
     /// The subnet the host device is set up for.
@@ -250,6 +258,7 @@ impl Sync {
             config: None,
             own: None,
             peers: HashMap::new(),
+            owners: HashMap::new(),
             leaving: HashMap::new(),
             host_device: None,
         }
@@ -258,21 +267,33 @@ impl Sync {
     async fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
         match ev {
             Event::Config(cfg) => {
+                if let Some(net) = cfg.ipv6_network() {
+                    warn!(ipv6_network = %net, "EnableIPv6: this build takes and publishes the IPv6 lease and writes it to subnet.env, but does not carry IPv6 pod traffic yet");
+                }
+                if cfg.ipv4.is_none() {
+                    warn!("IPv6-only network config: no IPv4 network, so this build carries no pod traffic at all");
+                }
                 self.config = Some(cfg);
                 self.write_config(dp).await;
             }
             Event::OwnLease(lease) => {
-                info!(subnet = %lease.subnet, "holding lease");
-                self.own = Some(lease.subnet);
+                info!(subnet = %lease.key(), "holding lease");
+                self.own = lease.subnet;
                 self.write_config(dp).await;
             }
             Event::PeerUpsert(lease) => self.upsert(dp, &lease),
-            Event::PeerRemove(lease) => self.hold_down(lease.subnet),
+            Event::PeerRemove(lease) => {
+                if let Some(sn) = lease.subnet {
+                    if self.owners.get(&sn) == Some(&lease.key()) {
+                        self.hold_down(sn);
+                    }
+                }
+            }
             Event::Resync(all) => {
                 let wanted: HashMap<Ipv4Net, Lease> = all
                     .into_iter()
-                    .filter(|l| Some(l.subnet) != self.own)
-                    .map(|l| (l.subnet, l))
+                    .filter_map(|l| Some((l.subnet?, l)))
+                    .filter(|(sn, _)| Some(*sn) != self.own)
                     .collect();
                 let stale: Vec<Ipv4Net> = self
                     .peers
@@ -293,12 +314,13 @@ impl Sync {
     async fn write_config(&mut self, dp: &mut Dataplane) {
         let Some(cfg) = &self.config else { return };
         let inner_mtu = cfg.mtu(self.underlay.mtu);
+        let Some(network) = cfg.network() else { return };
         if let Some(own) = self.own {
             if self.host_device != Some(own) {
-                match hostroute::ensure(own, cfg.network, inner_mtu).await {
+                match hostroute::ensure(own, network, inner_mtu).await {
                     Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
                         Ok(()) => {
-                            info!(dev = hostroute::HOST_DEVICE, address = %own.network(), network = %cfg.network, "host route to remote pods ready");
+                            info!(dev = hostroute::HOST_DEVICE, address = %own.network(), %network, "host route to remote pods ready");
                             self.host_device = Some(own);
                         }
                         Err(e) => error!(error = %e, "attaching encap to the host device"),
@@ -323,27 +345,34 @@ impl Sync {
     }
 
     fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease) {
-        if Some(lease.subnet) == self.own {
+        if let Some(v6) = lease.v6() {
+            debug!(subnet = %v6.subnet, public_ipv6 = %v6.public_ip, "IPv6 side of a peer lease: not carried by this build yet");
+        }
+        let Some(v4) = lease.v4() else {
+            if lease.subnet.is_none() {
+                debug!(subnet = %lease.key(), "IPv6-only peer lease: not carried by this build yet");
+            }
+            return;
+        };
+        if Some(v4.subnet) == self.own {
             return;
         }
         // The lease is back (or still there): no removal.
-        self.leaving.remove(&lease.subnet);
-        let Some(vx) = lease.vxlan() else { return };
+        self.leaving.remove(&v4.subnet);
+        self.owners.insert(v4.subnet, lease.key());
         let direct = self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
-            && self
-                .segment
-                .is_some_and(|net| net.contains(&lease.attrs.public_ip));
+            && self.segment.is_some_and(|net| net.contains(&v4.public_ip));
         let entry = PeerEntry {
-            subnet: lease.subnet,
-            public_ip: lease.attrs.public_ip,
-            vtep_mac: vx.vtep_mac.0,
+            subnet: v4.subnet,
+            public_ip: v4.public_ip,
+            vtep_mac: v4.vtep_mac.0,
             direct,
         };
-        if self.peers.get(&lease.subnet) == Some(&entry) {
+        if self.peers.get(&v4.subnet) == Some(&entry) {
             return;
         }
         // A peer that moved to a new PublicIP leaves a stale sender entry behind: drop it first.
-        if let Some(old) = self.peers.get(&lease.subnet).copied() {
+        if let Some(old) = self.peers.get(&v4.subnet).copied() {
             if old.public_ip != entry.public_ip {
                 let _ = dp.remove_peer(old.subnet, old.public_ip);
             }
@@ -386,6 +415,7 @@ impl Sync {
     }
 
     fn remove(&mut self, dp: &mut Dataplane, subnet: Ipv4Net) {
+        self.owners.remove(&subnet);
         let Some(old) = self.peers.remove(&subnet) else {
             return;
         };

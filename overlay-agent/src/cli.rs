@@ -3,11 +3,19 @@
 //! flanneld's users write them: `--flag=value` or Go's `-flag=value` / `-flag value` (see
 //! [`go_style_argv`]).
 
-use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    ffi::OsString,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{ArgAction, CommandFactory as _, Parser};
 
-use crate::subnet::etcd::{EtcdOptions, EtcdTls};
+use crate::{
+    control::{ControlOptions, RunOptions},
+    subnet::etcd::{EtcdOptions, EtcdTls},
+};
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
@@ -66,6 +74,10 @@ pub struct AgentArgs {
     /// IPv4 address other nodes use to reach this one (default: the interface's address).
     #[arg(long, env = "FLANNELD_PUBLIC_IP", value_parser = parse_ipv4)]
     pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 address other nodes use to reach this one when the network config enables IPv6
+    /// (default: the interface's preferred IPv6 address, as flanneld picks it).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6", value_parser = parse_ipv6)]
+    pub public_ipv6: Option<Ipv6Addr>,
     /// Where the CNI plugin reads this node's subnet.
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
     pub subnet_file: PathBuf,
@@ -166,7 +178,21 @@ pub enum DeliverChoice {
 fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
     s.trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not an IPv4 address (this agent is IPv4-only), e.g. 192.0.2.10"))
+        .map_err(|_| format!("{s:?} is not an IPv4 address, e.g. 192.0.2.10 (IPv6: --public-ipv6)"))
+}
+
+/// A unicast IPv6 address other nodes can send to (not IPv4-mapped: that is IPv4).
+fn parse_ipv6(s: &str) -> Result<Ipv6Addr, String> {
+    let ip: Ipv6Addr = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv6 address, e.g. 2001:db8::10"))?;
+    if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.to_ipv4_mapped().is_some() {
+        return Err(format!(
+            "{s:?} is not a unicast IPv6 address other nodes can reach, e.g. 2001:db8::10"
+        ));
+    }
+    Ok(ip)
 }
 
 /// A regular expression as flanneld (Go's RE2 syntax, unanchored) takes it; kept as text.
@@ -336,6 +362,18 @@ impl AgentArgs {
         Duration::from_secs(u64::from(self.subnet_lease_renew_margin) * 60)
     }
 
+    /// What the control plane needs from the command line.
+    pub fn control_options(&self) -> ControlOptions {
+        ControlOptions {
+            etcd: self.etcd_options(),
+            run: RunOptions {
+                subnet_file: self.subnet_file.clone(),
+                ip_masq: self.ip_masq,
+                renew_margin: self.renew_margin(),
+            },
+        }
+    }
+
     pub fn etcd_options(&self) -> EtcdOptions {
         EtcdOptions {
             endpoints: self.endpoints(),
@@ -398,6 +436,7 @@ mod tests {
             "--iface",
             "192.0.2.1",
             "--public-ip=192.0.2.9",
+            "--public-ipv6=2001:db8::9",
             "--ip-masq",
             "--subnet-lease-renew-margin=30",
             "--v=2",
@@ -407,6 +446,11 @@ mod tests {
         assert_eq!(a.etcd_prefix, "/x/network");
         assert_eq!(a.iface.iface, ["eth1", "192.0.2.1"]);
         assert_eq!(a.public_ip, Some(Ipv4Addr::new(192, 0, 2, 9)));
+        assert_eq!(a.public_ipv6, Some("2001:db8::9".parse().unwrap()));
+        let c = a.control_options();
+        assert_eq!(c.etcd.prefix, "/x/network");
+        assert_eq!(c.run.renew_margin, Duration::from_secs(1800));
+        assert!(c.run.ip_masq);
         assert!(a.ip_masq);
         assert_eq!(a.renew_margin(), Duration::from_secs(1800));
         assert_eq!(a.log_level(), "trace");
@@ -427,9 +471,13 @@ mod tests {
     fn contradictions() {
         let err = parse(&["--public-ip=fd00::1"]).unwrap_err();
         assert!(
-            err.contains("\"fd00::1\" is not an IPv4 address (this agent is IPv4-only)"),
+            err.contains("\"fd00::1\" is not an IPv4 address, e.g. 192.0.2.10 (IPv6: --public-ipv6)"),
             "{err}"
         );
+        for bad in ["192.0.2.9", "::ffff:192.0.2.9", "::", "::1", "ff02::1"] {
+            let err = parse(&[&format!("--public-ipv6={bad}")]).unwrap_err();
+            assert!(err.contains(&format!("\"{bad}\" is not")), "{bad}: {err}");
+        }
         let cases: [(&[&str], CliError); 7] = [
             (&["--etcd-keyfile=/k"], CliError::KeyWithoutCert),
             (&["--etcd-certfile=/c"], CliError::KeyWithoutCert),
@@ -562,6 +610,7 @@ mod tests {
             "iface-regex" => "^10\\.",
             "iface-can-reach" => "192.0.2.1",
             "public-ip" => "192.0.2.9",
+            "public-ipv6" => "2001:db8::9",
             "subnet-file" => "/run/x.env",
             "subnet-lease-renew-margin" => "30",
             "ip-masq" | "kube-subnet-mgr" => "true",
@@ -664,6 +713,8 @@ mod tests {
                 &["-iface-regex=eth("],
                 "\"eth(\" is not a valid regular expression",
             ),
+            // flanneld v0.28 has no --auto-detect-ipv6 (the family comes from EnableIPv6).
+            (&["-auto-detect-ipv6"], "unexpected argument '--auto-detect-ipv6'"),
             (
                 &["-iface-can-reach", "fd00::1"],
                 "\"fd00::1\" is not an IPv4 address",

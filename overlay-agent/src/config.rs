@@ -1,17 +1,19 @@
 //! flannel's network config (`<prefix>/config`), parsed and validated the way flanneld v0.28 does
-//! (pkg/subnet/config.go), restricted to IPv4 + vxlan.
+//! (pkg/subnet/config.go): IPv4, IPv6 or both (`EnableIPv4`, `EnableIPv6`), vxlan only.
 //!
 //! Keys match case-insensitively, as Go's `encoding/json` does.
 
-use std::net::Ipv4Addr;
-
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
+
+use crate::family::{Family, SubnetPool, V4, V6};
 
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_PORT: u16 = 8472;
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
+pub const VXLAN_OVERHEAD_V6: u32 = 70;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -40,196 +42,278 @@ pub struct BackendConfig {
     pub direct_routing: bool,
 }
 
-/// A validated network config with flannel's defaults filled in.
+/// A validated network config with flannel's defaults filled in. At least one family is on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkConfig {
-    pub network: Ipv4Net,
-    pub subnet_len: u8,
-    /// First subnet that may be leased (network address of a `subnet_len` subnet).
-    pub subnet_min: Ipv4Addr,
-    /// Last subnet that may be leased.
-    pub subnet_max: Ipv4Addr,
+    /// `Network`, `SubnetLen`, `SubnetMin`, `SubnetMax`; `None` when `EnableIPv4` is false.
+    pub ipv4: Option<SubnetPool<V4>>,
+    /// `IPv6Network`, `IPv6SubnetLen`, `IPv6SubnetMin`, `IPv6SubnetMax`; `None` unless
+    /// `EnableIPv6` is true.
+    pub ipv6: Option<SubnetPool<V6>>,
     pub backend: BackendConfig,
 }
 
+/// The config field names of one family's pool, and what to say when its network is missing.
+struct PoolFields {
+    network: &'static str,
+    subnet_len: &'static str,
+    min: &'static str,
+    max: &'static str,
+    missing: &'static str,
+}
+
+const V4_FIELDS: PoolFields = PoolFields {
+    network: "Network",
+    subnet_len: "SubnetLen",
+    min: "SubnetMin",
+    max: "SubnetMax",
+    missing: "is missing; set it to the cluster CIDR, e.g. \"10.244.0.0/16\"",
+};
+
+const V6_FIELDS: PoolFields = PoolFields {
+    network: "IPv6Network",
+    subnet_len: "IPv6SubnetLen",
+    min: "IPv6SubnetMin",
+    max: "IPv6SubnetMax",
+    missing: "is missing but EnableIPv6 is true; set it to the cluster's IPv6 CIDR, e.g. \
+              \"fd00:10:244::/56\", or set EnableIPv6 to false",
+};
+
+/// IPv6 ranges a pod network must not overlap, and why.
+const V6_RESERVED: [(&str, &str); 4] = [
+    ("::1/128", "the loopback address"),
+    (
+        "::ffff:0:0/96",
+        "the IPv4-mapped addresses (IPv4 written as IPv6; they overlap the IPv4 network space)",
+    ),
+    ("fe80::/10", "the link-local addresses every interface carries"),
+    ("ff00::/8", "the multicast addresses"),
+];
+
+fn flag(obj: &Map<String, Value>, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match get(obj, name) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(field(name, "must be true or false")),
+    }
+}
+
 impl NetworkConfig {
-    /// Parses and validates the JSON stored at `<prefix>/config`.
+    /// Parses and validates the JSON stored at `<prefix>/config` as flanneld's
+    /// `ParseConfig` + `CheckNetworkConfig` do, with an error naming the field and the fix.
     pub fn parse(json: &str) -> Result<Self, ConfigError> {
         let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
         let obj = v.as_object().ok_or(ConfigError::NotObject)?;
 
-        let enable_ipv4 = match get(obj, "EnableIPv4") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(field("EnableIPv4", "must be true or false")),
-        };
-        if !enable_ipv4 {
+        let enable_ipv4 = flag(obj, "EnableIPv4", true)?;
+        let enable_ipv6 = flag(obj, "EnableIPv6", false)?;
+        if !enable_ipv4 && !enable_ipv6 {
             return Err(field(
                 "EnableIPv4",
-                "is false, but this agent supports IPv4 only; remove EnableIPv4 or set it to true",
+                "is false and EnableIPv6 is not true, so no address family is enabled; remove \
+                 EnableIPv4 (IPv4 is on by default) or set EnableIPv6 to true with an IPv6Network",
             ));
         }
-        if matches!(get(obj, "EnableIPv6"), Some(Value::Bool(true))) {
-            tracing::warn!("network config has EnableIPv6=true; this agent ignores IPv6");
-        }
-
-        let network = match get(obj, "Network") {
-            None | Some(Value::Null) => {
-                return Err(field(
-                    "Network",
-                    "is missing; set it to the cluster CIDR, e.g. \"10.244.0.0/16\"",
-                ))
-            }
-            Some(Value::String(s)) => s.parse::<Ipv4Net>().map_err(|_| {
-                field(
-                    "Network",
-                    format!("{s:?} is not an IPv4 CIDR; use e.g. \"10.244.0.0/16\""),
-                )
-            })?,
-            Some(_) => {
-                return Err(field(
-                    "Network",
-                    "must be a string CIDR such as \"10.244.0.0/16\"",
-                ))
-            }
+        let ipv4 = match enable_ipv4 {
+            true => Some(parse_pool::<V4>(obj, &V4_FIELDS)?),
+            false => None,
         };
-        // Go's ParseCIDR masks the address; so do we.
-        let network = network.trunc();
-        let plen = network.prefix_len();
-
-        let subnet_len = match get(obj, "SubnetLen") {
-            None | Some(Value::Null) => 0,
-            Some(v) => v
-                .as_u64()
-                .filter(|n| *n <= 32)
-                .ok_or_else(|| field("SubnetLen", "must be a prefix length between 0 and 32, e.g. 24"))?
-                as u8,
-        };
-        let subnet_len = if subnet_len > 0 {
-            if subnet_len > 30 {
-                return Err(field(
-                    "SubnetLen",
-                    format!("is /{subnet_len}; it must be /30 or shorter (less than /31)"),
-                ));
+        let ipv6 = match enable_ipv6 {
+            true => {
+                let pool = parse_pool::<V6>(obj, &V6_FIELDS)?;
+                let net = pool.network;
+                for (range, what) in V6_RESERVED {
+                    let r: Ipv6Net = range.parse().expect("valid reserved range");
+                    if net.contains(&r.network()) || r.contains(&net.network()) {
+                        return Err(field(
+                            "IPv6Network",
+                            format!(
+                                "{net} overlaps {range}, {what}; use a unique local (fd00::/8) or \
+                                 global prefix such as \"{}\"",
+                                V6::EXAMPLE_NET
+                            ),
+                        ));
+                    }
+                }
+                Some(pool)
             }
-            if subnet_len < plen + 2 {
-                return Err(field(
-                    "SubnetLen",
-                    format!(
-                        "is /{subnet_len} but Network {network} must accommodate at least four subnets; \
-                         use /{} or longer",
-                        plen + 2
-                    ),
-                ));
-            }
-            subnet_len
-        } else if plen > 28 {
-            return Err(field(
-                "Network",
-                format!("{network} is too small; the minimum useful network prefix is /28"),
-            ));
-        } else if plen <= 22 {
-            24
-        } else {
-            plen + 2
+            false => None,
         };
-
-        let size = 1u64 << (32 - subnet_len);
-        let net_start = u32::from(network.network()) as u64;
-        let net_end = net_start + (1u64 << (32 - plen)); // one past the last address
-        let addr = |name: &'static str| -> Result<Option<Ipv4Addr>, ConfigError> {
-            match get(obj, name) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::String(s)) if s.is_empty() => Ok(None),
-                Some(Value::String(s)) => s.parse::<Ipv4Addr>().map(Some).map_err(|_| {
-                    field(
-                        name,
-                        format!("{s:?} is not an IPv4 address; use e.g. \"10.244.1.0\""),
-                    )
-                }),
-                Some(_) => Err(field(
-                    name,
-                    "must be a string IPv4 address such as \"10.244.1.0\"",
-                )),
-            }
-        };
-        let in_net = |a: Ipv4Addr| network.contains(&a);
-        let subnet_min = match addr("SubnetMin")? {
-            None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from((net_start + size) as u32),
-            Some(a) if !in_net(a) => {
-                return Err(field(
-                    "SubnetMin",
-                    format!("{a} is not in the range of the Network {network}"),
-                ))
-            }
-            Some(a) => a,
-        };
-        let subnet_max = match addr("SubnetMax")? {
-            None | Some(Ipv4Addr::UNSPECIFIED) => Ipv4Addr::from((net_end - size) as u32),
-            Some(a) if !in_net(a) => {
-                return Err(field(
-                    "SubnetMax",
-                    format!("{a} is not in the range of the Network {network}"),
-                ))
-            }
-            Some(a) => a,
-        };
-        let mask = u32::MAX << (32 - subnet_len);
-        if u32::from(subnet_min) & !mask != 0 {
-            return Err(field(
-                "SubnetMin",
-                format!("{subnet_min} is not on a SubnetLen (/{subnet_len}) boundary"),
-            ));
-        }
-        if u32::from(subnet_max) & !mask != 0 {
-            return Err(field(
-                "SubnetMax",
-                format!("{subnet_max} is not on a SubnetLen (/{subnet_len}) boundary"),
-            ));
-        }
-        if subnet_min > subnet_max {
-            return Err(field(
-                "SubnetMin",
-                format!("{subnet_min} is above SubnetMax {subnet_max}"),
-            ));
-        }
 
         let backend = parse_backend(get(obj, "Backend"))?;
-        Ok(NetworkConfig {
-            network,
-            subnet_len,
-            subnet_min,
-            subnet_max,
-            backend,
-        })
+        Ok(NetworkConfig { ipv4, ipv6, backend })
     }
 
-    /// Whether `sn` may be leased under this config (flannel's `isSubnetConfigCompat`).
-    pub fn is_compatible(&self, sn: Ipv4Net) -> bool {
-        sn.prefix_len() == self.subnet_len
-            && sn.network() == sn.addr()
-            && sn.network() >= self.subnet_min
-            && sn.network() <= self.subnet_max
+    /// The IPv4 `Network`, when IPv4 is enabled.
+    pub fn network(&self) -> Option<Ipv4Net> {
+        self.ipv4.map(|p| p.network)
     }
 
-    /// Every leasable subnet, in order.
-    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
-        let size = 1u64 << (32 - self.subnet_len);
-        let (lo, hi) = (
-            u32::from(self.subnet_min) as u64,
-            u32::from(self.subnet_max) as u64,
-        );
-        (lo..=hi)
-            .step_by(size as usize)
-            .map(move |a| Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("valid prefix"))
+    /// The `IPv6Network`, when IPv6 is enabled.
+    pub fn ipv6_network(&self) -> Option<Ipv6Net> {
+        self.ipv6.map(|p| p.network)
     }
 
-    /// The pod MTU: `Backend.MTU` if set, else the underlay MTU minus VXLAN overhead.
+    /// The pod MTU flanneld writes to subnet.env for either family: `Backend.MTU` if set, else
+    /// the underlay MTU minus [`VXLAN_OVERHEAD`]. flanneld uses the same value for IPv6, whose
+    /// outer header (over `PublicIPv6`) is [`VXLAN_OVERHEAD_V6`] bytes.
     pub fn mtu(&self, iface_mtu: u32) -> u32 {
         self.backend
             .mtu
             .unwrap_or(iface_mtu.saturating_sub(VXLAN_OVERHEAD))
     }
+}
+
+/// One family's pool from its four fields, with flannel's defaults and checks
+/// (pkg/subnet/config.go `CheckNetworkConfig`, which does the same for both families).
+fn parse_pool<F: Family>(obj: &Map<String, Value>, names: &PoolFields) -> Result<SubnetPool<F>, ConfigError> {
+    let network = match get(obj, names.network) {
+        None | Some(Value::Null) => return Err(field(names.network, names.missing)),
+        Some(Value::String(s)) => s.parse::<F::Net>().map_err(|_| {
+            field(
+                names.network,
+                format!(
+                    "{s:?} is not an {} CIDR; use e.g. \"{}\"",
+                    F::NAME,
+                    F::EXAMPLE_NET
+                ),
+            )
+        })?,
+        Some(_) => {
+            return Err(field(
+                names.network,
+                format!("must be a string CIDR such as \"{}\"", F::EXAMPLE_NET),
+            ))
+        }
+    };
+    let plen = F::net_len(&network);
+    // Go's ParseCIDR masks the address; so do we.
+    let network = F::net(F::net_addr(&network), plen);
+
+    let subnet_len = match get(obj, names.subnet_len) {
+        None | Some(Value::Null) => 0,
+        Some(v) => v.as_u64().filter(|n| *n <= u64::from(F::BITS)).ok_or_else(|| {
+            field(
+                names.subnet_len,
+                format!(
+                    "must be a prefix length between 0 and {}, e.g. {}",
+                    F::BITS,
+                    F::DEFAULT_SUBNET_LEN
+                ),
+            )
+        })? as u8,
+    };
+    let subnet_len = if subnet_len > 0 {
+        if subnet_len > F::MAX_SUBNET_LEN {
+            return Err(field(
+                names.subnet_len,
+                format!(
+                    "is /{subnet_len}; it must be /{} or shorter (less than /{})",
+                    F::MAX_SUBNET_LEN,
+                    F::MAX_SUBNET_LEN + 1
+                ),
+            ));
+        }
+        if subnet_len < plen + 2 {
+            return Err(field(
+                names.subnet_len,
+                format!(
+                    "is /{subnet_len} but {} {network} must accommodate at least four subnets; \
+                     use /{} or longer",
+                    names.network,
+                    plen + 2
+                ),
+            ));
+        }
+        subnet_len
+    } else if plen > F::MIN_USEFUL_PREFIX {
+        return Err(field(
+            names.network,
+            format!(
+                "{network} is too small; the minimum useful network prefix is /{}",
+                F::MIN_USEFUL_PREFIX
+            ),
+        ));
+    } else if plen <= F::DEFAULT_SUBNET_LEN - 2 {
+        F::DEFAULT_SUBNET_LEN
+    } else {
+        plen + 2
+    };
+
+    let size = 1u128 << (F::BITS - subnet_len);
+    let net_start = F::bits(F::net_addr(&network));
+    let host_bits = u32::from(F::BITS - plen);
+    // The last address of the network (its "Next" minus one, without overflowing).
+    let net_last = net_start + (1u128.checked_shl(host_bits).unwrap_or(0).wrapping_sub(1));
+    let addr = |name: &'static str| -> Result<Option<F::Addr>, ConfigError> {
+        match get(obj, name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => s.parse::<F::Addr>().map(Some).map_err(|_| {
+                field(
+                    name,
+                    format!(
+                        "{s:?} is not an {} address; use e.g. \"{}\"",
+                        F::NAME,
+                        F::EXAMPLE_ADDR
+                    ),
+                )
+            }),
+            Some(_) => Err(field(
+                name,
+                format!(
+                    "must be a string {} address such as \"{}\"",
+                    F::NAME,
+                    F::EXAMPLE_ADDR
+                ),
+            )),
+        }
+    };
+    let in_net = |a: F::Addr| F::net(a, plen) == network;
+    let pick = |name: &'static str, default: u128| -> Result<F::Addr, ConfigError> {
+        match addr(name)? {
+            None => Ok(F::addr(default)),
+            Some(a) if F::bits(a) == 0 => Ok(F::addr(default)),
+            Some(a) if !in_net(a) => Err(field(
+                name,
+                format!("{a} is not in the range of the {} {network}", names.network),
+            )),
+            Some(a) => Ok(a),
+        }
+    };
+    let subnet_min = pick(names.min, net_start + size)?;
+    let subnet_max = pick(names.max, net_last - (size - 1))?;
+    let on_boundary = |a: F::Addr| F::bits(a) & (size - 1) == 0;
+    if !on_boundary(subnet_min) {
+        return Err(field(
+            names.min,
+            format!(
+                "{subnet_min} is not on a {} (/{subnet_len}) boundary",
+                names.subnet_len
+            ),
+        ));
+    }
+    if !on_boundary(subnet_max) {
+        return Err(field(
+            names.max,
+            format!(
+                "{subnet_max} is not on a {} (/{subnet_len}) boundary",
+                names.subnet_len
+            ),
+        ));
+    }
+    if subnet_min > subnet_max {
+        return Err(field(
+            names.min,
+            format!("{subnet_min} is above {} {subnet_max}", names.max),
+        ));
+    }
+    Ok(SubnetPool {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+    })
 }
 
 /// Case-insensitive lookup (exact match preferred), as Go's encoding/json.
@@ -324,7 +408,7 @@ fn name_of(n: &'static str) -> &'static str {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> std::net::Ipv4Addr {
         s.parse().unwrap()
     }
 
@@ -391,6 +475,8 @@ mod tests {
         ];
         for (json, net, len, min, max) in cases {
             let c = NetworkConfig::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(c.ipv6, None, "{json}");
+            let c = c.ipv4.expect("IPv4 is on by default");
             assert_eq!(c.network, net.parse::<Ipv4Net>().unwrap(), "{json}");
             assert_eq!(c.subnet_len, len, "{json}");
             assert_eq!(c.subnet_min, ip(min), "{json}");
@@ -421,7 +507,7 @@ mod tests {
             }
         );
         assert_eq!(c.mtu(9000), 1400);
-        assert_eq!(c.subnets().count(), 255);
+        assert_eq!(c.ipv4.unwrap().subnets().count(), 255);
     }
 
     #[test]
@@ -443,7 +529,8 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMax":"10.0.9.128"}"#, "config field SubnetMax: 10.0.9.128 is not on a SubnetLen (/24) boundary"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#, "config field SubnetMin: 10.0.9.0 is above SubnetMax 10.0.8.0"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "config field SubnetMin: \"x\" is not an IPv4 address; use e.g. \"10.244.1.0\""),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#, "config field EnableIPv4: is false, but this agent supports IPv4 only; remove EnableIPv4 or set it to true"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#, "config field EnableIPv4: is false and EnableIPv6 is not true, so no address family is enabled; remove EnableIPv4 (IPv4 is on by default) or set EnableIPv6 to true with an IPv6Network"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv4":"no"}"#, "config field EnableIPv4: must be true or false"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#, "config field Backend.Type: is \"host-gw\" but this agent implements only the vxlan backend; set Backend.Type to \"vxlan\" or run flanneld for \"host-gw\""),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "config field Backend: must be an object, e.g. {\"Type\": \"vxlan\"}"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#, "config field Backend.VNI: must be an integer from 0 to 16777215 (24-bit VXLAN network identifier)"),
@@ -468,6 +555,8 @@ mod tests {
         let c = NetworkConfig::parse(
             r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.5.0","SubnetMax":"10.244.9.0","Backend":{"Type":"vxlan"}}"#,
         )
+        .unwrap()
+        .ipv4
         .unwrap();
         let yes = ["10.244.5.0/24", "10.244.9.0/24", "10.244.7.0/24"];
         let no = [
@@ -484,5 +573,129 @@ mod tests {
             assert!(!c.is_compatible(s.parse().unwrap()), "{s}");
         }
         assert_eq!(c.subnets().count(), 5);
+    }
+
+    /// IPv6 defaults as flannel's `CheckNetworkConfig` computes them (same rules as IPv4 with
+    /// /64, /124, /126), dual-stack and IPv6-only.
+    #[test]
+    fn ipv6_defaults() {
+        let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().unwrap() };
+        // (json, network, subnet_len, min, max)
+        let cases = [
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+                "fd00:10:244::/56",
+                64,
+                "fd00:10:244:1::",
+                "fd00:10:244:ff::",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"2001:db8:0:0:7::/80","Backend":{"Type":"vxlan"}}"#,
+                "2001:db8:0:0:7::/80",
+                82,
+                "2001:db8::7:4000:0:0",
+                "2001:db8::7:c000:0:0",
+            ),
+            (
+                r#"{"enableipv4":false,"enableipv6":true,"ipv6network":"fd00::1:2:3/62","Backend":{"Type":"vxlan"}}"#,
+                "fd00::/62",
+                64,
+                "fd00:0:0:1::",
+                "fd00:0:0:3::",
+            ),
+            (
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/124","Backend":{"Type":"vxlan"}}"#,
+                "fd00::/124",
+                126,
+                "fd00::4",
+                "fd00::c",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/48","IPv6SubnetLen":80,"IPv6SubnetMin":"fd00:10:244:7::","IPv6SubnetMax":"fd00:10:244:7:ffff::","Backend":{"Type":"vxlan"}}"#,
+                "fd00:10:244::/48",
+                80,
+                "fd00:10:244:7::",
+                "fd00:10:244:7:ffff::",
+            ),
+            (
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","IPv6SubnetMin":"::","IPv6SubnetMax":"","Backend":{"Type":"vxlan"}}"#,
+                "fd00:10:244::/56",
+                64,
+                "fd00:10:244:1::",
+                "fd00:10:244:ff::",
+            ),
+        ];
+        for (json, net, len, min, max) in cases {
+            let c = NetworkConfig::parse(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            let p = c.ipv6.expect("IPv6 enabled");
+            assert_eq!(p.network.to_string(), net, "{json}");
+            assert_eq!(p.subnet_len, len, "{json}");
+            assert_eq!(p.subnet_min, v6(min), "{json}");
+            assert_eq!(p.subnet_max, v6(max), "{json}");
+        }
+        let dual = NetworkConfig::parse(cases[0].0).unwrap();
+        assert_eq!(dual.network(), Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(dual.ipv6.unwrap().count(), 255);
+        // IPv6-only: the IPv4 Network is ignored as flanneld ignores it (even when invalid).
+        let only = NetworkConfig::parse(
+            r#"{"EnableIPv4":false,"Network":"garbage","EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (only.ipv4, only.ipv6_network()),
+            (None, Some("fd00::/48".parse().unwrap()))
+        );
+        // IPv6 fields without EnableIPv6 are ignored, as flanneld does.
+        let off = NetworkConfig::parse(
+            r#"{"Network":"10.244.0.0/16","IPv6Network":"not even a CIDR","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(off.ipv6, None);
+        // One MTU for both families, as flanneld writes it.
+        assert_eq!(dual.mtu(1500), 1450);
+    }
+
+    /// Each bad IPv6 config names its field and the fix.
+    #[test]
+    fn ipv6_validation_errors() {
+        let base = |extra: &str| {
+            format!(r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,{extra}"Backend":{{"Type":"vxlan"}}}}"#)
+        };
+        let cases = [
+            (base(""), "config field IPv6Network: is missing but EnableIPv6 is true; set it to the cluster's IPv6 CIDR, e.g. \"fd00:10:244::/56\", or set EnableIPv6 to false"),
+            (base(r#""IPv6Network":null,"#), "config field IPv6Network: is missing but EnableIPv6 is true; set it to the cluster's IPv6 CIDR, e.g. \"fd00:10:244::/56\", or set EnableIPv6 to false"),
+            (base(r#""IPv6Network":"10.245.0.0/16","#), "config field IPv6Network: \"10.245.0.0/16\" is not an IPv6 CIDR; use e.g. \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"fd00::","#), "config field IPv6Network: \"fd00::\" is not an IPv6 CIDR; use e.g. \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":56,"#), "config field IPv6Network: must be a string CIDR such as \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"fd00::/125","#), "config field IPv6Network: fd00::/125 is too small; the minimum useful network prefix is /124"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetLen":127,"#), "config field IPv6SubnetLen: is /127; it must be /126 or shorter (less than /127)"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetLen":57,"#), "config field IPv6SubnetLen: is /57 but IPv6Network fd00::/56 must accommodate at least four subnets; use /58 or longer"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetLen":129,"#), "config field IPv6SubnetLen: must be a prefix length between 0 and 128, e.g. 64"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetLen":"64","#), "config field IPv6SubnetLen: must be a prefix length between 0 and 128, e.g. 64"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMin":"fd01::","#), "config field IPv6SubnetMin: fd01:: is not in the range of the IPv6Network fd00::/56"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMax":"fd00:0:0:100::","#), "config field IPv6SubnetMax: fd00:0:0:100:: is not in the range of the IPv6Network fd00::/56"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:1::1","#), "config field IPv6SubnetMin: fd00:0:0:1::1 is not on a IPv6SubnetLen (/64) boundary"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMax":"fd00:0:0:9:8000::","#), "config field IPv6SubnetMax: fd00:0:0:9:8000:: is not on a IPv6SubnetLen (/64) boundary"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:9::","IPv6SubnetMax":"fd00:0:0:8::","#), "config field IPv6SubnetMin: fd00:0:0:9:: is above IPv6SubnetMax fd00:0:0:8::"),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMin":"10.244.1.0","#), "config field IPv6SubnetMin: \"10.244.1.0\" is not an IPv6 address; use e.g. \"fd00:10:244:1::\""),
+            (base(r#""IPv6Network":"fd00::/56","IPv6SubnetMax":7,"#), "config field IPv6SubnetMax: must be a string IPv6 address such as \"fd00:10:244:1::\""),
+            // Overlaps with address space a pod network cannot have.
+            (base(r#""IPv6Network":"::ffff:10.244.0.0/112","#), "config field IPv6Network: ::ffff:10.244.0.0/112 overlaps ::ffff:0:0/96, the IPv4-mapped addresses (IPv4 written as IPv6; they overlap the IPv4 network space); use a unique local (fd00::/8) or global prefix such as \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"fe80::/64","#), "config field IPv6Network: fe80::/64 overlaps fe80::/10, the link-local addresses every interface carries; use a unique local (fd00::/8) or global prefix such as \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"ff02::/16","#), "config field IPv6Network: ff02::/16 overlaps ff00::/8, the multicast addresses; use a unique local (fd00::/8) or global prefix such as \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"::/0","#), "config field IPv6Network: ::/0 overlaps ::1/128, the loopback address; use a unique local (fd00::/8) or global prefix such as \"fd00:10:244::/56\""),
+            (base(r#""IPv6Network":"fd00::/56","EnableIPv6":"yes","#), "config field EnableIPv6: must be true or false"),
+            (r#"{"EnableIPv4":false,"EnableIPv6":false,"IPv6Network":"fd00::/56"}"#.to_string(), "config field EnableIPv4: is false and EnableIPv6 is not true, so no address family is enabled; remove EnableIPv4 (IPv4 is on by default) or set EnableIPv6 to true with an IPv6Network"),
+            // IPv6-only still needs the backend right.
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#.to_string(), "config field Backend.Type: is \"host-gw\" but this agent implements only the vxlan backend; set Backend.Type to \"vxlan\" or run flanneld for \"host-gw\""),
+            // IPv4 is checked first, as flanneld does.
+            (r#"{"Network":"10.0.0.0/29","EnableIPv6":true}"#.to_string(), "config field Network: 10.0.0.0/29 is too small; the minimum useful network prefix is /28"),
+        ];
+        for (json, want) in cases {
+            match NetworkConfig::parse(&json) {
+                Ok(c) => panic!("{json}: expected error {want:?}, got {c:?}"),
+                Err(e) => assert_eq!(e.to_string(), want, "{json}"),
+            }
+        }
     }
 }

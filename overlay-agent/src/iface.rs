@@ -2,7 +2,10 @@
 //! `--iface-can-reach`, else the interface of the default IPv4 route), and the node's stable
 //! VTEP MAC.
 
-use std::{fs, net::Ipv4Addr};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use crate::cli::IfaceArgs;
 
@@ -39,6 +42,9 @@ pub struct Underlay {
     pub name: String,
     pub ifindex: u32,
     pub ipv4: Ipv4Addr,
+    /// The interface's preferred IPv6 address as flanneld picks it (see [`preferred_ipv6`]);
+    /// `PublicIPv6` unless `--public-ipv6` says otherwise.
+    pub ipv6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     pub mtu: u32,
 }
@@ -291,10 +297,18 @@ fn underlay(name: &str, ipv4: Ipv4Addr) -> Result<Underlay, IfaceError> {
             content: String::new(),
         })?;
     let mtu = link_mtu(name)?;
+    let ipv6 = match ipv6_addrs(ifindex) {
+        Ok(a) => preferred_ipv6(a).first().copied(),
+        Err(e) => {
+            tracing::warn!(iface = name, error = %e, "cannot list the interface's IPv6 addresses");
+            None
+        }
+    };
     Ok(Underlay {
         name: name.to_string(),
         ifindex,
         ipv4,
+        ipv6,
         mac,
         mtu,
     })
@@ -342,6 +356,95 @@ fn read(path: &str) -> Result<String, IfaceError> {
     })
 }
 
+/// One IPv6 address of an interface with its `IFA_F_*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct V6Addr {
+    pub addr: Ipv6Addr,
+    pub flags: u32,
+}
+
+const IFA_F_TEMPORARY: u32 = 0x01;
+const IFA_F_DEPRECATED: u32 = 0x20;
+const IFA_F_PERMANENT: u32 = 0x80;
+
+/// The usable IPv6 addresses of an interface in the order flanneld prefers them
+/// (pkg/ip/iface.go `GetInterfaceIP6Addrs`): global unicast (unique local included) or
+/// link-local, not deprecated; global before link-local, then manually assigned before
+/// autoconfigured, then non-temporary before temporary; otherwise as the kernel lists them.
+/// flanneld's `ExtV6Addr` (our `PublicIPv6`) defaults to the first.
+pub fn preferred_ipv6(mut addrs: Vec<V6Addr>) -> Vec<Ipv6Addr> {
+    let link_local = |a: &Ipv6Addr| (a.segments()[0] & 0xffc0) == 0xfe80;
+    let global =
+        |a: &Ipv6Addr| !a.is_unspecified() && !a.is_loopback() && !a.is_multicast() && !link_local(a);
+    addrs.retain(|a| (global(&a.addr) || link_local(&a.addr)) && a.flags & IFA_F_DEPRECATED == 0);
+    addrs.sort_by_key(|a| {
+        (
+            link_local(&a.addr),
+            a.flags & IFA_F_PERMANENT == 0,
+            a.flags & IFA_F_TEMPORARY != 0,
+        )
+    });
+    addrs.into_iter().map(|a| a.addr).collect()
+}
+
+/// The IPv6 addresses of interface `ifindex` with their flags (`RTM_GETADDR` dump).
+fn ipv6_addrs(ifindex: u32) -> Result<Vec<V6Addr>, String> {
+    use rtnetlink::{
+        packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST},
+        packet_route::{
+            address::{AddressAttribute, AddressMessage},
+            AddressFamily, RouteNetlinkMessage,
+        },
+        sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
+    };
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet6;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetAddress(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    let io = |e: std::io::Error| e.to_string();
+    let mut sock = Socket::new(NETLINK_ROUTE).map_err(io)?;
+    sock.bind_auto().map_err(io)?;
+    sock.connect(&SocketAddr::new(0, 0)).map_err(io)?;
+    sock.send(&buf, 0).map_err(io)?;
+    let mut out = Vec::new();
+    let mut rx = vec![0; 65536];
+    loop {
+        let n = sock.recv(&mut &mut rx[..], 0).map_err(io)?;
+        let mut off = 0;
+        while off < n {
+            let msg =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n]).map_err(|e| e.to_string())?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => return Err(e.to_io().to_string()),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
+                    if m.header.index == ifindex =>
+                {
+                    let mut addr = None;
+                    let mut flags = u32::from(m.header.flags.bits());
+                    for a in m.attributes {
+                        match a {
+                            AddressAttribute::Address(IpAddr::V6(ip)) => addr = Some(ip),
+                            AddressAttribute::Flags(f) => flags = f.bits(),
+                            _ => {}
+                        }
+                    }
+                    out.extend(addr.map(|addr| V6Addr { addr, flags }));
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
+}
+
 /// The interface of the lowest-metric default route in `/proc/net/route` text.
 pub fn default_route_iface(route_table: &str) -> Option<String> {
     route_table
@@ -364,10 +467,17 @@ pub fn default_route_iface(route_table: &str) -> Option<String> {
 }
 
 /// A stable, locally administered unicast MAC for this node's VTEP: FNV-1a over
-/// `/etc/machine-id` and the public IP, so it survives restarts and differs between nodes.
-pub fn derive_vtep_mac(machine_id: &str, public_ip: Ipv4Addr) -> [u8; 6] {
+/// `/etc/machine-id` and the public IP (4 or 16 bytes), so it survives restarts and differs
+/// between nodes. One MAC serves both families: flanneld's two VTEP devices (`flannel.1`,
+/// `flannel-v6.1`) get two random MACs, but peers key their FDB and neighbour entries per
+/// device, so nothing requires them to differ.
+pub fn derive_vtep_mac(machine_id: &str, public_ip: IpAddr) -> [u8; 6] {
+    let octets = match public_ip {
+        IpAddr::V4(ip) => ip.octets().to_vec(),
+        IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in machine_id.trim().bytes().chain(public_ip.octets()) {
+    for b in machine_id.trim().bytes().chain(octets) {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -378,7 +488,7 @@ pub fn derive_vtep_mac(machine_id: &str, public_ip: Ipv4Addr) -> [u8; 6] {
 }
 
 /// [`derive_vtep_mac`] with this machine's `/etc/machine-id` (empty when missing).
-pub fn default_vtep_mac(public_ip: Ipv4Addr) -> [u8; 6] {
+pub fn default_vtep_mac(public_ip: IpAddr) -> [u8; 6] {
     let id = fs::read_to_string("/etc/machine-id").unwrap_or_default();
     derive_vtep_mac(&id, public_ip)
 }
@@ -470,20 +580,61 @@ mod tests {
     fn vtep_mac_is_stable_local_unicast() {
         let a = derive_vtep_mac(
             "3d1219c7c4c5404aaa1f6d2a48adfda4\n",
-            Ipv4Addr::new(198, 18, 0, 11),
+            Ipv4Addr::new(198, 18, 0, 11).into(),
         );
         assert_eq!(
             a,
-            derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 11))
+            derive_vtep_mac(
+                "3d1219c7c4c5404aaa1f6d2a48adfda4",
+                Ipv4Addr::new(198, 18, 0, 11).into()
+            )
         );
         assert_ne!(
             a,
-            derive_vtep_mac("3d1219c7c4c5404aaa1f6d2a48adfda4", Ipv4Addr::new(198, 18, 0, 12))
+            derive_vtep_mac(
+                "3d1219c7c4c5404aaa1f6d2a48adfda4",
+                Ipv4Addr::new(198, 18, 0, 12).into()
+            )
         );
         for ip in 0..=255u8 {
-            let m = derive_vtep_mac("x", Ipv4Addr::new(10, 0, 0, ip));
+            let m = derive_vtep_mac("x", Ipv4Addr::new(10, 0, 0, ip).into());
             assert_eq!(m[0] & 0x03, 0x02, "{m:02x?} not locally administered unicast");
         }
+        // IPv6-only nodes derive theirs from PublicIPv6.
+        let v6 = derive_vtep_mac("x", "fd00::11".parse::<Ipv6Addr>().unwrap().into());
+        assert_eq!(v6[0] & 0x03, 0x02);
+        assert_ne!(
+            v6,
+            derive_vtep_mac("x", "fd00::12".parse::<Ipv6Addr>().unwrap().into())
+        );
+    }
+
+    #[test]
+    fn ipv6_address_preference_as_flanneld() {
+        let a = |s: &str, flags: u32| V6Addr {
+            addr: s.parse().unwrap(),
+            flags,
+        };
+        // As the kernel might list them (flags: 0x80 permanent, 0x01 temporary, 0x20 deprecated).
+        let listed = vec![
+            a("fe80::1", 0x80),
+            a("2001:db8::dead", 0x01),        // temporary (privacy) address
+            a("2001:db8::5", 0),              // SLAAC (not permanent)
+            a("fd00:198:18::9", 0x80 | 0x20), // deprecated
+            a("::1", 0x80),
+            a("fd00:198:18::1", 0x80),
+            a("ff02::1", 0x80),
+        ];
+        let got: Vec<String> = preferred_ipv6(listed).iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            got,
+            ["fd00:198:18::1", "2001:db8::5", "2001:db8::dead", "fe80::1"]
+        );
+        assert_eq!(
+            preferred_ipv6(vec![a("fe80::1", 0x80)]),
+            vec!["fe80::1".parse::<Ipv6Addr>().unwrap()]
+        );
+        assert!(preferred_ipv6(vec![a("::1", 0x80)]).is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod endpoints;
+pub mod family;
 pub mod hostroute;
 pub mod iface;
 pub mod lease;

@@ -2,11 +2,15 @@
 
 use std::{
     io::Write as _,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::{
+    family::{first_host, Family, V4, V6},
+    lease::SubnetKey,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
@@ -16,26 +20,37 @@ pub enum SubnetEnvError {
     Read { path: PathBuf, source: std::io::Error },
 }
 
+/// What flanneld's `WriteSubnetFile` writes: for each enabled family its network and our
+/// subnet's first host address, then the MTU and ip-masq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Net,
-    /// Our lease; written as its first host address (`10.244.7.1/24`).
-    pub subnet: Ipv4Net,
+    /// `FLANNEL_NETWORK` (IPv4 enabled).
+    pub network: Option<Ipv4Net>,
+    /// Our lease; written as its first host address (`FLANNEL_SUBNET=10.244.7.1/24`).
+    pub subnet: Option<Ipv4Net>,
+    /// `FLANNEL_IPV6_NETWORK` (IPv6 enabled).
+    pub ipv6_network: Option<Ipv6Net>,
+    /// `FLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64`.
+    pub ipv6_subnet: Option<Ipv6Net>,
     pub mtu: u32,
     pub ip_masq: bool,
 }
 
 impl SubnetEnv {
+    /// flanneld's text, line for line: `FLANNEL_NETWORK`, `FLANNEL_SUBNET` (IPv4),
+    /// `FLANNEL_IPV6_NETWORK`, `FLANNEL_IPV6_SUBNET` (IPv6), `FLANNEL_MTU`, `FLANNEL_IPMASQ`.
     pub fn render(&self) -> String {
-        let first = Ipv4Addr::from(u32::from(self.subnet.network()).wrapping_add(1));
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network,
-            first,
-            self.subnet.prefix_len(),
-            self.mtu,
-            self.ip_masq
-        )
+        let mut s = String::new();
+        if let (Some(net), Some(sn)) = (self.network, self.subnet) {
+            let (first, len) = first_host::<V4>(&sn);
+            s += &format!("FLANNEL_NETWORK={net}\nFLANNEL_SUBNET={first}/{len}\n");
+        }
+        if let (Some(net), Some(sn)) = (self.ipv6_network, self.ipv6_subnet) {
+            let (first, len) = first_host::<V6>(&sn);
+            s += &format!("FLANNEL_IPV6_NETWORK={net}\nFLANNEL_IPV6_SUBNET={first}/{len}\n");
+        }
+        s += &format!("FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ip_masq);
+        s
     }
 
     /// Writes to a temp file in the same directory, fsyncs, then renames over `path`.
@@ -67,11 +82,12 @@ impl SubnetEnv {
     }
 }
 
-/// The subnet recorded in an existing subnet.env (FLANNEL_SUBNET, masked to its network), if any.
-pub fn read_previous_subnet(path: &Path) -> Result<Option<Ipv4Net>, SubnetEnvError> {
+/// The subnets recorded in an existing subnet.env (`FLANNEL_SUBNET`, `FLANNEL_IPV6_SUBNET`,
+/// masked to their networks), if any.
+pub fn read_previous_subnets(path: &Path) -> Result<SubnetKey, SubnetEnvError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SubnetKey::default()),
         Err(source) => {
             return Err(SubnetEnvError::Read {
                 path: path.to_path_buf(),
@@ -79,49 +95,109 @@ pub fn read_previous_subnet(path: &Path) -> Result<Option<Ipv4Net>, SubnetEnvErr
             })
         }
     };
-    Ok(parse_previous_subnet(&text))
+    Ok(parse_previous_subnets(&text))
 }
 
-pub fn parse_previous_subnet(text: &str) -> Option<Ipv4Net> {
+fn previous<F: Family>(text: &str, var: &str) -> Option<F::Net> {
+    let prefix = format!("{var}=");
     text.lines()
-        .filter_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))
-        .filter_map(|v| v.trim().trim_matches('"').parse::<Ipv4Net>().ok())
-        .map(|n| n.trunc())
+        .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .filter_map(|v| v.trim().trim_matches('"').parse::<F::Net>().ok())
+        .map(|n| F::net(F::net_addr(&n), F::net_len(&n)))
         .next_back()
+}
+
+/// The `FLANNEL_SUBNET` and `FLANNEL_IPV6_SUBNET` of a subnet.env text.
+pub fn parse_previous_subnets(text: &str) -> SubnetKey {
+    SubnetKey {
+        ipv4: previous::<V4>(text, "FLANNEL_SUBNET"),
+        ipv6: previous::<V6>(text, "FLANNEL_IPV6_SUBNET"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn flannel_format_and_round_trip() {
-        let env = SubnetEnv {
-            network: "10.244.0.0/16".parse().unwrap(),
-            subnet: "10.244.7.0/24".parse().unwrap(),
+    fn env() -> SubnetEnv {
+        SubnetEnv {
+            network: Some("10.244.0.0/16".parse().unwrap()),
+            subnet: Some("10.244.7.0/24".parse().unwrap()),
+            ipv6_network: None,
+            ipv6_subnet: None,
             mtu: 1450,
             ip_masq: false,
-        };
+        }
+    }
+
+    #[test]
+    fn flannel_format_and_round_trip() {
+        let env = env();
         let text = env.render();
         assert_eq!(text, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
         assert_eq!(
-            parse_previous_subnet(&text),
-            Some("10.244.7.0/24".parse().unwrap())
+            parse_previous_subnets(&text),
+            SubnetKey::from("10.244.7.0/24".parse::<Ipv4Net>().unwrap())
         );
-        assert_eq!(parse_previous_subnet("FLANNEL_NETWORK=10.0.0.0/8\n"), None);
-        assert_eq!(parse_previous_subnet("FLANNEL_SUBNET=junk\n"), None);
+        assert_eq!(
+            parse_previous_subnets("FLANNEL_NETWORK=10.0.0.0/8\n"),
+            SubnetKey::default()
+        );
+        assert_eq!(
+            parse_previous_subnets("FLANNEL_SUBNET=junk\n"),
+            SubnetKey::default()
+        );
 
         let dir = std::env::temp_dir().join(format!("subnet-env-test-{}", std::process::id()));
         let path = dir.join("run/flannel/subnet.env");
         env.write(&path).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
-        assert_eq!(read_previous_subnet(&path).unwrap(), Some(env.subnet));
+        assert_eq!(read_previous_subnets(&path).unwrap().ipv4, env.subnet);
         assert_eq!(
             std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
             1,
             "temp file left behind"
         );
-        assert_eq!(read_previous_subnet(&dir.join("missing")).unwrap(), None);
+        assert_eq!(
+            read_previous_subnets(&dir.join("missing")).unwrap(),
+            SubnetKey::default()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// flanneld's `WriteSubnetFile` for dual-stack and IPv6-only (pkg/subnet/subnet.go): the
+    /// IPv4 pair, then the IPv6 pair, then MTU and ip-masq; an IPv6-only node writes no IPv4
+    /// lines. Both subnets are read back for reuse.
+    #[test]
+    fn dual_stack_and_ipv6_only() {
+        let mut e = env();
+        e.ipv6_network = Some("fd00:10:244::/56".parse().unwrap());
+        e.ipv6_subnet = Some("fd00:10:244:7::/64".parse().unwrap());
+        e.ip_masq = true;
+        let dual = e.render();
+        assert_eq!(
+            dual,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n\
+             FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        let back = parse_previous_subnets(&dual);
+        assert_eq!((back.ipv4, back.ipv6), (e.subnet, e.ipv6_subnet));
+
+        e.network = None;
+        e.subnet = None;
+        let only = e.render();
+        assert_eq!(
+            only,
+            "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n\
+             FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+        let back = parse_previous_subnets(&only);
+        assert_eq!((back.ipv4, back.ipv6), (None, e.ipv6_subnet));
+        // Quoted values (godotenv reads them too).
+        assert_eq!(
+            parse_previous_subnets("FLANNEL_IPV6_SUBNET=\"fd00:10:244:9::1/64\"\n").ipv6,
+            Some("fd00:10:244:9::/64".parse().unwrap())
+        );
     }
 }

@@ -29,7 +29,8 @@ fn key(subnet: &str) -> String {
 
 fn node(last: u8) -> NodeIdentity {
     NodeIdentity {
-        public_ip: Ipv4Addr::new(198, 18, 0, last),
+        public_ip: Some(Ipv4Addr::new(198, 18, 0, last)),
+        public_ipv6: None,
         vtep_mac: [0x0e, 0, 0, 0, 0, last],
         iface_mtu: 1500,
     }
@@ -89,7 +90,7 @@ fn spawn_args(
     n: NodeIdentity,
 ) -> (mpsc::Receiver<Event>, JoinHandle<Result<(), ControlError>>) {
     let (tx, rx) = mpsc::channel(256);
-    let task = tokio::spawn(async move { run(&a, n, tx).await });
+    let task = tokio::spawn(async move { run(&a.control_options(), n, tx).await });
     (rx, task)
 }
 
@@ -155,8 +156,8 @@ fn etcd_with_config() -> Etcd {
 fn first_host(l: &Lease) -> String {
     format!(
         "{}/{}",
-        Ipv4Addr::from(u32::from(l.subnet.network()) + 1),
-        l.subnet.prefix_len()
+        Ipv4Addr::from(u32::from(l.subnet.unwrap().network()) + 1),
+        l.subnet.unwrap().prefix_len()
     )
 }
 
@@ -171,7 +172,7 @@ async fn two_agents_take_distinct_subnets() {
 
     // etcd holds flannel's exact JSON on a 24 h lease.
     let (value, lease) = etcd
-        .get(&key(&a.own.subnet.to_string()))
+        .get(&key(&a.own.subnet.unwrap().to_string()))
         .unwrap()
         .expect("A's key missing");
     assert_eq!(
@@ -225,7 +226,7 @@ async fn reservation_is_honoured_and_stays_without_ttl() {
     etcd.put(&k, r#"{"PublicIP":"198.18.0.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:99"}}"#)
         .unwrap();
     let a = start(&etcd, tmp.0.join("a.env"), node(5)).await;
-    assert_eq!(a.own.subnet.to_string(), "10.244.42.0/24");
+    assert_eq!(a.own.subnet.unwrap().to_string(), "10.244.42.0/24");
     assert_eq!(a.own.expiration, None, "a reservation never expires");
     let (value, lease) = etcd.get(&k).unwrap().expect("reservation key vanished");
     assert_eq!(lease, 0, "reservation was turned into an expiring lease");
@@ -247,13 +248,14 @@ async fn restart_reuses_subnet() {
     let tmp = TempDir::new("restart");
     let file = tmp.0.join("a.env");
     let first = start(&etcd, file.clone(), node(7)).await;
-    let sn = first.own.subnet;
+    let sn = first.own.subnet.unwrap();
     drop(first);
 
     // Same node: found by PublicIP.
     let again = start(&etcd, file.clone(), node(7)).await;
     assert_eq!(
-        again.own.subnet, sn,
+        again.own.subnet,
+        Some(sn),
         "restart with the same PublicIP must reuse the lease"
     );
     drop(again);
@@ -261,7 +263,7 @@ async fn restart_reuses_subnet() {
     // Lease gone and PublicIP changed: subnet.env's subnet is taken when free.
     etcd.del(&key(&sn.to_string())).unwrap();
     let moved = start(&etcd, file.clone(), node(8)).await;
-    assert_eq!(moved.own.subnet, sn, "subnet from subnet.env not reused");
+    assert_eq!(moved.own.subnet, Some(sn), "subnet from subnet.env not reused");
     let (value, _) = etcd.get(&key(&sn.to_string())).unwrap().unwrap();
     assert!(value.contains("198.18.0.8"), "{value}");
 }
@@ -272,7 +274,7 @@ async fn deleted_key_is_reacquired() {
     let etcd = etcd_with_config();
     let tmp = TempDir::new("del");
     let mut a = start(&etcd, tmp.0.join("a.env"), node(9)).await;
-    let k = key(&a.own.subnet.to_string());
+    let k = key(&a.own.subnet.unwrap().to_string());
     let env_before = std::fs::read_to_string(&a.subnet_file).unwrap();
     etcd.del(&k).unwrap();
     let ev = wait_for(&mut a.rx, Duration::from_secs(5), "OwnLease after delete", |e| {
@@ -309,7 +311,7 @@ async fn peer_events_arrive_within_a_second() {
     etcd.put_with_ttl(&key("10.244.77.0/24"), peer, 600).unwrap();
     match recv(&mut a.rx, Duration::from_secs(1), "PeerUpsert").await {
         Event::PeerUpsert(l) => {
-            assert_eq!(l.subnet.to_string(), "10.244.77.0/24");
+            assert_eq!(l.subnet.unwrap().to_string(), "10.244.77.0/24");
             assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 77));
             assert_eq!(l.attrs.to_json(), peer);
         }
@@ -317,7 +319,7 @@ async fn peer_events_arrive_within_a_second() {
     }
     etcd.del(&key("10.244.77.0/24")).unwrap();
     match recv(&mut a.rx, Duration::from_secs(1), "PeerRemove").await {
-        Event::PeerRemove(l) => assert_eq!(l.subnet.to_string(), "10.244.77.0/24"),
+        Event::PeerRemove(l) => assert_eq!(l.subnet.unwrap().to_string(), "10.244.77.0/24"),
         ev => panic!("expected PeerRemove for 10.244.77.0/24, got {ev:?}"),
     }
     assert!(!a.task.is_finished());
@@ -343,8 +345,10 @@ async fn etcd_restart_is_survived() {
         Duration::from_secs(20),
         "peer after etcd restart",
         |e| match e {
-            Event::PeerUpsert(l) => l.subnet.to_string() == "10.244.88.0/24",
-            Event::Resync(ls) => ls.iter().any(|l| l.subnet.to_string() == "10.244.88.0/24"),
+            Event::PeerUpsert(l) => l.subnet.unwrap().to_string() == "10.244.88.0/24",
+            Event::Resync(ls) => ls
+                .iter()
+                .any(|l| l.subnet.unwrap().to_string() == "10.244.88.0/24"),
             _ => false,
         },
     )
@@ -357,7 +361,7 @@ async fn etcd_restart_is_survived() {
     };
     let got = leases
         .iter()
-        .find(|l| l.subnet.to_string() == "10.244.88.0/24")
+        .find(|l| l.subnet.unwrap().to_string() == "10.244.88.0/24")
         .expect("the peer is in the matched event");
     assert_eq!(got.attrs.public_ip.to_string(), "198.18.0.88");
     assert_eq!(
@@ -370,7 +374,9 @@ async fn etcd_restart_is_survived() {
         etcd.log_tail()
     );
     assert!(
-        etcd.get(&key(&a.own.subnet.to_string())).unwrap().is_some(),
+        etcd.get(&key(&a.own.subnet.unwrap().to_string()))
+            .unwrap()
+            .is_some(),
         "own lease lost across etcd restart"
     );
 
@@ -380,7 +386,7 @@ async fn etcd_restart_is_survived() {
         &mut a.rx,
         Duration::from_secs(2),
         "PeerRemove after restart",
-        |e| matches!(e, Event::PeerRemove(l) if l.subnet.to_string() == "10.244.88.0/24"),
+        |e| matches!(e, Event::PeerRemove(l) if l.subnet.unwrap().to_string() == "10.244.88.0/24"),
     )
     .await;
 }
@@ -391,8 +397,8 @@ fn vxlan_value(last: u8) -> String {
 
 fn is_upsert(e: &Event, subnet: &str) -> bool {
     match e {
-        Event::PeerUpsert(l) => l.subnet.to_string() == subnet,
-        Event::Resync(ls) => ls.iter().any(|l| l.subnet.to_string() == subnet),
+        Event::PeerUpsert(l) => l.subnet.unwrap().to_string() == subnet,
+        Event::Resync(ls) => ls.iter().any(|l| l.subnet.unwrap().to_string() == subnet),
         _ => false,
     }
 }
@@ -422,8 +428,8 @@ async fn pool_exhausted_64_agents_no_duplicates_and_waiters_take_a_freed_lease()
         for (i, (rx, _)) in agents.iter_mut().enumerate() {
             while let Ok(ev) = rx.try_recv() {
                 if let Event::OwnLease(l) = ev {
-                    holder[i] = Some(l.subnet.to_string());
-                    announced.push((i, l.subnet.to_string()));
+                    holder[i] = Some(l.subnet.unwrap().to_string());
+                    announced.push((i, l.subnet.unwrap().to_string()));
                 }
             }
         }
@@ -524,7 +530,7 @@ async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewin
     let (tx, rx) = mpsc::channel(256);
     let task = tokio::spawn(async move { run_with_registry(reg, &opts, node(20), tx).await });
     let mut a = started(rx, task, tmp.0.join("a.env")).await;
-    let own_key = key(&a.own.subnet.to_string());
+    let own_key = key(&a.own.subnet.unwrap().to_string());
     let lease_ttl = |c: &EtcdCluster| -> i64 {
         let v: serde_json::Value =
             serde_json::from_str(&c.etcdctl_retry(&["get", &own_key, "-w", "json"]).unwrap()).unwrap();
@@ -574,8 +580,8 @@ async fn three_member_etcd_one_killed_at_a_time_agent_keeps_watching_and_renewin
             Duration::from_secs(15),
             &format!("removal of {sn}"),
             |e| match e {
-                Event::PeerRemove(l) => l.subnet.to_string() == sn,
-                Event::Resync(ls) => !ls.iter().any(|l| l.subnet.to_string() == sn),
+                Event::PeerRemove(l) => l.subnet.unwrap().to_string() == sn,
+                Event::Resync(ls) => !ls.iter().any(|l| l.subnet.unwrap().to_string() == sn),
                 _ => false,
             },
         )
@@ -643,7 +649,7 @@ async fn compaction_while_disconnected_relists_and_converges() {
     .await;
     match ev {
         Event::Resync(ls) => {
-            let got: Vec<String> = ls.iter().map(|l| l.subnet.to_string()).collect();
+            let got: Vec<String> = ls.iter().map(|l| l.subnet.unwrap().to_string()).collect();
             assert_eq!(
                 got,
                 vec![p2.to_string(), p3.to_string()],
@@ -655,7 +661,7 @@ async fn compaction_while_disconnected_relists_and_converges() {
     // Events written after the compaction arrive.
     etcd.put(&key(p4), &vxlan_value(134)).unwrap();
     match recv(&mut a.rx, Duration::from_secs(2), "p4").await {
-        Event::PeerUpsert(l) => assert_eq!(l.subnet.to_string(), p4),
+        Event::PeerUpsert(l) => assert_eq!(l.subnet.unwrap().to_string(), p4),
         ev => panic!("expected PeerUpsert {p4}, got {ev:?}"),
     }
 }
@@ -805,7 +811,10 @@ async fn etcd_username_and_password() {
     };
     let (rx, task) = spawn_args(with("s3cret", "a.env"), node(60));
     let a = started(rx, task, tmp.0.join("a.env")).await;
-    assert!(etcd.get(&key(&a.own.subnet.to_string())).unwrap().is_some());
+    assert!(etcd
+        .get(&key(&a.own.subnet.unwrap().to_string()))
+        .unwrap()
+        .is_some());
     // A wrong password is reported as such (the agent keeps retrying: it may be fixed in etcd).
     let err = EtcdRegistry::connect(&with("wrong", "b.env").etcd_options())
         .await
@@ -816,4 +825,317 @@ async fn etcd_username_and_password() {
         err.contains("authentication failed") && err.contains("--etcd-username"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dual-stack and IPv6-only, in flannel's etcd schema.
+
+const DUAL_CONFIG: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1}}"#;
+const V6_ONLY_CONFIG: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":1}}"#;
+
+fn v6_addr(last: u8) -> std::net::Ipv6Addr {
+    format!("fd00:198:18::{last:x}").parse().unwrap()
+}
+
+/// A node with both public addresses (an IPv6-only config must publish only the IPv6 one).
+fn node_dual(last: u8) -> NodeIdentity {
+    NodeIdentity {
+        public_ipv6: Some(v6_addr(last)),
+        ..node(last)
+    }
+}
+
+/// Starts an agent on `config`'s etcd whose lease is renewed every ~2 s (renew margin TTL - 2 s).
+async fn start_renewing(etcd: &Etcd, subnet_file: PathBuf, n: NodeIdentity) -> Agent {
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: vec![etcd.endpoint()],
+        prefix: PREFIX.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let opts = RunOptions {
+        subnet_file: subnet_file.clone(),
+        ip_masq: false,
+        renew_margin: SUBNET_TTL - Duration::from_secs(2),
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move { run_with_registry(reg, &opts, n, tx).await });
+    started(rx, task, subnet_file).await
+}
+
+/// The etcd key flannel's `MakeSubnetKey` gives a lease.
+fn lease_key(l: &Lease) -> String {
+    format!("{PREFIX}/subnets/{}", l.key())
+}
+
+/// Every lease another agent sees in `rx` until it has seen `want` (by key); returns it.
+async fn peer_seen(rx: &mut mpsc::Receiver<Event>, want: &Lease, what: &str) -> Lease {
+    let k = want.key();
+    let ev = wait_for(rx, Duration::from_secs(5), what, |e| match e {
+        Event::PeerUpsert(l) => l.key() == k,
+        Event::Resync(ls) => ls.iter().any(|l| l.key() == k),
+        _ => false,
+    })
+    .await;
+    match ev {
+        Event::PeerUpsert(l) => l,
+        Event::Resync(ls) => ls.into_iter().find(|l| l.key() == k).unwrap(),
+        other => unreachable!("{other:?}"),
+    }
+}
+
+/// Waits until the etcd lease behind `key` has been renewed back to within 3 s of 24 h.
+async fn assert_renewed(etcd: &Etcd, key: &str) {
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    loop {
+        let (_, lease) = etcd.get(key).unwrap().expect("own key vanished");
+        let ttl = etcd.lease_ttl(lease).unwrap();
+        if ttl >= 86_400 - 3 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{key}: lease not renewed (TTL {ttl})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() {
+    require_root();
+    let etcd = Etcd::start_new().expect("starting etcd");
+    etcd.put(&format!("{PREFIX}/config"), DUAL_CONFIG).unwrap();
+    let tmp = TempDir::new("dual");
+    let mut a = start_renewing(&etcd, tmp.0.join("a.env"), node_dual(1)).await;
+    let mut b = start_renewing(&etcd, tmp.0.join("b.env"), node_dual(2)).await;
+
+    // Keys and values exactly as a dual-stack flanneld writes them.
+    for (agent, last) in [(&a, 1u8), (&b, 2)] {
+        let (sn4, sn6) = (agent.own.subnet.unwrap(), agent.own.ipv6_subnet.unwrap());
+        assert_eq!(sn4.prefix_len(), 24);
+        assert_eq!(sn6.prefix_len(), 64);
+        assert!(
+            "fd00:10:244::/56"
+                .parse::<ipnet::Ipv6Net>()
+                .unwrap()
+                .contains(&sn6)
+                && sn6.network().segments()[3] != 0,
+            "{sn6} outside [IPv6SubnetMin, IPv6SubnetMax]"
+        );
+        let key = format!("{PREFIX}/subnets/{}-24&{}-64", sn4.network(), sn6.network());
+        let (value, lease) = etcd
+            .get(&key)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no key {key}; keys: {:?}", etcd.keys(PREFIX)));
+        assert_eq!(
+            value,
+            format!(
+                r#"{{"PublicIP":"198.18.0.{last}","PublicIPv6":"fd00:198:18::{last}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:00:00:00:00:0{last}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"0e:00:00:00:00:0{last}"}}}}"#
+            )
+        );
+        assert_ne!(lease, 0);
+        // subnet.env as flanneld's WriteSubnetFile.
+        assert_eq!(
+            std::fs::read_to_string(&agent.subnet_file).unwrap(),
+            format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={}\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET={}1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+                first_host(&agent.own),
+                sn6.network()
+            )
+        );
+    }
+    assert_ne!(a.own.subnet, b.own.subnet);
+    assert_ne!(a.own.ipv6_subnet, b.own.ipv6_subnet);
+
+    // Each sees the other with both families.
+    let b_seen = peer_seen(&mut a.rx, &b.own, "A sees B").await;
+    let a_seen = peer_seen(&mut b.rx, &a.own, "B sees A").await;
+    for (seen, own, last) in [(&b_seen, &b.own, 2u8), (&a_seen, &a.own, 1)] {
+        let v4 = seen.v4().expect("IPv4 side");
+        assert_eq!(
+            (Some(v4.subnet), v4.public_ip),
+            (own.subnet, Ipv4Addr::new(198, 18, 0, last))
+        );
+        let v6 = seen.v6().expect("IPv6 side");
+        assert_eq!(
+            (Some(v6.subnet), v6.public_ip, v6.vni, v6.vtep_mac.0),
+            (own.ipv6_subnet, v6_addr(last), 1, [0x0e, 0, 0, 0, 0, last])
+        );
+    }
+
+    // Renewed (the margin makes it every ~2 s here).
+    assert_renewed(&etcd, &lease_key(&a.own)).await;
+
+    // A dual-stack flanneld's lease, written by hand as it writes it: a peer in both families.
+    let flanneld = r#"{"PublicIP":"198.18.0.99","PublicIPv6":"fd00:198:18::99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"be:0c:3e:5f:61:d2"},"BackendV6Data":{"VNI":1,"VtepMAC":"56:8a:c4:1e:7b:90"}}"#;
+    let fkey = format!("{PREFIX}/subnets/10.244.99.0-24&fd00:10:244:63::-64");
+    etcd.put_with_ttl(&fkey, flanneld, 600).unwrap();
+    let ev = wait_for(&mut a.rx, Duration::from_secs(5), "the flanneld lease", |e| {
+        matches!(e, Event::PeerUpsert(l) if l.subnet.map(|s| s.to_string()).as_deref() == Some("10.244.99.0/24"))
+    })
+    .await;
+    let Event::PeerUpsert(f) = ev else { unreachable!() };
+    assert_eq!(
+        f.attrs.to_json(),
+        flanneld,
+        "the flanneld value must round-trip byte for byte"
+    );
+    let (v4, v6) = (f.v4().unwrap(), f.v6().unwrap());
+    assert_eq!(
+        (
+            v4.subnet.to_string(),
+            v4.public_ip.to_string(),
+            v4.vtep_mac.to_string()
+        ),
+        (
+            "10.244.99.0/24".into(),
+            "198.18.0.99".into(),
+            "be:0c:3e:5f:61:d2".into()
+        )
+    );
+    assert_eq!(
+        (
+            v6.subnet.to_string(),
+            v6.public_ip.to_string(),
+            v6.vni,
+            v6.vtep_mac.to_string()
+        ),
+        (
+            "fd00:10:244:63::/64".into(),
+            "fd00:198:18::99".into(),
+            1,
+            "56:8a:c4:1e:7b:90".into()
+        )
+    );
+    etcd.del(&fkey).unwrap();
+    wait_for(
+        &mut a.rx,
+        Duration::from_secs(5),
+        "the flanneld lease removed",
+        |e| matches!(e, Event::PeerRemove(l) if l.key() == f.key()),
+    )
+    .await;
+
+    // Restart with the same PublicIP: the same key (found by PublicIP).
+    let (own_a, file_a) = (a.own.clone(), a.subnet_file.clone());
+    drop(a);
+    let again = start(&etcd, file_a.clone(), node_dual(1)).await;
+    assert_eq!(
+        again.own.key(),
+        own_a.key(),
+        "restart must reuse the dual-stack lease"
+    );
+    drop(again);
+    // Lease gone and the PublicIPs changed: both subnets come back from subnet.env.
+    etcd.del(&lease_key(&own_a)).unwrap();
+    let moved = start(&etcd, file_a, node_dual(8)).await;
+    assert_eq!(moved.own.key(), own_a.key(), "subnet.env's subnets not reused");
+    let (value, _) = etcd.get(&lease_key(&own_a)).unwrap().unwrap();
+    assert!(value.contains(r#""PublicIPv6":"fd00:198:18::8""#), "{value}");
+    assert!(!b.task.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_only_agents_take_flannel_keys_renew_restart_and_see_each_other() {
+    require_root();
+    let etcd = Etcd::start_new().expect("starting etcd");
+    etcd.put(&format!("{PREFIX}/config"), V6_ONLY_CONFIG).unwrap();
+    let tmp = TempDir::new("v6only");
+    // The nodes have IPv4 addresses too; an IPv6-only network publishes none of them.
+    let mut a = start_renewing(&etcd, tmp.0.join("a.env"), node_dual(0x21)).await;
+    let mut b = start_renewing(&etcd, tmp.0.join("b.env"), node_dual(0x22)).await;
+    for (agent, last) in [(&a, 0x21u8), (&b, 0x22)] {
+        assert_eq!(agent.own.subnet, None);
+        let sn6 = agent.own.ipv6_subnet.unwrap();
+        let key = format!("{PREFIX}/subnets/0.0.0.0-0&{}-64", sn6.network());
+        let (value, lease) = etcd
+            .get(&key)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no key {key}; keys: {:?}", etcd.keys(PREFIX)));
+        assert_eq!(
+            value,
+            format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::{last:x}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"0e:00:00:00:00:{last:02x}"}}}}"#
+            )
+        );
+        assert_ne!(lease, 0);
+        assert_eq!(
+            std::fs::read_to_string(&agent.subnet_file).unwrap(),
+            format!(
+                "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET={}1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+                sn6.network()
+            )
+        );
+    }
+    // Two IPv6-only nodes (both PublicIP 0.0.0.0 in etcd) never share a lease.
+    assert_ne!(a.own.key(), b.own.key());
+    let b_seen = peer_seen(&mut a.rx, &b.own, "A sees B").await;
+    assert_eq!(b_seen.v4(), None);
+    let v6 = b_seen.v6().expect("IPv6 side");
+    assert_eq!(
+        (Some(v6.subnet), v6.public_ip, v6.vtep_mac.0),
+        (b.own.ipv6_subnet, v6_addr(0x22), [0x0e, 0, 0, 0, 0, 0x22])
+    );
+    let a_seen = peer_seen(&mut b.rx, &a.own, "B sees A").await;
+    assert_eq!(a_seen.v6().unwrap().public_ip, v6_addr(0x21));
+
+    assert_renewed(&etcd, &lease_key(&b.own)).await;
+
+    // Our key deleted: the same IPv6 subnet is taken back.
+    let k = lease_key(&a.own);
+    etcd.del(&k).unwrap();
+    let ev = wait_for(&mut a.rx, Duration::from_secs(5), "OwnLease after delete", |e| {
+        matches!(e, Event::OwnLease(_))
+    })
+    .await;
+    let Event::OwnLease(l) = ev else { unreachable!() };
+    assert_eq!(l.key(), a.own.key());
+    assert!(etcd.get(&k).unwrap().is_some(), "key not recreated");
+
+    // Restart: found again by PublicIPv6.
+    let (own_b, file_b) = (b.own.clone(), b.subnet_file.clone());
+    drop(b);
+    let again = start(&etcd, file_b.clone(), node_dual(0x22)).await;
+    assert_eq!(
+        again.own.key(),
+        own_b.key(),
+        "restart must reuse the IPv6-only lease"
+    );
+    drop(again);
+    // Key gone, another address: subnet.env's IPv6 subnet is reused.
+    etcd.del(&lease_key(&own_b)).unwrap();
+    let moved = start(&etcd, file_b, node_dual(0x28)).await;
+    assert_eq!(
+        moved.own.key(),
+        own_b.key(),
+        "subnet.env's IPv6 subnet not reused"
+    );
+    assert!(!a.task.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_enabled_without_an_ipv6_address_is_refused() {
+    require_root();
+    let etcd = Etcd::start_new().expect("starting etcd");
+    etcd.put(&format!("{PREFIX}/config"), DUAL_CONFIG).unwrap();
+    let tmp = TempDir::new("nov6");
+    let (mut rx, task) = spawn(&etcd, tmp.0.join("a.env"), node(3));
+    assert!(matches!(
+        recv(&mut rx, Duration::from_secs(10), "Config").await,
+        Event::Config(_)
+    ));
+    let err = timeout(Duration::from_secs(5), task)
+        .await
+        .expect("agent without an IPv6 address kept running")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("enables IPv6") && err.contains("--public-ipv6"),
+        "{err}"
+    );
+    assert!(etcd.keys(&format!("{PREFIX}/subnets/")).unwrap().is_empty());
 }

@@ -24,7 +24,6 @@ use std::{
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
 use overlay_common::Counter as BpfCounter;
 use prometheus_client::{
     collector::Collector,
@@ -46,7 +45,8 @@ use crate::dataplane::{self, Counters, DecapMode};
 #[derive(Debug, Default, Clone)]
 pub struct AgentState {
     /// Our lease, once held.
-    pub subnet: Option<Ipv4Net>,
+    /// Our lease, named by its IPv4 subnet (its IPv6 one on an IPv6-only node).
+    pub subnet: Option<ipnet::IpNet>,
     /// When our etcd lease runs out (`None` for reservations).
     pub expiration: Option<Instant>,
     /// Decap attached to the underlay NIC.

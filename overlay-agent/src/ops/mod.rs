@@ -14,7 +14,7 @@ pub mod status;
 
 use std::net::SocketAddr;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -44,7 +44,8 @@ pub struct Ops {
 /// Taken when an event arrives, handed back once it has been applied to the maps.
 pub struct Received {
     at: Instant,
-    own: Option<(Ipv4Net, Option<Instant>)>,
+    /// Our lease: its IPv4 subnet, the subnet that names it (IPv4, else IPv6), its expiry.
+    own: Option<(Option<Ipv4Net>, IpNet, Option<Instant>)>,
 }
 
 impl Ops {
@@ -78,11 +79,15 @@ impl Ops {
     pub fn received(&mut self, ev: &Event) -> Received {
         let own = match ev {
             Event::Config(cfg) => {
-                self.network = Some(cfg.network);
+                self.network = cfg.network();
                 self.ensure_forward();
                 None
             }
-            Event::OwnLease(l) => Some((l.subnet, l.expiration)),
+            Event::OwnLease(l) => l
+                .subnet
+                .map(IpNet::V4)
+                .or(l.ipv6_subnet.map(IpNet::V6))
+                .map(|named| (l.subnet, named, l.expiration)),
             _ => None,
         };
         Received {
@@ -96,13 +101,15 @@ impl Ops {
     pub fn applied(&mut self, r: Received, peers: usize) {
         METRICS.observe_sync(r.at.elapsed());
         METRICS.peers.set(peers as i64);
-        let Some((subnet, expiration)) = r.own else { return };
+        let Some((subnet_v4, subnet, expiration)) = r.own else {
+            return;
+        };
         METRICS.update(|s| {
             s.subnet = Some(subnet);
             s.expiration = expiration;
         });
-        if self.ip_masq {
-            self.install_masq(subnet);
+        if let (true, Some(sn)) = (self.ip_masq, subnet_v4) {
+            self.install_masq(sn);
         }
         if !self.ready_sent {
             self.ready_sent = true;

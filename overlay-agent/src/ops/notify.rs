@@ -1,12 +1,11 @@
 //! systemd `Type=notify`: READY=1 once the node can carry traffic, STOPPING=1 on shutdown.
 //! Without `NOTIFY_SOCKET` (not under systemd) every call is a no-op.
 
-use ipnet::Ipv4Net;
 use sd_notify::NotifyState;
 use tracing::{debug, warn};
 
 /// The lease is held, subnet.env written and the programs attached.
-pub fn ready(subnet: Ipv4Net) {
+pub fn ready(subnet: ipnet::IpNet) {
     let status = format!("holding {subnet}");
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }

@@ -6,11 +6,10 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
     WatchStream,
 };
-use ipnet::Ipv4Net;
 use tokio::time::Instant;
 
 use super::registry::{KeyValue, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
-use crate::lease::subnet_key;
+use crate::lease::{subnet_key, SubnetKey};
 
 /// Bound on every unary etcd request (watches are unbounded).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -215,7 +214,7 @@ impl Registry for EtcdRegistry {
 
     async fn create_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         ttl: Duration,
     ) -> Result<Written, RegistryError> {
@@ -250,7 +249,7 @@ impl Registry for EtcdRegistry {
 
     async fn update_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         prev_mod_revision: i64,
         ttl: Option<Duration>,
@@ -309,7 +308,7 @@ impl Registry for EtcdRegistry {
         Ok(start + Duration::from_secs(resp.ttl() as u64))
     }
 
-    async fn delete_subnet(&self, sn: Ipv4Net) -> Result<(), RegistryError> {
+    async fn delete_subnet(&self, sn: SubnetKey) -> Result<(), RegistryError> {
         let mut c = self.client.clone();
         timed(c.delete(subnet_key(&self.prefix, sn), None)).await?;
         Ok(())

@@ -9,10 +9,9 @@ use std::{
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
 use tokio::{sync::broadcast, time::Instant};
 
-use crate::lease::subnet_key;
+use crate::lease::{subnet_key, SubnetKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -70,7 +69,7 @@ pub trait Registry: Send + Sync + 'static {
     /// Creates the subnet key only if absent, attached to a fresh lease of `ttl`.
     fn create_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         ttl: Duration,
     ) -> impl Future<Output = Result<Written, RegistryError>> + Send;
@@ -78,14 +77,14 @@ pub trait Registry: Send + Sync + 'static {
     /// the key gets no lease (a reservation stays a reservation).
     fn update_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         prev_mod_revision: i64,
         ttl: Option<Duration>,
     ) -> impl Future<Output = Result<Written, RegistryError>> + Send;
     /// Refreshes an etcd lease to its full TTL; returns the new expiration.
     fn renew_lease(&self, lease_id: i64) -> impl Future<Output = Result<Instant, RegistryError>> + Send;
-    fn delete_subnet(&self, sn: Ipv4Net) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn delete_subnet(&self, sn: SubnetKey) -> impl Future<Output = Result<(), RegistryError>> + Send;
     /// Watches `<prefix>/subnets/` starting at `from_revision` (inclusive).
     fn watch_subnets(
         &self,
@@ -226,7 +225,7 @@ impl MemRegistry {
     }
 
     /// Writes a raw subnet key; `ttl: None` makes a reservation.
-    pub fn put_raw(&self, sn: Ipv4Net, value: &str, ttl: Option<Duration>) {
+    pub fn put_raw(&self, sn: impl Into<SubnetKey>, value: &str, ttl: Option<Duration>) {
         let mut st = self.lock();
         let lease = ttl.map(|t| st.grant(t).0).unwrap_or(0);
         st.put(
@@ -248,7 +247,7 @@ impl MemRegistry {
         );
     }
 
-    pub fn delete_raw(&self, sn: Ipv4Net) {
+    pub fn delete_raw(&self, sn: impl Into<SubnetKey>) {
         let mut st = self.lock();
         let key = subnet_key(&self.prefix, sn);
         if st.kvs.remove(&key).is_some() {
@@ -257,12 +256,12 @@ impl MemRegistry {
         }
     }
 
-    pub fn get_raw(&self, sn: Ipv4Net) -> Option<KeyValue> {
+    pub fn get_raw(&self, sn: impl Into<SubnetKey>) -> Option<KeyValue> {
         self.lock().kvs.get(&subnet_key(&self.prefix, sn)).cloned()
     }
 
     /// When the etcd lease behind `sn` expires (`None` = no key or no lease).
-    pub fn expiry_of(&self, sn: Ipv4Net) -> Option<Instant> {
+    pub fn expiry_of(&self, sn: impl Into<SubnetKey>) -> Option<Instant> {
         let st = self.lock();
         let kv = st.kvs.get(&subnet_key(&self.prefix, sn))?;
         st.leases.get(&kv.lease_id).map(|(_, e)| *e)
@@ -303,7 +302,7 @@ impl Registry for MemRegistry {
 
     async fn create_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         ttl: Duration,
     ) -> Result<Written, RegistryError> {
@@ -324,7 +323,7 @@ impl Registry for MemRegistry {
 
     async fn update_subnet(
         &self,
-        sn: Ipv4Net,
+        sn: SubnetKey,
         value: String,
         prev_mod_revision: i64,
         ttl: Option<Duration>,
@@ -363,7 +362,7 @@ impl Registry for MemRegistry {
         Ok(exp)
     }
 
-    async fn delete_subnet(&self, sn: Ipv4Net) -> Result<(), RegistryError> {
+    async fn delete_subnet(&self, sn: SubnetKey) -> Result<(), RegistryError> {
         Self::check_online(&self.lock())?;
         self.delete_raw(sn);
         Ok(())

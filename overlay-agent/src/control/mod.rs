@@ -1,43 +1,95 @@
-//! The control plane loop: config -> lease -> subnet.env -> peer events, forever.
+//! The control plane: config -> lease -> subnet.env -> peer events, forever, for IPv4, IPv6 or
+//! both as the network config says. Lease keeping (acquire, renew, re-acquire, subnet.env) lives
+//! in [`lease_keeper`], the etcd watch that turns leases into peer events in [`peer_watch`];
+//! [`run`] strings them together.
 //!
 //! Unlike flanneld, losing our own lease (deleted, expired, taken over) is not fatal: we take a
-//! lease again (the same subnet when still free), rewrite subnet.env if it changed, and go on.
+//! lease again (the same subnets when still free), rewrite subnet.env if it changed, and go on.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+mod lease_keeper;
+mod peer_watch;
 
-use ipnet::Ipv4Net;
-use tokio::{sync::mpsc, time::Instant};
-
-use crate::{
-    cli::{AgentArgs, CliError},
-    config::{ConfigError, NetworkConfig},
-    lease::{parse_subnet_key, Lease, LeaseAttrs},
-    subnet::{
-        etcd::{EtcdConnectError, EtcdRegistry},
-        OwnLease, Registry, RegistryError, RegistryWatch, SubnetError, SubnetManager, WatchEvent,
-    },
-    subnet_env::{read_previous_subnet, SubnetEnv, SubnetEnvError},
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+    time::Duration,
 };
 
-/// Who this node is on the underlay.
+use tokio::sync::mpsc;
+
+pub use lease_keeper::EXHAUSTED_RETRY;
+use lease_keeper::{LeaseKeeper, Renewal};
+use peer_watch::{Next, Opened, PeerWatch};
+
+use crate::{
+    config::{ConfigError, NetworkConfig},
+    lease::{Lease, LeaseAttrs},
+    subnet::{
+        etcd::{EtcdConnectError, EtcdOptions, EtcdRegistry},
+        Registry, RegistryWatch, SubnetManager,
+    },
+    subnet_env::{read_previous_subnets, SubnetEnvError},
+};
+
+/// Who this node is on the underlay, in each family it has an address in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NodeIdentity {
-    pub public_ip: Ipv4Addr,
+    /// `PublicIP` (needed when the network config enables IPv4).
+    pub public_ip: Option<Ipv4Addr>,
+    /// `PublicIPv6` (needed when the network config enables IPv6).
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// The VTEP MAC published for both families (`BackendData` and `BackendV6Data`).
     pub vtep_mac: [u8; 6],
     pub iface_mtu: u32,
 }
 
 impl NodeIdentity {
-    /// Identity with the VTEP MAC derived from /etc/machine-id and the public IP.
-    pub fn new(public_ip: Ipv4Addr, iface_mtu: u32) -> Self {
+    /// Identity with the VTEP MAC derived from /etc/machine-id and the public IP (the IPv4
+    /// one when there is one, so an IPv4 node keeps its MAC when IPv6 is turned on).
+    pub fn new(public_ip: Option<Ipv4Addr>, public_ipv6: Option<Ipv6Addr>, iface_mtu: u32) -> Self {
+        let basis = match (public_ip, public_ipv6) {
+            (Some(ip), _) => std::net::IpAddr::V4(ip),
+            (None, Some(ip)) => std::net::IpAddr::V6(ip),
+            (None, None) => std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
         NodeIdentity {
             public_ip,
-            vtep_mac: crate::iface::default_vtep_mac(public_ip),
+            public_ipv6,
+            vtep_mac: crate::iface::default_vtep_mac(basis),
             iface_mtu,
         }
     }
+
+    /// What we publish under the config's families; an enabled family without a public
+    /// address of ours is an error.
+    pub fn lease_attrs(&self, config: &NetworkConfig) -> Result<LeaseAttrs, ControlError> {
+        let ip = match (config.ipv4.is_some(), self.public_ip) {
+            (false, _) => None,
+            (true, Some(ip)) => Some(ip),
+            (true, None) => {
+                return Err(ControlError::NoPublicAddress {
+                    family: "IPv4",
+                    flag: "--public-ip",
+                })
+            }
+        };
+        let ip6 = match (config.ipv6.is_some(), self.public_ipv6) {
+            (false, _) => None,
+            (true, Some(ip)) => Some(ip),
+            (true, None) => {
+                return Err(ControlError::NoPublicAddress {
+                    family: "IPv6",
+                    flag: "--public-ipv6",
+                })
+            }
+        };
+        Ok(LeaseAttrs::vxlan_dual(ip, ip6, config.backend.vni, self.vtep_mac))
+    }
 }
 
+/// What the control plane tells the dataplane side. Leases carry both families: `subnet`
+/// and `attrs.public_ip`/`backend_data` for IPv4, `ipv6_subnet` and
+/// `attrs.public_ipv6`/`backend_v6_data` for IPv6 (see [`Lease::v4`], [`Lease::v6`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The validated network config; sent once, before the first `OwnLease`.
@@ -52,17 +104,23 @@ pub enum Event {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error(transparent)]
-    Args(#[from] CliError),
     #[error("network config at {key}: {source}")]
     Config { key: String, source: ConfigError },
+    #[error(
+        "the network config enables {family} but this node has no {family} address to publish: \
+         give the underlay interface one, or set it with {flag}"
+    )]
+    NoPublicAddress {
+        family: &'static str,
+        flag: &'static str,
+    },
     #[error(transparent)]
     Connect(#[from] EtcdConnectError),
     #[error(transparent)]
     SubnetEnv(#[from] SubnetEnvError),
 }
 
-/// What [`run_with_registry`] needs beyond the registry.
+/// What lease keeping needs beyond the registry.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub subnet_file: PathBuf,
@@ -70,28 +128,24 @@ pub struct RunOptions {
     pub renew_margin: Duration,
 }
 
-impl From<&AgentArgs> for RunOptions {
-    fn from(a: &AgentArgs) -> Self {
-        RunOptions {
-            subnet_file: a.subnet_file.clone(),
-            ip_masq: a.ip_masq,
-            renew_margin: a.renew_margin(),
-        }
-    }
+/// Everything the control plane needs, built from the command line at the top (agent).
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub etcd: EtcdOptions,
+    pub run: RunOptions,
 }
 
 /// Connects, waits for config, acquires the lease, writes subnet.env, sends `Event::Config` then
 /// `Event::OwnLease`, then `Resync` + `PeerUpsert`/`PeerRemove` forever; renews and re-acquires.
 /// Returns only on a fatal error (or `Ok` when the event receiver is dropped).
 pub async fn run(
-    args: &AgentArgs,
+    opts: &ControlOptions,
     node: NodeIdentity,
     events: mpsc::Sender<Event>,
 ) -> Result<(), ControlError> {
-    args.validate()?;
     let mut backoff = Backoff::new();
     let reg = loop {
-        match EtcdRegistry::connect(&args.etcd_options()).await {
+        match EtcdRegistry::connect(&opts.etcd).await {
             Ok(r) => break r,
             Err(e @ (EtcdConnectError::ReadFile { .. } | EtcdConnectError::Tls { .. })) => {
                 return Err(e.into())
@@ -105,37 +159,47 @@ pub async fn run(
             }
         }
     };
-    run_with_registry(reg, &RunOptions::from(args), node, events).await
+    run_with_registry(reg, &opts.run, node, events).await
 }
 
 /// Exponential backoff, 100 ms doubling to 10 s.
-struct Backoff(Duration);
+pub(crate) struct Backoff(Duration);
 
 impl Backoff {
     const MIN: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(10);
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Backoff(Self::MIN)
     }
-    async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         tokio::time::sleep(self.next_delay()).await;
     }
     /// The delay to wait now; doubles the next one.
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(Self::MAX);
         d
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.0 = Self::MIN;
     }
 }
 
-/// The receiver is gone: shut down quietly.
-struct Closed;
+/// Why the control loop stops.
+pub(crate) enum Stop {
+    /// The receiver is gone: shut down quietly.
+    Closed,
+    Fatal(ControlError),
+}
 
-async fn send(events: &mpsc::Sender<Event>, ev: Event) -> Result<(), Closed> {
-    events.send(ev).await.map_err(|_| Closed)
+impl From<ControlError> for Stop {
+    fn from(e: ControlError) -> Self {
+        Stop::Fatal(e)
+    }
+}
+
+pub(crate) async fn send(events: &mpsc::Sender<Event>, ev: Event) -> Result<(), Stop> {
+    events.send(ev).await.map_err(|_| Stop::Closed)
 }
 
 /// [`run`] on any registry (the in-memory one in unit tests).
@@ -146,8 +210,8 @@ pub async fn run_with_registry<R: Registry>(
     events: mpsc::Sender<Event>,
 ) -> Result<(), ControlError> {
     match run_inner(reg, opts, node, &events).await {
-        Ok(Ok(())) | Err(Closed) => Ok(()),
-        Ok(Err(e)) => Err(e),
+        Ok(()) | Err(Stop::Closed) => Ok(()),
+        Err(Stop::Fatal(e)) => Err(e),
     }
 }
 
@@ -175,293 +239,81 @@ async fn wait_for_config<R: Registry>(reg: &R) -> Result<NetworkConfig, ControlE
     }
 }
 
-/// How long an agent waits before trying again when every subnet of the pool is leased.
-pub const EXHAUSTED_RETRY: Duration = Duration::from_secs(10);
-
-/// Acquires a lease, retrying until one is granted: lost races and etcd errors with backoff,
-/// an exhausted pool every [`EXHAUSTED_RETRY`] (a lease may be freed by another node).
-async fn acquire<R: Registry>(
-    mgr: &mut SubnetManager<R>,
-    events: &mpsc::Sender<Event>,
-) -> Result<OwnLease, Closed> {
-    let mut backoff = Backoff::new();
-    loop {
-        let wait = match mgr.acquire().await {
-            Ok(l) => return Ok(l),
-            Err(e @ SubnetError::Exhausted { .. }) => {
-                crate::ops::metrics::pool_exhausted();
-                tracing::error!(error = %e, retry_in = ?EXHAUSTED_RETRY,
-                    "cannot lease a subnet: the pool is exhausted; waiting for a lease to be freed");
-                // A little jitter so many waiting nodes do not all retry in the same instant.
-                EXHAUSTED_RETRY + Duration::from_millis(rand::random::<u64>() % 500)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "failed to acquire a subnet lease; retrying");
-                backoff.next_delay()
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = events.closed() => return Err(Closed),
-        }
-    }
-}
-
-fn write_env(
-    opts: &RunOptions,
-    config: &NetworkConfig,
-    node: &NodeIdentity,
-    sn: Ipv4Net,
-) -> Result<(), ControlError> {
-    SubnetEnv {
-        network: config.network,
-        subnet: sn,
-        mtu: config.mtu(node.iface_mtu),
-        ip_masq: opts.ip_masq,
-    }
-    .write(&opts.subnet_file)?;
-    Ok(())
-}
-
+/// Config, our lease, then the peer watch with renewals, re-opened after every break and
+/// preceded by a re-acquisition whenever our lease is lost.
 async fn run_inner<R: Registry>(
     reg: R,
     opts: &RunOptions,
     node: NodeIdentity,
     events: &mpsc::Sender<Event>,
-) -> Result<Result<(), ControlError>, Closed> {
-    let config = match wait_for_config(&reg).await {
-        Ok(c) => c,
-        Err(e) => return Ok(Err(e)),
-    };
-    tracing::info!(network = %config.network, subnet_len = config.subnet_len, vni = config.backend.vni,
-        port = config.backend.port, "network config loaded");
+) -> Result<(), Stop> {
+    let config = wait_for_config(&reg).await?;
+    tracing::info!(network = ?config.network(), ipv6_network = ?config.ipv6_network(),
+        vni = config.backend.vni, port = config.backend.port, "network config loaded");
     send(events, Event::Config(config.clone())).await?;
+    let attrs = node.lease_attrs(&config)?;
 
-    let previous = match read_previous_subnet(&opts.subnet_file) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring unreadable subnet file");
-            None
-        }
-    };
-    let attrs = LeaseAttrs::vxlan(node.public_ip, config.backend.vni, node.vtep_mac);
-    let mut mgr = SubnetManager::new(reg, config.clone(), attrs, previous, opts.renew_margin);
-
-    let mut own = acquire(&mut mgr, events).await?;
-    if let Err(e) = write_env(opts, &config, &node, own.lease.subnet) {
-        return Ok(Err(e));
-    }
-    send(events, Event::OwnLease(own.lease.clone())).await?;
-
-    let mut backoff = Backoff::new();
-    // Set when our lease is found gone; handled at the top of the loop.
+    let previous = read_previous_subnets(&opts.subnet_file).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ignoring unreadable subnet file");
+        Default::default()
+    });
+    let mgr = SubnetManager::new(reg, config, attrs, previous, opts.renew_margin);
+    let mut keeper = LeaseKeeper::start(mgr, opts, node.iface_mtu, events).await?;
+    let mut watch = PeerWatch::new();
     let mut lost = false;
-    // After a broken watch: the revision to watch from again instead of listing everything.
-    let mut resume: Option<i64> = None;
-    let mut peers: HashMap<Ipv4Net, Lease> = HashMap::new();
-    'relist: loop {
+    loop {
         if lost {
-            lost = false;
-            resume = None;
-            let old = own.lease.subnet;
-            mgr.set_previous(old);
-            own = acquire(&mut mgr, events).await?;
-            if own.lease.subnet != old {
-                tracing::warn!(old = %old, new = %own.lease.subnet, "re-acquired a DIFFERENT subnet; pods on the old one lose connectivity");
-                if let Err(e) = write_env(opts, &config, &node, own.lease.subnet) {
-                    return Ok(Err(e));
-                }
-            } else {
-                tracing::warn!(subnet = %old, "re-acquired our subnet lease");
-            }
-            send(events, Event::OwnLease(own.lease.clone())).await?;
+            watch.forget_position();
+            keeper.reacquire(events).await?;
         }
-
-        let mut watch = if let Some(from) = resume {
-            // Resume where the broken watch stopped: every change since arrives as events.
-            // A compacted history shows up as `Compacted` (here or as the watch's first answer).
-            match mgr.registry.watch_subnets(from).await {
-                Ok(w) => {
-                    tracing::info!(revision = from, "subnet watch resumed");
-                    resume = None;
-                    w
-                }
-                Err(RegistryError::Compacted(r)) => {
-                    tracing::info!(
-                        revision = r,
-                        "watch history compacted while disconnected; listing leases again"
-                    );
-                    resume = None;
-                    continue 'relist;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "resuming the subnet watch failed; retrying");
-                    crate::ops::metrics::etcd_reconnect();
-                    tokio::select! {
-                        _ = backoff.wait() => {}
-                        _ = events.closed() => return Err(Closed),
-                    }
-                    continue 'relist;
-                }
+        let mut stream = match watch.open(&keeper, events).await? {
+            Opened::Watching(w) => w,
+            Opened::Retry => {
+                lost = false;
+                continue;
             }
-        } else {
-            let (kvs, rev) = match mgr.registry.list_subnets().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "listing subnet leases failed; retrying");
-                    crate::ops::metrics::etcd_reconnect();
-                    tokio::select! {
-                        _ = backoff.wait() => {}
-                        _ = events.closed() => return Err(Closed),
-                    }
-                    continue 'relist;
-                }
-            };
-            if !mgr.still_ours(&kvs, own.lease.subnet) {
-                tracing::warn!(subnet = %own.lease.subnet, "our subnet lease is gone from etcd; acquiring a lease again");
+            Opened::Lost => {
                 lost = true;
-                continue 'relist;
-            }
-            peers = mgr.peers_from(&kvs, own.lease.subnet);
-            let mut all: Vec<Lease> = peers.values().cloned().collect();
-            all.sort_by_key(|l| l.subnet);
-            send(events, Event::Resync(all)).await?;
-
-            match mgr.registry.watch_subnets(rev + 1).await {
-                Ok(w) => w,
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching subnet leases failed; retrying");
-                    crate::ops::metrics::etcd_reconnect();
-                    // Nothing was missed yet: watch from right after the listing.
-                    if !matches!(e, RegistryError::Compacted(_)) {
-                        resume = Some(rev + 1);
-                    }
-                    tokio::select! {
-                        _ = backoff.wait() => {}
-                        _ = events.closed() => return Err(Closed),
-                    }
-                    continue 'relist;
-                }
+                continue;
             }
         };
-        backoff.reset();
-        let mut renew_at = mgr.renew_at(&own);
-        // Consecutive failed renewals: the retry waits 1, 2, 4, 8, then 10 s.
-        let mut renew_failures: u32 = 0;
-
-        loop {
-            let renew_sleep = async {
-                match renew_at {
-                    Some(t) => tokio::time::sleep_until(t).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                batch = watch.next() => match batch {
-                    Ok(evs) => {
-                        for ev in evs {
-                            if handle_event(&mut mgr, &own, &mut peers, ev, events).await? {
-                                lost = true;
-                            }
-                        }
-                        if lost {
-                            tracing::warn!(subnet = %own.lease.subnet, "our subnet lease was deleted or taken over; acquiring a lease again");
-                            continue 'relist;
-                        }
-                    }
-                    Err(RegistryError::Compacted(r)) => {
-                        tracing::info!(revision = r, "watch history compacted; listing leases again");
-                        continue 'relist;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "subnet watch failed; reconnecting");
-                        crate::ops::metrics::etcd_reconnect();
-                        resume = Some(watch.revision() + 1);
-                        tokio::select! {
-                            _ = backoff.wait() => {}
-                            _ = events.closed() => return Err(Closed),
-                        }
-                        continue 'relist;
-                    }
-                },
-                _ = renew_sleep => {
-                    match mgr.renew(&mut own).await {
-                        Ok(()) => {
-                            crate::ops::metrics::lease_renewed(own.lease.expiration);
-                            renew_at = mgr.renew_at(&own);
-                            renew_failures = 0;
-                        }
-                        Err(SubnetError::Registry(RegistryError::LeaseNotFound(_))) => {
-                            tracing::warn!(subnet = %own.lease.subnet, "our etcd lease expired before renewal; acquiring a lease again");
-                            lost = true;
-                            continue 'relist;
-                        }
-                        Err(e) => {
-                            // Quick at first: the next attempt usually reaches a live member.
-                            let retry = Duration::from_secs(1 << renew_failures.min(3)).min(Duration::from_secs(10));
-                            renew_failures += 1;
-                            tracing::warn!(error = %e, ?retry, "renewing the subnet lease failed; retrying");
-                            renew_at = Some(Instant::now() + retry);
-                        }
-                    }
-                }
-                _ = events.closed() => return Err(Closed),
-            }
-        }
+        keeper.schedule_renewal();
+        lost = follow(&mut keeper, &mut watch, &mut stream, events).await?;
     }
 }
 
-/// Applies one watch event; returns `true` when it means our own lease is lost.
-async fn handle_event<R: Registry>(
-    mgr: &mut SubnetManager<R>,
-    own: &OwnLease,
-    peers: &mut HashMap<Ipv4Net, Lease>,
-    ev: WatchEvent,
+/// Follows the watch and renews the lease until the watch must be reopened; `true` when our
+/// lease is lost.
+async fn follow<R: Registry>(
+    keeper: &mut LeaseKeeper<R>,
+    watch: &mut PeerWatch,
+    stream: &mut R::Watch,
     events: &mpsc::Sender<Event>,
-) -> Result<bool, Closed> {
-    let own_sn = own.lease.subnet;
-    match ev {
-        WatchEvent::Put(kv) => {
-            let sn = parse_subnet_key(&kv.key).ok();
-            if sn == Some(own_sn) {
-                // Our own renewals/updates echo back; anything else on our key is a takeover.
-                return Ok(crate::subnet::probe_public_ip(&kv.value) != Some(mgr.public_ip()));
-            }
-            match mgr.peer_from(&kv) {
-                Some(l) => {
-                    if peers.get(&l.subnet).map(|p| &p.attrs) != Some(&l.attrs) {
-                        peers.insert(l.subnet, l.clone());
-                        tracing::info!(subnet = %l.subnet, public_ip = %l.attrs.public_ip, "peer lease added or changed");
-                        send(events, Event::PeerUpsert(l)).await?;
-                    }
-                }
-                None => {
-                    // Became foreign/malformed: whatever we had for it is gone.
-                    if let Some(old) = sn.and_then(|sn| peers.remove(&sn)) {
-                        send(events, Event::PeerRemove(old)).await?;
-                    }
+) -> Result<bool, Stop> {
+    loop {
+        tokio::select! {
+            batch = stream.next() => {
+                match watch.on_batch(keeper, batch, stream.revision(), events).await? {
+                    Next::Continue => {}
+                    Next::Reopen => return Ok(false),
+                    Next::Lost => return Ok(true),
                 }
             }
-        }
-        WatchEvent::Delete { key } => {
-            mgr.forget(&key);
-            let Ok(sn) = parse_subnet_key(&key) else {
-                return Ok(false);
-            };
-            if sn == own_sn {
-                return Ok(true);
+            _ = keeper.renewal_due() => {
+                if let Renewal::Lost = keeper.renew().await {
+                    return Ok(true);
+                }
             }
-            if let Some(old) = peers.remove(&sn) {
-                tracing::info!(subnet = %sn, public_ip = %old.attrs.public_ip, "peer lease removed");
-                send(events, Event::PeerRemove(old)).await?;
-            }
+            _ = events.closed() => return Err(Stop::Closed),
         }
     }
-    Ok(false)
 }
 
 #[cfg(test)]
 mod tests {
+    use ipnet::Ipv4Net;
+    use tokio::time::Instant;
+
     use super::*;
     use crate::subnet::{MemRegistry, SUBNET_TTL};
 
@@ -469,7 +321,8 @@ mod tests {
 
     fn node(last: u8) -> NodeIdentity {
         NodeIdentity {
-            public_ip: Ipv4Addr::new(198, 18, 0, last),
+            public_ip: Some(Ipv4Addr::new(198, 18, 0, last)),
+            public_ipv6: None,
             vtep_mac: [2, 0, 0, 0, 0, last],
             iface_mtu: 1500,
         }
@@ -536,7 +389,7 @@ mod tests {
         };
         assert_eq!(l.attrs.backend_data.unwrap().vni, 7);
         let env = std::fs::read_to_string(&o.subnet_file).unwrap();
-        let first = Ipv4Addr::from(u32::from(l.subnet.network()) + 1);
+        let first = Ipv4Addr::from(u32::from(l.subnet.unwrap().network()) + 1);
         assert_eq!(env, format!("FLANNEL_NETWORK=10.9.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"));
         assert_eq!(next(&mut rx).await, Event::Resync(vec![]));
         h.abort();
@@ -573,7 +426,7 @@ mod tests {
         let psn: Ipv4Net = "10.9.200.0/24".parse().unwrap();
         let pattrs = LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, 2), 7, [2, 0, 0, 0, 0, 2]);
         reg.put_raw(
-            "10.9.201.0/24".parse().unwrap(),
+            "10.9.201.0/24".parse::<Ipv4Net>().unwrap(),
             r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#,
             None,
         );
@@ -582,27 +435,28 @@ mod tests {
         let Event::PeerUpsert(p) = next(&mut rx).await else {
             panic!("expected PeerUpsert")
         };
-        assert_eq!((p.subnet, &p.attrs), (psn, &pattrs));
+        assert_eq!((p.subnet, &p.attrs), (Some(psn), &pattrs));
         reg.delete_raw(psn);
         let Event::PeerRemove(p) = next(&mut rx).await else {
             panic!("expected PeerRemove")
         };
-        assert_eq!(p.subnet, psn);
+        assert_eq!(p.subnet, Some(psn));
 
         // Our key is deleted: same subnet again, announced again, subnet.env unchanged.
         let env_before = std::fs::read_to_string(&o.subnet_file).unwrap();
-        reg.delete_raw(l.subnet);
+        let own = l.subnet.unwrap();
+        reg.delete_raw(own);
         let Event::OwnLease(l2) = next(&mut rx).await else {
             panic!("expected OwnLease after loss")
         };
         assert_eq!(l2.subnet, l.subnet);
-        assert!(reg.get_raw(l.subnet).is_some());
+        assert!(reg.get_raw(own).is_some());
         assert_eq!(std::fs::read_to_string(&o.subnet_file).unwrap(), env_before);
         assert!(matches!(next(&mut rx).await, Event::Resync(_)));
 
         // Our key is taken over by another node: a new subnet, subnet.env rewritten.
-        reg.delete_raw(l.subnet);
-        reg.put_raw(l.subnet, &pattrs.to_json(), None);
+        reg.delete_raw(own);
+        reg.put_raw(own, &pattrs.to_json(), None);
         let mut got = None;
         for _ in 0..4 {
             if let Event::OwnLease(l3) = next(&mut rx).await {
@@ -616,7 +470,7 @@ mod tests {
             .unwrap()
             .contains(&format!(
                 "FLANNEL_SUBNET={}/24",
-                Ipv4Addr::from(u32::from(l3.subnet.network()) + 1)
+                Ipv4Addr::from(u32::from(l3.subnet.unwrap().network()) + 1)
             )));
         assert!(!h.is_finished());
         h.abort();
@@ -640,14 +494,15 @@ mod tests {
         // Still renewing a day later; the key never expired.
         tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
         assert_eq!(reg.renewals().len(), 2);
-        assert!(reg.get_raw(l.subnet).is_some());
+        let own = l.subnet.unwrap();
+        assert!(reg.get_raw(own).is_some());
 
         // An outage longer than the remaining TTL: the key expires; the agent comes back with it.
         reg.set_offline(true);
         tokio::time::sleep(Duration::from_secs(25 * 3600)).await;
         reg.set_offline(false);
         assert!(
-            reg.get_raw(l.subnet).is_none(),
+            reg.get_raw(own).is_none(),
             "key should have expired during the outage"
         );
         let mut again = None;
@@ -658,7 +513,7 @@ mod tests {
             }
         }
         assert_eq!(again.expect("no OwnLease after expiry").subnet, l.subnet);
-        assert!(reg.get_raw(l.subnet).is_some());
+        assert!(reg.get_raw(own).is_some());
         assert!(!h.is_finished());
         h.abort();
     }
@@ -699,7 +554,7 @@ mod tests {
         let Event::OwnLease(l) = next_long(&mut rx).await else {
             panic!("expected OwnLease once a subnet was freed")
         };
-        assert_eq!(l.subnet, held[1]);
+        assert_eq!(l.subnet, Some(held[1]));
         assert!(Instant::now() - t0 <= EXHAUSTED_RETRY + Duration::from_secs(1));
         h.abort();
     }
@@ -714,7 +569,7 @@ mod tests {
         let peer = |last: u8| LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, last), 7, [2, 0, 0, 0, 0, last]);
         let sn = |s: &str| -> Ipv4Net { s.parse().unwrap() };
         reg.put_raw(sn("10.9.50.0/24"), &peer(50).to_json(), Some(SUBNET_TTL));
-        assert!(matches!(next(&mut rx).await, Event::PeerUpsert(l) if l.subnet == sn("10.9.50.0/24")));
+        assert!(matches!(next(&mut rx).await, Event::PeerUpsert(l) if l.subnet == Some(sn("10.9.50.0/24"))));
 
         // Watch broken, history kept: the resumed watch delivers what happened meanwhile as
         // events, without a full re-list.
@@ -724,7 +579,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         reg.set_offline(false);
         match next_long(&mut rx).await {
-            Event::PeerUpsert(l) => assert_eq!(l.subnet, sn("10.9.51.0/24")),
+            Event::PeerUpsert(l) => assert_eq!(l.subnet, Some(sn("10.9.51.0/24"))),
             ev => panic!("expected the missed PeerUpsert from the resumed watch, got {ev:?}"),
         }
 
@@ -739,14 +594,14 @@ mod tests {
         reg.set_offline(false);
         match next_long(&mut rx).await {
             Event::Resync(ls) => {
-                let got: Vec<Ipv4Net> = ls.iter().map(|l| l.subnet).collect();
+                let got: Vec<Ipv4Net> = ls.iter().filter_map(|l| l.subnet).collect();
                 assert_eq!(got, vec![sn("10.9.51.0/24"), sn("10.9.52.0/24")]);
             }
             ev => panic!("expected a Resync after compaction, got {ev:?}"),
         }
         // And the new watch works.
         reg.delete_raw(sn("10.9.51.0/24"));
-        assert!(matches!(next(&mut rx).await, Event::PeerRemove(l) if l.subnet == sn("10.9.51.0/24")));
+        assert!(matches!(next(&mut rx).await, Event::PeerRemove(l) if l.subnet == Some(sn("10.9.51.0/24"))));
         assert!(!h.is_finished());
         h.abort();
     }
