@@ -9,6 +9,7 @@
 //!   offload, `wire::lco_inner_sum`): right whether the pod's stack filled its checksum in or
 //!   left it to offload (CHECKSUM_PARTIAL, filled in later on the way out);
 //! - anything else (fragments, extension headers, other protocols): summed byte by byte.
+//!
 //! GSO packets: `bpf_skb_adjust_room` marks them `SKB_GSO_UDP_TUNNEL`, never
 //! `SKB_GSO_UDP_TUNNEL_CSUM` (net/core/filter.c, `bpf_skb_net_grow`), so segmentation
 //! (`__skb_udp_tunnel_segment`: `if (!need_csum) continue;`) copies the checksum field into every
@@ -155,11 +156,9 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET6;
     fib.ifindex = cfg.underlay_ifindex;
-    // SAFETY: writing plain arrays into the union members of the IPv6 lookup.
-    unsafe {
-        fib.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip);
-        fib.__bindgen_anon_4.ipv6_dst = words(&peer.public_ip);
-    }
+    // Writing union members is safe; these are the IPv6 lookup's.
+    fib.__bindgen_anon_3.ipv6_src = words(&cfg6.public_ip);
+    fib.__bindgen_anon_4.ipv6_dst = words(&peer.public_ip);
     // SAFETY: fib points to a properly sized bpf_fib_lookup on our stack.
     let rc = unsafe {
         bpf_fib_lookup(
