@@ -2,10 +2,11 @@
 //! root, attach the programs, and translate peers into map entries. It never sees etcd.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
+use aya::Pod;
 use aya::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
@@ -16,11 +17,11 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use overlay_common::{
     counters::COUNTER_COUNT,
     maps::{self, PEER_DIRECT},
-    programs, Counter, DataplaneConfig, Endpoint, Peer, Vtep,
+    programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
 };
 
 use crate::{bpffs, object};
@@ -68,7 +69,7 @@ pub enum DataplaneError {
         "the peer map is full ({max} subnets); {subnet} was not added. Raise MAX_PEERS or use a \
          larger SubnetLen"
     )]
-    PeersFull { max: u32, subnet: Ipv4Net },
+    PeersFull { max: u32, subnet: IpNet },
 }
 
 /// The ifindex [`Dataplane::endpoints`] reports for an endpoint whose veth is gone.
@@ -92,6 +93,29 @@ pub struct PeerEntry {
     pub vtep_mac: [u8; 6],
     /// DirectRouting: same L2 segment, no encapsulation.
     pub direct: bool,
+}
+
+/// A remote node's IPv6 side as the datapath sees it: its IPv6 subnet, reached over the IPv6
+/// underlay at its PublicIPv6, with the VtepMAC of its IPv6 VXLAN side (`BackendV6Data`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEntry6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: [u8; 6],
+    /// DirectRouting: same L2 segment, no encapsulation.
+    pub direct: bool,
+}
+
+/// The node's IPv6 datapath settings (see [`DataplaneConfig6`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config6 {
+    /// Our PublicIPv6: the outer source address, and where decap accepts IPv6 VXLAN.
+    pub public_ip: Ipv6Addr,
+    /// The VtepMAC we publish in `BackendV6Data`.
+    pub vtep_mac: [u8; 6],
+    /// Largest inner IPv6 packet: the underlay MTU − 70 ([`overlay_common::wire::VXLAN6_OVERHEAD`]
+    /// + 14 of outer Ethernet are not part of the MTU).
+    pub inner_mtu: u32,
 }
 
 /// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
@@ -135,9 +159,9 @@ impl Dataplane {
         let carried = retire_incompatible_pins(bytes, pin_root, max_peers);
         let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(maps::PEERS, max_peers)
-            .map_max_entries(maps::VTEPS, max_peers);
+        for name in maps::PEER_TABLES {
+            loader.map_max_entries(name, max_peers);
+        }
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -349,26 +373,65 @@ impl Dataplane {
             prefix_len: p.subnet.prefix_len(),
             _pad: [0; 3],
         };
-        let sender = p.public_ip.octets();
-        // The sender entry may already exist for another subnet of the same PublicIP.
+        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
+        let tables = PeerTables {
+            peers: maps::PEERS,
+            vteps: maps::VTEPS,
+        };
+        self.upsert_in(tables, key, value, p.public_ip.octets(), vtep, p.subnet.into())
+    }
+
+    /// Adds or replaces one remote IPv6 subnet: one LPM upsert in `OVL_PEERS6` plus its sender
+    /// entry in `OVL_VTEPS6`, all or nothing as [`Dataplane::upsert_peer`].
+    pub fn upsert_peer6(&mut self, p: &PeerEntry6) -> Result<(), DataplaneError> {
+        let value = Peer6 {
+            public_ip: p.public_ip.octets(),
+            vtep_mac: p.vtep_mac,
+            flags: if p.direct { PEER_DIRECT } else { 0 },
+        };
+        let vtep = Vtep6 {
+            subnet: p.subnet.network().octets(),
+            prefix_len: p.subnet.prefix_len(),
+            _pad: [0; 3],
+        };
+        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
+        let tables = PeerTables {
+            peers: maps::PEERS6,
+            vteps: maps::VTEPS6,
+        };
+        self.upsert_in(tables, key, value, p.public_ip.octets(), vtep, p.subnet.into())
+    }
+
+    /// The family-generic body of the peer upserts: the sender entry first (decap must know the
+    /// sender before encap sends to it), then the subnet; when the subnet does not go in, the
+    /// sender entry is put back as it was (another subnet of the same PublicIP may rely on it).
+    fn upsert_in<K: Pod, P: Pod, V: Pod>(
+        &mut self,
+        t: PeerTables,
+        key: Key<K>,
+        value: P,
+        sender: K,
+        vtep: V,
+        subnet: IpNet,
+    ) -> Result<(), DataplaneError> {
+        let max = self.max_peers;
         let previous = {
-            let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+            let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
             let previous = vteps.get(&sender, 0).ok();
             vteps
                 .insert(sender, vtep, 0)
-                .map_err(|e| full_or(e, maps::VTEPS, p.subnet, self.max_peers))?;
+                .map_err(|e| full_or(e, t.vteps, subnet, max))?;
             previous
         };
-        let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
-        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
+        let mut peers: LpmTrie<&mut MapData, K, P> = map_mut(&mut self.ebpf, t.peers)?;
         if let Err(e) = peers.insert(&key, value, 0) {
             // Keep the two tables in step: put the sender entry back as it was.
-            let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
+            let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
             let _ = match previous {
                 Some(v) => vteps.insert(sender, v, 0),
                 None => vteps.remove(&sender),
             };
-            return Err(full_or(e, maps::PEERS, p.subnet, self.max_peers));
+            return Err(full_or(e, t.peers, subnet, max));
         }
         Ok(())
     }
@@ -432,11 +495,34 @@ impl Dataplane {
 
     /// Removes one remote subnet and its sender entry. Absent entries are not an error.
     pub fn remove_peer(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<(), DataplaneError> {
-        let mut peers: LpmTrie<&mut MapData, [u8; 4], Peer> = map_mut(&mut self.ebpf, maps::PEERS)?;
         let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        ignore_missing(peers.remove(&key), maps::PEERS)?;
-        let mut vteps: HashMap<&mut MapData, [u8; 4], Vtep> = map_mut(&mut self.ebpf, maps::VTEPS)?;
-        ignore_missing(vteps.remove(&public_ip.octets()), maps::VTEPS)
+        let tables = PeerTables {
+            peers: maps::PEERS,
+            vteps: maps::VTEPS,
+        };
+        self.remove_in::<_, Peer, Vtep>(tables, key, public_ip.octets())
+    }
+
+    /// Removes one remote IPv6 subnet and its sender entry. Absent entries are not an error.
+    pub fn remove_peer6(&mut self, subnet: Ipv6Net, public_ip: Ipv6Addr) -> Result<(), DataplaneError> {
+        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        let tables = PeerTables {
+            peers: maps::PEERS6,
+            vteps: maps::VTEPS6,
+        };
+        self.remove_in::<_, Peer6, Vtep6>(tables, key, public_ip.octets())
+    }
+
+    fn remove_in<K: Pod, P: Pod, V: Pod>(
+        &mut self,
+        t: PeerTables,
+        key: Key<K>,
+        sender: K,
+    ) -> Result<(), DataplaneError> {
+        let mut peers: LpmTrie<&mut MapData, K, P> = map_mut(&mut self.ebpf, t.peers)?;
+        ignore_missing(peers.remove(&key), t.peers)?;
+        let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
+        ignore_missing(vteps.remove(&sender), t.vteps)
     }
 
     /// The remote subnets in the (possibly adopted) peer map, so a restarted agent can remove
@@ -444,6 +530,40 @@ impl Dataplane {
     pub fn peers(&self) -> Result<Vec<PeerEntry>, DataplaneError> {
         let peers: LpmTrie<&MapData, [u8; 4], Peer> = map_ref(&self.ebpf, maps::PEERS)?;
         peer_entries(&peers)
+    }
+
+    /// The remote IPv6 subnets in the (possibly adopted) IPv6 peer map.
+    pub fn peers6(&self) -> Result<Vec<PeerEntry6>, DataplaneError> {
+        let peers: LpmTrie<&MapData, [u8; 16], Peer6> = map_ref(&self.ebpf, maps::PEERS6)?;
+        peer6_entries(&peers)
+    }
+
+    /// Writes the node's IPv6 settings and marks them ready; from then on encap takes IPv6 pod
+    /// traffic for `OVL_PEERS6` subnets and decap IPv6 VXLAN to `public_ip`. Both also use the
+    /// settings of [`Dataplane::set_config`] (VNI, port, underlay NIC), which must be written too.
+    pub fn set_config6(&mut self, cfg: &Config6) -> Result<(), DataplaneError> {
+        let value = DataplaneConfig6 {
+            public_ip: cfg.public_ip.octets(),
+            vtep_mac: cfg.vtep_mac,
+            flags: maps::CONFIG6_READY,
+            inner_mtu: cfg.inner_mtu,
+            _reserved: 0,
+        };
+        let mut arr: Array<&mut MapData, DataplaneConfig6> = map_mut(&mut self.ebpf, maps::CONFIG6)?;
+        arr.set(0, value, 0).map_err(|source| DataplaneError::Map {
+            name: maps::CONFIG6,
+            source,
+        })
+    }
+
+    /// Turns the IPv6 datapath off (an IPv6 lease given up): IPv6 traffic is left to the stack.
+    pub fn clear_config6(&mut self) -> Result<(), DataplaneError> {
+        let mut arr: Array<&mut MapData, DataplaneConfig6> = map_mut(&mut self.ebpf, maps::CONFIG6)?;
+        arr.set(0, DataplaneConfig6::default(), 0)
+            .map_err(|source| DataplaneError::Map {
+                name: maps::CONFIG6,
+                source,
+            })
     }
 
     /// Counters summed over CPUs.
@@ -478,7 +598,7 @@ fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) -> O
         };
         let Ok(info) = pinned.info() else { continue };
         // The peer tables are created with the loader's capacity, not the object's.
-        let max_entries = if name == maps::PEERS || name == maps::VTEPS {
+        let max_entries = if maps::PEER_TABLES.contains(&name) {
             max_peers
         } else {
             want.max_entries()
@@ -538,6 +658,38 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Dataplan
         path: path.display().to_string(),
         reason: e.to_string(),
     })
+}
+
+/// The two maps of one family's peers.
+#[derive(Clone, Copy)]
+struct PeerTables {
+    peers: &'static str,
+    vteps: &'static str,
+}
+
+/// Every remote IPv6 subnet in an IPv6 peer map, sorted by subnet.
+pub fn peer6_entries<T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, [u8; 16], Peer6>,
+) -> Result<Vec<PeerEntry6>, DataplaneError> {
+    let mut out = Vec::new();
+    for key in trie.keys() {
+        let key = key.map_err(|source| DataplaneError::Map {
+            name: maps::PEERS6,
+            source,
+        })?;
+        let Ok(p) = trie.get(&key, 0) else { continue };
+        let Ok(subnet) = Ipv6Net::new(Ipv6Addr::from(key.data()), key.prefix_len() as u8) else {
+            continue;
+        };
+        out.push(PeerEntry6 {
+            subnet,
+            public_ip: Ipv6Addr::from(p.public_ip),
+            vtep_mac: p.vtep_mac,
+            direct: p.flags & PEER_DIRECT != 0,
+        });
+    }
+    out.sort_by_key(|p| p.subnet);
+    Ok(out)
 }
 
 /// Every remote subnet in a peer map, sorted by subnet. An entry removed between listing and
@@ -667,7 +819,7 @@ where
     T::try_from(m).map_err(|source| DataplaneError::Map { name, source })
 }
 
-fn full_or(e: aya::maps::MapError, name: &'static str, subnet: Ipv4Net, max: u32) -> DataplaneError {
+fn full_or(e: aya::maps::MapError, name: &'static str, subnet: IpNet, max: u32) -> DataplaneError {
     let full = matches!(&e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC));
     if full {
         DataplaneError::PeersFull { max, subnet }

@@ -44,10 +44,19 @@ pub enum Counter {
     /// Frames XDP decap stripped that the TC program on the same NIC (after GRO) left to the
     /// stack: not for a local pod, or delivery is off.
     XdpDecapToStack,
+    /// IPv6 pod packets encapsulated over the IPv6 underlay (the IPv4 ones are `EncapPackets`).
+    Encap6Packets,
+    Encap6Bytes,
+    /// IPv6 VXLAN stripped (the IPv4 ones are `DecapPackets`).
+    Decap6Packets,
+    Decap6Bytes,
+    /// IPv6 pod packets forwarded unencapsulated to a DirectRouting peer.
+    Direct6Packets,
+    Direct6Bytes,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::XdpDecapToStack as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::Direct6Bytes as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -79,6 +88,12 @@ impl Counter {
         Counter::DeliverBytes,
         Counter::DecapGsoPackets,
         Counter::XdpDecapToStack,
+        Counter::Encap6Packets,
+        Counter::Encap6Bytes,
+        Counter::Decap6Packets,
+        Counter::Decap6Bytes,
+        Counter::Direct6Packets,
+        Counter::Direct6Bytes,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -106,6 +121,12 @@ impl Counter {
             Counter::DeliverBytes => "deliver_bytes",
             Counter::DecapGsoPackets => "decap_gso_packets",
             Counter::XdpDecapToStack => "xdp_decap_to_stack",
+            Counter::Encap6Packets => "encap6_packets",
+            Counter::Encap6Bytes => "encap6_bytes",
+            Counter::Decap6Packets => "decap6_packets",
+            Counter::Decap6Bytes => "decap6_bytes",
+            Counter::Direct6Packets => "direct6_packets",
+            Counter::Direct6Bytes => "direct6_bytes",
         }
     }
 

@@ -10,7 +10,7 @@ pub mod maps;
 pub mod wire;
 
 pub use counters::Counter;
-pub use maps::{DataplaneConfig, Endpoint, Peer, Vtep};
+pub use maps::{DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6};
 
 /// Default root under bpffs where the agent pins its maps.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";

@@ -8,6 +8,14 @@
 //! | `OVL_ENDPOINTS`| hash           | local pod IPv4 (`[u8; 4]`)  | [`Endpoint`]       | agent      |
 //! | `OVL_ENDPOINT_DEVS` | devmap hash | local pod IPv4 ([`endpoint_dev_key`]) | its veth's ifindex | agent; the kernel deletes entries of removed devices |
 //! | `OVL_COUNTERS` | per-CPU array  | [`crate::Counter`] as `u32` | `u64`              | programs   |
+//! | `OVL_CONFIG6`  | array[1]       | `u32` 0                     | [`DataplaneConfig6`]| agent     |
+//! | `OVL_PEERS6`   | LPM trie       | prefix + remote IPv6 subnet | [`Peer6`]          | agent      |
+//! | `OVL_VTEPS6`   | hash           | peer PublicIPv6 (`[u8; 16]`)| [`Vtep6`]          | agent      |
+//! | `OVL_SCRATCH`  | per-CPU array[1] | `u32` 0                   | 512 bytes          | programs (scratch space) |
+//!
+//! IPv6 pod traffic travels over the IPv6 underlay (flannel's `flannel-v6.1`: outer IPv6 from
+//! `PublicIPv6` to the peer's), IPv4 pod traffic over IPv4: the IPv6 tables are separate maps, so
+//! the IPv4 maps an older release pinned keep their layout and are adopted on upgrade.
 //!
 //! All addresses are stored in network byte order as byte arrays, all other integers in host order.
 
@@ -19,8 +27,25 @@ pub const VTEPS: &str = "OVL_VTEPS";
 pub const ENDPOINTS: &str = "OVL_ENDPOINTS";
 pub const ENDPOINT_DEVS: &str = "OVL_ENDPOINT_DEVS";
 pub const COUNTERS: &str = "OVL_COUNTERS";
+pub const CONFIG6: &str = "OVL_CONFIG6";
+pub const PEERS6: &str = "OVL_PEERS6";
+pub const VTEPS6: &str = "OVL_VTEPS6";
+pub const SCRATCH: &str = "OVL_SCRATCH";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 6] = [CONFIG, PEERS, VTEPS, ENDPOINTS, ENDPOINT_DEVS, COUNTERS];
+pub const ALL: [&str; 10] = [
+    CONFIG,
+    PEERS,
+    VTEPS,
+    ENDPOINTS,
+    ENDPOINT_DEVS,
+    COUNTERS,
+    CONFIG6,
+    PEERS6,
+    VTEPS6,
+    SCRATCH,
+];
+/// The peer tables, created with the loader's capacity (`max_peers`) rather than the object's.
+pub const PEER_TABLES: [&str; 4] = [PEERS, VTEPS, PEERS6, VTEPS6];
 
 /// Key of a pod in `OVL_ENDPOINT_DEVS`: its IPv4 address's bytes read as a native `u32`.
 /// A device map entry disappears with its device, so decap never redirects to a veth that is
@@ -69,6 +94,84 @@ pub struct DataplaneConfig {
     pub inner_mtu: u32,
 }
 const _: () = assert!(size_of::<DataplaneConfig>() == 32);
+
+/// `DataplaneConfig6::flags`: the agent has filled the IPv6 config in. Without it the programs
+/// leave all IPv6 traffic alone (an IPv4-only node).
+pub const CONFIG6_READY: u16 = 1;
+
+/// The node's IPv6 settings, one entry (key 0) in `OVL_CONFIG6`. The IPv6 programs also need
+/// `OVL_CONFIG` (VNI, port, underlay NIC and its MAC, delivery flags: one set for both families,
+/// as flanneld gives `flannel.1` and `flannel-v6.1` the same VNI, port and underlay).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig6 {
+    /// Our PublicIPv6: the outer source address, and the address decap accepts VXLAN on.
+    pub public_ip: [u8; 16],
+    /// Our IPv6 VtepMAC (`BackendV6Data.VtepMAC`): the inner source MAC of IPv6 encap.
+    pub vtep_mac: [u8; 6],
+    /// [`CONFIG6_READY`].
+    pub flags: u16,
+    /// Largest inner IPv6 packet the tunnel carries (underlay MTU − 70).
+    pub inner_mtu: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<DataplaneConfig6>() == 32);
+
+/// A remote node's IPv6 side, the value for its IPv6 subnet in `OVL_PEERS6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer6 {
+    /// The peer's PublicIPv6: the outer destination address.
+    pub public_ip: [u8; 16],
+    /// The peer's IPv6 VtepMAC (`BackendV6Data.VtepMAC`): the inner destination MAC.
+    pub vtep_mac: [u8; 6],
+    /// [`PEER_DIRECT`].
+    pub flags: u16,
+}
+const _: () = assert!(size_of::<Peer6>() == 24);
+
+/// What IPv6 decap knows about a sender, keyed by its PublicIPv6 in `OVL_VTEPS6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vtep6 {
+    /// The sender's IPv6 pod subnet (network address).
+    pub subnet: [u8; 16],
+    /// Prefix length of the sender's IPv6 subnet.
+    pub prefix_len: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Vtep6>() == 20);
+
+impl Vtep6 {
+    /// True when `addr` lies inside the sender's IPv6 subnet.
+    /// (64-bit halves: the BPF target has no 128-bit shifts.)
+    pub fn contains(&self, addr: [u8; 16]) -> bool {
+        let (hi_len, lo_len) = if self.prefix_len >= 64 {
+            (64, self.prefix_len - 64)
+        } else {
+            (self.prefix_len, 0)
+        };
+        let half = |b: &[u8; 16], at: usize| {
+            let mut h = [0u8; 8];
+            h.copy_from_slice(&b[at..at + 8]);
+            u64::from_be_bytes(h)
+        };
+        let (mh, ml) = (prefix_mask64(hi_len), prefix_mask64(lo_len));
+        (half(&addr, 0) & mh) == (half(&self.subnet, 0) & mh)
+            && (half(&addr, 8) & ml) == (half(&self.subnet, 8) & ml)
+    }
+}
+
+/// 64-bit netmask for a prefix length; lengths above 64 are treated as 64.
+pub const fn prefix_mask64(prefix_len: u8) -> u64 {
+    if prefix_len == 0 {
+        0
+    } else if prefix_len >= 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - prefix_len)
+    }
+}
 
 /// `Peer::flags`: reach this peer without encapsulation (DirectRouting, same L2 segment).
 pub const PEER_DIRECT: u16 = 1;
@@ -142,6 +245,12 @@ mod pod {
     unsafe impl aya::Pod for Vtep {}
     // SAFETY: repr(C), a u32 and byte arrays, no implicit padding (size asserted above).
     unsafe impl aya::Pod for Endpoint {}
+    // SAFETY: repr(C), byte arrays, a u16 and u32s, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for DataplaneConfig6 {}
+    // SAFETY: repr(C), byte arrays and a u16, no implicit padding (size asserted above).
+    unsafe impl aya::Pod for Peer6 {}
+    // SAFETY: repr(C), byte arrays and explicit padding only (size asserted above).
+    unsafe impl aya::Pod for Vtep6 {}
 }
 
 #[cfg(test)]
@@ -165,6 +274,40 @@ mod tests {
             _pad: [0; 3],
         };
         assert!(all.contains([1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn vtep6_contains_only_its_subnet() {
+        let mut subnet = [0u8; 16];
+        subnet[..8].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 7]);
+        let v = Vtep6 {
+            subnet,
+            prefix_len: 64,
+            _pad: [0; 3],
+        };
+        let mut a = subnet;
+        a[15] = 9;
+        assert!(v.contains(a));
+        a[7] = 8;
+        assert!(!v.contains(a));
+        let all = Vtep6::default();
+        assert!(all.contains([0xff; 16]));
+        let host = Vtep6 {
+            subnet: a,
+            prefix_len: 128,
+            _pad: [0; 3],
+        };
+        assert!(host.contains(a));
+        let mut b = a;
+        b[15] ^= 1;
+        assert!(!host.contains(b));
+        let wide = Vtep6 {
+            subnet,
+            prefix_len: 56,
+            _pad: [0; 3],
+        };
+        assert!(wide.contains(a), "byte 7 is outside a /56");
+        assert_eq!(prefix_mask64(1), 1u64 << 63);
     }
 
     #[test]

@@ -8,9 +8,15 @@
 //! | `OVL_ENDPOINTS`| hash          | local pod IPv4         | `Endpoint`        | agent      |
 //! | `OVL_ENDPOINT_DEVS` | devmap hash | local pod IPv4   | veth ifindex      | agent; kernel removes gone devices |
 //! | `OVL_COUNTERS` | per-CPU array | `Counter` index        | `u64`             | programs   |
+//! | `OVL_CONFIG6`  | array[1]      | 0                      | `DataplaneConfig6`| agent      |
+//! | `OVL_PEERS6`   | LPM trie      | remote IPv6 pod subnet | `Peer6`           | agent      |
+//! | `OVL_VTEPS6`   | hash          | peer PublicIPv6        | `Vtep6`           | agent      |
+//! | `OVL_SCRATCH`  | per-CPU array[1] | 0                   | 512 bytes         | programs (scratch) |
 //!
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
-//! reason, which is counted. Header arithmetic lives in `overlay_common::wire`.
+//! reason, which is counted. Header arithmetic lives in `overlay_common::wire`. The same programs
+//! carry both families: IPv4 pods over the IPv4 underlay (here), IPv6 pods over the IPv6
+//! underlay (`v6.rs`), the two combinations flannel's `flannel.1` and `flannel-v6.1` use.
 // Built for bpfel-unknown-none by overlay-agent's build script; on the host (`cargo check
 // --workspace`) it compiles as an ordinary binary that does nothing.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -42,8 +48,10 @@ use overlay_common::{
         encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
         IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
     },
-    Counter, DataplaneConfig, Endpoint, Peer, Vtep,
+    Counter, DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
 };
+
+mod v6;
 
 #[btf_map]
 static OVL_CONFIG: Array<DataplaneConfig, 1> = Array::new();
@@ -57,8 +65,20 @@ static OVL_ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = H
 static OVL_ENDPOINT_DEVS: DevMapHash<{ MAX_ENDPOINTS as usize }> = DevMapHash::new();
 #[btf_map]
 static OVL_COUNTERS: PerCpuArray<u64, { COUNTER_SLOTS as usize }> = PerCpuArray::new();
+#[btf_map]
+static OVL_CONFIG6: Array<DataplaneConfig6, 1> = Array::new();
+#[btf_map]
+static OVL_PEERS6: LpmTrie<[u8; 16], Peer6, { MAX_PEERS as usize }> = LpmTrie::new();
+#[btf_map]
+static OVL_VTEPS6: HashMap<[u8; 16], Vtep6, { MAX_PEERS as usize }> = HashMap::new();
+/// Per-CPU scratch memory for what does not fit on the 512-byte BPF stack (IPv6 encap sums packet
+/// bytes through it).
+#[btf_map]
+static OVL_SCRATCH: PerCpuArray<[u32; SCRATCH_BYTES / 4], 1> = PerCpuArray::new();
+const SCRATCH_BYTES: usize = 512;
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 /// Not in the pinned bindings yet (uapi `enum bpf_adj_room_flags`, 1 << 10).
 const BPF_F_ADJ_ROOM_DECAP_L4_UDP: u64 = 1 << 10;
 // TC verdicts as the u32 the shared plumbing uses (the bindings' types differ between them).
@@ -66,6 +86,7 @@ const TC_ACT_OK: u32 = aya_ebpf::bindings::TC_ACT_OK as u32;
 const TC_ACT_SHOT: u32 = aya_ebpf::bindings::TC_ACT_SHOT as u32;
 const TC_ACT_REDIRECT: u32 = aya_ebpf::bindings::TC_ACT_REDIRECT as u32;
 const ETH_P_IP_BE: u16 = ETH_P_IP.to_be();
+const ETH_P_IPV6_BE: u16 = overlay_common::wire::ETH_P_IPV6.to_be();
 /// XDP metadata that marks a frame XDP decap stripped, for the TC program on the same NIC
 /// (after GRO) to deliver it straight to a local pod. Only XDP programs can write metadata.
 const DECAPPED_MARK: u32 = 0x4f56_4c31; // "OVL1"
@@ -128,7 +149,18 @@ fn finish(r: Result<Verdict, Counter>, drop_action: u32) -> u32 {
 
 #[classifier]
 pub fn overlay_encap(ctx: TcContext) -> i32 {
-    finish(try_encap(&ctx), TC_ACT_SHOT) as i32
+    // Each family is a BPF-to-BPF call with its own stack frame: the verifier limits the frames
+    // of a call chain to 512 bytes together, and one body holding both families' locals would
+    // not fit.
+    if let Ok(ETH_P_IPV6_BE) = ctx.load::<u16>(12) {
+        return v6::encap6(ctx.skb.skb) as i32;
+    }
+    encap4(ctx.skb.skb) as i32
+}
+
+#[inline(never)]
+fn encap4(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    finish(try_encap(&TcContext::new(skb)), TC_ACT_SHOT)
 }
 
 /// Inner IPv4 fields encap needs, read from the packet.
@@ -296,9 +328,15 @@ fn redirect(
         // DirectRouting: the inner destination (a pod) has no kernel route via the underlay;
         // the FIB lookup's next hop (the peer) says where it goes.
         let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = AF_INET as u32;
-        // SAFETY: reading the union member the FIB lookup filled for AF_INET.
-        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        nh.nh_family = u32::from(fib.family);
+        // SAFETY: reading the union member the FIB lookup filled for its family.
+        unsafe {
+            if fib.family == AF_INET6 {
+                nh.__bindgen_anon_1.ipv6_nh = fib.__bindgen_anon_4.ipv6_dst;
+            } else {
+                nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst;
+            }
+        }
         // SAFETY: nh is a valid bpf_redir_neigh on our stack.
         unsafe {
             bpf_redirect_neigh(
@@ -427,7 +465,20 @@ fn classify(
 
 #[xdp]
 pub fn overlay_decap_xdp(ctx: XdpContext) -> u32 {
-    finish(try_decap_xdp(&ctx), xdp_action::XDP_DROP)
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + ETH_LEN <= end {
+        // SAFETY: bounds checked just above.
+        let eth = unsafe { &*(start as *const [u8; ETH_LEN]) };
+        if [eth[12], eth[13]] == overlay_common::wire::ETH_P_IPV6.to_be_bytes() {
+            return v6::decap6_xdp(ctx.ctx);
+        }
+    }
+    decap4_xdp(ctx.ctx)
+}
+
+#[inline(never)]
+fn decap4_xdp(xdp: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    finish(try_decap_xdp(&XdpContext::new(xdp)), xdp_action::XDP_DROP)
 }
 
 #[inline(always)]
@@ -525,7 +576,18 @@ fn try_deliver_decapped(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdic
 
 #[classifier]
 pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
-    finish(try_decap_tc(&ctx), TC_ACT_SHOT) as i32
+    // Frames XDP already stripped are IPv4 or IPv6 inner frames: the IPv4 code handles them.
+    if !decapped_by_xdp(&ctx) {
+        if let Ok(ETH_P_IPV6_BE) = ctx.load::<u16>(12) {
+            return v6::decap6_tc(ctx.skb.skb) as i32;
+        }
+    }
+    decap4_tc(ctx.skb.skb) as i32
+}
+
+#[inline(never)]
+fn decap4_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    finish(try_decap_tc(&TcContext::new(skb)), TC_ACT_SHOT)
 }
 
 #[inline(always)]
@@ -556,7 +618,7 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
         Classified::Decap => {
             // SAFETY: reading a field of our own context.
             let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-            strip_outer(ctx, cfg)?;
+            strip_outer(ctx, cfg, VXLAN_OVERHEAD)?;
             if gso {
                 count(Counter::DecapGsoPackets, 1);
             }
@@ -582,7 +644,9 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
 }
 
-/// Removes the outer Ethernet/IPv4/UDP/VXLAN headers, leaving the inner frame.
+/// Removes `overhead` bytes of outer IPv4 or IPv6 + UDP + VXLAN + inner Ethernet after the outer
+/// Ethernet header (the inner frame then starts with the outer Ethernet header, rewritten by the
+/// caller). Same family in and out, so `skb->protocol` stays right without a DECAP_L3 flag.
 ///
 /// A GSO packet (veth-forwarded, or GRO-merged) keeps its length per segment
 /// (`BPF_F_ADJ_ROOM_FIXED_GSO`) and so crosses whole. Kernels that know
@@ -591,12 +655,12 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
 /// `hw_enc_features` take the packet whole) but the bridge and `ip_forward` do not: such packets
 /// are delivered straight to the pod whenever it is a known endpoint.
 #[inline(always)]
-fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<(), Counter> {
+fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig, overhead: usize) -> Result<(), Counter> {
     let mut flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
     if cfg.flags & CONFIG_KEEP_CSUM != 0 {
         flags |= BPF_F_ADJ_ROOM_NO_CSUM_RESET as u64;
     }
-    let diff = -(VXLAN_OVERHEAD as i32);
+    let diff = -(overhead as i32);
     if ctx
         .adjust_room(diff, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_DECAP_L4_UDP)
         .is_ok()

@@ -165,7 +165,15 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
         tiers.push(Tier {
             name: "tier 2: BPF_PROG_TEST_RUN (root)",
             root: true,
-            args: vec!["test", "--package", "overlay-tests", "--test", "prog_test_run"],
+            args: vec![
+                "test",
+                "--package",
+                "overlay-tests",
+                "--test",
+                TIER2[0],
+                "--test",
+                TIER2[1],
+            ],
             env: Vec::new(),
         });
         let mut args = vec!["test", "--package", "overlay-tests"];
@@ -195,6 +203,9 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The BPF_PROG_TEST_RUN test files (tier 2); every other file in tests/tests is tier 3.
+const TIER2: [&str; 2] = ["prog_test_run", "prog_test_run_v6"];
+
 /// Every end-to-end test file in tests/tests except the BPF_PROG_TEST_RUN tier.
 fn e2e_targets() -> Result<Vec<String>> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tests");
@@ -207,7 +218,7 @@ fn e2e_targets() -> Result<Vec<String>> {
                 .strip_suffix(".rs")
                 .map(str::to_string)
         })
-        .filter(|n| n != "prog_test_run")
+        .filter(|n| !TIER2.contains(&n.as_str()))
         .collect();
     names.sort();
     Ok(names)
