@@ -315,7 +315,7 @@ fn redirect(
         ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) }
-    } else if packets == Counter::EncapPackets {
+    } else if matches!(packets, Counter::EncapPackets | Counter::Encap6Packets) {
         // The neighbour is not resolved yet: the kernel routes the outer packet itself and
         // queues it until ARP answers. No next hop is passed on purpose: with one, the kernel
         // keeps the skb's route, and a packet the node sent through `overlay0` carries the
