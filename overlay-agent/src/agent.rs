@@ -1,12 +1,14 @@
 //! The daemon: glue between the control plane's lease events and the dataplane's maps.
 //! One remote lease becomes one map upsert; one removed lease becomes one delete.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::Path, time::Duration};
-
-use tracing::debug;
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::DataplaneConfig;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -17,19 +19,18 @@ use crate::{
     cli::{AgentArgs, DecapChoice, DeliverChoice},
     config::NetworkConfig,
     control::{self, Event, NodeIdentity},
-    dataplane::{Dataplane, DecapMode, PeerEntry},
-    endpoints, hostroute,
+    dataplane::{Config6, Dataplane, DecapMode},
+    endpoints,
+    family::{V4, V6},
+    hostroute,
     iface::{self, Underlay},
-    lease::{Lease, SubnetKey},
     object, ops,
+    peers::PeerTable,
 };
 
 /// How often the agent looks for the pod bridge (Docker creates docker0 after us).
 const BRIDGE_POLL: Duration = Duration::from_millis(500);
 
-/// A removed lease stays in the maps this long: a node whose key was deleted or expired takes
-/// its lease back within milliseconds, and its packets must not meet "unknown peer" meanwhile.
-const PEER_HOLD_DOWN: Duration = Duration::from_millis(500);
 /// How often held-down peers are checked for removal.
 const REAP_TICK: Duration = Duration::from_millis(100);
 
@@ -81,14 +82,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let control_opts = args.control_options();
     let mut control = tokio::spawn(async move { control::run(&control_opts, node, tx).await });
 
-    let mut state = Sync::new(underlay, public_ip, vtep_mac, datapath_flags);
-    // Peers an earlier agent left in the pinned map: the first resync keeps or removes them.
-    for p in dp.peers().unwrap_or_default() {
-        state.peers.insert(p.subnet, p);
-    }
-    if !state.peers.is_empty() {
-        info!(peers = state.peers.len(), "adopted the pinned datapath");
-    }
+    // Peers an earlier agent left in the pinned maps are adopted: the first resync keeps or
+    // removes them.
+    let mut state = Sync::new(&dp, underlay, public_ip, public_ipv6, vtep_mac, datapath_flags);
     let mut bridge = BridgeWatch::new(&args.bridge);
     let (mut local, mut local_watch) = endpoints::start(&dp, &args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
@@ -101,8 +97,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 Some(ev) => {
                     let seen = ops.received(&ev);
                     state.apply(&mut dp, ev).await;
-                    local.own_subnet(&mut dp, state.own);
-                    ops.applied(seen, state.peers.len());
+                    local.own_subnet(&mut dp, state.v4.own);
+                    ops.applied(seen, state.peers());
                 }
                 // The control plane ended (dropping its sender): its result says why. Without
                 // this a fatal error (a bad network config) could end the agent with status 0.
@@ -201,6 +197,17 @@ fn enable_ip_forward() -> Result<()> {
     Ok(())
 }
 
+/// IPv6 pod traffic is routed between the underlay and the bridge like IPv4's.
+fn enable_ipv6_forwarding() -> Result<()> {
+    let path = Path::new("/proc/sys/net/ipv6/conf/all/forwarding");
+    let now = std::fs::read_to_string(path).unwrap_or_default();
+    if now.trim() != "1" {
+        std::fs::write(path, "1").context("enabling net.ipv6.conf.all.forwarding")?;
+        info!("enabled net.ipv6.conf.all.forwarding");
+    }
+    Ok(())
+}
+
 /// The network `addr` is configured with on `iface` (address + netmask).
 fn connected_network(iface: &str, addr: Ipv4Addr) -> Option<Ipv4Net> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
@@ -231,91 +238,91 @@ struct Sync {
     /// The underlay's connected network: DirectRouting peers are inside it.
     segment: Option<Ipv4Net>,
     public_ip: Ipv4Addr,
+    public_ipv6: Option<Ipv6Addr>,
     vtep_mac: [u8; 6],
     config: Option<NetworkConfig>,
-    own: Option<Ipv4Net>,
-    peers: HashMap<Ipv4Net, PeerEntry>,
-    /// The lease (key) each peer entry came from: a removed lease takes its entry with it only
-    /// if no other lease (the same node under a new key, e.g. IPv6 turned on) replaced it.
-    owners: HashMap<Ipv4Net, SubnetKey>,
-    /// Peers whose lease went away, removed from the maps at the given time unless it returns.
-    leaving: HashMap<Ipv4Net, tokio::time::Instant>,
-    /// The subnet the host device is set up for.
+    v4: PeerTable<V4>,
+    v6: PeerTable<V6>,
+    /// The subnets the host device is set up for.
     host_device: Option<Ipv4Net>,
+    host_device6: Option<Ipv6Net>,
     /// `DataplaneConfig::flags` from the command line and the underlay.
     datapath_flags: u16,
 }
 
 impl Sync {
-    fn new(underlay: Underlay, public_ip: Ipv4Addr, vtep_mac: [u8; 6], datapath_flags: u16) -> Self {
+    fn new(
+        dp: &Dataplane,
+        underlay: Underlay,
+        public_ip: Ipv4Addr,
+        public_ipv6: Option<Ipv6Addr>,
+        vtep_mac: [u8; 6],
+        datapath_flags: u16,
+    ) -> Self {
         let segment = connected_network(&underlay.name, underlay.ipv4);
         Sync {
             datapath_flags,
             underlay,
             segment,
             public_ip,
+            public_ipv6,
             vtep_mac,
             config: None,
-            own: None,
-            peers: HashMap::new(),
-            owners: HashMap::new(),
-            leaving: HashMap::new(),
+            v4: PeerTable::adopt(dp),
+            v6: PeerTable::adopt(dp),
             host_device: None,
+            host_device6: None,
         }
+    }
+
+    fn peers(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// DirectRouting applies to an IPv4 peer on our own segment. (IPv6 peers are always
+    /// encapsulated.)
+    fn direct_v4(&self) -> impl Fn(Ipv4Addr) -> bool + use<> {
+        let on = self.config.as_ref().is_some_and(|c| c.backend.direct_routing);
+        let segment = self.segment;
+        move |ip| on && segment.is_some_and(|net| net.contains(&ip))
     }
 
     async fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
         match ev {
             Event::Config(cfg) => {
-                if let Some(net) = cfg.ipv6_network() {
-                    warn!(ipv6_network = %net, "EnableIPv6: this build takes and publishes the IPv6 lease and writes it to subnet.env, but does not carry IPv6 pod traffic yet");
-                }
-                if cfg.ipv4.is_none() {
-                    warn!("IPv6-only network config: no IPv4 network, so this build carries no pod traffic at all");
-                }
                 self.config = Some(cfg);
                 self.write_config(dp).await;
             }
             Event::OwnLease(lease) => {
                 info!(subnet = %lease.key(), "holding lease");
-                self.own = lease.subnet;
+                self.v4.own = lease.subnet;
+                self.v6.own = lease.ipv6_subnet;
                 self.write_config(dp).await;
             }
-            Event::PeerUpsert(lease) => self.upsert(dp, &lease),
+            Event::PeerUpsert(lease) => {
+                self.v4.upsert(dp, &lease, self.direct_v4());
+                self.v6.upsert(dp, &lease, |_| false);
+            }
             Event::PeerRemove(lease) => {
-                if let Some(sn) = lease.subnet {
-                    if self.owners.get(&sn) == Some(&lease.key()) {
-                        self.hold_down(sn);
-                    }
-                }
+                self.v4.lease_removed(&lease);
+                self.v6.lease_removed(&lease);
             }
             Event::Resync(all) => {
-                let wanted: HashMap<Ipv4Net, Lease> = all
-                    .into_iter()
-                    .filter_map(|l| Some((l.subnet?, l)))
-                    .filter(|(sn, _)| Some(*sn) != self.own)
-                    .collect();
-                let stale: Vec<Ipv4Net> = self
-                    .peers
-                    .keys()
-                    .filter(|s| !wanted.contains_key(s))
-                    .copied()
-                    .collect();
-                for s in stale {
-                    self.hold_down(s);
-                }
-                for lease in wanted.values() {
-                    self.upsert(dp, lease);
-                }
+                self.v4.resync(dp, &all, self.direct_v4());
+                self.v6.resync(dp, &all, |_| false);
             }
         }
+    }
+
+    fn reap(&mut self, dp: &mut Dataplane) {
+        self.v4.reap(dp);
+        self.v6.reap(dp);
     }
 
     async fn write_config(&mut self, dp: &mut Dataplane) {
         let Some(cfg) = &self.config else { return };
         let inner_mtu = cfg.mtu(self.underlay.mtu);
-        let Some(network) = cfg.network() else { return };
-        if let Some(own) = self.own {
+        if let (Some(own), Some(network)) = (self.v4.own, cfg.network()) {
             if self.host_device != Some(own) {
                 match hostroute::ensure(own, network, inner_mtu).await {
                     Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
@@ -342,86 +349,47 @@ impl Sync {
         if let Err(e) = dp.set_config(&dc) {
             error!(error = %e, "writing the dataplane config");
         }
+        self.write_config6(dp).await;
     }
 
-    fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease) {
-        if let Some(v6) = lease.v6() {
-            debug!(subnet = %v6.subnet, public_ipv6 = %v6.public_ip, "IPv6 side of a peer lease: not carried by this build yet");
-        }
-        let Some(v4) = lease.v4() else {
-            if lease.subnet.is_none() {
-                debug!(subnet = %lease.key(), "IPv6-only peer lease: not carried by this build yet");
+    /// The IPv6 side: our PublicIPv6 and VTEP for the programs, IPv6 forwarding, and the host
+    /// device's IPv6 address and route (whose MTU, the tunnel's over an IPv6 underlay, makes the
+    /// stack answer oversize packets with Packet Too Big).
+    async fn write_config6(&mut self, dp: &mut Dataplane) {
+        let Some(cfg) = &self.config else { return };
+        let (Some(network), Some(own), Some(public_ip)) = (cfg.ipv6_network(), self.v6.own, self.public_ipv6)
+        else {
+            if let Err(e) = dp.clear_config6() {
+                error!(error = %e, "clearing the IPv6 dataplane config");
             }
             return;
         };
-        if Some(v4.subnet) == self.own {
-            return;
+        let inner_mtu = self
+            .underlay
+            .mtu
+            .saturating_sub(overlay_common::wire::VXLAN6_OVERHEAD as u32);
+        if let Err(e) = enable_ipv6_forwarding() {
+            error!(error = %e, "IPv6 pod traffic is not forwarded");
         }
-        // The lease is back (or still there): no removal.
-        self.leaving.remove(&v4.subnet);
-        self.owners.insert(v4.subnet, lease.key());
-        let direct = self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
-            && self.segment.is_some_and(|net| net.contains(&v4.public_ip));
-        let entry = PeerEntry {
-            subnet: v4.subnet,
-            public_ip: v4.public_ip,
-            vtep_mac: v4.vtep_mac.0,
-            direct,
+        if self.host_device6 != Some(own) {
+            match hostroute::ensure_v6(own, network, cfg.mtu(self.underlay.mtu), inner_mtu).await {
+                Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
+                    Ok(()) => {
+                        info!(dev = hostroute::HOST_DEVICE, address = %own.network(), %network, route_mtu = inner_mtu, "IPv6 host route to remote pods ready");
+                        self.host_device6 = Some(own);
+                    }
+                    Err(e) => error!(error = %e, "attaching encap to the host device"),
+                },
+                Err(e) => error!(error = %e, "setting up the host device for IPv6 host → pod traffic"),
+            }
+        }
+        let c6 = Config6 {
+            public_ip,
+            vtep_mac: self.vtep_mac,
+            inner_mtu,
         };
-        if self.peers.get(&v4.subnet) == Some(&entry) {
-            return;
-        }
-        // A peer that moved to a new PublicIP leaves a stale sender entry behind: drop it first.
-        if let Some(old) = self.peers.get(&v4.subnet).copied() {
-            if old.public_ip != entry.public_ip {
-                let _ = dp.remove_peer(old.subnet, old.public_ip);
-            }
-        }
-        match dp.upsert_peer(&entry) {
-            Ok(()) => {
-                info!(subnet = %entry.subnet, public_ip = %entry.public_ip, direct, "peer added");
-                self.peers.insert(entry.subnet, entry);
-            }
-            Err(e) => {
-                let full = matches!(e, crate::dataplane::DataplaneError::PeersFull { .. });
-                crate::ops::metrics::peer_map_error(if full { "full" } else { "other" });
-                error!(subnet = %entry.subnet, error = %e, "adding peer");
-            }
-        }
-    }
-
-    /// Schedules the removal of a peer whose lease went away (see [`PEER_HOLD_DOWN`]).
-    fn hold_down(&mut self, subnet: Ipv4Net) {
-        if self.peers.contains_key(&subnet) {
-            self.leaving
-                .entry(subnet)
-                .or_insert_with(|| tokio::time::Instant::now() + PEER_HOLD_DOWN);
-        }
-    }
-
-    /// Removes the held-down peers whose time is up.
-    fn reap(&mut self, dp: &mut Dataplane) {
-        let now = tokio::time::Instant::now();
-        let due: Vec<Ipv4Net> = self
-            .leaving
-            .iter()
-            .filter(|(_, t)| **t <= now)
-            .map(|(s, _)| *s)
-            .collect();
-        for subnet in due {
-            self.leaving.remove(&subnet);
-            self.remove(dp, subnet);
-        }
-    }
-
-    fn remove(&mut self, dp: &mut Dataplane, subnet: Ipv4Net) {
-        self.owners.remove(&subnet);
-        let Some(old) = self.peers.remove(&subnet) else {
-            return;
-        };
-        match dp.remove_peer(old.subnet, old.public_ip) {
-            Ok(()) => info!(%subnet, public_ip = %old.public_ip, "peer removed"),
-            Err(e) => error!(%subnet, error = %e, "removing peer"),
+        if let Err(e) = dp.set_config6(&c6) {
+            error!(error = %e, "writing the IPv6 dataplane config");
         }
     }
 }

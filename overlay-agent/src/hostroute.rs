@@ -1,15 +1,19 @@
 //! Host → remote pod traffic. One NOARP device, `overlay0`, carries the node's `.0` address (as
-//! flanneld's `flannel.1` does) and one route for the whole cluster network; encap runs on its TC
+//! flanneld's `flannel.1` does) and one route for the whole cluster network (and with IPv6, the
+//! IPv6 subnet's first address and a route for the IPv6 network, as `flannel-v6.1`); encap runs on its TC
 //! egress and redirects to the underlay, so nothing is ever transmitted on the device itself. No
 //! per-peer routes, ARP or FDB entries. It is one end of a veth pair (`overlay0`/`overlay0p`):
 //! veth exists on every kernel, where the dummy driver is often a module that is not loaded.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::{
-    packet_route::{address::AddressAttribute, route::RouteScope},
+    packet_route::{
+        address::{AddressAttribute, AddressMessage},
+        route::{RouteAttribute, RouteMetric, RouteScope},
+    },
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
 
@@ -67,12 +71,45 @@ pub async fn ensure(subnet: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), H
     r
 }
 
-async fn configure(
-    handle: &Handle,
-    subnet: Ipv4Net,
-    network: Ipv4Net,
-    mtu: u32,
+/// The IPv6 side, as flanneld's `flannel-v6.1`: our IPv6 subnet's first address (`::`, /128) on
+/// the host device and one route for the IPv6 network with `route_mtu` (the tunnel MTU over an
+/// IPv6 underlay), so the stack sends Packet Too Big for anything larger. `dev_mtu` is the
+/// device's own MTU (the IPv4 tunnel MTU), used only when this call creates the device.
+pub async fn ensure_v6(
+    subnet: Ipv6Net,
+    network: Ipv6Net,
+    dev_mtu: u32,
+    route_mtu: u32,
 ) -> Result<(), HostRouteError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let conn = tokio::spawn(conn);
+    let r = async {
+        let dev = device(&handle, dev_mtu).await?;
+        let addr = subnet.network();
+        ensure_address(&handle, dev, IpAddr::V6(addr), 128).await?;
+        let mut route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(network.trunc().network(), network.prefix_len())
+            .output_interface(dev)
+            .pref_source(addr)
+            .build();
+        route
+            .attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route_mtu)]));
+        handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("routing the IPv6 cluster network"))
+    }
+    .await;
+    conn.abort();
+    r
+}
+
+/// Creates the device (a veth pair) if needed and brings it up, NOARP; its ifindex.
+async fn device(handle: &Handle, mtu: u32) -> Result<u32, HostRouteError> {
     if link_index(handle, HOST_DEVICE).await?.is_none() {
         let veth = LinkVeth::new(HOST_DEVICE, HOST_DEVICE_PEER).build();
         handle
@@ -102,38 +139,62 @@ async fn configure(
         .execute()
         .await
         .map_err(nl("setting up the host device"))?;
+    Ok(dev)
+}
 
-    let addr = subnet.network();
-    let current: Vec<_> = handle
+/// Makes `addr/prefix` the device's only address of its family (IPv6 link-local addresses the
+/// kernel adds are left alone); a correct address is not touched.
+async fn ensure_address(handle: &Handle, dev: u32, addr: IpAddr, prefix: u8) -> Result<(), HostRouteError> {
+    let ours = |m: &AddressMessage| {
+        m.attributes.iter().find_map(|at| match at {
+            AddressAttribute::Address(a) if a.is_ipv4() == addr.is_ipv4() => match a {
+                IpAddr::V6(v6) if v6.is_unicast_link_local() => None,
+                _ => Some(*a),
+            },
+            _ => None,
+        })
+    };
+    let current: Vec<(AddressMessage, IpAddr)> = handle
         .address()
         .get()
         .set_link_index_filter(dev)
         .execute()
-        .try_collect()
+        .try_collect::<Vec<_>>()
         .await
-        .map_err(nl("listing the host device's addresses"))?;
-    let has = |m: &rtnetlink::packet_route::address::AddressMessage, a: Ipv4Addr| {
-        m.header.prefix_len == 32
-            && m.attributes
-                .iter()
-                .any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(x)) if *x == a))
-    };
-    if !(current.len() == 1 && has(&current[0], addr)) {
-        for m in current {
-            handle
-                .address()
-                .del(m)
-                .execute()
-                .await
-                .map_err(nl("removing a stale address"))?;
+        .map_err(nl("listing the host device's addresses"))?
+        .into_iter()
+        .filter_map(|m| ours(&m).map(|a| (m, a)))
+        .collect();
+    if let [(m, a)] = current.as_slice() {
+        if *a == addr && m.header.prefix_len == prefix {
+            return Ok(());
         }
+    }
+    for (m, _) in current {
         handle
             .address()
-            .add(dev, IpAddr::V4(addr), 32)
+            .del(m)
             .execute()
             .await
-            .map_err(nl("adding the node's .0 address"))?;
+            .map_err(nl("removing a stale address"))?;
     }
+    handle
+        .address()
+        .add(dev, addr, prefix)
+        .execute()
+        .await
+        .map_err(nl("adding the node's address to the host device"))
+}
+
+async fn configure(
+    handle: &Handle,
+    subnet: Ipv4Net,
+    network: Ipv4Net,
+    mtu: u32,
+) -> Result<(), HostRouteError> {
+    let dev = device(handle, mtu).await?;
+    let addr = subnet.network();
+    ensure_address(handle, dev, IpAddr::V4(addr), 32).await?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(network.trunc().network(), network.prefix_len())
         .output_interface(dev)

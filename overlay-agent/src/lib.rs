@@ -16,5 +16,6 @@ pub mod iface;
 pub mod lease;
 pub mod object;
 pub mod ops;
+pub mod peers;
 pub mod subnet;
 pub mod subnet_env;

@@ -1,0 +1,238 @@
+//! The datapath's peer tables, kept in step with the lease events: one [`PeerTable`] per address
+//! family, written once for both. One remote lease becomes one map upsert; a removed lease
+//! becomes one delete after a short hold-down, unless the lease (or another one for the same
+//! subnet) comes back first.
+
+use std::{collections::HashMap, fmt::Debug};
+
+use tokio::time::Instant;
+use tracing::{error, info};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError, PeerEntry, PeerEntry6},
+    family::{Family, V4, V6},
+    lease::{Lease, SubnetKey, VxlanPeer},
+};
+
+/// A removed lease stays in the maps this long: a node whose key was deleted or expired takes
+/// its lease back within milliseconds, and its packets must not meet "unknown peer" meanwhile.
+pub const PEER_HOLD_DOWN: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What a family's peer table needs: its side of a lease, and its two maps in the dataplane.
+pub trait MapFamily: Family {
+    type Entry: Copy + PartialEq + Debug;
+    /// This family's side of a vxlan lease, if it has one.
+    fn peer(lease: &Lease) -> Option<VxlanPeer<Self>>;
+    fn entry(p: &VxlanPeer<Self>, direct: bool) -> Self::Entry;
+    /// (subnet, PublicIP) of an entry.
+    fn key(e: &Self::Entry) -> (Self::Net, Self::Addr);
+    fn upsert(dp: &mut Dataplane, e: &Self::Entry) -> Result<(), DataplaneError>;
+    fn remove(dp: &mut Dataplane, subnet: Self::Net, public_ip: Self::Addr) -> Result<(), DataplaneError>;
+    /// The entries in the (possibly adopted) pinned maps.
+    fn pinned(dp: &Dataplane) -> Result<Vec<Self::Entry>, DataplaneError>;
+}
+
+impl MapFamily for V4 {
+    type Entry = PeerEntry;
+    fn peer(lease: &Lease) -> Option<VxlanPeer<V4>> {
+        lease.v4()
+    }
+    fn entry(p: &VxlanPeer<V4>, direct: bool) -> PeerEntry {
+        PeerEntry {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+            vtep_mac: p.vtep_mac.0,
+            direct,
+        }
+    }
+    fn key(e: &PeerEntry) -> (ipnet::Ipv4Net, std::net::Ipv4Addr) {
+        (e.subnet, e.public_ip)
+    }
+    fn upsert(dp: &mut Dataplane, e: &PeerEntry) -> Result<(), DataplaneError> {
+        dp.upsert_peer(e)
+    }
+    fn remove(
+        dp: &mut Dataplane,
+        subnet: ipnet::Ipv4Net,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), DataplaneError> {
+        dp.remove_peer(subnet, ip)
+    }
+    fn pinned(dp: &Dataplane) -> Result<Vec<PeerEntry>, DataplaneError> {
+        dp.peers()
+    }
+}
+
+impl MapFamily for V6 {
+    type Entry = PeerEntry6;
+    fn peer(lease: &Lease) -> Option<VxlanPeer<V6>> {
+        lease.v6()
+    }
+    fn entry(p: &VxlanPeer<V6>, direct: bool) -> PeerEntry6 {
+        PeerEntry6 {
+            subnet: p.subnet,
+            public_ip: p.public_ip,
+            vtep_mac: p.vtep_mac.0,
+            direct,
+        }
+    }
+    fn key(e: &PeerEntry6) -> (ipnet::Ipv6Net, std::net::Ipv6Addr) {
+        (e.subnet, e.public_ip)
+    }
+    fn upsert(dp: &mut Dataplane, e: &PeerEntry6) -> Result<(), DataplaneError> {
+        dp.upsert_peer6(e)
+    }
+    fn remove(
+        dp: &mut Dataplane,
+        subnet: ipnet::Ipv6Net,
+        ip: std::net::Ipv6Addr,
+    ) -> Result<(), DataplaneError> {
+        dp.remove_peer6(subnet, ip)
+    }
+    fn pinned(dp: &Dataplane) -> Result<Vec<PeerEntry6>, DataplaneError> {
+        dp.peers6()
+    }
+}
+
+/// One family's remote subnets as the maps hold them.
+pub struct PeerTable<F: MapFamily> {
+    /// Our own subnet in this family: never a peer.
+    pub own: Option<F::Net>,
+    peers: HashMap<F::Net, F::Entry>,
+    /// The lease (key) each entry came from: a removed lease takes its entry with it only if no
+    /// other lease (the same node under a new key, e.g. IPv6 turned on) replaced it.
+    owners: HashMap<F::Net, SubnetKey>,
+    /// Entries whose lease went away, removed at the given time unless it returns.
+    leaving: HashMap<F::Net, Instant>,
+}
+
+impl<F: MapFamily> PeerTable<F> {
+    /// The table over what an earlier agent left in the pinned maps: the first resync keeps or
+    /// removes those entries.
+    pub fn adopt(dp: &Dataplane) -> Self {
+        let peers: HashMap<F::Net, F::Entry> = F::pinned(dp)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (F::key(&e).0, e))
+            .collect();
+        if !peers.is_empty() {
+            info!(
+                family = F::NAME,
+                peers = peers.len(),
+                "adopted the pinned peer table"
+            );
+        }
+        PeerTable {
+            own: None,
+            peers,
+            owners: HashMap::new(),
+            leaving: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Puts this family's side of `lease` into the maps (`direct`: is the PublicIP on our
+    /// segment, for DirectRouting).
+    pub fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease, direct: impl Fn(F::Addr) -> bool) {
+        let Some(p) = F::peer(lease) else { return };
+        if Some(p.subnet) == self.own {
+            return;
+        }
+        // The lease is back (or still there): no removal.
+        self.leaving.remove(&p.subnet);
+        self.owners.insert(p.subnet, lease.key());
+        let direct = direct(p.public_ip);
+        let entry = F::entry(&p, direct);
+        let old = self.peers.get(&p.subnet).copied();
+        if old == Some(entry) {
+            return;
+        }
+        // A peer that moved to a new PublicIP leaves a stale sender entry behind: drop it first.
+        if let Some(old) = old {
+            let (subnet, ip) = F::key(&old);
+            if ip != p.public_ip {
+                let _ = F::remove(dp, subnet, ip);
+            }
+        }
+        match F::upsert(dp, &entry) {
+            Ok(()) => {
+                info!(family = F::NAME, subnet = %p.subnet, public_ip = %p.public_ip, direct, "peer added");
+                self.peers.insert(p.subnet, entry);
+            }
+            Err(e) => {
+                let full = matches!(e, DataplaneError::PeersFull { .. });
+                crate::ops::metrics::peer_map_error(if full { "full" } else { "other" });
+                error!(family = F::NAME, subnet = %p.subnet, error = %e, "adding peer");
+            }
+        }
+    }
+
+    /// A lease was deleted: its entry is held down, unless another lease owns the subnet now.
+    pub fn lease_removed(&mut self, lease: &Lease) {
+        let Some(p) = F::peer(lease) else { return };
+        if self.owners.get(&p.subnet) == Some(&lease.key()) {
+            self.hold_down(p.subnet);
+        }
+    }
+
+    /// The full set of leases: entries for subnets not among them are held down, the rest
+    /// upserted.
+    pub fn resync(&mut self, dp: &mut Dataplane, all: &[Lease], direct: impl Fn(F::Addr) -> bool) {
+        let wanted: HashMap<F::Net, &Lease> = all
+            .iter()
+            .filter_map(|l| Some((F::peer(l)?.subnet, l)))
+            .filter(|(sn, _)| Some(*sn) != self.own)
+            .collect();
+        let stale: Vec<F::Net> = self
+            .peers
+            .keys()
+            .filter(|s| !wanted.contains_key(s))
+            .copied()
+            .collect();
+        for s in stale {
+            self.hold_down(s);
+        }
+        for lease in wanted.values() {
+            self.upsert(dp, lease, &direct);
+        }
+    }
+
+    /// Schedules the removal of an entry whose lease went away (see [`PEER_HOLD_DOWN`]).
+    fn hold_down(&mut self, subnet: F::Net) {
+        if self.peers.contains_key(&subnet) {
+            self.leaving
+                .entry(subnet)
+                .or_insert_with(|| Instant::now() + PEER_HOLD_DOWN);
+        }
+    }
+
+    /// Removes the held-down entries whose time is up.
+    pub fn reap(&mut self, dp: &mut Dataplane) {
+        let now = Instant::now();
+        let due: Vec<F::Net> = self
+            .leaving
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        for subnet in due {
+            self.leaving.remove(&subnet);
+            self.owners.remove(&subnet);
+            let Some(old) = self.peers.remove(&subnet) else {
+                continue;
+            };
+            let (_, ip) = F::key(&old);
+            match F::remove(dp, subnet, ip) {
+                Ok(()) => info!(family = F::NAME, %subnet, public_ip = %ip, "peer removed"),
+                Err(e) => error!(family = F::NAME, %subnet, error = %e, "removing peer"),
+            }
+        }
+    }
+}
