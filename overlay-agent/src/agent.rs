@@ -294,7 +294,12 @@ impl Sync {
                 self.write_config(dp).await;
             }
             Event::OwnLease(lease) => {
-                info!(subnet = %lease.key(), "holding lease");
+                // `subnet=10.244.7.0/24` as before IPv6 (scripts and tests read it).
+                let v6 = lease.ipv6_subnet.map(|n| n.to_string()).unwrap_or_default();
+                match lease.subnet {
+                    Some(v4) => info!(subnet = %v4, ipv6_subnet = %v6, "holding lease"),
+                    None => info!(ipv6_subnet = %v6, "holding lease"),
+                }
                 self.v4.own = lease.subnet;
                 self.v6.own = lease.ipv6_subnet;
                 self.write_config(dp).await;
