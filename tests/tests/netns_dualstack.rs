@@ -6,13 +6,16 @@
 //!
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_dualstack -- --test-threads=1`
 
-use std::{net::Ipv6Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
-use ipnet::Ipv6Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_tests::{
     cluster::{output, Cluster},
-    netns::{require_root, Netns},
-    topology::{parse_ping_summary, ping},
+    netns::{parse_mac, require_root, Netns},
+    topology::{flannel_vxlan, fmt_mac, parse_ping_summary, ping, Node},
 };
 
 const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
@@ -144,6 +147,31 @@ fn ping6(
     (parse_ping_summary(&text), text)
 }
 
+/// A 2 s iperf3 transfer over IPv6 from `client` to `server` (listening on `addr`): (bits/s the
+/// client saw received, the client address the server saw).
+fn iperf6(server: &Netns, addr: Ipv6Addr, client: &Netns, dir: &std::path::Path) -> (f64, String) {
+    let report = dir.join(format!("iperf6-{}.json", overlay_tests::netns::unique_name("r")));
+    let mut srv = server.command("iperf3");
+    srv.args(["-s", "-1", "-J", "-B", &addr.to_string()])
+        .stdout(std::fs::File::create(&report).unwrap());
+    let mut srv = srv.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client
+        .exec("iperf3", &["-6", "-c", &addr.to_string(), "-t", "2", "-J"])
+        .expect("iperf3 over IPv6");
+    let _ = srv.wait();
+    let server: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let seen = server["start"]["connected"][0]["remote_host"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let cj: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bps = cj["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    (bps, seen)
+}
+
 fn wait_peers(c: &Cluster) {
     for i in 0..c.nodes.len() {
         let want = c.nodes.len() - 1;
@@ -219,25 +247,7 @@ fn dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses() {
             ],
         )
         .unwrap();
-    let mut srv = pods[1].command("iperf3");
-    let report = c.dir().join("iperf6.json");
-    srv.args(["-s", "-1", "-J", "-B", &ip(1).to_string()])
-        .stdout(std::fs::File::create(&report).unwrap());
-    let mut srv = srv.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let client = pods[0]
-        .exec("iperf3", &["-6", "-c", &ip(1).to_string(), "-t", "2", "-J"])
-        .expect("iperf3 over IPv6");
-    let _ = srv.wait();
-    let server: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let seen = server["start"]["connected"][0]["remote_host"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let cj: serde_json::Value = serde_json::from_slice(&client.stdout).unwrap();
-    let bps = cj["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
+    let (bps, seen) = iperf6(&pods[1], ip(1), &pods[0], c.dir());
     println!("IPv6 pod → pod TCP: {:.2} Gbit/s, server saw {seen}", bps / 1e9);
     let st = c.status_json(1).unwrap();
     println!("node 1 counters after IPv6 TCP: {}", st["counters"]);
@@ -323,6 +333,235 @@ fn ipv6_only_network_carries_ipv6_pods() {
             Some((5, 5)),
             "pod {from} → pod {to}, IPv6-only:\n{text}\n{}",
             c.agent_log(to)
+        );
+    }
+}
+
+/// The agents' dual-stack leases as etcd holds them: (IPv4 subnet, PublicIP, VtepMAC, IPv6
+/// subnet, PublicIPv6, IPv6 VtepMAC).
+type DualLease = (Ipv4Net, Ipv4Addr, [u8; 6], Ipv6Net, Ipv6Addr, [u8; 6]);
+
+fn dual_leases(c: &Cluster) -> Vec<DualLease> {
+    let text = c.leases().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|kv| {
+            let key = kv[0].rsplit('/').next().unwrap();
+            let (k4, k6) = key.split_once('&').expect("a dual-stack key");
+            let v: serde_json::Value = serde_json::from_str(kv[1]).unwrap();
+            let mac = |f: &str| parse_mac(v[f]["VtepMAC"].as_str().unwrap()).unwrap();
+            let (a6, l6) = k6.rsplit_once('-').unwrap();
+            (
+                k4.replacen('-', "/", 1).parse().unwrap(),
+                v["PublicIP"].as_str().unwrap().parse().unwrap(),
+                mac("BackendData"),
+                format!("{a6}/{l6}").parse().unwrap(),
+                v["PublicIPv6"].as_str().unwrap().parse().unwrap(),
+                mac("BackendV6Data"),
+            )
+        })
+        .collect()
+}
+
+/// Node `n` set up exactly as flanneld's dual-stack vxlan backend sets itself up: `flannel.1`
+/// over IPv4 and `flannel-v6.1` over IPv6 (kernel VXLAN, VNI 1, port 8472, its own MAC each),
+/// per peer a permanent neighbour for the peer subnet's first address, an FDB entry to the
+/// peer's public address and an onlink route; returns the two devices' MACs.
+fn flanneld_dual_stack(node: &Node, sn4: Ipv4Net, sn6: Ipv6Net, peers: &[DualLease]) -> ([u8; 6], [u8; 6]) {
+    let v4: Vec<_> = peers.iter().map(|p| (p.0, p.1, p.2)).collect();
+    let mac4 = flannel_vxlan(node, sn4, &v4).unwrap();
+    let ns = &node.ns;
+    let local = underlay6(node.index).to_string();
+    ns.ip(&[
+        "link",
+        "add",
+        "flannel-v6.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &local,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "flannel-v6.1", "mtu", "1430", "up"])
+        .unwrap();
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", sn6.network()),
+        "dev",
+        "flannel-v6.1",
+        "nodad",
+    ])
+    .unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
+    for p in peers {
+        let mac = fmt_mac(&p.5);
+        let gw = p.3.network().to_string();
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel-v6.1",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+        ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                "flannel-v6.1",
+                "dst",
+                &p.4.to_string(),
+                "self",
+                "permanent",
+            ],
+        )
+        .unwrap();
+        ns.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &p.3.to_string(),
+            "via",
+            &gw,
+            "dev",
+            "flannel-v6.1",
+            "onlink",
+        ])
+        .unwrap();
+    }
+    (mac4, ns.mac("flannel-v6.1").unwrap())
+}
+
+#[test]
+fn mixed_cluster_with_a_flanneld_style_dual_stack_node() {
+    let (mut c, subnets) = cluster(2, DUAL);
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| bridge_and_pod(&mut c, i, subnets[i], true))
+        .collect();
+    wait_peers(&c);
+    let peers = dual_leases(&c);
+    assert_eq!(peers.len(), 2, "{peers:?}");
+
+    // Node 3 runs no agent: kernel VXLAN for both families, as flanneld sets a node up.
+    c.add_node(3).unwrap();
+    let sn4: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let sn6: Ipv6Net = "fd00:10:244:c8::/64".parse().unwrap();
+    let (mac4, mac6) = {
+        let n3 = &c.nodes[2].node;
+        n3.ns
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", underlay6(3)),
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .unwrap();
+        flanneld_dual_stack(n3, sn4, sn6, &peers)
+    };
+    c.nodes[2].node.add_bridge_for(sn4, 1450).unwrap();
+    let pod4 = c.nodes[2].node.add_pod_in(sn4, 1, 1450).unwrap();
+    let n3pod = c.nodes[2].node.pods.remove(0).ns;
+    let n3 = &c.nodes[2].node.ns;
+    n3.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/64", nth6(sn6, 1)),
+        "dev",
+        "cni0",
+        "nodad",
+    ])
+    .unwrap();
+    n3pod
+        .ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", nth6(sn6, 2)),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    n3pod
+        .ip(&["-6", "route", "add", "default", "via", &nth6(sn6, 1).to_string()])
+        .unwrap();
+    // Its lease, byte for byte as a dual-stack flanneld writes it.
+    let value = format!(
+        r#"{{"PublicIP":"198.18.0.13","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        underlay6(3),
+        fmt_mac(&mac4),
+        fmt_mac(&mac6)
+    );
+    c.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.200.0-24&fd00:10:244:c8::-64",
+        &value,
+    ])
+    .unwrap();
+
+    let pod6 = nth6(sn6, 2);
+    for (i, pod) in pods.iter().enumerate() {
+        let agent6 = nth6(subnets[i], 2);
+        // The agents pick the lease up from their watch.
+        let learned = Cluster::wait_for(Duration::from_secs(5), || {
+            ping6(pod, pod6, 1, None, false).0 == Some((1, 1))
+        });
+        assert!(
+            learned.is_some(),
+            "agent pod {agent6} never reached the flanneld pod {pod6}:\n{}",
+            c.agent_log(i)
+        );
+        for (from, to, what) in [
+            (pod, pod6, "agent pod → flanneld pod"),
+            (&n3pod, agent6, "flanneld pod → agent pod"),
+        ] {
+            let (counts, text) = ping6(from, to, 3, None, false);
+            assert_eq!(counts, Some((3, 3)), "{what} over IPv6 (node {}):\n{text}", i + 1);
+        }
+        // Bulk TCP into the kernel VXLAN, which checks every outer UDP checksum over IPv6.
+        let (bps, seen) = iperf6(&n3pod, pod6, pod, c.dir());
+        println!(
+            "agent pod (node {}) → flanneld pod, TCP over IPv6: {:.2} Gbit/s",
+            i + 1,
+            bps / 1e9
+        );
+        assert!(
+            bps > 100e6,
+            "bulk TCP into the flanneld node over IPv6: {bps} bit/s"
+        );
+        assert_eq!(seen, agent6.to_string());
+        let v4 = overlay_tests::topology::nth_host(c.nodes[i].subnet_env().unwrap().0.trunc(), 2);
+        assert!(
+            ping(pod, pod4, 3, None),
+            "agent pod → flanneld pod over IPv4 (node {})",
+            i + 1
+        );
+        assert!(
+            ping(&n3pod, v4, 3, None),
+            "flanneld pod → agent pod over IPv4 (node {})",
+            i + 1
         );
     }
 }
