@@ -225,6 +225,25 @@ fn dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses() {
         text.contains("encap6"),
         "no IPv6 encap counters in status: {text}"
     );
+    // `status` lists the IPv6 peer beside the IPv4 one, and our PublicIPv6.
+    let peers: Vec<String> = st["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {}",
+                p["subnet"].as_str().unwrap(),
+                p["public_ip"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        peers.contains(&format!("{} {}", subnets[1], underlay6(2))),
+        "no IPv6 peer in status: {peers:?}"
+    );
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert_eq!(st["node"]["public_ipv6"], underlay6(1).to_string());
 
     // The pod's own source survives a MASQUERADE rule on its node, as Docker/CNI add them.
     c.nodes[0]

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -15,10 +15,10 @@ use aya::{
     },
 };
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use overlay_common::{
     maps::{self, CONFIG_READY},
-    programs, Counter, DataplaneConfig, Peer,
+    programs, Counter, DataplaneConfig, DataplaneConfig6, Peer, Peer6,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 use serde::Serialize;
@@ -56,13 +56,15 @@ pub struct NodeView {
     pub vtep_mac: String,
     pub underlay_ifindex: u32,
     pub inner_mtu: u32,
+    /// Our PublicIPv6 once the IPv6 side is configured.
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
-/// One remote subnet (`OVL_PEERS`).
+/// One remote subnet (`OVL_PEERS`, or `OVL_PEERS6` for an IPv6 one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PeerView {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
+    pub subnet: IpNet,
+    pub public_ip: IpAddr,
     pub vtep_mac: String,
     /// `encap` (VXLAN) or `direct` (DirectRouting, same L2 segment).
     pub mode: &'static str,
@@ -203,19 +205,41 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         vtep_mac: MacAddr(c.vtep_mac).to_string(),
         underlay_ifindex: c.underlay_ifindex,
         inner_mtu: c.inner_mtu,
+        public_ipv6: None,
     };
 
     let trie = LpmTrie::<MapData, [u8; 4], Peer>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS)?))
         .map_err(err(maps::PEERS))?;
-    let peers = dataplane::peer_entries(&trie)?
+    let mode = |direct| if direct { "direct" } else { "encap" };
+    let mut peers: Vec<PeerView> = dataplane::peer_entries(&trie)?
         .into_iter()
         .map(|p| PeerView {
-            subnet: p.subnet,
-            public_ip: p.public_ip,
+            subnet: p.subnet.into(),
+            public_ip: p.public_ip.into(),
             vtep_mac: MacAddr(p.vtep_mac).to_string(),
-            mode: if p.direct { "direct" } else { "encap" },
+            mode: mode(p.direct),
         })
         .collect();
+    // A datapath pinned by a release before IPv6 has no IPv6 tables.
+    let mut public_ipv6 = None;
+    if pin_root.join(maps::PEERS6).exists() && pin_root.join(maps::CONFIG6).exists() {
+        let trie6 =
+            LpmTrie::<MapData, [u8; 16], Peer6>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS6)?))
+                .map_err(err(maps::PEERS6))?;
+        peers.extend(dataplane::peer6_entries(&trie6)?.into_iter().map(|p| PeerView {
+            subnet: p.subnet.into(),
+            public_ip: p.public_ip.into(),
+            vtep_mac: MacAddr(p.vtep_mac).to_string(),
+            mode: mode(p.direct),
+        }));
+        let config6 =
+            Array::<MapData, DataplaneConfig6>::try_from(Map::Array(open(pin_root, maps::CONFIG6)?))
+                .map_err(err(maps::CONFIG6))?;
+        let c6 = config6.get(&0, 0).map_err(err(maps::CONFIG6))?;
+        if c6.flags & maps::CONFIG6_READY != 0 {
+            public_ipv6 = Some(Ipv6Addr::from(c6.public_ip));
+        }
+    }
 
     // A datapath pinned by an older release has no endpoint map.
     let endpoints = if pin_root.join(maps::ENDPOINTS).exists() {
@@ -246,6 +270,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         .iter()
         .map(|c| (c.name(), counters.get(*c)))
         .collect();
+    let node = NodeView { public_ipv6, ..node };
     let underlay = if node.ready { node.underlay_ifindex } else { 0 };
     let attachments = read_attachments(pin_root, underlay);
     let decap = decap_in_use(&attachments, underlay).map_or("none", decap_label);
@@ -538,12 +563,12 @@ impl Status {
         }
         let _ = writeln!(s, "\npeers ({})", self.peers.len());
         if !self.peers.is_empty() {
-            let _ = writeln!(s, "  {:<20} {:<16} {:<18} mode", "subnet", "PublicIP", "VtepMAC");
+            let _ = writeln!(s, "  {:<24} {:<24} {:<18} mode", "subnet", "PublicIP", "VtepMAC");
         }
         for p in &self.peers {
             let _ = writeln!(
                 s,
-                "  {:<20} {:<16} {:<18} {}",
+                "  {:<24} {:<24} {:<18} {}",
                 p.subnet.to_string(),
                 p.public_ip.to_string(),
                 p.vtep_mac,
@@ -707,6 +732,7 @@ mod tests {
                 vtep_mac: "02:00:00:00:00:01".into(),
                 underlay_ifindex: 2,
                 inner_mtu: 1450,
+                public_ipv6: None,
             },
             decap: "xdp",
             attachments: vec![xdp, tc, gone, other],
