@@ -1,5 +1,6 @@
 //! Shared harness for the root-only end-to-end tests: namespaces, links, processes, packets.
 
+pub mod bpftest;
 pub mod cluster;
 pub mod cni;
 pub mod docker;

@@ -12,15 +12,10 @@ use overlay_common::{
     Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT,
 };
 use overlay_tests::{
+    bpftest::{delta, moved, Rng, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
     netns::{require_root, Netns, PinRoot},
     packet,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const OUR_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 11);
 const PEER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 12);
@@ -153,19 +148,6 @@ impl Fixture {
             inner_tos: 0,
         }
     }
-}
-
-fn delta(before: &Counters, after: &Counters, c: Counter) -> u64 {
-    after.get(c) - before.get(c)
-}
-
-/// The counters that changed, by name, for failure messages.
-fn moved(before: &Counters, after: &Counters) -> Vec<(&'static str, u64)> {
-    Counter::ALL
-        .iter()
-        .filter(|c| after.get(**c) != before.get(**c))
-        .map(|c| (c.name(), after.get(*c) - before.get(*c)))
-        .collect()
 }
 
 fn pod_packets() -> Vec<(&'static str, Vec<u8>)> {
@@ -834,20 +816,6 @@ fn model_encap(f: &[u8]) -> Expect {
         return (false, Counter::PassTooBig);
     }
     (false, Counter::EncapPackets)
-}
-
-/// xorshift64*: deterministic, seedable, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// A random or mutated frame: valid VXLAN or pod frames bent in the ways that break parsers.

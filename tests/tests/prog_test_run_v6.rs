@@ -9,13 +9,10 @@ use std::net::Ipv6Addr;
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use overlay_agent::dataplane::{Config6, Counters, Dataplane, PeerEntry6};
 use overlay_common::{programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
-use overlay_tests::netns::{require_root, Netns, PinRoot};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
+use overlay_tests::{
+    bpftest::{delta, moved, Rng, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    netns::{require_root, Netns, PinRoot},
+};
 
 /// Our PublicIPv6 2001:db8::11 and the peer's 2001:db8::12, as bytes.
 const OUR_IP6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x11];
@@ -160,18 +157,6 @@ impl Fixture {
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
-}
-
-fn delta(before: &Counters, after: &Counters, c: Counter) -> u64 {
-    after.get(c) - before.get(c)
-}
-
-fn moved(before: &Counters, after: &Counters) -> Vec<(&'static str, u64)> {
-    Counter::ALL
-        .iter()
-        .filter(|c| after.get(**c) != before.get(**c))
-        .map(|c| (c.name(), after.get(*c) - before.get(*c)))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -995,19 +980,6 @@ fn model_encap6(f: &[u8]) -> Expect {
         return (false, Counter::PassTooBig);
     }
     (false, Counter::Encap6Packets)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 fn fuzz_inner(rng: &mut Rng, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
