@@ -3,7 +3,6 @@
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
-    path::Path,
     time::Duration,
 };
 
@@ -188,22 +187,23 @@ fn datapath_flags(deliver: DeliverChoice, hardware: bool) -> u16 {
 
 /// The datapath needs forwarding on (decapsulated packets are routed to the bridge).
 fn enable_ip_forward() -> Result<()> {
-    let path = Path::new("/proc/sys/net/ipv4/ip_forward");
-    let now = std::fs::read_to_string(path).unwrap_or_default();
-    if now.trim() != "1" {
-        std::fs::write(path, "1").context("enabling net.ipv4.ip_forward")?;
-        info!("enabled net.ipv4.ip_forward");
-    }
-    Ok(())
+    enable_sysctl("net.ipv4.ip_forward", "/proc/sys/net/ipv4/ip_forward")
 }
 
 /// IPv6 pod traffic is routed between the underlay and the bridge like IPv4's.
 fn enable_ipv6_forwarding() -> Result<()> {
-    let path = Path::new("/proc/sys/net/ipv6/conf/all/forwarding");
+    enable_sysctl(
+        "net.ipv6.conf.all.forwarding",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    )
+}
+
+/// Sets a boolean sysctl to 1 unless it is already.
+fn enable_sysctl(name: &str, path: &str) -> Result<()> {
     let now = std::fs::read_to_string(path).unwrap_or_default();
     if now.trim() != "1" {
-        std::fs::write(path, "1").context("enabling net.ipv6.conf.all.forwarding")?;
-        info!("enabled net.ipv6.conf.all.forwarding");
+        std::fs::write(path, "1").with_context(|| format!("enabling {name}"))?;
+        info!("enabled {name}");
     }
     Ok(())
 }
@@ -373,10 +373,10 @@ impl Sync {
             .underlay
             .mtu
             .saturating_sub(overlay_common::wire::VXLAN6_OVERHEAD as u32);
-        if let Err(e) = enable_ipv6_forwarding() {
-            error!(error = %e, "IPv6 pod traffic is not forwarded");
-        }
         if self.host_device6 != Some(own) {
+            if let Err(e) = enable_ipv6_forwarding() {
+                error!(error = %e, "IPv6 pod traffic is not forwarded");
+            }
             match hostroute::ensure_v6(own, network, cfg.mtu(self.underlay.mtu), inner_mtu).await {
                 Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
                     Ok(()) => {

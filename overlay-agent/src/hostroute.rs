@@ -12,7 +12,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::{
     packet_route::{
         address::{AddressAttribute, AddressMessage},
-        route::{RouteAttribute, RouteMetric, RouteScope},
+        route::{RouteAttribute, RouteMessage, RouteMetric, RouteScope},
     },
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
@@ -95,13 +95,7 @@ pub async fn ensure_v6(
         route
             .attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route_mtu)]));
-        handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl("routing the IPv6 cluster network"))
+        replace_route(&handle, route, "routing the IPv6 cluster network").await
     }
     .await;
     conn.abort();
@@ -201,12 +195,20 @@ async fn configure(
         .pref_source(addr)
         .scope(RouteScope::Link)
         .build();
+    replace_route(handle, route, "routing the cluster network").await
+}
+
+/// Adds `route`, replacing one to the same destination.
+async fn replace_route(
+    handle: &Handle,
+    route: RouteMessage,
+    what: &'static str,
+) -> Result<(), HostRouteError> {
     handle
         .route()
         .add(route)
         .replace()
         .execute()
         .await
-        .map_err(nl("routing the cluster network"))?;
-    Ok(())
+        .map_err(nl(what))
 }

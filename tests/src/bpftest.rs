@@ -1,6 +1,8 @@
 //! What the BPF_PROG_TEST_RUN tiers (IPv4 and IPv6) share: the kernel's verdict values, counter
 //! arithmetic, and the fuzz runs' random source.
 
+use std::collections::BTreeMap;
+
 use overlay_agent::dataplane::Counters;
 use overlay_common::Counter;
 
@@ -39,4 +41,41 @@ impl Rng {
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
+}
+
+/// Pads `frame` to the header its ethertype promises (Ethernet + IPv4 or IPv6), which
+/// BPF_PROG_TEST_RUN requires of a TC program's skb (XDP takes runts as they are). True when it
+/// padded.
+pub fn pad_for_skb_test_run(frame: &mut Vec<u8>) -> bool {
+    let min = match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => 34,
+        0x86dd => 54,
+        _ => 14,
+    };
+    if frame.len() >= min {
+        return false;
+    }
+    frame.resize(min, 0);
+    true
+}
+
+/// Every (program, verdict class) in `wanted` came up at least `min` times in a fuzz run's `hits`:
+/// a generator change that sends nearly everything to one verdict (PASS, say) fails here instead
+/// of passing thousands of trivial runs.
+pub fn assert_every_class_hit(hits: &BTreeMap<(&str, &str), u32>, wanted: &[(&str, Counter)], min: u32) {
+    let thin: Vec<_> = wanted
+        .iter()
+        .map(|(prog, c)| {
+            (
+                *prog,
+                c.name(),
+                hits.get(&(*prog, c.name())).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, _, n)| *n < min)
+        .collect();
+    assert!(
+        thin.is_empty(),
+        "verdict classes hit fewer than {min} times: {thin:?}; all: {hits:?}"
+    );
 }
