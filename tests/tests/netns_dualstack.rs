@@ -193,6 +193,18 @@ fn wait_peers(c: &Cluster) {
                 .join("\n---\n")
         );
         c.wait_encap_attached(i);
+        // Host → pod and Packet Too Big need the IPv6 route on overlay0.
+        let routed = c.wait_log_after(
+            i,
+            0,
+            "IPv6 host route to remote pods ready",
+            Duration::from_secs(5),
+        );
+        assert!(
+            routed.is_some(),
+            "node {i}: no IPv6 host route; log:\n{}",
+            c.agent_log(i)
+        );
     }
 }
 
