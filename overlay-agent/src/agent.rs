@@ -246,6 +246,9 @@ struct Sync {
     /// The subnets the host device is set up for.
     host_device: Option<Ipv4Net>,
     host_device6: Option<Ipv6Net>,
+    /// The host device pair segmenting IPv6 GSO packets before encap, once set up
+    /// ([`Config6::reseg`]).
+    reseg6: Option<(u32, u32)>,
     /// `DataplaneConfig::flags` from the command line and the underlay.
     datapath_flags: u16,
 }
@@ -272,6 +275,7 @@ impl Sync {
             v6: PeerTable::adopt(dp),
             host_device: None,
             host_device6: None,
+            reseg6: None,
         }
     }
 
@@ -382,6 +386,7 @@ impl Sync {
                     Ok(()) => {
                         info!(dev = hostroute::HOST_DEVICE, address = %own.network(), %network, route_mtu = inner_mtu, "IPv6 host route to remote pods ready");
                         self.host_device6 = Some(own);
+                        self.reseg6 = setup_reseg(dp);
                     }
                     Err(e) => error!(error = %e, "attaching encap to the host device"),
                 },
@@ -392,9 +397,34 @@ impl Sync {
             public_ip,
             vtep_mac: self.vtep_mac,
             inner_mtu,
+            reseg: self.reseg6,
         };
         if let Err(e) = dp.set_config6(&c6) {
             error!(error = %e, "writing the IPv6 dataplane config");
+        }
+    }
+}
+
+/// Sets the host device pair up to segment IPv6 TCP GSO packets with a short last segment before
+/// encap: TSO off on `overlay0p` (its transmit segments them), encap on `overlay0`'s ingress
+/// (where the segments arrive). `None`, with the reason logged, when that fails: such packets are
+/// then encapsulated whole, as before.
+fn setup_reseg(dp: &mut Dataplane) -> Option<(u32, u32)> {
+    let r = (|| -> anyhow::Result<(u32, u32)> {
+        iface::disable_tso(hostroute::HOST_DEVICE_PEER)?;
+        dp.attach_host_reseg(hostroute::HOST_DEVICE)?;
+        let index =
+            |name: &str| nix::net::if_::if_nametoindex(name).map_err(|e| anyhow::anyhow!("{name}: {e}"));
+        Ok((
+            index(hostroute::HOST_DEVICE_PEER)?,
+            index(hostroute::HOST_DEVICE)?,
+        ))
+    })();
+    match r {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!(error = %e, "IPv6 GSO packets whose last segment is short are encapsulated whole; a kernel VXLAN peer drops that segment where it is segmented after encap");
+            None
         }
     }
 }

@@ -77,6 +77,8 @@ pub const STALE_IFINDEX: u32 = 0;
 
 /// Directory under the pin root holding the program links: `<prog>@<iface>@<ifindex>`.
 pub const LINKS_DIR: &str = "links";
+/// The name encap's second link on the host device (its ingress) is pinned under.
+pub const RESEG_LINK: &str = "overlay_encap_reseg";
 
 /// Where decap runs on the underlay NIC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +118,12 @@ pub struct Config6 {
     /// Largest inner IPv6 packet: the underlay MTU − 70 ([`overlay_common::wire::VXLAN6_OVERHEAD`]
     /// + 14 of outer Ethernet are not part of the MTU).
     pub inner_mtu: u32,
+    /// The host device pair that segments IPv6 TCP GSO packets with a short last segment before
+    /// encap: (ifindex of `overlay0p`, TSO off, where they are sent; ifindex of `overlay0`, where
+    /// the segments come back). `None`: such packets are encapsulated whole, and the last
+    /// segment's outer UDP checksum is wrong wherever they are segmented after encap
+    /// ([`overlay_common::DataplaneConfig6::reseg_ifindex`]).
+    pub reseg: Option<(u32, u32)>,
 }
 
 /// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
@@ -228,6 +236,12 @@ impl Dataplane {
         self.attach_tc(programs::ENCAP, dev, TcAttachType::Egress)
     }
 
+    /// Attaches encap to the ingress of the host device too, where the IPv6 GSO packets encap
+    /// sent to be segmented come back as segments (see [`Config6::reseg`]).
+    pub fn attach_host_reseg(&mut self, dev: &str) -> Result<(), DataplaneError> {
+        self.attach_tc_as(programs::ENCAP, RESEG_LINK, dev, TcAttachType::Ingress)
+    }
+
     /// Attaches decap to the ingress of the underlay NIC.
     ///
     /// TC: the TC program strips and delivers; an XDP decap an earlier agent left there (a
@@ -298,6 +312,18 @@ impl Dataplane {
     }
 
     fn attach_tc(&mut self, name: &'static str, iface: &str, at: TcAttachType) -> Result<(), DataplaneError> {
+        self.attach_tc_as(name, name, iface, at)
+    }
+
+    /// [`Dataplane::attach_tc`] with the link pinned as `pin_as` instead of the program's name
+    /// (a program attached twice to one device, in both directions).
+    fn attach_tc_as(
+        &mut self,
+        name: &'static str,
+        pin_as: &str,
+        iface: &str,
+        at: TcAttachType,
+    ) -> Result<(), DataplaneError> {
         // TCX (kernel ≥ 6.6, which aya then uses) needs no qdisc; older kernels attach through
         // clsact. Adding a qdisc to a live device stops its transmit queues for a moment and
         // drops what is in flight (seen as lost packets during upgrades), so only when needed.
@@ -312,7 +338,7 @@ impl Dataplane {
                 });
             }
         }
-        let path = self.link_pin(name, iface)?;
+        let path = self.link_pin(pin_as, iface)?;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let err = |source| DataplaneError::Program { name, source };
         let id = match adopt::<SchedClassifierLink>(&path).map(|l| prog.attach_to_link(l)) {
@@ -547,6 +573,8 @@ impl Dataplane {
             vtep_mac: cfg.vtep_mac,
             flags: maps::CONFIG6_READY,
             inner_mtu: cfg.inner_mtu,
+            reseg_ifindex: cfg.reseg.map_or(0, |r| r.0),
+            reseg_return_ifindex: cfg.reseg.map_or(0, |r| r.1),
             _reserved: 0,
         };
         let mut arr: Array<&mut MapData, DataplaneConfig6> = map_mut(&mut self.ebpf, maps::CONFIG6)?;

@@ -499,6 +499,20 @@ pub fn default_vtep_mac(public_ip: IpAddr) -> [u8; 6] {
 pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
     const ETHTOOL_GGRO: u32 = 0x2b;
     const ETHTOOL_SGRO: u32 = 0x2c;
+    ethtool_flag(name, ETHTOOL_GGRO, ETHTOOL_SGRO, true)
+}
+
+/// Turns TCP segmentation offload off for `name` if it is on (ETHTOOL_STSO): the device's
+/// transmit then segments TCP GSO packets in software. Returns true when it changed the setting.
+pub fn disable_tso(name: &str) -> Result<bool, IfaceError> {
+    const ETHTOOL_GTSO: u32 = 0x1e;
+    const ETHTOOL_STSO: u32 = 0x1f;
+    ethtool_flag(name, ETHTOOL_GTSO, ETHTOOL_STSO, false)
+}
+
+/// Sets an on/off ethtool setting (`get`/`set` commands, struct ethtool_value) to `on` unless it
+/// is already; true when it changed it.
+fn ethtool_flag(name: &str, get: u32, set: u32, on: bool) -> Result<bool, IfaceError> {
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
@@ -511,10 +525,10 @@ pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
         })?;
         Ok(v.data)
     };
-    if call(ETHTOOL_GGRO, 0)? != 0 {
+    if (call(get, 0)? != 0) == on {
         return Ok(false);
     }
-    call(ETHTOOL_SGRO, 1)?;
+    call(set, u32::from(on))?;
     Ok(true)
 }
 

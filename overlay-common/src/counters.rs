@@ -53,10 +53,14 @@ pub enum Counter {
     /// IPv6 pod packets forwarded unencapsulated to a DirectRouting peer.
     Direct6Packets,
     Direct6Bytes,
+    /// IPv6 TCP GSO packets with a short last segment sent through the host device to be
+    /// segmented before encap, so every segment gets its own outer UDP checksum (counted again,
+    /// segment by segment, in `Encap6Packets` when they come back).
+    Encap6Resegmented,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::Direct6Bytes as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::Encap6Resegmented as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -94,6 +98,7 @@ impl Counter {
         Counter::Decap6Bytes,
         Counter::Direct6Packets,
         Counter::Direct6Bytes,
+        Counter::Encap6Resegmented,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -127,6 +132,7 @@ impl Counter {
             Counter::Decap6Bytes => "decap6_bytes",
             Counter::Direct6Packets => "direct6_packets",
             Counter::Direct6Bytes => "direct6_bytes",
+            Counter::Encap6Resegmented => "encap6_resegmented",
         }
     }
 

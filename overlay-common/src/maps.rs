@@ -113,9 +113,21 @@ pub struct DataplaneConfig6 {
     pub flags: u16,
     /// Largest inner IPv6 packet the tunnel carries (underlay MTU − 70).
     pub inner_mtu: u32,
+    /// Where a TCP GSO packet whose last segment is shorter than the others goes to be segmented
+    /// before encap (the host device's peer, `overlay0p`, TSO off); 0: nowhere, such packets are
+    /// encapsulated whole. The segments come back on [`DataplaneConfig6::reseg_return_ifindex`].
+    ///
+    /// Why: `bpf_skb_adjust_room` marks an encapsulated GSO packet `SKB_GSO_UDP_TUNNEL`, never
+    /// `SKB_GSO_UDP_TUNNEL_CSUM`, so wherever it is segmented after encap every segment carries
+    /// the one outer UDP checksum encap wrote. That checksum is right for every segment of the
+    /// full size and wrong for a shorter last one, which a kernel VXLAN receiver drops.
+    pub reseg_ifindex: u32,
+    /// The host device (`overlay0`), where the segments arrive; encap there never sends a
+    /// packet back to be segmented again.
+    pub reseg_return_ifindex: u32,
     pub _reserved: u32,
 }
-const _: () = assert!(size_of::<DataplaneConfig6>() == 32);
+const _: () = assert!(size_of::<DataplaneConfig6>() == 40);
 
 /// A remote node's IPv6 side, the value for its IPv6 subnet in `OVL_PEERS6`.
 #[repr(C)]

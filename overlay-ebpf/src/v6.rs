@@ -12,11 +12,14 @@
 //!
 //! GSO packets: `bpf_skb_adjust_room` marks them `SKB_GSO_UDP_TUNNEL`, never
 //! `SKB_GSO_UDP_TUNNEL_CSUM` (net/core/filter.c, `bpf_skb_net_grow`), so segmentation
-//! (`__skb_udp_tunnel_segment`: `if (!need_csum) continue;`) copies the checksum field into every
-//! segment unchanged. The checksum written is the one of a full-sized segment (it depends on
-//! nothing but the UDP length, the inner headers being identical in every segment): right for
-//! every segment but a shorter last one, and never zero. A super-packet crossing a veth whole
-//! arrives CHECKSUM_PARTIAL and is not verified at all.
+//! (`__skb_udp_tunnel_segment`: `if (!need_csum) continue;`, and NICs alike) copies the checksum
+//! field into every segment unchanged. The checksum written is the one of a full-sized segment
+//! (it depends on nothing but the UDP length, the inner headers being identical in every
+//! segment): right for every segment of that size. A TCP GSO packet whose last segment is
+//! shorter is therefore not encapsulated whole: it goes through the host device's veth pair
+//! (TSO off on `overlay0p`), whose transmit segments it, and its segments come back to encap on
+//! `overlay0`'s ingress one by one, each with its own checksum. A super-packet crossing a veth
+//! whole arrives CHECKSUM_PARTIAL and is not verified at all; a segment on a wire is.
 
 use aya_ebpf::{
     bindings::{
@@ -27,8 +30,8 @@ use aya_ebpf::{
     },
     btf_maps::lpm_trie::Key,
     helpers::generated::{
-        bpf_csum_diff, bpf_fib_lookup, bpf_get_hash_recalc, bpf_skb_load_bytes, bpf_skb_store_bytes,
-        bpf_xdp_adjust_head,
+        bpf_csum_diff, bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_skb_load_bytes,
+        bpf_skb_store_bytes, bpf_xdp_adjust_head,
     },
     programs::{TcContext, XdpContext},
 };
@@ -146,6 +149,11 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         // the tunnel MTU, and answers with ICMPv6 Packet Too Big (IPv6 routers never fragment).
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
     }
+    if !direct && gso_size != 0 && short_tail(ctx, cfg6, &ip, inner_len, wire_len, gso_size) {
+        // SAFETY: plain helper call.
+        let action = unsafe { bpf_redirect(cfg6.reseg_ifindex, 0) } as u32;
+        return Ok(Verdict::pass(action, Counter::Encap6Resegmented));
+    }
     // What the inner packet adds to the outer UDP checksum, before anything else takes stack.
     let inner_sum = if direct {
         0
@@ -259,6 +267,32 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
         u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
         u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
+}
+
+/// True for a TCP GSO packet whose last segment would be shorter than the others, when the
+/// host device can segment it first (see `DataplaneConfig6::reseg_ifindex`): encapsulated whole,
+/// that segment would leave with a wrong outer UDP checksum. Never for a packet that came back
+/// from the host device, so nothing goes round twice. Other GSO packets (a pod's UDP GSO) are
+/// encapsulated whole.
+#[inline(always)]
+fn short_tail(
+    ctx: &TcContext,
+    cfg6: &DataplaneConfig6,
+    ip: &InnerIp6,
+    inner_len: u32,
+    wire_len: u32,
+    gso_size: u32,
+) -> bool {
+    if cfg6.reseg_ifindex == 0 || ip.next_header != IPPROTO_TCP {
+        return false;
+    }
+    // SAFETY: reading a field of our own context.
+    let arrived_on = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if arrived_on == cfg6.reseg_return_ifindex {
+        return false;
+    }
+    let payload = inner_len.saturating_sub(wire_len - gso_size);
+    !payload.is_multiple_of(gso_size)
 }
 
 /// Length of one inner IPv6 packet of a GSO packet on the wire: gso_size plus the IPv6 header

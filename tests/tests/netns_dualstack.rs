@@ -552,6 +552,23 @@ fn mixed_cluster_with_a_flanneld_style_dual_stack_node() {
     ])
     .unwrap();
 
+    // Node 1's underlay computes no checksum and segments nothing (a NIC without offloads for
+    // tunnels): every outer UDP checksum it sends is the one on the wire, and the kernel VXLAN
+    // on node 3 checks each; node 2 keeps the veth's offloads (GSO packets cross whole).
+    c.nodes[0]
+        .node
+        .ns
+        .exec("ethtool", &["-K", "eth0", "tx", "off"])
+        .expect("ethtool -K eth0 tx off on node 1");
+    let csum_errors = || -> u64 {
+        let out = n3.exec("cat", &["/proc/net/snmp6"]).expect("node 3's snmp6");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Udp6InCsumErrors"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Udp6InCsumErrors in node 3's snmp6")
+    };
+
     let pod6 = nth6(sn6, 2);
     for (i, pod) in pods.iter().enumerate() {
         let agent6 = nth6(subnets[i], 2);
@@ -572,11 +589,26 @@ fn mixed_cluster_with_a_flanneld_style_dual_stack_node() {
             assert_eq!(counts, Some((3, 3)), "{what} over IPv6 (node {}):\n{text}", i + 1);
         }
         // Bulk TCP into the kernel VXLAN, which checks every outer UDP checksum over IPv6.
+        let before = csum_errors();
         let (bps, seen) = iperf6(&n3pod, pod6, pod, c.dir());
+        let counters = &c.status_json(i).unwrap()["counters"];
         println!(
-            "agent pod (node {}) → flanneld pod, TCP over IPv6: {:.2} Gbit/s",
+            "agent pod (node {}) → flanneld pod, TCP over IPv6: {:.2} Gbit/s ({} GSO packets segmented before encap, {} encapsulated)",
             i + 1,
-            bps / 1e9
+            bps / 1e9,
+            counters["encap6_resegmented"],
+            counters["encap6_packets"]
+        );
+        assert_eq!(
+            csum_errors() - before,
+            0,
+            "node 3's kernel VXLAN dropped packets from node {} for a bad outer UDP checksum",
+            i + 1
+        );
+        assert!(
+            counters["encap6_resegmented"].as_u64().unwrap_or(0) > 0,
+            "node {}: no GSO packet with a short last segment was segmented before encap: {counters}",
+            i + 1
         );
         assert!(
             bps > 100e6,

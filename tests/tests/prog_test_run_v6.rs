@@ -108,6 +108,7 @@ impl Fixture {
             public_ip: Ipv6Addr::from(OUR_IP6),
             vtep_mac: OUR_VTEP6,
             inner_mtu: INNER_MTU6,
+            reseg: None,
         })
         .unwrap();
         if peers {
@@ -288,7 +289,13 @@ fn from_peer(inner: &[u8]) -> Vec<u8> {
 /// An `__sk_buff` for BPF_PROG_TEST_RUN with only gso_size/gso_segs set (offsets 176 and 164 in
 /// the uapi struct; everything else must be zero).
 fn skb_ctx(gso_size: u32, gso_segs: u32) -> Vec<u8> {
+    skb_ctx_from(gso_size, gso_segs, 0)
+}
+
+/// [`skb_ctx`] for a packet that arrived on device `ingress_ifindex` (offset 36).
+fn skb_ctx_from(gso_size: u32, gso_segs: u32, ingress_ifindex: u32) -> Vec<u8> {
     let mut c = vec![0u8; 192];
+    c[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     c[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
     c[176..180].copy_from_slice(&gso_size.to_ne_bytes());
     c
@@ -532,6 +539,80 @@ fn encap6_hands_oversize_packets_to_the_stack_for_packet_too_big() {
         "1371-byte segments are too big"
     );
     assert_eq!(out, frame);
+}
+
+/// A TCP GSO packet whose last segment is short goes, unchanged, to the host device pair to be
+/// segmented (encapsulated whole, that segment would carry the full-sized segments' outer UDP
+/// checksum); one whose segments are all full-sized is encapsulated whole; a packet that came
+/// back from the pair never goes round again; and without the pair nothing is sent there.
+#[test]
+fn encap6_sends_gso_packets_with_a_short_last_segment_to_be_segmented() {
+    const RESEG: u32 = 41; // overlay0p, TSO off: where such packets go
+    const RETURN: u32 = 42; // overlay0: where their segments come back
+    let mut fx = Fixture::new();
+    let run = |fx: &mut Fixture, payload: usize, ctx: Vec<u8>| {
+        let frame = eth(
+            BRIDGE_MAC,
+            POD_MAC,
+            0x86dd,
+            &tcp6(OUR_POD, PEER_POD, &vec![0x44; payload]),
+        );
+        let before = fx.counters();
+        let (verdict, out) = fx.run_ctx(programs::ENCAP, &frame, Some(&ctx));
+        let after = fx.counters();
+        (
+            verdict,
+            out == frame,
+            delta(&before, &after, Counter::Encap6Resegmented),
+            delta(&before, &after, Counter::DropAdjustRoom),
+        )
+    };
+    // Without the pair (its setup failed): encapsulated whole, as before (BPF_PROG_TEST_RUN's
+    // GSO skb cannot grow: drop_adjust_room, see above).
+    assert_eq!(
+        run(&mut fx, 2940, skb_ctx(1370, 3)),
+        (TC_ACT_SHOT, true, 0, 1),
+        "no pair"
+    );
+    fx.dp
+        .set_config6(&Config6 {
+            public_ip: Ipv6Addr::from(OUR_IP6),
+            vtep_mac: OUR_VTEP6,
+            inner_mtu: INNER_MTU6,
+            reseg: Some((RESEG, RETURN)),
+        })
+        .unwrap();
+    // 2940 = 2 × 1370 + 200: the third segment is short.
+    assert_eq!(
+        run(&mut fx, 2940, skb_ctx(1370, 3)),
+        (TC_ACT_REDIRECT, true, 1, 0),
+        "short last segment: unchanged, to the pair"
+    );
+    // 2740 = 2 × 1370: every segment full-sized, encapsulated whole.
+    assert_eq!(
+        run(&mut fx, 2740, skb_ctx(1370, 2)),
+        (TC_ACT_SHOT, true, 0, 1),
+        "full segments"
+    );
+    // Came back from the pair still GSO (TSO turned on again behind our back): never again.
+    assert_eq!(
+        run(&mut fx, 2940, skb_ctx_from(1370, 3, RETURN)),
+        (TC_ACT_SHOT, true, 0, 1),
+        "from the pair"
+    );
+    // From elsewhere (the pod bridge) it does go.
+    assert_eq!(
+        run(&mut fx, 2940, skb_ctx_from(1370, 3, RESEG + 100)),
+        (TC_ACT_REDIRECT, true, 1, 0),
+        "from the bridge"
+    );
+    // Not GSO: a single packet has no segments, encapsulated as always.
+    let (verdict, same, reseg, _) = run(&mut fx, 1000, skb_ctx(0, 0));
+    assert_eq!(
+        (verdict, same, reseg),
+        (TC_ACT_REDIRECT, false, 0),
+        "not GSO: encapsulated"
+    );
 }
 
 #[test]

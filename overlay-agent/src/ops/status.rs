@@ -325,8 +325,14 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
             ("tcx", Some(id), Some(iface)) => tcx.direction(iface, id),
             _ => None,
         };
+        // Encap's second link on the host device is pinned under a name of its own.
+        let program = if pin.program == dataplane::RESEG_LINK {
+            overlay_common::programs::ENCAP
+        } else {
+            pin.program
+        };
         out.push(AttachmentView {
-            program: pin.program.to_string(),
+            program: program.to_string(),
             iface: present.clone().unwrap_or_else(|| pin.iface.to_string()),
             ifindex: pin.ifindex,
             iface_present: present.is_some(),
