@@ -38,14 +38,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     args.validate()?;
     object::object()?;
     let underlay = iface::resolve(&args.iface).context("finding the underlay interface (--iface)")?;
-    let public_ip = args.public_ip.unwrap_or(underlay.ipv4);
+    // None on a host without IPv4: fine for an IPv6-only network; a config that enables IPv4
+    // is then refused, naming --public-ip (NodeIdentity::lease_attrs).
+    let public_ip = args.public_ip.or(underlay.ipv4);
     // flanneld: --public-ipv6, else the interface's preferred IPv6 address; used only when the
     // network config enables IPv6.
     let public_ipv6 = args.public_ipv6.or(underlay.ipv6);
-    let node = NodeIdentity::new(Some(public_ip), public_ipv6, underlay.mtu);
+    let node = NodeIdentity::new(public_ip, public_ipv6, underlay.mtu);
     let vtep_mac = node.vtep_mac;
     info!(
-        iface = %underlay.name, %public_ip, public_ipv6 = ?public_ipv6,
+        iface = %underlay.name,
+        public_ip = %public_ip.map_or("none".to_string(), |a| a.to_string()),
+        public_ipv6 = %public_ipv6.map_or("none".to_string(), |a| a.to_string()),
         vtep_mac = %crate::lease::MacAddr(vtep_mac),
         "starting overlay-agent"
     );
@@ -237,7 +241,7 @@ struct Sync {
     underlay: Underlay,
     /// The underlay's connected network: DirectRouting peers are inside it.
     segment: Option<Ipv4Net>,
-    public_ip: Ipv4Addr,
+    public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
     vtep_mac: [u8; 6],
     config: Option<NetworkConfig>,
@@ -257,12 +261,12 @@ impl Sync {
     fn new(
         dp: &Dataplane,
         underlay: Underlay,
-        public_ip: Ipv4Addr,
+        public_ip: Option<Ipv4Addr>,
         public_ipv6: Option<Ipv6Addr>,
         vtep_mac: [u8; 6],
         datapath_flags: u16,
     ) -> Self {
-        let segment = connected_network(&underlay.name, underlay.ipv4);
+        let segment = underlay.ipv4.and_then(|a| connected_network(&underlay.name, a));
         Sync {
             datapath_flags,
             underlay,
@@ -346,7 +350,7 @@ impl Sync {
             }
         }
         let dc = DataplaneConfig {
-            public_ip: self.public_ip.octets(),
+            public_ip: self.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).octets(),
             vni: cfg.backend.vni,
             vtep_mac: self.vtep_mac,
             port: cfg.backend.port,

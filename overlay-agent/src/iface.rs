@@ -1,6 +1,7 @@
 //! The underlay interface, chosen as flanneld chooses it (`--iface`, then `--iface-regex`, then
 //! `--iface-can-reach`, else the interface of the default IPv4 route), and the node's stable
-//! VTEP MAC.
+//! VTEP MAC. A host without IPv4 (an IPv6-only network, `"EnableIPv4": false`) gets the same
+//! search by IPv6 addresses and the default IPv6 route, as flanneld's IPv6 stack does it.
 
 use std::{
     fs,
@@ -25,8 +26,17 @@ pub enum IfaceError {
     },
     #[error("no default IPv4 route in /proc/net/route; pass --iface NAME, --iface ADDRESS, --iface-regex or --iface-can-reach")]
     NoDefaultRoute,
+    #[error("no default IPv6 route in /proc/net/ipv6_route")]
+    NoDefaultRoute6,
+    #[error("{v4}; and by IPv6 (a host without IPv4): {v6}")]
+    NeitherFamily {
+        v4: Box<IfaceError>,
+        v6: Box<IfaceError>,
+    },
     #[error("interface {0} has no IPv4 address; give it one or pick another with --iface")]
     NoIpv4(String),
+    #[error("interface {0} has no global IPv6 address")]
+    NoIpv6(String),
     #[error("looking up the route to {dst} (--iface-can-reach): {reason}")]
     Route { dst: Ipv4Addr, reason: String },
     #[error("reading {path}: {source}")]
@@ -41,7 +51,8 @@ pub enum IfaceError {
 pub struct Underlay {
     pub name: String,
     pub ifindex: u32,
-    pub ipv4: Ipv4Addr,
+    /// `PublicIP` unless `--public-ip` says otherwise; none on a host without IPv4.
+    pub ipv4: Option<Ipv4Addr>,
     /// The interface's preferred IPv6 address as flanneld picks it (see [`preferred_ipv6`]);
     /// `PublicIPv6` unless `--public-ipv6` says otherwise.
     pub ipv6: Option<Ipv6Addr>,
@@ -56,13 +67,17 @@ pub struct Link {
     pub ifindex: u32,
     /// Its IPv4 addresses, in the kernel's order (the first is the one a name match uses).
     pub ipv4: Vec<Ipv4Addr>,
+    /// Its global IPv6 addresses, in the kernel's order (searched only on a host where no
+    /// interface is found by IPv4).
+    pub ipv6: Vec<Ipv6Addr>,
 }
 
 /// The interface selection picked, the address to use on it, and which option picked it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Choice {
     pub name: String,
-    pub ipv4: Ipv4Addr,
+    /// IPv4, or IPv6 when nothing was found by IPv4.
+    pub addr: IpAddr,
     pub by: String,
 }
 
@@ -70,47 +85,111 @@ pub struct Choice {
 pub trait Routes {
     /// The interface of the default IPv4 route.
     fn default_iface(&self) -> Result<String, IfaceError>;
+    /// The interface of the default IPv6 route.
+    fn default_iface6(&self) -> Result<String, IfaceError>;
     /// `ip route get dst`: the output interface's index and the preferred source, if any.
     fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError>;
 }
 
-/// Picks the underlay as flanneld's `LookupExtIface` does (IPv4): every `--iface` in order, then
-/// every `--iface-regex` in order, then `--iface-can-reach` (see [`by_iface`], [`by_regex`],
+/// The address family a selection pass searches by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    V4,
+    V6,
+}
+
+impl Pass {
+    fn label(self) -> &'static str {
+        match self {
+            Pass::V4 => "IPv4",
+            Pass::V6 => "IPv6",
+        }
+    }
+
+    fn addrs(self, l: &Link) -> Vec<IpAddr> {
+        match self {
+            Pass::V4 => l.ipv4.iter().copied().map(IpAddr::V4).collect(),
+            Pass::V6 => l.ipv6.iter().copied().map(IpAddr::V6).collect(),
+        }
+    }
+
+    /// `want` as an address of this family, if it is one.
+    fn parse(self, want: &str) -> Option<IpAddr> {
+        match self {
+            Pass::V4 => want.parse::<Ipv4Addr>().ok().map(IpAddr::V4),
+            Pass::V6 => want.parse::<Ipv6Addr>().ok().map(IpAddr::V6),
+        }
+    }
+}
+
+/// Picks the underlay as flanneld's `LookupExtIface` does: every `--iface` in order, then every
+/// `--iface-regex` in order, then `--iface-can-reach` (see [`by_iface`], [`by_regex`],
 /// [`by_route`]); the first that finds an interface with an IPv4 address wins. With none of these
 /// options: the default route's interface. Interfaces are searched in index order.
+///
+/// Only when that finds nothing and some interface has a global IPv6 address (a host without
+/// IPv4, for an IPv6-only network) is the same search made by IPv6 addresses and the default
+/// IPv6 route (`--iface-can-reach` takes an IPv4 destination and is skipped).
 pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<Choice, IfaceError> {
+    let v4 = match choose_by(Pass::V4, sel, links, routes) {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    if links.iter().all(|l| l.ipv6.is_empty()) {
+        return Err(v4);
+    }
+    choose_by(Pass::V6, sel, links, routes).map_err(|v6| IfaceError::NeitherFamily {
+        v4: Box::new(v4),
+        v6: Box::new(v6),
+    })
+}
+
+/// One search of [`choose`], by the addresses of `pass`'s family.
+fn choose_by(
+    pass: Pass,
+    sel: &IfaceArgs,
+    links: &[Link],
+    routes: &impl Routes,
+) -> Result<Choice, IfaceError> {
     // Interfaces in index order, as Go's net.Interfaces lists them.
     let mut by_index: Vec<&Link> = links.iter().collect();
     by_index.sort_by_key(|l| l.ifindex);
-    let choice = |(l, ip): (&Link, Ipv4Addr), by: String| Choice {
+    let choice = |(l, addr): (&Link, IpAddr), by: String| Choice {
         name: l.name.clone(),
-        ipv4: ip,
+        addr,
         by,
     };
     if sel.is_default() {
-        let name = routes.default_iface()?;
+        let name = match pass {
+            Pass::V4 => routes.default_iface()?,
+            Pass::V6 => routes.default_iface6()?,
+        };
         let l = by_index
             .iter()
             .find(|l| l.name == name)
             .ok_or_else(|| IfaceError::NotFound(name.clone()))?;
-        let found = first_v4(l).map_err(|_| IfaceError::NoIpv4(name))?;
+        let found = first_addr(pass, l).map_err(|_| match pass {
+            Pass::V4 => IfaceError::NoIpv4(name),
+            Pass::V6 => IfaceError::NoIpv6(name),
+        })?;
         return Ok(choice(found, "the default route".into()));
     }
     // Lazily, in flanneld's order: the first that matches ends the search.
     let attempts = sel
         .iface
         .iter()
-        .map(|w| (format!("--iface {w}"), by_iface(w, &by_index)))
+        .map(|w| (format!("--iface {w}"), by_iface(pass, w, &by_index)))
         .chain(
             sel.iface_regex
                 .iter()
-                .map(|p| (format!("--iface-regex {p}"), by_regex(p, &by_index))),
+                .map(|p| (format!("--iface-regex {p}"), by_regex(pass, p, &by_index))),
         )
-        .chain(
-            sel.iface_can_reach
-                .into_iter()
-                .map(|d| (format!("--iface-can-reach {d}"), by_route(d, &by_index, routes))),
-        );
+        .chain(sel.iface_can_reach.into_iter().map(|d| {
+            (
+                format!("--iface-can-reach {d}"),
+                by_route(pass, d, &by_index, routes),
+            )
+        }));
     let mut tried = Vec::new();
     for (by, result) in attempts {
         match result {
@@ -121,7 +200,7 @@ pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<C
     let available = by_index
         .iter()
         .map(|l| {
-            let addrs: Vec<String> = l.ipv4.iter().map(Ipv4Addr::to_string).collect();
+            let addrs: Vec<String> = pass.addrs(l).iter().map(IpAddr::to_string).collect();
             format!("{} [{}]", l.name, addrs.join(" "))
         })
         .collect::<Vec<_>>()
@@ -129,25 +208,26 @@ pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<C
     Err(IfaceError::NoMatch { tried, available })
 }
 
-/// The interface's first IPv4 address (what a match by name uses).
-fn first_v4(l: &Link) -> Result<(&Link, Ipv4Addr), String> {
-    match l.ipv4.first() {
+/// The interface's first address of the family (what a match by name uses).
+fn first_addr(pass: Pass, l: &Link) -> Result<(&Link, IpAddr), String> {
+    match pass.addrs(l).first() {
         Some(ip) => Ok((l, *ip)),
-        None => Err(format!("{} has no IPv4 address", l.name)),
+        None => Err(format!("{} has no {} address", l.name, pass.label())),
     }
 }
 
-/// `--iface`: an IPv4 address picks the interface holding it, with that address; a name picks
-/// that interface with its first address.
-fn by_iface<'a>(want: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr), String> {
-    if let Ok(ip) = want.parse::<Ipv4Addr>() {
+/// `--iface`: an address picks the interface holding it, with that address; a name picks that
+/// interface with its first address.
+fn by_iface<'a>(pass: Pass, want: &str, links: &[&'a Link]) -> Result<(&'a Link, IpAddr), String> {
+    if let Some(ip) = pass.parse(want) {
         let l = links
             .iter()
-            .find(|l| l.ipv4.contains(&ip))
-            .ok_or("no interface has that IPv4 address")?;
+            .find(|l| pass.addrs(l).contains(&ip))
+            .ok_or_else(|| format!("no interface has that {} address", pass.label()))?;
         return Ok((l, ip));
     }
-    first_v4(
+    first_addr(
+        pass,
         links
             .iter()
             .find(|l| l.name == want)
@@ -157,14 +237,15 @@ fn by_iface<'a>(want: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr), 
 
 /// `--iface-regex`: every interface's addresses first (the matching address is used), then the
 /// first interface whose name matches, with its first address.
-fn by_regex<'a>(pattern: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr), String> {
+fn by_regex<'a>(pass: Pass, pattern: &str, links: &[&'a Link]) -> Result<(&'a Link, IpAddr), String> {
     let re = regex::Regex::new(pattern).map_err(|e| format!("not a valid regular expression: {e}"))?;
     for l in links {
-        if let Some(ip) = l.ipv4.iter().find(|ip| re.is_match(&ip.to_string())) {
-            return Ok((l, *ip));
+        if let Some(ip) = pass.addrs(l).into_iter().find(|ip| re.is_match(&ip.to_string())) {
+            return Ok((l, ip));
         }
     }
-    first_v4(
+    first_addr(
+        pass,
         links
             .iter()
             .find(|l| re.is_match(&l.name))
@@ -173,20 +254,24 @@ fn by_regex<'a>(pattern: &str, links: &[&'a Link]) -> Result<(&'a Link, Ipv4Addr
 }
 
 /// `--iface-can-reach`: the route's output interface, with its preferred source address (else
-/// the interface's first address).
+/// the interface's first address). An IPv4 destination: no answer in the IPv6 search.
 fn by_route<'a>(
+    pass: Pass,
     dst: Ipv4Addr,
     links: &[&'a Link],
     routes: &impl Routes,
-) -> Result<(&'a Link, Ipv4Addr), String> {
+) -> Result<(&'a Link, IpAddr), String> {
+    if pass == Pass::V6 {
+        return Err("an IPv4 destination, not looked up by IPv6".into());
+    }
     let (oif, src) = routes.route_to(dst).map_err(|e| e.to_string())?;
     let l = links
         .iter()
         .find(|l| l.ifindex == oif)
         .ok_or_else(|| format!("the route leaves through interface index {oif}, which is not listed"))?;
     match src {
-        Some(ip) => Ok((l, ip)),
-        None => first_v4(l),
+        Some(ip) => Ok((l, IpAddr::V4(ip))),
+        None => first_addr(pass, l),
     }
 }
 
@@ -196,6 +281,10 @@ struct SystemRoutes;
 impl Routes for SystemRoutes {
     fn default_iface(&self) -> Result<String, IfaceError> {
         default_route_iface(&read("/proc/net/route")?).ok_or(IfaceError::NoDefaultRoute)
+    }
+
+    fn default_iface6(&self) -> Result<String, IfaceError> {
+        default_route6_iface(&read("/proc/net/ipv6_route")?).ok_or(IfaceError::NoDefaultRoute6)
     }
 
     fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError> {
@@ -253,8 +342,19 @@ fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
 pub fn resolve(sel: &IfaceArgs) -> Result<Underlay, IfaceError> {
     let links = links()?;
     let c = choose(sel, &links, &SystemRoutes)?;
-    tracing::info!(iface = %c.name, address = %c.ipv4, by = %c.by, "underlay interface chosen");
-    underlay(&c.name, c.ipv4)
+    tracing::info!(iface = %c.name, address = %c.addr, by = %c.by, "underlay interface chosen");
+    let (ipv4, ipv6) = match c.addr {
+        IpAddr::V4(a) => (Some(a), None),
+        // Found by IPv6: an IPv4 address it may still have is PublicIP's default.
+        IpAddr::V6(a) => (
+            links
+                .iter()
+                .find(|l| l.name == c.name)
+                .and_then(|l| l.ipv4.first().copied()),
+            Some(a),
+        ),
+    };
+    underlay(&c.name, ipv4, ipv6)
 }
 
 /// Every interface with its index and IPv4 addresses (netlink-backed: this network namespace).
@@ -268,12 +368,18 @@ fn links() -> Result<Vec<Link>, IfaceError> {
                     name: ifa.interface_name.clone(),
                     ifindex: 0,
                     ipv4: Vec::new(),
+                    ipv6: Vec::new(),
                 });
                 links.len() - 1
             }
         };
         if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
             links[i].ipv4.push(a.ip());
+        }
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in6()) {
+            if is_global6(&a.ip()) {
+                links[i].ipv6.push(a.ip());
+            }
         }
         if let Some(ll) = ifa.address.as_ref().and_then(|a| a.as_link_addr()) {
             links[i].ifindex = ll.ifindex() as u32;
@@ -285,7 +391,8 @@ fn links() -> Result<Vec<Link>, IfaceError> {
     Ok(links)
 }
 
-fn underlay(name: &str, ipv4: Ipv4Addr) -> Result<Underlay, IfaceError> {
+/// The interface's details; `ipv6` is the address it was found by, else its preferred one.
+fn underlay(name: &str, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Result<Underlay, IfaceError> {
     // Netlink-backed calls only (no sysfs): they answer for the caller's network namespace
     // even when /sys belongs to another one.
     let ifindex = nix::net::if_::if_nametoindex(name).map_err(|_| IfaceError::NotFound(name.into()))?;
@@ -297,13 +404,13 @@ fn underlay(name: &str, ipv4: Ipv4Addr) -> Result<Underlay, IfaceError> {
             content: String::new(),
         })?;
     let mtu = link_mtu(name)?;
-    let ipv6 = match ipv6_addrs(ifindex) {
+    let ipv6 = ipv6.or_else(|| match ipv6_addrs(ifindex) {
         Ok(a) => preferred_ipv6(a).first().copied(),
         Err(e) => {
             tracing::warn!(iface = name, error = %e, "cannot list the interface's IPv6 addresses");
             None
         }
-    };
+    });
     Ok(Underlay {
         name: name.to_string(),
         ifindex,
@@ -464,6 +571,34 @@ pub fn default_route_iface(route_table: &str) -> Option<String> {
         })
         .min()
         .map(|(_, n)| n)
+}
+
+/// The interface of the lowest-metric default route in `/proc/net/ipv6_route` text (`::/0`, up,
+/// not a reject route: the kernel lists an unreachable `::/0` on `lo`).
+pub fn default_route6_iface(route_table: &str) -> Option<String> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    route_table
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // dst dst_len src src_len next_hop metric refcnt use flags iface
+            if f.len() < 10 || f[0] != "00000000000000000000000000000000" || f[1] != "00" {
+                return None;
+            }
+            let flags = u32::from_str_radix(f[8], 16).ok()?;
+            if flags & RTF_UP == 0 || flags & RTF_REJECT != 0 || f[9] == "lo" {
+                return None;
+            }
+            Some((u32::from_str_radix(f[5], 16).ok()?, f[9].to_string()))
+        })
+        .min()
+        .map(|(_, n)| n)
+}
+
+/// A global unicast IPv6 address (not link-local, loopback, multicast or unspecified).
+fn is_global6(a: &Ipv6Addr) -> bool {
+    !a.is_unspecified() && !a.is_loopback() && !a.is_multicast() && !a.is_unicast_link_local()
 }
 
 /// A stable, locally administered unicast MAC for this node's VTEP: FNV-1a over
@@ -654,18 +789,21 @@ mod tests {
     #[test]
     fn loopback_by_name_address_and_route() {
         let lo = resolve(&opts("--iface lo")).unwrap();
-        assert_eq!(lo.ipv4, Ipv4Addr::LOCALHOST);
+        assert_eq!(lo.ipv4, Some(Ipv4Addr::LOCALHOST));
         assert_eq!(lo.mac, [0; 6]);
         assert!(lo.ifindex > 0 && lo.mtu > 0);
         let by_ip = resolve(&opts("--iface no-such-if0 --iface 127.0.0.1")).unwrap();
         assert_eq!(by_ip.name, "lo");
         let by_re = resolve(&opts(r"--iface no-such-if0 --iface-regex ^127\.0\.0\.1$")).unwrap();
-        assert_eq!((by_re.name.as_str(), by_re.ipv4), ("lo", Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            (by_re.name.as_str(), by_re.ipv4),
+            ("lo", Some(Ipv4Addr::LOCALHOST))
+        );
         // A real RTM_GETROUTE: 127.0.0.9 is reached through lo, from 127.0.0.1.
         let by_route = resolve(&opts("--iface-can-reach 127.0.0.9")).unwrap();
         assert_eq!(
             (by_route.name.as_str(), by_route.ipv4),
-            ("lo", Ipv4Addr::LOCALHOST)
+            ("lo", Some(Ipv4Addr::LOCALHOST))
         );
         let err = resolve(&opts("--iface no-such-if0")).unwrap_err().to_string();
         assert!(
@@ -680,12 +818,18 @@ mod tests {
     /// A canned routing table: the default route's interface and `ip route get` answers.
     struct Table {
         default: Option<&'static str>,
+        default6: Option<&'static str>,
         routes: Vec<(Ipv4Addr, u32, Option<Ipv4Addr>)>,
     }
 
     impl Routes for Table {
         fn default_iface(&self) -> Result<String, IfaceError> {
             self.default.map(str::to_string).ok_or(IfaceError::NoDefaultRoute)
+        }
+        fn default_iface6(&self) -> Result<String, IfaceError> {
+            self.default6
+                .map(str::to_string)
+                .ok_or(IfaceError::NoDefaultRoute6)
         }
         fn route_to(&self, dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), IfaceError> {
             self.routes
@@ -709,6 +853,7 @@ mod tests {
             name: name.into(),
             ifindex,
             ipv4: addrs.iter().map(|a| ip(a)).collect(),
+            ipv6: Vec::new(),
         };
         vec![
             l("bond0", 5, &["192.168.5.5"]),
@@ -722,6 +867,7 @@ mod tests {
     fn table() -> Table {
         Table {
             default: Some("eth0"),
+            default6: None,
             routes: vec![
                 (ip("10.9.9.9"), 3, Some(ip("10.1.2.3"))),
                 (ip("10.8.8.8"), 3, None),
@@ -810,7 +956,7 @@ mod tests {
         ];
         for (line, want) in cases {
             let c = choose(&opts(line), &links(), &table()).unwrap_or_else(|e| panic!("{line}: {e}"));
-            assert_eq!(format!("{} {} {}", c.name, c.ipv4, c.by), want, "{line}");
+            assert_eq!(format!("{} {} {}", c.name, c.addr, c.by), want, "{line}");
         }
     }
 
@@ -845,6 +991,7 @@ mod tests {
         );
         let no_default = Table {
             default: None,
+            default6: None,
             routes: Vec::new(),
         };
         assert!(matches!(
@@ -853,11 +1000,94 @@ mod tests {
         ));
         let wg_default = Table {
             default: Some("wg0"),
+            default6: None,
             routes: Vec::new(),
         };
         assert!(matches!(
             choose(&IfaceArgs::default(), &links(), &wg_default),
             Err(IfaceError::NoIpv4(n)) if n == "wg0"
         ));
+    }
+
+    /// A host without IPv4 on its uplinks: lo still has 127.0.0.1, eth0 and eth1 only IPv6.
+    fn v6_links() -> Vec<Link> {
+        let l = |name: &str, ifindex, v4: &[&str], v6: &[&str]| Link {
+            name: name.into(),
+            ifindex,
+            ipv4: v4.iter().map(|a| ip(a)).collect(),
+            ipv6: v6.iter().map(|a| a.parse().unwrap()).collect(),
+        };
+        vec![
+            l("lo", 1, &["127.0.0.1"], &[]),
+            l("eth1", 3, &[], &["fd00:198:18:1::3"]),
+            l("eth0", 2, &[], &["fd00:198:18::11", "2001:db8::11"]),
+        ]
+    }
+
+    #[test]
+    fn a_host_without_ipv4_is_searched_by_ipv6() {
+        let t = Table {
+            default: None,
+            default6: Some("eth0"),
+            routes: Vec::new(),
+        };
+        let cases = [
+            ("", "eth0 fd00:198:18::11 the default route"),
+            ("--iface eth1", "eth1 fd00:198:18:1::3 --iface eth1"),
+            ("--iface 2001:db8::11", "eth0 2001:db8::11 --iface 2001:db8::11"),
+            (
+                "--iface nosuch0 --iface eth1",
+                "eth1 fd00:198:18:1::3 --iface eth1",
+            ),
+            (r"--iface-regex ^2001:", "eth0 2001:db8::11 --iface-regex ^2001:"),
+            (
+                r"--iface-regex ^eth1$",
+                "eth1 fd00:198:18:1::3 --iface-regex ^eth1$",
+            ),
+            // The IPv4 search runs first and wins wherever it finds something: lo by name.
+            ("--iface lo --iface eth0", "lo 127.0.0.1 --iface lo"),
+        ];
+        for (line, want) in cases {
+            let c = choose(&opts(line), &v6_links(), &t).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(format!("{} {} {}", c.name, c.addr, c.by), want, "{line}");
+        }
+        // Found by neither: both searches say why.
+        let err = choose(&opts("--iface nosuch0"), &v6_links(), &t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("no interface matches --iface nosuch0: no interface has that name; interfaces here: lo [127.0.0.1]"), "{err}");
+        assert!(
+            err.contains("; and by IPv6 (a host without IPv4): no interface matches --iface nosuch0"),
+            "{err}"
+        );
+        assert!(err.contains("eth0 [fd00:198:18::11 2001:db8::11]"), "{err}");
+        let none = Table {
+            default: None,
+            default6: None,
+            routes: Vec::new(),
+        };
+        assert_eq!(
+            choose(&IfaceArgs::default(), &v6_links(), &none)
+                .unwrap_err()
+                .to_string(),
+            "no default IPv4 route in /proc/net/route; pass --iface NAME, --iface ADDRESS, \
+             --iface-regex or --iface-can-reach; and by IPv6 (a host without IPv4): no default \
+             IPv6 route in /proc/net/ipv6_route"
+        );
+    }
+
+    #[test]
+    fn default_ipv6_route_skips_reject_and_loopback_routes() {
+        // As /proc/net/ipv6_route lists them: a link-local route, the unreachable ::/0 on lo,
+        // two default routes (metric 0x400 via eth1 beats 0x800 via eth0).
+        let table = "\
+fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000800 00000001 00000000 00450003     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000002 00000400 00000001 00000000 00450003     eth1
+";
+        assert_eq!(default_route6_iface(table).as_deref(), Some("eth1"));
+        let only_reject = table.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(default_route6_iface(&only_reject), None);
     }
 }

@@ -20,6 +20,8 @@ use crate::{
 
 /// etcd listens on the underlay bridge's address.
 pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// etcd's IPv6 address on the underlay, for nodes without IPv4.
+pub const ETCD_IP6: &str = "fd00:198:18::1";
 pub const NETWORK_PREFIX: &str = "/coreos.com/network";
 pub const UNDERLAY_MTU: u32 = 1500;
 
@@ -64,6 +66,8 @@ pub struct AgentNode {
     /// The binary [`Cluster::start_agent`] runs on this node (another release's, for upgrade
     /// tests); `None`: [`agent_bin`].
     pub agent_bin: Option<PathBuf>,
+    /// The etcd endpoint this node's agent uses; `None`: [`Cluster::etcd_endpoint`].
+    pub etcd_endpoint: Option<String>,
 }
 
 impl AgentNode {
@@ -102,6 +106,15 @@ impl Cluster {
         underlay
             .ns
             .ip(&["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+        underlay.ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ETCD_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         let mut cluster = Cluster {
             nodes: Vec::new(),
             underlay,
@@ -122,6 +135,11 @@ impl Cluster {
         format!("http://{ETCD_IP}:2379")
     }
 
+    /// etcd over IPv6, for nodes without IPv4 ([`AgentNode::etcd_endpoint`]).
+    pub fn etcd_endpoint6(&self) -> String {
+        format!("http://[{ETCD_IP6}]:2379")
+    }
+
     /// Stops etcd (SIGKILL: an outage, not a shutdown); its data stays for [`Cluster::start_etcd`].
     pub fn stop_etcd(&mut self) {
         if let Some(pid) = self.etcd_pid.take() {
@@ -138,7 +156,7 @@ impl Cluster {
             .arg(&data)
             .args([
                 "--listen-client-urls",
-                &url(2379),
+                &format!("{},http://[{ETCD_IP6}]:2379", url(2379)),
                 "--advertise-client-urls",
                 &url(2379),
             ])
@@ -193,14 +211,18 @@ impl Cluster {
             extra_args: Vec::new(),
             extra_env: Vec::new(),
             agent_bin: None,
+            etcd_endpoint: None,
         });
         Ok(())
     }
 
     /// Starts node `i`'s agent (index into `nodes`).
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let ep = self.etcd_endpoint();
         let n = &mut self.nodes[i];
+        let ep = n
+            .etcd_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("http://{ETCD_IP}:2379"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -368,6 +368,99 @@ fn ipv6_only_network_carries_ipv6_pods() {
     }
 }
 
+/// Nodes whose underlay has no IPv4 at all (no address, no route; etcd reached over IPv6): the
+/// agent finds eth0 by its IPv6 address, an IPv6-only network carries IPv6 pods both ways, and
+/// the lease is flanneld's IPv6-only one. A config that enables IPv4 on such a host is refused,
+/// naming what to do.
+#[test]
+fn hosts_without_ipv4_run_an_ipv6_only_network() {
+    require_root();
+    let mut c = Cluster::new(2, V6_ONLY).expect("building the cluster");
+    let endpoint6 = c.etcd_endpoint6();
+    for (i, n) in c.nodes.iter_mut().enumerate() {
+        let ns = &n.node.ns;
+        ns.ip(&["-4", "addr", "flush", "dev", "eth0"]).unwrap();
+        let addr = format!("{}/64", underlay6(i as u8 + 1));
+        ns.ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])
+            .unwrap();
+        let v4 = output(ns, "ip", &["-4", "addr", "show"]).unwrap();
+        assert!(
+            !v4.contains("198.18."),
+            "node {i} still has IPv4 on the underlay:\n{v4}"
+        );
+        n.etcd_endpoint = Some(endpoint6.clone());
+    }
+    for i in 0..2 {
+        c.start_agent(i).unwrap();
+    }
+    let mut subnets = Vec::new();
+    for i in 0..2 {
+        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(&c, i).is_some());
+        assert!(
+            got.is_some(),
+            "node {i} wrote no IPv6 subnet; log:\n{}",
+            c.agent_log(i)
+        );
+        subnets.push(ipv6_subnet(&c, i).unwrap().trunc());
+        assert!(
+            c.agent_log(i)
+                .contains(&format!("address={} by=--iface eth0", underlay6(i as u8 + 1))),
+            "node {i}: eth0 not chosen by its IPv6 address:\n{}",
+            c.agent_log(i)
+        );
+    }
+    // flanneld's IPv6-only lease: no IPv4 subnet in the key, PublicIP 0.0.0.0 (flanneld's
+    // zero value), our PublicIPv6.
+    let leases = c.leases().unwrap();
+    for (i, sn) in subnets.iter().enumerate() {
+        let key = format!("0.0.0.0-0&{}-{}", sn.network(), sn.prefix_len());
+        let line = leases
+            .lines()
+            .skip_while(|l| !l.ends_with(&key))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no lease {key}:\n{leases}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["PublicIPv6"], underlay6(i as u8 + 1).to_string(), "{line}");
+        assert_eq!(v["PublicIP"], "0.0.0.0", "{line}");
+    }
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| bridge_and_pod(&mut c, i, subnets[i], false))
+        .collect();
+    wait_peers(&c);
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
+        assert_eq!(
+            counts,
+            Some((5, 5)),
+            "pod {from} → pod {to}, hosts without IPv4:\n{text}\n{}",
+            c.agent_log(to)
+        );
+    }
+    let (bps, seen) = iperf6(&pods[1], nth6(subnets[1], 2), &pods[0], c.dir());
+    println!("hosts without IPv4: pod → pod TCP {:.2} Gbit/s", bps / 1e9);
+    assert!(bps > 100e6, "bulk TCP between hosts without IPv4: {bps} bit/s");
+    assert_eq!(seen, nth6(subnets[0], 2).to_string());
+
+    // The same host with a config that enables IPv4 (as it is by default): refused, naming
+    // the way out, and nothing taken in etcd.
+    c.stop_agent(0, nix::sys::signal::Signal::SIGTERM);
+    c.etcdctl(&["put", "/coreos.com/network/config", DUAL]).unwrap();
+    let before = c.leases().unwrap();
+    let log_from = c.agent_log(0).len();
+    c.start_agent(0).unwrap();
+    let status = c.wait_agent_exit(0, Duration::from_secs(20));
+    let log = c.agent_log(0)[log_from..].to_string();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the agent kept running on a host without IPv4 under an IPv4 config:\n{log}"
+    );
+    assert!(log.contains("--public-ip"), "the error names no way out:\n{log}");
+    assert!(
+        !c.leases().unwrap().contains("10.244."),
+        "an IPv4 lease was taken:\n{before}"
+    );
+}
+
 /// The agents' dual-stack leases as etcd holds them: (IPv4 subnet, PublicIP, VtepMAC, IPv6
 /// subnet, PublicIPv6, IPv6 VtepMAC).
 type DualLease = (Ipv4Net, Ipv4Addr, [u8; 6], Ipv6Net, Ipv6Addr, [u8; 6]);
