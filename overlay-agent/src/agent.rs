@@ -92,7 +92,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (mut local, mut local_watch) = endpoints::start(&dp, &args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
     let mut reap = tokio::time::interval(REAP_TICK);
-    let mut forward = tokio::time::interval(Duration::from_secs(args.iptables_resync.into()));
+    // FORWARD rules and the host device are checked every --iptables-resync seconds.
+    let mut resync = tokio::time::interval(Duration::from_secs(args.iptables_resync.into()));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -110,7 +111,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             _ = poll.tick() => bridge.check(&mut dp),
             d = local_watch.next() => local.discovered(&mut dp, d),
             _ = reap.tick() => state.reap(&mut dp),
-            _ = forward.tick() => ops.ensure_forward(),
+            _ = resync.tick() => {
+                ops.ensure_forward();
+                state.ensure_host_device(&mut dp).await;
+            }
             r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }
             _ = term.recv() => { info!("SIGTERM: exiting, pinned maps stay"); ops.stopping(); break; }
@@ -330,6 +334,31 @@ impl Sync {
     fn reap(&mut self, dp: &mut Dataplane) {
         self.v4.reap(dp);
         self.v6.reap(dp);
+    }
+
+    /// Every resync period: sets the host device up again when an earlier attempt failed or the
+    /// device has been deleted since (by hand, or by a cleanup tool), so host → pod traffic does
+    /// not wait for the next lease or config event.
+    async fn ensure_host_device(&mut self, dp: &mut Dataplane) {
+        let was_up = self.host_device.is_some() || self.host_device6.is_some();
+        if was_up && nix::net::if_::if_nametoindex(hostroute::HOST_DEVICE).is_err() {
+            warn!(
+                dev = hostroute::HOST_DEVICE,
+                "the host device is gone; setting it up again"
+            );
+            self.host_device = None;
+            self.host_device6 = None;
+            self.reseg6 = None;
+        }
+        let Some(cfg) = &self.config else { return };
+        let v4_pending = cfg.network().is_some() && self.v4.own.is_some() && self.host_device != self.v4.own;
+        let v6_pending = cfg.ipv6_network().is_some()
+            && self.public_ipv6.is_some()
+            && self.v6.own.is_some()
+            && self.host_device6 != self.v6.own;
+        if v4_pending || v6_pending {
+            self.write_config(dp).await;
+        }
     }
 
     async fn write_config(&mut self, dp: &mut Dataplane) {

@@ -95,6 +95,26 @@ fn host_to_remote_pod_and_flannel_style_dot_zero_sources() {
         subnet.network().to_string(),
         "the remote pod must see node1's connection come from its subnet's .0"
     );
+
+    // The host device deleted under the running agent (by hand, or a cleanup tool): it is set
+    // up again within the resync period (5 s), with no lease or config event.
+    c.nodes[0].node.ns.ip(&["link", "del", "overlay0"]).unwrap();
+    assert!(
+        !ping(&c.nodes[0].node.ns, pods[1], 1, None),
+        "reached the pod with no host device"
+    );
+    let back = Cluster::wait_for(Duration::from_secs(8), || {
+        ping(&c.nodes[0].node.ns, pods[1], 1, None)
+    });
+    assert!(
+        back.is_some()
+            && c.agent_log(0)
+                .contains("the host device is gone; setting it up again"),
+        "node1 → pod on node2 did not come back after overlay0 was deleted; log:\n{}",
+        c.agent_log(0)
+    );
+    let route = output(&c.nodes[0].node.ns, "ip", &["route", "get", &pods[1].to_string()]).unwrap();
+    assert!(route.contains("dev overlay0"), "{route}");
 }
 
 #[test]
