@@ -2,12 +2,12 @@
 //! One remote lease becomes one map upsert; one removed lease becomes one delete.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use overlay_common::DataplaneConfig;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -216,25 +216,25 @@ fn enable_sysctl(name: &str, path: &str) -> Result<()> {
     Ok(())
 }
 
-/// The network `addr` is configured with on `iface` (address + netmask).
-fn connected_network(iface: &str, addr: Ipv4Addr) -> Option<Ipv4Net> {
+/// The network `addr` (either family) is configured with on `iface` (address + netmask).
+fn connected_network(iface: &str, addr: IpAddr) -> Option<IpNet> {
     let addrs = nix::ifaddrs::getifaddrs().ok()?;
     for a in addrs.filter(|a| a.interface_name == iface) {
-        let ip = a
-            .address
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in())
-            .map(|s| s.ip());
-        let mask = a
-            .netmask
-            .as_ref()
-            .and_then(|s| s.as_sockaddr_in())
-            .map(|s| s.ip());
-        if let (Some(ip), Some(mask)) = (ip, mask) {
-            if ip == addr {
-                let prefix = u32::from(mask).leading_ones() as u8;
-                return Ipv4Net::new(ip, prefix).ok().map(|n| n.trunc());
-            }
+        let (Some(ip), Some(mask)) = (a.address.as_ref(), a.netmask.as_ref()) else {
+            continue;
+        };
+        let (ip, prefix) = match (
+            ip.as_sockaddr_in(),
+            mask.as_sockaddr_in(),
+            ip.as_sockaddr_in6(),
+            mask.as_sockaddr_in6(),
+        ) {
+            (Some(ip), Some(m), _, _) => (IpAddr::V4(ip.ip()), u32::from(m.ip()).leading_ones()),
+            (_, _, Some(ip), Some(m)) => (IpAddr::V6(ip.ip()), u128::from(m.ip()).leading_ones()),
+            _ => continue,
+        };
+        if ip == addr {
+            return IpNet::new(ip, prefix as u8).ok().map(|n| n.trunc());
         }
     }
     None
@@ -243,8 +243,10 @@ fn connected_network(iface: &str, addr: Ipv4Addr) -> Option<Ipv4Net> {
 /// What the maps should hold, kept in step with the lease events.
 struct Sync {
     underlay: Underlay,
-    /// The underlay's connected network: DirectRouting peers are inside it.
+    /// The underlay's connected networks: DirectRouting peers are inside them (flanneld: a
+    /// peer reached without a gateway).
     segment: Option<Ipv4Net>,
+    segment6: Option<Ipv6Net>,
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
     vtep_mac: [u8; 6],
@@ -270,11 +272,25 @@ impl Sync {
         vtep_mac: [u8; 6],
         datapath_flags: u16,
     ) -> Self {
-        let segment = underlay.ipv4.and_then(|a| connected_network(&underlay.name, a));
+        let segment = underlay
+            .ipv4
+            .and_then(|a| connected_network(&underlay.name, a.into()))
+            .and_then(|n| match n {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            });
+        let segment6 = underlay
+            .ipv6
+            .and_then(|a| connected_network(&underlay.name, a.into()))
+            .and_then(|n| match n {
+                IpNet::V6(n) => Some(n),
+                IpNet::V4(_) => None,
+            });
         Sync {
             datapath_flags,
             underlay,
             segment,
+            segment6,
             public_ip,
             public_ipv6,
             vtep_mac,
@@ -291,12 +307,20 @@ impl Sync {
         self.v4.len() + self.v6.len()
     }
 
-    /// DirectRouting applies to an IPv4 peer on our own segment. (IPv6 peers are always
-    /// encapsulated.)
+    /// DirectRouting applies to a peer on our own segment, per family (flanneld decides the
+    /// same way for `flannel.1` and `flannel-v6.1`).
     fn direct_v4(&self) -> impl Fn(Ipv4Addr) -> bool + use<> {
-        let on = self.config.as_ref().is_some_and(|c| c.backend.direct_routing);
-        let segment = self.segment;
+        let (on, segment) = (self.direct_routing(), self.segment);
         move |ip| on && segment.is_some_and(|net| net.contains(&ip))
+    }
+
+    fn direct_v6(&self) -> impl Fn(Ipv6Addr) -> bool + use<> {
+        let (on, segment) = (self.direct_routing(), self.segment6);
+        move |ip| on && segment.is_some_and(|net| net.contains(&ip))
+    }
+
+    fn direct_routing(&self) -> bool {
+        self.config.as_ref().is_some_and(|c| c.backend.direct_routing)
     }
 
     async fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
@@ -318,7 +342,7 @@ impl Sync {
             }
             Event::PeerUpsert(lease) => {
                 self.v4.upsert(dp, &lease, self.direct_v4());
-                self.v6.upsert(dp, &lease, |_| false);
+                self.v6.upsert(dp, &lease, self.direct_v6());
             }
             Event::PeerRemove(lease) => {
                 self.v4.lease_removed(&lease);
@@ -326,7 +350,7 @@ impl Sync {
             }
             Event::Resync(all) => {
                 self.v4.resync(dp, &all, self.direct_v4());
-                self.v6.resync(dp, &all, |_| false);
+                self.v6.resync(dp, &all, self.direct_v6());
             }
         }
     }

@@ -461,6 +461,54 @@ fn hosts_without_ipv4_run_an_ipv6_only_network() {
     );
 }
 
+/// DirectRouting, as flanneld applies it to `flannel-v6.1` too: peers on our IPv6 segment get
+/// IPv6 pod packets bare, with no VXLAN on the wire, both ways.
+#[test]
+fn direct_routing_peers_get_ipv6_pod_packets_bare() {
+    let config = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let (mut c, subnets) = cluster(2, config);
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| bridge_and_pod(&mut c, i, subnets[i], true))
+        .collect();
+    wait_peers(&c);
+    let (a, b) = (nth6(subnets[0], 2), nth6(subnets[1], 2));
+    // The first 4 packets that are pod ICMPv6 or VXLAN: 2 pings make 4 ICMPv6 packets, so any
+    // VXLAN packet would be among them.
+    let mut cap = c.underlay.ns.command("tcpdump");
+    let pcap = c.dir().join("direct6.txt");
+    let filter = format!("udp port 8472 or (icmp6 and host {b})");
+    cap.args(["-l", "-ni", "br0", "-c", "4", &filter])
+        .stdout(std::fs::File::create(&pcap).unwrap())
+        .stderr(std::process::Stdio::null());
+    let pid = c.underlay.ns.spawn(cap).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (counts, text) = ping6(&pods[0], b, 2, None, false);
+    assert_eq!(counts, Some((2, 2)), "pod 0 → pod 1, DirectRouting:\n{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    c.underlay.ns.kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let seen = std::fs::read_to_string(&pcap).unwrap();
+    assert!(
+        seen.contains(&format!("{a} > {b}")) && seen.contains(&format!("{b} > {a}")),
+        "bare pod ↔ pod ICMPv6 not seen both ways on the underlay:\n{seen}"
+    );
+    assert_eq!(seen.lines().count(), 4, "{seen}");
+    assert!(
+        !seen.contains(".8472"),
+        "VXLAN between DirectRouting peers:\n{seen}"
+    );
+    for i in 0..2 {
+        let st = c.status_json(i).unwrap();
+        assert!(
+            st["counters"]["direct6_packets"].as_u64().unwrap_or(0) > 0,
+            "node {i} counted no direct IPv6 packet: {}",
+            st["counters"]
+        );
+    }
+    let (bps, seen) = iperf6(&pods[1], b, &pods[0], c.dir());
+    println!("DirectRouting IPv6 pod → pod TCP: {:.2} Gbit/s", bps / 1e9);
+    assert_eq!(seen, a.to_string());
+}
+
 /// The agents' dual-stack leases as etcd holds them: (IPv4 subnet, PublicIP, VtepMAC, IPv6
 /// subnet, PublicIPv6, IPv6 VtepMAC).
 type DualLease = (Ipv4Net, Ipv4Addr, [u8; 6], Ipv6Net, Ipv6Addr, [u8; 6]);
