@@ -430,9 +430,8 @@ impl Sync {
             }
             return;
         };
-        let inner_mtu = self
-            .underlay
-            .mtu
+        let inner_mtu = cfg
+            .underlay_mtu(self.underlay.mtu)
             .saturating_sub(overlay_common::wire::VXLAN6_OVERHEAD as u32);
         if self.host_device6 != Some(own) {
             if let Err(e) = enable_ipv6_forwarding() {

@@ -37,7 +37,8 @@ fn field(field: &'static str, problem: impl Into<String>) -> ConfigError {
 pub struct BackendConfig {
     pub vni: u32,
     pub port: u16,
-    /// `Backend.MTU`; when unset the MTU is the underlay's minus [`VXLAN_OVERHEAD`].
+    /// `Backend.MTU`: the underlay MTU the tunnel is sized for, as flanneld reads it (its
+    /// `flannel.1` gets this minus 50, and so does subnet.env); unset: the interface's MTU.
     pub mtu: Option<u32>,
     pub direct_routing: bool,
 }
@@ -154,13 +155,17 @@ impl NetworkConfig {
         self.ipv6.map(|p| p.network)
     }
 
-    /// The pod MTU flanneld writes to subnet.env for either family: `Backend.MTU` if set, else
-    /// the underlay MTU minus [`VXLAN_OVERHEAD`]. flanneld uses the same value for IPv6, whose
-    /// outer header (over `PublicIPv6`) is [`VXLAN_OVERHEAD_V6`] bytes.
+    /// The pod MTU flanneld writes to subnet.env for either family: the underlay MTU
+    /// ([`NetworkConfig::underlay_mtu`]) minus [`VXLAN_OVERHEAD`]. flanneld uses the same value
+    /// for IPv6, whose outer header (over `PublicIPv6`) is [`VXLAN_OVERHEAD_V6`] bytes.
     pub fn mtu(&self, iface_mtu: u32) -> u32 {
-        self.backend
-            .mtu
-            .unwrap_or(iface_mtu.saturating_sub(VXLAN_OVERHEAD))
+        self.underlay_mtu(iface_mtu).saturating_sub(VXLAN_OVERHEAD)
+    }
+
+    /// The underlay MTU the tunnel is sized for: `Backend.MTU` if set (flanneld's
+    /// `parseVXLANConfig` default is the interface's MTU), else `iface_mtu`.
+    pub fn underlay_mtu(&self, iface_mtu: u32) -> u32 {
+        self.backend.mtu.unwrap_or(iface_mtu)
     }
 }
 
@@ -506,7 +511,8 @@ mod tests {
                 direct_routing: true
             }
         );
-        assert_eq!(c.mtu(9000), 1400);
+        // Backend.MTU is the underlay's, as flanneld reads it: pods get 50 less.
+        assert_eq!(c.mtu(9000), 1350);
         assert_eq!(c.ipv4.unwrap().subnets().count(), 255);
     }
 

@@ -241,6 +241,23 @@ async fn reservation_is_honoured_and_stays_without_ttl() {
     assert_eq!(etcd.get(&k).unwrap().map(|(_, l)| l), Some(0));
 }
 
+/// `Backend.MTU` is the underlay MTU the tunnel is sized for, as flanneld reads it: a jumbo
+/// underlay's 9000 gives pods 8950 in subnet.env, as flanneld writes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_mtu_is_the_underlay_s_and_pods_get_50_less() {
+    require_root();
+    let etcd = Etcd::start_new().expect("starting etcd");
+    etcd.put(
+        &format!("{PREFIX}/config"),
+        r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":9000}}"#,
+    )
+    .unwrap();
+    let tmp = TempDir::new("mtu");
+    let a = start(&etcd, tmp.0.join("a.env"), node(1)).await;
+    let env = std::fs::read_to_string(&a.subnet_file).unwrap();
+    assert!(env.contains("FLANNEL_MTU=8950\n"), "{env}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_reuses_subnet() {
     require_root();
