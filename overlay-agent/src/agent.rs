@@ -272,20 +272,15 @@ impl Sync {
         vtep_mac: [u8; 6],
         datapath_flags: u16,
     ) -> Self {
-        let segment = underlay
-            .ipv4
-            .and_then(|a| connected_network(&underlay.name, a.into()))
-            .and_then(|n| match n {
-                IpNet::V4(n) => Some(n),
-                IpNet::V6(_) => None,
-            });
-        let segment6 = underlay
-            .ipv6
-            .and_then(|a| connected_network(&underlay.name, a.into()))
-            .and_then(|n| match n {
-                IpNet::V6(n) => Some(n),
-                IpNet::V4(_) => None,
-            });
+        let connected = |a: Option<IpAddr>| a.and_then(|a| connected_network(&underlay.name, a));
+        let segment = match connected(underlay.ipv4.map(IpAddr::V4)) {
+            Some(IpNet::V4(n)) => Some(n),
+            _ => None,
+        };
+        let segment6 = match connected(underlay.ipv6.map(IpAddr::V6)) {
+            Some(IpNet::V6(n)) => Some(n),
+            _ => None,
+        };
         Sync {
             datapath_flags,
             underlay,

@@ -58,17 +58,40 @@ fn cluster(n: u8, config: &str) -> (Cluster, Vec<Ipv6Net>) {
     for i in 0..c.nodes.len() {
         c.start_agent(i).expect("starting the agent");
     }
+    let subnets = wait_ipv6_subnets(&c);
+    (c, subnets)
+}
+
+/// Each node's IPv6 subnet, once its agent has written it to subnet.env.
+fn wait_ipv6_subnets(c: &Cluster) -> Vec<Ipv6Net> {
     let mut subnets = Vec::new();
     for i in 0..c.nodes.len() {
-        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(&c, i).is_some());
+        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(c, i).is_some());
         assert!(
             got.is_some(),
             "node {i} wrote no IPv6 subnet; log:\n{}",
             c.agent_log(i)
         );
-        subnets.push(ipv6_subnet(&c, i).unwrap().trunc());
+        subnets.push(ipv6_subnet(c, i).unwrap().trunc());
     }
-    (c, subnets)
+    subnets
+}
+
+/// An IPv6-only pod on each node (see [`bridge_and_pod`]), once the agents know each other:
+/// 5 of 5 pings answered each way.
+fn ipv6_only_pods_talk(c: &mut Cluster, subnets: &[Ipv6Net], what: &str) -> Vec<Netns> {
+    let pods: Vec<Netns> = (0..2).map(|i| bridge_and_pod(c, i, subnets[i], false)).collect();
+    wait_peers(c);
+    for (from, to) in [(0, 1), (1, 0)] {
+        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
+        assert_eq!(
+            counts,
+            Some((5, 5)),
+            "pod {from} → pod {to}, {what}:\n{text}\n{}",
+            c.agent_log(to)
+        );
+    }
+    pods
 }
 
 /// `cni0` with the lease's `::1` (and, when `v4` says so, the IPv4 side as the harness builds
@@ -353,19 +376,7 @@ fn ipv6_only_network_carries_ipv6_pods() {
             "IPv6-only: no IPv4 subnet expected:\n{env}"
         );
     }
-    let pods: Vec<Netns> = (0..2)
-        .map(|i| bridge_and_pod(&mut c, i, subnets[i], false))
-        .collect();
-    wait_peers(&c);
-    for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
-        assert_eq!(
-            counts,
-            Some((5, 5)),
-            "pod {from} → pod {to}, IPv6-only:\n{text}\n{}",
-            c.agent_log(to)
-        );
-    }
+    ipv6_only_pods_talk(&mut c, &subnets, "IPv6-only");
 }
 
 /// Nodes whose underlay has no IPv4 at all (no address, no route; etcd reached over IPv6): the
@@ -393,15 +404,8 @@ fn hosts_without_ipv4_run_an_ipv6_only_network() {
     for i in 0..2 {
         c.start_agent(i).unwrap();
     }
-    let mut subnets = Vec::new();
+    let subnets = wait_ipv6_subnets(&c);
     for i in 0..2 {
-        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(&c, i).is_some());
-        assert!(
-            got.is_some(),
-            "node {i} wrote no IPv6 subnet; log:\n{}",
-            c.agent_log(i)
-        );
-        subnets.push(ipv6_subnet(&c, i).unwrap().trunc());
         assert!(
             c.agent_log(i)
                 .contains(&format!("address={} by=--iface eth0", underlay6(i as u8 + 1))),
@@ -423,19 +427,7 @@ fn hosts_without_ipv4_run_an_ipv6_only_network() {
         assert_eq!(v["PublicIPv6"], underlay6(i as u8 + 1).to_string(), "{line}");
         assert_eq!(v["PublicIP"], "0.0.0.0", "{line}");
     }
-    let pods: Vec<Netns> = (0..2)
-        .map(|i| bridge_and_pod(&mut c, i, subnets[i], false))
-        .collect();
-    wait_peers(&c);
-    for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
-        assert_eq!(
-            counts,
-            Some((5, 5)),
-            "pod {from} → pod {to}, hosts without IPv4:\n{text}\n{}",
-            c.agent_log(to)
-        );
-    }
+    let pods = ipv6_only_pods_talk(&mut c, &subnets, "hosts without IPv4");
     let (bps, seen) = iperf6(&pods[1], nth6(subnets[1], 2), &pods[0], c.dir());
     println!("hosts without IPv4: pod → pod TCP {:.2} Gbit/s", bps / 1e9);
     assert!(bps > 100e6, "bulk TCP between hosts without IPv4: {bps} bit/s");
