@@ -8,9 +8,9 @@
 //!   `clsact` qdisc the agent added to the underlay NIC and the pod bridge once it carries no
 //!   filters.
 //! - The host device (`overlay0`, a veth pair) for host → remote pod traffic.
-//! - The `ip overlay-agent` nftables table (`--ip-masq`).
-//! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), in each iptables
-//!   backend that has them.
+//! - The `ip overlay-agent` and `ip6 overlay-agent` nftables tables (`--ip-masq`).
+//! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), for IPv4
+//!   (iptables) and IPv6 (ip6tables), in each backend that has them.
 
 use std::{path::Path, process::Command};
 
@@ -84,25 +84,29 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
             remove_empty_clsact(iface, &mut r);
         }
     }
-    let had_table = Command::new("nft")
-        .args(["list", "table", "ip", masq::TABLE])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let had_tables = masq::tables_present();
     match masq::remove() {
-        Ok(()) if had_table => r.removed.push(format!("nftables table ip {}", masq::TABLE)),
-        Ok(()) => {}
+        Ok(()) => r.removed.extend(
+            had_tables
+                .iter()
+                .map(|fam| format!("nftables table {} {}", fam.nft(), masq::TABLE)),
+        ),
         Err(e) => r.failed.push(e.to_string()),
     }
-    for (backend, res) in forward::remove_everywhere() {
+    for (fam, backend, res) in forward::remove_everywhere() {
         match res {
             Ok(true) => r.removed.push(format!(
-                "iptables ({}) chain {} and its FORWARD jump",
+                "{} ({}) chain {} and its FORWARD jump",
+                fam.iptables(),
                 backend.label(),
                 forward::CHAIN
             )),
             Ok(false) => {}
-            Err(e) => r.failed.push(format!("FORWARD rules ({}): {e}", backend.label())),
+            Err(e) => r.failed.push(format!(
+                "{} FORWARD rules ({}): {e}",
+                fam.label(),
+                backend.label()
+            )),
         }
     }
     for what in &r.removed {

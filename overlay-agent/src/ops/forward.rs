@@ -10,16 +10,23 @@
 //! written with `iptables-restore --noflush` in one transaction and checked every
 //! `--iptables-resync` seconds, so a flush by someone else is undone.
 //!
+//! flanneld writes the same rules for the IPv6 Network with ip6tables; so does this module,
+//! written once for both families ([`NfFamily`]): a network's family picks the tools
+//! (`iptables*` or `ip6tables*`), nothing else differs.
+//!
 //! An ACCEPT only helps in the same netfilter backend as the DROP it has to beat: with both
 //! iptables-nft and iptables-legacy in use on a host, a packet must pass both. The rules go to the
-//! backend the `iptables` command uses and also to the other one when it has a filter table.
+//! backend the family's command (`iptables`, `ip6tables`) uses and also to the other one when it
+//! has a filter table of that family.
 
 use std::{
     io::Write as _,
     process::{Command, Stdio},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
+
+use super::netfilter::NfFamily;
 
 /// flanneld's chain.
 pub const CHAIN: &str = "FLANNEL-FWD";
@@ -28,9 +35,15 @@ const COMMENT: &str = "flanneld forward";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("running {cmd} (is the iptables package installed?): {err}")]
+    #[error(
+        "running {cmd} (is the iptables package installed? it has ip6tables too; or run with \
+         --iptables-forward-rules=false): {err}"
+    )]
     Spawn { cmd: &'static str, err: std::io::Error },
-    #[error("{cmd} failed ({status}): {stderr}")]
+    #[error(
+        "{cmd} failed ({status}): {stderr}; the kernel needs the family's filter table \
+         (nf_tables or ip_tables/ip6_tables), else run with --iptables-forward-rules=false"
+    )]
     Failed {
         cmd: &'static str,
         status: std::process::ExitStatus,
@@ -46,17 +59,21 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn iptables(self) -> &'static str {
-        match self {
-            Backend::Nft => "iptables-nft",
-            Backend::Legacy => "iptables-legacy",
+    fn iptables(self, fam: NfFamily) -> &'static str {
+        match (fam, self) {
+            (NfFamily::V4, Backend::Nft) => "iptables-nft",
+            (NfFamily::V4, Backend::Legacy) => "iptables-legacy",
+            (NfFamily::V6, Backend::Nft) => "ip6tables-nft",
+            (NfFamily::V6, Backend::Legacy) => "ip6tables-legacy",
         }
     }
 
-    fn restore(self) -> &'static str {
-        match self {
-            Backend::Nft => "iptables-nft-restore",
-            Backend::Legacy => "iptables-legacy-restore",
+    fn restore(self, fam: NfFamily) -> &'static str {
+        match (fam, self) {
+            (NfFamily::V4, Backend::Nft) => "iptables-nft-restore",
+            (NfFamily::V4, Backend::Legacy) => "iptables-legacy-restore",
+            (NfFamily::V6, Backend::Nft) => "ip6tables-nft-restore",
+            (NfFamily::V6, Backend::Legacy) => "ip6tables-legacy-restore",
         }
     }
 
@@ -67,15 +84,15 @@ impl Backend {
         }
     }
 
-    /// This backend already has an IPv4 filter table in the current network namespace (looked up
-    /// without creating one).
-    fn has_filter_table(self) -> bool {
+    /// This backend already has a filter table of family `fam` in the current network namespace
+    /// (looked up without creating one).
+    fn has_filter_table(self, fam: NfFamily) -> bool {
         match self {
-            Backend::Legacy => std::fs::read_to_string("/proc/net/ip_tables_names")
+            Backend::Legacy => std::fs::read_to_string(fam.legacy_tables())
                 .map(|t| t.lines().any(|l| l == "filter"))
                 .unwrap_or(false),
             Backend::Nft => Command::new("nft")
-                .args(["list", "table", "ip", "filter"])
+                .args(["list", "table", fam.nft(), "filter"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
@@ -85,10 +102,11 @@ impl Backend {
     }
 }
 
-/// The backends whose FORWARD chain counts here: the one `iptables` runs (from its `--version`)
-/// and the other one when it has a filter table too.
-pub fn backends() -> Result<Vec<Backend>, ForwardError> {
-    let out = run("iptables", "iptables", &["--version"])?;
+/// The backends whose FORWARD chain of family `fam` counts here: the one `iptables` (or
+/// `ip6tables`) runs, from its `--version`, and the other one when it has a filter table too.
+pub fn backends(fam: NfFamily) -> Result<Vec<Backend>, ForwardError> {
+    let cmd = fam.iptables();
+    let out = run(cmd, &["--version"])?;
     let default = if out.contains("legacy") {
         Backend::Legacy
     } else {
@@ -99,7 +117,7 @@ pub fn backends() -> Result<Vec<Backend>, ForwardError> {
         Backend::Legacy => Backend::Nft,
     };
     let mut v = vec![default];
-    if other.has_filter_table() {
+    if other.has_filter_table(fam) {
         v.push(other);
     }
     Ok(v)
@@ -110,17 +128,19 @@ fn jump_rule() -> String {
     format!("-A FORWARD -m comment --comment \"{COMMENT}\" -j {CHAIN}")
 }
 
-/// The chain's rules, as `iptables -S CHAIN` prints them (after its `-N` line).
-fn chain_rules(network: Ipv4Net) -> [String; 2] {
+/// The chain's rules, as `iptables -S CHAIN` (`ip6tables -S CHAIN`) prints them (after its `-N`
+/// line).
+fn chain_rules(network: IpNet) -> [String; 2] {
     [
         format!("-A {CHAIN} -s {network} -m comment --comment \"{COMMENT}\" -j ACCEPT"),
         format!("-A {CHAIN} -d {network} -m comment --comment \"{COMMENT}\" -j ACCEPT"),
     ]
 }
 
-/// True when `forward` (`iptables -S FORWARD`) jumps to the chain exactly once and `chain`
-/// (`iptables -S FLANNEL-FWD`, `None` if it does not exist) holds exactly our rules for `network`.
-pub fn in_place(forward: &str, chain: Option<&str>, network: Ipv4Net) -> bool {
+/// True when `forward` (`iptables -S FORWARD`, `ip6tables` for an IPv6 network) jumps to the
+/// chain exactly once and `chain` (`-S FLANNEL-FWD`, `None` if it does not exist) holds exactly
+/// our rules for `network`.
+pub fn in_place(forward: &str, chain: Option<&str>, network: IpNet) -> bool {
     let jump = jump_rule();
     let jumps = forward.lines().filter(|l| l.trim() == jump).count();
     let Some(chain) = chain else { return false };
@@ -134,7 +154,7 @@ pub fn in_place(forward: &str, chain: Option<&str>, network: Ipv4Net) -> bool {
 
 /// The `iptables-restore --noflush` transaction that (re)writes the rules: declaring the chain
 /// creates or empties it, every existing copy of the jump is deleted and one appended.
-pub fn render(network: Ipv4Net, existing_jumps: usize) -> String {
+pub fn render(network: IpNet, existing_jumps: usize) -> String {
     let jump = jump_rule();
     let mut s = format!("*filter\n:{CHAIN} - [0:0]\n");
     for _ in 0..existing_jumps {
@@ -169,33 +189,36 @@ pub enum Ensured {
     Written,
 }
 
-/// Makes the rules for `network` present on `backend`, rewriting them only when something is
-/// missing, duplicated or for another network.
-pub fn ensure(backend: Backend, network: Ipv4Net) -> Result<Ensured, ForwardError> {
-    let (forward, chain) = read(backend)?;
+/// Makes the rules for `network` present on `backend` (in the tables of `network`'s family),
+/// rewriting them only when something is missing, duplicated or for another network.
+pub fn ensure(backend: Backend, network: IpNet) -> Result<Ensured, ForwardError> {
+    let fam = NfFamily::of(&network);
+    let (forward, chain) = read(fam, backend)?;
     if in_place(&forward, chain.as_deref(), network) {
         return Ok(Ensured::AlreadyThere);
     }
-    restore(backend, &render(network, count_jumps(&forward)))?;
+    restore(fam, backend, &render(network, count_jumps(&forward)))?;
     Ok(Ensured::Written)
 }
 
-/// Removes the rules from `backend`; `Ok(false)` when there were none.
-pub fn remove(backend: Backend) -> Result<bool, ForwardError> {
-    let (forward, chain) = read(backend)?;
+/// Removes the rules of family `fam` from `backend`; `Ok(false)` when there were none.
+pub fn remove(fam: NfFamily, backend: Backend) -> Result<bool, ForwardError> {
+    let (forward, chain) = read(fam, backend)?;
     if chain.is_none() {
         return Ok(false);
     }
-    restore(backend, &render_remove(count_jumps(&forward)))?;
+    restore(fam, backend, &render_remove(count_jumps(&forward)))?;
     Ok(true)
 }
 
-/// Removes the rules from every backend that has a filter table (none is created to look).
-pub fn remove_everywhere() -> Vec<(Backend, Result<bool, ForwardError>)> {
-    [Backend::Nft, Backend::Legacy]
+/// Removes the rules of both families from every backend that has a filter table of the family
+/// (none is created to look).
+pub fn remove_everywhere() -> Vec<(NfFamily, Backend, Result<bool, ForwardError>)> {
+    NfFamily::ALL
         .into_iter()
-        .filter(|b| b.has_filter_table())
-        .map(|b| (b, remove(b)))
+        .flat_map(|fam| [(fam, Backend::Nft), (fam, Backend::Legacy)])
+        .filter(|(fam, b)| b.has_filter_table(*fam))
+        .map(|(fam, b)| (fam, b, remove(fam, b)))
         .collect()
 }
 
@@ -205,15 +228,15 @@ fn count_jumps(forward: &str) -> usize {
 }
 
 /// `-S FORWARD` and `-S FLANNEL-FWD` (`None`: no such chain).
-fn read(backend: Backend) -> Result<(String, Option<String>), ForwardError> {
-    let cmd = backend.iptables();
-    let forward = run(cmd, cmd, &["-w", "5", "-t", "filter", "-S", "FORWARD"])?;
-    let chain = run(cmd, cmd, &["-w", "5", "-t", "filter", "-S", CHAIN]).ok();
+fn read(fam: NfFamily, backend: Backend) -> Result<(String, Option<String>), ForwardError> {
+    let cmd = backend.iptables(fam);
+    let forward = run(cmd, &["-w", "5", "-t", "filter", "-S", "FORWARD"])?;
+    let chain = run(cmd, &["-w", "5", "-t", "filter", "-S", CHAIN]).ok();
     Ok((forward, chain))
 }
 
-fn run(cmd: &'static str, program: &str, args: &[&str]) -> Result<String, ForwardError> {
-    let out = Command::new(program)
+fn run(cmd: &'static str, args: &[&str]) -> Result<String, ForwardError> {
+    let out = Command::new(cmd)
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -233,8 +256,8 @@ fn stdout_of(cmd: &'static str, out: std::process::Output) -> Result<String, For
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(backend: Backend, script: &str) -> Result<(), ForwardError> {
-    let cmd = backend.restore();
+fn restore(fam: NfFamily, backend: Backend, script: &str) -> Result<(), ForwardError> {
+    let cmd = backend.restore(fam);
     let mut child = Command::new(cmd)
         .args(["--noflush", "-w", "5"])
         .stdin(Stdio::piped())
@@ -260,8 +283,14 @@ mod tests {
 
     const NET: &str = "10.244.0.0/16";
 
-    fn net() -> Ipv4Net {
+    fn net() -> IpNet {
         NET.parse().unwrap()
+    }
+
+    const NET6: &str = "fd00:10:244::/56";
+
+    fn net6() -> IpNet {
+        NET6.parse().unwrap()
     }
 
     #[test]
@@ -304,5 +333,63 @@ mod tests {
         let twice = format!("{forward}-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n");
         assert!(!in_place(&twice, Some(chain), net()));
         assert_eq!(count_jumps(&twice), 2);
+    }
+
+    /// flanneld's `forwardRules(flannelIPv6Network)`, written with ip6tables: the same chain,
+    /// comment and jump, `-s`/`-d` the IPv6 Network.
+    #[test]
+    fn ipv6_rules_are_flanneld_s() {
+        assert_eq!(
+            render(net6(), 0),
+            "*filter\n\
+             :FLANNEL-FWD - [0:0]\n\
+             -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+             -A FLANNEL-FWD -s fd00:10:244::/56 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             -A FLANNEL-FWD -d fd00:10:244::/56 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+             COMMIT\n"
+        );
+        // The family picks the tools, and nothing else.
+        let tools = |fam| [Backend::Nft, Backend::Legacy].map(|b| (b.iptables(fam), b.restore(fam)));
+        assert_eq!(
+            tools(NfFamily::of(&net6())),
+            [
+                ("ip6tables-nft", "ip6tables-nft-restore"),
+                ("ip6tables-legacy", "ip6tables-legacy-restore")
+            ]
+        );
+        assert_eq!(
+            tools(NfFamily::of(&net())),
+            [
+                ("iptables-nft", "iptables-nft-restore"),
+                ("iptables-legacy", "iptables-legacy-restore")
+            ]
+        );
+        assert_eq!(NfFamily::V6.iptables(), "ip6tables");
+        assert_eq!(NfFamily::V6.legacy_tables(), "/proc/net/ip6_tables_names");
+        assert_eq!(NfFamily::V6.nft(), "ip6");
+    }
+
+    /// `ip6tables -S` as iptables-nft 1.8.9 prints it (addresses compressed as ipnet prints them).
+    #[test]
+    fn in_place_reads_ip6tables_s_output() {
+        let forward = "-P FORWARD DROP\n\
+                       -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n";
+        let chain = "-N FLANNEL-FWD\n\
+                     -A FLANNEL-FWD -s fd00:10:244::/56 -m comment --comment \"flanneld forward\" -j ACCEPT\n\
+                     -A FLANNEL-FWD -d fd00:10:244::/56 -m comment --comment \"flanneld forward\" -j ACCEPT\n";
+        assert!(in_place(forward, Some(chain), net6()));
+        assert!(!in_place(forward, None, net6()));
+        assert!(!in_place(forward, Some("-N FLANNEL-FWD\n"), net6()));
+        // Another IPv6 network, and the IPv4 network against the IPv6 chain.
+        assert!(!in_place(
+            forward,
+            Some(chain),
+            "fd00:10:245::/56".parse().unwrap()
+        ));
+        assert!(!in_place(forward, Some(chain), net()));
+        // Only the -s rule left.
+        let half = chain.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert!(!in_place(forward, Some(&half), net6()));
+        assert!(!in_place("-P FORWARD DROP\n", Some(chain), net6()));
     }
 }

@@ -1,5 +1,5 @@
-//! Operations: systemd notifications, `/healthz` `/readyz` `/metrics`, `--ip-masq`,
-//! `--iptables-forward-rules`, and the
+//! Operations: systemd notifications, `/healthz` `/readyz` `/metrics`, `--ip-masq` and
+//! `--iptables-forward-rules` (each for IPv4 and IPv6, as flanneld), and the
 //! `status`, `cleanup` and `docker-opts` subcommands. The agent loop calls [`Ops`] around each
 //! control-plane event; nothing here touches etcd, and BPF only through pinned maps.
 
@@ -9,17 +9,19 @@ pub mod forward;
 pub mod http;
 pub mod masq;
 pub mod metrics;
+pub mod netfilter;
 pub mod notify;
 pub mod status;
 
 use std::net::SocketAddr;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::{cli::AgentArgs, control::Event, dataplane::DecapMode};
 use metrics::METRICS;
+use netfilter::NfFamily;
 
 /// `xdp` or `tc`: how `status` and `/metrics` name a decap mode.
 pub fn decap_label(mode: DecapMode) -> &'static str {
@@ -32,20 +34,30 @@ pub fn decap_label(mode: DecapMode) -> &'static str {
 /// The agent's operations side: started once decap is attached.
 pub struct Ops {
     ip_masq: bool,
+    /// The config's IPv4 `Network` and `IPv6Network` (either may be off).
     network: Option<Ipv4Net>,
+    network6: Option<Ipv6Net>,
     ready_sent: bool,
-    /// (network, subnet) the masquerade table was last installed for.
-    masq_for: Option<(Ipv4Net, Ipv4Net)>,
+    /// What the masquerade tables were last installed for.
+    masq_for: Option<masq::MasqNets>,
     forward_rules: bool,
-    /// The network the FORWARD rules were last found or written for.
-    forward_for: Option<Ipv4Net>,
+    /// Per family (IPv4, IPv6): the network the FORWARD rules were last found or written for.
+    forward_for: [Option<IpNet>; 2],
 }
 
 /// Taken when an event arrives, handed back once it has been applied to the maps.
 pub struct Received {
     at: Instant,
-    /// Our lease: its IPv4 subnet, the subnet that names it (IPv4, else IPv6), its expiry.
-    own: Option<(Option<Ipv4Net>, IpNet, Option<Instant>)>,
+    own: Option<OwnLease>,
+}
+
+/// Our lease as [`Ops::applied`] needs it.
+struct OwnLease {
+    subnet: Option<Ipv4Net>,
+    subnet6: Option<Ipv6Net>,
+    /// The subnet that names the lease: IPv4, else IPv6.
+    named: IpNet,
+    expiration: Option<Instant>,
 }
 
 impl Ops {
@@ -69,10 +81,11 @@ impl Ops {
         Ok(Ops {
             ip_masq: args.ip_masq,
             network: None,
+            network6: None,
             ready_sent: false,
             masq_for: None,
             forward_rules: args.iptables_forward_rules,
-            forward_for: None,
+            forward_for: [None; 2],
         })
     }
 
@@ -80,6 +93,7 @@ impl Ops {
         let own = match ev {
             Event::Config(cfg) => {
                 self.network = cfg.network();
+                self.network6 = cfg.ipv6_network();
                 self.ensure_forward();
                 None
             }
@@ -87,7 +101,12 @@ impl Ops {
                 .subnet
                 .map(IpNet::V4)
                 .or(l.ipv6_subnet.map(IpNet::V6))
-                .map(|named| (l.subnet, named, l.expiration)),
+                .map(|named| OwnLease {
+                    subnet: l.subnet,
+                    subnet6: l.ipv6_subnet,
+                    named,
+                    expiration: l.expiration,
+                }),
             _ => None,
         };
         Received {
@@ -101,15 +120,16 @@ impl Ops {
     pub fn applied(&mut self, r: Received, peers: usize) {
         METRICS.observe_sync(r.at.elapsed());
         METRICS.peers.set(peers as i64);
-        let Some((subnet_v4, subnet, expiration)) = r.own else {
+        let Some(own) = r.own else {
             return;
         };
+        let subnet = own.named;
         METRICS.update(|s| {
             s.subnet = Some(subnet);
-            s.expiration = expiration;
+            s.expiration = own.expiration;
         });
-        if let (true, Some(sn)) = (self.ip_masq, subnet_v4) {
-            self.install_masq(sn);
+        if self.ip_masq {
+            self.install_masq(own.subnet, own.subnet6);
         }
         if !self.ready_sent {
             self.ready_sent = true;
@@ -118,54 +138,74 @@ impl Ops {
         }
     }
 
-    fn install_masq(&mut self, subnet: Ipv4Net) {
-        let Some(network) = self.network else {
+    /// The masquerade tables for each family whose network is configured and in which our
+    /// lease has a subnet (an IPv6-only network gets only the IPv6 table).
+    fn install_masq(&mut self, subnet: Option<Ipv4Net>, subnet6: Option<Ipv6Net>) {
+        let nets = masq::MasqNets {
+            v4: self.network.zip(subnet),
+            v6: self.network6.zip(subnet6),
+        };
+        if nets.is_empty() {
             error!("no network config before our lease: cannot set up ip-masq");
             return;
-        };
-        if self.masq_for == Some((network, subnet)) {
+        }
+        if self.masq_for == Some(nets) {
             return;
         }
-        match masq::install(network, subnet) {
+        match masq::install(&nets) {
             Ok(()) => {
-                info!(%network, %subnet, table = masq::TABLE, "ip-masq rules installed");
-                self.masq_for = Some((network, subnet));
+                info!(rules = %nets, table = masq::TABLE, "ip-masq rules installed");
+                self.masq_for = Some(nets);
             }
             Err(e) => error!(error = %e, "installing ip-masq rules"),
         }
     }
 
-    /// `--iptables-forward-rules`: puts the FORWARD rules for the network in place (at once when
-    /// the config arrives, then every `--iptables-resync`), rewriting them when someone removed
-    /// them. They stay when the agent stops; `cleanup` removes them.
+    /// `--iptables-forward-rules`: puts the FORWARD rules for each configured network (IPv4 with
+    /// iptables, IPv6 with ip6tables) in place, at once when the config arrives, then every
+    /// `--iptables-resync`, rewriting them when someone removed them. They stay when the agent
+    /// stops; `cleanup` removes them.
     pub fn ensure_forward(&mut self) {
-        let (true, Some(network)) = (self.forward_rules, self.network) else {
+        if !self.forward_rules {
             return;
-        };
-        let backends = match forward::backends() {
-            Ok(b) => b,
-            Err(e) => {
-                error!(error = %e, "iptables-forward-rules: cannot tell the iptables backend");
-                return;
-            }
-        };
-        for b in backends {
-            match forward::ensure(b, network) {
-                Ok(forward::Ensured::AlreadyThere) => {}
-                Ok(forward::Ensured::Written) if self.forward_for == Some(network) => {
-                    warn!(%network, backend = b.label(), chain = forward::CHAIN, "FORWARD rules were missing; rewritten")
-                }
-                Ok(forward::Ensured::Written) => {
-                    info!(%network, backend = b.label(), chain = forward::CHAIN, "FORWARD accept rules installed")
-                }
-                Err(e) => error!(error = %e, backend = b.label(), "installing the FORWARD accept rules"),
+        }
+        let networks = [self.network.map(IpNet::V4), self.network6.map(IpNet::V6)];
+        for (last, network) in self.forward_for.iter_mut().zip(networks) {
+            if let Some(network) = network {
+                ensure_forward_family(network, last);
             }
         }
-        self.forward_for = Some(network);
     }
 
     /// SIGTERM/SIGINT.
     pub fn stopping(&self) {
         notify::stopping();
     }
+}
+
+/// [`Ops::ensure_forward`] for one family's `network`; `last` is the network its rules were
+/// last found or written for.
+fn ensure_forward_family(network: IpNet, last: &mut Option<IpNet>) {
+    let fam = NfFamily::of(&network);
+    let family = fam.label();
+    let backends = match forward::backends(fam) {
+        Ok(b) => b,
+        Err(e) => {
+            error!(error = %e, family, "iptables-forward-rules: cannot tell the iptables backend");
+            return;
+        }
+    };
+    for b in backends {
+        match forward::ensure(b, network) {
+            Ok(forward::Ensured::AlreadyThere) => {}
+            Ok(forward::Ensured::Written) if *last == Some(network) => {
+                warn!(%network, family, backend = b.label(), chain = forward::CHAIN, "FORWARD rules were missing; rewritten")
+            }
+            Ok(forward::Ensured::Written) => {
+                info!(%network, family, backend = b.label(), chain = forward::CHAIN, "FORWARD accept rules installed")
+            }
+            Err(e) => error!(error = %e, family, backend = b.label(), "installing the FORWARD accept rules"),
+        }
+    }
+    *last = Some(network);
 }
