@@ -3,8 +3,10 @@
 //!
 //! Both tables are replaced in one `nft -f -` transaction (`add table` + `delete table` + the
 //! table, per family), so a restart never duplicates rules and there is no window without them;
-//! a family without a network and a subnet of ours gets only the `add` + `delete`, which removes
-//! a table left from an earlier config. Semantics are flannel's `MasqRules` and `MasqIP6Rules`
+//! a family without a network and a subnet of ours whose table exists (left from an earlier
+//! config) gets only the `add` + `delete`, which removes it. A family that has no table and
+//! none configured is not named at all: a host booted with IPv6 disabled never sees an `ip6`
+//! statement that could fail the IPv4 rules' transaction. Semantics are flannel's `MasqRules` and `MasqIP6Rules`
 //! (pkg/trafficmngr/iptables): pod ↔ pod anywhere in the cluster Network is left alone, pod →
 //! outside is masqueraded (except multicast: 224.0.0.0/4, ff00::/8), outside → our pods is left
 //! alone, and the host → remote pods is masqueraded so replies come back to us.
@@ -75,13 +77,14 @@ impl fmt::Display for MasqNets {
 }
 
 /// The transaction that installs (or replaces) the tables for `nets` and removes the table of a
-/// family `nets` leaves out.
-pub fn render(nets: &MasqNets) -> String {
+/// family `nets` leaves out when that family's table is `present`.
+pub fn render(nets: &MasqNets, present: &[NfFamily]) -> String {
     nets.families()
         .into_iter()
         .map(|(fam, nets)| match nets {
             Some((network, subnet)) => table(fam, network, subnet),
-            None => remove_table(fam),
+            None if present.contains(&fam) => remove_table(fam),
+            None => String::new(),
         })
         .collect()
 }
@@ -112,19 +115,18 @@ fn remove_table(fam: NfFamily) -> String {
     format!("add table {ip} {TABLE}\ndelete table {ip} {TABLE}\n")
 }
 
-/// The transaction that removes both tables; succeeds whether they exist or not.
-pub fn render_remove() -> String {
-    render(&MasqNets::default())
-}
-
 /// Installs or replaces the rules, atomically.
 pub fn install(nets: &MasqNets) -> Result<(), MasqError> {
-    nft(&render(nets))
+    nft(&render(nets, &tables_present()))
 }
 
-/// Removes both tables (idempotent).
+/// Removes both tables (idempotent; nothing to do when neither exists).
 pub fn remove() -> Result<(), MasqError> {
-    nft(&render_remove())
+    let present = tables_present();
+    if present.is_empty() {
+        return Ok(());
+    }
+    nft(&render(&MasqNets::default(), &present))
 }
 
 /// The families whose table exists now (looked up without creating one).
@@ -241,7 +243,10 @@ mod tests {
         );
         // Pod-to-pod exemptions come before any masquerade.
         assert_eq!(rules.iter().position(|r| r.contains("masquerade")), Some(3));
-        assert_eq!(render_remove(), format!("{V4_REMOVE}{V6_REMOVE}"));
+        assert_eq!(
+            render(&MasqNets::default(), &NfFamily::ALL),
+            format!("{V4_REMOVE}{V6_REMOVE}")
+        );
     }
 
     /// flanneld's `MasqIP6Rules` (with --random-fully), rule for rule: the kube-proxy mark
@@ -274,21 +279,26 @@ mod tests {
             v4: Some(v4()),
             v6: None,
         };
-        // IPv4 only: the IPv4 table byte for byte as before, and a stale IPv6 table removed.
-        assert_eq!(render(&ipv4_only), format!("{V4_TABLE}{V6_REMOVE}"));
+        // IPv4 only: the IPv4 table byte for byte as before, and a stale IPv6 table removed;
+        // with no IPv6 table there, nothing of IPv6 is said (a host with IPv6 disabled).
+        assert_eq!(
+            render(&ipv4_only, &NfFamily::ALL),
+            format!("{V4_TABLE}{V6_REMOVE}")
+        );
+        assert_eq!(render(&ipv4_only, &[NfFamily::V4]), V4_TABLE);
         let ipv6_only = MasqNets {
             v4: None,
             v6: Some(v6()),
         };
         assert_eq!(
-            render(&ipv6_only),
+            render(&ipv6_only, &NfFamily::ALL),
             format!("{V4_REMOVE}{}", table(NfFamily::V6, n6.into(), s6.into()))
         );
         let dual = MasqNets {
             v4: Some(v4()),
             v6: Some(v6()),
         };
-        let s = render(&dual);
+        let s = render(&dual, &[]);
         assert!(s.starts_with(V4_TABLE), "{s}");
         assert!(s.ends_with(&table(NfFamily::V6, n6.into(), s6.into())), "{s}");
         assert_eq!(
