@@ -286,6 +286,24 @@ impl Cluster {
         Ok(cmd)
     }
 
+    /// Runs `bin cleanup` on node `i` ([`Cluster::cleanup_command`]); its stdout, or an error
+    /// with its exit status and everything it printed when it failed.
+    pub fn run_cleanup(&self, i: usize, bin: &std::path::Path) -> Result<String> {
+        let out = self
+            .cleanup_command(i, bin)?
+            .output()
+            .context("running cleanup")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "cleanup failed ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
     /// True while node `i`'s agent process runs (`try_wait`: an exited agent is reaped, not a
     /// zombie that still looks alive in /proc).
     pub fn agent_running(&mut self, i: usize) -> bool {

@@ -4,6 +4,7 @@ pub mod bpftest;
 pub mod cluster;
 pub mod cni;
 pub mod docker;
+pub mod dualstack;
 pub mod etcd;
 pub mod netns;
 pub mod packet;

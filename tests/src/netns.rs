@@ -254,3 +254,43 @@ impl Drop for RootLink {
         let _ = ip(&["link", "del", &self.0]);
     }
 }
+
+/// The source address a server in `server_ns` on `addr`:8080 sees when `client` connects to it
+/// (`curl`, so a MASQUERADE or SNAT on the way shows): `None` when no connection arrives
+/// within 10 s. Either family.
+pub fn seen_source(client: &Netns, server_ns: &Netns, addr: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpListener,
+        time::{Duration, Instant},
+    };
+    let path = server_ns.path();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let target = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let l = TcpListener::bind((addr, 8080)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok((mut s, peer)) = l.accept() {
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
+                return Some(peer.ip());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    });
+    rx.recv().unwrap();
+    let url = match addr {
+        std::net::IpAddr::V4(a) => format!("http://{a}:8080/"),
+        std::net::IpAddr::V6(a) => format!("http://[{a}]:8080/"),
+    };
+    let _ = client.exec("curl", &["-s", "--max-time", "5", &url]);
+    server.join().unwrap()
+}

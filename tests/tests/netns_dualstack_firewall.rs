@@ -14,24 +14,20 @@
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_dualstack_firewall -- --test-threads=1`
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
-    time::{Duration, Instant},
+    net::{IpAddr, Ipv6Addr},
+    time::Duration,
 };
 
 use ipnet::Ipv6Net;
 use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::{agent_bin, output, AgentNode, Cluster},
-    netns::{require_root, unique_name, veth, Netns},
-    topology::{parse_ping_summary, ping},
+    dualstack::{bridge_and_pod, cluster_with, nth6, ping6, underlay6, wait_peers, DUAL, NETWORK6, V6_ONLY},
+    netns::{seen_source, unique_name, veth, Netns},
+    topology::ping,
 };
 
-const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
-const V6_ONLY: &str =
-    r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const NETWORK4: &str = "10.244.0.0/16";
-const NETWORK6: &str = "fd00:10:244::/56";
 const JUMP: &str = "-A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD";
 
 /// flanneld's `FLANNEL-FWD` chain for `network`, as `iptables -S FLANNEL-FWD` prints it.
@@ -41,28 +37,6 @@ fn flanneld_chain(network: &str) -> Vec<String> {
         format!("-A FLANNEL-FWD -s {network} -m comment --comment \"flanneld forward\" -j ACCEPT"),
         format!("-A FLANNEL-FWD -d {network} -m comment --comment \"flanneld forward\" -j ACCEPT"),
     ]
-}
-
-/// Node `index`'s IPv6 underlay address.
-fn underlay6(index: u8) -> Ipv6Addr {
-    format!("fd00:198:18::{}", 10 + index).parse().unwrap()
-}
-
-/// `n`-th address of a subnet.
-fn nth6(net: Ipv6Net, n: u128) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(net.network()) + n)
-}
-
-/// `FLANNEL_IPV6_SUBNET` from node `i`'s subnet.env, as a network.
-fn ipv6_subnet(c: &Cluster, i: usize) -> Option<Ipv6Net> {
-    let text = std::fs::read_to_string(&c.nodes[i].subnet_file).ok()?;
-    let sn: Ipv6Net = text
-        .lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(sn.trunc())
 }
 
 /// `cmd` (`iptables` or `ip6tables`) in `ns`, failing the test on error.
@@ -94,35 +68,6 @@ fn no_rules(ns: &Netns, cmd: &str) -> bool {
     !forward.iter().any(|l| l.contains("FLANNEL-FWD")) && chain.is_empty()
 }
 
-/// A cluster of `n` nodes with IPv6 on the underlay; `prepare` runs on each node before its
-/// agent starts; then every node holds its IPv6 lease. Returns each node's IPv6 subnet.
-fn cluster(n: u8, config: &str, prepare: impl Fn(&mut AgentNode)) -> (Cluster, Vec<Ipv6Net>) {
-    require_root();
-    let mut c = Cluster::new(n, config).expect("building the cluster");
-    for (i, node) in c.nodes.iter_mut().enumerate() {
-        let addr = format!("{}/64", underlay6(i as u8 + 1));
-        node.node
-            .ns
-            .ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])
-            .expect("IPv6 on the underlay");
-        prepare(node);
-    }
-    for i in 0..c.nodes.len() {
-        c.start_agent(i).expect("starting the agent");
-    }
-    let mut subnets = Vec::new();
-    for i in 0..c.nodes.len() {
-        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(&c, i).is_some());
-        assert!(
-            got.is_some(),
-            "node {i} wrote no IPv6 subnet; log:\n{}",
-            c.agent_log(i)
-        );
-        subnets.push(ipv6_subnet(&c, i).unwrap());
-    }
-    (c, subnets)
-}
-
 /// A node whose ip6tables FORWARD policy is DROP, with `args` for its agent.
 fn drop6(args: &'static [&'static str]) -> impl Fn(&mut AgentNode) {
     move |n| {
@@ -131,111 +76,19 @@ fn drop6(args: &'static [&'static str]) -> impl Fn(&mut AgentNode) {
     }
 }
 
-/// `cni0` with the lease's `::1` (and, when `v4`, the IPv4 side as the harness builds it), and
-/// one pod with `::2` on it; returns the pod's namespace.
-fn bridge_and_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net, v4: bool) -> Netns {
-    let gw = nth6(subnet6, 1);
-    let ns = if v4 {
-        c.add_pods(i, 1).expect("IPv4 bridge and pod");
-        c.nodes[i].node.pods.remove(0).ns
-    } else {
-        let node = &c.nodes[i].node.ns;
-        node.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
-        node.ip(&["link", "set", "cni0", "mtu", "1450", "up"]).unwrap();
-        let pod = Netns::new("ovlp6").unwrap();
-        veth(&pod, "eth0", Some(node), "veth6").unwrap();
-        node.ip(&["link", "set", "veth6", "master", "cni0"]).unwrap();
-        node.ip(&["link", "set", "veth6", "mtu", "1450"]).unwrap();
-        pod.ip(&["link", "set", "eth0", "mtu", "1450"]).unwrap();
-        pod
-    };
-    let len = subnet6.prefix_len();
-    c.nodes[i]
-        .node
-        .ns
-        .ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{gw}/{len}"),
-            "dev",
-            "cni0",
-            "nodad",
-        ])
-        .unwrap();
-    let ip = nth6(subnet6, 2);
-    ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{ip}/{len}"),
-        "dev",
-        "eth0",
-        "nodad",
-    ])
-    .unwrap();
-    ns.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])
-        .unwrap();
-    ns
-}
-
 /// Each node's pod on its bridge, every agent knowing its IPv6 peers with encap attached and
 /// the IPv6 host route set up.
 fn pods(c: &mut Cluster, subnets: &[Ipv6Net], v4: bool) -> Vec<Netns> {
     let pods = (0..subnets.len())
         .map(|i| bridge_and_pod(c, i, subnets[i], v4))
         .collect();
-    for i in 0..c.nodes.len() {
-        let want = c.nodes.len() - 1;
-        let ok = Cluster::wait_for(Duration::from_secs(10), || {
-            c.agent_log(i)
-                .lines()
-                .filter(|l| l.contains("peer added") && l.contains("IPv6"))
-                .count()
-                >= want
-        });
-        assert!(
-            ok.is_some(),
-            "node {i} did not add its IPv6 peers; log:\n{}",
-            c.agent_log(i)
-        );
-        c.wait_encap_attached(i);
-        let routed = c.wait_log_after(
-            i,
-            0,
-            "IPv6 host route to remote pods ready",
-            Duration::from_secs(5),
-        );
-        assert!(
-            routed.is_some(),
-            "node {i}: no IPv6 host route; log:\n{}",
-            c.agent_log(i)
-        );
-    }
+    wait_peers(c);
     pods
-}
-
-/// `ping -6 -c count`: (transmitted, received) and ping's whole output.
-fn ping6(from: &Netns, to: Ipv6Addr, count: u32) -> (Option<(u32, u32)>, String) {
-    let c = count.to_string();
-    let t = to.to_string();
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &from.name, "ping", "-6", "-c", &c, "-i", "0.2", "-W", "2", &t,
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (parse_ping_summary(&text), text)
 }
 
 fn assert_pods_ping6(c: &Cluster, pods: &[Netns], subnets: &[Ipv6Net], what: &str) {
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5);
+        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
         assert_eq!(
             counts,
             Some((5, 5)),
@@ -245,51 +98,6 @@ fn assert_pods_ping6(c: &Cluster, pods: &[Netns], subnets: &[Ipv6Net], what: &st
             c.agent_log(to)
         );
     }
-}
-
-/// Runs `f` on a thread inside `ns` (setns moves only the calling thread).
-fn in_ns<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let target = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-}
-
-/// The source address `server_ns` sees when `client` opens a TCP connection to `addr`:8080
-/// (`None`: no connection within 5 s).
-fn seen_source(client: &Netns, server_ns: &Netns, addr: Ipv6Addr) -> Option<IpAddr> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = in_ns(server_ns, move || {
-        let l = TcpListener::bind((addr, 8080)).unwrap();
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok((mut s, peer)) = l.accept() {
-                s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut buf = [0u8; 5];
-                let _ = s.read_exact(&mut buf);
-                return Some(peer.ip());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    });
-    rx.recv().unwrap();
-    let client = in_ns(client, move || {
-        let to = SocketAddr::from((addr, 8080));
-        if let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(4)) {
-            let _ = s.write_all(b"hello");
-        }
-    });
-    client.join().unwrap();
-    server.join().unwrap()
 }
 
 /// The rule lines of nftables table `family overlay-agent` in `ns` (`None`: no such table).
@@ -320,25 +128,15 @@ fn masq6_rules(subnet: Ipv6Net) -> Vec<String> {
 
 /// `overlay-agent cleanup` for node `i` (its agent stopped); its stdout.
 fn cleanup(c: &Cluster, i: usize) -> String {
-    let out = c
-        .cleanup_command(i, &agent_bin())
-        .expect("cleanup command")
-        .output()
-        .expect("running cleanup");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "cleanup on node {i}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    c.run_cleanup(i, &agent_bin())
+        .unwrap_or_else(|e| panic!("node {i}: {e:#}"))
 }
 
 #[test]
 fn ipv6_forward_drop_needs_flanneld_rules_which_come_back_and_go_with_cleanup() {
     // `--deliver stack`: decapsulated traffic is routed eth0 → cni0 through FORWARD (IPv6 always
     // is: it has no direct delivery yet).
-    let (mut c, subnets) = cluster(2, DUAL, drop6(&["--deliver", "stack", "--iptables-resync=1"]));
+    let (mut c, subnets) = cluster_with(2, DUAL, drop6(&["--deliver", "stack", "--iptables-resync=1"]));
     let pods = pods(&mut c, &subnets, true);
     for (i, n) in c.nodes.iter().enumerate() {
         let ns = &n.node.ns;
@@ -402,7 +200,7 @@ fn ipv6_forward_drop_needs_flanneld_rules_which_come_back_and_go_with_cleanup() 
         "the rules stay when the agent stops"
     );
     tables(ns1, "ip6tables", &["-F", "FLANNEL-FWD"]);
-    let (counts, text) = ping6(&pods[0], nth6(subnets[1], 2), 3);
+    let (counts, text) = ping6(&pods[0], nth6(subnets[1], 2), 3, None, false);
     assert_eq!(
         counts,
         Some((3, 0)),
@@ -435,7 +233,7 @@ fn ipv6_forward_drop_needs_flanneld_rules_which_come_back_and_go_with_cleanup() 
 #[test]
 fn without_forward_rules_ipv6_forward_drop_drops_pod_traffic() {
     // The negative control: the same cluster with `--iptables-forward-rules=false`.
-    let (mut c, subnets) = cluster(
+    let (mut c, subnets) = cluster_with(
         2,
         DUAL,
         drop6(&["--deliver", "stack", "--iptables-forward-rules=false"]),
@@ -451,7 +249,7 @@ fn without_forward_rules_ipv6_forward_drop_drops_pod_traffic() {
         }
     }
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5);
+        let (counts, text) = ping6(&pods[from], nth6(subnets[to], 2), 5, None, false);
         assert_eq!(
             counts,
             Some((5, 0)),
@@ -471,7 +269,7 @@ fn without_forward_rules_ipv6_forward_drop_drops_pod_traffic() {
 
 #[test]
 fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
-    let (mut c, subnets) = cluster(2, DUAL, |n| n.extra_args.push("--ip-masq".into()));
+    let (mut c, subnets) = cluster_with(2, DUAL, |n| n.extra_args.push("--ip-masq".into()));
     let pods = pods(&mut c, &subnets, true);
     for (i, n) in c.nodes.iter().enumerate() {
         let ns = &n.node.ns;
@@ -496,7 +294,7 @@ fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
     // receiving node's POSTROUTING, where "pod to outside" would otherwise rewrite them).
     let ip = |i: usize| nth6(subnets[i], 2);
     for (from, to) in [(0, 1), (1, 0)] {
-        let seen = seen_source(&pods[from], &pods[to], ip(to));
+        let seen = seen_source(&pods[from], &pods[to], ip(to).into());
         assert_eq!(
             seen,
             Some(IpAddr::V6(ip(from))),
@@ -525,7 +323,7 @@ fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
         ])
         .unwrap();
     for (i, pod) in pods.iter().enumerate() {
-        let seen = seen_source(pod, &outside, outside_ip);
+        let seen = seen_source(pod, &outside, outside_ip.into());
         assert_eq!(
             seen,
             Some(IpAddr::V6(underlay6(i as u8 + 1))),
@@ -549,7 +347,7 @@ fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
 
 #[test]
 fn ipv6_only_network_gets_ipv6_rules_only() {
-    let (mut c, subnets) = cluster(2, V6_ONLY, drop6(&["--ip-masq"]));
+    let (mut c, subnets) = cluster_with(2, V6_ONLY, drop6(&["--ip-masq"]));
     let pods = pods(&mut c, &subnets, false);
     for (i, n) in c.nodes.iter().enumerate() {
         let ns = &n.node.ns;
@@ -573,6 +371,6 @@ fn ipv6_only_network_gets_ipv6_rules_only() {
         assert_eq!(masq_table(ns, "ip"), None, "node {i}: an IPv4 table");
     }
     assert_pods_ping6(&c, &pods, &subnets, "IPv6-only, ip6tables FORWARD DROP");
-    let seen = seen_source(&pods[0], &pods[1], nth6(subnets[1], 2));
+    let seen = seen_source(&pods[0], &pods[1], nth6(subnets[1], 2).into());
     assert_eq!(seen, Some(IpAddr::V6(nth6(subnets[0], 2))), "IPv6-only pod → pod");
 }

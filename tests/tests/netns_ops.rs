@@ -5,19 +5,18 @@
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_ops -- --test-threads=1`
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener},
+    net::Ipv4Addr,
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::{agent_bin, output, Cluster},
-    netns::{require_root, unique_name, veth, Netns},
+    netns::{require_root, seen_source, unique_name, veth, Netns},
     topology::{ping, Node},
 };
 
@@ -451,47 +450,6 @@ fn notify_health_metrics_and_status() {
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "after SIGTERM: {msg:?}");
 }
 
-/// An HTTP-ish TCP server in `ns` on `addr:port` that records the address of its first client.
-fn first_client(ns: &Netns, addr: Ipv4Addr, port: u16) -> std::thread::JoinHandle<Option<Ipv4Addr>> {
-    let path = ns.path();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        let target = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(&target, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let l = TcpListener::bind((addr, port)).unwrap();
-        l.set_nonblocking(true).unwrap();
-        tx.send(()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok((mut s, peer)) = l.accept() {
-                s.set_nonblocking(false).unwrap();
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n");
-                return match peer.ip() {
-                    std::net::IpAddr::V4(a) => Some(a),
-                    _ => None,
-                };
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    });
-    rx.recv().unwrap();
-    h
-}
-
-/// The address `client` appears to come from when it connects to `server_ns` at `addr`.
-fn seen_source(client: &Netns, server_ns: &Netns, addr: Ipv4Addr) -> Option<Ipv4Addr> {
-    let h = first_client(server_ns, addr, 8080);
-    let _ = client.exec(
-        "curl",
-        &["-s", "--max-time", "5", &format!("http://{addr}:8080/")],
-    );
-    h.join().unwrap()
-}
-
 /// The rules of our nftables table in `ns` (`nft -j`), as their JSON expressions.
 fn masq_rules(ns: &Netns) -> Vec<String> {
     let out = ns
@@ -552,16 +510,16 @@ fn ip_masq_snat_restart_and_cleanup() {
 
     let check_traffic = |c: &Cluster, when: &str| {
         let pod_ns = &c.nodes[0].node.pods[0].ns;
-        let seen = seen_source(pod_ns, &outside, outside_ip);
+        let seen = seen_source(pod_ns, &outside, outside_ip.into());
         assert_eq!(
             seen,
-            Some(Node::underlay_ip(1)),
+            Some(Node::underlay_ip(1).into()),
             "{when}: pod {pod0} → outside must be SNATed to node 1's address"
         );
-        let seen = seen_source(pod_ns, &c.nodes[1].node.pods[0].ns, pod1);
+        let seen = seen_source(pod_ns, &c.nodes[1].node.pods[0].ns, pod1.into());
         assert_eq!(
             seen,
-            Some(pod0),
+            Some(pod0.into()),
             "{when}: pod {pod0} → pod {pod1} must keep its source address"
         );
     };

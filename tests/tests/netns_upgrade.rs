@@ -568,21 +568,8 @@ fn downgrading_a_node_to_the_previous_release_leaves_it_working() {
 /// Runs `release`'s `overlay-agent cleanup` on node `i` with the agent's flags, as root in the
 /// node's network namespace and the host's mount namespace (where the pins are); returns stdout.
 fn cleanup(c: &Cluster, i: usize, release: Release) -> String {
-    let out = c
-        .cleanup_command(i, &release.bin())
-        .expect("cleanup command")
-        .output()
-        .expect("running cleanup");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "node {}: {} cleanup failed ({}): {text}{}",
-        i + 1,
-        release.name(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    c.run_cleanup(i, &release.bin())
+        .unwrap_or_else(|e| panic!("node {}: {} {e:#}", i + 1, release.name()))
 }
 
 /// What of ours is on node `i`: pins, BPF attachments anywhere in the node, the host device,
