@@ -247,9 +247,11 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let view = |ip: IpAddr, ifindex: u32, mac: [u8; 6], gw_mac: [u8; 6]| EndpointView {
         ip,
         ifindex,
+        // (An ifindex no device has comes back as an empty name.)
         iface: nix::net::if_::if_indextoname(ifindex)
             .ok()
-            .map(|n| n.to_string_lossy().into_owned()),
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty()),
         mac: MacAddr(mac).to_string(),
         gw_mac: MacAddr(gw_mac).to_string(),
     };
@@ -753,7 +755,16 @@ mod tests {
             decap: "xdp",
             attachments: vec![xdp, tc, gone, other],
             peers: Vec::new(),
-            endpoints: Vec::new(),
+            endpoints: ["10.244.1.2", "fd00:10:244:1::2"]
+                .into_iter()
+                .map(|ip| EndpointView {
+                    ip: ip.parse().unwrap(),
+                    ifindex: 7,
+                    iface: Some("veth1".into()),
+                    mac: "0a:58:0a:f4:01:02".into(),
+                    gw_mac: "0a:58:0a:f4:01:01".into(),
+                })
+                .collect(),
             counters: BTreeMap::new(),
         };
         let text = st.render();
@@ -783,7 +794,14 @@ mod tests {
             line("fw_ingress"),
             "fw_ingress if2 (2) tcx ingress - 77 (not ours)"
         );
+        assert_eq!(line("local endpoints"), "local endpoints (2)");
+        assert_eq!(line("10.244.1.2"), "10.244.1.2 veth1 (7) 0a:58:0a:f4:01:02");
+        assert_eq!(
+            line("fd00:10:244:1::2"),
+            "fd00:10:244:1::2 veth1 (7) 0a:58:0a:f4:01:02"
+        );
         let json: serde_json::Value = serde_json::from_str(&st.to_json()).unwrap();
+        assert_eq!(json["endpoints"][1]["ip"], "fd00:10:244:1::2");
         assert_eq!(json["decap"], "xdp");
         assert_eq!(json["attachments"][0]["xdp_mode"], "driver");
         assert_eq!(json["attachments"][1]["direction"], "ingress");
