@@ -149,6 +149,9 @@ pub trait EndpointAddr: Copy + Ord + Hash + Debug + Display + Into<IpAddr> + Sen
     const MAP: &'static str;
     /// `OVL_ENDPOINT_DEVS` / `OVL_ENDPOINT_DEVS6`.
     const DEVS: &'static str;
+    /// Several endpoints can share one device entry ([`EndpointAddr::dev_key`] ignores the
+    /// address), so an entry is deleted only when no endpoint uses it any more.
+    const SHARED_DEV: bool;
     fn key(self) -> Self::Key;
     fn from_key(k: Self::Key) -> Self;
     /// The device-map key of the endpoint `self` on veth `ifindex`: the IPv4 address itself
@@ -161,6 +164,7 @@ impl EndpointAddr for Ipv4Addr {
     type Key = [u8; 4];
     const MAP: &'static str = maps::ENDPOINTS;
     const DEVS: &'static str = maps::ENDPOINT_DEVS;
+    const SHARED_DEV: bool = false;
     fn key(self) -> [u8; 4] {
         self.octets()
     }
@@ -176,6 +180,7 @@ impl EndpointAddr for Ipv6Addr {
     type Key = [u8; 16];
     const MAP: &'static str = maps::ENDPOINTS6;
     const DEVS: &'static str = maps::ENDPOINT_DEVS6;
+    const SHARED_DEV: bool = true;
     fn key(self) -> [u8; 16] {
         self.octets()
     }
@@ -559,7 +564,7 @@ impl Dataplane {
 
     /// Deletes the device entry `dev_key` of family `A` unless an endpoint still uses it.
     fn release_endpoint_dev<A: EndpointAddr>(&mut self, dev_key: u32) -> Result<(), DataplaneError> {
-        let used = {
+        let used = A::SHARED_DEV && {
             let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
             eps.iter()
                 .flatten()

@@ -1351,5 +1351,24 @@ mod tests {
             })
         );
         assert_eq!(fdb_entry(&n), None);
+        assert_eq!(
+            neighbour_of::<Ipv6Addr>(&n),
+            None,
+            "an IPv4 neighbour is no IPv6 one"
+        );
+
+        let mut n6 = NeighbourMessage::default();
+        n6.header.family = AddressFamily::Inet6;
+        n6.header.ifindex = BR;
+        n6.header.state = NUD_REACHABLE.into();
+        n6.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip6(2))),
+            NeighbourAttribute::LinkLayerAddress(mac(2).to_vec()),
+        ];
+        assert_eq!(
+            neighbour_of::<Ipv6Addr>(&n6),
+            Some(neigh6(ip6(2), mac(2), NUD_REACHABLE))
+        );
+        assert_eq!(neighbour(&n6), None, "an IPv6 neighbour is no IPv4 one");
     }
 }
