@@ -62,8 +62,9 @@ pub const fn endpoint_dev_key(ip: [u8; 4]) -> u32 {
 
 /// Key of a pod's veth in `OVL_ENDPOINT_DEVS6`: its ifindex. An IPv6 address has no 32-bit
 /// key of its own, so the IPv6 device map is keyed by the device: one entry per veth, shared by
-/// the pod's IPv6 addresses, and gone with the veth as in `OVL_ENDPOINT_DEVS`. (A later device
-/// that gets the same ifindex is only entered by the agent, with that device's own endpoints.)
+/// the pod's IPv6 addresses, and gone with the veth as in `OVL_ENDPOINT_DEVS`. (Should the
+/// kernel give that ifindex to a later device, the entry comes back only when the agent writes
+/// that device's endpoints, in a sync that first removes or replaces the stale ones.)
 pub const fn endpoint6_dev_key(ifindex: u32) -> u32 {
     ifindex
 }
