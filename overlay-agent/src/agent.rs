@@ -101,7 +101,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 Some(ev) => {
                     let seen = ops.received(&ev);
                     state.apply(&mut dp, ev).await;
-                    local.own_subnet(&mut dp, state.v4.own);
+                    local.own_subnets(&mut dp, endpoints::OwnSubnets::of(state.v4.own, state.v6.own));
                     ops.applied(seen, state.peers());
                 }
                 // The control plane ended (dropping its sender): its result says why. Without

@@ -2,7 +2,9 @@
 //! root, attach the programs, and translate peers into map entries. It never sees etcd.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    fmt::{Debug, Display},
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -53,7 +55,7 @@ pub enum DataplaneError {
     },
     #[error("local endpoint {ip}: its veth (ifindex {ifindex}) cannot go into the device map: {source}")]
     EndpointDevice {
-        ip: Ipv4Addr,
+        ip: IpAddr,
         ifindex: u32,
         source: aya::maps::xdp::XdpMapError,
     },
@@ -128,12 +130,66 @@ pub struct Config6 {
 
 /// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
 /// `ifindex` (the pod's host-side veth), addressed to `mac`, from `gw_mac` (the bridge).
+/// `A` is [`Ipv4Addr`] (`OVL_ENDPOINTS`) or [`Ipv6Addr`] (`OVL_ENDPOINTS6`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LocalEndpoint {
-    pub ip: Ipv4Addr,
+pub struct LocalEndpoint<A = Ipv4Addr> {
+    pub ip: A,
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub gw_mac: [u8; 6],
+}
+
+/// The address of a local endpoint, and where each family keeps its endpoints: the endpoint
+/// map (address → [`Endpoint`]) and the device map whose entries the kernel deletes with their
+/// device, so decap never redirects to a veth that is gone.
+pub trait EndpointAddr: Copy + Ord + Hash + Debug + Display + Into<IpAddr> + Send + Sync + 'static {
+    /// The address as the map key (network byte order).
+    type Key: Pod + Eq;
+    /// `OVL_ENDPOINTS` / `OVL_ENDPOINTS6`.
+    const MAP: &'static str;
+    /// `OVL_ENDPOINT_DEVS` / `OVL_ENDPOINT_DEVS6`.
+    const DEVS: &'static str;
+    /// Several endpoints can share one device entry ([`EndpointAddr::dev_key`] ignores the
+    /// address), so an entry is deleted only when no endpoint uses it any more.
+    const SHARED_DEV: bool;
+    fn key(self) -> Self::Key;
+    fn from_key(k: Self::Key) -> Self;
+    /// The device-map key of the endpoint `self` on veth `ifindex`: the IPv4 address itself
+    /// (one entry per address), the ifindex for IPv6 (one entry per veth, shared by its
+    /// addresses).
+    fn dev_key(self, ifindex: u32) -> u32;
+}
+
+impl EndpointAddr for Ipv4Addr {
+    type Key = [u8; 4];
+    const MAP: &'static str = maps::ENDPOINTS;
+    const DEVS: &'static str = maps::ENDPOINT_DEVS;
+    const SHARED_DEV: bool = false;
+    fn key(self) -> [u8; 4] {
+        self.octets()
+    }
+    fn from_key(k: [u8; 4]) -> Self {
+        Ipv4Addr::from(k)
+    }
+    fn dev_key(self, _ifindex: u32) -> u32 {
+        maps::endpoint_dev_key(self.octets())
+    }
+}
+
+impl EndpointAddr for Ipv6Addr {
+    type Key = [u8; 16];
+    const MAP: &'static str = maps::ENDPOINTS6;
+    const DEVS: &'static str = maps::ENDPOINT_DEVS6;
+    const SHARED_DEV: bool = true;
+    fn key(self) -> [u8; 16] {
+        self.octets()
+    }
+    fn from_key(k: [u8; 16]) -> Self {
+        Ipv6Addr::from(k)
+    }
+    fn dev_key(self, ifindex: u32) -> u32 {
+        maps::endpoint6_dev_key(ifindex)
+    }
 }
 
 /// Summed per-CPU counters, indexed by [`Counter`].
@@ -463,53 +519,86 @@ impl Dataplane {
     }
 
     /// Adds or replaces one local pod: its device entry first (decap delivers only when both
-    /// agree on the ifindex), then its endpoint.
-    pub fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError> {
+    /// agree on the ifindex), then its endpoint. A device entry the endpoint no longer uses (a
+    /// pod on a new veth) is released.
+    pub fn upsert_endpoint<A: EndpointAddr>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
+        let previous = {
+            let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
+            eps.get(&e.ip.key(), 0).ok()
+        };
+        let dev_key = e.ip.dev_key(e.ifindex);
         {
-            let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::ENDPOINT_DEVS)?;
-            devs.insert(maps::endpoint_dev_key(e.ip.octets()), e.ifindex, None, 0)
+            let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, A::DEVS)?;
+            devs.insert(dev_key, e.ifindex, None, 0)
                 .map_err(|source| DataplaneError::EndpointDevice {
-                    ip: e.ip,
+                    ip: e.ip.into(),
                     ifindex: e.ifindex,
                     source,
                 })?;
         }
-        let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
+        let mut eps: HashMap<&mut MapData, A::Key, Endpoint> = map_mut(&mut self.ebpf, A::MAP)?;
         let value = Endpoint {
             ifindex: e.ifindex,
             mac: e.mac,
             gw_mac: e.gw_mac,
         };
-        eps.insert(e.ip.octets(), value, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: maps::ENDPOINTS,
-                source,
-            })
+        eps.insert(e.ip.key(), value, 0)
+            .map_err(|source| DataplaneError::Map { name: A::MAP, source })?;
+        match previous.map(|p| e.ip.dev_key(p.ifindex)) {
+            Some(old) if old != dev_key => self.release_endpoint_dev::<A>(old),
+            _ => Ok(()),
+        }
     }
 
-    /// Removes one local pod. Absent is not an error.
-    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
-        let mut eps: HashMap<&mut MapData, [u8; 4], Endpoint> = map_mut(&mut self.ebpf, maps::ENDPOINTS)?;
-        ignore_missing(eps.remove(&ip.octets()), maps::ENDPOINTS)?;
-        let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, maps::ENDPOINT_DEVS)?;
-        ignore_missing(
-            devs.remove(maps::endpoint_dev_key(ip.octets())),
-            maps::ENDPOINT_DEVS,
-        )
+    /// Removes one local pod, and its device entry unless another endpoint uses it. Absent is
+    /// not an error.
+    pub fn remove_endpoint<A: EndpointAddr>(&mut self, ip: A) -> Result<(), DataplaneError> {
+        let mut eps: HashMap<&mut MapData, A::Key, Endpoint> = map_mut(&mut self.ebpf, A::MAP)?;
+        let previous = eps.get(&ip.key(), 0).ok();
+        ignore_missing(eps.remove(&ip.key()), A::MAP)?;
+        match previous {
+            Some(p) => self.release_endpoint_dev::<A>(ip.dev_key(p.ifindex)),
+            None => Ok(()),
+        }
     }
 
-    /// The local pods in the (possibly adopted) endpoint map. One whose device entry no longer
-    /// names the same veth (the veth went away, possibly while no agent ran) is reported with
-    /// ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from anything
-    /// discovered, so a resync removes or replaces it.
+    /// Deletes the device entry `dev_key` of family `A` unless an endpoint still uses it.
+    fn release_endpoint_dev<A: EndpointAddr>(&mut self, dev_key: u32) -> Result<(), DataplaneError> {
+        let used = A::SHARED_DEV && {
+            let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
+            eps.iter()
+                .flatten()
+                .any(|(k, v)| A::from_key(k).dev_key(v.ifindex) == dev_key)
+        };
+        if used {
+            return Ok(());
+        }
+        let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, A::DEVS)?;
+        ignore_missing(devs.remove(dev_key), A::DEVS)
+    }
+
+    /// The local IPv4 pods in the (possibly adopted) endpoint map. One whose device entry no
+    /// longer names the same veth (the veth went away, possibly while no agent ran) is reported
+    /// with ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from
+    /// anything discovered, so a resync removes or replaces it.
     pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-        let eps: HashMap<&MapData, [u8; 4], Endpoint> = map_ref(&self.ebpf, maps::ENDPOINTS)?;
-        let devs: DevMapHash<&MapData> = map_ref(&self.ebpf, maps::ENDPOINT_DEVS)?;
+        self.endpoints_of::<Ipv4Addr>()
+    }
+
+    /// The local IPv6 pods, as [`Dataplane::endpoints`].
+    pub fn endpoints6(&self) -> Result<Vec<LocalEndpoint<Ipv6Addr>>, DataplaneError> {
+        self.endpoints_of::<Ipv6Addr>()
+    }
+
+    /// The local pods of family `A` (see [`Dataplane::endpoints`]).
+    pub fn endpoints_of<A: EndpointAddr>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
+        let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
+        let devs: DevMapHash<&MapData> = map_ref(&self.ebpf, A::DEVS)?;
         Ok(endpoint_entries(&eps)
             .into_iter()
-            .map(|mut e| {
+            .map(|mut e: LocalEndpoint<A>| {
                 let live = devs
-                    .get(maps::endpoint_dev_key(e.ip.octets()), 0)
+                    .get(e.ip.dev_key(e.ifindex), 0)
                     .is_ok_and(|v| v.if_index == e.ifindex);
                 if !live {
                     e.ifindex = STALE_IFINDEX;
@@ -747,14 +836,14 @@ pub fn peer_entries<T: std::borrow::Borrow<MapData>>(
 }
 
 /// Every local pod in an endpoint map, sorted by address. Entries removed while reading are gone.
-pub fn endpoint_entries<T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, [u8; 4], Endpoint>,
-) -> Vec<LocalEndpoint> {
-    let mut out: Vec<LocalEndpoint> = map
+pub fn endpoint_entries<A: EndpointAddr, T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, A::Key, Endpoint>,
+) -> Vec<LocalEndpoint<A>> {
+    let mut out: Vec<LocalEndpoint<A>> = map
         .iter()
         .flatten()
         .map(|(ip, e)| LocalEndpoint {
-            ip: Ipv4Addr::from(ip),
+            ip: A::from_key(ip),
             ifindex: e.ifindex,
             mac: e.mac,
             gw_mac: e.gw_mac,
@@ -764,18 +853,23 @@ pub fn endpoint_entries<T: std::borrow::Borrow<MapData>>(
     out
 }
 
-/// Local pods from a pinned endpoint map (works whether the agent runs or not).
+/// Local IPv4 pods from a pinned endpoint map (works whether the agent runs or not).
 pub fn read_pinned_endpoints(pin_root: &Path) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-    let data = MapData::from_pin(pin_root.join(maps::ENDPOINTS)).map_err(|source| DataplaneError::Map {
-        name: maps::ENDPOINTS,
-        source,
-    })?;
+    read_pinned_endpoints_of::<Ipv4Addr>(pin_root)
+}
+
+/// Local IPv6 pods from the pinned `OVL_ENDPOINTS6`.
+pub fn read_pinned_endpoints6(pin_root: &Path) -> Result<Vec<LocalEndpoint<Ipv6Addr>>, DataplaneError> {
+    read_pinned_endpoints_of::<Ipv6Addr>(pin_root)
+}
+
+fn read_pinned_endpoints_of<A: EndpointAddr>(
+    pin_root: &Path,
+) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
+    let err = |source| DataplaneError::Map { name: A::MAP, source };
+    let data = MapData::from_pin(pin_root.join(A::MAP)).map_err(err)?;
     let map = aya::maps::Map::HashMap(data);
-    let eps: HashMap<&MapData, [u8; 4], Endpoint> =
-        HashMap::try_from(&map).map_err(|source| DataplaneError::Map {
-            name: maps::ENDPOINTS,
-            source,
-        })?;
+    let eps: HashMap<&MapData, A::Key, Endpoint> = HashMap::try_from(&map).map_err(err)?;
     Ok(endpoint_entries(&eps))
 }
 

@@ -1,11 +1,13 @@
-//! Local endpoints: the pods on this node's bridge, kept in the `OVL_ENDPOINTS` map so decap can
-//! hand their packets straight to their host-side veth.
+//! Local endpoints: the pods on this node's bridge, kept in the `OVL_ENDPOINTS` (IPv4) and
+//! `OVL_ENDPOINTS6` (IPv6) maps so decap can hand their packets straight to their host-side veth.
 //!
-//! Discovery is netlink only: the pod bridge (ifindex, MAC), its ports, its FDB (pod MAC → port)
-//! and its IPv4 neighbour table (pod IP → MAC). A pod is an endpoint once the host has a usable
-//! neighbour entry for it and the bridge has learned that MAC on one of its ports. A pod the host
-//! has never ARPed is not one yet: decap hands its packets to the stack, which ARPs, and the next
-//! sync picks it up.
+//! Discovery is netlink only: the pod bridge (ifindex, MAC, own addresses), its ports, its FDB
+//! (pod MAC → port) and its IPv4 and IPv6 neighbour tables (pod IP → MAC). A pod address is an
+//! endpoint once the host has a usable neighbour entry for it inside our lease of that family
+//! and the bridge has learned that MAC on one of its ports. A pod the host has never ARPed (or
+//! solicited, for IPv6) is not one yet: decap hands its packets to the stack, which resolves
+//! it, and the next sync picks it up. Both families go through the same generic code
+//! ([`EndpointFamily`]).
 //!
 //! Keeping it in step: a task subscribed to `RTNLGRP_LINK` and `RTNLGRP_NEIGH` (FDB changes
 //! arrive there too) dumps the three tables [`DEBOUNCE`] after a change that may concern the
@@ -15,15 +17,16 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
 use futures::{channel::mpsc::UnboundedReceiver, StreamExt as _, TryStreamExt as _};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rtnetlink::{
     packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{
+        address::{AddressAttribute, AddressMessage},
         link::{LinkAttribute, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
         AddressFamily, RouteNetlinkMessage,
@@ -39,7 +42,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    dataplane::{Dataplane, DataplaneError, LocalEndpoint},
+    dataplane::{Dataplane, DataplaneError, EndpointAddr, LocalEndpoint},
     lease::MacAddr,
     ops::metrics::METRICS,
 };
@@ -101,10 +104,10 @@ pub struct FdbEntry {
     pub state: u16,
 }
 
-/// One IPv4 neighbour entry.
+/// One IPv4 (or IPv6) neighbour entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbour {
-    pub ip: Ipv4Addr,
+pub struct Neighbour<A = Ipv4Addr> {
+    pub ip: A,
     pub ifindex: u32,
     /// `None` while unresolved.
     pub mac: Option<[u8; 6]>,
@@ -121,11 +124,84 @@ pub struct Discovery {
     pub ports: BTreeSet<u32>,
     pub fdb: Vec<FdbEntry>,
     pub neighbours: Vec<Neighbour>,
+    pub neighbours6: Vec<Neighbour<Ipv6Addr>>,
+    /// The bridge's own addresses (never a pod's).
+    pub bridge_addrs: BTreeSet<IpAddr>,
 }
 
-/// The pods of a discovery inside `subnet` (our lease): each IPv4 neighbour of the bridge in a
-/// usable state whose MAC the bridge has learned on exactly one of its ports.
-pub fn join(d: &Discovery, subnet: Ipv4Net) -> BTreeMap<Ipv4Addr, LocalEndpoint> {
+/// What endpoint discovery needs of an address family, on top of its maps
+/// ([`EndpointAddr`]): its neighbours in a discovery and which addresses of our lease can be
+/// pods.
+pub trait EndpointFamily: EndpointAddr {
+    /// Our lease in this family.
+    type Net: Copy + Eq + std::fmt::Debug;
+    /// "IPv4" / "IPv6", for logs.
+    const NAME: &'static str;
+    /// `AF_INET` / `AF_INET6`.
+    const FAMILY: AddressFamily;
+    fn neighbours(d: &Discovery) -> &[Neighbour<Self>];
+    /// The address of a neighbour message of this family.
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self>;
+    /// An address of ours in this family (for a map that holds both).
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    /// Whether a neighbour at `self` may be a pod of our lease `own`: inside it, and not its
+    /// network address (nor broadcast, nor a link-local address).
+    fn pod_address(self, own: &Self::Net) -> bool;
+}
+
+impl EndpointFamily for Ipv4Addr {
+    type Net = Ipv4Net;
+    const NAME: &'static str = "IPv4";
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    fn neighbours(d: &Discovery) -> &[Neighbour<Self>] {
+        &d.neighbours
+    }
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn pod_address(self, own: &Ipv4Net) -> bool {
+        own.contains(&self) && self != own.network() && self != own.broadcast()
+    }
+}
+
+impl EndpointFamily for Ipv6Addr {
+    type Net = Ipv6Net;
+    const NAME: &'static str = "IPv6";
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    fn neighbours(d: &Discovery) -> &[Neighbour<Self>] {
+        &d.neighbours6
+    }
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+        match a {
+            NeighbourAddress::Inet6(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn pod_address(self, own: &Ipv6Net) -> bool {
+        // The network address is the subnet-router anycast address (RFC 4291 2.6.1).
+        own.contains(&self) && self != own.network() && !self.is_unicast_link_local() && !self.is_multicast()
+    }
+}
+
+/// The pods of a discovery inside `subnet` (our lease of family `A`): each neighbour of the
+/// bridge in a usable state whose MAC the bridge has learned on exactly one of its ports (the
+/// bridge's own addresses excepted).
+pub fn join<A: EndpointFamily>(d: &Discovery, subnet: A::Net) -> BTreeMap<A, LocalEndpoint<A>> {
     let mut out = BTreeMap::new();
     let Some(bridge) = d.bridge else { return out };
     // MAC → port; `None` when the MAC is behind several ports (then the stack decides).
@@ -146,8 +222,8 @@ pub fn join(d: &Discovery, subnet: Ipv4Net) -> BTreeMap<Ipv4Addr, LocalEndpoint>
                 .or_insert(Some(f.port));
         }
     }
-    let host = |ip: Ipv4Addr| subnet.contains(&ip) && ip != subnet.network() && ip != subnet.broadcast();
-    for n in &d.neighbours {
+    let host = |ip: A| ip.pod_address(&subnet) && !d.bridge_addrs.contains(&ip.into());
+    for n in A::neighbours(d) {
         if n.ifindex != bridge.ifindex || n.state & NUD_USABLE == 0 || n.state & NUD_UNRESOLVED != 0 {
             continue;
         }
@@ -177,18 +253,30 @@ fn is_unicast(mac: [u8; 6]) -> bool {
 }
 
 /// What to write to make the map hold `wanted`.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Changes {
+#[derive(Debug, PartialEq, Eq)]
+pub struct Changes<A = Ipv4Addr> {
     /// New or changed (another veth or MAC) endpoints.
-    pub upsert: Vec<LocalEndpoint>,
+    pub upsert: Vec<LocalEndpoint<A>>,
     /// Addresses that are no longer endpoints.
-    pub remove: Vec<Ipv4Addr>,
+    pub remove: Vec<A>,
+}
+
+impl<A> Default for Changes<A> {
+    fn default() -> Self {
+        Changes {
+            upsert: Vec::new(),
+            remove: Vec::new(),
+        }
+    }
 }
 
 /// The difference between what the map holds and what it should.
-pub fn diff(held: &[LocalEndpoint], wanted: &BTreeMap<Ipv4Addr, LocalEndpoint>) -> Changes {
-    let held: HashMap<Ipv4Addr, &LocalEndpoint> = held.iter().map(|e| (e.ip, e)).collect();
-    let mut remove: Vec<Ipv4Addr> = held
+pub fn diff<A: EndpointAddr>(
+    held: &[LocalEndpoint<A>],
+    wanted: &BTreeMap<A, LocalEndpoint<A>>,
+) -> Changes<A> {
+    let held: HashMap<A, &LocalEndpoint<A>> = held.iter().map(|e| (e.ip, e)).collect();
+    let mut remove: Vec<A> = held
         .keys()
         .filter(|ip| !wanted.contains_key(ip))
         .copied()
@@ -202,32 +290,50 @@ pub fn diff(held: &[LocalEndpoint], wanted: &BTreeMap<Ipv4Addr, LocalEndpoint>) 
     Changes { upsert, remove }
 }
 
-/// The map operations endpoint syncing needs ([`Dataplane`] in the agent, a fake in tests).
+/// The map operations endpoint syncing needs, for either family ([`Dataplane`] in the agent, a
+/// fake in tests).
 pub trait EndpointMap {
-    fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError>;
-    fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError>;
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError>;
+    fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError>;
+    fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError>;
+    fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError>;
 }
 
 impl EndpointMap for Dataplane {
-    fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-        Dataplane::endpoints(self)
+    fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
+        Dataplane::endpoints_of::<A>(self)
     }
-    fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError> {
+    fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
         Dataplane::upsert_endpoint(self, e)
     }
-    fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+    fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError> {
         Dataplane::remove_endpoint(self, ip)
     }
 }
 
-/// The agent loop's side: applies each discovery to the map.
+/// Our lease's subnets, once it is known (a lease holds at least one of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnSubnets {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl OwnSubnets {
+    /// `None` until the first lease: both subnets unknown.
+    pub fn of(v4: Option<Ipv4Net>, v6: Option<Ipv6Net>) -> Option<Self> {
+        (v4.is_some() || v6.is_some()).then_some(OwnSubnets { v4, v6 })
+    }
+}
+
+/// The agent loop's side: applies each discovery to both maps.
 #[derive(Debug, Default)]
 pub struct LocalEndpoints {
-    /// Our lease: only its addresses are endpoints. Until it is known the map is left as adopted.
-    own: Option<Ipv4Net>,
-    /// The latest discovery, applied again when our subnet changes.
+    /// Our lease: only its addresses are endpoints. Until it is known the maps are left as
+    /// adopted; a family the lease has no subnet in has no endpoints.
+    own: Option<OwnSubnets>,
+    /// The latest discovery, applied again when our subnets change.
     last: Option<Discovery>,
+    /// Entries in the IPv4 and IPv6 maps (for the metric).
+    held: [usize; 2],
 }
 
 impl LocalEndpoints {
@@ -237,8 +343,9 @@ impl LocalEndpoints {
         self.sync(map);
     }
 
-    /// Our subnet, after every control-plane event; a change re-applies the latest discovery.
-    pub fn own_subnet(&mut self, map: &mut impl EndpointMap, own: Option<Ipv4Net>) {
+    /// Our subnets ([`OwnSubnets::of`]), after every control-plane event; a change re-applies
+    /// the latest discovery.
+    pub fn own_subnets(&mut self, map: &mut impl EndpointMap, own: Option<OwnSubnets>) {
         if own != self.own {
             self.own = own;
             self.sync(map);
@@ -247,47 +354,65 @@ impl LocalEndpoints {
 
     fn sync(&mut self, map: &mut impl EndpointMap) {
         let Some(d) = &self.last else { return };
-        let wanted = match (d.bridge, self.own) {
-            (None, _) => BTreeMap::new(),
-            (Some(_), Some(own)) => join(d, own),
-            // Which pods are ours is not known yet: keep what an earlier agent left.
-            (Some(_), None) => return,
-        };
-        let held = match map.endpoints() {
-            Ok(h) => h,
-            Err(e) => {
-                error!(error = %e, "reading the endpoint map");
-                return;
-            }
-        };
-        let mut count = held.len();
-        let Changes { upsert, remove } = diff(&held, &wanted);
-        for ip in remove {
-            match map.remove_endpoint(ip) {
-                Ok(()) => {
-                    count -= 1;
-                    debug!(%ip, "local endpoint removed");
-                }
-                Err(e) => error!(%ip, error = %e, "removing a local endpoint"),
-            }
+        let own = self.own;
+        if let Some(n) = sync_family::<Ipv4Addr>(map, d, own.map(|o| o.v4)) {
+            self.held[0] = n;
         }
-        for e in upsert {
-            let new = !held.iter().any(|h| h.ip == e.ip);
-            match map.upsert_endpoint(&e) {
-                Ok(()) => {
-                    count += usize::from(new);
-                    let what = if new {
-                        "local endpoint added"
-                    } else {
-                        "local endpoint changed"
-                    };
-                    debug!(ip = %e.ip, ifindex = e.ifindex, mac = %MacAddr(e.mac), "{what}");
-                }
-                Err(err) => error!(ip = %e.ip, error = %err, "writing a local endpoint"),
-            }
+        if let Some(n) = sync_family::<Ipv6Addr>(map, d, own.map(|o| o.v6)) {
+            self.held[1] = n;
         }
-        METRICS.local_endpoints.set(count as i64);
+        METRICS.local_endpoints.set((self.held[0] + self.held[1]) as i64);
     }
+}
+
+/// Makes family `A`'s map hold the pods of `d` in `own` (`None`: not known yet, `Some(None)`:
+/// the lease has no subnet of this family). Returns the number of entries the map then holds,
+/// `None` when it was left alone.
+fn sync_family<A: EndpointFamily>(
+    map: &mut impl EndpointMap,
+    d: &Discovery,
+    own: Option<Option<A::Net>>,
+) -> Option<usize> {
+    let wanted = match (d.bridge, own) {
+        (None, _) | (Some(_), Some(None)) => BTreeMap::new(),
+        (Some(_), Some(Some(own))) => join::<A>(d, own),
+        // Which pods are ours is not known yet: keep what an earlier agent left.
+        (Some(_), None) => return None,
+    };
+    let held = match map.endpoints::<A>() {
+        Ok(h) => h,
+        Err(e) => {
+            error!(family = A::NAME, error = %e, "reading the endpoint map");
+            return None;
+        }
+    };
+    let mut count = held.len();
+    let Changes { upsert, remove } = diff(&held, &wanted);
+    for ip in remove {
+        match map.remove_endpoint(ip) {
+            Ok(()) => {
+                count -= 1;
+                debug!(%ip, "local endpoint removed");
+            }
+            Err(e) => error!(%ip, error = %e, "removing a local endpoint"),
+        }
+    }
+    for e in upsert {
+        let new = !held.iter().any(|h| h.ip == e.ip);
+        match map.upsert_endpoint(&e) {
+            Ok(()) => {
+                count += usize::from(new);
+                let what = if new {
+                    "local endpoint added"
+                } else {
+                    "local endpoint changed"
+                };
+                debug!(ip = %e.ip, ifindex = e.ifindex, mac = %MacAddr(e.mac), "{what}");
+            }
+            Err(err) => error!(ip = %e.ip, error = %err, "writing a local endpoint"),
+        }
+    }
+    Some(count)
 }
 
 /// Discoveries from the netlink task, newest first: a slow agent loop skips stale ones.
@@ -314,18 +439,26 @@ impl EndpointWatch {
     }
 }
 
-/// Adopts what the pinned endpoint map holds (the first sync keeps or removes it) and starts
+/// Adopts what the pinned endpoint maps hold (the first sync keeps or removes it) and starts
 /// watching `bridge`. Without an endpoint map in the datapath nothing is watched.
 pub fn start(dp: &Dataplane, bridge: &str) -> (LocalEndpoints, EndpointWatch) {
-    match dp.endpoints() {
-        Ok(held) => {
-            if !held.is_empty() {
-                info!(endpoints = held.len(), "adopted the pinned endpoint map");
+    match dp.endpoints().and_then(|v4| Ok((v4, dp.endpoints6()?))) {
+        Ok((v4, v6)) => {
+            if !v4.is_empty() || !v6.is_empty() {
+                info!(
+                    endpoints = v4.len(),
+                    endpoints6 = v6.len(),
+                    "adopted the pinned endpoint maps"
+                );
             }
-            METRICS.local_endpoints.set(held.len() as i64);
+            METRICS.local_endpoints.set((v4.len() + v6.len()) as i64);
             let (tx, rx) = watch::channel(None);
             tokio::spawn(track(bridge.to_string(), tx));
-            (LocalEndpoints::default(), EndpointWatch { rx: Some(rx) })
+            let local = LocalEndpoints {
+                held: [v4.len(), v6.len()],
+                ..LocalEndpoints::default()
+            };
+            (local, EndpointWatch { rx: Some(rx) })
         }
         Err(e) => {
             warn!(error = %e, "no local endpoint map: decapsulated packets always go through the stack");
@@ -366,8 +499,8 @@ impl From<&Discovery> for Known {
 
 /// How soon a notification calls for a resync: at once when the bridge or one of its ports is
 /// deleted (or notifications were lost), after [`DEBOUNCE`] for other link changes and for
-/// neighbour/FDB changes on the bridge and its ports, never for the rest (IPv6 neighbours, other
-/// devices' ARP and FDB entries).
+/// neighbour (IPv4 and IPv6) and FDB changes on the bridge and its ports, never for the rest
+/// (other devices' neighbour and FDB entries).
 pub fn urgency(payload: &NetlinkPayload<RouteNetlinkMessage>, known: &Known) -> Option<Duration> {
     use RouteNetlinkMessage as M;
     let m = match payload {
@@ -383,7 +516,7 @@ pub fn urgency(payload: &NetlinkPayload<RouteNetlinkMessage>, known: &Known) -> 
         M::NewNeighbour(n) | M::DelNeighbour(n) => {
             let bridge = known.bridge?;
             let ours = match n.header.family {
-                AddressFamily::Inet => n.header.ifindex == bridge,
+                AddressFamily::Inet | AddressFamily::Inet6 => n.header.ifindex == bridge,
                 AddressFamily::Bridge => {
                     known.ports.contains(&n.header.ifindex) || neighbour_master(n) == Some(bridge)
                 }
@@ -526,7 +659,7 @@ impl Tracker {
     }
 }
 
-/// Dumps links, the bridge FDB and the IPv4 neighbours.
+/// Dumps links, the bridge's addresses, the bridge FDB and the IPv4 and IPv6 neighbours.
 pub async fn discover(handle: &Handle, bridge: &str) -> Result<Discovery, EndpointError> {
     let links: Vec<LinkMessage> = handle
         .link()
@@ -564,11 +697,37 @@ pub async fn discover(handle: &Handle, bridge: &str) -> Result<Discovery, Endpoi
         .try_collect()
         .await
         .map_err(nl("dumping the IPv4 neighbours"))?;
+    let neighbours6: Vec<NeighbourMessage> = handle
+        .neighbours()
+        .get()
+        .set_address_family(AddressFamily::Inet6)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("dumping the IPv6 neighbours"))?;
+    let addrs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(br.ifindex)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing the bridge's addresses"))?;
     Ok(Discovery {
         bridge: Some(br),
         ports,
         fdb: fdb.iter().filter_map(fdb_entry).collect(),
-        neighbours: neighbours.iter().filter_map(neighbour).collect(),
+        neighbours: neighbours.iter().filter_map(neighbour_of).collect(),
+        neighbours6: neighbours6.iter().filter_map(neighbour_of).collect(),
+        bridge_addrs: addrs
+            .iter()
+            .filter(|a| a.header.index == br.ifindex)
+            .flat_map(|a| &a.attributes)
+            .filter_map(|a| match a {
+                AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect(),
     })
 }
 
@@ -622,11 +781,16 @@ pub fn fdb_entry(n: &NeighbourMessage) -> Option<FdbEntry> {
 
 /// An AF_INET neighbour message as a neighbour entry.
 pub fn neighbour(n: &NeighbourMessage) -> Option<Neighbour> {
-    if n.header.family != AddressFamily::Inet {
+    neighbour_of(n)
+}
+
+/// A neighbour message of family `A` as a neighbour entry.
+pub fn neighbour_of<A: EndpointFamily>(n: &NeighbourMessage) -> Option<Neighbour<A>> {
+    if n.header.family != A::FAMILY {
         return None;
     }
     let ip = n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+        NeighbourAttribute::Destination(d) => A::from_neighbour(d),
         _ => None,
     })?;
     Some(Neighbour {
@@ -705,7 +869,114 @@ mod tests {
                 neigh(ip(2), mac(2), NUD_REACHABLE),
                 neigh(ip(3), mac(3), NUD_STALE),
             ],
+            neighbours6: vec![
+                neigh6(ip6(2), mac(2), NUD_REACHABLE),
+                neigh6(ip6(3), mac(3), NUD_STALE),
+            ],
+            bridge_addrs: [IpAddr::V4(ip(1)), IpAddr::V6(ip6(1))].into(),
         }
+    }
+
+    const SUBNET6: &str = "fd00:10:244:1::/64";
+
+    fn ip6(n: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, n)
+    }
+
+    fn neigh6(a: Ipv6Addr, m: [u8; 6], state: u16) -> Neighbour<Ipv6Addr> {
+        Neighbour {
+            ip: a,
+            ifindex: BR,
+            mac: Some(m),
+            state,
+        }
+    }
+
+    fn ep6(a: Ipv6Addr, ifindex: u32, m: [u8; 6]) -> LocalEndpoint<Ipv6Addr> {
+        LocalEndpoint {
+            ip: a,
+            ifindex,
+            mac: m,
+            gw_mac: BR_MAC,
+        }
+    }
+
+    fn joined6(d: &Discovery) -> Vec<LocalEndpoint<Ipv6Addr>> {
+        join::<Ipv6Addr>(d, SUBNET6.parse().unwrap())
+            .into_values()
+            .collect()
+    }
+
+    fn own(v4: Option<&str>, v6: Option<&str>) -> Option<OwnSubnets> {
+        OwnSubnets::of(v4.map(|n| n.parse().unwrap()), v6.map(|n| n.parse().unwrap()))
+    }
+
+    #[test]
+    fn ipv6_pods_are_joined_by_the_same_rules() {
+        let mut d = two_pods();
+        assert_eq!(
+            joined6(&d),
+            vec![ep6(ip6(2), 10, mac(2)), ep6(ip6(3), 11, mac(3))]
+        );
+        // The pod's link-local address, though its MAC is on a port.
+        d.neighbours6.push(neigh6(
+            "fe80::858:aff:fef4:102".parse().unwrap(),
+            mac(2),
+            NUD_REACHABLE,
+        ));
+        // The bridge's own address (a pod claiming it), the subnet-router anycast address, a
+        // multicast entry, another node's pod and an unresolved one.
+        d.neighbours6.push(neigh6(ip6(1), mac(2), NUD_REACHABLE));
+        d.neighbours6.push(neigh6(ip6(0), mac(2), NUD_REACHABLE));
+        d.fdb.push(learned([0x33, 0x33, 0, 0, 0, 1], 10));
+        d.neighbours6.push(neigh6(
+            "ff02::1".parse().unwrap(),
+            [0x33, 0x33, 0, 0, 0, 1],
+            NUD_NOARP,
+        ));
+        d.neighbours6
+            .push(neigh6("fd00:10:244:2::5".parse().unwrap(), mac(2), NUD_REACHABLE));
+        d.neighbours6.push(neigh6(ip6(9), mac(2), NUD_INCOMPLETE));
+        // An IPv4 neighbour is no IPv6 endpoint and the other way round.
+        assert_eq!(
+            joined6(&d),
+            vec![ep6(ip6(2), 10, mac(2)), ep6(ip6(3), 11, mac(3))]
+        );
+        assert_eq!(joined(&d), vec![ep(ip(2), 10, mac(2)), ep(ip(3), 11, mac(3))]);
+        // The bridge's own IPv4 address is skipped as well.
+        d.neighbours.push(neigh(ip(1), mac(2), NUD_REACHABLE));
+        assert_eq!(joined(&d), vec![ep(ip(2), 10, mac(2)), ep(ip(3), 11, mac(3))]);
+    }
+
+    #[test]
+    fn both_maps_follow_the_lease_of_their_family() {
+        let mut map = FakeMap::default();
+        map.put(ep6(ip6(9), 6, mac(9)));
+        let mut local = LocalEndpoints::default();
+        local.discovered(&mut map, two_pods());
+        assert_eq!(
+            map.v6(),
+            vec![ep6(ip6(9), 6, mac(9))],
+            "no lease yet: adopted entries stay"
+        );
+        local.own_subnets(&mut map, own(Some(SUBNET), Some(SUBNET6)));
+        assert_eq!(map.v4(), vec![ep(ip(2), 10, mac(2)), ep(ip(3), 11, mac(3))]);
+        assert_eq!(map.v6(), vec![ep6(ip6(2), 10, mac(2)), ep6(ip6(3), 11, mac(3))]);
+        // Port 10 deleted: both addresses of that pod go.
+        let mut d = two_pods();
+        d.ports.remove(&10);
+        d.fdb.retain(|f| f.port != 10);
+        local.discovered(&mut map, d);
+        assert_eq!(map.v4(), vec![ep(ip(3), 11, mac(3))]);
+        assert_eq!(map.v6(), vec![ep6(ip6(3), 11, mac(3))]);
+        // A lease without IPv6 (IPv6 turned off): the IPv6 map empties, IPv4 stays.
+        local.own_subnets(&mut map, own(Some(SUBNET), None));
+        assert_eq!(map.v4(), vec![ep(ip(3), 11, mac(3))]);
+        assert!(map.v6().is_empty(), "left: {:?}", map.v6());
+        // IPv6-only.
+        local.own_subnets(&mut map, own(None, Some(SUBNET6)));
+        assert!(map.v4().is_empty(), "left: {:?}", map.v4());
+        assert_eq!(map.v6(), vec![ep6(ip6(3), 11, mac(3))]);
     }
 
     fn joined(d: &Discovery) -> Vec<LocalEndpoint> {
@@ -852,31 +1123,65 @@ mod tests {
         assert_eq!(diff(&held, &same), Changes::default());
     }
 
-    /// An in-memory endpoint map.
+    /// An in-memory endpoint map for both families.
     #[derive(Default)]
     struct FakeMap {
-        entries: BTreeMap<Ipv4Addr, LocalEndpoint>,
+        entries: BTreeMap<IpAddr, LocalEndpoint<IpAddr>>,
         writes: usize,
     }
 
-    impl EndpointMap for FakeMap {
-        fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-            Ok(self.entries.values().copied().collect())
+    impl FakeMap {
+        fn put<A: EndpointFamily>(&mut self, e: LocalEndpoint<A>) {
+            let ip: IpAddr = e.ip.into();
+            self.entries.insert(
+                ip,
+                LocalEndpoint {
+                    ip,
+                    ifindex: e.ifindex,
+                    mac: e.mac,
+                    gw_mac: e.gw_mac,
+                },
+            );
         }
-        fn upsert_endpoint(&mut self, e: &LocalEndpoint) -> Result<(), DataplaneError> {
+        fn of<A: EndpointFamily>(&self) -> Vec<LocalEndpoint<A>> {
+            self.entries
+                .values()
+                .filter_map(|e| {
+                    Some(LocalEndpoint {
+                        ip: A::from_ip(e.ip)?,
+                        ifindex: e.ifindex,
+                        mac: e.mac,
+                        gw_mac: e.gw_mac,
+                    })
+                })
+                .collect()
+        }
+        fn v4(&self) -> Vec<LocalEndpoint> {
+            self.of()
+        }
+        fn v6(&self) -> Vec<LocalEndpoint<Ipv6Addr>> {
+            self.of()
+        }
+    }
+
+    impl EndpointMap for FakeMap {
+        fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
+            Ok(self.of())
+        }
+        fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
             self.writes += 1;
-            self.entries.insert(e.ip, *e);
+            self.put(*e);
             Ok(())
         }
-        fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DataplaneError> {
+        fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError> {
             self.writes += 1;
-            self.entries.remove(&ip);
+            self.entries.remove(&ip.into());
             Ok(())
         }
     }
 
     fn contents(m: &FakeMap) -> Vec<LocalEndpoint> {
-        m.entries.values().copied().collect()
+        m.v4()
     }
 
     #[test]
@@ -884,7 +1189,7 @@ mod tests {
         // An earlier agent left .2 on an old veth and .9, which is gone.
         let mut map = FakeMap::default();
         for e in [ep(ip(2), 5, mac(2)), ep(ip(9), 6, mac(9))] {
-            map.entries.insert(e.ip, e);
+            map.put(e);
         }
         let mut local = LocalEndpoints::default();
         local.discovered(&mut map, two_pods());
@@ -893,12 +1198,12 @@ mod tests {
             vec![ep(ip(2), 5, mac(2)), ep(ip(9), 6, mac(9))],
             "without our lease nothing may change"
         );
-        local.own_subnet(&mut map, Some(SUBNET.parse().unwrap()));
+        local.own_subnets(&mut map, own(Some(SUBNET), None));
         assert_eq!(contents(&map), vec![ep(ip(2), 10, mac(2)), ep(ip(3), 11, mac(3))]);
         // The same discovery again writes nothing.
         let writes = map.writes;
         local.discovered(&mut map, two_pods());
-        local.own_subnet(&mut map, Some(SUBNET.parse().unwrap()));
+        local.own_subnets(&mut map, own(Some(SUBNET), None));
         assert_eq!(map.writes, writes, "an unchanged node must not rewrite the map");
     }
 
@@ -906,7 +1211,7 @@ mod tests {
     fn a_deleted_veth_and_a_recreated_pod_are_followed() {
         let mut map = FakeMap::default();
         let mut local = LocalEndpoints::default();
-        local.own_subnet(&mut map, Some(SUBNET.parse().unwrap()));
+        local.own_subnets(&mut map, own(Some(SUBNET), None));
         local.discovered(&mut map, two_pods());
         // Port 10 is deleted: its FDB entries go with it, the neighbour entry stays.
         let mut d = two_pods();
@@ -928,7 +1233,7 @@ mod tests {
     #[test]
     fn a_missing_bridge_empties_the_map_even_before_the_lease() {
         let mut map = FakeMap::default();
-        map.entries.insert(ip(2), ep(ip(2), 10, mac(2)));
+        map.put(ep(ip(2), 10, mac(2)));
         let mut local = LocalEndpoints::default();
         local.discovered(&mut map, Discovery::default());
         assert!(contents(&map).is_empty(), "left: {:?}", contents(&map));
@@ -974,6 +1279,11 @@ mod tests {
             (
                 "IPv6 ND on the bridge",
                 inner(M::NewNeighbour(nmsg(AddressFamily::Inet6, BR, None))),
+                soon,
+            ),
+            (
+                "IPv6 ND on the underlay",
+                inner(M::NewNeighbour(nmsg(AddressFamily::Inet6, 2, None))),
                 None,
             ),
             (
@@ -1041,5 +1351,24 @@ mod tests {
             })
         );
         assert_eq!(fdb_entry(&n), None);
+        assert_eq!(
+            neighbour_of::<Ipv6Addr>(&n),
+            None,
+            "an IPv4 neighbour is no IPv6 one"
+        );
+
+        let mut n6 = NeighbourMessage::default();
+        n6.header.family = AddressFamily::Inet6;
+        n6.header.ifindex = BR;
+        n6.header.state = NUD_REACHABLE.into();
+        n6.attributes = vec![
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip6(2))),
+            NeighbourAttribute::LinkLayerAddress(mac(2).to_vec()),
+        ];
+        assert_eq!(
+            neighbour_of::<Ipv6Addr>(&n6),
+            Some(neigh6(ip6(2), mac(2), NUD_REACHABLE))
+        );
+        assert_eq!(neighbour(&n6), None, "an IPv6 neighbour is no IPv4 one");
     }
 }

@@ -57,10 +57,14 @@ pub enum Counter {
     /// segmented before encap, so every segment gets its own outer UDP checksum (counted again,
     /// segment by segment, in `Encap6Packets` when they come back).
     Encap6Resegmented,
+    /// Decapsulated IPv6 packets handed straight to a local pod's veth (the IPv4 ones are
+    /// `DeliverPackets`); also counted in `Decap6Packets` by the program that stripped them.
+    Deliver6Packets,
+    Deliver6Bytes,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::Encap6Resegmented as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::Deliver6Bytes as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -99,6 +103,8 @@ impl Counter {
         Counter::Direct6Packets,
         Counter::Direct6Bytes,
         Counter::Encap6Resegmented,
+        Counter::Deliver6Packets,
+        Counter::Deliver6Bytes,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -133,6 +139,8 @@ impl Counter {
             Counter::Direct6Packets => "direct6_packets",
             Counter::Direct6Bytes => "direct6_bytes",
             Counter::Encap6Resegmented => "encap6_resegmented",
+            Counter::Deliver6Packets => "deliver6_packets",
+            Counter::Deliver6Bytes => "deliver6_bytes",
         }
     }
 

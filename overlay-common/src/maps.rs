@@ -12,6 +12,8 @@
 //! | `OVL_PEERS6`   | LPM trie       | prefix + remote IPv6 subnet | [`Peer6`]          | agent      |
 //! | `OVL_VTEPS6`   | hash           | peer PublicIPv6 (`[u8; 16]`)| [`Vtep6`]          | agent      |
 //! | `OVL_SCRATCH`  | per-CPU array[1] | `u32` 0                   | 512 bytes          | programs (scratch space) |
+//! | `OVL_ENDPOINTS6` | hash         | local pod IPv6 (`[u8; 16]`) | [`Endpoint`]       | agent      |
+//! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex (`u32`)     | the same ifindex   | agent; the kernel deletes entries of removed devices |
 //!
 //! IPv6 pod traffic travels over the IPv6 underlay (flannel's `flannel-v6.1`: outer IPv6 from
 //! `PublicIPv6` to the peer's), IPv4 pod traffic over IPv4: the IPv6 tables are separate maps, so
@@ -31,8 +33,10 @@ pub const CONFIG6: &str = "OVL_CONFIG6";
 pub const PEERS6: &str = "OVL_PEERS6";
 pub const VTEPS6: &str = "OVL_VTEPS6";
 pub const SCRATCH: &str = "OVL_SCRATCH";
+pub const ENDPOINTS6: &str = "OVL_ENDPOINTS6";
+pub const ENDPOINT_DEVS6: &str = "OVL_ENDPOINT_DEVS6";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     CONFIG,
     PEERS,
     VTEPS,
@@ -43,6 +47,8 @@ pub const ALL: [&str; 10] = [
     PEERS6,
     VTEPS6,
     SCRATCH,
+    ENDPOINTS6,
+    ENDPOINT_DEVS6,
 ];
 /// The peer tables, created with the loader's capacity (`max_peers`) rather than the object's.
 pub const PEER_TABLES: [&str; 4] = [PEERS, VTEPS, PEERS6, VTEPS6];
@@ -52,6 +58,15 @@ pub const PEER_TABLES: [&str; 4] = [PEERS, VTEPS, PEERS6, VTEPS6];
 /// gone (a pod deleted while the agent was not running), whatever `OVL_ENDPOINTS` still says.
 pub const fn endpoint_dev_key(ip: [u8; 4]) -> u32 {
     u32::from_ne_bytes(ip)
+}
+
+/// Key of a pod's veth in `OVL_ENDPOINT_DEVS6`: its ifindex. An IPv6 address has no 32-bit
+/// key of its own, so the IPv6 device map is keyed by the device: one entry per veth, shared by
+/// the pod's IPv6 addresses, and gone with the veth as in `OVL_ENDPOINT_DEVS`. (Should the
+/// kernel give that ifindex to a later device, the entry comes back only when the agent writes
+/// that device's endpoints, in a sync that first removes or replaces the stale ones.)
+pub const fn endpoint6_dev_key(ifindex: u32) -> u32 {
+    ifindex
 }
 
 /// Capacity of the local endpoint table (pods on this node).
@@ -221,7 +236,8 @@ impl Vtep {
     }
 }
 
-/// A pod on this node, the value for its IPv4 address in `OVL_ENDPOINTS`: decap hands packets
+/// A pod on this node, the value for its IPv4 address in `OVL_ENDPOINTS` (and for its IPv6
+/// address in `OVL_ENDPOINTS6`): decap hands packets
 /// for it straight to its veth, skipping the bridge and the node's routing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -12,6 +12,8 @@
 //! | `OVL_PEERS6`   | LPM trie      | remote IPv6 pod subnet | `Peer6`           | agent      |
 //! | `OVL_VTEPS6`   | hash          | peer PublicIPv6        | `Vtep6`           | agent      |
 //! | `OVL_SCRATCH`  | per-CPU array[1] | 0                   | 512 bytes         | programs (scratch) |
+//! | `OVL_ENDPOINTS6` | hash        | local pod IPv6         | `Endpoint`        | agent      |
+//! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex       | veth ifindex      | agent; kernel removes gone devices |
 //!
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
 //! reason, which is counted. Header arithmetic lives in `overlay_common::wire`. The same programs
@@ -76,6 +78,11 @@ static OVL_VTEPS6: HashMap<[u8; 16], Vtep6, { MAX_PEERS as usize }> = HashMap::n
 #[btf_map]
 static OVL_SCRATCH: PerCpuArray<[u32; SCRATCH_BYTES / 4], 1> = PerCpuArray::new();
 const SCRATCH_BYTES: usize = 512;
+#[btf_map]
+static OVL_ENDPOINTS6: HashMap<[u8; 16], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+/// Keyed by the veth's ifindex (`endpoint6_dev_key`): one entry per pod, whatever its addresses.
+#[btf_map]
+static OVL_ENDPOINT_DEVS6: DevMapHash<{ MAX_ENDPOINTS as usize }> = DevMapHash::new();
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -576,11 +583,13 @@ fn try_deliver_decapped(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdic
 
 #[classifier]
 pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
-    // Frames XDP already stripped are IPv4 or IPv6 inner frames: the IPv4 code handles them.
-    if !decapped_by_xdp(&ctx) {
-        if let Ok(ETH_P_IPV6_BE) = ctx.load::<u16>(12) {
-            return v6::decap6_tc(ctx.skb.skb) as i32;
+    // An IPv6 frame is IPv6 VXLAN, or an inner IPv6 frame XDP already stripped; the IPv4 code
+    // handles everything else (inner IPv4 frames XDP stripped among them).
+    if let Ok(ETH_P_IPV6_BE) = ctx.load::<u16>(12) {
+        if decapped_by_xdp(&ctx) {
+            return v6::deliver6_decapped(ctx.skb.skb) as i32;
         }
+        return v6::decap6_tc(ctx.skb.skb) as i32;
     }
     decap4_tc(ctx.skb.skb) as i32
 }
@@ -674,7 +683,7 @@ fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig, overhead: usize) -> Resul
 /// Hands a decapsulated packet for `dst` straight to a pod on this node, as the node's routing
 /// would (TTL decremented, from the bridge's MAC to the pod's), without the bridge or the
 /// routing. `None` leaves the packet to the stack: delivery off, not a known endpoint, its veth
-/// gone, or its TTL expiring (the stack sends time-exceeded).
+/// gone, or its TTL expiring (the stack sends time-exceeded). `v6::deliver6` is the IPv6 twin.
 #[inline(always)]
 fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Option<Verdict>, Counter> {
     const TTL_OFF: usize = ETH_LEN + 8;
@@ -704,6 +713,19 @@ fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Optio
     .map_err(|_| Counter::DropMalformed)?;
     ctx.store(TTL_OFF, &new[0], 0)
         .map_err(|_| Counter::DropMalformed)?;
+    to_endpoint(ctx, cfg, &ep, Counter::DeliverPackets, Counter::DeliverBytes).map(Some)
+}
+
+/// The family-independent end of delivery: the frame readdressed from the bridge's MAC to the
+/// pod's and redirected into the pod (`bpf_redirect_peer`) or to its veth (`--deliver veth`).
+#[inline(always)]
+fn to_endpoint(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    ep: &Endpoint,
+    packets: Counter,
+    bytes: Counter,
+) -> Result<Verdict, Counter> {
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&ep.mac);
     macs[6..].copy_from_slice(&ep.gw_mac);
@@ -720,12 +742,12 @@ fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Optio
     if action as u32 != TC_ACT_REDIRECT {
         return Err(Counter::DropNoRoute);
     }
-    Ok(Some(Verdict {
+    Ok(Verdict {
         action: TC_ACT_REDIRECT,
-        counter: Counter::DeliverPackets,
-        bytes: Some(Counter::DeliverBytes),
+        counter: packets,
+        bytes: Some(bytes),
         len,
-    }))
+    })
 }
 
 #[cfg(target_arch = "bpf")]

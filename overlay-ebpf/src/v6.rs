@@ -1,7 +1,8 @@
 //! IPv6 pods over the IPv6 underlay, as flanneld's `flannel-v6.1` carries them: encap of IPv6
 //! pod packets to `OVL_PEERS6` subnets (outer IPv6 from our PublicIPv6 to the peer's), decap of
-//! IPv6 VXLAN from `OVL_VTEPS6` senders. The verdict plumbing (`finish`, `redirect`,
-//! `strip_outer`, XDP's mark) is shared with the IPv4 half in `main.rs`.
+//! IPv6 VXLAN from `OVL_VTEPS6` senders, and delivery of decapsulated packets straight to the
+//! local pods in `OVL_ENDPOINTS6`. The verdict plumbing (`finish`, `redirect`, `strip_outer`,
+//! XDP's mark, `to_endpoint`) is shared with the IPv4 half in `main.rs`.
 //!
 //! The outer UDP checksum is mandatory over IPv6 (RFC 8200; the kernel's VXLAN drops zero
 //! checksums unless `udp6zerocsumrx`, which flanneld does not set) and is computed here:
@@ -36,7 +37,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{CONFIG6_READY, PEER_DIRECT},
+    maps::{endpoint6_dev_key, CONFIG6_READY, CONFIG_NO_DELIVER, PEER_DIRECT},
     wire::{
         encap6_header, flow_source_port, lco_inner_sum, native_sum_to_be, udp6_checksum, vxlan_vni,
         Encap6Params, ENCAP6_HDR_LEN, ETH_LEN, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMPV6, IPPROTO_TCP,
@@ -46,8 +47,9 @@ use overlay_common::{
 };
 
 use crate::{
-    config, count, finish, mark_decapped, redirect, strip_outer, Verdict, AF_INET6, OVL_CONFIG6, OVL_PEERS6,
-    OVL_SCRATCH, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
+    config, count, finish, mark_decapped, redirect, strip_outer, to_endpoint, Verdict, AF_INET6, OVL_CONFIG6,
+    OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6, OVL_PEERS6, OVL_SCRATCH, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK,
+    TC_ACT_SHOT,
 };
 
 // The IPv6 halves are BPF-to-BPF calls of their own rather than inlined into the entry points:
@@ -77,6 +79,21 @@ pub(crate) fn decap6_tc(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
     let ctx = TcContext::new(skb);
     let r = match config() {
         Ok(cfg) => try_decap6_tc(&ctx, cfg),
+        Err(_) => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
+    };
+    finish(r, TC_ACT_SHOT)
+}
+
+/// A frame XDP decap stripped (and GRO may have merged) whose inner packet is IPv6: delivered
+/// straight to a local pod when it is one, else left to the stack; the action for the TC entry
+/// point.
+#[inline(never)]
+pub(crate) fn deliver6_decapped(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    let ctx = TcContext::new(skb);
+    let r = match config() {
+        Ok(cfg) => {
+            deliver6(&ctx, cfg).map(|v| v.unwrap_or(Verdict::pass(TC_ACT_OK, Counter::XdpDecapToStack)))
+        }
         Err(_) => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
     };
     finish(r, TC_ACT_SHOT)
@@ -533,8 +550,9 @@ fn try_decap6_xdp(ctx: &XdpContext, cfg: &DataplaneConfig) -> Result<Verdict, Co
     }
 }
 
-/// TC decap of an IPv6 frame: stripped (GSO kept) and handed to the stack, addressed to the
-/// underlay NIC from the sender's VtepMAC, as the IPv4 path does for a pod it does not deliver to.
+/// TC decap of an IPv6 frame: stripped (GSO kept) and delivered straight to a local pod, or
+/// handed to the stack, addressed to the underlay NIC from the sender's VtepMAC, as the IPv4
+/// path does for a pod it does not deliver to.
 #[inline(always)]
 fn try_decap6_tc(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Counter> {
     let pass = Verdict::pass(TC_ACT_OK, Counter::PassDecap);
@@ -563,6 +581,12 @@ fn try_decap6_tc(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Coun
             if gso {
                 count(Counter::DecapGsoPackets, 1);
             }
+            let len = ctx.len() as u64;
+            if let Some(v) = deliver6(ctx, cfg)? {
+                count(Counter::Decap6Packets, 1);
+                count(Counter::Decap6Bytes, len);
+                return Ok(v);
+            }
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&cfg.underlay_mac);
             macs[6..].copy_from_slice(&f.inner_src_mac);
@@ -571,8 +595,38 @@ fn try_decap6_tc(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Coun
                 action: TC_ACT_OK,
                 counter: Counter::Decap6Packets,
                 bytes: Some(Counter::Decap6Bytes),
-                len: ctx.len() as u64,
+                len,
             })
         }
     }
+}
+
+/// The IPv6 twin of `crate::deliver`: a decapsulated IPv6 packet (the frame starts with its
+/// Ethernet header) for a pod in `OVL_ENDPOINTS6` whose veth still exists goes straight into
+/// the pod with its hop limit decremented, as the node's forwarding would (IPv6 has no header
+/// checksum to patch). `None` leaves it to the stack: delivery off, not a known endpoint, its
+/// veth gone, or its hop limit expiring here (the stack sends Time Exceeded).
+#[inline(always)]
+fn deliver6(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Option<Verdict>, Counter> {
+    const HOP_LIMIT_OFF: usize = ETH_LEN + 7;
+    const DST_OFF: usize = ETH_LEN + 24;
+    if cfg.flags & CONFIG_NO_DELIVER != 0 {
+        return Ok(None);
+    }
+    let dst: [u8; 16] = ctx.load(DST_OFF).map_err(|_| Counter::DropMalformed)?;
+    // SAFETY: the hash map value is read once and copied.
+    let Some(ep) = (unsafe { OVL_ENDPOINTS6.get(dst) }).copied() else {
+        return Ok(None);
+    };
+    // The veth must still exist: the kernel drops device-map entries of removed devices.
+    if OVL_ENDPOINT_DEVS6.get_ifindex(endpoint6_dev_key(ep.ifindex)) != Some(ep.ifindex) {
+        return Ok(None);
+    }
+    let hop_limit: u8 = ctx.load(HOP_LIMIT_OFF).map_err(|_| Counter::DropMalformed)?;
+    if hop_limit <= 1 {
+        return Ok(None);
+    }
+    ctx.store(HOP_LIMIT_OFF, &(hop_limit - 1), 0)
+        .map_err(|_| Counter::DropMalformed)?;
+    to_endpoint(ctx, cfg, &ep, Counter::Deliver6Packets, Counter::Deliver6Bytes).map(Some)
 }

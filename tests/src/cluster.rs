@@ -739,7 +739,8 @@ impl Cluster {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Node `i`'s local endpoints per `overlay-agent status --json`, sorted by address.
+    /// Node `i`'s local IPv4 endpoints per `overlay-agent status --json`, sorted by address
+    /// (IPv6 ones, listed after them, are left out).
     pub fn agent_endpoints(&self, i: usize) -> Result<Vec<EndpointSeen>> {
         let v = self.status_json(i)?;
         let mut out = Vec::new();
@@ -748,8 +749,12 @@ impl Cluster {
             .context("status has no endpoints list")?
         {
             let s = |k: &str| e[k].as_str().map(str::to_string);
+            let ip: std::net::IpAddr = s("ip").context("endpoint ip")?.parse()?;
+            let std::net::IpAddr::V4(ip) = ip else {
+                continue;
+            };
             out.push(EndpointSeen {
-                ip: s("ip").context("endpoint ip")?.parse()?,
+                ip,
                 ifindex: e["ifindex"].as_u64().context("endpoint ifindex")? as u32,
                 iface: s("iface"),
                 mac: s("mac").context("endpoint mac")?,

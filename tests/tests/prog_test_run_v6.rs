@@ -7,8 +7,8 @@
 use std::net::Ipv6Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use overlay_agent::dataplane::{Config6, Counters, Dataplane, PeerEntry6};
-use overlay_common::{programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
+use overlay_agent::dataplane::{Config6, Counters, Dataplane, LocalEndpoint, PeerEntry6, STALE_IFINDEX};
+use overlay_common::{maps, programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
     bpftest::{
         assert_every_class_hit, delta, moved, pad_for_skb_test_run, Rng, TC_ACT_OK, TC_ACT_REDIRECT,
@@ -29,8 +29,10 @@ const OUR_VTEP6: [u8; 6] = [0x0e, 0, 0, 0, 0x06, 0x11];
 const PEER_VTEP6: [u8; 6] = [0x0e, 0, 0, 0, 0x06, 0x12];
 const POD_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x02];
 const BRIDGE_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x01];
-/// Pods: ours fd00:10:244:1::2, the peer's fd00:10:244:2::2 (its subnet fd00:10:244:2::/64).
+/// Pods: ours fd00:10:244:1::2 (a local endpoint behind eth0p), the peer's fd00:10:244:2::2
+/// (its subnet fd00:10:244:2::/64); fd00:10:244:1::3 is ours too but no known endpoint.
 const OUR_POD: [u8; 16] = pod(1, 2);
+const UNKNOWN_POD: [u8; 16] = pod(1, 3);
 const PEER_POD: [u8; 16] = pod(2, 2);
 const INNER_MTU6: u32 = 1430;
 
@@ -93,17 +95,7 @@ impl Fixture {
         }
         let pins = PinRoot::new();
         let mut dp = Dataplane::load_with_capacity(&pins.0, max_peers).expect("loading the datapath");
-        dp.set_config(&DataplaneConfig {
-            public_ip: [198, 18, 0, 11],
-            vni: DEFAULT_VNI,
-            vtep_mac: [0x0e, 0, 0, 0, 0, 0x11],
-            port: DEFAULT_VXLAN_PORT,
-            underlay_ifindex: ns.ifindex("eth0").unwrap(),
-            underlay_mac: ns.mac("eth0").unwrap(),
-            flags: 0,
-            inner_mtu: 1450,
-        })
-        .unwrap();
+        dp.set_config(&node_config(&ns, 0)).unwrap();
         dp.set_config6(&Config6 {
             public_ip: Ipv6Addr::from(OUR_IP6),
             vtep_mac: OUR_VTEP6,
@@ -111,6 +103,18 @@ impl Fixture {
             reseg: None,
         })
         .unwrap();
+        // Our pod, a local endpoint: TC decap delivers packets for it straight to its veth. (The
+        // device map resolves the ifindex in the writer's namespace, as the agent's is the node's.)
+        {
+            let _inside = ns.enter().unwrap();
+            dp.upsert_endpoint(&LocalEndpoint {
+                ip: Ipv6Addr::from(OUR_POD),
+                ifindex: ns.ifindex("eth0p").unwrap(),
+                mac: POD_MAC,
+                gw_mac: BRIDGE_MAC,
+            })
+            .unwrap();
+        }
         if peers {
             dp.upsert_peer6(&PeerEntry6 {
                 subnet: net6("fd00:10:244:2::/64"),
@@ -132,6 +136,19 @@ impl Fixture {
 
     fn counters(&self) -> Counters {
         self.dp.counters().unwrap()
+    }
+
+    /// Writes a local endpoint from inside the node namespace (see [`Fixture::with_capacity`]).
+    fn upsert_endpoint(&mut self, ip: [u8; 16], ifindex: u32) {
+        let _inside = self.ns.enter().unwrap();
+        self.dp
+            .upsert_endpoint(&LocalEndpoint {
+                ip: Ipv6Addr::from(ip),
+                ifindex,
+                mac: POD_MAC,
+                gw_mac: BRIDGE_MAC,
+            })
+            .unwrap();
     }
 
     fn run(&mut self, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
@@ -160,6 +177,20 @@ impl Fixture {
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {prog} failed: {e}"));
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
+    }
+}
+
+/// The node-wide config the fixture writes, with delivery `flags` (`CONFIG_NO_DELIVER`…).
+fn node_config(ns: &Netns, flags: u16) -> DataplaneConfig {
+    DataplaneConfig {
+        public_ip: [198, 18, 0, 11],
+        vni: DEFAULT_VNI,
+        vtep_mac: [0x0e, 0, 0, 0, 0, 0x11],
+        port: DEFAULT_VXLAN_PORT,
+        underlay_ifindex: ns.ifindex("eth0").unwrap(),
+        underlay_mac: ns.mac("eth0").unwrap(),
+        flags,
+        inner_mtu: 1450,
     }
 }
 
@@ -676,52 +707,198 @@ const MARK: [u8; 4] = 0x4f56_4c31u32.to_ne_bytes();
 #[test]
 fn decap6_restores_the_inner_packet_in_xdp_and_tc() {
     let mut fx = Fixture::new();
-    for (name, inner) in [
-        ("udp", udp6(PEER_POD, OUR_POD, 0, b"reply")),
-        ("tcp", tcp6(PEER_POD, OUR_POD, &[0x22; 1000])),
-        ("icmpv6", icmp6_echo(PEER_POD, OUR_POD, 56)),
+    for (prog, dst) in [
+        (programs::DECAP_XDP, OUR_POD),
+        (programs::DECAP_TC, UNKNOWN_POD),
+        (programs::DECAP_TC, OUR_POD),
     ] {
-        let frame = from_peer(&inner);
-        for prog in [programs::DECAP_XDP, programs::DECAP_TC] {
+        for (name, inner) in [
+            ("udp", udp6(PEER_POD, dst, 0, b"reply")),
+            ("tcp", tcp6(PEER_POD, dst, &[0x22; 1000])),
+            ("icmpv6", icmp6_echo(PEER_POD, dst, 56)),
+        ] {
+            let frame = from_peer(&inner);
             let before = fx.counters();
             let (verdict, out) = fx.run(prog, &frame);
             let after = fx.counters();
             let xdp = prog == programs::DECAP_XDP;
+            let delivered = !xdp && dst == OUR_POD;
+            let what = format!("{prog}/{name} to {}", Ipv6Addr::from(dst));
             assert_eq!(
                 verdict,
-                if xdp { XDP_PASS } else { TC_ACT_OK },
-                "{prog}/{name}: verdict; moved {:?}",
+                match (xdp, delivered) {
+                    (true, _) => XDP_PASS,
+                    (false, true) => TC_ACT_REDIRECT,
+                    (false, false) => TC_ACT_OK,
+                },
+                "{what}: verdict; moved {:?}",
                 moved(&before, &after)
             );
-            // The inner frame for the stack: to eth0's MAC (02:00:00:00:00:11), from the peer's
-            // IPv6 VtepMAC; XDP's 4-byte mark in front for the TC program after GRO.
-            let mut want = if xdp { MARK.to_vec() } else { Vec::new() };
-            want.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x11]);
-            want.extend_from_slice(&[0x0e, 0, 0, 0, 0x06, 0x12]);
-            want.extend_from_slice(&[0x86, 0xdd]);
-            want.extend_from_slice(&inner);
-            assert_eq!(out, want, "{prog}/{name}: decapsulated frame");
-            assert_eq!(
-                delta(&before, &after, Counter::Decap6Packets),
-                1,
-                "{prog}/{name}: decap6_packets"
-            );
-            assert_eq!(
-                delta(&before, &after, Counter::Decap6Bytes),
-                (inner.len() + 14) as u64,
-                "{prog}/{name}: decap6_bytes"
-            );
-            assert_eq!(
-                delta(&before, &after, Counter::DecapPackets),
-                0,
-                "{prog}/{name}: not IPv4"
-            );
+            let want = if delivered {
+                // Straight to the pod, as the node's forwarding would send it: from the bridge's
+                // MAC (0a:58:00:00:00:01) to the pod's (0a:58:00:00:00:02), hop limit 64 → 63.
+                let mut w = vec![0x0a, 0x58, 0, 0, 0, 0x02, 0x0a, 0x58, 0, 0, 0, 0x01, 0x86, 0xdd];
+                assert_eq!(inner[7], 64);
+                w.extend_from_slice(&inner);
+                w[14 + 7] = 63;
+                w
+            } else {
+                // The inner frame for the stack: to eth0's MAC (02:00:00:00:00:11), from the
+                // peer's IPv6 VtepMAC; XDP's 4-byte mark in front for the TC program after GRO.
+                let mut w = if xdp { MARK.to_vec() } else { Vec::new() };
+                w.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x11]);
+                w.extend_from_slice(&[0x0e, 0, 0, 0, 0x06, 0x12]);
+                w.extend_from_slice(&[0x86, 0xdd]);
+                w.extend_from_slice(&inner);
+                w
+            };
+            assert_eq!(out, want, "{what}: decapsulated frame");
+            for (c, n) in [
+                (Counter::Decap6Packets, 1),
+                (Counter::Decap6Bytes, (inner.len() + 14) as u64),
+                (Counter::Deliver6Packets, u64::from(delivered)),
+                (
+                    Counter::Deliver6Bytes,
+                    if delivered { (inner.len() + 14) as u64 } else { 0 },
+                ),
+                (Counter::DecapPackets, 0),
+                (Counter::DeliverPackets, 0),
+            ] {
+                assert_eq!(delta(&before, &after, c), n, "{what}: {}", c.name());
+            }
         }
     }
-    // A frame XDP stripped comes to the TC program with its mark: IPv6 goes to the stack as is.
+    // A frame XDP stripped comes to the TC program with its mark (tier 3 covers that program:
+    // BPF_PROG_TEST_RUN gives a TC program no XDP metadata).
     let inner = udp6(PEER_POD, OUR_POD, 0, b"after-gro");
     let (_, stripped) = fx.run(programs::DECAP_XDP, &from_peer(&inner));
     assert_eq!(&stripped[..4], &MARK);
+}
+
+/// TC decap of a UDP packet to `dst` with inner hop limit `hop`: (verdict, output, counters moved).
+fn decap_tc_to(fx: &mut Fixture, dst: [u8; 16], hop: u8) -> (u32, Vec<u8>, Vec<(&'static str, u64)>) {
+    let mut inner = udp6(PEER_POD, dst, 0, b"hop-limit");
+    inner[7] = hop;
+    let before = fx.counters();
+    let (verdict, out) = fx.run(programs::DECAP_TC, &from_peer(&inner));
+    (verdict, out, moved(&before, &fx.counters()))
+}
+
+#[test]
+fn decap6_delivers_only_while_the_hop_limit_the_config_and_the_veth_allow() {
+    let mut fx = Fixture::new();
+    // Hop limit 2 arrives with 1; 1 and 0 would expire here: the stack answers Time Exceeded,
+    // as for IPv4's TTL.
+    let (verdict, out, moved) = decap_tc_to(&mut fx, OUR_POD, 2);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "hop limit 2: {moved:?}");
+    assert_eq!(out[14 + 7], 1, "hop limit 2 → 1");
+    assert_eq!(
+        &out[..12],
+        &[0x0a, 0x58, 0, 0, 0, 0x02, 0x0a, 0x58, 0, 0, 0, 0x01]
+    );
+    for hop in [1, 0] {
+        let (verdict, out, moved) = decap_tc_to(&mut fx, OUR_POD, hop);
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "hop limit {hop}: to the stack; moved {moved:?}"
+        );
+        assert_eq!(out[14 + 7], hop, "hop limit {hop} left for the stack to judge");
+        assert_eq!(&out[..6], &OUR_MAC, "hop limit {hop}: addressed to the node");
+        assert!(
+            moved.contains(&("decap6_packets", 1)) && !moved.iter().any(|m| m.0 == "deliver6_packets"),
+            "hop limit {hop}: {moved:?}"
+        );
+    }
+
+    // `--deliver stack`: decapsulated, never delivered; `--deliver veth` delivers too.
+    let (stack, veth, plain) = (
+        node_config(&fx.ns, maps::CONFIG_NO_DELIVER),
+        node_config(&fx.ns, maps::CONFIG_DELIVER_VIA_VETH),
+        node_config(&fx.ns, 0),
+    );
+    fx.dp.set_config(&stack).unwrap();
+    let (verdict, _, moved) = decap_tc_to(&mut fx, OUR_POD, 64);
+    assert_eq!(verdict, TC_ACT_OK, "--deliver stack: {moved:?}");
+    fx.dp.set_config(&veth).unwrap();
+    let (verdict, _, moved) = decap_tc_to(&mut fx, OUR_POD, 64);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "--deliver veth: {moved:?}");
+    assert!(moved.contains(&("deliver6_packets", 1)), "{moved:?}");
+    fx.dp.set_config(&plain).unwrap();
+
+    // A pod with two IPv6 addresses on its own veth: one device entry for both, kept until the
+    // last address goes; the kernel removes it with the veth, and decap then leaves the pod's
+    // packets to the stack, whatever the endpoint map still says.
+    fx.ns
+        .ip(&["link", "add", "podv", "type", "veth", "peer", "name", "podp"])
+        .unwrap();
+    let podv = fx.ns.ifindex("podv").unwrap();
+    let (a, b) = (pod(1, 4), pod(1, 5));
+    for ip in [a, b] {
+        fx.upsert_endpoint(ip, podv);
+    }
+    let dev_entry = |fx: &mut Fixture, ifindex: u32| {
+        let m = fx.dp.ebpf_mut().map(maps::ENDPOINT_DEVS6).unwrap();
+        let devs = aya::maps::DevMapHash::try_from(m).unwrap();
+        devs.get(ifindex, 0).ok().map(|v| v.if_index)
+    };
+    assert_eq!(dev_entry(&mut fx, podv), Some(podv));
+    for ip in [a, b] {
+        let (verdict, _, moved) = decap_tc_to(&mut fx, ip, 64);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{}: {moved:?}", Ipv6Addr::from(ip));
+    }
+    fx.dp.remove_endpoint(Ipv6Addr::from(a)).unwrap();
+    let (verdict, _, moved) = decap_tc_to(&mut fx, a, 64);
+    assert_eq!(verdict, TC_ACT_OK, "a removed endpoint: {moved:?}");
+    let (verdict, _, moved) = decap_tc_to(&mut fx, b, 64);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the veth's other address lost its device entry with the first: {moved:?}"
+    );
+    fx.dp.remove_endpoint(Ipv6Addr::from(b)).unwrap();
+    assert_eq!(
+        dev_entry(&mut fx, podv),
+        None,
+        "the last address took the device entry with it"
+    );
+
+    // Deleted under a (pinned, still filled in) endpoint: the stack gets its packets.
+    fx.upsert_endpoint(a, podv);
+    let (verdict, _, _) = decap_tc_to(&mut fx, a, 64);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "before the veth is deleted");
+    fx.ns.ip(&["link", "del", "podv"]).unwrap();
+    let (verdict, out, moved) = decap_tc_to(&mut fx, a, 64);
+    assert_eq!(
+        verdict, TC_ACT_OK,
+        "a deleted veth: to the stack; moved {moved:?}"
+    );
+    assert_eq!(&out[..6], &OUR_MAC);
+    let listed: Vec<(Ipv6Addr, u32)> = fx
+        .dp
+        .endpoints6()
+        .unwrap()
+        .iter()
+        .map(|e| (e.ip, e.ifindex))
+        .collect();
+    assert!(
+        listed.contains(&(Ipv6Addr::from(a), STALE_IFINDEX)),
+        "the endpoint of a deleted veth is reported stale: {listed:?}"
+    );
+    // A pod moved to another veth: the old device entry goes when nothing uses it.
+    let eth0p = fx.ns.ifindex("eth0p").unwrap();
+    fx.ns
+        .ip(&["link", "add", "podw", "type", "veth", "peer", "name", "podq"])
+        .unwrap();
+    let podw = fx.ns.ifindex("podw").unwrap();
+    fx.upsert_endpoint(b, podw);
+    fx.upsert_endpoint(b, eth0p);
+    assert_eq!(dev_entry(&mut fx, podw), None, "the old veth's entry stayed");
+    assert_eq!(
+        dev_entry(&mut fx, eth0p),
+        Some(eth0p),
+        "OUR_POD's veth lost its entry"
+    );
+    let (verdict, _, _) = decap_tc_to(&mut fx, b, 64);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
 }
 
 #[test]
@@ -986,8 +1163,9 @@ fn ipv6_peers_are_listed_removed_and_never_half_applied() {
 
 type Expect = (bool, Counter);
 
-/// The IPv6 decap rules on plain bytes (for IPv6 frames; others are the IPv4 model's business).
-fn model_decap6(f: &[u8]) -> Expect {
+/// The IPv6 decap rules on plain bytes (for IPv6 frames; others are the IPv4 model's business);
+/// `tc`: the TC program, which also delivers to local endpoints.
+fn model_decap6(f: &[u8], tc: bool) -> Expect {
     const PASS: Expect = (false, Counter::PassDecap);
     let be16 = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
     if f.len() < 54 || f[14] >> 4 != 6 || f[38..54] != OUR_IP6 {
@@ -1026,6 +1204,11 @@ fn model_decap6(f: &[u8]) -> Expect {
     if f[92..100] != [0xfd, 0, 0, 0x10, 0x02, 0x44, 0, subnet] {
         return (true, Counter::DropSpoofedSource);
     }
+    // TC hands packets for a local endpoint straight to it unless their hop limit runs out here
+    // (the inner header is whole: payload length ≥ 70 above).
+    if tc && f[108..124] == OUR_POD && f[91] > 1 {
+        return (false, Counter::Deliver6Packets);
+    }
     (false, Counter::Decap6Packets)
 }
 
@@ -1037,6 +1220,14 @@ fn model_decap6_output(f: &[u8], xdp: bool, counter: Counter) -> Option<Vec<u8>>
             let at = out.len();
             out.extend_from_slice(&f[70..]);
             out[at..at + 6].copy_from_slice(&OUR_MAC);
+            Some(out)
+        }
+        Counter::Deliver6Packets => {
+            // 70 bytes of outer headers off; to the pod's MAC from the bridge's; hop limit − 1.
+            let mut out = f[70..].to_vec();
+            out[0..6].copy_from_slice(&POD_MAC);
+            out[6..12].copy_from_slice(&BRIDGE_MAC);
+            out[21] -= 1;
             Some(out)
         }
         _ => None,
@@ -1080,7 +1271,10 @@ fn fuzz_inner(rng: &mut Rng, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
 fn fuzz_frame(rng: &mut Rng, decap: bool) -> Vec<u8> {
     let mut f = if decap {
         let src = [PEER_POD, pod(3, 3), pod(rng.below(5) as u8, 9)][rng.below(3)];
-        let inner = fuzz_inner(rng, src, OUR_POD);
+        // Our local endpoint, or a pod of ours that is none; hop limits that may expire here.
+        let dst = [OUR_POD, OUR_POD, UNKNOWN_POD][rng.below(3)];
+        let mut inner = fuzz_inner(rng, src, dst);
+        inner[7] = [64, 64, 64, 2, 1, 0][rng.below(6)];
         let mut o = good_outer();
         if rng.below(8) == 0 {
             o.vni = rng.below(3) as u32;
@@ -1159,7 +1353,7 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
             pad_for_skb_test_run(&mut frame);
         }
         let (expect_drop, expect_counter) = match (decap, ethertype) {
-            (_, 0x86dd) if decap => model_decap6(&frame),
+            (_, 0x86dd) if decap => model_decap6(&frame, prog == programs::DECAP_TC),
             (_, 0x86dd) => model_encap6(&frame),
             (true, _) => (false, Counter::PassDecap),
             (false, _) => (false, Counter::PassEncap),
@@ -1172,8 +1366,11 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
         } else {
             verdict == TC_ACT_SHOT
         };
-        let redirected = prog == programs::ENCAP && verdict == TC_ACT_REDIRECT;
-        let want_redirect = matches!(expect_counter, Counter::Encap6Packets | Counter::Direct6Packets);
+        let redirected = prog != programs::DECAP_XDP && verdict == TC_ACT_REDIRECT;
+        let want_redirect = matches!(
+            expect_counter,
+            Counter::Encap6Packets | Counter::Direct6Packets | Counter::Deliver6Packets
+        );
         assert!(
             dropped == expect_drop && delta(&before, &after, expect_counter) == 1 && redirected == want_redirect,
             "run {i}: {prog} gave verdict {verdict} moving {:?}; the model says {} via {}\nframe: {frame:02x?}",
@@ -1243,6 +1440,7 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
     for prog in [programs::DECAP_XDP, programs::DECAP_TC] {
         wanted.extend(decap_classes.iter().map(|c| (prog, *c)));
     }
+    wanted.push((programs::DECAP_TC, Counter::Deliver6Packets));
     wanted.extend(encap_classes.iter().map(|c| (programs::ENCAP, *c)));
     assert_every_class_hit(&hits, &wanted, MIN_HITS);
 }

@@ -8,7 +8,7 @@
 //! | `overlay_programs_attached`              | gauge     |          | agent                     |
 //! | `overlay_decap_mode`                     | gauge     | `mode`   | agent (`xdp`/`tc`: 1 for the one attached) |
 //! | `overlay_peers`                          | gauge     |          | agent (peer map size)     |
-//! | `overlay_local_endpoints`                | gauge     |          | agent (endpoint map size) |
+//! | `overlay_local_endpoints`                | gauge     |          | agent (both endpoint maps) |
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
 //! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
 //! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
@@ -147,7 +147,7 @@ impl Metrics {
         let local_endpoints = Gauge::default();
         registry.register(
             "overlay_local_endpoints",
-            "Pods on this node in the endpoint map (decap delivers to their veth directly)",
+            "Pod addresses (IPv4 and IPv6) on this node in the endpoint maps (decap delivers to their veth directly)",
             local_endpoints.clone(),
         );
         let state = Arc::new(Mutex::new(AgentState::default()));

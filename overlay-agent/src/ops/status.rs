@@ -70,10 +70,11 @@ pub struct PeerView {
     pub mode: &'static str,
 }
 
-/// One pod on this node (`OVL_ENDPOINTS`): decap delivers its packets to `ifindex` directly.
+/// One pod address on this node (`OVL_ENDPOINTS`, or `OVL_ENDPOINTS6` for an IPv6 one): decap
+/// delivers its packets to `ifindex` directly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndpointView {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The pod's host-side veth.
     pub ifindex: u32,
     /// Its name, when it exists in the namespace `status` runs in.
@@ -190,7 +191,8 @@ fn open(pin_root: &Path, name: &'static str) -> Result<MapData, StatusError> {
     MapData::from_pin(&path).map_err(|source| StatusError::Map { name, source })
 }
 
-/// Reads `OVL_CONFIG`, `OVL_PEERS`, `OVL_ENDPOINTS` and `OVL_COUNTERS` under `pin_root`.
+/// Reads `OVL_CONFIG`, `OVL_PEERS`, `OVL_ENDPOINTS` and `OVL_COUNTERS` (and their IPv6
+/// counterparts, when pinned) under `pin_root`.
 pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let err = |name| move |source| StatusError::Map { name, source };
 
@@ -241,23 +243,33 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         }
     }
 
-    // A datapath pinned by an older release has no endpoint map.
-    let endpoints = if pin_root.join(maps::ENDPOINTS).exists() {
-        dataplane::read_pinned_endpoints(pin_root)?
-            .into_iter()
-            .map(|e| EndpointView {
-                ip: e.ip,
-                ifindex: e.ifindex,
-                iface: nix::net::if_::if_indextoname(e.ifindex)
-                    .ok()
-                    .map(|n| n.to_string_lossy().into_owned()),
-                mac: MacAddr(e.mac).to_string(),
-                gw_mac: MacAddr(e.gw_mac).to_string(),
-            })
-            .collect()
-    } else {
-        Vec::new()
+    // A datapath pinned by an older release has no endpoint map (or no IPv6 one).
+    let view = |ip: IpAddr, ifindex: u32, mac: [u8; 6], gw_mac: [u8; 6]| EndpointView {
+        ip,
+        ifindex,
+        // (An ifindex no device has comes back as an empty name.)
+        iface: nix::net::if_::if_indextoname(ifindex)
+            .ok()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty()),
+        mac: MacAddr(mac).to_string(),
+        gw_mac: MacAddr(gw_mac).to_string(),
     };
+    let mut endpoints: Vec<EndpointView> = Vec::new();
+    if pin_root.join(maps::ENDPOINTS).exists() {
+        endpoints.extend(
+            dataplane::read_pinned_endpoints(pin_root)?
+                .into_iter()
+                .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
+        );
+    }
+    if pin_root.join(maps::ENDPOINTS6).exists() {
+        endpoints.extend(
+            dataplane::read_pinned_endpoints6(pin_root)?
+                .into_iter()
+                .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
+        );
+    }
 
     if !pin_root.join(maps::COUNTERS).exists() {
         return Err(StatusError::NotPinned {
@@ -583,14 +595,14 @@ impl Status {
         }
         let _ = writeln!(s, "\nlocal endpoints ({})", self.endpoints.len());
         if !self.endpoints.is_empty() {
-            let _ = writeln!(s, "  {:<16} {:<24} mac", "ip", "veth");
+            let _ = writeln!(s, "  {:<26} {:<24} mac", "ip", "veth");
         }
         for e in &self.endpoints {
             let veth = match &e.iface {
                 Some(name) => format!("{name} ({})", e.ifindex),
                 None => e.ifindex.to_string(),
             };
-            let _ = writeln!(s, "  {:<16} {:<24} {}", e.ip.to_string(), veth, e.mac);
+            let _ = writeln!(s, "  {:<26} {:<24} {}", e.ip.to_string(), veth, e.mac);
         }
         let _ = writeln!(s, "\ncounters");
         for c in Counter::ALL {
@@ -743,7 +755,16 @@ mod tests {
             decap: "xdp",
             attachments: vec![xdp, tc, gone, other],
             peers: Vec::new(),
-            endpoints: Vec::new(),
+            endpoints: ["10.244.1.2", "fd00:10:244:1::2"]
+                .into_iter()
+                .map(|ip| EndpointView {
+                    ip: ip.parse().unwrap(),
+                    ifindex: 7,
+                    iface: Some("veth1".into()),
+                    mac: "0a:58:0a:f4:01:02".into(),
+                    gw_mac: "0a:58:0a:f4:01:01".into(),
+                })
+                .collect(),
             counters: BTreeMap::new(),
         };
         let text = st.render();
@@ -773,7 +794,14 @@ mod tests {
             line("fw_ingress"),
             "fw_ingress if2 (2) tcx ingress - 77 (not ours)"
         );
+        assert_eq!(line("local endpoints"), "local endpoints (2)");
+        assert_eq!(line("10.244.1.2"), "10.244.1.2 veth1 (7) 0a:58:0a:f4:01:02");
+        assert_eq!(
+            line("fd00:10:244:1::2"),
+            "fd00:10:244:1::2 veth1 (7) 0a:58:0a:f4:01:02"
+        );
         let json: serde_json::Value = serde_json::from_str(&st.to_json()).unwrap();
+        assert_eq!(json["endpoints"][1]["ip"], "fd00:10:244:1::2");
         assert_eq!(json["decap"], "xdp");
         assert_eq!(json["attachments"][0]["xdp_mode"], "driver");
         assert_eq!(json["attachments"][1]["direction"], "ingress");
