@@ -127,8 +127,13 @@ pub fn bridge_and_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net, v4: bool) -> 
         "nodad",
     ])
     .unwrap();
-    let ip = nth6(subnet6, 2);
-    ns.ip(&[
+    add_pod_ipv6(&ns, nth6(subnet6, 2), subnet6);
+    ns
+}
+
+/// `ip/len` on the pod's eth0 and its default route via the subnet's `::1` (the bridge).
+pub fn add_pod_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) {
+    pod.ip(&[
         "-6",
         "addr",
         "add",
@@ -138,9 +143,15 @@ pub fn bridge_and_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net, v4: bool) -> 
         "nodad",
     ])
     .unwrap();
-    ns.ip(&["-6", "route", "add", "default", "via", &gw.to_string()])
-        .unwrap();
-    ns
+    pod.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &nth6(subnet6, 1).to_string(),
+    ])
+    .unwrap();
 }
 
 /// `ping -6 -c count [-s size] [-M do]`: (transmitted, received) and ping's whole output.
@@ -174,29 +185,38 @@ pub fn ping6(
     (parse_ping_summary(&text), text)
 }
 
-/// A 2 s iperf3 transfer over IPv6 from `client` to `server` (listening on `addr`): (bits/s the
-/// client saw received, the client address the server saw).
-pub fn iperf6(server: &Netns, addr: Ipv6Addr, client: &Netns, dir: &Path) -> (f64, String) {
+/// What an [`iperf6`] transfer's server saw.
+pub struct Transfer {
+    /// Bits per second received.
+    pub bps: f64,
+    /// Bytes received.
+    pub bytes: u64,
+    /// The client address the server saw.
+    pub seen: String,
+}
+
+/// A 2 s iperf3 transfer over IPv6 from `client` to `server` (listening on `addr`).
+pub fn iperf6(server: &Netns, addr: Ipv6Addr, client: &Netns, dir: &Path) -> Transfer {
     let report = dir.join(format!("iperf6-{}.json", unique_name("r")));
     let mut srv = server.command("iperf3");
     srv.args(["-s", "-1", "-J", "-B", &addr.to_string()])
         .stdout(std::fs::File::create(&report).unwrap());
     let mut srv = srv.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let out = client
+    client
         .exec("iperf3", &["-6", "-c", &addr.to_string(), "-t", "2", "-J"])
         .expect("iperf3 over IPv6");
     let _ = srv.wait();
-    let server: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let seen = server["start"]["connected"][0]["remote_host"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let cj: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let bps = cj["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    (bps, seen)
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let received = &s["end"]["sum_received"];
+    Transfer {
+        bps: received["bits_per_second"].as_f64().unwrap_or(0.0),
+        bytes: received["bytes"].as_u64().unwrap_or(0),
+        seen: s["start"]["connected"][0]["remote_host"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+    }
 }
 
 /// Waits until every agent has added its IPv6 peers, attached encap and set up the IPv6 host

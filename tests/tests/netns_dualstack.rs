@@ -16,7 +16,7 @@ use overlay_tests::{
     cluster::{output, Cluster},
     dualstack::{
         bridge_and_pod, cluster, iperf6, ipv6_only_pods_talk, nth6, ping6, underlay6, wait_ipv6_subnets,
-        wait_peers, DUAL, NETWORK6, V6_ONLY,
+        wait_peers, Transfer, DUAL, NETWORK6, V6_ONLY,
     },
     netns::{parse_mac, require_root, Netns},
     topology::{flannel_vxlan, fmt_mac, ping, Node},
@@ -92,7 +92,7 @@ fn dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses() {
             ],
         )
         .unwrap();
-    let (bps, seen) = iperf6(&pods[1], ip(1), &pods[0], c.dir());
+    let Transfer { bps, seen, .. } = iperf6(&pods[1], ip(1), &pods[0], c.dir());
     println!("IPv6 pod → pod TCP: {:.2} Gbit/s, server saw {seen}", bps / 1e9);
     let st = c.status_json(1).unwrap();
     println!("node 1 counters after IPv6 TCP: {}", st["counters"]);
@@ -219,7 +219,7 @@ fn hosts_without_ipv4_run_an_ipv6_only_network() {
         assert_eq!(v["PublicIP"], "0.0.0.0", "{line}");
     }
     let pods = ipv6_only_pods_talk(&mut c, &subnets, "hosts without IPv4");
-    let (bps, seen) = iperf6(&pods[1], nth6(subnets[1], 2), &pods[0], c.dir());
+    let Transfer { bps, seen, .. } = iperf6(&pods[1], nth6(subnets[1], 2), &pods[0], c.dir());
     println!("hosts without IPv4: pod → pod TCP {:.2} Gbit/s", bps / 1e9);
     assert!(bps > 100e6, "bulk TCP between hosts without IPv4: {bps} bit/s");
     assert_eq!(seen, nth6(subnets[0], 2).to_string());
@@ -287,7 +287,7 @@ fn direct_routing_peers_get_ipv6_pod_packets_bare() {
             st["counters"]
         );
     }
-    let (bps, seen) = iperf6(&pods[1], b, &pods[0], c.dir());
+    let Transfer { bps, seen, .. } = iperf6(&pods[1], b, &pods[0], c.dir());
     println!("DirectRouting IPv6 pod → pod TCP: {:.2} Gbit/s", bps / 1e9);
     assert_eq!(seen, a.to_string());
 }
@@ -514,7 +514,7 @@ fn mixed_cluster_with_a_flanneld_style_dual_stack_node() {
         }
         // Bulk TCP into the kernel VXLAN, which checks every outer UDP checksum over IPv6.
         let before = csum_errors();
-        let (bps, seen) = iperf6(&n3pod, pod6, pod, c.dir());
+        let Transfer { bps, seen, .. } = iperf6(&n3pod, pod6, pod, c.dir());
         let counters = &c.status_json(i).unwrap()["counters"];
         println!(
             "agent pod (node {}) → flanneld pod, TCP over IPv6: {:.2} Gbit/s ({} GSO packets segmented before encap, {} encapsulated)",

@@ -6,8 +6,6 @@
 //! delivers nothing and traffic still flows; a pod whose veth was deleted falls back to the
 //! stack, and its recreation on a new veth is delivered to again.
 //!
-//! The small helpers are copies of `netns_dualstack.rs`'s (that file grows in parallel).
-//!
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_dualstack_deliver -- --test-threads=1 --nocapture`
 
 use std::{net::Ipv6Addr, time::Duration};
@@ -16,106 +14,16 @@ use ipnet::Ipv6Net;
 use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::Cluster,
-    netns::{require_root, veth, Netns},
-    topology::{nth_host, parse_ping_summary, ping},
+    dualstack::{
+        add_pod_ipv6, bridge_and_pod, cluster_with, iperf6, ipv6_subnet, nth6, ping6, wait_peers, Transfer,
+        DUAL,
+    },
+    netns::{veth, Netns},
+    topology::{nth_host, ping},
 };
-
-const DUAL: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 /// The pods' MTU (what subnet.env says for a 1500 underlay); IPv6 path MTU discovery settles
 /// below it (the IPv6 tunnel carries 1430).
 const POD_MTU: &str = "1450";
-
-/// Node `index`'s IPv6 underlay address.
-fn underlay6(index: u8) -> Ipv6Addr {
-    format!("fd00:198:18::{}", 10 + index).parse().unwrap()
-}
-
-/// `FLANNEL_IPV6_SUBNET` from node `i`'s subnet.env.
-fn ipv6_subnet(c: &Cluster, i: usize) -> Option<Ipv6Net> {
-    let text = std::fs::read_to_string(&c.nodes[i].subnet_file).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET="))?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// `n`-th address of a subnet.
-fn nth6(net: Ipv6Net, n: u128) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(net.network()) + n)
-}
-
-/// A dual-stack cluster of `n` nodes with IPv6 on the underlay, agents started with `args`,
-/// every node holding its IPv6 lease; returns each node's IPv6 subnet.
-fn cluster(n: u8, args: &[&str]) -> (Cluster, Vec<Ipv6Net>) {
-    require_root();
-    let mut c = Cluster::new(n, DUAL).expect("building the cluster");
-    for (i, node) in c.nodes.iter_mut().enumerate() {
-        let addr = format!("{}/64", underlay6(i as u8 + 1));
-        node.node
-            .ns
-            .ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])
-            .expect("IPv6 on the underlay");
-        node.extra_args = args.iter().map(|a| a.to_string()).collect();
-    }
-    for i in 0..c.nodes.len() {
-        c.start_agent(i).expect("starting the agent");
-    }
-    let mut subnets = Vec::new();
-    for i in 0..c.nodes.len() {
-        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(&c, i).is_some());
-        assert!(
-            got.is_some(),
-            "node {i} wrote no IPv6 subnet; log:\n{}",
-            c.agent_log(i)
-        );
-        subnets.push(ipv6_subnet(&c, i).unwrap().trunc());
-    }
-    (c, subnets)
-}
-
-/// One pod on node `i`, dual-stack: the harness's IPv4 bridge and pod (`cni0`, host-side veth
-/// `veth1`), plus the IPv6 lease's `::1` on `cni0` and `::2` in the pod.
-fn dual_stack_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net) -> Netns {
-    c.add_pods(i, 1).expect("IPv4 bridge and pod");
-    let pod = c.nodes[i].node.pods.remove(0).ns;
-    let node = &c.nodes[i].node.ns;
-    let gw = nth6(subnet6, 1);
-    node.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{gw}/{}", subnet6.prefix_len()),
-        "dev",
-        "cni0",
-        "nodad",
-    ])
-    .unwrap();
-    add_ipv6(&pod, nth6(subnet6, 2), subnet6);
-    pod
-}
-
-fn add_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) {
-    pod.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{ip}/{}", subnet6.prefix_len()),
-        "dev",
-        "eth0",
-        "nodad",
-    ])
-    .unwrap();
-    pod.ip(&[
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &nth6(subnet6, 1).to_string(),
-    ])
-    .unwrap();
-}
 
 /// A pod restart as the kubelet and the CNI bridge plugin do it, dual-stack: pod `old`'s
 /// host-side veth `old_veth` on node `i` is deleted (its namespace with it), and a new namespace
@@ -153,7 +61,7 @@ fn recreate_pod(c: &Cluster, i: usize, old: Netns, old_veth: &str, subnet6: Ipv6
     ])
     .unwrap();
     let ip6 = nth6(subnet6, 2);
-    add_ipv6(&pod, ip6, subnet6);
+    add_pod_ipv6(&pod, ip6, subnet6);
     let mac = pod.mac("eth0").unwrap();
     overlay_tests::packet::send_raw(&pod, "eth0", &overlay_tests::packet::garp(mac, ip4)).unwrap();
     overlay_tests::packet::send_raw(&pod, "eth0", &unsolicited_na(mac, ip6)).unwrap();
@@ -192,79 +100,6 @@ fn unsolicited_na(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
     f.extend_from_slice(&all_nodes.octets());
     f.extend_from_slice(&icmp);
     f
-}
-
-/// `ping -6 -c count` (0.2 s apart, 2 s per reply): (transmitted, received) and ping's output.
-fn ping6(from: &Netns, to: Ipv6Addr, count: u32) -> (Option<(u32, u32)>, String) {
-    let c = count.to_string();
-    let t = to.to_string();
-    let args = [
-        "netns", "exec", &from.name, "ping", "-6", "-c", &c, "-i", "0.2", "-W", "2", &t,
-    ];
-    let out = std::process::Command::new("ip").args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (parse_ping_summary(&text), text)
-}
-
-/// A 3 s iperf3 transfer over IPv6 from `client` to `server` (listening on `addr`): (bits/s
-/// and bytes the server received, the client address it saw).
-fn iperf6(server: &Netns, addr: Ipv6Addr, client: &Netns, dir: &std::path::Path) -> (f64, u64, String) {
-    let report = dir.join(format!("iperf6-{}.json", overlay_tests::netns::unique_name("r")));
-    let mut srv = server.command("iperf3");
-    srv.args(["-s", "-1", "-J", "-B", &addr.to_string()])
-        .stdout(std::fs::File::create(&report).unwrap());
-    let mut srv = srv.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    client
-        .exec("iperf3", &["-6", "-c", &addr.to_string(), "-t", "3", "-J"])
-        .expect("iperf3 over IPv6");
-    let _ = srv.wait();
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let seen = s["start"]["connected"][0]["remote_host"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let received = &s["end"]["sum_received"];
-    (
-        received["bits_per_second"].as_f64().unwrap_or(0.0),
-        received["bytes"].as_u64().unwrap_or(0),
-        seen,
-    )
-}
-
-/// Every node has its IPv6 peers, encap attached and the IPv6 host route.
-fn wait_peers(c: &Cluster) {
-    for i in 0..c.nodes.len() {
-        let want = c.nodes.len() - 1;
-        let ok = Cluster::wait_for(Duration::from_secs(10), || {
-            c.agent_log(i)
-                .lines()
-                .filter(|l| l.contains("peer added") && l.contains("IPv6"))
-                .count()
-                >= want
-        });
-        assert!(
-            ok.is_some(),
-            "node {i} did not add its IPv6 peers; log:\n{}",
-            c.agent_log(i)
-        );
-        c.wait_encap_attached(i);
-        let routed = c.wait_log_after(
-            i,
-            0,
-            "IPv6 host route to remote pods ready",
-            Duration::from_secs(5),
-        );
-        assert!(
-            routed.is_some(),
-            "node {i}: no IPv6 host route; log:\n{}",
-            c.agent_log(i)
-        );
-    }
 }
 
 /// Counter `name` of node `i` (from `status --json`, which reads the pins whether the agent
@@ -322,7 +157,7 @@ fn pings_delivered(
         counter(c, 0, "deliver6_packets"),
         counter(c, 1, "deliver6_packets"),
     ];
-    let (counts, text) = ping6(&pods[from], ips[to], count);
+    let (counts, text) = ping6(&pods[from], ips[to], count, None, false);
     assert_eq!(
         counts,
         Some((count, count)),
@@ -336,16 +171,26 @@ fn pings_delivered(
     ]
 }
 
+/// Two nodes running agents with `args`, a dual-stack pod on each (its IPv6 address `::2` of the
+/// node's IPv6 subnet), every agent knowing its IPv6 peers: (cluster, pods, their IPv6 addresses).
+fn two_pods(args: &[&str]) -> (Cluster, Vec<Netns>, Vec<Ipv6Addr>) {
+    let (mut c, subnets) = cluster_with(2, DUAL, |n| {
+        n.extra_args.extend(args.iter().map(|a| a.to_string()))
+    });
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| bridge_and_pod(&mut c, i, subnets[i], true))
+        .collect();
+    wait_peers(&c);
+    (c, pods, subnets.iter().map(|s| nth6(*s, 2)).collect())
+}
+
 #[test]
 fn ipv6_pod_traffic_is_delivered_straight_into_the_pod() {
-    let (mut c, subnets) = cluster(2, &[]);
-    let pods: Vec<Netns> = (0..2).map(|i| dual_stack_pod(&mut c, i, subnets[i])).collect();
-    let ips: Vec<Ipv6Addr> = subnets.iter().map(|s| nth6(*s, 2)).collect();
-    wait_peers(&c);
+    let (c, pods, ips) = two_pods(&[]);
     // The first packets go through the stack, which resolves the pods; the agents learn them
     // from the bridges' IPv6 neighbours.
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], ips[to], 3);
+        let (counts, text) = ping6(&pods[from], ips[to], 3, None, false);
         assert_eq!(counts, Some((3, 3)), "pod {from} → pod {to}:\n{text}");
     }
     // The IPv4 side too, so that its pods are endpoints as well.
@@ -385,7 +230,11 @@ fn ipv6_pod_traffic_is_delivered_straight_into_the_pod() {
 
     // Bulk TCP: every byte the server received came through delivery on its node.
     let bytes_before = counter(&c, 1, "deliver6_bytes");
-    let (bps, received, seen) = iperf6(&pods[1], ips[1], &pods[0], c.dir());
+    let Transfer {
+        bps,
+        bytes: received,
+        seen,
+    } = iperf6(&pods[1], ips[1], &pods[0], c.dir());
     let delivered = counter(&c, 1, "deliver6_bytes") - bytes_before;
     println!(
         "IPv6 pod → pod TCP, delivered: {:.2} Gbit/s ({received} bytes received, node 1 delivered {delivered} bytes)",
@@ -418,19 +267,16 @@ fn ipv6_pod_traffic_is_delivered_straight_into_the_pod() {
 
 #[test]
 fn with_deliver_stack_nothing_is_delivered_and_ipv6_still_flows() {
-    let (mut c, subnets) = cluster(2, &["--deliver", "stack"]);
-    let pods: Vec<Netns> = (0..2).map(|i| dual_stack_pod(&mut c, i, subnets[i])).collect();
-    let ips: Vec<Ipv6Addr> = subnets.iter().map(|s| nth6(*s, 2)).collect();
-    wait_peers(&c);
+    let (c, pods, ips) = two_pods(&["--deliver", "stack"]);
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], ips[to], 5);
+        let (counts, text) = ping6(&pods[from], ips[to], 5, None, false);
         assert_eq!(
             counts,
             Some((5, 5)),
             "pod {from} → pod {to}, --deliver stack:\n{text}"
         );
     }
-    let (bps, _, seen) = iperf6(&pods[1], ips[1], &pods[0], c.dir());
+    let Transfer { bps, seen, .. } = iperf6(&pods[1], ips[1], &pods[0], c.dir());
     println!("IPv6 pod → pod TCP, --deliver stack: {:.2} Gbit/s", bps / 1e9);
     assert_eq!(seen, ips[0].to_string());
     assert!(bps > 100e6, "bulk TCP over IPv6: {bps} bit/s");
@@ -446,13 +292,10 @@ fn with_deliver_stack_nothing_is_delivered_and_ipv6_still_flows() {
 
 #[test]
 fn ipv6_stripped_by_xdp_is_delivered_by_the_tc_program_after_gro() {
-    let (mut c, subnets) = cluster(2, &["--decap", "xdp"]);
-    let pods: Vec<Netns> = (0..2).map(|i| dual_stack_pod(&mut c, i, subnets[i])).collect();
-    let ips: Vec<Ipv6Addr> = subnets.iter().map(|s| nth6(*s, 2)).collect();
-    wait_peers(&c);
+    let (c, pods, ips) = two_pods(&["--decap", "xdp"]);
     assert_eq!(c.status_json(1).unwrap()["decap"], "xdp");
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], ips[to], 3);
+        let (counts, text) = ping6(&pods[from], ips[to], 3, None, false);
         assert_eq!(counts, Some((3, 3)), "pod {from} → pod {to}, XDP decap:\n{text}");
     }
     wait_endpoint(&c, 1, ips[1], "veth1", &pods[1], Duration::from_secs(2));
@@ -468,12 +311,9 @@ fn ipv6_stripped_by_xdp_is_delivered_by_the_tc_program_after_gro() {
 
 #[test]
 fn a_deleted_pod_falls_back_to_the_stack_and_its_recreation_is_delivered_to_again() {
-    let (mut c, subnets) = cluster(2, &[]);
-    let mut pods: Vec<Netns> = (0..2).map(|i| dual_stack_pod(&mut c, i, subnets[i])).collect();
-    let ips: Vec<Ipv6Addr> = subnets.iter().map(|s| nth6(*s, 2)).collect();
-    wait_peers(&c);
+    let (mut c, mut pods, ips) = two_pods(&[]);
     for (from, to) in [(0, 1), (1, 0)] {
-        let (counts, text) = ping6(&pods[from], ips[to], 3);
+        let (counts, text) = ping6(&pods[from], ips[to], 3, None, false);
         assert_eq!(counts, Some((3, 3)), "pod {from} → pod {to}:\n{text}");
     }
     wait_endpoint(&c, 1, ips[1], "veth1", &pods[1], Duration::from_secs(2));
@@ -485,7 +325,7 @@ fn a_deleted_pod_falls_back_to_the_stack_and_its_recreation_is_delivered_to_agai
     // reaches the new pod.
     c.stop_agent(1, Signal::SIGTERM);
     let old = pods.remove(1);
-    let (pod, veth_name) = recreate_pod(&c, 1, old, "veth1", subnets[1]);
+    let (pod, veth_name) = recreate_pod(&c, 1, old, "veth1", ipv6_subnet(&c, 1).unwrap().trunc());
     pods.insert(1, pod);
     let stale = endpoint(&c, 1, ips[1]);
     assert!(
@@ -516,10 +356,10 @@ fn a_deleted_pod_falls_back_to_the_stack_and_its_recreation_is_delivered_to_agai
     // A restart under a running agent: the deleted veth's entry goes at once, the recreated
     // pod is answered within a second and delivered to once the agent has learned it.
     let old = pods.remove(0);
-    let (pod, veth_name) = recreate_pod(&c, 0, old, "veth1", subnets[0]);
+    let (pod, veth_name) = recreate_pod(&c, 0, old, "veth1", ipv6_subnet(&c, 0).unwrap().trunc());
     pods.insert(0, pod);
     let back = Cluster::wait_for(Duration::from_secs(1), || {
-        ping6(&pods[1], ips[0], 1).0 == Some((1, 1))
+        ping6(&pods[1], ips[0], 1, None, false).0 == Some((1, 1))
     });
     assert!(
         back.is_some(),
