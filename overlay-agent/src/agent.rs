@@ -18,7 +18,7 @@ use crate::{
     cli::{AgentArgs, DecapChoice, DeliverChoice},
     config::NetworkConfig,
     control::{self, Event, NodeIdentity},
-    dataplane::{Config6, Dataplane, DecapMode},
+    dataplane::{Config6, Dataplane, DecapMode, Reseg},
     endpoints,
     family::{V4, V6},
     hostroute,
@@ -258,7 +258,7 @@ struct Sync {
     host_device6: Option<Ipv6Net>,
     /// The host device pair segmenting IPv6 GSO packets before encap, once set up
     /// ([`Config6::reseg`]).
-    reseg6: Option<(u32, u32)>,
+    reseg6: Option<Reseg>,
     /// `DataplaneConfig::flags` from the command line and the underlay.
     datapath_flags: u16,
 }
@@ -456,20 +456,33 @@ impl Sync {
     }
 }
 
-/// Sets the host device pair up to segment IPv6 TCP GSO packets with a short last segment before
-/// encap: TSO off on `overlay0p` (its transmit segments them), encap on `overlay0`'s ingress
-/// (where the segments arrive). `None`, with the reason logged, when that fails: such packets are
-/// then encapsulated whole, as before.
-fn setup_reseg(dp: &mut Dataplane) -> Option<(u32, u32)> {
-    let r = (|| -> anyhow::Result<(u32, u32)> {
+/// Sets the host device pair up to segment IPv6 GSO packets with a short last segment before
+/// encap: TSO (and UDP segmentation, where the kernel lets it be turned off) off on `overlay0p`
+/// (its transmit segments them), encap on `overlay0`'s ingress (where the segments arrive).
+/// `None`, with the reason logged, when that fails: such packets are then encapsulated whole.
+fn setup_reseg(dp: &mut Dataplane) -> Option<Reseg> {
+    let r = (|| -> anyhow::Result<Reseg> {
         iface::disable_tso(hostroute::HOST_DEVICE_PEER)?;
+        // Kernels with AccECN (6.18) have one more TCP segmentation feature, which
+        // ETHTOOL_STSO leaves on; older ones do not know it.
+        if let Err(e) = iface::disable_feature(hostroute::HOST_DEVICE_PEER, "tx-tcp-accecn-segmentation") {
+            tracing::debug!(error = %e, "tx-tcp-accecn-segmentation stays as it is");
+        }
+        let udp = match iface::disable_feature(hostroute::HOST_DEVICE_PEER, "tx-udp-segmentation") {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "a pod's IPv6 UDP GSO packets whose last segment is short are encapsulated whole");
+                false
+            }
+        };
         dp.attach_host_reseg(hostroute::HOST_DEVICE)?;
         let index =
             |name: &str| nix::net::if_::if_nametoindex(name).map_err(|e| anyhow::anyhow!("{name}: {e}"));
-        Ok((
-            index(hostroute::HOST_DEVICE_PEER)?,
-            index(hostroute::HOST_DEVICE)?,
-        ))
+        Ok(Reseg {
+            ifindex: index(hostroute::HOST_DEVICE_PEER)?,
+            return_ifindex: index(hostroute::HOST_DEVICE)?,
+            udp,
+        })
     })();
     match r {
         Ok(r) => Some(r),

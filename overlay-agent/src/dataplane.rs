@@ -120,12 +120,23 @@ pub struct Config6 {
     /// Largest inner IPv6 packet: the underlay MTU − 70 ([`overlay_common::wire::VXLAN6_OVERHEAD`]
     /// + 14 of outer Ethernet are not part of the MTU).
     pub inner_mtu: u32,
-    /// The host device pair that segments IPv6 TCP GSO packets with a short last segment before
-    /// encap: (ifindex of `overlay0p`, TSO off, where they are sent; ifindex of `overlay0`, where
-    /// the segments come back). `None`: such packets are encapsulated whole, and the last
-    /// segment's outer UDP checksum is wrong wherever they are segmented after encap
+    /// The host device pair that segments IPv6 GSO packets with a short last segment before
+    /// encap; `None`: such packets are encapsulated whole, and the last segment's outer UDP
+    /// checksum is wrong wherever they are segmented after encap
     /// ([`overlay_common::DataplaneConfig6::reseg_ifindex`]).
-    pub reseg: Option<(u32, u32)>,
+    pub reseg: Option<Reseg>,
+}
+
+/// The pair of [`Config6::reseg`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reseg {
+    /// `overlay0p` (TSO off): where such packets are sent.
+    pub ifindex: u32,
+    /// `overlay0`: where their segments come back.
+    pub return_ifindex: u32,
+    /// UDP segmentation is off on `overlay0p` too: a pod's UDP GSO packets are segmented as
+    /// well, not only TCP ones.
+    pub udp: bool,
 }
 
 /// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
@@ -660,10 +671,15 @@ impl Dataplane {
         let value = DataplaneConfig6 {
             public_ip: cfg.public_ip.octets(),
             vtep_mac: cfg.vtep_mac,
-            flags: maps::CONFIG6_READY,
+            flags: maps::CONFIG6_READY
+                | if cfg.reseg.is_some_and(|r| r.udp) {
+                    maps::CONFIG6_RESEG_UDP
+                } else {
+                    0
+                },
             inner_mtu: cfg.inner_mtu,
-            reseg_ifindex: cfg.reseg.map_or(0, |r| r.0),
-            reseg_return_ifindex: cfg.reseg.map_or(0, |r| r.1),
+            reseg_ifindex: cfg.reseg.map_or(0, |r| r.ifindex),
+            reseg_return_ifindex: cfg.reseg.map_or(0, |r| r.return_ifindex),
             _reserved: 0,
         };
         let mut arr: Array<&mut MapData, DataplaneConfig6> = map_mut(&mut self.ebpf, maps::CONFIG6)?;

@@ -645,6 +645,58 @@ pub fn disable_tso(name: &str) -> Result<bool, IfaceError> {
     ethtool_flag(name, ETHTOOL_GTSO, ETHTOOL_STSO, false)
 }
 
+/// Turns the device feature `feature` (as `ethtool -k` names it, e.g. `tx-udp-segmentation`) off
+/// for `name`: its bit from the kernel's feature names (ETHTOOL_GSTRINGS), cleared with
+/// ETHTOOL_SFEATURES and read back (ETHTOOL_GFEATURES). Err when the kernel has no such feature
+/// or it stays on.
+pub fn disable_feature(name: &str, feature: &str) -> Result<(), IfaceError> {
+    const ETHTOOL_GSTRINGS: u32 = 0x1b;
+    const ETHTOOL_GSSET_INFO: u32 = 0x37;
+    const ETHTOOL_GFEATURES: u32 = 0x3a;
+    const ETHTOOL_SFEATURES: u32 = 0x3b;
+    const ETH_SS_FEATURES: u32 = 4;
+    const ETH_GSTRING_LEN: usize = 32;
+    let call = |buf: &mut [u32]| -> Result<(), IfaceError> {
+        if_ioctl(name, libc::SIOCETHTOOL, |req| {
+            req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast()
+        })
+        .map(drop)
+    };
+    let missing = |why: String| IfaceError::Parse {
+        path: format!("{name} feature {feature}"),
+        content: why,
+    };
+    // struct ethtool_sset_info: cmd, reserved, u64 sset_mask, then one u32 per set in the mask.
+    let mut info = [ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0, 0];
+    call(&mut info)?;
+    let count = info[4] as usize;
+    // struct ethtool_gstrings: cmd, string_set, len, then len names of 32 bytes.
+    let mut strings = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
+    strings[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);
+    call(&mut strings)?;
+    let names: Vec<u8> = strings[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let bit = names
+        .chunks(ETH_GSTRING_LEN)
+        .position(|n| n.split(|b| *b == 0).next() == Some(feature.as_bytes()))
+        .ok_or_else(|| missing("the kernel has no such feature".into()))?;
+    let blocks = count.div_ceil(32);
+    let (block, mask) = (bit / 32, 1u32 << (bit % 32));
+    // struct ethtool_sfeatures: cmd, size, then per block {valid, requested}.
+    let mut set = vec![0u32; 2 + 2 * blocks];
+    set[..2].copy_from_slice(&[ETHTOOL_SFEATURES, blocks as u32]);
+    set[2 + 2 * block] = mask;
+    call(&mut set)?;
+    // struct ethtool_gfeatures: cmd, size, then per block {available, requested, active,
+    // never_changed}.
+    let mut get = vec![0u32; 2 + 4 * blocks];
+    get[..2].copy_from_slice(&[ETHTOOL_GFEATURES, blocks as u32]);
+    call(&mut get)?;
+    if get[2 + 4 * block + 2] & mask != 0 {
+        return Err(missing("still on after turning it off (a fixed feature)".into()));
+    }
+    Ok(())
+}
+
 /// Sets an on/off ethtool setting (`get`/`set` commands, struct ethtool_value) to `on` unless it
 /// is already; true when it changed it.
 fn ethtool_flag(name: &str, get: u32, set: u32, on: bool) -> Result<bool, IfaceError> {

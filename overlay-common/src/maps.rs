@@ -113,6 +113,9 @@ const _: () = assert!(size_of::<DataplaneConfig>() == 32);
 /// `DataplaneConfig6::flags`: the agent has filled the IPv6 config in. Without it the programs
 /// leave all IPv6 traffic alone (an IPv4-only node).
 pub const CONFIG6_READY: u16 = 1;
+/// `DataplaneConfig6::flags`: the resegmenting pair segments UDP GSO packets too (the pod's
+/// `UDP_SEGMENT`; `tx-udp-segmentation` off on `overlay0p`), not only TCP ones.
+pub const CONFIG6_RESEG_UDP: u16 = 2;
 
 /// The node's IPv6 settings, one entry (key 0) in `OVL_CONFIG6`. The IPv6 programs also need
 /// `OVL_CONFIG` (VNI, port, underlay NIC and its MAC, delivery flags: one set for both families,
@@ -124,13 +127,13 @@ pub struct DataplaneConfig6 {
     pub public_ip: [u8; 16],
     /// Our IPv6 VtepMAC (`BackendV6Data.VtepMAC`): the inner source MAC of IPv6 encap.
     pub vtep_mac: [u8; 6],
-    /// [`CONFIG6_READY`].
+    /// [`CONFIG6_READY`], [`CONFIG6_RESEG_UDP`].
     pub flags: u16,
     /// Largest inner IPv6 packet the tunnel carries (underlay MTU − 70).
     pub inner_mtu: u32,
-    /// Where a TCP GSO packet whose last segment is shorter than the others goes to be segmented
-    /// before encap (the host device's peer, `overlay0p`, TSO off); 0: nowhere, such packets are
-    /// encapsulated whole. The segments come back on [`DataplaneConfig6::reseg_return_ifindex`].
+    /// Where a TCP (with [`CONFIG6_RESEG_UDP`] also UDP) GSO packet whose last segment is shorter
+    /// than the others goes to be segmented before encap (the host device's peer, `overlay0p`,
+    /// TSO off); 0: nowhere, such packets are encapsulated whole. The segments come back on [`DataplaneConfig6::reseg_return_ifindex`].
     ///
     /// Why: `bpf_skb_adjust_room` marks an encapsulated GSO packet `SKB_GSO_UDP_TUNNEL`, never
     /// `SKB_GSO_UDP_TUNNEL_CSUM`, so wherever it is segmented after encap every segment carries

@@ -16,10 +16,10 @@
 //! (`__skb_udp_tunnel_segment`: `if (!need_csum) continue;`, and NICs alike) copies the checksum
 //! field into every segment unchanged. The checksum written is the one of a full-sized segment
 //! (it depends on nothing but the UDP length, the inner headers being identical in every
-//! segment): right for every segment of that size. A TCP GSO packet whose last segment is
-//! shorter is therefore not encapsulated whole: it goes through the host device's veth pair
-//! (TSO off on `overlay0p`), whose transmit segments it, and its segments come back to encap on
-//! `overlay0`'s ingress one by one, each with its own checksum. A super-packet crossing a veth
+//! segment): right for every segment of that size. A TCP GSO packet (and a pod's UDP GSO one)
+//! whose last segment is shorter is therefore not encapsulated whole: it goes through the host
+//! device's veth pair (TSO and UDP segmentation off on `overlay0p`), whose transmit segments it,
+//! and its segments come back to encap on `overlay0`'s ingress one by one, each with its own checksum. A super-packet crossing a veth
 //! whole arrives CHECKSUM_PARTIAL and is not verified at all; a segment on a wire is.
 
 use aya_ebpf::{
@@ -37,7 +37,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{endpoint6_dev_key, CONFIG6_READY, CONFIG_NO_DELIVER, PEER_DIRECT},
+    maps::{endpoint6_dev_key, CONFIG6_READY, CONFIG6_RESEG_UDP, CONFIG_NO_DELIVER, PEER_DIRECT},
     wire::{
         encap6_header, flow_source_port, lco_inner_sum, native_sum_to_be, udp6_checksum, vxlan_vni,
         Encap6Params, ENCAP6_HDR_LEN, ETH_LEN, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMPV6, IPPROTO_TCP,
@@ -286,11 +286,11 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// True for a TCP GSO packet whose last segment would be shorter than the others, when the
-/// host device can segment it first (see `DataplaneConfig6::reseg_ifindex`): encapsulated whole,
-/// that segment would leave with a wrong outer UDP checksum. Never for a packet that came back
-/// from the host device, so nothing goes round twice. Other GSO packets (a pod's UDP GSO) are
-/// encapsulated whole.
+/// True for a TCP GSO packet (a UDP one too, with `CONFIG6_RESEG_UDP`) whose last segment would
+/// be shorter than the others, when the host device can segment it first (see
+/// `DataplaneConfig6::reseg_ifindex`): encapsulated whole, that segment would leave with a wrong
+/// outer UDP checksum. Never for a packet that came back from the host device, so nothing goes
+/// round twice.
 #[inline(always)]
 fn short_tail(
     ctx: &TcContext,
@@ -300,7 +300,8 @@ fn short_tail(
     wire_len: u32,
     gso_size: u32,
 ) -> bool {
-    if cfg6.reseg_ifindex == 0 || ip.next_header != IPPROTO_TCP {
+    let udp = ip.next_header == IPPROTO_UDP && cfg6.flags & CONFIG6_RESEG_UDP != 0;
+    if cfg6.reseg_ifindex == 0 || !(ip.next_header == IPPROTO_TCP || udp) {
         return false;
     }
     // SAFETY: reading a field of our own context.

@@ -112,6 +112,26 @@ fn dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses() {
         route.contains("dev overlay0") && route.contains("mtu 1430"),
         "{route}"
     );
+    // The pair that segments GSO packets with a short last segment before encap: TCP and UDP
+    // segmentation off on overlay0p, encap on overlay0's ingress too.
+    let features = output(&c.nodes[0].node.ns, "ethtool", &["-k", "overlay0p"]).unwrap();
+    for f in [
+        "tx-tcp-segmentation: off",
+        "tx-tcp6-segmentation: off",
+        "tx-udp-segmentation: off",
+    ] {
+        assert!(features.contains(f), "overlay0p: no {f:?}:\n{features}");
+    }
+    let attached = c.status_json(0).unwrap()["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        attached.iter().any(|a| a["program"] == "overlay_encap"
+            && a["iface"] == "overlay0"
+            && a["direction"] == "ingress"),
+        "encap not on overlay0's ingress: {attached:?}"
+    );
 }
 
 #[test]

@@ -7,7 +7,9 @@
 use std::net::Ipv6Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use overlay_agent::dataplane::{Config6, Counters, Dataplane, LocalEndpoint, PeerEntry6, STALE_IFINDEX};
+use overlay_agent::dataplane::{
+    Config6, Counters, Dataplane, LocalEndpoint, PeerEntry6, Reseg, STALE_IFINDEX,
+};
 use overlay_common::{maps, programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
     bpftest::{
@@ -581,13 +583,14 @@ fn encap6_sends_gso_packets_with_a_short_last_segment_to_be_segmented() {
     const RESEG: u32 = 41; // overlay0p, TSO off: where such packets go
     const RETURN: u32 = 42; // overlay0: where their segments come back
     let mut fx = Fixture::new();
-    let run = |fx: &mut Fixture, payload: usize, ctx: Vec<u8>| {
-        let frame = eth(
-            BRIDGE_MAC,
-            POD_MAC,
-            0x86dd,
-            &tcp6(OUR_POD, PEER_POD, &vec![0x44; payload]),
-        );
+    let run_l4 = |fx: &mut Fixture, udp: bool, payload: usize, ctx: Vec<u8>| {
+        let data = vec![0x44; payload];
+        let inner = if udp {
+            udp6(OUR_POD, PEER_POD, 0, &data)
+        } else {
+            tcp6(OUR_POD, PEER_POD, &data)
+        };
+        let frame = eth(BRIDGE_MAC, POD_MAC, 0x86dd, &inner);
         let before = fx.counters();
         let (verdict, out) = fx.run_ctx(programs::ENCAP, &frame, Some(&ctx));
         let after = fx.counters();
@@ -598,6 +601,21 @@ fn encap6_sends_gso_packets_with_a_short_last_segment_to_be_segmented() {
             delta(&before, &after, Counter::DropAdjustRoom),
         )
     };
+    let run = |fx: &mut Fixture, payload: usize, ctx: Vec<u8>| run_l4(fx, false, payload, ctx);
+    let pair = |fx: &mut Fixture, udp: bool| {
+        fx.dp
+            .set_config6(&Config6 {
+                public_ip: Ipv6Addr::from(OUR_IP6),
+                vtep_mac: OUR_VTEP6,
+                inner_mtu: INNER_MTU6,
+                reseg: Some(Reseg {
+                    ifindex: RESEG,
+                    return_ifindex: RETURN,
+                    udp,
+                }),
+            })
+            .unwrap()
+    };
     // Without the pair (its setup failed): encapsulated whole, as before (BPF_PROG_TEST_RUN's
     // GSO skb cannot grow: drop_adjust_room, see above).
     assert_eq!(
@@ -605,14 +623,7 @@ fn encap6_sends_gso_packets_with_a_short_last_segment_to_be_segmented() {
         (TC_ACT_SHOT, true, 0, 1),
         "no pair"
     );
-    fx.dp
-        .set_config6(&Config6 {
-            public_ip: Ipv6Addr::from(OUR_IP6),
-            vtep_mac: OUR_VTEP6,
-            inner_mtu: INNER_MTU6,
-            reseg: Some((RESEG, RETURN)),
-        })
-        .unwrap();
+    pair(&mut fx, false);
     // 2940 = 2 × 1370 + 200: the third segment is short.
     assert_eq!(
         run(&mut fx, 2940, skb_ctx(1370, 3)),
@@ -643,6 +654,24 @@ fn encap6_sends_gso_packets_with_a_short_last_segment_to_be_segmented() {
         (verdict, same, reseg),
         (TC_ACT_REDIRECT, false, 0),
         "not GSO: encapsulated"
+    );
+    // A pod's UDP GSO packet (UDP_SEGMENT): 2940 bytes of data in 1370-byte segments. Only when
+    // the pair segments UDP too does it go there; otherwise encapsulated whole.
+    assert_eq!(
+        run_l4(&mut fx, true, 2940, skb_ctx(1370, 3)),
+        (TC_ACT_SHOT, true, 0, 1),
+        "UDP, the pair segments TCP only"
+    );
+    pair(&mut fx, true);
+    assert_eq!(
+        run_l4(&mut fx, true, 2940, skb_ctx(1370, 3)),
+        (TC_ACT_REDIRECT, true, 1, 0),
+        "UDP, short last segment: to the pair"
+    );
+    assert_eq!(
+        run_l4(&mut fx, true, 2740, skb_ctx(1370, 2)),
+        (TC_ACT_SHOT, true, 0, 1),
+        "UDP, full segments: encapsulated whole"
     );
 }
 
