@@ -220,14 +220,7 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
-    let rc = rc as u32;
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-        // A non-GSO packet larger than the underlay MTU even before encapsulation.
-        return Err(Counter::DropTooBig);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Err(Counter::DropNoRoute);
-    }
+    let rc = fib_usable(rc as u32)?;
     let out_ifindex = fib.ifindex;
 
     if peer.flags & PEER_DIRECT != 0 {
@@ -244,13 +237,7 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
 
     // SAFETY: the skb pointer is the program's context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO
-        | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
-        | ((ETH_LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
-    ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Counter::DropAdjustRoom)?;
+    grow_for_vxlan(ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, VXLAN_OVERHEAD)?;
 
     let hdr = encap_header(&EncapParams {
         outer_src_mac: fib.smac,
@@ -274,6 +261,30 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
         Counter::EncapPackets,
         Counter::EncapBytes,
     )
+}
+
+/// The FIB lookup's answer for the outer packet, either family: `rc` when encap can go on (a
+/// route, its neighbour resolved or not yet), else why not.
+#[inline(always)]
+fn fib_usable(rc: u32) -> Result<u32, Counter> {
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Ok(rc),
+        // A non-GSO packet larger than the underlay MTU even before encapsulation.
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Counter::DropTooBig),
+        _ => Err(Counter::DropNoRoute),
+    }
+}
+
+/// Room for `overhead` bytes of outer Ethernet, `l3` (`BPF_F_ADJ_ROOM_ENCAP_L3_IPV4` or `_IPV6`),
+/// UDP and VXLAN in front of the inner Ethernet frame, with the flags that keep GSO/TSO right
+/// (the packet keeps its gso_size; the kernel marks it a UDP tunnel).
+#[inline(always)]
+fn grow_for_vxlan(ctx: &TcContext, l3: u32, overhead: usize) -> Result<(), Counter> {
+    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO | l3 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH)
+        as u64
+        | ((ETH_LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+    ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
+        .map_err(|_| Counter::DropAdjustRoom)
 }
 
 /// Length of the inner IPv4 packets that will be on the wire: the packet itself, or for a GSO

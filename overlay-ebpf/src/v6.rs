@@ -24,10 +24,7 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, xdp_action,
-        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LOOKUP_OUTPUT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
     },
     btf_maps::lpm_trie::Key,
     helpers::generated::{
@@ -47,9 +44,9 @@ use overlay_common::{
 };
 
 use crate::{
-    config, count, finish, mark_decapped, redirect, strip_outer, to_endpoint, Verdict, AF_INET6, OVL_CONFIG6,
-    OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6, OVL_PEERS6, OVL_SCRATCH, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK,
-    TC_ACT_SHOT,
+    config, count, fib_usable, finish, grow_for_vxlan, mark_decapped, redirect, strip_outer, to_endpoint,
+    Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6, OVL_PEERS6, OVL_SCRATCH, OVL_VTEPS6,
+    SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
 };
 
 // The IPv6 halves are BPF-to-BPF calls of their own rather than inlined into the entry points:
@@ -193,12 +190,7 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
             BPF_FIB_LOOKUP_OUTPUT,
         )
     } as u32;
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
-        return Err(Counter::DropTooBig);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
-        return Err(Counter::DropNoRoute);
-    }
+    let rc = fib_usable(rc)?;
     let out_ifindex = fib.ifindex;
     if direct {
         return redirect(
@@ -213,13 +205,7 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
 
     // SAFETY: the skb pointer is the program's context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    let flags = (BPF_F_ADJ_ROOM_FIXED_GSO
-        | BPF_F_ADJ_ROOM_ENCAP_L3_IPV6
-        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
-        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
-        | ((ETH_LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
-    ctx.adjust_room(VXLAN6_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| Counter::DropAdjustRoom)?;
+    grow_for_vxlan(ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, VXLAN6_OVERHEAD)?;
 
     let mut p = Encap6Params {
         outer_src_mac: fib.smac,
