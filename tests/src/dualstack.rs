@@ -4,12 +4,13 @@
 
 use std::{net::Ipv6Addr, path::Path, time::Duration};
 
+use anyhow::{bail, Context as _, Result};
 use ipnet::Ipv6Net;
 
 use crate::{
     cluster::{AgentNode, Cluster},
     netns::{require_root, unique_name, veth, Netns},
-    topology::parse_ping_summary,
+    topology::{parse_ping_summary, Node},
 };
 
 /// A dual-stack network config (flannel's defaults otherwise).
@@ -20,9 +21,9 @@ pub const V6_ONLY: &str =
 /// The IPv6 Network of [`DUAL`] and [`V6_ONLY`].
 pub const NETWORK6: &str = "fd00:10:244::/56";
 
-/// Node `index`'s IPv6 underlay address.
+/// Node `index`'s IPv6 underlay address ([`Node::underlay_ip6`]).
 pub fn underlay6(index: u8) -> Ipv6Addr {
-    format!("fd00:198:18::{}", 10 + index).parse().unwrap()
+    Node::underlay_ip6(index)
 }
 
 /// `FLANNEL_IPV6_SUBNET` from node `i`'s subnet.env (`fd00:10:244:7::1/64`: the bridge's address).
@@ -50,35 +51,46 @@ pub fn cluster(n: u8, config: &str) -> (Cluster, Vec<Ipv6Net>) {
 /// starts.
 pub fn cluster_with(n: u8, config: &str, prepare: impl Fn(&mut AgentNode)) -> (Cluster, Vec<Ipv6Net>) {
     require_root();
-    let mut c = Cluster::new(n, config).expect("building the cluster");
-    for (i, node) in c.nodes.iter_mut().enumerate() {
-        let addr = format!("{}/64", underlay6(i as u8 + 1));
-        node.node
-            .ns
-            .ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])
-            .expect("IPv6 on the underlay");
+    try_cluster_with(n, config, prepare).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`cluster_with`] for callers that handle errors (the benchmark): the cluster is torn down
+/// when this fails.
+pub fn try_cluster_with(
+    n: u8,
+    config: &str,
+    prepare: impl Fn(&mut AgentNode),
+) -> Result<(Cluster, Vec<Ipv6Net>)> {
+    let mut c = Cluster::new(n, config).context("building the cluster")?;
+    for node in c.nodes.iter_mut() {
+        node.node.add_underlay6().context("IPv6 on the underlay")?;
         prepare(node);
     }
     for i in 0..c.nodes.len() {
-        c.start_agent(i).expect("starting the agent");
+        c.start_agent(i).context("starting the agent")?;
     }
-    let subnets = wait_ipv6_subnets(&c);
-    (c, subnets)
+    let subnets = try_wait_ipv6_subnets(&c)?;
+    Ok((c, subnets))
 }
 
 /// Each node's IPv6 subnet, once its agent has written it to subnet.env.
 pub fn wait_ipv6_subnets(c: &Cluster) -> Vec<Ipv6Net> {
+    try_wait_ipv6_subnets(c).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`wait_ipv6_subnets`], failing with the agent's log after 20 s.
+pub fn try_wait_ipv6_subnets(c: &Cluster) -> Result<Vec<Ipv6Net>> {
     let mut subnets = Vec::new();
     for i in 0..c.nodes.len() {
-        let got = Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(c, i).is_some());
-        assert!(
-            got.is_some(),
-            "node {i} wrote no IPv6 subnet; log:\n{}",
-            c.agent_log(i)
+        Cluster::wait_for(Duration::from_secs(20), || ipv6_subnet(c, i).is_some())
+            .with_context(|| format!("node {i} wrote no IPv6 subnet; log:\n{}", c.agent_log(i)))?;
+        subnets.push(
+            ipv6_subnet(c, i)
+                .context("subnet.env lost its IPv6 subnet")?
+                .trunc(),
         );
-        subnets.push(ipv6_subnet(c, i).unwrap().trunc());
     }
-    subnets
+    Ok(subnets)
 }
 
 /// An IPv6-only pod on each node (see [`bridge_and_pod`]), once the agents know each other:
@@ -101,38 +113,47 @@ pub fn ipv6_only_pods_talk(c: &mut Cluster, subnets: &[Ipv6Net], what: &str) -> 
 /// `cni0` with the lease's `::1` (and, when `v4` says so, the IPv4 side as the harness builds
 /// it), and one pod with `::2` on it; returns the pod's namespace.
 pub fn bridge_and_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net, v4: bool) -> Netns {
-    let gw = nth6(subnet6, 1);
+    try_bridge_and_pod(c, i, subnet6, v4).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`bridge_and_pod`] for callers that handle errors (the benchmark).
+pub fn try_bridge_and_pod(c: &mut Cluster, i: usize, subnet6: Ipv6Net, v4: bool) -> Result<Netns> {
     let ns = if v4 {
-        c.add_pods(i, 1).expect("IPv4 bridge and pod");
+        c.add_pods(i, 1).context("IPv4 bridge and pod")?;
         c.nodes[i].node.pods.remove(0).ns
     } else {
         let node = &c.nodes[i].node.ns;
-        node.ip(&["link", "add", "cni0", "type", "bridge"]).unwrap();
-        node.ip(&["link", "set", "cni0", "mtu", "1450", "up"]).unwrap();
-        let pod = Netns::new("ovlp6").unwrap();
-        veth(&pod, "eth0", Some(node), "veth6").unwrap();
-        node.ip(&["link", "set", "veth6", "master", "cni0"]).unwrap();
-        node.ip(&["link", "set", "veth6", "mtu", "1450"]).unwrap();
-        pod.ip(&["link", "set", "eth0", "mtu", "1450"]).unwrap();
+        node.ip(&["link", "add", "cni0", "type", "bridge"])?;
+        node.ip(&["link", "set", "cni0", "mtu", "1450", "up"])?;
+        let pod = Netns::new("ovlp6")?;
+        veth(&pod, "eth0", Some(node), "veth6")?;
+        node.ip(&["link", "set", "veth6", "master", "cni0"])?;
+        node.ip(&["link", "set", "veth6", "mtu", "1450"])?;
+        pod.ip(&["link", "set", "eth0", "mtu", "1450"])?;
         pod
     };
-    let node = &c.nodes[i].node.ns;
+    add_bridge_ipv6(&c.nodes[i].node.ns, subnet6)?;
+    add_pod_ipv6(&ns, nth6(subnet6, 2), subnet6)?;
+    Ok(ns)
+}
+
+/// The subnet's `::1` on the node's `cni0`, as the CNI bridge plugin gives the bridge its
+/// gateway address.
+pub fn add_bridge_ipv6(node: &Netns, subnet6: Ipv6Net) -> Result<()> {
     node.ip(&[
         "-6",
         "addr",
         "add",
-        &format!("{gw}/{}", subnet6.prefix_len()),
+        &format!("{}/{}", nth6(subnet6, 1), subnet6.prefix_len()),
         "dev",
         "cni0",
         "nodad",
     ])
-    .unwrap();
-    add_pod_ipv6(&ns, nth6(subnet6, 2), subnet6);
-    ns
+    .map(|_| ())
 }
 
 /// `ip/len` on the pod's eth0 and its default route via the subnet's `::1` (the bridge).
-pub fn add_pod_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) {
+pub fn add_pod_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) -> Result<()> {
     pod.ip(&[
         "-6",
         "addr",
@@ -141,8 +162,7 @@ pub fn add_pod_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) {
         "dev",
         "eth0",
         "nodad",
-    ])
-    .unwrap();
+    ])?;
     pod.ip(&[
         "-6",
         "route",
@@ -151,7 +171,7 @@ pub fn add_pod_ipv6(pod: &Netns, ip: Ipv6Addr, subnet6: Ipv6Net) {
         "via",
         &nth6(subnet6, 1).to_string(),
     ])
-    .unwrap();
+    .map(|_| ())
 }
 
 /// `ping -6 -c count [-s size] [-M do]`: (transmitted, received) and ping's whole output.
@@ -222,6 +242,11 @@ pub fn iperf6(server: &Netns, addr: Ipv6Addr, client: &Netns, dir: &Path) -> Tra
 /// Waits until every agent has added its IPv6 peers, attached encap and set up the IPv6 host
 /// route.
 pub fn wait_peers(c: &Cluster) {
+    try_wait_peers(c).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`wait_peers`] for callers that handle errors (the benchmark).
+pub fn try_wait_peers(c: &Cluster) -> Result<()> {
     for i in 0..c.nodes.len() {
         let want = c.nodes.len() - 1;
         let ok = Cluster::wait_for(Duration::from_secs(10), || {
@@ -232,15 +257,16 @@ pub fn wait_peers(c: &Cluster) {
                     .count()
                     >= want
         });
-        assert!(
-            ok.is_some(),
-            "node {i} did not add its IPv6 peers; leases:\n{}\nlogs:\n{}",
-            c.leases().unwrap_or_default(),
-            (0..c.nodes.len())
-                .map(|n| c.agent_log(n))
-                .collect::<Vec<_>>()
-                .join("\n---\n")
-        );
+        if ok.is_none() {
+            bail!(
+                "node {i} did not add its IPv6 peers; leases:\n{}\nlogs:\n{}",
+                c.leases().unwrap_or_default(),
+                (0..c.nodes.len())
+                    .map(|n| c.agent_log(n))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+        }
         c.wait_encap_attached(i);
         // Host → pod and Packet Too Big need the IPv6 route on overlay0.
         let routed = c.wait_log_after(
@@ -249,10 +275,9 @@ pub fn wait_peers(c: &Cluster) {
             "IPv6 host route to remote pods ready",
             Duration::from_secs(5),
         );
-        assert!(
-            routed.is_some(),
-            "node {i}: no IPv6 host route; log:\n{}",
-            c.agent_log(i)
-        );
+        if routed.is_none() {
+            bail!("node {i}: no IPv6 host route; log:\n{}", c.agent_log(i));
+        }
     }
+    Ok(())
 }

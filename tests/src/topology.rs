@@ -1,10 +1,14 @@
 //! Node and pod namespaces wired like production: an underlay segment between nodes
-//! (198.18.0.0/24 on a bridge in its own namespace), a `cni0` bridge on every node with pods on it.
+//! (198.18.0.0/24 on a bridge in its own namespace, fd00:198:18::/64 beside it where a test or the
+//! bench adds it), a `cni0` bridge on every node with pods on it.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::Result;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::netns::{unique_name, veth, Netns};
 
@@ -44,6 +48,14 @@ impl Node {
         Ipv4Addr::new(198, 18, 0, 10 + index)
     }
 
+    /// Node `index`'s IPv6 underlay address (fd00:198:18::<10+index>, the decimal digits as
+    /// written, like 198.18.0.<10+index>), added by [`Node::add_underlay6`].
+    pub fn underlay_ip6(index: u8) -> Ipv6Addr {
+        format!("fd00:198:18::{}", 10 + u32::from(index))
+            .parse()
+            .expect("a valid IPv6 address")
+    }
+
     pub fn subnet(index: u8) -> String {
         format!("10.244.{index}.0/24")
     }
@@ -69,6 +81,14 @@ impl Node {
             index,
             pods: Vec::new(),
         })
+    }
+
+    /// Adds [`Node::underlay_ip6`]`/64` to `eth0` (no DAD: the address is usable at once).
+    pub fn add_underlay6(&self) -> Result<()> {
+        let addr = format!("{}/64", Self::underlay_ip6(self.index));
+        self.ns
+            .ip(&["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])
+            .map(|_| ())
     }
 
     /// Creates `cni0` (10.244.<index>.1/24) as the CNI bridge plugin does.
@@ -279,6 +299,107 @@ pub fn flannel_vxlan(node: &Node, my_subnet: Ipv4Net, peers: &[VxlanPeer]) -> Re
         ])?;
     }
     ns.mac("flannel.1")
+}
+
+/// A flanneld IPv6 vxlan peer as [`flannel_vxlan6`] programs it: (IPv6 subnet, PublicIPv6,
+/// flannel-v6.1 MAC).
+pub type Vxlan6Peer = (Ipv6Net, Ipv6Addr, [u8; 6]);
+
+/// Configures the kernel's IPv6 VXLAN device exactly as a dual-stack flanneld's vxlan backend
+/// does, and returns the MAC of `flannel-v6.1`.
+///
+/// Idempotent like [`flannel_vxlan`]: the first call creates `flannel-v6.1` (VNI 1, `local` = the
+/// node's IPv6 underlay address ([`Node::add_underlay6`]), `dev eth0`, UDP 8472, `nolearning`),
+/// asking for eth0's MTU − 50 in the create request as flanneld does for both its devices; the
+/// kernel caps a VXLAN device over IPv6 at its lower device's MTU − 70 and keeps that silently
+/// (1430 over a 1500 underlay; setting 1450 afterwards is refused). Then, as flanneld:
+/// `accept_ra` 0 on the device, `my_subnet`'s network address as a /128, up. IPv6 forwarding
+/// goes on too (flanneld expects the host to forward, as for IPv4). Every call then (re)applies
+/// `peers`: a permanent neighbour entry for the peer subnet's first address → the peer's MAC,
+/// an FDB entry pointing that MAC at the peer's PublicIPv6, and `<subnet> via <first address>
+/// dev flannel-v6.1 onlink`.
+pub fn flannel_vxlan6(node: &Node, my_subnet: Ipv6Net, peers: &[Vxlan6Peer]) -> Result<[u8; 6]> {
+    const DEV: &str = "flannel-v6.1";
+    let ns = &node.ns;
+    if ns.ip(&["link", "show", DEV]).is_err() {
+        let local = Node::underlay_ip6(node.index).to_string();
+        let eth0_mtu: u32 = String::from_utf8_lossy(&ns.exec("cat", &["/sys/class/net/eth0/mtu"])?.stdout)
+            .trim()
+            .parse()?;
+        ns.ip(&[
+            "link",
+            "add",
+            DEV,
+            "mtu",
+            &(eth0_mtu - 50).to_string(),
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "nolearning",
+        ])?;
+        // sysctl's syntax for a device name with a dot in it: the dot becomes a slash.
+        ns.sysctl("net.ipv6.conf.flannel-v6/1.accept_ra=0")?;
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/128", my_subnet.network()),
+            "dev",
+            DEV,
+            "nodad",
+        ])?;
+        ns.ip(&["link", "set", DEV, "up"])?;
+        ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
+    }
+    for (subnet, underlay_ip, mac) in peers {
+        let mac = fmt_mac(mac);
+        let gw = subnet.network().to_string();
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            DEV,
+            "nud",
+            "permanent",
+        ])?;
+        ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                DEV,
+                "dst",
+                &underlay_ip.to_string(),
+                "self",
+                "permanent",
+            ],
+        )?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &subnet.to_string(),
+            "via",
+            &gw,
+            "dev",
+            DEV,
+            "onlink",
+        ])?;
+    }
+    ns.mac(DEV)
 }
 
 /// flannel host-gw: `route replace <subnet> via <peer underlay IP>` for every peer.

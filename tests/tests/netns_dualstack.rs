@@ -15,11 +15,11 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_tests::{
     cluster::{output, Cluster},
     dualstack::{
-        bridge_and_pod, cluster, iperf6, ipv6_only_pods_talk, nth6, ping6, underlay6, wait_ipv6_subnets,
-        wait_peers, Transfer, DUAL, NETWORK6, V6_ONLY,
+        add_bridge_ipv6, add_pod_ipv6, bridge_and_pod, cluster, iperf6, ipv6_only_pods_talk, nth6, ping6,
+        underlay6, wait_ipv6_subnets, wait_peers, Transfer, DUAL, NETWORK6, V6_ONLY,
     },
     netns::{parse_mac, require_root, Netns},
-    topology::{flannel_vxlan, fmt_mac, ping, Node},
+    topology::{flannel_vxlan, flannel_vxlan6, fmt_mac, ping, Node},
 };
 
 #[test]
@@ -345,84 +345,10 @@ fn dual_leases(c: &Cluster) -> Vec<DualLease> {
 /// peer's public address and an onlink route; returns the two devices' MACs.
 fn flanneld_dual_stack(node: &Node, sn4: Ipv4Net, sn6: Ipv6Net, peers: &[DualLease]) -> ([u8; 6], [u8; 6]) {
     let v4: Vec<_> = peers.iter().map(|p| (p.0, p.1, p.2)).collect();
+    let v6: Vec<_> = peers.iter().map(|p| (p.3, p.4, p.5)).collect();
     let mac4 = flannel_vxlan(node, sn4, &v4).unwrap();
-    let ns = &node.ns;
-    let local = underlay6(node.index).to_string();
-    ns.ip(&[
-        "link",
-        "add",
-        "flannel-v6.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &local,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])
-    .unwrap();
-    ns.ip(&["link", "set", "flannel-v6.1", "mtu", "1430", "up"])
-        .unwrap();
-    ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{}/128", sn6.network()),
-        "dev",
-        "flannel-v6.1",
-        "nodad",
-    ])
-    .unwrap();
-    ns.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
-    for p in peers {
-        let mac = fmt_mac(&p.5);
-        let gw = p.3.network().to_string();
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &mac,
-            "dev",
-            "flannel-v6.1",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-        ns.exec(
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                &mac,
-                "dev",
-                "flannel-v6.1",
-                "dst",
-                &p.4.to_string(),
-                "self",
-                "permanent",
-            ],
-        )
-        .unwrap();
-        ns.ip(&[
-            "-6",
-            "route",
-            "replace",
-            &p.3.to_string(),
-            "via",
-            &gw,
-            "dev",
-            "flannel-v6.1",
-            "onlink",
-        ])
-        .unwrap();
-    }
-    (mac4, ns.mac("flannel-v6.1").unwrap())
+    let mac6 = flannel_vxlan6(node, sn6, &v6).unwrap();
+    (mac4, mac6)
 }
 
 #[test]
@@ -441,47 +367,15 @@ fn mixed_cluster_with_a_flanneld_style_dual_stack_node() {
     let sn6: Ipv6Net = "fd00:10:244:c8::/64".parse().unwrap();
     let (mac4, mac6) = {
         let n3 = &c.nodes[2].node;
-        n3.ns
-            .ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", underlay6(3)),
-                "dev",
-                "eth0",
-                "nodad",
-            ])
-            .unwrap();
+        n3.add_underlay6().unwrap();
         flanneld_dual_stack(n3, sn4, sn6, &peers)
     };
     c.nodes[2].node.add_bridge_for(sn4, 1450).unwrap();
     let pod4 = c.nodes[2].node.add_pod_in(sn4, 1, 1450).unwrap();
     let n3pod = c.nodes[2].node.pods.remove(0).ns;
     let n3 = &c.nodes[2].node.ns;
-    n3.ip(&[
-        "-6",
-        "addr",
-        "add",
-        &format!("{}/64", nth6(sn6, 1)),
-        "dev",
-        "cni0",
-        "nodad",
-    ])
-    .unwrap();
-    n3pod
-        .ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", nth6(sn6, 2)),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .unwrap();
-    n3pod
-        .ip(&["-6", "route", "add", "default", "via", &nth6(sn6, 1).to_string()])
-        .unwrap();
+    add_bridge_ipv6(n3, sn6).unwrap();
+    add_pod_ipv6(&n3pod, nth6(sn6, 2), sn6).unwrap();
     // Its lease, byte for byte as a dual-stack flanneld writes it.
     let value = format!(
         r#"{{"PublicIP":"198.18.0.13","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,

@@ -61,7 +61,7 @@ fn recreate_pod(c: &Cluster, i: usize, old: Netns, old_veth: &str, subnet6: Ipv6
     ])
     .unwrap();
     let ip6 = nth6(subnet6, 2);
-    add_pod_ipv6(&pod, ip6, subnet6);
+    add_pod_ipv6(&pod, ip6, subnet6).unwrap();
     let mac = pod.mac("eth0").unwrap();
     overlay_tests::packet::send_raw(&pod, "eth0", &overlay_tests::packet::garp(mac, ip4)).unwrap();
     overlay_tests::packet::send_raw(&pod, "eth0", &unsolicited_na(mac, ip6)).unwrap();

@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, TcpStream},
+    net::{IpAddr, Ipv4Addr, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -209,7 +209,7 @@ pub fn run(probes: u32) -> Result<ControlResults> {
 
 /// Cold start: stop node1's agent, remove its datapath with `overlay-agent cleanup`, start
 /// it again and time until a pod on node1 first gets a ping answer from the pod on node2.
-pub fn cold_start(c: &mut Cluster, client: usize, server_ip: Ipv4Addr) -> Result<f64> {
+pub fn cold_start(c: &mut Cluster, client: usize, server_ip: IpAddr) -> Result<f64> {
     c.stop_agent(client, Signal::SIGTERM);
     // The datapath outlives the agent (pinned links, by design): clear it so the start is cold.
     let out = c

@@ -38,6 +38,11 @@ impl Samples {
             .unwrap_or(f64::NAN)
     }
 
+    /// Whether case `c` was measured at all in this run (`--cases` may leave it out).
+    pub fn ran(&self, c: Case) -> bool {
+        self.0.keys().any(|(_, cc, _)| *cc == c.name())
+    }
+
     fn failures(&self, f: Flavour, c: Case, metric: &str) -> usize {
         self.0
             .iter()
@@ -75,10 +80,31 @@ fn fmt_r(r: f64) -> String {
     }
 }
 
-/// The terminal table: medians per flavour, with ratios to (a) host-gw and (b) kernel VXLAN.
+/// " 2✗" when `n` of a cell's rounds failed.
+fn fail_mark(n: usize) -> String {
+    if n > 0 {
+        format!(" {n}✗")
+    } else {
+        String::new()
+    }
+}
+
+/// The terminal table: medians per flavour, with ratios to (a) host-gw and (b) kernel VXLAN for
+/// the IPv4 cases, to (b6) the kernel's IPv6 VXLAN for the IPv6 ones. A case left out of the run
+/// shows "-", a value that could not be computed "FAIL".
 pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f64]) -> String {
     let mut out = String::new();
-    for f in Flavour::ALL {
+    let v4 = Case::ALL.iter().any(|&c| !c.ipv6() && s.ran(c));
+    let v6 = Case::ALL.iter().any(|&c| c.ipv6() && s.ran(c));
+    // A case that did not run: "-" instead of FAIL.
+    let val = |f: Flavour, c: Case, key: &str| {
+        if s.ran(c) {
+            fmt_v(s.median(f, c, key))
+        } else {
+            "-".to_string()
+        }
+    };
+    for f in Flavour::ALL.into_iter().filter(|_| v4) {
         let _ = writeln!(
             out,
             "\n{} underlay — medians of {rounds} round(s); (×a ×b) = ratio to host-gw / kernel VXLAN",
@@ -93,26 +119,59 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
             let a = s.median(f, Case::HostGw, key);
             let b = s.median(f, Case::KernelVxlan, key);
             let mut row = format!("{:<34}", format!("{label} [{unit}]"));
-            let _ = write!(row, "{:>12}", fmt_v(a));
-            let _ = write!(row, "{:>22}", format!("{} (×a {})", fmt_v(b), fmt_r(ratio(b, a))));
+            let _ = write!(row, "{:>12}", val(f, Case::HostGw, key));
+            let _ = write!(
+                row,
+                "{:>22}",
+                format!("{} (×a {})", val(f, Case::KernelVxlan, key), fmt_r(ratio(b, a)))
+            );
             for c in Case::BPF {
                 let v = s.median(f, c, key);
-                let fails = s.failures(f, c, key);
-                let mark = if fails > 0 {
-                    format!(" {fails}✗")
-                } else {
-                    String::new()
-                };
-                let _ = write!(
-                    row,
-                    "{:>26}",
+                let mark = fail_mark(s.failures(f, c, key));
+                let cell = if s.ran(c) {
                     format!(
                         "{} ({} {}){mark}",
                         fmt_v(v),
                         fmt_r(ratio(v, a)),
                         fmt_r(ratio(v, b))
                     )
-                );
+                } else {
+                    "-".to_string()
+                };
+                let _ = write!(row, "{cell:>26}");
+            }
+            let _ = writeln!(out, "{row}");
+        }
+    }
+    for f in Flavour::ALL.into_iter().filter(|_| v6) {
+        let _ = writeln!(
+            out,
+            "\n{} underlay, IPv6 pods over an IPv6 underlay — medians of {rounds} round(s); (×b6) = ratio to kernel VXLAN over IPv6",
+            f.name()
+        );
+        let mut head = format!("{:<34}{:>22}", "metric", "kernel-vxlan6 (b6)");
+        for c in Case::BPF6 {
+            let _ = write!(head, "{:>26}", c.name());
+        }
+        let _ = writeln!(out, "{head}");
+        for (key, label, unit, _) in METRICS {
+            let b6 = s.median(f, Case::KernelVxlan6, key);
+            let mut row = format!("{:<34}", format!("{label} [{unit}]"));
+            let mark = fail_mark(s.failures(f, Case::KernelVxlan6, key));
+            let _ = write!(
+                row,
+                "{:>22}",
+                format!("{}{mark}", val(f, Case::KernelVxlan6, key))
+            );
+            for c in Case::BPF6 {
+                let v = s.median(f, c, key);
+                let mark = fail_mark(s.failures(f, c, key));
+                let cell = if s.ran(c) {
+                    format!("{} (×b6 {}){mark}", fmt_v(v), fmt_r(ratio(v, b6)))
+                } else {
+                    "-".to_string()
+                };
+                let _ = write!(row, "{cell:>26}");
             }
             let _ = writeln!(out, "{row}");
         }
@@ -150,6 +209,10 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
             median(cold_ms),
             cold_ms.len()
         );
+    }
+    // The targets are the IPv4 cases' (and the control plane's).
+    if !v4 && cp.is_none() {
+        return out;
     }
     let _ = writeln!(
         out,
@@ -282,6 +345,7 @@ pub fn json(
             },
         );
     }
+    let ratios = ratios_json(s);
     let control = cp.map(|cp| {
         serde_json::json!({
             "write_1k_ms": cp.write_1k_ms,
@@ -297,23 +361,101 @@ pub fn json(
         "meta": meta,
         "samples": samples,
         "medians": medians,
+        "ratios": ratios,
         "control_plane": control,
         "cold_start_ms": cold_ms,
         "errors": errors,
     })
 }
 
-/// Bar charts of the ratios to host-gw, one panel per underlay flavour.
+/// The ratios the table shows, keyed like the medians ("veth/bpf-tc/tcp1_gbps"): each IPv4 case
+/// to host-gw and kernel-vxlan, each IPv6 agent case to kernel-vxlan6; null when a median is
+/// missing.
+fn ratios_json(s: &Samples) -> serde_json::Value {
+    let num = |r: f64| {
+        if r.is_finite() {
+            r.into()
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    let mut out = serde_json::Map::new();
+    for f in Flavour::ALL {
+        for (key, ..) in METRICS {
+            let mut add = |c: Case, bases: &[Case]| {
+                if !s.ran(c) {
+                    return;
+                }
+                let v = s.median(f, c, key);
+                let by_base: serde_json::Map<String, serde_json::Value> = bases
+                    .iter()
+                    .map(|&b| (b.name().to_string(), num(ratio(v, s.median(f, b, key)))))
+                    .collect();
+                out.insert(format!("{}/{}/{key}", f.name(), c.name()), by_base.into());
+            };
+            add(Case::KernelVxlan, &[Case::HostGw]);
+            for c in Case::BPF {
+                add(c, &[Case::HostGw, Case::KernelVxlan]);
+            }
+            for c in Case::BPF6 {
+                add(c, &[Case::KernelVxlan6]);
+            }
+        }
+    }
+    out.into()
+}
+
+/// One panel of the SVG: one flavour's bars as ratios to `base`.
+struct Panel<'a> {
+    flavour: Flavour,
+    heading: String,
+    base: Case,
+    /// (case, colour)
+    bars: &'a [(Case, &'a str)],
+}
+
+/// Bar charts of the ratios, two panels per underlay flavour: the IPv4 cases to host-gw, the
+/// IPv6 agent cases to kernel-vxlan6 (a panel only when one of its cases ran).
 pub fn svg(s: &Samples, title: &str) -> String {
     let metrics: Vec<_> = METRICS.iter().filter(|m| !m.0.starts_with("retr")).collect();
-    let cases = [
+    let cases4: &[(Case, &str)] = &[
         (Case::KernelVxlan, "#9e9e9e"),
         (Case::BpfXdp, "#1f77b4"),
         (Case::BpfTc, "#ff7f0e"),
         (Case::BpfTcVeth, "#2ca02c"),
     ];
+    let cases6: &[(Case, &str)] = &[(Case::BpfXdp6, "#9ecae1"), (Case::BpfTc6, "#fdae6b")];
+    let mut panels: Vec<Panel> = Vec::new();
+    for f in Flavour::ALL {
+        if Case::ALL.iter().any(|&c| !c.ipv6() && s.ran(c)) {
+            panels.push(Panel {
+                flavour: f,
+                heading: format!("{} underlay (ratio to host-gw)", f.name()),
+                base: Case::HostGw,
+                bars: cases4,
+            });
+        }
+        if Case::ALL.iter().any(|&c| c.ipv6() && s.ran(c)) {
+            panels.push(Panel {
+                flavour: f,
+                heading: format!("{} underlay, IPv6 (ratio to kernel-vxlan6)", f.name()),
+                base: Case::KernelVxlan6,
+                bars: cases6,
+            });
+        }
+    }
+    let legend: Vec<(Case, &str)> =
+        panels
+            .iter()
+            .flat_map(|p| p.bars.iter().copied())
+            .fold(Vec::new(), |mut v, c| {
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+                v
+            });
     let (w, panel_h, top, left) = (980.0, 300.0, 60.0, 60.0);
-    let h = top + panel_h * Flavour::ALL.len() as f64 + 40.0;
+    let h = top + panel_h * panels.len() as f64 + 40.0;
     let max_r = 2.0f64;
     let mut o = String::new();
     let _ = writeln!(
@@ -327,19 +469,19 @@ pub fn svg(s: &Samples, title: &str) -> String {
     );
     let _ = writeln!(
         o,
-        r#"<text x="{left}" y="42">ratio to host-gw (a), medians. Throughput/pps: higher is better; latency/CPU: lower is better. Bars past {max_r} are clipped.</text>"#
+        r#"<text x="{left}" y="42">IPv4: ratio to host-gw (a); IPv6: ratio to kernel-vxlan6 (b6); medians. Throughput/pps: higher is better; latency/CPU: lower is better. Bars past {max_r} are clipped.</text>"#
     );
     let group_w = (w - left - 20.0) / metrics.len() as f64;
-    let bar_w = group_w / (cases.len() as f64 + 1.0);
-    for (pi, f) in Flavour::ALL.iter().enumerate() {
+    let bar_w = group_w / (cases4.len() as f64 + 1.0);
+    for (pi, p) in panels.iter().enumerate() {
+        let (f, heading, base, cases) = (&p.flavour, &p.heading, &p.base, p.bars);
         let y0 = top + panel_h * pi as f64 + 30.0;
         let ph = panel_h - 80.0;
         let y = |r: f64| y0 + ph - (r.min(max_r) / max_r) * ph;
         let _ = writeln!(
             o,
-            r#"<text x="{left}" y="{}" font-weight="bold">{} underlay</text>"#,
-            y0 - 8.0,
-            f.name()
+            r#"<text x="{left}" y="{}" font-weight="bold">{heading}</text>"#,
+            y0 - 8.0
         );
         for t in [0.0, 0.5, 1.0, 1.5, 2.0] {
             let color = if t == 1.0 { "#000" } else { "#ddd" };
@@ -351,7 +493,7 @@ pub fn svg(s: &Samples, title: &str) -> String {
         }
         for (mi, (key, label, _, _)) in metrics.iter().enumerate() {
             let gx = left + group_w * mi as f64;
-            let a = s.median(*f, Case::HostGw, key);
+            let a = s.median(*f, *base, key);
             for (ci, (c, color)) in cases.iter().enumerate() {
                 let r = ratio(s.median(*f, *c, key), a);
                 let x = gx + bar_w * (ci as f64 + 0.5);
@@ -372,9 +514,10 @@ pub fn svg(s: &Samples, title: &str) -> String {
                         y(r) - 3.0
                     );
                 } else {
+                    let what = if s.ran(*c) && s.ran(*base) { "fail" } else { "-" };
                     let _ = writeln!(
                         o,
-                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="red">fail</text>"#,
+                        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="red">{what}</text>"#,
                         x + bar_w * 0.45,
                         y(0.0) - 3.0
                     );
@@ -389,8 +532,8 @@ pub fn svg(s: &Samples, title: &str) -> String {
         }
     }
     let ly = h - 16.0;
-    for (i, (c, color)) in cases.iter().enumerate() {
-        let x = left + 160.0 * i as f64;
+    for (i, (c, color)) in legend.iter().enumerate() {
+        let x = left + 150.0 * i as f64;
         let _ = writeln!(
             o,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{ly}">{}</text>"#,

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -43,7 +43,7 @@ fn sys_softirq() -> Result<u64> {
 }
 
 /// Starts a one-shot iperf3 server bound to `ip` in `server` and waits until it listens.
-fn iperf_server(server: &mut Netns, ip: Ipv4Addr) -> Result<u32> {
+fn iperf_server(server: &mut Netns, ip: IpAddr) -> Result<u32> {
     let mut srv = server.command("iperf3");
     srv.args(["-s", "-1", "-B", &ip.to_string()])
         .stdin(Stdio::null())
@@ -65,7 +65,7 @@ fn iperf_server(server: &mut Netns, ip: Ipv4Addr) -> Result<u32> {
 /// Runs an iperf3 client (with a hard timeout) against a fresh server; returns its JSON.
 fn iperf(
     server: &mut Netns,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     client: &Netns,
     secs: u32,
     extra: &[&str],
@@ -106,7 +106,7 @@ fn iperf(
 }
 
 /// TCP throughput with `flows` parallel streams for `secs` seconds.
-pub fn tcp(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32, flows: u32) -> Result<Tcp> {
+pub fn tcp(server: &mut Netns, ip: IpAddr, client: &Netns, secs: u32, flows: u32) -> Result<Tcp> {
     let p = flows.to_string();
     let before = sys_softirq()?;
     let v = iperf(server, ip, client, secs, &["-P", &p])?;
@@ -130,7 +130,7 @@ pub fn tcp(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32, flows: u
 }
 
 /// UDP 64-byte payloads at full speed; returns packets per second that arrived.
-pub fn udp64(server: &mut Netns, ip: Ipv4Addr, client: &Netns, secs: u32) -> Result<f64> {
+pub fn udp64(server: &mut Netns, ip: IpAddr, client: &Netns, secs: u32) -> Result<f64> {
     let v = iperf(server, ip, client, secs, &["-u", "-l", "64", "-b", "0"])?;
     // The client's end.sum carries the server's view: packets sent, and how many were lost.
     let sum = &v["end"]["sum"];
@@ -151,7 +151,7 @@ pub struct Rr {
 
 /// 64-byte ping-pong over one TCP connection (TCP_NODELAY) for `secs` seconds, one request in
 /// flight: server thread in `server`'s namespace, client on this thread inside `client`'s.
-pub fn rr(server: &Netns, ip: Ipv4Addr, client: &Netns, secs: u32) -> Result<Rr> {
+pub fn rr(server: &Netns, ip: IpAddr, client: &Netns, secs: u32) -> Result<Rr> {
     let addr = SocketAddr::from((ip, RR_PORT));
     let listener = {
         let _in = server.enter()?;

@@ -1,6 +1,8 @@
 //! `cargo xtask bench`: the BPF overlay against plain routing (flannel host-gw, the testbed's
 //! physical limit) and the kernel's VXLAN device set up as flanneld does it, on a veth underlay
-//! and on one that behaves like real NICs (segmentation on send, GRO on receive).
+//! and on one that behaves like real NICs (segmentation on send, GRO on receive). IPv6 too: the
+//! agent on a dual-stack network against flanneld's `flannel-v6.1`, IPv6 pods over an IPv6
+//! underlay.
 //!
 //! All cases stay up side by side (each on its own underlay segment) and are measured in
 //! alternation, round after round, so background noise hits them alike. Then a real agent gets
@@ -94,7 +96,10 @@ fn parse_args() -> Result<Opts> {
             }
             "--data-only" => o.control = false,
             "--help" | "-h" => {
-                println!("bench [--quick] [--rounds N] [--secs N] [--no-control] [--cases host-gw,kernel-vxlan,bpf-xdp,bpf-tc,bpf-tc-veth]");
+                println!(
+                    "bench [--quick] [--rounds N] [--secs N] [--no-control] [--cases {}]",
+                    Case::ALL.map(Case::name).join(",")
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
