@@ -292,23 +292,18 @@ impl Routes for SystemRoutes {
     }
 }
 
-/// `ip route get dst` over netlink: (output ifindex, preferred source).
-fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
+/// Sends one rtnetlink request with `flags` on a new NETLINK_ROUTE socket, returned for the
+/// replies.
+fn rtnl_request(
+    msg: rtnetlink::packet_route::RouteNetlinkMessage,
+    flags: u16,
+) -> Result<rtnetlink::sys::Socket, String> {
     use rtnetlink::{
-        packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
-        packet_route::{
-            route::{RouteAddress, RouteAttribute, RouteMessage},
-            AddressFamily, RouteNetlinkMessage,
-        },
+        packet_core::NetlinkMessage,
         sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
     };
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.destination_prefix_length = 32;
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
-    req.header.flags = NLM_F_REQUEST;
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = flags;
     req.finalize();
     let mut buf = vec![0; req.buffer_len()];
     req.serialize(&mut buf);
@@ -317,6 +312,25 @@ fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
     sock.bind_auto().map_err(io)?;
     sock.connect(&SocketAddr::new(0, 0)).map_err(io)?;
     sock.send(&buf, 0).map_err(io)?;
+    Ok(sock)
+}
+
+/// `ip route get dst` over netlink: (output ifindex, preferred source).
+fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
+    use rtnetlink::{
+        packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
+        packet_route::{
+            route::{RouteAddress, RouteAttribute, RouteMessage},
+            AddressFamily, RouteNetlinkMessage,
+        },
+    };
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = 32;
+    msg.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let sock = rtnl_request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST)?;
+    let io = |e: std::io::Error| e.to_string();
     let mut rx = vec![0; 8192];
     let n = sock.recv(&mut &mut rx[..], 0).map_err(io)?;
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[..n]).map_err(|e| e.to_string())?;
@@ -502,20 +516,11 @@ fn ipv6_addrs(ifindex: u32) -> Result<Vec<V6Addr>, String> {
             address::{AddressAttribute, AddressMessage},
             AddressFamily, RouteNetlinkMessage,
         },
-        sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr},
     };
     let mut msg = AddressMessage::default();
     msg.header.family = AddressFamily::Inet6;
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetAddress(msg));
-    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    req.finalize();
-    let mut buf = vec![0; req.buffer_len()];
-    req.serialize(&mut buf);
+    let sock = rtnl_request(RouteNetlinkMessage::GetAddress(msg), NLM_F_REQUEST | NLM_F_DUMP)?;
     let io = |e: std::io::Error| e.to_string();
-    let mut sock = Socket::new(NETLINK_ROUTE).map_err(io)?;
-    sock.bind_auto().map_err(io)?;
-    sock.connect(&SocketAddr::new(0, 0)).map_err(io)?;
-    sock.send(&buf, 0).map_err(io)?;
     let mut out = Vec::new();
     let mut rx = vec![0; 65536];
     loop {

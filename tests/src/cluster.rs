@@ -286,6 +286,22 @@ impl Cluster {
         Ok(cmd)
     }
 
+    /// "The outside": a host on the underlay segment, with `addr` (an IPv4 /24 or IPv6 /64 on the
+    /// underlay) and no pod routes, so a pod's packets reach it only as the node sends them.
+    pub fn outside_host(&self, addr: std::net::IpAddr) -> Result<Netns> {
+        let outside = Netns::new("ovlo")?;
+        let port = unique_name("po");
+        crate::netns::veth(&outside, "eth0", Some(&self.underlay.ns), &port)?;
+        self.underlay.ns.ip(&["link", "set", &port, "master", "br0"])?;
+        match addr {
+            std::net::IpAddr::V4(a) => outside.ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])?,
+            std::net::IpAddr::V6(a) => {
+                outside.ip(&["-6", "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?
+            }
+        };
+        Ok(outside)
+    }
+
     /// Runs `bin cleanup` on node `i` ([`Cluster::cleanup_command`]); its stdout, or an error
     /// with its exit status and everything it printed when it failed.
     pub fn run_cleanup(&self, i: usize, bin: &std::path::Path) -> Result<String> {

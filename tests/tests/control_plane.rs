@@ -886,6 +886,24 @@ fn lease_key(l: &Lease) -> String {
     format!("{PREFIX}/subnets/{}", l.key())
 }
 
+/// Stops `agent` and starts it again as `same`: it must take its lease back (found by its
+/// public address). Then, that lease deleted, starts it as `moved` (other addresses): it must
+/// take the same subnets again, from subnet.env. `what` names the lease in messages.
+async fn restart_then_move(etcd: &Etcd, agent: Agent, same: NodeIdentity, moved: NodeIdentity, what: &str) {
+    let (own, file) = (agent.own.clone(), agent.subnet_file.clone());
+    drop(agent);
+    let again = start(etcd, file.clone(), same).await;
+    assert_eq!(again.own.key(), own.key(), "restart must reuse the {what} lease");
+    drop(again);
+    etcd.del(&lease_key(&own)).unwrap();
+    let moved = start(etcd, file, moved).await;
+    assert_eq!(
+        moved.own.key(),
+        own.key(),
+        "{what}: subnet.env's subnets not reused"
+    );
+}
+
 /// Every lease another agent sees in `rx` until it has seen `want` (by key); returns it.
 async fn peer_seen(rx: &mut mpsc::Receiver<Event>, want: &Lease, what: &str) -> Lease {
     let k = want.key();
@@ -1036,20 +1054,10 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
     )
     .await;
 
-    // Restart with the same PublicIP: the same key (found by PublicIP).
-    let (own_a, file_a) = (a.own.clone(), a.subnet_file.clone());
-    drop(a);
-    let again = start(&etcd, file_a.clone(), node_dual(1)).await;
-    assert_eq!(
-        again.own.key(),
-        own_a.key(),
-        "restart must reuse the dual-stack lease"
-    );
-    drop(again);
-    // Lease gone and the PublicIPs changed: both subnets come back from subnet.env.
-    etcd.del(&lease_key(&own_a)).unwrap();
-    let moved = start(&etcd, file_a, node_dual(8)).await;
-    assert_eq!(moved.own.key(), own_a.key(), "subnet.env's subnets not reused");
+    // Restart with the same PublicIP: the same key (found by PublicIP); then, the lease gone and
+    // the PublicIPs changed, both subnets come back from subnet.env.
+    let own_a = a.own.clone();
+    restart_then_move(&etcd, a, node_dual(1), node_dual(8), "dual-stack").await;
     let (value, _) = etcd.get(&lease_key(&own_a)).unwrap().unwrap();
     assert!(value.contains(r#""PublicIPv6":"fd00:198:18::8""#), "{value}");
     assert!(!b.task.is_finished());
@@ -1112,24 +1120,9 @@ async fn ipv6_only_agents_take_flannel_keys_renew_restart_and_see_each_other() {
     assert_eq!(l.key(), a.own.key());
     assert!(etcd.get(&k).unwrap().is_some(), "key not recreated");
 
-    // Restart: found again by PublicIPv6.
-    let (own_b, file_b) = (b.own.clone(), b.subnet_file.clone());
-    drop(b);
-    let again = start(&etcd, file_b.clone(), node_dual(0x22)).await;
-    assert_eq!(
-        again.own.key(),
-        own_b.key(),
-        "restart must reuse the IPv6-only lease"
-    );
-    drop(again);
-    // Key gone, another address: subnet.env's IPv6 subnet is reused.
-    etcd.del(&lease_key(&own_b)).unwrap();
-    let moved = start(&etcd, file_b, node_dual(0x28)).await;
-    assert_eq!(
-        moved.own.key(),
-        own_b.key(),
-        "subnet.env's IPv6 subnet not reused"
-    );
+    // Restart: found again by PublicIPv6; then, the key gone and another address, subnet.env's
+    // IPv6 subnet is reused.
+    restart_then_move(&etcd, b, node_dual(0x22), node_dual(0x28), "IPv6-only").await;
     assert!(!a.task.is_finished());
 }
 

@@ -23,7 +23,7 @@ use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::{agent_bin, output, AgentNode, Cluster},
     dualstack::{bridge_and_pod, cluster_with, nth6, ping6, underlay6, wait_peers, DUAL, NETWORK6, V6_ONLY},
-    netns::{seen_source, unique_name, veth, Netns},
+    netns::{seen_source, Netns},
     topology::ping,
 };
 
@@ -303,25 +303,8 @@ fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
     }
 
     // "The outside": a host on the underlay segment that knows no pod routes.
-    let outside = Netns::new("ovlo6").unwrap();
     let outside_ip: Ipv6Addr = "fd00:198:18::200".parse().unwrap();
-    let port = unique_name("po");
-    veth(&outside, "eth0", Some(&c.underlay.ns), &port).unwrap();
-    c.underlay
-        .ns
-        .ip(&["link", "set", &port, "master", "br0"])
-        .unwrap();
-    outside
-        .ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{outside_ip}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .unwrap();
+    let outside = c.outside_host(outside_ip.into()).unwrap();
     for (i, pod) in pods.iter().enumerate() {
         let seen = seen_source(pod, &outside, outside_ip.into());
         assert_eq!(

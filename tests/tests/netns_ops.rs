@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::{agent_bin, output, Cluster},
-    netns::{require_root, seen_source, unique_name, veth, Netns},
+    netns::{require_root, seen_source, unique_name, Netns},
     topology::{ping, Node},
 };
 
@@ -496,17 +496,8 @@ fn ip_masq_snat_restart_and_cleanup() {
     );
 
     // "The outside": a host on the underlay segment that knows no pod routes.
-    let outside = Netns::new("ovlo").unwrap();
     let outside_ip = Ipv4Addr::new(198, 18, 0, 200);
-    let port = unique_name("po");
-    veth(&outside, "eth0", Some(&c.underlay.ns), &port).unwrap();
-    c.underlay
-        .ns
-        .ip(&["link", "set", &port, "master", "br0"])
-        .unwrap();
-    outside
-        .ip(&["addr", "add", &format!("{outside_ip}/24"), "dev", "eth0"])
-        .unwrap();
+    let outside = c.outside_host(outside_ip.into()).unwrap();
 
     let check_traffic = |c: &Cluster, when: &str| {
         let pod_ns = &c.nodes[0].node.pods[0].ns;
