@@ -56,6 +56,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     enable_ip_forward()?;
 
     let mut dp = Dataplane::load(&args.pin_root)?;
+    log_kernel_features(&dp);
     let mut choice = choose_decap(args.decap, &underlay.name);
     info!(iface = %underlay.name, mode = ?choice.mode, why = %choice.why, "decap mode");
     if let Err(e) = dp.attach_decap(&underlay.name, choice.mode, choice.native_only) {
@@ -175,6 +176,20 @@ fn choose_decap(flag: DecapChoice, iface: &str) -> DecapChoiceMade {
         native_only,
         hardware,
         why,
+    }
+}
+
+/// One line per kernel feature the datapath can use: what it does where one is missing.
+fn log_kernel_features(dp: &Dataplane) {
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    for (name, present, without) in dp.features().describe() {
+        if present {
+            info!(%kernel, feature = name, "kernel feature in use");
+        } else {
+            info!(%kernel, feature = name, fallback = without, "kernel feature missing");
+        }
     }
 }
 

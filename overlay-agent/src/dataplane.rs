@@ -13,7 +13,7 @@ use aya::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -81,6 +81,11 @@ pub const STALE_IFINDEX: u32 = 0;
 pub const LINKS_DIR: &str = "links";
 /// The name encap's second link on the host device (its ingress) is pinned under.
 pub const RESEG_LINK: &str = "overlay_encap_reseg";
+
+/// The `clsact` filter priority of our TC programs on kernels without TCX (one program of ours
+/// per hook), and its handle ("OV"): fixed, so a restarted agent replaces its own filter.
+pub const TC_PRIORITY: u16 = 1;
+pub const TC_HANDLE: u16 = 0x4f56;
 
 /// Where decap runs on the underlay NIC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,11 +218,49 @@ impl Counters {
     }
 }
 
+/// What this kernel offers that the datapath uses when it can, detected once at load; where a
+/// feature is missing the datapath takes the older way, never a refused program or a failing
+/// helper call per packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFeatures {
+    /// TCX (6.6+): TC programs attach as bpf links, pinned across restarts. Without it they
+    /// attach as `clsact` filters at our own priority and handle ([`TC_PRIORITY`]).
+    pub tcx: bool,
+    /// `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed by test-running
+    /// `overlay_probe`): decap then clears a GSO packet's UDP-tunnel state.
+    pub decap_l4_udp: bool,
+}
+
+impl KernelFeatures {
+    /// The features as `status` and the start-up log name them: (name, present, what the
+    /// datapath does without it).
+    pub fn describe(&self) -> [(&'static str, bool, &'static str); 2] {
+        [
+            (
+                "tcx",
+                self.tcx,
+                "TC programs attach as clsact filters (not pinned; replaced in place on restart)",
+            ),
+            (
+                "adjust_room DECAP_L4_UDP",
+                self.decap_l4_udp,
+                "GSO packets keep their UDP-tunnel state after decap (delivered straight to pods)",
+            ),
+        ]
+    }
+}
+
+/// TCX came with 6.6.
+pub fn kernel_has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
 /// The loaded datapath. Dropping it detaches the programs; the pinned maps stay.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_root: PathBuf,
     max_peers: u32,
+    features: KernelFeatures,
 }
 
 impl Dataplane {
@@ -254,15 +297,25 @@ impl Dataplane {
             name: programs::DECAP_XDP,
             source,
         })?;
+        let features = KernelFeatures {
+            tcx: kernel_has_tcx(),
+            decap_l4_udp: probe_decap_l4_udp(&mut ebpf)?,
+        };
         let mut dp = Dataplane {
             ebpf,
             pin_root: pin_root.to_path_buf(),
             max_peers,
+            features,
         };
         if let Some(old) = carried {
             dp.carry_counters(&old)?;
         }
         Ok(dp)
+    }
+
+    /// What this kernel offers, as detected at load.
+    pub fn features(&self) -> KernelFeatures {
+        self.features
     }
 
     /// Writes the per-CPU counts of a retired counters map into ours, slot by slot.
@@ -391,19 +444,8 @@ impl Dataplane {
         iface: &str,
         at: TcAttachType,
     ) -> Result<(), DataplaneError> {
-        // TCX (kernel ≥ 6.6, which aya then uses) needs no qdisc; older kernels attach through
-        // clsact. Adding a qdisc to a live device stops its transmit queues for a moment and
-        // drops what is in flight (seen as lost packets during upgrades), so only when needed.
-        let tcx =
-            aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
-        if let Err(e) = if tcx { Ok(()) } else { tc::qdisc_add_clsact(iface) } {
-            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(DataplaneError::Clsact {
-                    iface: iface.to_string(),
-                    source: e,
-                });
-            }
+        if !self.features.tcx {
+            return self.attach_tc_netlink(name, iface, at);
         }
         let path = self.link_pin(pin_as, iface)?;
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
@@ -418,6 +460,55 @@ impl Dataplane {
         };
         let link = prog.take_link(id).map_err(err)?;
         pin_link(FdLink::try_from(link), &path)
+    }
+
+    /// Kernels before 6.6 (no TCX): a `clsact` filter at our own fixed priority and handle
+    /// ([`TC_PRIORITY`], [`TC_HANDLE`]), so a restarted agent finds the filter its predecessor
+    /// left and swaps the program in place (one netlink replace: not a packet meets the hook
+    /// empty, and no second filter piles up in front of it). Such filters are not bpf links:
+    /// nothing is pinned, they stay attached after the agent exits (as pinned links do), and
+    /// `cleanup` removes them by program name.
+    fn attach_tc_netlink(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        at: TcAttachType,
+    ) -> Result<(), DataplaneError> {
+        // Adding a qdisc to a live device stops its transmit queues for a moment and drops what
+        // is in flight (seen as lost packets during upgrades), so only when it is missing.
+        if let Err(e) = tc::qdisc_add_clsact(iface) {
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(DataplaneError::Clsact {
+                    iface: iface.to_string(),
+                    source: e,
+                });
+            }
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let err = |source| DataplaneError::Program { name, source };
+        let handle = TcHandle::new(0, TC_HANDLE);
+        let existing = SchedClassifierLink::attached(iface, at, TC_PRIORITY, handle, None)
+            .map_err(|e| err(tc::TcError::IoError(e).into()))?;
+        let id = match prog.attach_to_link(existing) {
+            Ok(id) => id,
+            // No filter of ours there yet (ENOENT): create it.
+            Err(_) => prog
+                .attach_with_options(
+                    iface,
+                    at,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: TC_PRIORITY,
+                        handle,
+                        ..Default::default()
+                    }),
+                )
+                .map_err(err)?,
+        };
+        // Dropping the link would detach the filter: keep it attached past this process.
+        let link = prog.take_link(id).map_err(err)?;
+        std::mem::forget(link);
+        Ok(())
     }
 
     /// Where the link of `prog` on `iface` is pinned: `<pin_root>/links/<prog>@<iface>@<ifindex>`
@@ -447,6 +538,9 @@ impl Dataplane {
     pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
         let mut cfg = *cfg;
         cfg.flags |= maps::CONFIG_READY;
+        if self.features.decap_l4_udp {
+            cfg.flags |= maps::CONFIG_DECAP_L4_UDP;
+        }
         let mut arr: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
         arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map {
             name: maps::CONFIG,
@@ -767,6 +861,36 @@ fn per_cpu_counts(data: MapData) -> Option<Vec<Vec<u64>>> {
 /// The name of a link pin up to its ifindex: `<prog>@<iface>@` (bpffs refuses dots in names).
 fn link_stem(prog: &str, iface: &str) -> String {
     format!("{prog}@{}@", iface.replace('.', "_"))
+}
+
+/// Loads `overlay_probe` and runs it once on a plain IPv4/UDP frame: 1 means this kernel's
+/// `bpf_skb_adjust_room` accepted `BPF_F_ADJ_ROOM_DECAP_L4_UDP`. A kernel that cannot run the
+/// probe at all (no BPF_PROG_TEST_RUN for TC) answers no.
+fn probe_decap_l4_udp(ebpf: &mut Ebpf) -> Result<bool, DataplaneError> {
+    let name = programs::PROBE;
+    let prog: &mut SchedClassifier = program(ebpf, name)?;
+    prog.load()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    let mut frame = [0u8; 128];
+    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    frame[14] = 0x45;
+    frame[16..18].copy_from_slice(&114u16.to_be_bytes());
+    frame[22] = 64;
+    frame[23] = 17;
+    let mut out = [0u8; 128 + 256];
+    use aya::programs::TestRun as _;
+    let opts = aya::programs::TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ..aya::programs::TestRunOptions::new()
+    };
+    Ok(match prog.test_run(opts) {
+        Ok(r) => r.return_value == 1,
+        Err(e) => {
+            tracing::debug!(error = %e, "the adjust_room probe could not run");
+            false
+        }
+    })
 }
 
 /// A link pinned by an earlier agent, if there is one of the right kind.

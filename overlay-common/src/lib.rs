@@ -27,6 +27,9 @@ pub mod programs {
     pub const DECAP_XDP: &str = "overlay_decap_xdp";
     /// TC ingress on the underlay NIC: the same rules as the XDP variant.
     pub const DECAP_TC: &str = "overlay_decap_tc";
+    /// Never attached: test-run once at load to learn what this kernel's helpers accept
+    /// (`BPF_F_ADJ_ROOM_DECAP_L4_UDP`).
+    pub const PROBE: &str = "overlay_probe";
     /// All programs, in the order the object lists them.
-    pub const ALL: [&str; 3] = [ENCAP, DECAP_XDP, DECAP_TC];
+    pub const ALL: [&str; 4] = [ENCAP, DECAP_XDP, DECAP_TC, PROBE];
 }

@@ -86,6 +86,10 @@ pub const CONFIG_KEEP_CSUM: u16 = 1 << 2;
 /// `DataplaneConfig::flags`: do not deliver straight to pods, always hand decapsulated packets
 /// to the stack (the datapath v1 behaviour; for measurements and as an escape hatch).
 pub const CONFIG_NO_DELIVER: u16 = 1 << 3;
+/// `DataplaneConfig::flags`: this kernel's `bpf_skb_adjust_room` accepts
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed once at load), so decap clears a GSO packet's UDP-tunnel
+/// state when it strips the outer headers. Without it the flag is never passed.
+pub const CONFIG_DECAP_L4_UDP: u16 = 1 << 4;
 
 /// Node-wide settings the programs need. One entry, key 0.
 #[repr(C)]

@@ -43,8 +43,8 @@ use aya_ebpf::{
 use overlay_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        endpoint_dev_key, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER, CONFIG_READY,
-        MAX_ENDPOINTS, MAX_PEERS, PEER_DIRECT,
+        endpoint_dev_key, CONFIG_DECAP_L4_UDP, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER,
+        CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS, PEER_DIRECT,
     },
     wire::{
         encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
@@ -670,24 +670,21 @@ fn try_decap_tc(ctx: &TcContext) -> Result<Verdict, Counter> {
 ///
 /// A GSO packet (veth-forwarded, or GRO-merged) keeps its length per segment
 /// (`BPF_F_ADJ_ROOM_FIXED_GSO`) and so crosses whole. Kernels that know
-/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` also clear its UDP-tunnel GSO state; older ones (6.18) refuse
-/// the flag and the packet keeps that state, which the pod's veth carries fine (its
-/// `hw_enc_features` take the packet whole) but the bridge and `ip_forward` do not: such packets
-/// are delivered straight to the pod whenever it is a known endpoint.
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (the agent probes it at load: `CONFIG_DECAP_L4_UDP`) also clear
+/// its UDP-tunnel GSO state; on the others (6.1 to 6.18 at least) the packet keeps that state,
+/// which the pod's veth carries fine (its `hw_enc_features` take the packet whole) but the
+/// bridge and `ip_forward` do not: such packets are delivered straight to the pod whenever it is
+/// a known endpoint.
 #[inline(always)]
 fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig, overhead: usize) -> Result<(), Counter> {
     let mut flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64;
     if cfg.flags & CONFIG_KEEP_CSUM != 0 {
         flags |= BPF_F_ADJ_ROOM_NO_CSUM_RESET as u64;
     }
-    let diff = -(overhead as i32);
-    if ctx
-        .adjust_room(diff, BPF_ADJ_ROOM_MAC, flags | BPF_F_ADJ_ROOM_DECAP_L4_UDP)
-        .is_ok()
-    {
-        return Ok(());
+    if cfg.flags & CONFIG_DECAP_L4_UDP != 0 {
+        flags |= BPF_F_ADJ_ROOM_DECAP_L4_UDP;
     }
-    ctx.adjust_room(diff, BPF_ADJ_ROOM_MAC, flags)
+    ctx.adjust_room(-(overhead as i32), BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| Counter::DropAdjustRoom)
 }
 
@@ -759,6 +756,22 @@ fn to_endpoint(
         bytes: Some(bytes),
         len,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load-time probe (never attached).
+// ---------------------------------------------------------------------------------------------
+
+/// 1 when this kernel's `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, else 0: the
+/// agent runs it once (BPF_PROG_TEST_RUN, any IPv4 frame of 128 bytes) and sets
+/// `CONFIG_DECAP_L4_UDP` from the answer, so decap never passes a flag its kernel refuses.
+#[classifier]
+pub fn overlay_probe(ctx: TcContext) -> i32 {
+    let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP;
+    i32::from(
+        ctx.adjust_room(-(UDP_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
+            .is_ok(),
+    )
 }
 
 #[cfg(target_arch = "bpf")]

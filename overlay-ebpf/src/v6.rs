@@ -340,13 +340,21 @@ fn inner_checksum_sum(ctx: &TcContext, ip: &InnerIp6, inner_len: u32, gso: bool)
 /// Sum of `len` packet bytes from `off`, 512 at a time (`bpf_csum_diff`'s most) through the
 /// per-CPU `OVL_SCRATCH` buffer, as a big-endian-word sum; -1 when the bytes cannot be read, -2
 /// when there are too many.
+///
+/// Every length passed to `bpf_skb_load_bytes` is bounded by arithmetic alone (`& (CHUNK - 1)`,
+/// then `+ 1`), never by a branch: verifiers before 6.8 do not narrow a range from a `!= 0` test
+/// and refuse a length that may be 0 (6.1 refused the whole encap program for it).
 #[inline(never)]
 fn byte_sum(skb: *mut aya_ebpf::bindings::__sk_buff, off: u32, len: u32) -> i64 {
     const CHUNK: u32 = SCRATCH_BYTES as u32;
     /// Up to a 9216-byte inner packet (jumbo underlays).
     const MAX_CHUNKS: u32 = 18;
-    let chunks = len / CHUNK;
-    if chunks > MAX_CHUNKS {
+    if len == 0 {
+        return 0;
+    }
+    // The last chunk holds 1..=CHUNK bytes; the ones before it are full.
+    let full = (len - 1) / CHUNK;
+    if full > MAX_CHUNKS {
         return -2;
     }
     let Some(buf) = OVL_SCRATCH.get_ptr_mut(0) else {
@@ -355,7 +363,7 @@ fn byte_sum(skb: *mut aya_ebpf::bindings::__sk_buff, off: u32, len: u32) -> i64 
     let buf = buf as *mut u32;
     let mut sum: u32 = 0;
     let mut i = 0;
-    while i < MAX_CHUNKS && i < chunks {
+    while i < MAX_CHUNKS && i < full {
         // SAFETY: buf is a CHUNK-byte map value.
         let rc = unsafe { bpf_skb_load_bytes(skb as *const _, off + i * CHUNK, buf as *mut _, CHUNK) };
         if rc != 0 {
@@ -369,24 +377,24 @@ fn byte_sum(skb: *mut aya_ebpf::bindings::__sk_buff, off: u32, len: u32) -> i64 
         sum = s as u32;
         i += 1;
     }
-    let rest = (len - chunks * CHUNK) & (CHUNK - 1);
-    if rest != 0 {
+    let last = ((len - 1) & (CHUNK - 1)) + 1;
+    if last < CHUNK {
         // Zeros after the last byte add nothing (and an odd last byte is the high half of its
         // word, as RFC 1071 pads it: chunks start at even offsets).
         // SAFETY: buf is a CHUNK-byte map value.
         unsafe { *(buf as *mut [u32; SCRATCH_BYTES / 4]) = [0; SCRATCH_BYTES / 4] };
-        // SAFETY: rest < CHUNK.
-        let rc = unsafe { bpf_skb_load_bytes(skb as *const _, off + chunks * CHUNK, buf as *mut _, rest) };
-        if rc != 0 {
-            return -1;
-        }
-        // SAFETY: as above.
-        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf, CHUNK, sum) };
-        if s < 0 {
-            return -1;
-        }
-        sum = s as u32;
     }
+    // SAFETY: 1 <= last <= CHUNK, the size of buf.
+    let rc = unsafe { bpf_skb_load_bytes(skb as *const _, off + full * CHUNK, buf as *mut _, last) };
+    if rc != 0 {
+        return -1;
+    }
+    // SAFETY: as above.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf, CHUNK, sum) };
+    if s < 0 {
+        return -1;
+    }
+    sum = s as u32;
     i64::from(native_sum_to_be(sum))
 }
 

@@ -133,6 +133,25 @@ impl Netns {
         Ok(Entered { original })
     }
 
+    /// The names of our BPF programs attached as legacy `clsact` filters on `dev`'s `dir`
+    /// (`ingress`/`egress`) hook, one entry per filter: what kernels without TCX (before 6.6) get
+    /// instead of pinned links. Read with `tc -j filter show`.
+    pub fn our_tc_filters(&self, dev: &str, dir: &str) -> Result<Vec<String>> {
+        let out = self.exec("tc", &["-j", "filter", "show", "dev", dev, dir])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        let v: serde_json::Value = serde_json::from_str(&text).context("parsing tc -j filter show")?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.get("options")?.get("bpf_name")?.as_str())
+            .filter(|n| n.starts_with("overlay_"))
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward=1` style).
     pub fn sysctl(&self, kv: &str) -> Result<()> {
         self.exec("sysctl", &["-qw", kv]).map(|_| ())

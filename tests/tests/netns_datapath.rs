@@ -156,16 +156,48 @@ fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
         "{mode:?}: traffic stopped after adoption"
     );
     let links = std::fs::read_dir(pins_a.0.join("links")).unwrap().count();
-    // XDP decap also has the TC program after GRO, which delivers to pods.
-    let want = if mode == DecapMode::Xdp { 3 } else { 2 };
-    assert_eq!(
-        links, want,
-        "{mode:?}: expected one pinned link per program (encap, decap, and TC delivery with XDP)"
-    );
+    let tcx = overlay_agent::dataplane::kernel_has_tcx();
+    if tcx {
+        // XDP decap also has the TC program after GRO, which delivers to pods.
+        let want = if mode == DecapMode::Xdp { 3 } else { 2 };
+        assert_eq!(
+            links, want,
+            "{mode:?}: expected one pinned link per program (encap, decap, and TC delivery with XDP)"
+        );
+    } else {
+        // Before 6.6 TC programs are clsact filters, not links: only XDP is pinned, and the
+        // second loader replaced each filter of the first instead of adding one in front.
+        let want = usize::from(mode == DecapMode::Xdp);
+        assert_eq!(
+            links, want,
+            "{mode:?}: expected only XDP decap as a pinned link (no TCX)"
+        );
+        for (dev, prog) in [("cni0", "overlay_encap"), ("eth0", "overlay_decap_tc")] {
+            assert_eq!(
+                a.ns.our_tc_filters(dev, "ingress").unwrap(),
+                [prog],
+                "{mode:?}: expected exactly one clsact filter of ours on {dev} ingress after a restart"
+            );
+        }
+    }
     drop(dp_a);
-    // Removing the pins detaches everything and leaves nothing on bpffs.
-    for pins in [&pins_a, &pins_b] {
-        overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+    // With TCX, removing the pins detaches everything and leaves nothing on bpffs; before it,
+    // clsact filters stay until `overlay-agent cleanup` removes them, as the README says.
+    for (node, pins) in [(&a, &pins_a), (&b, &pins_b)] {
+        if tcx {
+            overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+        } else {
+            let _inside = node.ns.enter().unwrap();
+            let r = overlay_agent::ops::cleanup::run(&pins.0, &["eth0".into(), "cni0".into()]);
+            assert!(r.failed.is_empty(), "{mode:?}: cleanup failed: {:?}", r.failed);
+            for dev in ["cni0", "eth0"] {
+                let left = node.ns.our_tc_filters(dev, "ingress").unwrap();
+                assert!(
+                    left.is_empty(),
+                    "{mode:?}: cleanup left filters {left:?} on {dev}"
+                );
+            }
+        }
         assert!(!pins.0.exists(), "pins left under {}", pins.0.display());
     }
     // The kernel releases an unpinned link asynchronously: give it a moment.

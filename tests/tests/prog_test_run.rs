@@ -85,14 +85,20 @@ impl Fixture {
             direct: false,
         })
         .unwrap();
-        // Our pod, a local endpoint: TC decap delivers packets for it straight to its veth.
-        dp.upsert_endpoint(&LocalEndpoint {
-            ip: OUR_POD,
-            ifindex: ns.ifindex("eth0p").unwrap(),
-            mac: POD_MAC,
-            gw_mac: BRIDGE_MAC,
-        })
-        .unwrap();
+        // Our pod, a local endpoint: TC decap delivers packets for it straight to its veth. The
+        // device map resolves the ifindex in the writer's namespace, as the agent's is the node's
+        // (written from the root namespace it named whatever device had that index there: a
+        // guest with only `lo` refused it).
+        {
+            let _inside = ns.enter().unwrap();
+            dp.upsert_endpoint(&LocalEndpoint {
+                ip: OUR_POD,
+                ifindex: ns.ifindex("eth0p").unwrap(),
+                mac: POD_MAC,
+                gw_mac: BRIDGE_MAC,
+            })
+            .unwrap();
+        }
         Fixture {
             dp,
             ns,

@@ -165,9 +165,24 @@ pub fn decap_in_use(attachments: &[AttachmentView], underlay_ifindex: u32) -> Op
     }
 }
 
+/// One kernel feature the datapath uses where the kernel has it (see
+/// [`dataplane::KernelFeatures`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FeatureView {
+    pub name: &'static str,
+    pub present: bool,
+    /// What the datapath does without it.
+    pub fallback: &'static str,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub pin_root: PathBuf,
+    /// The running kernel's release (`uname -r`).
+    pub kernel: String,
+    /// What the datapath found in this kernel: TCX from its version, the adjust_room flag from
+    /// the config the agent wrote (unknown, so shown missing, until it has).
+    pub features: Vec<FeatureView>,
     pub node: NodeView,
     /// `xdp`, `tc`, or `none` when no decap link is pinned (see [`decap_in_use`]).
     pub decap: &'static str,
@@ -284,10 +299,30 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         .collect();
     let node = NodeView { public_ipv6, ..node };
     let underlay = if node.ready { node.underlay_ifindex } else { 0 };
-    let attachments = read_attachments(pin_root, underlay);
+    let tcx = dataplane::kernel_has_tcx();
+    let mut attachments = read_attachments(pin_root, underlay);
+    if !tcx {
+        attachments.extend(read_clsact_filters());
+    }
     let decap = decap_in_use(&attachments, underlay).map_or("none", decap_label);
+    let features = dataplane::KernelFeatures {
+        tcx,
+        decap_l4_udp: c.flags & maps::CONFIG_DECAP_L4_UDP != 0,
+    }
+    .describe()
+    .into_iter()
+    .map(|(name, present, fallback)| FeatureView {
+        name,
+        present,
+        fallback,
+    })
+    .collect();
     Ok(Status {
         pin_root: pin_root.to_path_buf(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        features,
         node,
         decap,
         attachments,
@@ -413,6 +448,67 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
     out
 }
 
+/// Our TC programs attached as `clsact` filters (kernels without TCX, where they are not
+/// pinned), found on every interface with `tc -j filter show`. Best effort, like the rest.
+fn read_clsact_filters() -> Vec<AttachmentView> {
+    let mut out = Vec::new();
+    let Ok(ifaces) = nix::net::if_::if_nameindex() else {
+        return out;
+    };
+    for i in ifaces.iter() {
+        let iface = i.name().to_string_lossy().into_owned();
+        for direction in ["ingress", "egress"] {
+            let Ok(o) = std::process::Command::new("tc")
+                .args(["-j", "filter", "show", "dev", &iface, direction])
+                .output()
+            else {
+                return out;
+            };
+            for (program, prog_id) in parse_clsact_filters(&o.stdout) {
+                out.push(AttachmentView {
+                    program,
+                    iface: iface.clone(),
+                    ifindex: i.index(),
+                    iface_present: true,
+                    hook: "clsact".to_string(),
+                    xdp_mode: None,
+                    direction: Some(direction),
+                    link_id: None,
+                    prog_id,
+                    pin: None,
+                    ours: true,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Our filters (`overlay_*` BPF programs at [`dataplane::TC_PRIORITY`]) in `tc -j filter show`
+/// output: (program, program id).
+pub fn parse_clsact_filters(json: &[u8]) -> Vec<(String, Option<u32>)> {
+    let Ok(serde_json::Value::Array(filters)) = serde_json::from_slice(json) else {
+        return Vec::new();
+    };
+    filters
+        .iter()
+        .filter(|f| f.get("pref").and_then(|p| p.as_u64()) == Some(u64::from(dataplane::TC_PRIORITY)))
+        .filter_map(|f| {
+            let opts = f.get("options")?;
+            let name = opts.get("bpf_name")?.as_str()?;
+            if !name.starts_with("overlay_") {
+                return None;
+            }
+            let id = opts
+                .get("prog")
+                .and_then(|p| p.get("id"))
+                .and_then(|i| i.as_u64())
+                .and_then(|i| u32::try_from(i).ok());
+            Some((name.to_string(), id))
+        })
+        .collect()
+}
+
 /// The name of `ifindex` in this namespace, if it is the interface the pin names.
 fn present_name(ifindex: u32, pin_iface: &str) -> Option<String> {
     let name = nix::net::if_::if_indextoname(ifindex).ok()?;
@@ -528,6 +624,14 @@ impl Status {
         let n = &self.node;
         let mut s = String::new();
         let _ = writeln!(s, "pin root    {}", self.pin_root.display());
+        let _ = writeln!(s, "kernel      {}", self.kernel);
+        for f in &self.features {
+            if f.present {
+                let _ = writeln!(s, "  {:<26} yes", f.name);
+            } else {
+                let _ = writeln!(s, "  {:<26} no: {}", f.name, f.fallback);
+            }
+        }
         if n.ready {
             let _ = writeln!(
                 s,
@@ -542,7 +646,7 @@ impl Status {
         }
         let _ = writeln!(s, "decap       {}", self.decap);
         let ours = self.attachments.iter().filter(|a| a.ours).count();
-        let _ = write!(s, "\nattachments ({ours} pinned");
+        let _ = write!(s, "\nattachments ({ours} ours");
         if ours < self.attachments.len() {
             let _ = write!(s, ", {} not ours", self.attachments.len() - ours);
         }
@@ -567,6 +671,7 @@ impl Status {
             let id = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
             let pin = match &a.pin {
                 Some(p) => p.strip_prefix(&self.pin_root).unwrap_or(p).display().to_string(),
+                None if a.ours => format!("(clsact filter pref {}, not pinned)", dataplane::TC_PRIORITY),
                 None => "(not ours)".to_string(),
             };
             let _ = writeln!(
@@ -616,6 +721,26 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clsact_filters_of_ours_are_found_in_tc_json() {
+        // `tc -j filter show dev cni0 ingress` (iproute2 6.1) with our filter, another tool's
+        // filter at another priority, and a non-BPF one.
+        let json = br#"[{"protocol":"all","pref":1,"kind":"bpf","chain":0},
+            {"protocol":"all","pref":1,"kind":"bpf","chain":0,"options":{"handle":"0x4f56",
+             "bpf_name":"overlay_encap","direct-action":true,"not_in_hw":true,
+             "prog":{"id":57,"name":"overlay_encap","tag":"0a1b2c3d4e5f6071","jited":1}}},
+            {"protocol":"all","pref":49152,"kind":"bpf","chain":0,"options":{"handle":"0x1",
+             "bpf_name":"overlay_encap","direct-action":true,"prog":{"id":58}}},
+            {"protocol":"ip","pref":2,"kind":"u32","chain":0}]"#;
+        assert_eq!(
+            parse_clsact_filters(json),
+            [("overlay_encap".to_string(), Some(57))],
+            "only our filter at our priority counts"
+        );
+        assert!(parse_clsact_filters(b"").is_empty());
+        assert!(parse_clsact_filters(b"[]").is_empty());
+    }
 
     #[test]
     fn link_pin_names() {
@@ -742,6 +867,12 @@ mod tests {
         };
         let st = Status {
             pin_root: PathBuf::from("/sys/fs/bpf/o"),
+            kernel: "6.1.0-57-amd64".into(),
+            features: vec![FeatureView {
+                name: "tcx",
+                present: false,
+                fallback: "clsact",
+            }],
             node: NodeView {
                 ready: true,
                 public_ip: Ipv4Addr::new(198, 18, 0, 11),
@@ -777,7 +908,9 @@ mod tests {
                 .join(" ")
         };
         assert_eq!(line("decap"), "decap xdp");
-        assert_eq!(line("attachments"), "attachments (3 pinned, 1 not ours)");
+        assert_eq!(line("attachments"), "attachments (3 ours, 1 not ours)");
+        assert_eq!(line("kernel"), "kernel 6.1.0-57-amd64");
+        assert_eq!(line("tcx"), "tcx no: clsact");
         assert_eq!(
             line("overlay_decap_xdp"),
             "overlay_decap_xdp if2 (2) xdp driver 12 22 links/overlay_decap_xdp@if2@2"
