@@ -181,9 +181,7 @@ fn choose_decap(flag: DecapChoice, iface: &str) -> DecapChoiceMade {
 
 /// One line per kernel feature the datapath can use: what it does where one is missing.
 fn log_kernel_features(dp: &Dataplane) {
-    let kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown".into());
+    let kernel = crate::dataplane::kernel_release();
     for (name, present, without) in dp.features().describe() {
         if present {
             info!(%kernel, feature = name, "kernel feature in use");

@@ -61,6 +61,11 @@ pub enum DataplaneError {
     },
     #[error("carrying the counters of a retired map over: {0}")]
     CarryCounters(std::io::Error),
+    #[error(
+        "kernel {kernel} lacks {lacks}; the oldest kernel tested is 6.1 (Debian 12): upgrade the \
+         kernel (the README lists the tested ones)"
+    )]
+    KernelTooOld { kernel: String, lacks: &'static str },
     #[error("adding the clsact qdisc to {iface}: {source}")]
     Clsact { iface: String, source: tc::TcError },
     #[error("removing pins under {path}: {source}")]
@@ -250,6 +255,13 @@ impl KernelFeatures {
     }
 }
 
+/// The running kernel's release (`uname -r`), for messages.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 /// TCX came with 6.6.
 pub fn kernel_has_tcx() -> bool {
     aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
@@ -297,9 +309,17 @@ impl Dataplane {
             name: programs::DECAP_XDP,
             source,
         })?;
+        let found = probe_adjust_room(&mut ebpf)?;
+        if found & overlay_common::probe::ENCAP_L2_ETH == 0 {
+            return Err(DataplaneError::KernelTooOld {
+                kernel: kernel_release(),
+                lacks: "bpf_skb_adjust_room's BPF_F_ADJ_ROOM_ENCAP_L2_ETH (Linux 5.11), which encap \
+                        needs to put VXLAN in front of a pod's frame",
+            });
+        }
         let features = KernelFeatures {
             tcx: kernel_has_tcx(),
-            decap_l4_udp: probe_decap_l4_udp(&mut ebpf)?,
+            decap_l4_udp: found & overlay_common::probe::DECAP_L4_UDP != 0,
         };
         let mut dp = Dataplane {
             ebpf,
@@ -863,10 +883,11 @@ fn link_stem(prog: &str, iface: &str) -> String {
     format!("{prog}@{}@", iface.replace('.', "_"))
 }
 
-/// Loads `overlay_probe` and runs it once on a plain IPv4/UDP frame: 1 means this kernel's
-/// `bpf_skb_adjust_room` accepted `BPF_F_ADJ_ROOM_DECAP_L4_UDP`. A kernel that cannot run the
-/// probe at all (no BPF_PROG_TEST_RUN for TC) answers no.
-fn probe_decap_l4_udp(ebpf: &mut Ebpf) -> Result<bool, DataplaneError> {
+/// Loads `overlay_probe` and runs it once on a plain IPv4/UDP frame: which `bpf_skb_adjust_room`
+/// flags this kernel takes ([`overlay_common::probe`] bits). A kernel that cannot run the probe
+/// at all (no BPF_PROG_TEST_RUN for TC programs) answers with encap's flags only: every kernel
+/// the programs load on has had the test run.
+fn probe_adjust_room(ebpf: &mut Ebpf) -> Result<i32, DataplaneError> {
     let name = programs::PROBE;
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     prog.load()
@@ -885,10 +906,10 @@ fn probe_decap_l4_udp(ebpf: &mut Ebpf) -> Result<bool, DataplaneError> {
         ..aya::programs::TestRunOptions::new()
     };
     Ok(match prog.test_run(opts) {
-        Ok(r) => r.return_value == 1,
+        Ok(r) => r.return_value as i32,
         Err(e) => {
-            tracing::debug!(error = %e, "the adjust_room probe could not run");
-            false
+            tracing::warn!(error = %e, "the adjust_room probe could not run; assuming encap's flags only");
+            overlay_common::probe::ENCAP_L2_ETH
         }
     })
 }

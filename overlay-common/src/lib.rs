@@ -20,6 +20,15 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
 /// Names of the programs in the eBPF object (the Rust function names).
+/// The bits `overlay_probe` answers with.
+pub mod probe {
+    /// `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP`.
+    pub const DECAP_L4_UDP: i32 = 1;
+    /// `bpf_skb_adjust_room` takes encap's flags, `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` among them
+    /// (Linux 5.11): without it no packet can be encapsulated.
+    pub const ENCAP_L2_ETH: i32 = 1 << 1;
+}
+
 pub mod programs {
     /// TC ingress on the pod bridge: encapsulates traffic to remote pod subnets.
     pub const ENCAP: &str = "overlay_encap";
@@ -28,7 +37,7 @@ pub mod programs {
     /// TC ingress on the underlay NIC: the same rules as the XDP variant.
     pub const DECAP_TC: &str = "overlay_decap_tc";
     /// Never attached: test-run once at load to learn what this kernel's helpers accept
-    /// (`BPF_F_ADJ_ROOM_DECAP_L4_UDP`).
+    /// (its answer: [`crate::probe`]).
     pub const PROBE: &str = "overlay_probe";
     /// All programs, in the order the object lists them.
     pub const ALL: [&str; 4] = [ENCAP, DECAP_XDP, DECAP_TC, PROBE];

@@ -762,16 +762,24 @@ fn to_endpoint(
 // Load-time probe (never attached).
 // ---------------------------------------------------------------------------------------------
 
-/// 1 when this kernel's `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP`, else 0: the
-/// agent runs it once (BPF_PROG_TEST_RUN, any IPv4 frame of 128 bytes) and sets
-/// `CONFIG_DECAP_L4_UDP` from the answer, so decap never passes a flag its kernel refuses.
+/// What this kernel's `bpf_skb_adjust_room` takes, as bits ([`overlay_common::probe`]): the
+/// agent runs it once (BPF_PROG_TEST_RUN, a 128-byte IPv4 frame) and sets the config from the
+/// answer, so no program ever passes a flag its kernel refuses on every packet.
 #[classifier]
 pub fn overlay_probe(ctx: TcContext) -> i32 {
-    let flags = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP;
-    i32::from(
-        ctx.adjust_room(-(UDP_LEN as i32), BPF_ADJ_ROOM_MAC, flags)
-            .is_ok(),
-    )
+    let mut found = 0;
+    let decap = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_DECAP_L4_UDP;
+    if ctx
+        .adjust_room(-(UDP_LEN as i32), BPF_ADJ_ROOM_MAC, decap)
+        .is_ok()
+    {
+        found |= overlay_common::probe::DECAP_L4_UDP;
+    }
+    // Exactly the encap's call.
+    if grow_for_vxlan(&ctx, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, VXLAN_OVERHEAD).is_ok() {
+        found |= overlay_common::probe::ENCAP_L2_ETH;
+    }
+    found
 }
 
 #[cfg(target_arch = "bpf")]

@@ -175,7 +175,7 @@ impl Cluster {
                     .open(self.dir.join("etcd.log"))?,
             );
         self.etcd_pid = Some(self.underlay.ns.spawn(cmd)?);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::slow(Duration::from_secs(20));
         while Instant::now() < deadline {
             if self.etcdctl(&["endpoint", "health"]).is_ok() {
                 return Ok(());
@@ -253,7 +253,7 @@ impl Cluster {
     /// Waits up to `timeout` for node `i`'s agent to exit; its exit status, or `None` if it
     /// still runs.
     pub fn wait_agent_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::slow(timeout);
         let n = &mut self.nodes[i];
         let pid = n.agent_pid?;
         loop {
@@ -334,6 +334,7 @@ impl Cluster {
 
     /// Waits until node `i`'s agent has written subnet.env; returns (subnet, MTU).
     pub fn wait_lease(&self, i: usize, timeout: Duration) -> Result<(Ipv4Net, u32)> {
+        let timeout = crate::slow(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = self.nodes[i].subnet_env() {
@@ -359,7 +360,7 @@ impl Cluster {
     /// Waits up to `timeout` for a line containing `needle` written to node `i`'s agent log after
     /// `mark`; that line.
     pub fn wait_log_after(&self, i: usize, mark: usize, needle: &str, timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::slow(timeout);
         loop {
             let log = self.agent_log(i);
             let fresh = log.get(mark..).unwrap_or_default();
@@ -480,6 +481,7 @@ impl Cluster {
 
     /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns the time it took.
     pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+        let timeout = crate::slow(timeout);
         let start = Instant::now();
         while start.elapsed() < timeout {
             if f() {

@@ -319,9 +319,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     .collect();
     Ok(Status {
         pin_root: pin_root.to_path_buf(),
-        kernel: nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        kernel: dataplane::kernel_release(),
         features,
         node,
         decap,
