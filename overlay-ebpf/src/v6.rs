@@ -364,17 +364,10 @@ fn byte_sum(skb: *mut aya_ebpf::bindings::__sk_buff, off: u32, len: u32) -> i64 
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < MAX_CHUNKS && i < full {
-        // SAFETY: buf is a CHUNK-byte map value.
-        let rc = unsafe { bpf_skb_load_bytes(skb as *const _, off + i * CHUNK, buf as *mut _, CHUNK) };
-        if rc != 0 {
+        let Some(s) = add_chunk(skb, off + i * CHUNK, buf, CHUNK, sum) else {
             return -1;
-        }
-        // SAFETY: as above; a zero-length `from`.
-        let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf, CHUNK, sum) };
-        if s < 0 {
-            return -1;
-        }
-        sum = s as u32;
+        };
+        sum = s;
         i += 1;
     }
     let last = ((len - 1) & (CHUNK - 1)) + 1;
@@ -384,18 +377,29 @@ fn byte_sum(skb: *mut aya_ebpf::bindings::__sk_buff, off: u32, len: u32) -> i64 
         // SAFETY: buf is a CHUNK-byte map value.
         unsafe { *(buf as *mut [u32; SCRATCH_BYTES / 4]) = [0; SCRATCH_BYTES / 4] };
     }
-    // SAFETY: 1 <= last <= CHUNK, the size of buf.
-    let rc = unsafe { bpf_skb_load_bytes(skb as *const _, off + full * CHUNK, buf as *mut _, last) };
-    if rc != 0 {
-        return -1;
+    match add_chunk(skb, off + full * CHUNK, buf, last, sum) {
+        Some(s) => i64::from(native_sum_to_be(s)),
+        None => -1,
     }
-    // SAFETY: as above.
-    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf, CHUNK, sum) };
-    if s < 0 {
-        return -1;
+}
+
+/// `sum` plus `n` (1..=512) packet bytes from `at`, read into `buf` (the 512-byte scratch
+/// value, whose bytes past `n` the caller zeroed); `None` when they cannot be read.
+#[inline(always)]
+fn add_chunk(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    at: u32,
+    buf: *mut u32,
+    n: u32,
+    sum: u32,
+) -> Option<u32> {
+    // SAFETY: buf is a SCRATCH_BYTES-byte map value and n is at most that.
+    if unsafe { bpf_skb_load_bytes(skb as *const _, at, buf as *mut _, n) } != 0 {
+        return None;
     }
-    sum = s as u32;
-    i64::from(native_sum_to_be(sum))
+    // SAFETY: as above; a zero-length `from`.
+    let s = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, buf, SCRATCH_BYTES as u32, sum) };
+    (s >= 0).then_some(s as u32)
 }
 
 // ---------------------------------------------------------------------------------------------

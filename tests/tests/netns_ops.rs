@@ -189,20 +189,37 @@ fn our_attachments(st: &serde_json::Value, ns: &Netns) -> Vec<(String, String, S
             a["link_id"].as_u64().unwrap_or(0),
             a["prog_id"].as_u64().unwrap_or(0),
         );
-        assert!(
-            link > 0 && prog > 0,
-            "{program} on {iface}: link id {link}, program id {prog}: {a}"
-        );
-        assert!(
-            links
-                .iter()
-                .any(|l| l["id"].as_u64() == Some(link) && l["prog_id"].as_u64() == Some(prog)),
-            "{program} on {iface}: bpftool knows no link {link} of program {prog}:\n{links:#?}"
-        );
-        assert!(
-            s("pin").ends_with(&format!("/links/{program}@{iface}@{ifindex}")),
-            "pin of {program} on {iface}: {a}"
-        );
+        if hook == "clsact" {
+            // Kernels without TCX: a clsact filter, no link and no pin; the program id is the
+            // one tc reports for our filter on that hook.
+            let dir = a["direction"].as_str().unwrap_or("?");
+            let tc = output(ns, "tc", &["-j", "filter", "show", "dev", iface, dir]).unwrap();
+            assert!(
+                prog > 0
+                    && overlay_agent::ops::status::parse_clsact_filters(tc.as_bytes())
+                        .contains(&(program.to_string(), Some(prog as u32))),
+                "{program} on {iface} {dir}: tc shows no filter of ours with program {prog}: {tc}\n{a}"
+            );
+            assert!(
+                a["pin"].is_null() && a["link_id"].is_null(),
+                "a clsact filter has no pin: {a}"
+            );
+        } else {
+            assert!(
+                link > 0 && prog > 0,
+                "{program} on {iface}: link id {link}, program id {prog}: {a}"
+            );
+            assert!(
+                links
+                    .iter()
+                    .any(|l| l["id"].as_u64() == Some(link) && l["prog_id"].as_u64() == Some(prog)),
+                "{program} on {iface}: bpftool knows no link {link} of program {prog}:\n{links:#?}"
+            );
+            assert!(
+                s("pin").ends_with(&format!("/links/{program}@{iface}@{ifindex}")),
+                "pin of {program} on {iface}: {a}"
+            );
+        }
         let how = a["xdp_mode"].as_str().or(a["direction"].as_str()).unwrap_or("?");
         seen.push((program.to_string(), iface.to_string(), format!("{hook} {how}")));
     }
@@ -400,12 +417,22 @@ fn notify_health_metrics_and_status() {
 
     // Decap mode and attachments: every link we pinned, on the interface the pin names.
     assert_eq!(st["decap"], "tc", "node 1 (auto on a veth underlay): {st}");
+    // TC programs are TCX links from 6.6 on, clsact filters before.
+    let tc = |dir: &str| {
+        let hook = if overlay_agent::dataplane::kernel_has_tcx() {
+            "tcx"
+        } else {
+            "clsact"
+        };
+        format!("{hook} {dir}")
+    };
+    let (tc_in, tc_out) = (tc("ingress"), tc("egress"));
     assert_eq!(
         our_attachments(&st, &c.nodes[0].node.ns),
         attachments(&[
-            ("overlay_decap_tc", "eth0", "tcx ingress"),
-            ("overlay_encap", "cni0", "tcx ingress"),
-            ("overlay_encap", "overlay0", "tcx egress"),
+            ("overlay_decap_tc", "eth0", &tc_in),
+            ("overlay_encap", "cni0", &tc_in),
+            ("overlay_encap", "overlay0", &tc_out),
         ]),
         "node 1's attachments: {st}"
     );
@@ -416,9 +443,9 @@ fn notify_health_metrics_and_status() {
         our_attachments(&st1, &c.nodes[1].node.ns),
         attachments(&[
             ("overlay_decap_xdp", "eth0", "xdp driver"),
-            ("overlay_decap_tc", "eth0", "tcx ingress"),
-            ("overlay_encap", "cni0", "tcx ingress"),
-            ("overlay_encap", "overlay0", "tcx egress"),
+            ("overlay_decap_tc", "eth0", &tc_in),
+            ("overlay_encap", "cni0", &tc_in),
+            ("overlay_encap", "overlay0", &tc_out),
         ]),
         "node 2's attachments: {st1}"
     );

@@ -1039,3 +1039,47 @@ fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
     dp.upsert_peer(&moved)
         .expect("updating an existing peer in a full map");
 }
+
+/// The load-time probe tells what this kernel takes: the datapath loads from 5.11 on (encap's
+/// `BPF_F_ADJ_ROOM_ENCAP_L2_ETH`), with TCX from 6.6, and marks the config for decap's
+/// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` only where the kernel took it. Older kernels are refused at
+/// load with an error naming the kernel and the missing flag (the VM tier runs this test on
+/// Debian 11's 5.10 too).
+#[test]
+fn kernel_features_are_probed_once_at_load_and_old_kernels_refused() {
+    require_root();
+    let ns = Netns::new("ptk").unwrap();
+    let _inside = ns.enter().unwrap();
+    let pins = PinRoot::new();
+    let version = aya::util::KernelVersion::current().expect("the running kernel's version");
+    let loaded = Dataplane::load(&pins.0);
+    if version < aya::util::KernelVersion::new(5, 11, 0) {
+        let err = loaded
+            .err()
+            .expect("a kernel before 5.11 must be refused at load")
+            .to_string();
+        assert!(
+            err.contains(&overlay_agent::dataplane::kernel_release()) && err.contains("ENCAP_L2_ETH"),
+            "the refusal names the kernel and what it lacks: {err}"
+        );
+        return;
+    }
+    let mut dp = loaded.expect("loading the datapath");
+    let f = dp.features();
+    assert_eq!(
+        f.tcx,
+        version >= aya::util::KernelVersion::new(6, 6, 0),
+        "TCX from 6.6 on: {f:?}"
+    );
+    dp.set_config(&DataplaneConfig::default()).unwrap();
+    let flags = {
+        let map = dp.ebpf_mut().map(overlay_common::maps::CONFIG).unwrap();
+        let arr = aya::maps::Array::<_, DataplaneConfig>::try_from(map).unwrap();
+        arr.get(&0, 0).unwrap().flags
+    };
+    assert_eq!(
+        flags & overlay_common::maps::CONFIG_DECAP_L4_UDP != 0,
+        f.decap_l4_udp,
+        "the config carries the probe's DECAP_L4_UDP answer: flags {flags:#x}, {f:?}"
+    );
+}
