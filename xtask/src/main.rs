@@ -3,8 +3,9 @@
 
 mod prev_release;
 mod toolchain;
+mod vm;
 
-use std::{path::PathBuf, process::Command};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -23,14 +24,50 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Run every test tier: host unit tests, BPF_PROG_TEST_RUN (root), network namespaces (root).
+    /// Run every test tier: 1 host unit tests, 2 BPF_PROG_TEST_RUN (root), 3 network namespaces
+    /// (root), 4 Debian's kernels 6.1 and 6.12 in VMs (root; qemu without KVM, so slow: tier 2
+    /// in full and a fixed selection of tier 3, `TIER3_SELECTION` in xtask/src/vm.rs).
+    ///
+    /// Tier 4 downloads what it needs once into $OVERLAY_VM_CACHE (default
+    /// /var/cache/overlay-agent-vm): virtme-ng from PyPI, the kernel packages from Debian. Its
+    /// guests get OVERLAY_TEST_SLOWDOWN=5 (the harness's waits stretched for emulation) unless
+    /// it is set, and the host's RUST_BACKTRACE, RUST_LOG, OVERLAY_AGENT_BIN, OVERLAY_DECAP.
     Test {
-        /// Only the host unit tests (no root needed, quick).
-        #[arg(long)]
+        /// Only the host unit tests (no root needed, quick; no VMs either).
+        #[arg(long, conflicts_with_all = ["vm_only", "no_vm"])]
         host_only: bool,
-        /// Extra arguments passed to the test binaries (a name filter, --nocapture, ...).
+        /// Skip tier 4 (the VMs).
+        #[arg(long, conflicts_with = "vm_only")]
+        no_vm: bool,
+        /// Only tier 4 (after building the agent and the test binaries it runs).
+        #[arg(long)]
+        vm_only: bool,
+        /// The kernels tier 4 boots: 6.1, 6.12 (repeat the flag or separate with commas; all
+        /// by default).
+        #[arg(long = "kernel", value_name = "SERIES", value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Kill a VM that runs longer than this (minutes, boot to power-off).
+        #[arg(long, value_name = "MINUTES", default_value_t = vm::DEFAULT_VM_TIMEOUT_MINS)]
+        vm_timeout: u64,
+        /// Extra arguments passed to the test binaries of tiers 1-3 (a name filter,
+        /// --nocapture, ...). Not to tier 4, which always runs its own list.
         #[arg(last = true)]
         rest: Vec<String>,
+    },
+    /// Boot Debian's kernels in VMs (as tier 4 does: the host's / read-only, qemu without KVM)
+    /// and run a command in each, from the workspace root, printing its output; exits with the
+    /// command's status. `cargo xtask vm --kernel 6.1 -- 'bpftool feature probe | grep tcx'`
+    /// (one argument is a shell command line; several are quoted as they are).
+    Vm {
+        /// The kernels: 6.1, 6.12 (repeat the flag or separate with commas; all by default).
+        #[arg(long = "kernel", value_name = "SERIES", value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Kill a VM that runs longer than this (minutes).
+        #[arg(long, value_name = "MINUTES", default_value_t = vm::DEFAULT_VM_TIMEOUT_MINS)]
+        vm_timeout: u64,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Start a local etcd and netns nodes running the agent, prove cross-node traffic, stay up.
     Run {
@@ -57,7 +94,12 @@ enum Cmd {
     },
     /// Only check and install what the build and the tests use; prints each thing as present,
     /// installed or missing (with the command that fixes it).
-    Setup,
+    Setup {
+        /// Also what tier 4 uses: the host's packages, and (as root) the cached virtme-ng and
+        /// kernels.
+        #[arg(long)]
+        vm: bool,
+    },
     /// Build the previous release's agent (the commit in tests/previous-release; cached per
     /// commit) and print its path, for running netns_upgrade alone:
     /// `OVERLAY_PREV_AGENT_BIN=$(cargo xtask prev-release) cargo test -p overlay-tests --test netns_upgrade`.
@@ -67,7 +109,30 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => toolchain::setup(),
+        Cmd::Setup { vm: false } => toolchain::setup(),
+        Cmd::Setup { vm: true } => {
+            toolchain::setup_with(toolchain::VM_NEEDS)?;
+            require_root("preparing the VM cache")?;
+            for k in vm::prepare(&vm::select(&[])?)?.kernels {
+                println!("kernel {}: {}", k.series, k.vmlinuz.display());
+            }
+            Ok(())
+        }
+        Cmd::Vm {
+            kernels,
+            vm_timeout,
+            command,
+        } => {
+            let series = vm::select(&kernels)?;
+            toolchain::ensure_only(toolchain::VM_NEEDS)?;
+            require_root("cargo xtask vm")?;
+            let vms = vm::prepare(&series)?;
+            let rc = vm::run_command(&vms, &command, Duration::from_secs(vm_timeout * 60))?;
+            if rc != 0 {
+                std::process::exit(rc.clamp(1, 255));
+            }
+            Ok(())
+        }
         Cmd::PrevRelease => {
             toolchain::ensure()?;
             println!("{}", prev_release::ensure_built()?.display());
@@ -81,7 +146,21 @@ fn main() -> Result<()> {
             }
             cargo(&args)
         }
-        Cmd::Test { host_only, rest } => test(host_only, &rest),
+        Cmd::Test {
+            host_only,
+            no_vm,
+            vm_only,
+            kernels,
+            vm_timeout,
+            rest,
+        } => test(&TestOpts {
+            host_only,
+            no_vm,
+            vm_only,
+            kernels,
+            vm_timeout: Duration::from_secs(vm_timeout * 60),
+            rest,
+        }),
         Cmd::Run {
             exit_after_checks,
             nodes,
@@ -143,25 +222,65 @@ struct Tier<'a> {
     env: Vec<(&'static str, PathBuf)>,
 }
 
-fn test(host_only: bool, rest: &[String]) -> Result<()> {
-    toolchain::ensure()?;
-    let mut tiers = vec![Tier {
-        name: "tier 1: host unit tests",
-        root: false,
-        args: vec![
-            "test",
-            "--package",
-            "overlay-common",
-            "--package",
-            "overlay-agent",
-            "--package",
-            "xtask",
-        ],
-        env: Vec::new(),
-    }];
-    let e2e = if host_only { Vec::new() } else { e2e_targets()? };
-    if !host_only {
-        require_root("the BPF and network-namespace test tiers (use --host-only without root)")?;
+struct TestOpts {
+    host_only: bool,
+    no_vm: bool,
+    vm_only: bool,
+    kernels: Vec<String>,
+    vm_timeout: Duration,
+    rest: Vec<String>,
+}
+
+fn test(o: &TestOpts) -> Result<()> {
+    let vm_tier = !o.host_only && !o.no_vm;
+    if o.vm_only && !o.rest.is_empty() {
+        bail!(
+            "--vm-only with test arguments ({}): they apply to tiers 1-3 only; tier 4 runs tier 2 \
+             and TIER3_SELECTION (xtask/src/vm.rs); for one command in a VM use `cargo xtask vm`",
+            o.rest.join(" ")
+        );
+    }
+    if !vm_tier && !o.kernels.is_empty() {
+        bail!("--kernel chooses tier 4's kernels, which --no-vm / --host-only skip");
+    }
+    let series = vm::select(&o.kernels)?;
+    if vm_tier {
+        toolchain::ensure_with(toolchain::VM_NEEDS)?;
+    } else {
+        toolchain::ensure()?;
+    }
+    let mut tiers = Vec::new();
+    if !o.vm_only {
+        tiers.push(Tier {
+            name: "tier 1: host unit tests",
+            root: false,
+            args: vec![
+                "test",
+                "--package",
+                "overlay-common",
+                "--package",
+                "overlay-agent",
+                "--package",
+                "xtask",
+            ],
+            env: Vec::new(),
+        });
+    }
+    let e2e = if o.host_only || o.vm_only {
+        Vec::new()
+    } else {
+        e2e_targets()?
+    };
+    if !o.host_only {
+        require_root("the BPF, network-namespace and VM test tiers (use --host-only without root)")?;
+    }
+    // Downloads (once) before the tiers run, so a missing kernel fails now, not after them.
+    let vms = if vm_tier {
+        Some(vm::prepare(&series)?)
+    } else {
+        None
+    };
+    if !o.host_only && !o.vm_only {
         tiers.push(Tier {
             name: "tier 2: BPF_PROG_TEST_RUN (root)",
             root: true,
@@ -188,7 +307,9 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
             args,
             env: vec![(prev_release::ENV, prev)],
         });
-        // Tier 3 runs the real agent binary (target/debug/overlay-agent) in node namespaces.
+    }
+    if !o.host_only {
+        // Tiers 3 and 4 run the real agent binary (target/debug/overlay-agent) in node namespaces.
         cargo(&["build", "--package", "overlay-agent"])?;
     }
     for mut t in tiers {
@@ -197,10 +318,21 @@ fn test(host_only: bool, rest: &[String]) -> Result<()> {
         if t.root {
             t.args.push("--test-threads=1");
         }
-        t.args.extend(rest.iter().map(String::as_str));
+        t.args.extend(o.rest.iter().map(String::as_str));
         cargo_env(&t.args, &t.env)?;
     }
-    Ok(())
+    match vms {
+        Some(vms) => {
+            let names: Vec<&str> = vms.kernels.iter().map(|k| k.version.as_str()).collect();
+            eprintln!("\n=== tier 4: Debian kernels in VMs ({}) ===", names.join(", "));
+            vm::tier4(&vms, &TIER2, o.vm_timeout)
+        }
+        None => {
+            let why = if o.host_only { "--host-only" } else { "--no-vm" };
+            eprintln!("\n=== tier 4 skipped ({why}): Debian kernels 6.1/6.12 in VMs NOT tested ===");
+            Ok(())
+        }
+    }
 }
 
 /// The BPF_PROG_TEST_RUN test files (tier 2); every other file in tests/tests is tier 3.

@@ -22,6 +22,9 @@ pub enum Probe {
     File(&'static str),
     /// A file in this directory whose name starts with the prefix.
     FileIn(&'static str, &'static str),
+    /// This command (program and arguments) runs and exits 0, its output discarded: for what
+    /// only the program itself can tell (`python3 -c "import ensurepip"`).
+    Runs(&'static [&'static str]),
 }
 
 /// One thing the build or the tests use.
@@ -144,6 +147,32 @@ pub const BPF_LINKER_BUILD_NEEDS: &[Need] = &[
     file("/usr/include/zlib.h", "zlib1g-dev", BUILDING_BPF_LINKER),
 ];
 
+/// What the VM tier (`cargo xtask test`'s tier 4, `cargo xtask vm`) uses on the host, checked
+/// only when it runs. The kernels and virtme-ng themselves are not Debian packages installed on
+/// the host: xtask/src/vm.rs downloads and caches them.
+pub const VM_NEEDS: &[Need] = &[
+    cmd("qemu-system-x86_64", "qemu-system-x86", VM_TIER),
+    // virtme-ng runs depmod on the extracted kernels' modules; the guest's modprobe is the host's.
+    cmd("depmod", "kmod", VM_TIER),
+    cmd("modprobe", "kmod", VM_TIER),
+    // virtme-ng's initramfs: a static busybox (the dynamic one has no libraries there).
+    file(
+        "/usr/share/doc/busybox-static/copyright",
+        "busybox-static",
+        VM_TIER,
+    ),
+    cmd("python3", "python3", "tier 4 (virtme-ng's venv)"),
+    // Debian's python3 has no ensurepip (so no `python3 -m venv`) without python3-venv.
+    Need {
+        probe: Probe::Runs(&["python3", "-c", "import ensurepip"]),
+        package: "python3-venv",
+        used_by: "tier 4 (virtme-ng's venv)",
+    },
+    cmd("dpkg-deb", "dpkg", "tier 4 (extracting the kernel packages)"),
+];
+
+const VM_TIER: &str = "tier 4 (Debian kernels in VMs)";
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BUILDING_BPF_LINKER: &str = "building bpf-linker";
 
@@ -213,7 +242,12 @@ extern "C" {
 
 /// `cargo xtask setup`: installs what is missing and prints every need with its state.
 pub fn setup() -> Result<()> {
-    let report = check_and_install()?;
+    setup_with(&[])
+}
+
+/// `cargo xtask setup --vm`: [`setup`] for [`NEEDS`] and `extra` (e.g. [`VM_NEEDS`]) together.
+pub fn setup_with(extra: &[Need]) -> Result<()> {
+    let report = check_and_install(&with_extra(NEEDS, extra), true)?;
     println!(
         "What the build and the tests use (state, what, where it comes from, who uses it):\n{}",
         report.render()
@@ -223,7 +257,20 @@ pub fn setup() -> Result<()> {
 
 /// The install step of `cargo xtask build/test/run/bench`: silent when everything is present.
 pub fn ensure() -> Result<()> {
-    let report = check_and_install()?;
+    ensure_with(&[])
+}
+
+/// [`ensure`] for [`NEEDS`] and `extra` (e.g. [`VM_NEEDS`]) together, in one apt-get run.
+pub fn ensure_with(extra: &[Need]) -> Result<()> {
+    quiet_unless_changed(check_and_install(&with_extra(NEEDS, extra), true)?)
+}
+
+/// [`ensure`] for these needs alone, without the build's (`cargo xtask vm` builds nothing).
+pub fn ensure_only(needs: &[Need]) -> Result<()> {
+    quiet_unless_changed(check_and_install(needs, false)?)
+}
+
+fn quiet_unless_changed(report: Report) -> Result<()> {
     if report.lines.iter().any(|l| l.state != State::Present) {
         eprintln!("xtask: prerequisites:\n{}", report.render());
     }
@@ -241,9 +288,22 @@ fn fail_if_missing(report: &Report) -> Result<()> {
     Ok(())
 }
 
-fn check_and_install() -> Result<Report> {
-    let mut needs: Vec<Need> = NEEDS.to_vec();
-    let linker_ok = bpf_linker_ok();
+/// `base` then those of `extra` whose probe `base` does not already have (a need both lists
+/// share is reported once, as `base` names it).
+pub fn with_extra(base: &[Need], extra: &[Need]) -> Vec<Need> {
+    let mut out = base.to_vec();
+    for n in extra {
+        if !out.iter().any(|m| m.probe == n.probe) {
+            out.push(*n);
+        }
+    }
+    out
+}
+
+/// Checks `needs` (and bpf-linker, if `linker`), installs the packages of what is missing.
+fn check_and_install(needs: &[Need], linker: bool) -> Result<Report> {
+    let mut needs = needs.to_vec();
+    let linker_ok = !linker || bpf_linker_ok();
     if !linker_ok {
         needs.extend_from_slice(BPF_LINKER_BUILD_NEEDS);
     }
@@ -282,7 +342,9 @@ fn check_and_install() -> Result<Report> {
             }
         })
         .collect();
-    lines.push(ensure_bpf_linker(linker_ok, &lines));
+    if linker {
+        lines.push(ensure_bpf_linker(linker_ok, &lines));
+    }
     Ok(Report { lines })
 }
 
@@ -314,6 +376,7 @@ fn probe_name(p: &Probe) -> String {
         Probe::Command(c) => (*c).to_string(),
         Probe::File(f) => (*f).to_string(),
         Probe::FileIn(dir, prefix) => format!("{dir}/{prefix}*"),
+        Probe::Runs(argv) => format!("`{}`", argv.join(" ")),
     }
 }
 
@@ -347,6 +410,19 @@ fn found_at(p: &Probe) -> Option<String> {
             .filter_map(|e| e.ok())
             .find(|e| e.file_name().to_string_lossy().starts_with(prefix))
             .map(|e| e.path().display().to_string()),
+        Probe::Runs(argv) => {
+            let (prog, args) = argv.split_first()?;
+            let prog = find_command(prog)?;
+            Command::new(&prog)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .ok()?
+                .success()
+                .then(|| probe_name(p))
+        }
     }
 }
 
@@ -526,11 +602,32 @@ mod tests {
         assert!(!met(&Probe::File("/etc")), "a directory is not the file");
         assert!(met(&Probe::FileIn("/etc", "pass")));
         assert!(!met(&Probe::FileIn("/etc", "no-such-prefix-xtask")));
+        assert!(met(&Probe::Runs(&["sh", "-c", "exit 0"])));
+        assert!(
+            !met(&Probe::Runs(&["sh", "-c", "exit 1"])),
+            "a command that fails"
+        );
+        assert!(!met(&Probe::Runs(&["no-such-command-xtask"])));
+    }
+
+    #[test]
+    fn vm_needs_join_the_others_once_per_probe() {
+        let all = with_extra(NEEDS, VM_NEEDS);
+        assert_eq!(&all[..NEEDS.len()], NEEDS);
+        for (i, n) in all.iter().enumerate() {
+            assert!(!all[..i].iter().any(|m| m.probe == n.probe), "{n:?} twice");
+        }
+        // busybox-static is in both lists: reported once.
+        assert!(all.len() < NEEDS.len() + VM_NEEDS.len());
+        for p in ["qemu-system-x86_64", "depmod", "modprobe", "python3", "dpkg-deb"] {
+            assert!(all.iter().any(|n| probe_name(&n.probe) == p), "{p}");
+        }
+        assert!(VM_NEEDS.iter().any(|n| n.package == "python3-venv"));
     }
 
     #[test]
     fn every_need_names_a_package_and_the_list_covers_protoc_includes() {
-        for n in NEEDS.iter().chain(BPF_LINKER_BUILD_NEEDS) {
+        for n in NEEDS.iter().chain(BPF_LINKER_BUILD_NEEDS).chain(VM_NEEDS) {
             assert!(!n.package.is_empty() && !n.used_by.is_empty(), "{n:?}");
         }
         let has = |p: &str| NEEDS.iter().any(|n| probe_name(&n.probe) == p);
