@@ -892,13 +892,15 @@ fn probe_adjust_room(ebpf: &mut Ebpf) -> Result<i32, DataplaneError> {
     let prog: &mut SchedClassifier = program(ebpf, name)?;
     prog.load()
         .map_err(|source| DataplaneError::Program { name, source })?;
-    let mut frame = [0u8; 128];
-    frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    frame[14] = 0x45;
-    frame[16..18].copy_from_slice(&114u16.to_be_bytes());
-    frame[22] = 64;
-    frame[23] = 17;
-    let mut out = [0u8; 128 + 256];
+    const FRAME: usize = 128;
+    let mut frame = [0u8; FRAME];
+    use overlay_common::wire::{ETH_LEN, ETH_P_IP, IPPROTO_UDP};
+    frame[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    frame[ETH_LEN] = 0x45;
+    frame[ETH_LEN + 2..ETH_LEN + 4].copy_from_slice(&((FRAME - ETH_LEN) as u16).to_be_bytes());
+    frame[ETH_LEN + 8] = 64;
+    frame[ETH_LEN + 9] = IPPROTO_UDP;
+    let mut out = [0u8; FRAME + 256];
     use aya::programs::TestRun as _;
     let opts = aya::programs::TestRunOptions {
         data_in: Some(&frame),
