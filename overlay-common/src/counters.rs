@@ -61,10 +61,26 @@ pub enum Counter {
     /// `DeliverPackets`); also counted in `Decap6Packets` by the program that stripped them.
     Deliver6Packets,
     Deliver6Bytes,
+    /// Seen by encap on the bridge already destination-NATed by the node's netfilter
+    /// (br_netfilter, e.g. a Service's DNAT; marked by the agent's nftables rule): handed to the
+    /// stack, which confirms the connection and routes it through `overlay0`.
+    PassNat,
+    /// Decapsulated for a local pod but a reply of a flow the node's stack routed out (its
+    /// conntrack entry un-NATs it): handed to the stack, not delivered straight into the pod.
+    PassConntrack,
+    /// Decapsulated for a local pod but an IP fragment (no ports to tell its flow; conntrack
+    /// reassembles it): handed to the stack.
+    PassFragment,
+    /// Decapsulated for a local pod but an ICMP error (conntrack translates the packet it
+    /// quotes for NATed flows): handed to the stack.
+    PassIcmpError,
+    /// Flows the stack routed out through `overlay0` that encap recorded in `OVL_STACK_FLOWS`
+    /// or `OVL_STACK_FLOWS6` (first packet of each).
+    StackFlows,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::Deliver6Bytes as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::StackFlows as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -105,6 +121,11 @@ impl Counter {
         Counter::Encap6Resegmented,
         Counter::Deliver6Packets,
         Counter::Deliver6Bytes,
+        Counter::PassNat,
+        Counter::PassConntrack,
+        Counter::PassFragment,
+        Counter::PassIcmpError,
+        Counter::StackFlows,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -141,6 +162,11 @@ impl Counter {
             Counter::Encap6Resegmented => "encap6_resegmented",
             Counter::Deliver6Packets => "deliver6_packets",
             Counter::Deliver6Bytes => "deliver6_bytes",
+            Counter::PassNat => "pass_nat",
+            Counter::PassConntrack => "pass_conntrack",
+            Counter::PassFragment => "pass_fragment",
+            Counter::PassIcmpError => "pass_icmp_error",
+            Counter::StackFlows => "stack_flows",
         }
     }
 

@@ -14,6 +14,8 @@
 //! | `OVL_SCRATCH`  | per-CPU array[1] | `u32` 0                   | 512 bytes          | programs (scratch space) |
 //! | `OVL_ENDPOINTS6` | hash         | local pod IPv6 (`[u8; 16]`) | [`Endpoint`]       | agent      |
 //! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex (`u32`)     | the same ifindex   | agent; the kernel deletes entries of removed devices |
+//! | `OVL_STACK_FLOWS` | LRU hash    | [`StackFlow`] (a reply's 5-tuple) | first seen, ns (`u64`) | encap on `overlay0`'s egress |
+//! | `OVL_STACK_FLOWS6` | LRU hash   | [`StackFlow6`]              | first seen, ns (`u64`) | encap on `overlay0`'s egress |
 //!
 //! IPv6 pod traffic travels over the IPv6 underlay (flannel's `flannel-v6.1`: outer IPv6 from
 //! `PublicIPv6` to the peer's), IPv4 pod traffic over IPv4: the IPv6 tables are separate maps, so
@@ -35,8 +37,10 @@ pub const VTEPS6: &str = "OVL_VTEPS6";
 pub const SCRATCH: &str = "OVL_SCRATCH";
 pub const ENDPOINTS6: &str = "OVL_ENDPOINTS6";
 pub const ENDPOINT_DEVS6: &str = "OVL_ENDPOINT_DEVS6";
+pub const STACK_FLOWS: &str = "OVL_STACK_FLOWS";
+pub const STACK_FLOWS6: &str = "OVL_STACK_FLOWS6";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     CONFIG,
     PEERS,
     VTEPS,
@@ -49,6 +53,8 @@ pub const ALL: [&str; 12] = [
     SCRATCH,
     ENDPOINTS6,
     ENDPOINT_DEVS6,
+    STACK_FLOWS,
+    STACK_FLOWS6,
 ];
 /// The peer tables, created with the loader's capacity (`max_peers`) rather than the object's.
 pub const PEER_TABLES: [&str; 4] = [PEERS, VTEPS, PEERS6, VTEPS6];
@@ -68,6 +74,49 @@ pub const fn endpoint_dev_key(ip: [u8; 4]) -> u32 {
 pub const fn endpoint6_dev_key(ifindex: u32) -> u32 {
     ifindex
 }
+
+/// Capacity of each stack-flow table (`OVL_STACK_FLOWS`, `OVL_STACK_FLOWS6`): flows the node's
+/// stack routed to a remote pod (after a Service's DNAT, for instance) whose replies must take
+/// the stack too. Least recently used entries go first when it is full.
+pub const MAX_STACK_FLOWS: u32 = 65536;
+
+/// The packet mark bit the agent's nftables rule (table `inet overlay-agent`, hook prerouting,
+/// after DNAT) sets on packets of connections the node's netfilter destination-NATed. With
+/// br_netfilter, such a packet is already NATed when encap sees it on the bridge: encap leaves
+/// it to the stack (clearing the bit) so conntrack confirms the connection and the stack routes
+/// it through `overlay0`, whose encap records the flow in `OVL_STACK_FLOWS`. One bit no other
+/// component of a Kubernetes node is known to use (kube-proxy: 0x4000, 0x8000; Calico:
+/// 0xffff0000 by default; Cilium: 0x0f00; Istio: 0x539).
+pub const NAT_MARK: u32 = 0x0000_2000;
+
+/// Key of `OVL_STACK_FLOWS`: the 5-tuple of a *reply* to a flow the stack routed out through
+/// `overlay0`, as decap reads it from the decapsulated packet: from the remote end (the packet's
+/// destination when it left) to the local one. Ports in network byte order as on the wire, 0 for
+/// protocols without ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackFlow {
+    pub remote: [u8; 4],
+    pub local: [u8; 4],
+    pub remote_port: [u8; 2],
+    pub local_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<StackFlow>() == 16);
+
+/// The IPv6 twin of [`StackFlow`] (`OVL_STACK_FLOWS6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackFlow6 {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port: [u8; 2],
+    pub local_port: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<StackFlow6>() == 40);
 
 /// Capacity of the local endpoint table (pods on this node).
 pub const MAX_ENDPOINTS: u32 = 16384;
@@ -286,6 +335,10 @@ mod pod {
     unsafe impl aya::Pod for Peer6 {}
     // SAFETY: repr(C), byte arrays and explicit padding only (size asserted above).
     unsafe impl aya::Pod for Vtep6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for StackFlow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for StackFlow6 {}
 }
 
 #[cfg(test)]

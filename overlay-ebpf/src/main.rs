@@ -14,7 +14,15 @@
 //! | `OVL_SCRATCH`  | per-CPU array[1] | 0                   | 512 bytes         | programs (scratch) |
 //! | `OVL_ENDPOINTS6` | hash        | local pod IPv6         | `Endpoint`        | agent      |
 //! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex       | veth ifindex      | agent; kernel removes gone devices |
+//! | `OVL_STACK_FLOWS` | LRU hash   | a reply's 5-tuple      | first seen (ns)   | encap on `overlay0`'s egress |
+//! | `OVL_STACK_FLOWS6` | LRU hash  | a reply's IPv6 5-tuple | first seen (ns)   | encap on `overlay0`'s egress |
 //!
+//! Conntrack: a flow the node's stack routed to a remote pod (a Service's DNAT, a masquerade, a
+//! stateful rule) leaves through `overlay0`, where encap records it; decap hands its replies to
+//! the stack (whose conntrack entry un-NATs them) instead of delivering them into the pod. Encap
+//! on the bridge hands the packets the node's netfilter already NATed (br_netfilter, marked
+//! `NAT_MARK` by the agent's nftables rule) to the stack, which routes them through `overlay0`.
+//! Fragments and ICMP errors for a local pod always take the stack.
 //! Entry points are thin wrappers: the `try_*` functions return a verdict or a named drop
 //! reason, which is counted. Header arithmetic lives in `overlay_common::wire`. The same programs
 //! carry both families: IPv4 pods over the IPv4 underlay (here), IPv6 pods over the IPv6
@@ -32,10 +40,10 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_ADJ_ROOM_NO_CSUM_RESET,
     },
-    btf_maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::generated::{
-        bpf_fib_lookup, bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
-        bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        bpf_fib_lookup, bpf_get_hash_recalc, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
     },
     macros::{btf_map, classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -43,12 +51,12 @@ use aya_ebpf::{
 use overlay_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        endpoint_dev_key, CONFIG_DECAP_L4_UDP, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER,
-        CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS, PEER_DIRECT,
+        endpoint_dev_key, StackFlow, StackFlow6, CONFIG_DECAP_L4_UDP, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM,
+        CONFIG_NO_DELIVER, CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, NAT_MARK, PEER_DIRECT,
     },
     wire::{
-        encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP,
-        IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
+        encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, IPV4_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
     },
     Counter, DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
 };
@@ -83,6 +91,11 @@ static OVL_ENDPOINTS6: HashMap<[u8; 16], Endpoint, { MAX_ENDPOINTS as usize }> =
 /// Keyed by the veth's ifindex (`endpoint6_dev_key`): one entry per pod, whatever its addresses.
 #[btf_map]
 static OVL_ENDPOINT_DEVS6: DevMapHash<{ MAX_ENDPOINTS as usize }> = DevMapHash::new();
+/// Replies of flows the stack routed out through `overlay0` (see the module comment).
+#[btf_map]
+static OVL_STACK_FLOWS: LruHashMap<StackFlow, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
+#[btf_map]
+static OVL_STACK_FLOWS6: LruHashMap<StackFlow6, u64, { MAX_STACK_FLOWS as usize }> = LruHashMap::new();
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -170,15 +183,129 @@ fn encap4(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
     finish(try_encap(&TcContext::new(skb)), TC_ACT_SHOT)
 }
 
-/// Inner IPv4 fields encap needs, read from the packet.
+/// The inner IPv4 header, read from the packet.
 #[repr(C)]
 struct InnerIp {
     ver_ihl: u8,
     tos: u8,
     tot_len: [u8; 2],
-    _mid: [u8; 8],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    csum: [u8; 2],
     src: [u8; 4],
     dst: [u8; 4],
+}
+
+impl InnerIp {
+    /// Offset of the L4 header in the frame (bounded for the verifier).
+    #[inline(always)]
+    fn l4_offset(&self) -> usize {
+        ETH_LEN + (usize::from(self.ver_ihl & 0x0f) * 4 & 0x3c)
+    }
+
+    /// True for any fragment (first or later): its flow cannot be told from it alone.
+    #[inline(always)]
+    fn is_fragment(&self) -> bool {
+        u16::from_be_bytes(self.frag) & IP_FRAG_MASK != 0
+    }
+}
+
+/// Where the packet is seen: on a device's ingress (the bridge; `overlay0` for resegmented
+/// packets) or its egress (`overlay0`: routed by the node's stack). The kernel sets the
+/// receiving device before TC ingress runs; on egress it is the device the packet came in on, or
+/// none for the node's own packets, never the one it leaves by.
+#[inline(always)]
+fn at_ingress(ctx: &TcContext) -> bool {
+    // SAFETY: reading fields of our own context.
+    unsafe { (*ctx.skb.skb).ingress_ifindex == (*ctx.skb.skb).ifindex }
+}
+
+/// A packet the node's netfilter NATed before encap saw it on the bridge (br_netfilter runs the
+/// nat PREROUTING hook on the bridge port): clears the agent's mark and says to leave it to the
+/// stack, which confirms the connection and routes it through `overlay0`. Only on ingress: on
+/// `overlay0`'s egress the packet has been through the stack already (without br_netfilter the
+/// mark is set after encap on the bridge saw it).
+#[inline(always)]
+pub(crate) fn take_nat_mark(ctx: &TcContext) -> bool {
+    // SAFETY: reading and writing fields of our own context (TC programs may write the mark).
+    unsafe {
+        let skb = ctx.skb.skb;
+        if (*skb).mark & NAT_MARK == 0 || !at_ingress(ctx) {
+            return false;
+        }
+        (*skb).mark &= !NAT_MARK;
+    }
+    true
+}
+
+/// L4 protocols whose first four bytes are the source and destination ports.
+#[inline(always)]
+pub(crate) fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | 132 /* SCTP */ | 136 /* UDP-Lite */)
+}
+
+/// The ports at `off` as `[source, destination]` in wire order; zeros for protocols without
+/// ports and for a packet too short to hold them (the stack judges those).
+#[inline(always)]
+pub(crate) fn load_ports(ctx: &TcContext, proto: u8, off: usize) -> [[u8; 2]; 2] {
+    if !has_ports(proto) {
+        return [[0; 2]; 2];
+    }
+    ctx.load(off).unwrap_or([[0; 2]; 2])
+}
+
+/// Records, on `overlay0`'s egress, the reply of a flow the stack routed to a remote pod.
+#[inline(always)]
+fn record_stack_flow(ctx: &TcContext, ip: &InnerIp) {
+    if ip.is_fragment() {
+        // Fragments take the stack on the way back whatever their flow (see `stack_reason`).
+        return;
+    }
+    let [sport, dport] = load_ports(ctx, ip.proto, ip.l4_offset());
+    let key = StackFlow {
+        remote: ip.dst,
+        local: ip.src,
+        remote_port: dport,
+        local_port: sport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    if OVL_STACK_FLOWS.get_ptr(&key).is_none() {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if OVL_STACK_FLOWS.insert(&key, &now, 0).is_ok() {
+            count(Counter::StackFlows, 1);
+        }
+    }
+}
+
+/// Why a decapsulated IPv4 packet for a local pod must take the node's stack, if it must: a
+/// reply of a recorded stack flow (its conntrack entry lives here), a fragment, an ICMP error.
+#[inline(always)]
+fn stack_reason(ctx: &TcContext, ip: &InnerIp) -> Result<Option<Counter>, Counter> {
+    if ip.is_fragment() {
+        return Ok(Some(Counter::PassFragment));
+    }
+    let l4 = ip.l4_offset();
+    if ip.proto == IPPROTO_ICMP {
+        let ty: u8 = ctx.load(l4).map_err(|_| Counter::DropMalformed)?;
+        // Destination unreachable, source quench, redirect, time exceeded, parameter problem.
+        if matches!(ty, 3 | 4 | 5 | 11 | 12) {
+            return Ok(Some(Counter::PassIcmpError));
+        }
+    }
+    let [sport, dport] = load_ports(ctx, ip.proto, l4);
+    let key = StackFlow {
+        remote: ip.src,
+        local: ip.dst,
+        remote_port: sport,
+        local_port: dport,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    Ok(OVL_STACK_FLOWS.get_ptr(&key).map(|_| Counter::PassConntrack))
 }
 
 #[inline(always)]
@@ -193,6 +320,12 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
         Some(p) => *p,
         None => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap)),
     };
+    if take_nat_mark(ctx) {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassNat));
+    }
+    if !at_ingress(ctx) {
+        record_stack_flow(ctx, &ip);
+    }
     let cfg = config()?;
     let inner_len = ctx.len() - ETH_LEN as u32;
     if peer.flags & PEER_DIRECT == 0 && inner_l3_len(ctx, &ip, inner_len)? > cfg.inner_mtu {
@@ -691,7 +824,8 @@ fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig, overhead: usize) -> Resul
 /// Hands a decapsulated packet for `dst` straight to a pod on this node, as the node's routing
 /// would (TTL decremented, from the bridge's MAC to the pod's), without the bridge or the
 /// routing. `None` leaves the packet to the stack: delivery off, not a known endpoint, its veth
-/// gone, or its TTL expiring (the stack sends time-exceeded). `v6::deliver6` is the IPv6 twin.
+/// gone, its TTL expiring (the stack sends time-exceeded), or a packet whose flow depends on the
+/// node's conntrack ([`stack_reason`], counted). `v6::deliver6` is the IPv6 twin.
 #[inline(always)]
 fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Option<Verdict>, Counter> {
     const TTL_OFF: usize = ETH_LEN + 8;
@@ -707,14 +841,19 @@ fn deliver(ctx: &TcContext, cfg: &DataplaneConfig, dst: [u8; 4]) -> Result<Optio
     if OVL_ENDPOINT_DEVS.get_ifindex(endpoint_dev_key(dst)) != Some(ep.ifindex) {
         return Ok(None);
     }
-    let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).map_err(|_| Counter::DropMalformed)?;
-    if ttl_proto[0] <= 1 {
+    let ip: InnerIp = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
+    if ip.ttl <= 1 {
         return Ok(None);
     }
-    let new = [ttl_proto[0] - 1, ttl_proto[1]];
+    if let Some(reason) = stack_reason(ctx, &ip)? {
+        count(reason, 1);
+        return Ok(None);
+    }
+    let old = [ip.ttl, ip.proto];
+    let new = [ip.ttl - 1, ip.proto];
     ctx.l3_csum_replace(
         CSUM_OFF,
-        u16::from_ne_bytes(ttl_proto) as u64,
+        u16::from_ne_bytes(old) as u64,
         u16::from_ne_bytes(new) as u64,
         2,
     )

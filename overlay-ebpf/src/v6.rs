@@ -34,7 +34,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{endpoint6_dev_key, CONFIG6_READY, CONFIG6_RESEG_UDP, CONFIG_NO_DELIVER, PEER_DIRECT},
+    maps::{endpoint6_dev_key, StackFlow6, CONFIG6_READY, CONFIG6_RESEG_UDP, CONFIG_NO_DELIVER, PEER_DIRECT},
     wire::{
         encap6_header, flow_source_port, lco_inner_sum, native_sum_to_be, udp6_checksum, vxlan_vni,
         Encap6Params, ENCAP6_HDR_LEN, ETH_LEN, ETH_P_IPV6, IPPROTO_FRAGMENT, IPPROTO_ICMPV6, IPPROTO_TCP,
@@ -44,9 +44,9 @@ use overlay_common::{
 };
 
 use crate::{
-    config, count, fib_usable, finish, grow_for_vxlan, mark_decapped, redirect, strip_outer, to_endpoint,
-    Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6, OVL_PEERS6, OVL_SCRATCH, OVL_VTEPS6,
-    SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
+    at_ingress, config, count, fib_usable, finish, grow_for_vxlan, load_ports, mark_decapped, redirect,
+    strip_outer, take_nat_mark, to_endpoint, Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6,
+    OVL_PEERS6, OVL_SCRATCH, OVL_STACK_FLOWS6, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
 };
 
 // The IPv6 halves are BPF-to-BPF calls of their own rather than inlined into the entry points:
@@ -147,6 +147,12 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     let Some(peer) = OVL_PEERS6.get(&key) else {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
     };
+    if take_nat_mark(ctx) {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassNat));
+    }
+    if !at_ingress(ctx) {
+        record_stack_flow6(ctx, &ip);
+    }
     let cfg = config()?;
     let cfg6 = config6().ok_or(Counter::DropNoConfig)?;
     let direct = peer.flags & PEER_DIRECT != 0;
@@ -235,6 +241,61 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         Counter::Encap6Packets,
         Counter::Encap6Bytes,
     )
+}
+
+/// The reply's key of an IPv6 flow: the ports right after the IPv6 header for TCP/UDP/SCTP,
+/// zeros for anything else (extension headers included, on both sides alike).
+#[inline(always)]
+fn flow6(ctx: &TcContext, ip: &InnerIp6, reply: bool) -> StackFlow6 {
+    let [sport, dport] = load_ports(ctx, ip.next_header, ETH_LEN + IPV6_LEN);
+    let (remote, local, remote_port, local_port) = if reply {
+        (ip.src, ip.dst, sport, dport)
+    } else {
+        (ip.dst, ip.src, dport, sport)
+    };
+    StackFlow6 {
+        remote,
+        local,
+        remote_port,
+        local_port,
+        proto: ip.next_header,
+        _pad: [0; 3],
+    }
+}
+
+/// `crate::record_stack_flow` for IPv6 (fragments are not recorded: they always take the
+/// stack on the way back).
+#[inline(never)]
+fn record_stack_flow6(ctx: &TcContext, ip: &InnerIp6) {
+    if ip.next_header == IPPROTO_FRAGMENT {
+        return;
+    }
+    let key = flow6(ctx, ip, false);
+    if OVL_STACK_FLOWS6.get_ptr(&key).is_none() {
+        // SAFETY: plain helper call.
+        let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
+        if OVL_STACK_FLOWS6.insert(&key, &now, 0).is_ok() {
+            count(Counter::StackFlows, 1);
+        }
+    }
+}
+
+/// `crate::stack_reason` for IPv6: fragments, ICMPv6 errors (types 1–4) and replies of
+/// recorded stack flows take the stack.
+#[inline(always)]
+fn stack_reason6(ctx: &TcContext, ip: &InnerIp6) -> Result<Option<Counter>, Counter> {
+    match ip.next_header {
+        IPPROTO_FRAGMENT => return Ok(Some(Counter::PassFragment)),
+        IPPROTO_ICMPV6 => {
+            let ty: u8 = ctx.load(ETH_LEN + IPV6_LEN).map_err(|_| Counter::DropMalformed)?;
+            if (1..=4).contains(&ty) {
+                return Ok(Some(Counter::PassIcmpError));
+            }
+        }
+        _ => {}
+    }
+    let key = flow6(ctx, ip, true);
+    Ok(OVL_STACK_FLOWS6.get_ptr(&key).map(|_| Counter::PassConntrack))
 }
 
 // The arithmetic below runs in calls of its own: unrolled over byte arrays it needs many
@@ -604,28 +665,31 @@ fn try_decap6_tc(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Verdict, Coun
 /// Ethernet header) for a pod in `OVL_ENDPOINTS6` whose veth still exists goes straight into
 /// the pod with its hop limit decremented, as the node's forwarding would (IPv6 has no header
 /// checksum to patch). `None` leaves it to the stack: delivery off, not a known endpoint, its
-/// veth gone, or its hop limit expiring here (the stack sends Time Exceeded).
+/// veth gone, its hop limit expiring here (the stack sends Time Exceeded), or a packet whose flow
+/// depends on the node's conntrack (`stack_reason6`, counted).
 #[inline(always)]
 fn deliver6(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Option<Verdict>, Counter> {
     const HOP_LIMIT_OFF: usize = ETH_LEN + 7;
-    const DST_OFF: usize = ETH_LEN + 24;
     if cfg.flags & CONFIG_NO_DELIVER != 0 {
         return Ok(None);
     }
-    let dst: [u8; 16] = ctx.load(DST_OFF).map_err(|_| Counter::DropMalformed)?;
+    let ip: InnerIp6 = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
     // SAFETY: the hash map value is read once and copied.
-    let Some(ep) = (unsafe { OVL_ENDPOINTS6.get(dst) }).copied() else {
+    let Some(ep) = (unsafe { OVL_ENDPOINTS6.get(ip.dst) }).copied() else {
         return Ok(None);
     };
     // The veth must still exist: the kernel drops device-map entries of removed devices.
     if OVL_ENDPOINT_DEVS6.get_ifindex(endpoint6_dev_key(ep.ifindex)) != Some(ep.ifindex) {
         return Ok(None);
     }
-    let hop_limit: u8 = ctx.load(HOP_LIMIT_OFF).map_err(|_| Counter::DropMalformed)?;
-    if hop_limit <= 1 {
+    if ip.hop_limit <= 1 {
         return Ok(None);
     }
-    ctx.store(HOP_LIMIT_OFF, &(hop_limit - 1), 0)
+    if let Some(reason) = stack_reason6(ctx, &ip)? {
+        count(reason, 1);
+        return Ok(None);
+    }
+    ctx.store(HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0)
         .map_err(|_| Counter::DropMalformed)?;
     to_endpoint(ctx, cfg, &ep, Counter::Deliver6Packets, Counter::Deliver6Bytes).map(Some)
 }

@@ -762,8 +762,12 @@ fn model_decap(f: &[u8], tc: bool) -> Expect {
     if f[76..79] != [10, 244, 2] {
         return (true, Counter::DropSpoofedSource);
     }
-    // TC hands packets for a local endpoint straight to it unless their TTL runs out here.
-    if tc && f[80..84] == OUR_POD.octets() && f[72] > 1 {
+    // TC hands packets for a local endpoint straight to it unless their TTL runs out here, or
+    // they are fragments or ICMP errors (conntrack's to reassemble or translate: the stack).
+    let inner_frag = be16(70) & 0x3fff != 0;
+    let ihl = usize::from(f[64] & 0x0f) * 4;
+    let icmp_error = f[73] == 1 && f.get(64 + ihl).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    if tc && f[80..84] == OUR_POD.octets() && f[72] > 1 && !inner_frag && !icmp_error {
         return (false, Counter::DeliverPackets);
     }
     (false, Counter::DecapPackets)

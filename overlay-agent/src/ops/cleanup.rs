@@ -8,7 +8,8 @@
 //!   `clsact` qdisc the agent added to the underlay NIC and the pod bridge once it carries no
 //!   filters.
 //! - The host device (`overlay0`, a veth pair) for host → remote pod traffic.
-//! - The `ip overlay-agent` and `ip6 overlay-agent` nftables tables (`--ip-masq`).
+//! - The `ip overlay-agent` and `ip6 overlay-agent` nftables tables (`--ip-masq`) and
+//!   `inet overlay-agent` (conntrack, always).
 //! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), for IPv4
 //!   (iptables) and IPv6 (ip6tables), in each backend that has them.
 
@@ -18,7 +19,7 @@ use aya::programs::{tc, TcAttachType};
 use overlay_common::programs;
 use tracing::{info, warn};
 
-use super::{forward, masq};
+use super::{conntrack, forward, masq};
 use crate::{dataplane, hostroute};
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
@@ -83,6 +84,14 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         if links.iter().any(|(n, _)| n == iface) {
             remove_empty_clsact(iface, &mut r);
         }
+    }
+    let had_conntrack = conntrack::present();
+    match conntrack::remove() {
+        Ok(()) if had_conntrack => r
+            .removed
+            .push(format!("nftables table inet {}", conntrack::TABLE)),
+        Ok(()) => {}
+        Err(e) => r.failed.push(e.to_string()),
     }
     let had_tables = masq::tables_present();
     match masq::remove() {

@@ -11,15 +11,11 @@
 //! outside is masqueraded (except multicast: 224.0.0.0/4, ff00::/8), outside → our pods is left
 //! alone, and the host → remote pods is masqueraded so replies come back to us.
 
-use std::{
-    fmt,
-    io::Write as _,
-    process::{Command, Stdio},
-};
+use std::fmt;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::netfilter::NfFamily;
+use super::netfilter::{NfFamily, NftFailure};
 
 /// The nftables table (families `ip` and `ip6`).
 pub const TABLE: &str = "overlay-agent";
@@ -133,39 +129,15 @@ pub fn remove() -> Result<(), MasqError> {
 pub fn tables_present() -> Vec<NfFamily> {
     NfFamily::ALL
         .into_iter()
-        .filter(|fam| {
-            Command::new("nft")
-                .args(["list", "table", fam.nft(), TABLE])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
+        .filter(|fam| super::netfilter::nft_table_exists(fam.nft(), TABLE))
         .collect()
 }
 
 fn nft(script: &str) -> Result<(), MasqError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(MasqError::Spawn)?;
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(script.as_bytes())
-        .map_err(MasqError::Spawn)?;
-    let out = child.wait_with_output().map_err(MasqError::Spawn)?;
-    if !out.status.success() {
-        return Err(MasqError::Nft {
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
+    super::netfilter::nft(script).map_err(|e| match e {
+        NftFailure::Spawn(e) => MasqError::Spawn(e),
+        NftFailure::Rejected { status, stderr } => MasqError::Nft { status, stderr },
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! control-plane event; nothing here touches etcd, and BPF only through pinned maps.
 
 pub mod cleanup;
+pub mod conntrack;
 pub mod docker;
 pub mod forward;
 pub mod http;
@@ -43,6 +44,8 @@ pub struct Ops {
     forward_rules: bool,
     /// Per family (IPv4, IPv6): the network the FORWARD rules were last found or written for.
     forward_for: [Option<IpNet>; 2],
+    /// The networks the conntrack table was last installed for.
+    conntrack_for: Option<(Option<Ipv4Net>, Option<Ipv6Net>)>,
 }
 
 /// Taken when an event arrives, handed back once it has been applied to the maps.
@@ -86,6 +89,7 @@ impl Ops {
             masq_for: None,
             forward_rules: args.iptables_forward_rules,
             forward_for: [None; 2],
+            conntrack_for: None,
         })
     }
 
@@ -94,6 +98,7 @@ impl Ops {
             Event::Config(cfg) => {
                 self.network = cfg.network();
                 self.network6 = cfg.ipv6_network();
+                self.ensure_conntrack();
                 self.ensure_forward();
                 None
             }
@@ -158,6 +163,23 @@ impl Ops {
                 self.masq_for = Some(nets);
             }
             Err(e) => error!(error = %e, "installing ip-masq rules"),
+        }
+    }
+
+    /// The `inet overlay-agent` table for the configured networks ([`conntrack`]), when they
+    /// changed. A node without nftables keeps running: its Services work unless br_netfilter
+    /// is on, and the error says so.
+    fn ensure_conntrack(&mut self) {
+        let nets = (self.network, self.network6);
+        if self.conntrack_for == Some(nets) {
+            return;
+        }
+        match conntrack::install(nets.0, nets.1) {
+            Ok(()) => {
+                info!(table = conntrack::TABLE, family = "inet", "conntrack rules installed");
+                self.conntrack_for = Some(nets);
+            }
+            Err(e) => error!(error = %e, "installing the conntrack rules"),
         }
     }
 

@@ -64,3 +64,54 @@ impl NfFamily {
         }
     }
 }
+
+/// Why `nft -f -` did not apply a script.
+#[derive(Debug)]
+pub enum NftFailure {
+    /// `nft` could not be run (not installed).
+    Spawn(std::io::Error),
+    /// `nft` refused the script (nothing of it applied: one transaction).
+    Rejected {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// Applies `script` with `nft -f -`, in one transaction.
+pub fn nft(script: &str) -> Result<(), NftFailure> {
+    use std::{
+        io::Write as _,
+        process::{Command, Stdio},
+    };
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(NftFailure::Spawn)?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes())
+        .map_err(NftFailure::Spawn)?;
+    let out = child.wait_with_output().map_err(NftFailure::Spawn)?;
+    if !out.status.success() {
+        return Err(NftFailure::Rejected {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// True when nftables table `family name` exists (looked up without creating it).
+pub fn nft_table_exists(family: &str, name: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", family, name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
