@@ -77,10 +77,14 @@ pub enum Counter {
     /// Flows the stack routed out through `overlay0` that encap recorded in `OVL_STACK_FLOWS`
     /// or `OVL_STACK_FLOWS6` (first packet of each).
     StackFlows,
+    /// Seen by encap on the bridge with `--deliver stack`: both directions of pod traffic take
+    /// the node's stack (as with `flannel.1`), so this node's conntrack and FORWARD rules see
+    /// every packet of a flow; encap on `overlay0`'s egress sends it.
+    PassStack,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::StackFlows as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PassStack as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -126,6 +130,7 @@ impl Counter {
         Counter::PassFragment,
         Counter::PassIcmpError,
         Counter::StackFlows,
+        Counter::PassStack,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -167,6 +172,7 @@ impl Counter {
             Counter::PassFragment => "pass_fragment",
             Counter::PassIcmpError => "pass_icmp_error",
             Counter::StackFlows => "stack_flows",
+            Counter::PassStack => "pass_stack",
         }
     }
 

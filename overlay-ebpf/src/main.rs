@@ -228,7 +228,7 @@ fn at_ingress(ctx: &TcContext) -> bool {
 /// `overlay0`'s egress the packet has been through the stack already (without br_netfilter the
 /// mark is set after encap on the bridge saw it).
 #[inline(always)]
-pub(crate) fn take_nat_mark(ctx: &TcContext) -> bool {
+fn take_nat_mark(ctx: &TcContext) -> bool {
     // SAFETY: reading and writing fields of our own context (TC programs may write the mark).
     unsafe {
         let skb = ctx.skb.skb;
@@ -238,6 +238,20 @@ pub(crate) fn take_nat_mark(ctx: &TcContext) -> bool {
         (*skb).mark &= !NAT_MARK;
     }
     true
+}
+
+/// Why encap leaves a pod packet for a remote pod to the node's stack, if it does: NATed before
+/// encap saw it (`PassNat`), or `--deliver stack` (`PassStack`: the stack takes both directions).
+/// Either way the stack routes it through `overlay0`, whose encap sends it.
+#[inline(always)]
+pub(crate) fn to_stack_from_bridge(ctx: &TcContext, cfg: &DataplaneConfig) -> Option<Counter> {
+    if take_nat_mark(ctx) {
+        return Some(Counter::PassNat);
+    }
+    if cfg.flags & CONFIG_NO_DELIVER != 0 && at_ingress(ctx) {
+        return Some(Counter::PassStack);
+    }
+    None
 }
 
 /// L4 protocols whose first four bytes are the source and destination ports.
@@ -320,13 +334,13 @@ fn try_encap(ctx: &TcContext) -> Result<Verdict, Counter> {
         Some(p) => *p,
         None => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap)),
     };
-    if take_nat_mark(ctx) {
-        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassNat));
+    let cfg = config()?;
+    if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
+        return Ok(Verdict::pass(TC_ACT_OK, pass));
     }
     if !at_ingress(ctx) {
         record_stack_flow(ctx, &ip);
     }
-    let cfg = config()?;
     let inner_len = ctx.len() - ETH_LEN as u32;
     if peer.flags & PEER_DIRECT == 0 && inner_l3_len(ctx, &ip, inner_len)? > cfg.inner_mtu {
         // Too big for the tunnel (a pod ignoring subnet.env's MTU): the stack routes it via the

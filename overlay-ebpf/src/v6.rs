@@ -45,7 +45,7 @@ use overlay_common::{
 
 use crate::{
     at_ingress, config, count, fib_usable, finish, grow_for_vxlan, load_ports, mark_decapped, redirect,
-    strip_outer, take_nat_mark, to_endpoint, Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6,
+    strip_outer, to_endpoint, to_stack_from_bridge, Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6,
     OVL_PEERS6, OVL_SCRATCH, OVL_STACK_FLOWS6, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
 };
 
@@ -147,13 +147,13 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     let Some(peer) = OVL_PEERS6.get(&key) else {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
     };
-    if take_nat_mark(ctx) {
-        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassNat));
+    let cfg = config()?;
+    if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
+        return Ok(Verdict::pass(TC_ACT_OK, pass));
     }
     if !at_ingress(ctx) {
         record_stack_flow6(ctx, &ip);
     }
-    let cfg = config()?;
     let cfg6 = config6().ok_or(Counter::DropNoConfig)?;
     let direct = peer.flags & PEER_DIRECT != 0;
     let inner_len = ctx.len() - ETH_LEN as u32;
