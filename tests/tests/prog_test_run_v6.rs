@@ -1194,7 +1194,7 @@ type Expect = (bool, Counter);
 
 /// The IPv6 decap rules on plain bytes (for IPv6 frames; others are the IPv4 model's business);
 /// `tc`: the TC program, which also delivers to local endpoints.
-fn model_decap6(f: &[u8], tc: bool) -> Expect {
+fn model_decap6(f: &[u8], tc: bool, flows: &std::collections::HashSet<Flow6>) -> Expect {
     const PASS: Expect = (false, Counter::PassDecap);
     let be16 = |o: usize| u16::from_be_bytes([f[o], f[o + 1]]);
     if f.len() < 54 || f[14] >> 4 != 6 || f[38..54] != OUR_IP6 {
@@ -1234,11 +1234,57 @@ fn model_decap6(f: &[u8], tc: bool) -> Expect {
         return (true, Counter::DropSpoofedSource);
     }
     // TC hands packets for a local endpoint straight to it unless their hop limit runs out here
-    // (the inner header is whole: payload length ≥ 70 above).
+    // (the inner header is whole: payload length ≥ 70 above), or the stack must see them:
+    // fragments, ICMPv6 errors and replies of flows the stack routed out (conntrack's business).
     if tc && f[108..124] == OUR_POD && f[91] > 1 {
+        let next_header = f[90];
+        if next_header == 44 {
+            return (false, Counter::Decap6Packets);
+        }
+        if next_header == 58 {
+            match f.get(124) {
+                None => return (true, Counter::DropMalformed),
+                Some(1..=4) => return (false, Counter::Decap6Packets),
+                Some(_) => {}
+            }
+        }
+        if flows.contains(&flow6(&f[70..], true)) {
+            return (false, Counter::Decap6Packets);
+        }
         return (false, Counter::Deliver6Packets);
     }
     (false, Counter::Decap6Packets)
+}
+
+/// A stack flow as the datapath keys it: (remote, local, remote port, local port, protocol).
+type Flow6 = ([u8; 16], [u8; 16], [u8; 2], [u8; 2], u8);
+
+/// The flow of the IPv6 packet in Ethernet frame `f`, keyed by its reply's direction when
+/// `reply` (a packet from the remote end); ports are zero for protocols without them and for
+/// packets too short to hold them.
+fn flow6(f: &[u8], reply: bool) -> Flow6 {
+    let at = |o: usize| -> [u8; 16] { f[o..o + 16].try_into().unwrap() };
+    let proto = f[20];
+    let ports = match proto {
+        6 | 17 | 132 | 136 if f.len() >= 58 => [[f[54], f[55]], [f[56], f[57]]],
+        _ => [[0; 2]; 2],
+    };
+    let (src, dst) = (at(22), at(38));
+    if reply {
+        (src, dst, ports[0], ports[1], proto)
+    } else {
+        (dst, src, ports[1], ports[0], proto)
+    }
+}
+
+/// The flow encap records on `overlay0`'s egress (what the fuzz's context-less runs model) for
+/// a frame the model sent towards a peer subnet; fragments are never recorded.
+fn recorded_flow6(f: &[u8], counter: Counter) -> Option<Flow6> {
+    let to_peer = matches!(
+        counter,
+        Counter::Encap6Packets | Counter::Direct6Packets | Counter::PassTooBig | Counter::DropTooBig
+    );
+    (to_peer && f[20] != 44).then(|| flow6(f, false))
 }
 
 fn model_decap6_output(f: &[u8], xdp: bool, counter: Counter) -> Option<Vec<u8>> {
@@ -1369,6 +1415,9 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
     let mut hits: std::collections::BTreeMap<(&str, &str), u32> = Default::default();
     let mut compared: std::collections::BTreeMap<(&str, &str), u32> = Default::default();
     let mut checksums: std::collections::BTreeMap<bool, u32> = Default::default();
+    // The flows encap recorded so far, and how many deliveries they turned into stack passes.
+    let mut flows = std::collections::HashSet::new();
+    let mut conntrack_passes = 0u32;
     for i in 0..runs {
         let decap = i % 3 != 0;
         let mut frame = fuzz_frame(&mut rng, decap);
@@ -1382,14 +1431,18 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
             pad_for_skb_test_run(&mut frame);
         }
         let (expect_drop, expect_counter) = match (decap, ethertype) {
-            (_, 0x86dd) if decap => model_decap6(&frame, prog == programs::DECAP_TC),
+            (_, 0x86dd) if decap => model_decap6(&frame, prog == programs::DECAP_TC, &flows),
             (_, 0x86dd) => model_encap6(&frame),
             (true, _) => (false, Counter::PassDecap),
             (false, _) => (false, Counter::PassEncap),
         };
+        if ethertype == 0x86dd && !decap {
+            flows.extend(recorded_flow6(&frame, expect_counter));
+        }
         let before = fx.counters();
         let (verdict, out) = fx.run(prog, &frame);
         let after = fx.counters();
+        conntrack_passes += delta(&before, &after, Counter::PassConntrack) as u32;
         let dropped = if prog == programs::DECAP_XDP {
             verdict == XDP_DROP
         } else {
@@ -1449,7 +1502,9 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
         "too few encapsulated frames with a checksum to verify: {checksums:?}"
     );
     println!("verdict classes over {runs} runs: {hits:?}");
+    println!("{} flows recorded; {conntrack_passes} replies passed to the stack for them", flows.len());
     const MIN_HITS: u32 = 50;
+    assert!(conntrack_passes >= MIN_HITS, "too few replies of recorded flows: {conntrack_passes}");
     let decap_classes = [
         Counter::PassDecap,
         Counter::DropFragment,
