@@ -101,7 +101,10 @@ pub struct StackFlow {
     pub remote_port: [u8; 2],
     pub local_port: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Scalars, not `[u8; 3]`: zeroing a 3-byte array compiles to a `memset` call on BPF, one
+    /// more frame in the call chain that 6.1's 512-byte stack limit counts (32 bytes each).
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<StackFlow>() == 16);
 
@@ -114,7 +117,10 @@ pub struct StackFlow6 {
     pub remote_port: [u8; 2],
     pub local_port: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Scalars, not `[u8; 3]`: zeroing a 3-byte array compiles to a `memset` call on BPF, one
+    /// more frame in the call chain that 6.1's 512-byte stack limit counts (32 bytes each).
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<StackFlow6>() == 40);
 
@@ -335,7 +341,7 @@ mod pod {
     unsafe impl aya::Pod for Peer6 {}
     // SAFETY: repr(C), byte arrays and explicit padding only (size asserted above).
     unsafe impl aya::Pod for Vtep6 {}
-    // SAFETY: as above.
+    // SAFETY: repr(C), byte arrays and explicit padding (a u8, a u16) only (size asserted above).
     unsafe impl aya::Pod for StackFlow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for StackFlow6 {}

@@ -284,7 +284,8 @@ fn record_stack_flow(ctx: &TcContext, ip: &InnerIp) {
         remote_port: dport,
         local_port: sport,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     if OVL_STACK_FLOWS.get_ptr(&key).is_none() {
         // SAFETY: plain helper call.
@@ -317,7 +318,8 @@ fn stack_reason(ctx: &TcContext, ip: &InnerIp) -> Result<Option<Counter>, Counte
         remote_port: sport,
         local_port: dport,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     Ok(OVL_STACK_FLOWS.get_ptr(&key).map(|_| Counter::PassConntrack))
 }

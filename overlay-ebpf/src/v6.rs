@@ -259,7 +259,8 @@ fn flow6(ctx: &TcContext, ip: &InnerIp6, reply: bool) -> StackFlow6 {
         remote_port,
         local_port,
         proto: ip.next_header,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

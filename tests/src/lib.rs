@@ -6,6 +6,7 @@ pub mod cni;
 pub mod docker;
 pub mod dualstack;
 pub mod etcd;
+pub mod kubeproxy;
 pub mod netns;
 pub mod packet;
 pub mod topology;

@@ -477,7 +477,8 @@ fn notify_health_metrics_and_status() {
     assert!(msg.lines().any(|l| l == "STOPPING=1"), "after SIGTERM: {msg:?}");
 }
 
-/// The rules of our nftables table in `ns` (`nft -j`), as their JSON expressions.
+/// The rules of `--ip-masq`'s nftables table (`ip overlay-agent`; the conntrack table of the
+/// same name is `inet`) in `ns` (`nft -j`), as their JSON expressions.
 fn masq_rules(ns: &Netns) -> Vec<String> {
     let out = ns
         .command("nft")
@@ -495,7 +496,7 @@ fn masq_rules(ns: &Netns) -> Vec<String> {
         .unwrap()
         .iter()
         .filter_map(|o| o.get("rule"))
-        .filter(|r| r["table"] == "overlay-agent")
+        .filter(|r| r["table"] == "overlay-agent" && r["family"] == "ip")
         .map(|r| r["expr"].to_string())
         .collect()
 }
@@ -572,6 +573,7 @@ fn ip_masq_snat_restart_and_cleanup() {
     );
     let tables = output(&c.nodes[0].node.ns, "nft", &["list", "tables"]).unwrap();
     assert_eq!(tables.matches("table ip overlay-agent").count(), 1, "{tables}");
+    assert_eq!(tables.matches("table inet overlay-agent").count(), 1, "{tables}");
     check_traffic(&c, "after restart");
 
     // cleanup after the agent stopped: pins, masquerade table, host device, qdiscs — twice.

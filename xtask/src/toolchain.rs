@@ -98,6 +98,11 @@ pub const NEEDS: &[Need] = &[
     cmd("openssl", "openssl", "tests (etcd TLS)"),
     cmd("nsenter", "util-linux", "tests"),
     cmd("sysctl", "procps", "tests"),
+    // kube-proxy's tools (netns_services): its IPVS mode, its ipsets; conntrack for diagnostics.
+    cmd("ipvsadm", "ipvsadm", "tests (kube-proxy IPVS mode)"),
+    cmd("ipset", "ipset", "tests (kube-proxy IPVS mode)"),
+    cmd("conntrack", "conntrack", "tests (Services)"),
+    cmd("base32", "coreutils", "tests (kube-proxy chain names)"),
     cmd("timeout", "coreutils", "bench"),
     // Real hosts: one Docker daemon per test node, pods made by the CNI bridge plugin.
     file(

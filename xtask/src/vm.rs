@@ -73,6 +73,7 @@ pub const TIER3_SELECTION: &[(&str, &str)] = &[
     ("netns_dualstack", "dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses"),
     ("netns_dualstack_deliver", "ipv6_stripped_by_xdp_is_delivered_by_the_tc_program_after_gro"),
     ("netns_ops", "ip_masq_snat_restart_and_cleanup"),
+    ("netns_services", "ipvs_mode_default_delivery"),
 ];
 
 const VIRTME_NG_VERSION: &str = "1.42";

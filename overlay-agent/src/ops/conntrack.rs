@@ -8,8 +8,12 @@
 //!   connection and routes them through `overlay0` (where encap records the flow, so decap hands
 //!   its replies to the stack to be un-NATed). Without br_netfilter such packets reach the
 //!   stack anyway (encap only takes packets for remote pod subnets) and the mark is unused.
-//! - `postrouting`: packets the stack routes to remote pods through `overlay0` with a source
-//!   outside the cluster network (the node's underlay address after an `OUTPUT` DNAT of its own
+//! - `postrouting` (before iptables' nat chains): a pod's packet the stack routes to a remote
+//!   pod through `overlay0` (a Service's DNAT, `--deliver stack`) keeps its source: an identity
+//!   `snat` is the first NAT decision of its connection, so no later rule (Docker's
+//!   `-s <subnet> ! -o docker0 -j MASQUERADE`) rewrites it, as none can on the fast path;
+//!   kube-proxy's masquerade mark (0x4000) is left to kube-proxy. Packets with a source outside
+//!   the cluster network (the node's underlay address after an `OUTPUT` DNAT of its own
 //!   connection to a ClusterIP, when kube-proxy does not masquerade it) are masqueraded to
 //!   `overlay0`'s address: a peer accepts only inner sources inside the sender's subnet, where
 //!   `flannel.1`'s peer would accept any.
@@ -42,17 +46,20 @@ pub enum ConntrackRulesError {
     },
 }
 
+/// kube-proxy's default masquerade mark (`--iptables-masquerade-bit` 14): packets it wants
+/// masqueraded keep their way to its `KUBE-POSTROUTING` rule.
+const KUBE_MASQ_MARK: u32 = 0x4000;
+
 /// The transaction installing (or replacing) the table for the configured networks.
 pub fn render(network: Option<Ipv4Net>, network6: Option<Ipv6Net>) -> String {
-    let mut masq = String::new();
-    if let Some(n) = network {
-        masq.push_str(&format!(
-            "\t\toifname \"{HOST_DEVICE}\" ip saddr != {n} masquerade comment \"host to remote pods from outside the network\"\n"
-        ));
-    }
-    if let Some(n) = network6 {
-        masq.push_str(&format!(
-            "\t\toifname \"{HOST_DEVICE}\" ip6 saddr != {n} masquerade comment \"host to remote pods from outside the network\"\n"
+    let mut post = String::new();
+    let nets = (network.map(|n| ("ip", n.to_string())).into_iter())
+        .chain(network6.map(|n| ("ip6", n.to_string())));
+    for (ip, n) in nets {
+        post.push_str(&format!(
+            "\t\toifname \"{HOST_DEVICE}\" {ip} saddr {n} {ip} daddr {n} meta mark & {KUBE_MASQ_MARK:#010x} == 0 \
+             snat {ip} to {ip} saddr comment \"pod to remote pod keeps its source\"\n\
+             \t\toifname \"{HOST_DEVICE}\" {ip} saddr != {n} masquerade comment \"host to remote pods from outside the network\"\n"
         ));
     }
     format!(
@@ -64,8 +71,8 @@ pub fn render(network: Option<Ipv4Net>, network6: Option<Ipv6Net>) -> String {
          \t\tct status dnat meta mark set meta mark or {NAT_MARK:#010x} comment \"NATed: encap leaves it to the stack\"\n\
          \t}}\n\
          \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat + 10; policy accept;\n\
-         {masq}\
+         \t\ttype nat hook postrouting priority srcnat - 10; policy accept;\n\
+         {post}\
          \t}}\n\
          }}\n"
     )
@@ -106,6 +113,14 @@ mod tests {
         assert!(t.starts_with("add table inet overlay-agent\ndelete table inet overlay-agent\n"), "{t}");
         assert!(t.contains("type filter hook prerouting priority dstnat + 10;"), "{t}");
         assert!(t.contains("ct status dnat meta mark set meta mark or 0x00002000"), "{t}");
+        assert!(t.contains("type nat hook postrouting priority srcnat - 10;"), "{t}");
+        assert!(
+            t.contains(
+                "oifname \"overlay0\" ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 meta mark & 0x00004000 == 0 \
+                 snat ip to ip saddr"
+            ),
+            "{t}"
+        );
         assert!(t.contains("oifname \"overlay0\" ip saddr != 10.244.0.0/16 masquerade"), "{t}");
         assert!(t.contains("oifname \"overlay0\" ip6 saddr != fd00:10:244::/56 masquerade"), "{t}");
         let v4 = render(Some("10.244.0.0/16".parse().unwrap()), None);

@@ -272,6 +272,46 @@ impl Bed {
         (&a.pods[0].ns, &mut b.pods[0].ns)
     }
 
+    /// A Service as kube-proxy's iptables mode writes it, on the client's node: ClusterIP
+    /// 10.96.0.10 (fd00:96::10 for IPv6 cases) port 5201 DNATed to the server pod. Returns the
+    /// ClusterIP.
+    pub fn add_service(&self) -> Result<IpAddr> {
+        let node = match &self.kind {
+            Kind::Plain { nodes, .. } => &nodes[0].ns,
+            Kind::Agents(c) | Kind::Agents6 { cluster: c, .. } => &c.nodes[0].node.ns,
+        };
+        let (tool, vip, backend): (&str, IpAddr, String) = match self.server_ip {
+            IpAddr::V4(a) => ("iptables", "10.96.0.10".parse()?, format!("{a}:5201")),
+            IpAddr::V6(a) => ("ip6tables", "fd00:96::10".parse()?, format!("[{a}]:5201")),
+        };
+        let jump = ["-t", "nat", "-C", "PREROUTING", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"];
+        if node.exec(tool, &jump).is_ok() {
+            // In place since an earlier round.
+            return Ok(vip);
+        }
+        let rules = format!(
+            "*nat\n\
+             :KUBE-SERVICES - [0:0]\n\
+             :KUBE-SVC-BENCH - [0:0]\n\
+             :KUBE-SEP-BENCH - [0:0]\n\
+             -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+             -A KUBE-SERVICES -d {vip}/{len} -p tcp -m comment --comment \"bench/iperf cluster IP\" -m tcp --dport 5201 -j KUBE-SVC-BENCH\n\
+             -A KUBE-SVC-BENCH -m comment --comment \"bench/iperf -> {backend}\" -j KUBE-SEP-BENCH\n\
+             -A KUBE-SEP-BENCH -p tcp -m comment --comment bench/iperf -m tcp -j DNAT --to-destination {backend}\n\
+             COMMIT\n",
+            len = if vip.is_ipv4() { 32 } else { 128 },
+        );
+        let mut child = node
+            .command(&format!("{tool}-restore"))
+            .arg("--noflush")
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, rules.as_bytes())?;
+        let st = child.wait()?;
+        anyhow::ensure!(st.success(), "{tool}-restore of the bench Service failed ({st})");
+        Ok(vip)
+    }
+
     pub fn cluster(&mut self) -> Option<&mut Cluster> {
         match &mut self.kind {
             Kind::Agents(c) | Kind::Agents6 { cluster: c, .. } => Some(c),

@@ -12,6 +12,7 @@ use crate::{
 pub const METRICS: &[(&str, &str, &str, bool)] = &[
     ("tcp1_gbps", "TCP 1 flow", "Gbit/s", true),
     ("tcp4_gbps", "TCP 4 flows", "Gbit/s", true),
+    ("svc_tcp1_gbps", "TCP 1 flow via a ClusterIP", "Gbit/s", true),
     ("udp64_kpps", "UDP 64 B received", "kpps", true),
     ("rr_mean_us", "TCP RR mean", "µs", false),
     ("rr_p99_us", "TCP RR p99", "µs", false),

@@ -70,9 +70,21 @@ fn iperf(
     secs: u32,
     extra: &[&str],
 ) -> Result<serde_json::Value> {
+    iperf_via(server, ip, ip, client, secs, extra)
+}
+
+/// [`iperf`] with the client connecting to `to` (a Service address DNATed to `ip`).
+fn iperf_via(
+    server: &mut Netns,
+    ip: IpAddr,
+    to: IpAddr,
+    client: &Netns,
+    secs: u32,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let pid = iperf_server(server, ip)?;
     let limit = (secs + 10).to_string();
-    let (ips, s) = (ip.to_string(), secs.to_string());
+    let (ips, s) = (to.to_string(), secs.to_string());
     let mut args = vec![
         &limit[..],
         "iperf3",
@@ -107,9 +119,14 @@ fn iperf(
 
 /// TCP throughput with `flows` parallel streams for `secs` seconds.
 pub fn tcp(server: &mut Netns, ip: IpAddr, client: &Netns, secs: u32, flows: u32) -> Result<Tcp> {
+    tcp_via(server, ip, ip, client, secs, flows)
+}
+
+/// [`tcp`] to the server at `ip` through address `to` (a ClusterIP the client's node DNATs).
+pub fn tcp_via(server: &mut Netns, ip: IpAddr, to: IpAddr, client: &Netns, secs: u32, flows: u32) -> Result<Tcp> {
     let p = flows.to_string();
     let before = sys_softirq()?;
-    let v = iperf(server, ip, client, secs, &["-P", &p])?;
+    let v = iperf_via(server, ip, to, client, secs, &["-P", &p])?;
     let cpu_s = (sys_softirq()? - before) as f64 / USER_HZ;
     let recv = &v["end"]["sum_received"];
     let bps = recv["bits_per_second"]

@@ -275,6 +275,14 @@ fn measure(bed: &mut Bed, f: Flavour, o: &Opts, round: u32, s: &mut Samples, err
         progress(&msg);
         errors.push(msg);
     };
+    let bed_vip = match bed.add_service() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            s.push(f, case, "svc_tcp1_gbps", f64::NAN);
+            fail("adding the Service", e);
+            None
+        }
+    };
     let (client, server) = bed.pods();
     let mut line = Vec::new();
     for (flows, g, c, r) in [
@@ -298,6 +306,17 @@ fn measure(bed: &mut Bed, f: Flavour, o: &Opts, round: u32, s: &mut Samples, err
                 fail(&format!("TCP {flows} flow(s)"), e);
             }
         }
+    }
+    match bed_vip.map(|vip| traffic::tcp_via(server, ip, vip, client, o.secs, 1)) {
+        Some(Ok(t)) => {
+            s.push(f, case, "svc_tcp1_gbps", t.gbps);
+            line.push(format!("svc tcp×1 {:.2} Gbit/s", t.gbps));
+        }
+        Some(Err(e)) => {
+            s.push(f, case, "svc_tcp1_gbps", f64::NAN);
+            fail("TCP 1 flow via a ClusterIP", e);
+        }
+        None => {}
     }
     match traffic::udp64(server, ip, client, o.secs) {
         Ok(pps) => {
