@@ -148,13 +148,19 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
     };
     let cfg = config()?;
-    if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
-        return Ok(Verdict::pass(TC_ACT_OK, pass));
+    let cfg6 = config6().ok_or(Counter::DropNoConfig)?;
+    // Segments coming back from being resegmented (on `overlay0`'s ingress) were the stack's
+    // already: they are sent, never handed to it again.
+    // SAFETY: reading a field of our own context.
+    let returned = unsafe { (*ctx.skb.skb).ingress_ifindex } == cfg6.reseg_return_ifindex;
+    if !returned {
+        if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
+            return Ok(Verdict::pass(TC_ACT_OK, pass));
+        }
     }
     if !at_ingress(ctx) {
         record_stack_flow6(ctx, &ip);
     }
-    let cfg6 = config6().ok_or(Counter::DropNoConfig)?;
     let direct = peer.flags & PEER_DIRECT != 0;
     let inner_len = ctx.len() - ETH_LEN as u32;
     // SAFETY: reading a field of our own context.

@@ -279,7 +279,12 @@ fn with_deliver_stack_nothing_is_delivered_and_ipv6_still_flows() {
     let Transfer { bps, seen, .. } = iperf6(&pods[1], ips[1], &pods[0], c.dir());
     println!("IPv6 pod → pod TCP, --deliver stack: {:.2} Gbit/s", bps / 1e9);
     assert_eq!(seen, ips[0].to_string());
-    assert!(bps > 100e6, "bulk TCP over IPv6: {bps} bit/s");
+    assert!(
+        bps > 100e6,
+        "bulk TCP over IPv6: {bps} bit/s; counters: {} / {}",
+        c.status_json(0).unwrap()["counters"],
+        c.status_json(1).unwrap()["counters"]
+    );
     for i in 0..2 {
         assert_eq!(counter(&c, i, "deliver6_packets"), 0, "node {i} delivered IPv6");
         assert_eq!(counter(&c, i, "deliver_packets"), 0, "node {i} delivered IPv4");
