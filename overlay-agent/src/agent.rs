@@ -21,7 +21,7 @@ use crate::{
     dataplane::{Config6, Dataplane, DecapMode, Reseg},
     endpoints,
     family::{V4, V6},
-    hostroute,
+    grodev, hostroute,
     iface::{self, Underlay},
     object, ops,
     peers::PeerTable,
@@ -89,6 +89,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // Peers an earlier agent left in the pinned maps are adopted: the first resync keeps or
     // removes them.
     let mut state = Sync::new(&dp, underlay, public_ip, public_ipv6, vtep_mac, datapath_flags);
+    // XDP strips before GRO, so GRO merges the inner frames without help; TC decap runs after
+    // GRO and needs the device for it (see `grodev`).
+    state.receive_gro = args.receive_gro && choice.mode == DecapMode::Tc;
+    if !state.receive_gro {
+        match grodev::remove().await {
+            Ok(true) => info!(
+                dev = grodev::GRO_DEVICE,
+                "removed the receive-GRO device (not used with this decap)"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!(dev = grodev::GRO_DEVICE, error = %e, "removing the receive-GRO device"),
+        }
+    }
     let mut bridge = BridgeWatch::new(&args.bridge);
     let (mut local, mut local_watch) = endpoints::start(&dp, &args.bridge);
     let mut poll = tokio::time::interval(BRIDGE_POLL);
@@ -129,6 +142,31 @@ fn control_result(r: Result<Result<(), control::ControlError>, tokio::task::Join
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e).context("control plane stopped"),
         Err(e) => Err(e).context("control plane task"),
+    }
+}
+
+/// Sets up the receive-GRO device for `port` with its sink; true on success. A failure
+/// (another VXLAN device owns the port, e.g. a `flannel.1` left on the node, whose socket gives
+/// GRO anyway; a kernel without VXLAN) costs throughput only, so it is a warning.
+async fn receive_gro(dp: &mut Dataplane, port: u16) -> bool {
+    let r = match grodev::ensure(port).await {
+        Ok(_) => dp
+            .attach_gro_sink(grodev::GRO_DEVICE)
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    match r {
+        Ok(()) => {
+            info!(
+                dev = grodev::GRO_DEVICE,
+                port, "receive GRO on: the NIC merges our VXLAN frames before decap"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(dev = grodev::GRO_DEVICE, port, error = %format!("{e:#}"), "receive GRO unavailable: TC decap strips every frame on its own");
+            false
+        }
     }
 }
 
@@ -274,6 +312,12 @@ struct Sync {
     reseg6: Option<Reseg>,
     /// `DataplaneConfig::flags` from the command line and the underlay.
     datapath_flags: u16,
+    /// Keep the receive-GRO device (`--receive-gro` with TC decap).
+    receive_gro: bool,
+    /// The VXLAN port the receive-GRO device was last set up for (tried once per port: a
+    /// failure is not retried every resync), and whether that worked.
+    gro_port: Option<u16>,
+    gro_up: bool,
 }
 
 impl Sync {
@@ -308,6 +352,9 @@ impl Sync {
             host_device: None,
             host_device6: None,
             reseg6: None,
+            receive_gro: false,
+            gro_port: None,
+            gro_up: false,
         }
     }
 
@@ -382,7 +429,19 @@ impl Sync {
             self.host_device6 = None;
             self.reseg6 = None;
         }
+        if self.gro_up && nix::net::if_::if_nametoindex(grodev::GRO_DEVICE).is_err() {
+            warn!(
+                dev = grodev::GRO_DEVICE,
+                "the receive-GRO device is gone; setting it up again"
+            );
+            self.gro_port = None;
+            self.gro_up = false;
+        }
         let Some(cfg) = &self.config else { return };
+        if self.receive_gro && self.gro_port != Some(cfg.backend.port) {
+            self.write_config(dp).await;
+            return;
+        }
         let v4_pending = cfg.network().is_some() && self.v4.own.is_some() && self.host_device != self.v4.own;
         let v6_pending = cfg.ipv6_network().is_some()
             && self.public_ipv6.is_some()
@@ -422,6 +481,10 @@ impl Sync {
         };
         if let Err(e) = dp.set_config(&dc) {
             error!(error = %e, "writing the dataplane config");
+        }
+        if self.receive_gro && self.gro_port != Some(cfg.backend.port) {
+            self.gro_port = Some(cfg.backend.port);
+            self.gro_up = receive_gro(dp, cfg.backend.port).await;
         }
         self.write_config6(dp).await;
     }

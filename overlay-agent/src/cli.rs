@@ -130,6 +130,15 @@ pub struct AgentArgs {
     /// node's routing and the bridge, as flannel.1 does).
     #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer")]
     pub deliver: DeliverChoice,
+    /// With TC decap: a collect-metadata VXLAN device on the VXLAN port (`overlay-gro`) whose
+    /// only job is to register the kernel's UDP-tunnel GRO for it, so the NIC's GRO merges our
+    /// frames before decap strips them (the kernel's `flannel.1` gets this from its own socket).
+    /// Nothing is delivered through it: a TC program drops whatever reaches it
+    /// (`drop_gro_device`). `--receive-gro=false` leaves it out.
+    #[arg(long, env = "FLANNELD_RECEIVE_GRO", num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", require_equals = true, action = ArgAction::Set,
+          value_parser = parse_go_bool)]
+    pub receive_gro: bool,
 }
 
 /// Which interface carries inter-host traffic, in flanneld's order of precedence: each `--iface`
@@ -615,7 +624,7 @@ mod tests {
             "subnet-lease-renew-margin" => "30",
             "ip-masq" | "kube-subnet-mgr" => "true",
             // On by default: only `=false` changes anything.
-            "iptables-forward-rules" => "false",
+            "iptables-forward-rules" | "receive-gro" => "false",
             "iptables-resync" => "9",
             "healthz-ip" => "127.0.0.1",
             "healthz-port" => "8471",

@@ -299,7 +299,7 @@ impl Dataplane {
             pin_root: pin_root.display().to_string(),
             source: Box::new(source),
         })?;
-        for name in [programs::ENCAP, programs::DECAP_TC] {
+        for name in [programs::ENCAP, programs::DECAP_TC, programs::GRO_SINK] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
@@ -380,6 +380,12 @@ impl Dataplane {
     /// sent to be segmented come back as segments (see [`Config6::reseg`]).
     pub fn attach_host_reseg(&mut self, dev: &str) -> Result<(), DataplaneError> {
         self.attach_tc_as(programs::ENCAP, RESEG_LINK, dev, TcAttachType::Ingress)
+    }
+
+    /// Attaches the sink to the ingress of the receive-GRO device (`crate::grodev`), which
+    /// drops (and counts) whatever the kernel's VXLAN socket would deliver through it.
+    pub fn attach_gro_sink(&mut self, dev: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(programs::GRO_SINK, dev, TcAttachType::Ingress)
     }
 
     /// Attaches decap to the ingress of the underlay NIC.

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod endpoints;
 pub mod family;
+pub mod grodev;
 pub mod hostroute;
 pub mod iface;
 pub mod lease;

@@ -81,10 +81,14 @@ pub enum Counter {
     /// the node's stack (as with `flannel.1`), so this node's conntrack and FORWARD rules see
     /// every packet of a flow; encap on `overlay0`'s egress sends it.
     PassStack,
+    /// Frames the receive-GRO device (`overlay-gro`, see the agent's `--receive-gro`) was
+    /// handed by the kernel's VXLAN socket: decap left them to the stack (not a packet for us),
+    /// and nothing is ever delivered through that device, so they are dropped.
+    DropGroDevice,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::PassStack as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DropGroDevice as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -131,6 +135,7 @@ impl Counter {
         Counter::PassIcmpError,
         Counter::StackFlows,
         Counter::PassStack,
+        Counter::DropGroDevice,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -173,13 +178,15 @@ impl Counter {
             Counter::PassIcmpError => "pass_icmp_error",
             Counter::StackFlows => "stack_flows",
             Counter::PassStack => "pass_stack",
+            Counter::DropGroDevice => "drop_gro_device",
         }
     }
 
     /// True for the counters that record dropped packets.
     pub const fn is_drop(self) -> bool {
         let i = self as u32;
-        i >= Counter::DropNoConfig as u32 && i <= Counter::DropTooBig as u32
+        (i >= Counter::DropNoConfig as u32 && i <= Counter::DropTooBig as u32)
+            || matches!(self, Counter::DropGroDevice)
     }
 }
 
@@ -199,5 +206,7 @@ mod tests {
         assert!(!Counter::PassDecap.is_drop());
         assert!(Counter::DropTooBig.is_drop());
         assert!(!Counter::PassTooBig.is_drop());
+        assert!(Counter::DropGroDevice.is_drop());
+        assert!(!Counter::PassStack.is_drop());
     }
 }

@@ -36,9 +36,12 @@ pub mod programs {
     pub const DECAP_XDP: &str = "overlay_decap_xdp";
     /// TC ingress on the underlay NIC: the same rules as the XDP variant.
     pub const DECAP_TC: &str = "overlay_decap_tc";
+    /// TC ingress on the receive-GRO device: drops whatever the kernel's VXLAN socket hands it
+    /// (the device exists only so GRO merges our port's frames; nothing is delivered through it).
+    pub const GRO_SINK: &str = "overlay_gro_sink";
     /// Never attached: test-run once at load to learn what this kernel's helpers accept
     /// (its answer: [`crate::probe`]).
     pub const PROBE: &str = "overlay_probe";
     /// All programs, in the order the object lists them.
-    pub const ALL: [&str; 4] = [ENCAP, DECAP_XDP, DECAP_TC, PROBE];
+    pub const ALL: [&str; 5] = [ENCAP, DECAP_XDP, DECAP_TC, GRO_SINK, PROBE];
 }

@@ -51,8 +51,9 @@ use aya_ebpf::{
 use overlay_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        endpoint_dev_key, StackFlow, StackFlow6, CONFIG_DECAP_L4_UDP, CONFIG_DELIVER_VIA_VETH, CONFIG_KEEP_CSUM,
-        CONFIG_NO_DELIVER, CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS, NAT_MARK, PEER_DIRECT,
+        endpoint_dev_key, StackFlow, StackFlow6, CONFIG_DECAP_L4_UDP, CONFIG_DELIVER_VIA_VETH,
+        CONFIG_KEEP_CSUM, CONFIG_NO_DELIVER, CONFIG_READY, MAX_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS,
+        NAT_MARK, PEER_DIRECT,
     },
     wire::{
         encap_header, vxlan_vni, EncapParams, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, IPPROTO_ICMP, IPPROTO_TCP,
@@ -257,7 +258,10 @@ pub(crate) fn to_stack_from_bridge(ctx: &TcContext, cfg: &DataplaneConfig) -> Op
 /// L4 protocols whose first four bytes are the source and destination ports.
 #[inline(always)]
 pub(crate) fn has_ports(proto: u8) -> bool {
-    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | 132 /* SCTP */ | 136 /* UDP-Lite */)
+    matches!(
+        proto,
+        IPPROTO_TCP | IPPROTO_UDP | 132 /* SCTP */ | 136 /* UDP-Lite */
+    )
 }
 
 /// The ports at `off` as `[source, destination]` in wire order; zeros for protocols without
@@ -911,6 +915,14 @@ fn to_endpoint(
         bytes: Some(bytes),
         len,
     })
+}
+
+/// TC ingress of the receive-GRO device (`overlay-gro`): the kernel's VXLAN socket hands it
+/// what decap on the NIC left to the stack; nothing is ever delivered through it.
+#[classifier]
+pub fn overlay_gro_sink(_ctx: TcContext) -> i32 {
+    count(Counter::DropGroDevice, 1);
+    TC_ACT_SHOT as i32
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ use overlay_common::{
 
 use crate::{
     at_ingress, config, count, fib_usable, finish, grow_for_vxlan, load_ports, mark_decapped, redirect,
-    strip_outer, to_endpoint, to_stack_from_bridge, Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS6,
-    OVL_PEERS6, OVL_SCRATCH, OVL_STACK_FLOWS6, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK, TC_ACT_SHOT,
+    strip_outer, to_endpoint, to_stack_from_bridge, Verdict, AF_INET6, OVL_CONFIG6, OVL_ENDPOINTS6,
+    OVL_ENDPOINT_DEVS6, OVL_PEERS6, OVL_SCRATCH, OVL_STACK_FLOWS6, OVL_VTEPS6, SCRATCH_BYTES, TC_ACT_OK,
+    TC_ACT_SHOT,
 };
 
 // The IPv6 halves are BPF-to-BPF calls of their own rather than inlined into the entry points:

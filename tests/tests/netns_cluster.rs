@@ -707,3 +707,155 @@ fn a_restarted_pod_is_reachable_again_within_a_second() {
     assert_ne!(new[0].mac, old[0].mac, "the recreated pod kept its MAC");
     wait_endpoints(&c, 0, &new, Duration::from_secs(1));
 }
+
+/// Receive GRO (`overlay-gro`): on a NIC-like underlay (the nodes segment to the MTU, GRO on
+/// where they receive) the receiving NIC merges our VXLAN frames before TC decap strips them;
+/// with the device deleted it merges none (the control: the device is what does it), and the
+/// agent sets it up again. What its socket receives is dropped, never delivered; cleanup
+/// removes it.
+#[test]
+fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing() {
+    use overlay_agent::{dataplane::read_pinned_counters, grodev::GRO_DEVICE};
+    use overlay_common::{wire::EncapParams, Counter};
+    use overlay_tests::{
+        netns::{veth, Netns},
+        packet,
+        topology::ethtool_k,
+    };
+    require_root();
+    let mut c = Cluster::new(2, CONFIG).unwrap();
+    for n in &mut c.nodes {
+        n.extra_args = ["--decap", "tc", "--iptables-resync", "1"]
+            .map(String::from)
+            .to_vec();
+    }
+    let pods = c.start_with_pods().unwrap();
+    let tx_offloads = [
+        "tso",
+        "off",
+        "gso",
+        "off",
+        "tx-udp_tnl-segmentation",
+        "off",
+        "tx-udp_tnl-csum-segmentation",
+        "off",
+    ];
+    for (i, n) in c.nodes.iter().enumerate() {
+        let node: Vec<&str> = tx_offloads.iter().copied().chain(["gro", "on"]).collect();
+        ethtool_k(&n.node.ns, "eth0", &node).unwrap();
+        // A port claiming TSO would keep veth from running GRO on what it sends.
+        ethtool_k(&c.underlay.ns, &format!("p{}", i + 1), &tx_offloads).unwrap();
+    }
+    let receiver = &c.nodes[1];
+    assert!(
+        receiver.node.ns.ip(&["link", "show", GRO_DEVICE]).is_ok(),
+        "no {GRO_DEVICE} on a TC-decap node; log:\n{}",
+        c.agent_log(1)
+    );
+    let pin_root = std::path::PathBuf::from(&receiver.pin_root);
+    let transfer = |c: &mut Cluster| {
+        let before = read_pinned_counters(&pin_root).unwrap();
+        let (first, rest) = c.nodes.split_at_mut(1);
+        let (bps, _) = tcp_transfer(
+            &mut rest[0].node.pods[0].ns,
+            pods[1],
+            &first[0].node.pods[0].ns,
+            2,
+        )
+        .unwrap();
+        assert!(bps > 100e6, "bulk TCP reached only {bps} bit/s");
+        let after = read_pinned_counters(&pin_root).unwrap();
+        let d = |k: Counter| after.get(k) - before.get(k);
+        (d(Counter::DecapPackets), d(Counter::DecapGsoPackets))
+    };
+    let (decap, gso) = transfer(&mut c);
+    assert!(
+        gso * 4 > decap,
+        "with {GRO_DEVICE}, only {gso} of {decap} decapsulated packets were GRO-merged"
+    );
+
+    // The control: the same transfer with another device in its place (a veth: the agent sees
+    // the name and leaves it alone) merges nothing.
+    let ns = &c.nodes[1].node.ns;
+    ns.ip(&["link", "del", GRO_DEVICE]).unwrap();
+    ns.ip(&["link", "add", GRO_DEVICE, "type", "veth", "peer", "name", "ovlgrop"]).unwrap();
+    let (decap, gso) = transfer(&mut c);
+    assert!(
+        gso * 100 < decap,
+        "without {GRO_DEVICE}, {gso} of {decap} packets were still merged: the test cannot tell"
+    );
+    let mark = c.log_mark(1);
+    c.nodes[1].node.ns.ip(&["link", "del", GRO_DEVICE]).unwrap();
+    assert!(
+        c.wait_log_after(1, mark, "receive GRO on", Duration::from_secs(10)).is_some(),
+        "the agent did not set {GRO_DEVICE} up again; log:\n{}",
+        c.agent_log(1)
+    );
+    let (decap, gso) = transfer(&mut c);
+    assert!(gso * 4 > decap, "{GRO_DEVICE} set up again: only {gso} of {decap} packets merged");
+
+    // What decap leaves to the stack on our port (here: to another address of the node) reaches
+    // the device's socket, and is dropped there.
+    let receiver = &c.nodes[1];
+    receiver
+        .node
+        .ns
+        .ip(&["addr", "add", "198.18.0.112/24", "dev", "eth0"])
+        .unwrap();
+    let sender = Netns::new("ovlg").unwrap();
+    veth(&sender, "eth0", Some(&c.underlay.ns), "pgro").unwrap();
+    c.underlay
+        .ns
+        .ip(&["link", "set", "pgro", "master", "br0"])
+        .unwrap();
+    sender
+        .ip(&["addr", "add", "198.18.0.67/24", "dev", "eth0"])
+        .unwrap();
+    let leases = c.lease_list().unwrap();
+    let vtep = |i: u8| {
+        let ip = overlay_tests::topology::Node::underlay_ip(i);
+        leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
+    };
+    let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let frame = packet::vxlan(
+        &EncapParams {
+            outer_src_mac: sender.mac("eth0").unwrap(),
+            outer_dst_mac: receiver.node.ns.mac("eth0").unwrap(),
+            src_ip: [198, 18, 0, 11],
+            dst_ip: [198, 18, 0, 112],
+            src_port: 40000,
+            dst_port: 8472,
+            vni: 1,
+            inner_src_mac: vtep(1),
+            inner_dst_mac: vtep(2),
+            inner_ip_len: 0,
+            inner_tos: 0,
+        },
+        &packet::udp(
+            overlay_tests::topology::nth_host(node1_subnet, 7),
+            pods[1],
+            5555,
+            9999,
+            b"VIA-GRO-DEVICE",
+        ),
+    );
+    let before = read_pinned_counters(&pin_root).unwrap();
+    packet::send_raw(&sender, "eth0", &frame).unwrap();
+    let moved = Cluster::wait_for(Duration::from_secs(2), || {
+        read_pinned_counters(&pin_root)
+            .unwrap()
+            .get(Counter::DropGroDevice)
+            > before.get(Counter::DropGroDevice)
+    });
+    assert!(
+        moved.is_some(),
+        "a VXLAN frame to another local address did not end at {GRO_DEVICE}'s sink"
+    );
+
+    c.stop_agent(1, Signal::SIGTERM);
+    let out = c.run_cleanup(1, &overlay_tests::cluster::agent_bin()).unwrap();
+    assert!(
+        c.nodes[1].node.ns.ip(&["link", "show", GRO_DEVICE]).is_err(),
+        "cleanup left {GRO_DEVICE}: {out}"
+    );
+}

@@ -1502,9 +1502,15 @@ fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
         "too few encapsulated frames with a checksum to verify: {checksums:?}"
     );
     println!("verdict classes over {runs} runs: {hits:?}");
-    println!("{} flows recorded; {conntrack_passes} replies passed to the stack for them", flows.len());
+    println!(
+        "{} flows recorded; {conntrack_passes} replies passed to the stack for them",
+        flows.len()
+    );
     const MIN_HITS: u32 = 50;
-    assert!(conntrack_passes >= MIN_HITS, "too few replies of recorded flows: {conntrack_passes}");
+    assert!(
+        conntrack_passes >= MIN_HITS,
+        "too few replies of recorded flows: {conntrack_passes}"
+    );
     let decap_classes = [
         Counter::PassDecap,
         Counter::DropFragment,

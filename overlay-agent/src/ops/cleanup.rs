@@ -7,7 +7,8 @@
 //! - Legacy (clsact/netlink) TC filters named after our programs on any interface, and the
 //!   `clsact` qdisc the agent added to the underlay NIC and the pod bridge once it carries no
 //!   filters.
-//! - The host device (`overlay0`, a veth pair) for host → remote pod traffic.
+//! - The host device (`overlay0`, a veth pair) for host → remote pod traffic, and the
+//!   receive-GRO device (`overlay-gro`).
 //! - The `ip overlay-agent` and `ip6 overlay-agent` nftables tables (`--ip-masq`) and
 //!   `inet overlay-agent` (conntrack, always).
 //! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), for IPv4
@@ -20,7 +21,7 @@ use overlay_common::programs;
 use tracing::{info, warn};
 
 use super::{conntrack, forward, masq};
-use crate::{dataplane, hostroute};
+use crate::{dataplane, grodev, hostroute};
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
 const KERNEL_NAME_LEN: usize = 15;
@@ -64,20 +65,16 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
             }
         }
     }
-    if links.iter().any(|(n, _)| n == hostroute::HOST_DEVICE) {
-        match Command::new("ip")
-            .args(["link", "del", hostroute::HOST_DEVICE])
-            .output()
-        {
-            Ok(o) if o.status.success() => r.removed.push(format!("host device {}", hostroute::HOST_DEVICE)),
-            Ok(o) => r.failed.push(format!(
-                "host device {}: {}",
-                hostroute::HOST_DEVICE,
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => r
-                .failed
-                .push(format!("host device {}: running ip: {e}", hostroute::HOST_DEVICE)),
+    for dev in [hostroute::HOST_DEVICE, grodev::GRO_DEVICE] {
+        if links.iter().any(|(n, _)| n == dev) {
+            match Command::new("ip").args(["link", "del", dev]).output() {
+                Ok(o) if o.status.success() => r.removed.push(format!("device {dev}")),
+                Ok(o) => r.failed.push(format!(
+                    "device {dev}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(e) => r.failed.push(format!("device {dev}: running ip: {e}")),
+            }
         }
     }
     for iface in ifaces {

@@ -53,8 +53,8 @@ const KUBE_MASQ_MARK: u32 = 0x4000;
 /// The transaction installing (or replacing) the table for the configured networks.
 pub fn render(network: Option<Ipv4Net>, network6: Option<Ipv6Net>) -> String {
     let mut post = String::new();
-    let nets = (network.map(|n| ("ip", n.to_string())).into_iter())
-        .chain(network6.map(|n| ("ip6", n.to_string())));
+    let nets =
+        (network.map(|n| ("ip", n.to_string())).into_iter()).chain(network6.map(|n| ("ip6", n.to_string())));
     for (ip, n) in nets {
         post.push_str(&format!(
             "\t\toifname \"{HOST_DEVICE}\" {ip} saddr {n} {ip} daddr {n} meta mark & {KUBE_MASQ_MARK:#010x} == 0 \
@@ -109,11 +109,26 @@ mod tests {
 
     #[test]
     fn renders_the_mark_after_dnat_and_the_masquerade_per_family() {
-        let t = render(Some("10.244.0.0/16".parse().unwrap()), Some("fd00:10:244::/56".parse().unwrap()));
-        assert!(t.starts_with("add table inet overlay-agent\ndelete table inet overlay-agent\n"), "{t}");
-        assert!(t.contains("type filter hook prerouting priority dstnat + 10;"), "{t}");
-        assert!(t.contains("ct status dnat meta mark set meta mark or 0x00002000"), "{t}");
-        assert!(t.contains("type nat hook postrouting priority srcnat - 10;"), "{t}");
+        let t = render(
+            Some("10.244.0.0/16".parse().unwrap()),
+            Some("fd00:10:244::/56".parse().unwrap()),
+        );
+        assert!(
+            t.starts_with("add table inet overlay-agent\ndelete table inet overlay-agent\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("type filter hook prerouting priority dstnat + 10;"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ct status dnat meta mark set meta mark or 0x00002000"),
+            "{t}"
+        );
+        assert!(
+            t.contains("type nat hook postrouting priority srcnat - 10;"),
+            "{t}"
+        );
         assert!(
             t.contains(
                 "oifname \"overlay0\" ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 meta mark & 0x00004000 == 0 \
@@ -121,8 +136,14 @@ mod tests {
             ),
             "{t}"
         );
-        assert!(t.contains("oifname \"overlay0\" ip saddr != 10.244.0.0/16 masquerade"), "{t}");
-        assert!(t.contains("oifname \"overlay0\" ip6 saddr != fd00:10:244::/56 masquerade"), "{t}");
+        assert!(
+            t.contains("oifname \"overlay0\" ip saddr != 10.244.0.0/16 masquerade"),
+            "{t}"
+        );
+        assert!(
+            t.contains("oifname \"overlay0\" ip6 saddr != fd00:10:244::/56 masquerade"),
+            "{t}"
+        );
         let v4 = render(Some("10.244.0.0/16".parse().unwrap()), None);
         assert!(!v4.contains("ip6 saddr"), "{v4}");
     }

@@ -176,7 +176,11 @@ impl Ops {
         }
         match conntrack::install(nets.0, nets.1) {
             Ok(()) => {
-                info!(table = conntrack::TABLE, family = "inet", "conntrack rules installed");
+                info!(
+                    table = conntrack::TABLE,
+                    family = "inet",
+                    "conntrack rules installed"
+                );
                 self.conntrack_for = Some(nets);
             }
             Err(e) => error!(error = %e, "installing the conntrack rules"),

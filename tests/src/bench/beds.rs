@@ -284,7 +284,18 @@ impl Bed {
             IpAddr::V4(a) => ("iptables", "10.96.0.10".parse()?, format!("{a}:5201")),
             IpAddr::V6(a) => ("ip6tables", "fd00:96::10".parse()?, format!("[{a}]:5201")),
         };
-        let jump = ["-t", "nat", "-C", "PREROUTING", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"];
+        let jump = [
+            "-t",
+            "nat",
+            "-C",
+            "PREROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ];
         if node.exec(tool, &jump).is_ok() {
             // In place since an earlier round.
             return Ok(vip);
@@ -378,13 +389,60 @@ impl Bed {
         let (node_feats, port_feats): (&[&str], &[&str]) = match flavour {
             // veth's defaults.
             Flavour::Veth => (
-                &["tso", "on", "gso", "on", "gro", "off"],
-                &["tso", "on", "gso", "on", "gro", "off"],
+                &[
+                    "tso",
+                    "on",
+                    "gso",
+                    "on",
+                    "tx-udp_tnl-segmentation",
+                    "on",
+                    "tx-udp_tnl-csum-segmentation",
+                    "on",
+                    "gro",
+                    "off",
+                ],
+                &[
+                    "tso",
+                    "on",
+                    "gso",
+                    "on",
+                    "tx-udp_tnl-segmentation",
+                    "on",
+                    "tx-udp_tnl-csum-segmentation",
+                    "on",
+                    "gro",
+                    "off",
+                ],
             ),
-            // Nodes segment on transmit and coalesce on receive; the switch does neither.
+            // Nodes segment on transmit (no TCP or UDP-tunnel segmentation offload) and
+            // coalesce on receive; the switch does neither. The ports must not claim TSO
+            // either: veth runs GRO on a frame only when the sending end has TSO off
+            // (`veth_skb_is_eligible_for_gro`). tests/plain-bench.sh sets up the same by hand.
             Flavour::Nic => (
-                &["tso", "off", "gso", "off", "gro", "on"],
-                &["tso", "off", "gso", "off", "gro", "off"],
+                &[
+                    "tso",
+                    "off",
+                    "gso",
+                    "off",
+                    "tx-udp_tnl-segmentation",
+                    "off",
+                    "tx-udp_tnl-csum-segmentation",
+                    "off",
+                    "gro",
+                    "on",
+                ],
+                &[
+                    "tso",
+                    "off",
+                    "gso",
+                    "off",
+                    "tx-udp_tnl-segmentation",
+                    "off",
+                    "tx-udp_tnl-csum-segmentation",
+                    "off",
+                    "gro",
+                    "off",
+                ],
             ),
         };
         let (nodes, underlay): (Vec<&Node>, &Underlay) = match &self.kind {

@@ -123,7 +123,14 @@ pub fn tcp(server: &mut Netns, ip: IpAddr, client: &Netns, secs: u32, flows: u32
 }
 
 /// [`tcp`] to the server at `ip` through address `to` (a ClusterIP the client's node DNATs).
-pub fn tcp_via(server: &mut Netns, ip: IpAddr, to: IpAddr, client: &Netns, secs: u32, flows: u32) -> Result<Tcp> {
+pub fn tcp_via(
+    server: &mut Netns,
+    ip: IpAddr,
+    to: IpAddr,
+    client: &Netns,
+    secs: u32,
+    flows: u32,
+) -> Result<Tcp> {
     let p = flows.to_string();
     let before = sys_softirq()?;
     let v = iperf_via(server, ip, to, client, secs, &["-P", &p])?;

@@ -1,0 +1,112 @@
+//! Receive GRO for our VXLAN port. The kernel merges the MTU-sized frames of a UDP tunnel into
+//! one GSO packet only when a socket with a `gro_receive` handler owns the destination port
+//! (`udp_gro_receive`); `flannel.1` owns 8472 and gets it, TC decap alone does not, so on a NIC
+//! every frame is stripped and delivered on its own. This module keeps one collect-metadata
+//! (`external`) VXLAN device, `overlay-gro`, on the port: its socket makes the NIC's GRO merge
+//! our frames before decap on the NIC's TC ingress strips them, whole.
+//!
+//! The device never carries a packet. Decap takes every valid frame before the socket sees it;
+//! what the socket still gets (frames decap leaves to the stack: to another local address, with
+//! IP options) it would deliver through the device, so a TC program there drops it
+//! (`drop_gro_device`). It has no address (IPv6 off), no route points at it, and a
+//! collect-metadata device drops what it is asked to send without tunnel metadata.
+
+use futures::TryStreamExt as _;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan};
+
+/// The device's name.
+pub const GRO_DEVICE: &str = "overlay-gro";
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroDeviceError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("netlink, {what}: {source}")]
+    Netlink {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
+    #[error("{GRO_DEVICE} did not appear after it was created")]
+    Missing,
+}
+
+fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> GroDeviceError {
+    move |source| GroDeviceError::Netlink { what, source }
+}
+
+/// Creates the device for `port` (replacing one an earlier agent left, whose port may differ)
+/// and brings it up; its ifindex.
+pub async fn ensure(port: u16) -> Result<u32, GroDeviceError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let conn = tokio::spawn(conn);
+    let r = create(&handle, port).await;
+    conn.abort();
+    r
+}
+
+/// Removes the device if it exists; true if it did.
+pub async fn remove() -> Result<bool, GroDeviceError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let conn = tokio::spawn(conn);
+    let r = async {
+        match index(&handle).await? {
+            Some(i) => handle
+                .link()
+                .del(i)
+                .execute()
+                .await
+                .map(|()| true)
+                .map_err(nl("removing the receive-GRO device")),
+            None => Ok(false),
+        }
+    }
+    .await;
+    conn.abort();
+    r
+}
+
+async fn index(handle: &Handle) -> Result<Option<u32>, GroDeviceError> {
+    match handle
+        .link()
+        .get()
+        .match_name(GRO_DEVICE.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(Some(link)) => Ok(Some(link.header.index)),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(source) => Err(GroDeviceError::Netlink {
+            what: "looking up the receive-GRO device",
+            source,
+        }),
+    }
+}
+
+async fn create(handle: &Handle, port: u16) -> Result<u32, GroDeviceError> {
+    if let Some(old) = index(handle).await? {
+        handle
+            .link()
+            .del(old)
+            .execute()
+            .await
+            .map_err(nl("replacing the receive-GRO device"))?;
+    }
+    let vxlan = LinkMessageBuilder::<LinkVxlan>::new(GRO_DEVICE)
+        .port(port)
+        .collect_metadata(true)
+        .learning(false)
+        .build();
+    handle.link().add(vxlan).execute().await.map_err(nl(
+        "creating the receive-GRO device (a VXLAN device in external mode)",
+    ))?;
+    let dev = index(handle).await?.ok_or(GroDeviceError::Missing)?;
+    // No IPv6 link-local address, so the device never has anything of its own to send.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{GRO_DEVICE}/disable_ipv6"), "1");
+    let up = LinkUnspec::new_with_index(dev).arp(false).up().build();
+    handle.link().set(up).execute().await.map_err(nl(
+        "bringing the receive-GRO device up (its VXLAN socket binds the port)",
+    ))?;
+    Ok(dev)
+}
