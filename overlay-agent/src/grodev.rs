@@ -11,32 +11,20 @@
 //! (`drop_gro_device`). It has no address (IPv6 off), no route points at it, and a
 //! collect-metadata device drops what it is asked to send without tunnel metadata.
 
-use futures::TryStreamExt as _;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
 /// The device's name.
 pub const GRO_DEVICE: &str = "overlay-gro";
 
-#[derive(Debug, thiserror::Error)]
-pub enum GroDeviceError {
-    #[error("opening a netlink socket: {0}")]
-    Socket(#[from] std::io::Error),
-    #[error("netlink, {what}: {source}")]
-    Netlink {
-        what: &'static str,
-        source: rtnetlink::Error,
-    },
-    #[error("{GRO_DEVICE} did not appear after it was created")]
-    Missing,
-}
+use crate::hostroute::HostRouteError;
 
-fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> GroDeviceError {
-    move |source| GroDeviceError::Netlink { what, source }
+fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> HostRouteError {
+    move |source| HostRouteError::Netlink { what, source }
 }
 
 /// Creates the device for `port` (replacing one an earlier agent left, whose port may differ)
 /// and brings it up; its ifindex.
-pub async fn ensure(port: u16) -> Result<u32, GroDeviceError> {
+pub async fn ensure(port: u16) -> Result<u32, HostRouteError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn = tokio::spawn(conn);
     let r = create(&handle, port).await;
@@ -45,7 +33,7 @@ pub async fn ensure(port: u16) -> Result<u32, GroDeviceError> {
 }
 
 /// Removes the device if it exists; true if it did.
-pub async fn remove() -> Result<bool, GroDeviceError> {
+pub async fn remove() -> Result<bool, HostRouteError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn = tokio::spawn(conn);
     let r = async {
@@ -65,26 +53,13 @@ pub async fn remove() -> Result<bool, GroDeviceError> {
     r
 }
 
-async fn index(handle: &Handle) -> Result<Option<u32>, GroDeviceError> {
-    match handle
-        .link()
-        .get()
-        .match_name(GRO_DEVICE.to_string())
-        .execute()
-        .try_next()
+async fn index(handle: &Handle) -> Result<Option<u32>, HostRouteError> {
+    crate::hostroute::find_link(handle, GRO_DEVICE)
         .await
-    {
-        Ok(Some(link)) => Ok(Some(link.header.index)),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(source) => Err(GroDeviceError::Netlink {
-            what: "looking up the receive-GRO device",
-            source,
-        }),
-    }
+        .map_err(nl("looking up the receive-GRO device"))
 }
 
-async fn create(handle: &Handle, port: u16) -> Result<u32, GroDeviceError> {
+async fn create(handle: &Handle, port: u16) -> Result<u32, HostRouteError> {
     if let Some(old) = index(handle).await? {
         handle
             .link()
@@ -101,7 +76,7 @@ async fn create(handle: &Handle, port: u16) -> Result<u32, GroDeviceError> {
     handle.link().add(vxlan).execute().await.map_err(nl(
         "creating the receive-GRO device (a VXLAN device in external mode)",
     ))?;
-    let dev = index(handle).await?.ok_or(GroDeviceError::Missing)?;
+    let dev = index(handle).await?.ok_or(HostRouteError::Missing(GRO_DEVICE))?;
     // No IPv6 link-local address, so the device never has anything of its own to send.
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{GRO_DEVICE}/disable_ipv6"), "1");
     let up = LinkUnspec::new_with_index(dev).arp(false).up().build();

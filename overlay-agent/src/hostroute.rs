@@ -39,8 +39,8 @@ fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> HostRouteError {
     move |source| HostRouteError::Netlink { what, source }
 }
 
-/// Index of link `name`, if it exists.
-async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, HostRouteError> {
+/// Index of link `name`, if it exists (the kernel answers ENODEV for a name that does not).
+pub(crate) async fn find_link(handle: &Handle, name: &str) -> Result<Option<u32>, rtnetlink::Error> {
     match handle
         .link()
         .get()
@@ -49,15 +49,16 @@ async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, HostRout
         .try_next()
         .await
     {
-        Ok(Some(link)) => Ok(Some(link.header.index)),
-        Ok(None) => Ok(None),
-        // The kernel answers ENODEV for a name that does not exist.
+        Ok(link) => Ok(link.map(|l| l.header.index)),
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(source) => Err(HostRouteError::Netlink {
-            what: "looking up the host device",
-            source,
-        }),
+        Err(e) => Err(e),
     }
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, HostRouteError> {
+    find_link(handle, name)
+        .await
+        .map_err(nl("looking up the host device"))
 }
 
 /// Creates (or updates) the host device for our `subnet` inside the cluster `network`.

@@ -418,6 +418,48 @@ pub fn host_gw(node: &Node, peers: &[(Ipv4Net, Ipv4Addr)]) -> Result<()> {
     Ok(())
 }
 
+/// Offloads of a NIC-like underlay (the bench's nic-emulation, tests/plain-bench.sh `nic`):
+/// the nodes' eth0 segment to the MTU and coalesce what they receive.
+pub const NIC_NODE_OFFLOADS: &[&str] = &[
+    "tso",
+    "off",
+    "gso",
+    "off",
+    "tx-udp_tnl-segmentation",
+    "off",
+    "tx-udp_tnl-csum-segmentation",
+    "off",
+    "gro",
+    "on",
+];
+/// The switch ports of a NIC-like underlay forward frames as they come: no segmentation
+/// offload (veth runs GRO on a frame only when the sending end has TSO off), no GRO.
+pub const NIC_PORT_OFFLOADS: &[&str] = &[
+    "tso",
+    "off",
+    "gso",
+    "off",
+    "tx-udp_tnl-segmentation",
+    "off",
+    "tx-udp_tnl-csum-segmentation",
+    "off",
+    "gro",
+    "off",
+];
+/// veth's defaults, on the nodes and the ports: 64 KB segments cross the "wire" whole.
+pub const VETH_OFFLOADS: &[&str] = &[
+    "tso",
+    "on",
+    "gso",
+    "on",
+    "tx-udp_tnl-segmentation",
+    "on",
+    "tx-udp_tnl-csum-segmentation",
+    "on",
+    "gro",
+    "off",
+];
+
 /// `ethtool -K <dev> <features...>` inside `ns` (e.g. `["tso", "off", "gso", "off"]`).
 pub fn ethtool_k(ns: &Netns, dev: &str, features: &[&str]) -> Result<()> {
     let mut args = vec!["-K", dev];

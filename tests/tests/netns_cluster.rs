@@ -720,7 +720,7 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
     use overlay_tests::{
         netns::{veth, Netns},
         packet,
-        topology::ethtool_k,
+        topology::{ethtool_k, NIC_NODE_OFFLOADS, NIC_PORT_OFFLOADS},
     };
     require_root();
     let mut c = Cluster::new(2, CONFIG).unwrap();
@@ -730,21 +730,9 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
             .to_vec();
     }
     let pods = c.start_with_pods().unwrap();
-    let tx_offloads = [
-        "tso",
-        "off",
-        "gso",
-        "off",
-        "tx-udp_tnl-segmentation",
-        "off",
-        "tx-udp_tnl-csum-segmentation",
-        "off",
-    ];
     for (i, n) in c.nodes.iter().enumerate() {
-        let node: Vec<&str> = tx_offloads.iter().copied().chain(["gro", "on"]).collect();
-        ethtool_k(&n.node.ns, "eth0", &node).unwrap();
-        // A port claiming TSO would keep veth from running GRO on what it sends.
-        ethtool_k(&c.underlay.ns, &format!("p{}", i + 1), &tx_offloads).unwrap();
+        ethtool_k(&n.node.ns, "eth0", NIC_NODE_OFFLOADS).unwrap();
+        ethtool_k(&c.underlay.ns, &format!("p{}", i + 1), NIC_PORT_OFFLOADS).unwrap();
     }
     let receiver = &c.nodes[1];
     assert!(
@@ -763,7 +751,8 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
             2,
         )
         .unwrap();
-        assert!(bps > 100e6, "bulk TCP reached only {bps} bit/s");
+        // Merging is the point, not speed (tier 4 runs this in a slow VM).
+        assert!(bps > 10e6, "bulk TCP reached only {bps} bit/s");
         let after = read_pinned_counters(&pin_root).unwrap();
         let d = |k: Counter| after.get(k) - before.get(k);
         (d(Counter::DecapPackets), d(Counter::DecapGsoPackets))
@@ -778,7 +767,10 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
     // the name and leaves it alone) merges nothing.
     let ns = &c.nodes[1].node.ns;
     ns.ip(&["link", "del", GRO_DEVICE]).unwrap();
-    ns.ip(&["link", "add", GRO_DEVICE, "type", "veth", "peer", "name", "ovlgrop"]).unwrap();
+    ns.ip(&[
+        "link", "add", GRO_DEVICE, "type", "veth", "peer", "name", "ovlgrop",
+    ])
+    .unwrap();
     let (decap, gso) = transfer(&mut c);
     assert!(
         gso * 100 < decap,
@@ -787,12 +779,16 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
     let mark = c.log_mark(1);
     c.nodes[1].node.ns.ip(&["link", "del", GRO_DEVICE]).unwrap();
     assert!(
-        c.wait_log_after(1, mark, "receive GRO on", Duration::from_secs(10)).is_some(),
+        c.wait_log_after(1, mark, "receive GRO on", Duration::from_secs(10))
+            .is_some(),
         "the agent did not set {GRO_DEVICE} up again; log:\n{}",
         c.agent_log(1)
     );
     let (decap, gso) = transfer(&mut c);
-    assert!(gso * 4 > decap, "{GRO_DEVICE} set up again: only {gso} of {decap} packets merged");
+    assert!(
+        gso * 4 > decap,
+        "{GRO_DEVICE} set up again: only {gso} of {decap} packets merged"
+    );
 
     // What decap leaves to the stack on our port (here: to another address of the node) reaches
     // the device's socket, and is dropped there.

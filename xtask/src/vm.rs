@@ -70,6 +70,10 @@ pub const TIER3_SELECTION: &[(&str, &str)] = &[
     ("netns_cluster", "direct_routing_peers_on_the_same_segment_skip_encapsulation"),
     ("netns_cluster", "restarts_lose_no_packet_of_a_steady_udp_flow"),
     ("netns_cluster", "mixed_cluster_with_a_kernel_vxlan_flannel_node"),
+    (
+        "netns_cluster",
+        "receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing",
+    ),
     ("netns_dualstack", "dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses"),
     ("netns_dualstack_deliver", "ipv6_stripped_by_xdp_is_delivered_by_the_tc_program_after_gro"),
     ("netns_ops", "ip_masq_snat_restart_and_cleanup"),

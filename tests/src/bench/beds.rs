@@ -17,7 +17,10 @@ use overlay_tests::{
         add_bridge_ipv6, add_pod_ipv6, nth6, try_bridge_and_pod, try_cluster_with, try_wait_peers, DUAL,
     },
     netns::Netns,
-    topology::{ethtool_k, flannel_vxlan, flannel_vxlan6, host_gw, Node, Underlay},
+    topology::{
+        ethtool_k, flannel_vxlan, flannel_vxlan6, host_gw, Node, Underlay, NIC_NODE_OFFLOADS,
+        NIC_PORT_OFFLOADS, VETH_OFFLOADS,
+    },
 };
 
 /// Network config for the agent clusters (flannel's default SubnetLen 24).
@@ -386,64 +389,11 @@ impl Bed {
 
     /// Sets the underlay offloads for `flavour` on both nodes' eth0 and the switch ports.
     pub fn set_flavour(&self, flavour: Flavour) -> Result<()> {
-        let (node_feats, port_feats): (&[&str], &[&str]) = match flavour {
-            // veth's defaults.
-            Flavour::Veth => (
-                &[
-                    "tso",
-                    "on",
-                    "gso",
-                    "on",
-                    "tx-udp_tnl-segmentation",
-                    "on",
-                    "tx-udp_tnl-csum-segmentation",
-                    "on",
-                    "gro",
-                    "off",
-                ],
-                &[
-                    "tso",
-                    "on",
-                    "gso",
-                    "on",
-                    "tx-udp_tnl-segmentation",
-                    "on",
-                    "tx-udp_tnl-csum-segmentation",
-                    "on",
-                    "gro",
-                    "off",
-                ],
-            ),
-            // Nodes segment on transmit (no TCP or UDP-tunnel segmentation offload) and
-            // coalesce on receive; the switch does neither. The ports must not claim TSO
-            // either: veth runs GRO on a frame only when the sending end has TSO off
-            // (`veth_skb_is_eligible_for_gro`). tests/plain-bench.sh sets up the same by hand.
-            Flavour::Nic => (
-                &[
-                    "tso",
-                    "off",
-                    "gso",
-                    "off",
-                    "tx-udp_tnl-segmentation",
-                    "off",
-                    "tx-udp_tnl-csum-segmentation",
-                    "off",
-                    "gro",
-                    "on",
-                ],
-                &[
-                    "tso",
-                    "off",
-                    "gso",
-                    "off",
-                    "tx-udp_tnl-segmentation",
-                    "off",
-                    "tx-udp_tnl-csum-segmentation",
-                    "off",
-                    "gro",
-                    "off",
-                ],
-            ),
+        let (node_feats, port_feats) = match flavour {
+            Flavour::Veth => (VETH_OFFLOADS, VETH_OFFLOADS),
+            // Nodes segment on transmit and coalesce on receive; the switch does neither
+            // (tests/plain-bench.sh sets up the same by hand).
+            Flavour::Nic => (NIC_NODE_OFFLOADS, NIC_PORT_OFFLOADS),
         };
         let (nodes, underlay): (Vec<&Node>, &Underlay) = match &self.kind {
             Kind::Plain { nodes, underlay } => (nodes.iter().collect(), underlay),
