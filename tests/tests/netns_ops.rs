@@ -612,7 +612,7 @@ fn ip_masq_snat_restart_and_cleanup() {
     assert!(!tables.contains("overlay-agent"), "{tables}");
     let links = output(&c.nodes[0].node.ns, "ip", &["-d", "link", "show"]).unwrap();
     assert!(
-        !links.contains("overlay0") && !links.contains("prog/xdp"),
+        !links.contains("overlay0") && !links.contains("overlay-gro") && !links.contains("prog/xdp"),
         "left on the links:\n{links}"
     );
     for dev in ["eth0", "cni0"] {

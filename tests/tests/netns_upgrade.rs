@@ -24,7 +24,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
-use overlay_agent::hostroute::HOST_DEVICE;
+use overlay_agent::{grodev::GRO_DEVICE, hostroute::HOST_DEVICE};
 use overlay_tests::{
     cluster::{agent_bin, output, Cluster, UdpFlow},
     netns::{require_root, Netns},
@@ -583,8 +583,10 @@ fn leftovers(c: &Cluster, i: usize) -> Vec<String> {
     for h in hooks(&n.node.ns) {
         left.push(format!("{} {} prog {}", h.dev, h.kind, h.prog_id));
     }
-    if n.node.ns.ip(&["link", "show", HOST_DEVICE]).is_ok() {
-        left.push(format!("device {HOST_DEVICE}"));
+    for dev in [HOST_DEVICE, GRO_DEVICE] {
+        if n.node.ns.ip(&["link", "show", dev]).is_ok() {
+            left.push(format!("device {dev}"));
+        }
     }
     for dev in ["eth0", "cni0"] {
         let q = output(&n.node.ns, "tc", &["qdisc", "show", "dev", dev]).unwrap_or_default();
@@ -635,6 +637,11 @@ fn cleanup_of_either_release_removes_what_the_other_left() {
         let mut left = Vec::new();
         let clean = Cluster::wait_for(Duration::from_secs(3), || {
             left = leftovers(&c, i);
+            // The one exception the README names: the previous release does not know the
+            // receive-GRO device (its unpinned sink is gone with the pins).
+            if *cleaner == Release::Previous {
+                left.retain(|l| *l != format!("device {GRO_DEVICE}"));
+            }
             left.is_empty()
         });
         assert!(
