@@ -13,10 +13,10 @@
 
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
+use crate::hostroute::HostRouteError;
+
 /// The device's name.
 pub const GRO_DEVICE: &str = "overlay-gro";
-
-use crate::hostroute::HostRouteError;
 
 fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> HostRouteError {
     move |source| HostRouteError::Netlink { what, source }

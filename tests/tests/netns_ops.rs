@@ -433,6 +433,8 @@ fn notify_health_metrics_and_status() {
             ("overlay_decap_tc", "eth0", &tc_in),
             ("overlay_encap", "cni0", &tc_in),
             ("overlay_encap", "overlay0", &tc_out),
+            // Receive GRO's sink (TC decap only: node 2's XDP has none).
+            ("overlay_gro_sink", "overlay-gro", &tc_in),
         ]),
         "node 1's attachments: {st}"
     );
