@@ -150,7 +150,7 @@ fn control_result(r: Result<Result<(), control::ControlError>, tokio::task::Join
 /// GRO anyway; a kernel without VXLAN) costs throughput only, so it is a warning.
 async fn receive_gro(dp: &mut Dataplane, port: u16) -> bool {
     let r = match grodev::ensure(port).await {
-        Ok(_) => dp
+        Ok(()) => dp
             .attach_gro_sink(grodev::GRO_DEVICE)
             .map_err(anyhow::Error::from),
         Err(e) => Err(e.into()),
@@ -438,16 +438,13 @@ impl Sync {
             self.gro_up = false;
         }
         let Some(cfg) = &self.config else { return };
-        if self.receive_gro && self.gro_port != Some(cfg.backend.port) {
-            self.write_config(dp).await;
-            return;
-        }
+        let gro_pending = self.receive_gro && self.gro_port != Some(cfg.backend.port);
         let v4_pending = cfg.network().is_some() && self.v4.own.is_some() && self.host_device != self.v4.own;
         let v6_pending = cfg.ipv6_network().is_some()
             && self.public_ipv6.is_some()
             && self.v6.own.is_some()
             && self.host_device6 != self.v6.own;
-        if v4_pending || v6_pending {
+        if v4_pending || v6_pending || gro_pending {
             self.write_config(dp).await;
         }
     }

@@ -23,8 +23,8 @@ fn nl(what: &'static str) -> impl FnOnce(rtnetlink::Error) -> HostRouteError {
 }
 
 /// Creates the device for `port` (replacing one an earlier agent left, whose port may differ)
-/// and brings it up; its ifindex.
-pub async fn ensure(port: u16) -> Result<u32, HostRouteError> {
+/// and brings it up.
+pub async fn ensure(port: u16) -> Result<(), HostRouteError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn = tokio::spawn(conn);
     let r = create(&handle, port).await;
@@ -36,19 +36,7 @@ pub async fn ensure(port: u16) -> Result<u32, HostRouteError> {
 pub async fn remove() -> Result<bool, HostRouteError> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn = tokio::spawn(conn);
-    let r = async {
-        match index(&handle).await? {
-            Some(i) => handle
-                .link()
-                .del(i)
-                .execute()
-                .await
-                .map(|()| true)
-                .map_err(nl("removing the receive-GRO device")),
-            None => Ok(false),
-        }
-    }
-    .await;
+    let r = delete(&handle).await;
     conn.abort();
     r
 }
@@ -59,15 +47,22 @@ async fn index(handle: &Handle) -> Result<Option<u32>, HostRouteError> {
         .map_err(nl("looking up the receive-GRO device"))
 }
 
-async fn create(handle: &Handle, port: u16) -> Result<u32, HostRouteError> {
-    if let Some(old) = index(handle).await? {
-        handle
-            .link()
-            .del(old)
-            .execute()
-            .await
-            .map_err(nl("replacing the receive-GRO device"))?;
-    }
+/// Deletes the device if it exists; true if it did.
+async fn delete(handle: &Handle) -> Result<bool, HostRouteError> {
+    let Some(i) = index(handle).await? else {
+        return Ok(false);
+    };
+    handle
+        .link()
+        .del(i)
+        .execute()
+        .await
+        .map_err(nl("removing the receive-GRO device"))?;
+    Ok(true)
+}
+
+async fn create(handle: &Handle, port: u16) -> Result<(), HostRouteError> {
+    delete(handle).await?;
     let vxlan = LinkMessageBuilder::<LinkVxlan>::new(GRO_DEVICE)
         .port(port)
         .collect_metadata(true)
@@ -82,6 +77,5 @@ async fn create(handle: &Handle, port: u16) -> Result<u32, HostRouteError> {
     let up = LinkUnspec::new_with_index(dev).arp(false).up().build();
     handle.link().set(up).execute().await.map_err(nl(
         "bringing the receive-GRO device up (its VXLAN socket binds the port)",
-    ))?;
-    Ok(dev)
+    ))
 }

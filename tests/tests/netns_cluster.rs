@@ -378,21 +378,10 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
 fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     use overlay_agent::dataplane::read_pinned_counters;
     use overlay_common::{wire::EncapParams, Counter};
-    use overlay_tests::{
-        netns::{veth, Netns},
-        packet,
-    };
+    use overlay_tests::packet;
     let (c, pods) = cluster(2, CONFIG);
     // The attacker: a namespace on the underlay segment.
-    let attacker = Netns::new("ovla").unwrap();
-    veth(&attacker, "eth0", Some(&c.underlay.ns), "patk").unwrap();
-    c.underlay
-        .ns
-        .ip(&["link", "set", "patk", "master", "br0"])
-        .unwrap();
-    attacker
-        .ip(&["addr", "add", "198.18.0.66/24", "dev", "eth0"])
-        .unwrap();
+    let attacker = c.outside_host("198.18.0.66".parse().unwrap()).unwrap();
 
     let victim = &c.nodes[1];
     let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
@@ -718,7 +707,6 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
     use overlay_agent::{dataplane::read_pinned_counters, grodev::GRO_DEVICE};
     use overlay_common::{wire::EncapParams, Counter};
     use overlay_tests::{
-        netns::{veth, Netns},
         packet,
         topology::{ethtool_k, NIC_NODE_OFFLOADS, NIC_PORT_OFFLOADS},
     };
@@ -798,15 +786,7 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
         .ns
         .ip(&["addr", "add", "198.18.0.112/24", "dev", "eth0"])
         .unwrap();
-    let sender = Netns::new("ovlg").unwrap();
-    veth(&sender, "eth0", Some(&c.underlay.ns), "pgro").unwrap();
-    c.underlay
-        .ns
-        .ip(&["link", "set", "pgro", "master", "br0"])
-        .unwrap();
-    sender
-        .ip(&["addr", "add", "198.18.0.67/24", "dev", "eth0"])
-        .unwrap();
+    let sender = c.outside_host("198.18.0.67".parse().unwrap()).unwrap();
     let leases = c.lease_list().unwrap();
     let vtep = |i: u8| {
         let ip = overlay_tests::topology::Node::underlay_ip(i);
