@@ -93,6 +93,7 @@ pub const NEEDS: &[Need] = &[
     cmd("iperf3", "iperf3", "tests, bench"),
     cmd("tcpdump", "tcpdump", "tests"),
     cmd("ethtool", "ethtool", "tests, bench"),
+    cmd("jq", "jq", "tests/plain-bench.sh (the second bench harness)"),
     cmd("curl", "curl", "tests (health/metrics)"),
     cmd("systemd-analyze", "systemd", "tests (unit file check)"),
     cmd("openssl", "openssl", "tests (etcd TLS)"),
