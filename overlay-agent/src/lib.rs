@@ -1,22 +1,15 @@
 //! overlay-agent: flannel-compatible VXLAN overlay with an eBPF datapath.
 //!
-//! Control plane (`config`, `lease`, `subnet`, `subnet_env`, `iface`, `cli`) never sees BPF;
-//! the datapath (`object`, `bpffs`, `dataplane`) never sees etcd.
+//! Wings by concern, each importing only downward (docs/ARCHITECTURE.md):
+//! `cli` (the face) → `daemon` (composition root) → `reconcile` and `ops` → `control` (etcd),
+//! `node` (netlink, ethtool, sysctl) and `dataplane` (the only aya user) → `family`, `metrics`.
 
-pub mod agent;
-pub mod bpffs;
 pub mod cli;
-pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod dataplane;
-pub mod endpoints;
 pub mod family;
-pub mod grodev;
-pub mod hostroute;
-pub mod iface;
-pub mod lease;
-pub mod object;
+pub mod metrics;
+pub mod node;
 pub mod ops;
-pub mod peers;
-pub mod subnet;
-pub mod subnet_env;
+pub mod reconcile;

@@ -3,9 +3,8 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    agent,
-    cli::{self, AgentArgs, IfaceArgs, DEFAULT_SUBNET_FILE},
-    ops::{cleanup, docker, status},
+    cli::{self, cleanup, docker_opts as docker, status, AgentArgs, IfaceArgs, DEFAULT_SUBNET_FILE},
+    daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
 
@@ -83,7 +82,7 @@ fn main() -> Result<()> {
             init_logging("info");
             let mut ifaces = iface;
             if ifaces.is_empty() {
-                if let Ok(u) = overlay_agent::iface::resolve(&IfaceArgs::default()) {
+                if let Ok(u) = overlay_agent::node::underlay::resolve(&IfaceArgs::default()) {
                     ifaces.push(u.name);
                 }
             }
@@ -111,7 +110,7 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(agent::run(cli.args))
+            rt.block_on(daemon::run(cli.args))
         }
     }
 }

@@ -204,7 +204,8 @@ pub struct PinRoot(pub std::path::PathBuf);
 impl PinRoot {
     /// Mounts bpffs on /sys/fs/bpf first if needed (a fresh machine has none).
     pub fn new() -> Self {
-        overlay_agent::bpffs::ensure_mounted(std::path::Path::new("/sys/fs/bpf")).expect("mounting bpffs");
+        overlay_agent::dataplane::bpffs::ensure_mounted(std::path::Path::new("/sys/fs/bpf"))
+            .expect("mounting bpffs");
         PinRoot(std::path::PathBuf::from(format!(
             "/sys/fs/bpf/{}",
             unique_name("ovltest")

@@ -6,13 +6,16 @@ use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use overlay_agent::{
     cli::AgentArgs,
-    control::{run, run_with_registry, ControlError, Event, NodeIdentity, RunOptions},
-    lease::{Lease, LeaseAttrs},
-    ops::metrics::METRICS,
-    subnet::{
-        etcd::{EtcdOptions, EtcdRegistry},
-        SUBNET_TTL,
+    control::{
+        lease::{Lease, LeaseAttrs},
+        run, run_with_registry,
+        subnet::{
+            etcd::{EtcdOptions, EtcdRegistry},
+            SUBNET_TTL,
+        },
+        ControlError, Event, NodeIdentity, RunOptions,
     },
+    metrics::METRICS,
 };
 use overlay_tests::{
     etcd::{Etcd, EtcdCluster},

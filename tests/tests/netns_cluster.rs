@@ -589,7 +589,7 @@ fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
         took < Duration::from_millis(250),
         "{second}'s endpoint stayed in the map {took:?} after its veth {veth} was deleted (want < 250 ms; \
          the periodic resync is every {:?}); map: {left:?}",
-        overlay_agent::endpoints::RESYNC_EVERY
+        overlay_agent::reconcile::endpoints::RESYNC_EVERY
     );
     c.nodes[0].node.pods.remove(1);
     // The bridge's MAC may change with its ports (it takes the lowest port MAC unless one was
@@ -624,7 +624,7 @@ fn a_restarted_pod_is_reachable_again_within_a_second() {
         &c,
         0,
         &old,
-        overlay_agent::endpoints::RESYNC_EVERY + Duration::from_secs(1),
+        overlay_agent::reconcile::endpoints::RESYNC_EVERY + Duration::from_secs(1),
     );
     let now = || {
         SystemTime::now()
@@ -704,7 +704,7 @@ fn a_restarted_pod_is_reachable_again_within_a_second() {
 /// removes it.
 #[test]
 fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing() {
-    use overlay_agent::{dataplane::read_pinned_counters, grodev::GRO_DEVICE};
+    use overlay_agent::{dataplane::read_pinned_counters, node::grodev::GRO_DEVICE};
     use overlay_common::{wire::EncapParams, Counter};
     use overlay_tests::{
         packet,

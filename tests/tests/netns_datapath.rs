@@ -189,7 +189,7 @@ fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
             overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
         } else {
             let _inside = node.ns.enter().unwrap();
-            let r = overlay_agent::ops::cleanup::run(&pins.0, &["eth0".into(), "cni0".into()]);
+            let r = overlay_agent::cli::cleanup::run(&pins.0, &["eth0".into(), "cni0".into()]);
             assert!(r.failed.is_empty(), "{mode:?}: cleanup failed: {:?}", r.failed);
             for dev in ["cni0", "eth0"] {
                 let left = node.ns.our_tc_filters(dev, "ingress").unwrap();

@@ -196,7 +196,7 @@ fn our_attachments(st: &serde_json::Value, ns: &Netns) -> Vec<(String, String, S
             let tc = output(ns, "tc", &["-j", "filter", "show", "dev", iface, dir]).unwrap();
             assert!(
                 prog > 0
-                    && overlay_agent::ops::status::parse_clsact_filters(tc.as_bytes())
+                    && overlay_agent::cli::status::parse_clsact_filters(tc.as_bytes())
                         .contains(&(program.to_string(), Some(prog as u32))),
                 "{program} on {iface} {dir}: tc shows no filter of ours with program {prog}: {tc}\n{a}"
             );

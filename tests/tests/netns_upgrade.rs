@@ -24,7 +24,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
-use overlay_agent::{grodev::GRO_DEVICE, hostroute::HOST_DEVICE};
+use overlay_agent::node::{grodev::GRO_DEVICE, hostdev::HOST_DEVICE};
 use overlay_tests::{
     cluster::{agent_bin, output, Cluster, UdpFlow},
     netns::{require_root, Netns},

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::{sync::mpsc, time::Instant};
 
 use super::{send, Backoff, ControlError, Event, RunOptions, Stop};
-use crate::{
+use super::{
     subnet::{KeyValue, OwnLease, Registry, RegistryError, SubnetError, SubnetManager},
     subnet_env::SubnetEnv,
 };
@@ -101,7 +101,7 @@ impl<R: Registry> LeaseKeeper<R> {
     pub async fn renew(&mut self) -> Renewal {
         match self.mgr.renew(&mut self.own).await {
             Ok(()) => {
-                crate::ops::metrics::lease_renewed(self.own.lease.expiration);
+                crate::metrics::lease_renewed(self.own.lease.expiration);
                 self.schedule_renewal();
                 Renewal::Renewed
             }
@@ -147,7 +147,7 @@ async fn acquire<R: Registry>(
         let wait = match mgr.acquire().await {
             Ok(l) => return Ok(l),
             Err(e @ SubnetError::Exhausted { .. }) => {
-                crate::ops::metrics::pool_exhausted();
+                crate::metrics::pool_exhausted();
                 tracing::error!(error = %e, retry_in = ?EXHAUSTED_RETRY,
                     "cannot lease a subnet: the pool is exhausted; waiting for a lease to be freed");
                 // A little jitter so many waiting nodes do not all retry in the same instant.

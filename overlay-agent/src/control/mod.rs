@@ -6,8 +6,12 @@
 //! Unlike flanneld, losing our own lease (deleted, expired, taken over) is not fatal: we take a
 //! lease again (the same subnets when still free), rewrite subnet.env if it changed, and go on.
 
+pub mod config;
+pub mod lease;
 mod lease_keeper;
 mod peer_watch;
+pub mod subnet;
+pub mod subnet_env;
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -21,15 +25,13 @@ pub use lease_keeper::EXHAUSTED_RETRY;
 use lease_keeper::{LeaseKeeper, Renewal};
 use peer_watch::{Next, Opened, PeerWatch};
 
-use crate::{
-    config::{ConfigError, NetworkConfig},
-    lease::{Lease, LeaseAttrs},
-    subnet::{
-        etcd::{EtcdConnectError, EtcdOptions, EtcdRegistry},
-        Registry, RegistryWatch, SubnetManager,
-    },
-    subnet_env::{read_previous_subnets, SubnetEnvError},
+use config::{ConfigError, NetworkConfig};
+use lease::{Lease, LeaseAttrs};
+use subnet::{
+    etcd::{EtcdConnectError, EtcdOptions, EtcdRegistry},
+    Registry, RegistryWatch, SubnetManager,
 };
+use subnet_env::{read_previous_subnets, SubnetEnvError};
 
 /// Who this node is on the underlay, in each family it has an address in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +57,7 @@ impl NodeIdentity {
         NodeIdentity {
             public_ip,
             public_ipv6,
-            vtep_mac: crate::iface::default_vtep_mac(basis),
+            vtep_mac: crate::node::underlay::default_vtep_mac(basis),
             iface_mtu,
         }
     }
@@ -315,7 +317,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::*;
-    use crate::subnet::{MemRegistry, SUBNET_TTL};
+    use crate::control::subnet::{MemRegistry, SUBNET_TTL};
 
     const CONFIG: &str = r#"{"Network":"10.9.0.0/16","Backend":{"Type":"vxlan","VNI":7}}"#;
 

@@ -7,11 +7,11 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::sync::mpsc;
 
-use super::{lease_keeper::LeaseKeeper, send, Backoff, Event, Stop};
-use crate::{
+use super::{
     lease::{parse_subnet_key, parse_vxlan_lease, Lease, LeaseError, SubnetKey},
     subnet::{KeyValue, Registry, RegistryError, SubnetManager, WatchEvent},
 };
+use super::{lease_keeper::LeaseKeeper, send, Backoff, Event, Stop};
 
 /// The outcome of opening the watch.
 pub enum Opened<W> {
@@ -63,7 +63,7 @@ impl PeerWatch {
     }
 
     async fn pause(&mut self, events: &mpsc::Sender<Event>) -> Result<(), Stop> {
-        crate::ops::metrics::etcd_reconnect();
+        crate::metrics::etcd_reconnect();
         tokio::select! {
             _ = self.backoff.wait() => Ok(()),
             _ = events.closed() => Err(Stop::Closed),
@@ -244,7 +244,7 @@ impl PeerWatch {
             }
             Err(e) => {
                 if self.warn_once(&kv.key, &format!("{e}; skipping it")) {
-                    crate::ops::metrics::malformed_lease();
+                    crate::metrics::malformed_lease();
                 }
                 None
             }
@@ -280,7 +280,7 @@ mod tests {
     use std::{net::Ipv4Addr, time::Duration};
 
     use super::*;
-    use crate::{config::NetworkConfig, lease::LeaseAttrs, subnet::MemRegistry};
+    use crate::control::{config::NetworkConfig, lease::LeaseAttrs, subnet::MemRegistry};
 
     fn attrs(last: u8) -> LeaseAttrs {
         LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, last), 1, [2, 0, 0, 0, 0, last])

@@ -23,7 +23,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::maps::NAT_MARK;
 
 use super::netfilter::{nft, nft_table_exists, NftFailure};
-use crate::hostroute::HOST_DEVICE;
+use crate::node::hostdev::HOST_DEVICE;
 
 /// The table's name (family `inet`; `--ip-masq`'s tables are `ip`/`ip6` of the same name).
 pub const TABLE: &str = "overlay-agent";

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
-use super::metrics::METRICS;
+use crate::metrics::METRICS;
 
 #[derive(Debug, thiserror::Error)]
 #[error("listening on {addr} for /healthz and /metrics (--healthz-ip/--healthz-port): {source}")]

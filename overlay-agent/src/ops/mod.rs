@@ -3,16 +3,12 @@
 //! `status`, `cleanup` and `docker-opts` subcommands. The agent loop calls [`Ops`] around each
 //! control-plane event; nothing here touches etcd, and BPF only through pinned maps.
 
-pub mod cleanup;
 pub mod conntrack;
-pub mod docker;
 pub mod forward;
 pub mod http;
 pub mod masq;
-pub mod metrics;
 pub mod netfilter;
 pub mod notify;
-pub mod status;
 
 use std::net::SocketAddr;
 
@@ -20,17 +16,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::metrics::METRICS;
 use crate::{cli::AgentArgs, control::Event, dataplane::DecapMode};
-use metrics::METRICS;
 use netfilter::NfFamily;
-
-/// `xdp` or `tc`: how `status` and `/metrics` name a decap mode.
-pub fn decap_label(mode: DecapMode) -> &'static str {
-    match mode {
-        DecapMode::Xdp => "xdp",
-        DecapMode::Tc => "tc",
-    }
-}
 
 /// The agent's operations side: started once decap is attached.
 pub struct Ops {

@@ -10,11 +10,15 @@ use std::{
     time::Duration,
 };
 
+pub mod cleanup;
+pub mod docker_opts;
+pub mod status;
+
 use clap::{ArgAction, CommandFactory as _, Parser};
 
-use crate::{
-    control::{ControlOptions, RunOptions},
+use crate::control::{
     subnet::etcd::{EtcdOptions, EtcdTls},
+    ControlOptions, RunOptions,
 };
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";

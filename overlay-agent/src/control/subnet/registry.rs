@@ -11,7 +11,7 @@ use std::{
 
 use tokio::{sync::broadcast, time::Instant};
 
-use crate::lease::{subnet_key, SubnetKey};
+use crate::control::lease::{subnet_key, SubnetKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

@@ -23,10 +23,9 @@ use overlay_common::{
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 use serde::Serialize;
 
-use super::decap_label;
 use crate::{
+    control::lease::MacAddr,
     dataplane::{self, DecapMode},
-    lease::MacAddr,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +303,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     if !tcx {
         attachments.extend(read_clsact_filters());
     }
-    let decap = decap_in_use(&attachments, underlay).map_or("none", decap_label);
+    let decap = decap_in_use(&attachments, underlay).map_or("none", DecapMode::label);
     let features = dataplane::KernelFeatures {
         tcx,
         decap_l4_udp: c.flags & maps::CONFIG_DECAP_L4_UDP != 0,

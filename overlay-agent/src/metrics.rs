@@ -233,7 +233,7 @@ impl Collector for Dynamic {
                 MetricType::Gauge,
             )?;
             for each in [DecapMode::Xdp, DecapMode::Tc] {
-                let labels = [("mode", super::decap_label(each))];
+                let labels = [("mode", each.label())];
                 ConstGauge::new(i64::from(each == mode)).encode(m.encode_family(&labels)?)?;
             }
         }

@@ -42,9 +42,9 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    control::lease::MacAddr,
     dataplane::{Dataplane, DataplaneError, EndpointAddr, LocalEndpoint},
-    lease::MacAddr,
-    ops::metrics::METRICS,
+    metrics::METRICS,
 };
 
 /// A change that may concern the bridge is acted on this long after it arrived, so the burst of

@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tracing::{error, info};
 
 use crate::{
+    control::lease::{Lease, SubnetKey, VxlanPeer},
     dataplane::{Dataplane, DataplaneError, PeerEntry, PeerEntry6},
     family::{Family, V4, V6},
-    lease::{Lease, SubnetKey, VxlanPeer},
 };
 
 /// A removed lease stays in the maps this long: a node whose key was deleted or expired takes
@@ -168,7 +168,7 @@ impl<F: MapFamily> PeerTable<F> {
             }
             Err(e) => {
                 let full = matches!(e, DataplaneError::PeersFull { .. });
-                crate::ops::metrics::peer_map_error(if full { "full" } else { "other" });
+                crate::metrics::peer_map_error(if full { "full" } else { "other" });
                 error!(family = F::NAME, subnet = %p.subnet, error = %e, "adding peer");
             }
         }

@@ -9,7 +9,7 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use super::registry::{KeyValue, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
-use crate::lease::{subnet_key, SubnetKey};
+use crate::control::lease::{subnet_key, SubnetKey};
 
 /// Bound on every unary etcd request (watches are unbounded).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

@@ -20,8 +20,11 @@ use aya::programs::{tc, TcAttachType};
 use overlay_common::programs;
 use tracing::{info, warn};
 
-use super::{conntrack, forward, masq};
-use crate::{dataplane, grodev, hostroute};
+use crate::{
+    dataplane,
+    node::{grodev, hostdev},
+    ops::{conntrack, forward, masq},
+};
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
 const KERNEL_NAME_LEN: usize = 15;
@@ -65,7 +68,7 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
             }
         }
     }
-    for dev in [hostroute::HOST_DEVICE, grodev::GRO_DEVICE] {
+    for dev in [hostdev::HOST_DEVICE, grodev::GRO_DEVICE] {
         if links.iter().any(|(n, _)| n == dev) {
             match Command::new("ip").args(["link", "del", dev]).output() {
                 Ok(o) if o.status.success() => r.removed.push(format!("device {dev}")),

@@ -7,10 +7,8 @@ use std::{
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::{
-    family::{first_host, Family, V4, V6},
-    lease::SubnetKey,
-};
+use super::lease::SubnetKey;
+use crate::family::{first_host, Family, V4, V6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {

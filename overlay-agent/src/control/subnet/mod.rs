@@ -20,11 +20,11 @@ use tokio::time::Instant;
 
 pub use registry::{KeyValue, MemRegistry, Registry, RegistryError, RegistryWatch, WatchEvent, Written};
 
-use crate::{
+use super::{
     config::NetworkConfig,
-    family::{Family, SubnetPool, V4, V6},
     lease::{parse_subnet_key, Lease, LeaseAttrs, SubnetKey},
 };
+use crate::family::{Family, SubnetPool, V4, V6};
 
 /// flannel's `subnetTTL`.
 pub const SUBNET_TTL: Duration = Duration::from_secs(24 * 3600);

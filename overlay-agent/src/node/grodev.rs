@@ -13,7 +13,7 @@
 
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan};
 
-use crate::hostroute::HostRouteError;
+use crate::node::hostdev::HostRouteError;
 
 /// The device's name.
 pub const GRO_DEVICE: &str = "overlay-gro";
@@ -42,7 +42,7 @@ pub async fn remove() -> Result<bool, HostRouteError> {
 }
 
 async fn index(handle: &Handle) -> Result<Option<u32>, HostRouteError> {
-    crate::hostroute::find_link(handle, GRO_DEVICE)
+    crate::node::hostdev::find_link(handle, GRO_DEVICE)
         .await
         .map_err(nl("looking up the receive-GRO device"))
 }

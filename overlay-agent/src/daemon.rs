@@ -16,15 +16,15 @@ use overlay_common::maps;
 
 use crate::{
     cli::{AgentArgs, DecapChoice, DeliverChoice},
-    config::NetworkConfig,
-    control::{self, Event, NodeIdentity},
-    dataplane::{Config6, Dataplane, DecapMode, Reseg},
-    endpoints,
+    control::{self, config::NetworkConfig, Event, NodeIdentity},
+    dataplane::{object, Config6, Dataplane, DecapMode, Reseg},
     family::{V4, V6},
-    grodev, hostroute,
-    iface::{self, Underlay},
-    object, ops,
-    peers::PeerTable,
+    node::{
+        grodev, hostdev,
+        underlay::{self as iface, Underlay},
+    },
+    ops,
+    reconcile::{endpoints, peers::PeerTable},
 };
 
 /// How often the agent looks for the pod bridge (Docker creates docker0 after us).
@@ -50,7 +50,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         iface = %underlay.name,
         public_ip = %public_ip.map_or("none".to_string(), |a| a.to_string()),
         public_ipv6 = %public_ipv6.map_or("none".to_string(), |a| a.to_string()),
-        vtep_mac = %crate::lease::MacAddr(vtep_mac),
+        vtep_mac = %crate::control::lease::MacAddr(vtep_mac),
         "starting overlay-agent"
     );
     enable_ip_forward()?;
@@ -420,9 +420,9 @@ impl Sync {
     /// not wait for the next lease or config event.
     async fn ensure_host_device(&mut self, dp: &mut Dataplane) {
         let was_up = self.host_device.is_some() || self.host_device6.is_some();
-        if was_up && nix::net::if_::if_nametoindex(hostroute::HOST_DEVICE).is_err() {
+        if was_up && nix::net::if_::if_nametoindex(hostdev::HOST_DEVICE).is_err() {
             warn!(
-                dev = hostroute::HOST_DEVICE,
+                dev = hostdev::HOST_DEVICE,
                 "the host device is gone; setting it up again"
             );
             self.host_device = None;
@@ -454,10 +454,10 @@ impl Sync {
         let inner_mtu = cfg.mtu(self.underlay.mtu);
         if let (Some(own), Some(network)) = (self.v4.own, cfg.network()) {
             if self.host_device != Some(own) {
-                match hostroute::ensure(own, network, inner_mtu).await {
-                    Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
+                match hostdev::ensure(own, network, inner_mtu).await {
+                    Ok(()) => match dp.attach_host_encap(hostdev::HOST_DEVICE) {
                         Ok(()) => {
-                            info!(dev = hostroute::HOST_DEVICE, address = %own.network(), %network, "host route to remote pods ready");
+                            info!(dev = hostdev::HOST_DEVICE, address = %own.network(), %network, "host route to remote pods ready");
                             self.host_device = Some(own);
                         }
                         Err(e) => error!(error = %e, "attaching encap to the host device"),
@@ -505,10 +505,10 @@ impl Sync {
             if let Err(e) = enable_ipv6_forwarding() {
                 error!(error = %e, "IPv6 pod traffic is not forwarded");
             }
-            match hostroute::ensure_v6(own, network, cfg.mtu(self.underlay.mtu), inner_mtu).await {
-                Ok(()) => match dp.attach_host_encap(hostroute::HOST_DEVICE) {
+            match hostdev::ensure_v6(own, network, cfg.mtu(self.underlay.mtu), inner_mtu).await {
+                Ok(()) => match dp.attach_host_encap(hostdev::HOST_DEVICE) {
                     Ok(()) => {
-                        info!(dev = hostroute::HOST_DEVICE, address = %own.network(), %network, route_mtu = inner_mtu, "IPv6 host route to remote pods ready");
+                        info!(dev = hostdev::HOST_DEVICE, address = %own.network(), %network, route_mtu = inner_mtu, "IPv6 host route to remote pods ready");
                         self.host_device6 = Some(own);
                         self.reseg6 = setup_reseg(dp);
                     }
@@ -535,25 +535,25 @@ impl Sync {
 /// `None`, with the reason logged, when that fails: such packets are then encapsulated whole.
 fn setup_reseg(dp: &mut Dataplane) -> Option<Reseg> {
     let r = (|| -> anyhow::Result<Reseg> {
-        iface::disable_tso(hostroute::HOST_DEVICE_PEER)?;
+        iface::disable_tso(hostdev::HOST_DEVICE_PEER)?;
         // Kernels with AccECN (6.18) have one more TCP segmentation feature, which
         // ETHTOOL_STSO leaves on; older ones do not know it.
-        if let Err(e) = iface::disable_feature(hostroute::HOST_DEVICE_PEER, "tx-tcp-accecn-segmentation") {
+        if let Err(e) = iface::disable_feature(hostdev::HOST_DEVICE_PEER, "tx-tcp-accecn-segmentation") {
             tracing::debug!(error = %e, "tx-tcp-accecn-segmentation stays as it is");
         }
-        let udp = match iface::disable_feature(hostroute::HOST_DEVICE_PEER, "tx-udp-segmentation") {
+        let udp = match iface::disable_feature(hostdev::HOST_DEVICE_PEER, "tx-udp-segmentation") {
             Ok(()) => true,
             Err(e) => {
                 warn!(error = %e, "a pod's IPv6 UDP GSO packets whose last segment is short are encapsulated whole");
                 false
             }
         };
-        dp.attach_host_reseg(hostroute::HOST_DEVICE)?;
+        dp.attach_host_reseg(hostdev::HOST_DEVICE)?;
         let index =
             |name: &str| nix::net::if_::if_nametoindex(name).map_err(|e| anyhow::anyhow!("{name}: {e}"));
         Ok(Reseg {
-            ifindex: index(hostroute::HOST_DEVICE_PEER)?,
-            return_ifindex: index(hostroute::HOST_DEVICE)?,
+            ifindex: index(hostdev::HOST_DEVICE_PEER)?,
+            return_ifindex: index(hostdev::HOST_DEVICE)?,
             udp,
         })
     })();

@@ -26,7 +26,8 @@ use overlay_common::{
     programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
 };
 
-use crate::{bpffs, object};
+pub mod bpffs;
+pub mod object;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -97,6 +98,16 @@ pub const TC_HANDLE: u16 = 0x4f56;
 pub enum DecapMode {
     Xdp,
     Tc,
+}
+
+impl DecapMode {
+    /// `xdp` or `tc`: how `status` and `/metrics` name a decap mode.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecapMode::Xdp => "xdp",
+            DecapMode::Tc => "tc",
+        }
+    }
 }
 
 /// A remote node as the datapath sees it.
@@ -382,7 +393,7 @@ impl Dataplane {
         self.attach_tc_as(programs::ENCAP, RESEG_LINK, dev, TcAttachType::Ingress)
     }
 
-    /// Attaches the sink to the ingress of the receive-GRO device (`crate::grodev`), which
+    /// Attaches the sink to the ingress of the receive-GRO device (`crate::node::grodev`), which
     /// drops (and counts) whatever the kernel's VXLAN socket would deliver through it.
     pub fn attach_gro_sink(&mut self, dev: &str) -> Result<(), DataplaneError> {
         self.attach_tc(programs::GRO_SINK, dev, TcAttachType::Ingress)

@@ -1,0 +1,6 @@
+//! Host plumbing, never etcd or BPF: the underlay's choice and its addresses, ethtool, sysctls,
+//! the host device, the receive-GRO device.
+
+pub mod grodev;
+pub mod hostdev;
+pub mod underlay;
