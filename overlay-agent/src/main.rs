@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    cli::{self, cleanup, docker_opts as docker, status, AgentArgs, IfaceArgs, DEFAULT_SUBNET_FILE},
+    cli::{self, cleanup, docker_opts as docker, status, AgentArgs, DEFAULT_SUBNET_FILE},
     daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
@@ -82,7 +82,7 @@ fn main() -> Result<()> {
             init_logging("info");
             let mut ifaces = iface;
             if ifaces.is_empty() {
-                if let Ok(u) = overlay_agent::node::underlay::resolve(&IfaceArgs::default()) {
+                if let Ok(u) = overlay_agent::node::underlay::resolve(&Default::default()) {
                     ifaces.push(u.name);
                 }
             }
@@ -110,7 +110,8 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(daemon::run(cli.args))
+            let options = cli.args.daemon_options()?;
+            rt.block_on(daemon::run(options))
         }
     }
 }

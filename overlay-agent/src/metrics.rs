@@ -19,7 +19,7 @@
 //! | `overlay_datapath_drops_total`           | counter   | `reason` | BPF counters (`is_drop`)  |
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
@@ -39,8 +39,6 @@ use prometheus_client::{
 };
 use tokio::time::Instant;
 
-use crate::dataplane::{self, Counters, DecapMode};
-
 /// What the agent knows about itself, read at scrape time.
 #[derive(Debug, Default, Clone)]
 pub struct AgentState {
@@ -51,10 +49,21 @@ pub struct AgentState {
     pub expiration: Option<Instant>,
     /// Decap attached to the underlay NIC.
     pub attached: bool,
-    /// How: XDP (with TC delivering) or TC alone.
-    pub decap: Option<DecapMode>,
-    /// Where to read the datapath counters from.
-    pub pin_root: Option<PathBuf>,
+    /// How: XDP (with TC delivering) or TC alone, by its label (one of [`DECAP_MODES`]).
+    pub decap: Option<&'static str>,
+    /// Where the datapath counters are read from.
+    pub datapath: Option<CounterSource>,
+}
+
+/// The labels of `overlay_decap_mode` (the dataplane's `DecapMode::label`s).
+pub const DECAP_MODES: [&str; 2] = ["xdp", "tc"];
+
+/// The datapath's counters at scrape time: the agent's pin root and the dataplane's reader,
+/// which sums the per-CPU values into one per [`BpfCounter`] (`None` once the pins are gone).
+#[derive(Debug, Clone)]
+pub struct CounterSource {
+    pub pin_root: PathBuf,
+    pub read: fn(&Path) -> Option<Vec<u64>>,
 }
 
 impl AgentState {
@@ -232,17 +241,17 @@ impl Collector for Dynamic {
                 None,
                 MetricType::Gauge,
             )?;
-            for each in [DecapMode::Xdp, DecapMode::Tc] {
-                let labels = [("mode", each.label())];
+            for each in DECAP_MODES {
+                let labels = [("mode", each)];
                 ConstGauge::new(i64::from(each == mode)).encode(m.encode_family(&labels)?)?;
             }
         }
 
-        let Some(pin_root) = &s.pin_root else {
+        let Some(source) = &s.datapath else {
             return Ok(());
         };
         // The agent's pins may be gone (cleanup); a scrape then just lacks these families.
-        if let Ok(c) = dataplane::read_pinned_counters(pin_root) {
+        if let Some(c) = (source.read)(&source.pin_root) {
             encode_datapath(&mut enc, &c)?;
         }
         Ok(())
@@ -279,14 +288,15 @@ const DATAPATH_FAMILIES: [(&str, &str, &str); 3] = [
     ),
 ];
 
-fn encode_datapath(enc: &mut DescriptorEncoder, c: &Counters) -> Result<(), std::fmt::Error> {
+fn encode_datapath(enc: &mut DescriptorEncoder, c: &[u64]) -> Result<(), std::fmt::Error> {
     for (i, (name, help, label)) in DATAPATH_FAMILIES.into_iter().enumerate() {
         let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
         for bc in BpfCounter::ALL {
             let (fam, value) = family(bc);
             if fam == i {
                 let labels = [(label, value)];
-                ConstCounter::new(c.get(bc)).encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(c.get(bc as usize).copied().unwrap_or(0))
+                    .encode(m.encode_family(&labels)?)?;
             }
         }
     }
@@ -303,7 +313,7 @@ mod tests {
         m.update(|s| {
             s.subnet = Some("10.244.7.0/24".parse().unwrap());
             s.attached = true;
-            s.decap = Some(DecapMode::Tc);
+            s.decap = Some("tc");
             s.expiration = Some(Instant::now() + Duration::from_secs(3600));
         });
         m.etcd_reconnects.inc();
@@ -317,11 +327,11 @@ mod tests {
         let mut text = m.render();
         let mut enc_out = String::new();
         // The datapath families, from a fake counter set.
-        let counters = Counters((0..BpfCounter::ALL.len() as u64).collect());
+        let counters: Vec<u64> = (0..BpfCounter::ALL.len() as u64).collect();
         {
             let mut reg = Registry::default();
             #[derive(Debug)]
-            struct Fake(Counters);
+            struct Fake(Vec<u64>);
             impl Collector for Fake {
                 fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
                     encode_datapath(&mut enc, &self.0)

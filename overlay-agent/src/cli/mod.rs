@@ -5,8 +5,9 @@
 
 use std::{
     ffi::OsString,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    str::FromStr,
     time::Duration,
 };
 
@@ -14,11 +15,20 @@ pub mod cleanup;
 pub mod docker_opts;
 pub mod status;
 
-use clap::{ArgAction, CommandFactory as _, Parser};
+use clap::{
+    builder::{PossibleValuesParser, TypedValueParser},
+    ArgAction, CommandFactory as _, Parser,
+};
 
-use crate::control::{
-    subnet::etcd::{EtcdOptions, EtcdTls},
-    ControlOptions, RunOptions,
+use crate::{
+    control::{
+        subnet::etcd::{EtcdOptions, EtcdTls},
+        ControlOptions, RunOptions,
+    },
+    daemon,
+    node::underlay::Selection,
+    ops::OpsOptions,
+    reconcile::decap::{DecapChoice, DeliverChoice},
 };
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
@@ -127,12 +137,12 @@ pub struct AgentArgs {
     /// Where VXLAN is stripped on the underlay NIC: `xdp` (before GRO; the choice for a NIC
     /// with a native XDP driver), `tc` (keeps GSO super-packets whole; the choice for veth and
     /// other virtual devices), or `auto` (picks from the device's driver and logs why).
-    #[arg(long, env = "FLANNELD_DECAP", default_value = "auto")]
+    #[arg(long, env = "FLANNELD_DECAP", default_value = "auto", value_parser = one_of::<DecapChoice>(DecapChoice::NAMES))]
     pub decap: DecapChoice,
     /// How decapsulated packets for a pod on this node reach it: `peer` (bpf_redirect_peer into
     /// the pod's namespace), `veth` (bpf_redirect through its host-side veth) or `stack` (the
     /// node's routing and the bridge, as flannel.1 does).
-    #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer")]
+    #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer", value_parser = one_of::<DeliverChoice>(DeliverChoice::NAMES))]
     pub deliver: DeliverChoice,
     /// With TC decap: a collect-metadata VXLAN device on the VXLAN port (`overlay-gro`) whose
     /// only job is to register the kernel's UDP-tunnel GRO for it, so the NIC's GRO merges our
@@ -166,26 +176,20 @@ pub struct IfaceArgs {
 }
 
 impl IfaceArgs {
-    /// True when no option was given: the default route's interface is used.
-    pub fn is_default(&self) -> bool {
-        self.iface.is_empty() && self.iface_regex.is_empty() && self.iface_can_reach.is_none()
+    pub fn selection(&self) -> Selection {
+        Selection {
+            iface: self.iface.clone(),
+            iface_regex: self.iface_regex.clone(),
+            iface_can_reach: self.iface_can_reach,
+        }
     }
 }
 
-/// `--decap`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DecapChoice {
-    Auto,
-    Xdp,
-    Tc,
-}
-
-/// `--deliver`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeliverChoice {
-    Peer,
-    Veth,
-    Stack,
+/// One of `names`, parsed into `T` (clap lists the names in `--help` and in its errors).
+fn one_of<T: FromStr + Clone + Send + Sync + 'static>(
+    names: [&'static str; 3],
+) -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(names).map(|s| s.parse::<T>().ok().expect("a listed name"))
 }
 
 fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {
@@ -373,6 +377,30 @@ impl AgentArgs {
 
     pub fn renew_margin(&self) -> Duration {
         Duration::from_secs(u64::from(self.subnet_lease_renew_margin) * 60)
+    }
+
+    /// What the agent runs with, once the flags are checked ([`AgentArgs::validate`]).
+    pub fn daemon_options(&self) -> Result<daemon::Options, CliError> {
+        self.validate()?;
+        Ok(daemon::Options {
+            underlay: self.iface.selection(),
+            public_ip: self.public_ip,
+            public_ipv6: self.public_ipv6,
+            pin_root: self.pin_root.clone(),
+            bridge: self.bridge.clone(),
+            decap: self.decap,
+            deliver: self.deliver,
+            receive_gro: self.receive_gro,
+            resync: Duration::from_secs(self.iptables_resync.into()),
+            control: self.control_options(),
+            ops: OpsOptions {
+                pin_root: self.pin_root.clone(),
+                healthz: (self.healthz_port != 0)
+                    .then(|| SocketAddr::new(self.healthz_ip, self.healthz_port)),
+                ip_masq: self.ip_masq,
+                forward_rules: self.iptables_forward_rules,
+            },
+        })
     }
 
     /// What the control plane needs from the command line.

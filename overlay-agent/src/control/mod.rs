@@ -7,87 +7,29 @@
 //! lease again (the same subnets when still free), rewrite subnet.env if it changed, and go on.
 
 pub mod config;
+mod identity;
 pub mod lease;
 mod lease_keeper;
 mod peer_watch;
 pub mod subnet;
 pub mod subnet_env;
 
-use std::{
-    net::{Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use tokio::sync::mpsc;
 
+pub use identity::{derive_vtep_mac, NodeIdentity};
 pub use lease_keeper::EXHAUSTED_RETRY;
 use lease_keeper::{LeaseKeeper, Renewal};
 use peer_watch::{Next, Opened, PeerWatch};
 
 use config::{ConfigError, NetworkConfig};
-use lease::{Lease, LeaseAttrs};
+use lease::Lease;
 use subnet::{
     etcd::{EtcdConnectError, EtcdOptions, EtcdRegistry},
     Registry, RegistryWatch, SubnetManager,
 };
 use subnet_env::{read_previous_subnets, SubnetEnvError};
-
-/// Who this node is on the underlay, in each family it has an address in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeIdentity {
-    /// `PublicIP` (needed when the network config enables IPv4).
-    pub public_ip: Option<Ipv4Addr>,
-    /// `PublicIPv6` (needed when the network config enables IPv6).
-    pub public_ipv6: Option<Ipv6Addr>,
-    /// The VTEP MAC published for both families (`BackendData` and `BackendV6Data`).
-    pub vtep_mac: [u8; 6],
-    pub iface_mtu: u32,
-}
-
-impl NodeIdentity {
-    /// Identity with the VTEP MAC derived from /etc/machine-id and the public IP (the IPv4
-    /// one when there is one, so an IPv4 node keeps its MAC when IPv6 is turned on).
-    pub fn new(public_ip: Option<Ipv4Addr>, public_ipv6: Option<Ipv6Addr>, iface_mtu: u32) -> Self {
-        let basis = match (public_ip, public_ipv6) {
-            (Some(ip), _) => std::net::IpAddr::V4(ip),
-            (None, Some(ip)) => std::net::IpAddr::V6(ip),
-            (None, None) => std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        };
-        NodeIdentity {
-            public_ip,
-            public_ipv6,
-            vtep_mac: crate::node::underlay::default_vtep_mac(basis),
-            iface_mtu,
-        }
-    }
-
-    /// What we publish under the config's families; an enabled family without a public
-    /// address of ours is an error.
-    pub fn lease_attrs(&self, config: &NetworkConfig) -> Result<LeaseAttrs, ControlError> {
-        let ip = match (config.ipv4.is_some(), self.public_ip) {
-            (false, _) => None,
-            (true, Some(ip)) => Some(ip),
-            (true, None) => {
-                return Err(ControlError::NoPublicAddress {
-                    family: "IPv4",
-                    flag: "--public-ip",
-                })
-            }
-        };
-        let ip6 = match (config.ipv6.is_some(), self.public_ipv6) {
-            (false, _) => None,
-            (true, Some(ip)) => Some(ip),
-            (true, None) => {
-                return Err(ControlError::NoPublicAddress {
-                    family: "IPv6",
-                    flag: "--public-ipv6",
-                })
-            }
-        };
-        Ok(LeaseAttrs::vxlan_dual(ip, ip6, config.backend.vni, self.vtep_mac))
-    }
-}
 
 /// What the control plane tells the dataplane side. Leases carry both families: `subnet`
 /// and `attrs.public_ip`/`backend_data` for IPv4, `ipv6_subnet` and
@@ -313,7 +255,10 @@ async fn follow<R: Registry>(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use ipnet::Ipv4Net;
+    use lease::LeaseAttrs;
     use tokio::time::Instant;
 
     use super::*;

@@ -1,6 +1,8 @@
 //! Host plumbing, never etcd or BPF: the underlay's choice and its addresses, ethtool, sysctls,
 //! the host device, the receive-GRO device.
 
+pub mod ethtool;
 pub mod grodev;
 pub mod hostdev;
+pub mod sysctl;
 pub mod underlay;

@@ -8,7 +8,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::cli::IfaceArgs;
+use ipnet::IpNet;
+
+use super::ethtool::{self, EthtoolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IfaceError {
@@ -45,6 +47,27 @@ pub enum IfaceError {
     Parse { path: String, content: String },
     #[error("listing interface addresses: {0}")]
     Getifaddrs(#[from] nix::Error),
+    #[error(transparent)]
+    Ioctl(#[from] EthtoolError),
+}
+
+/// Which interface carries inter-host traffic, in flanneld's order of precedence: each
+/// `--iface` in turn, then each `--iface-regex`, then `--iface-can-reach`; with none of them,
+/// the interface of the default route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Interface names or IPv4 addresses.
+    pub iface: Vec<String>,
+    /// Regular expressions over addresses, then names.
+    pub iface_regex: Vec<String>,
+    pub iface_can_reach: Option<Ipv4Addr>,
+}
+
+impl Selection {
+    /// True when nothing was selected: the default route's interface is used.
+    pub fn is_default(&self) -> bool {
+        self.iface.is_empty() && self.iface_regex.is_empty() && self.iface_can_reach.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +153,7 @@ impl Pass {
 /// Only when that finds nothing and some interface has a global IPv6 address (a host without
 /// IPv4, for an IPv6-only network) is the same search made by IPv6 addresses and the default
 /// IPv6 route (`--iface-can-reach` takes an IPv4 destination and is skipped).
-pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<Choice, IfaceError> {
+pub fn choose(sel: &Selection, links: &[Link], routes: &impl Routes) -> Result<Choice, IfaceError> {
     let v4 = match choose_by(Pass::V4, sel, links, routes) {
         Ok(c) => return Ok(c),
         Err(e) => e,
@@ -147,7 +170,7 @@ pub fn choose(sel: &IfaceArgs, links: &[Link], routes: &impl Routes) -> Result<C
 /// One search of [`choose`], by the addresses of `pass`'s family.
 fn choose_by(
     pass: Pass,
-    sel: &IfaceArgs,
+    sel: &Selection,
     links: &[Link],
     routes: &impl Routes,
 ) -> Result<Choice, IfaceError> {
@@ -353,7 +376,7 @@ fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
 }
 
 /// Resolves the underlay from the interface options (all empty = the default route).
-pub fn resolve(sel: &IfaceArgs) -> Result<Underlay, IfaceError> {
+pub fn resolve(sel: &Selection) -> Result<Underlay, IfaceError> {
     let links = links()?;
     let c = choose(sel, &links, &SystemRoutes)?;
     tracing::info!(iface = %c.name, address = %c.addr, by = %c.by, "underlay interface chosen");
@@ -417,7 +440,7 @@ fn underlay(name: &str, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Resul
             path: format!("{name} link address"),
             content: String::new(),
         })?;
-    let mtu = link_mtu(name)?;
+    let mtu = ethtool::link_mtu(name)?;
     let ipv6 = ipv6.or_else(|| match ipv6_addrs(ifindex) {
         Ok(a) => preferred_ipv6(a).first().copied(),
         Err(e) => {
@@ -433,41 +456,6 @@ fn underlay(name: &str, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Resul
         mac,
         mtu,
     })
-}
-
-/// Runs an interface ioctl on `name`: `fill` sets the request's payload, the filled-in request
-/// comes back.
-fn if_ioctl(
-    name: &str,
-    request: libc::c_ulong,
-    fill: impl FnOnce(&mut libc::ifreq),
-) -> Result<libc::ifreq, IfaceError> {
-    use std::os::fd::AsRawFd as _;
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    // SAFETY: ifreq is plain data; the name is NUL-terminated within IFNAMSIZ.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
-    }
-    fill(&mut req);
-    // SAFETY: an interface ioctl on a valid ifreq whose payload `fill` set up.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut req) };
-    if rc < 0 {
-        return Err(IfaceError::Getifaddrs(nix::Error::last()));
-    }
-    Ok(req)
-}
-
-/// MTU of `name` (SIOCGIFMTU).
-fn link_mtu(name: &str) -> Result<u32, IfaceError> {
-    let req = if_ioctl(name, libc::SIOCGIFMTU, |_| {})?;
-    // SAFETY: the kernel filled the mtu member.
-    Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
 fn read(path: &str) -> Result<String, IfaceError> {
@@ -606,166 +594,28 @@ fn is_global6(a: &Ipv6Addr) -> bool {
     !a.is_unspecified() && !a.is_loopback() && !a.is_multicast() && !a.is_unicast_link_local()
 }
 
-/// A stable, locally administered unicast MAC for this node's VTEP: FNV-1a over
-/// `/etc/machine-id` and the public IP (4 or 16 bytes), so it survives restarts and differs
-/// between nodes. One MAC serves both families: flanneld's two VTEP devices (`flannel.1`,
-/// `flannel-v6.1`) get two random MACs, but peers key their FDB and neighbour entries per
-/// device, so nothing requires them to differ.
-pub fn derive_vtep_mac(machine_id: &str, public_ip: IpAddr) -> [u8; 6] {
-    let octets = match public_ip {
-        IpAddr::V4(ip) => ip.octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
-    };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in machine_id.trim().bytes().chain(octets) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// The network `addr` (either family) is configured with on `iface` (address + netmask).
+pub fn connected_network(iface: &str, addr: IpAddr) -> Option<IpNet> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs.filter(|a| a.interface_name == iface) {
+        let (Some(ip), Some(mask)) = (a.address.as_ref(), a.netmask.as_ref()) else {
+            continue;
+        };
+        let (ip, prefix) = match (
+            ip.as_sockaddr_in(),
+            mask.as_sockaddr_in(),
+            ip.as_sockaddr_in6(),
+            mask.as_sockaddr_in6(),
+        ) {
+            (Some(ip), Some(m), _, _) => (IpAddr::V4(ip.ip()), u32::from(m.ip()).leading_ones()),
+            (_, _, Some(ip), Some(m)) => (IpAddr::V6(ip.ip()), u128::from(m.ip()).leading_ones()),
+            _ => continue,
+        };
+        if ip == addr {
+            return IpNet::new(ip, prefix as u8).ok().map(|n| n.trunc());
+        }
     }
-    let b = h.to_be_bytes();
-    let mut mac = [b[0], b[1], b[2], b[3], b[4], b[5]];
-    mac[0] = (mac[0] | 0x02) & !0x01;
-    mac
-}
-
-/// [`derive_vtep_mac`] with this machine's `/etc/machine-id` (empty when missing).
-pub fn default_vtep_mac(public_ip: IpAddr) -> [u8; 6] {
-    let id = fs::read_to_string("/etc/machine-id").unwrap_or_default();
-    derive_vtep_mac(&id, public_ip)
-}
-
-/// Turns GRO on for `name` if it is off (ETHTOOL_SGRO). XDP decap hands inner frames to the
-/// stack one by one; GRO merges them back into large TCP segments before routing. Real NICs
-/// have it on already; veth has it off by default. Returns true when it changed the setting.
-pub fn ensure_gro(name: &str) -> Result<bool, IfaceError> {
-    const ETHTOOL_GGRO: u32 = 0x2b;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    ethtool_flag(name, ETHTOOL_GGRO, ETHTOOL_SGRO, true)
-}
-
-/// Turns TCP segmentation offload off for `name` if it is on (ETHTOOL_STSO): the device's
-/// transmit then segments TCP GSO packets in software. Returns true when it changed the setting.
-pub fn disable_tso(name: &str) -> Result<bool, IfaceError> {
-    const ETHTOOL_GTSO: u32 = 0x1e;
-    const ETHTOOL_STSO: u32 = 0x1f;
-    ethtool_flag(name, ETHTOOL_GTSO, ETHTOOL_STSO, false)
-}
-
-/// Turns the device feature `feature` (as `ethtool -k` names it, e.g. `tx-udp-segmentation`) off
-/// for `name`: its bit from the kernel's feature names (ETHTOOL_GSTRINGS), cleared with
-/// ETHTOOL_SFEATURES and read back (ETHTOOL_GFEATURES). Err when the kernel has no such feature
-/// or it stays on.
-pub fn disable_feature(name: &str, feature: &str) -> Result<(), IfaceError> {
-    const ETHTOOL_GSTRINGS: u32 = 0x1b;
-    const ETHTOOL_GSSET_INFO: u32 = 0x37;
-    const ETHTOOL_GFEATURES: u32 = 0x3a;
-    const ETHTOOL_SFEATURES: u32 = 0x3b;
-    const ETH_SS_FEATURES: u32 = 4;
-    const ETH_GSTRING_LEN: usize = 32;
-    let call = |buf: &mut [u32]| -> Result<(), IfaceError> {
-        if_ioctl(name, libc::SIOCETHTOOL, |req| {
-            req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast()
-        })
-        .map(drop)
-    };
-    let missing = |why: String| IfaceError::Parse {
-        path: format!("{name} feature {feature}"),
-        content: why,
-    };
-    // struct ethtool_sset_info: cmd, reserved, u64 sset_mask, then one u32 per set in the mask.
-    let mut info = [ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0, 0];
-    call(&mut info)?;
-    let count = info[4] as usize;
-    // struct ethtool_gstrings: cmd, string_set, len, then len names of 32 bytes.
-    let mut strings = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
-    strings[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);
-    call(&mut strings)?;
-    let names: Vec<u8> = strings[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let bit = names
-        .chunks(ETH_GSTRING_LEN)
-        .position(|n| n.split(|b| *b == 0).next() == Some(feature.as_bytes()))
-        .ok_or_else(|| missing("the kernel has no such feature".into()))?;
-    let blocks = count.div_ceil(32);
-    let (block, mask) = (bit / 32, 1u32 << (bit % 32));
-    // struct ethtool_sfeatures: cmd, size, then per block {valid, requested}.
-    let mut set = vec![0u32; 2 + 2 * blocks];
-    set[..2].copy_from_slice(&[ETHTOOL_SFEATURES, blocks as u32]);
-    set[2 + 2 * block] = mask;
-    call(&mut set)?;
-    // struct ethtool_gfeatures: cmd, size, then per block {available, requested, active,
-    // never_changed}.
-    let mut get = vec![0u32; 2 + 4 * blocks];
-    get[..2].copy_from_slice(&[ETHTOOL_GFEATURES, blocks as u32]);
-    call(&mut get)?;
-    if get[2 + 4 * block + 2] & mask != 0 {
-        return Err(missing("still on after turning it off (a fixed feature)".into()));
-    }
-    Ok(())
-}
-
-/// Sets an on/off ethtool setting (`get`/`set` commands, struct ethtool_value) to `on` unless it
-/// is already; true when it changed it.
-fn ethtool_flag(name: &str, get: u32, set: u32, on: bool) -> Result<bool, IfaceError> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    let call = |cmd: u32, data: u32| -> Result<u32, IfaceError> {
-        let mut v = EthtoolValue { cmd, data };
-        if_ioctl(name, libc::SIOCETHTOOL, |req| {
-            req.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast()
-        })?;
-        Ok(v.data)
-    };
-    if (call(get, 0)? != 0) == on {
-        return Ok(false);
-    }
-    call(set, u32::from(on))?;
-    Ok(true)
-}
-
-/// What ethtool says about a device's driver.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DriverInfo {
-    /// e.g. `veth`, `mlx5_core`, `virtio_net`.
-    pub driver: String,
-    /// The bus address of the device (`0000:03:00.0`); empty for virtual devices.
-    pub bus_info: String,
-}
-
-/// The driver of `name` (ETHTOOL_GDRVINFO).
-pub fn driver_info(name: &str) -> Result<DriverInfo, IfaceError> {
-    const ETHTOOL_GDRVINFO: u32 = 0x03;
-    // struct ethtool_drvinfo: cmd, driver[32], version[32], fw_version[32], bus_info[32],
-    // erom_version[32], reserved2[12], five u32 counts.
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        version: [u8; 32],
-        fw_version: [u8; 32],
-        bus_info: [u8; 32],
-        rest: [u8; 32 + 12 + 20],
-    }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        version: [0; 32],
-        fw_version: [0; 32],
-        bus_info: [0; 32],
-        rest: [0; 64],
-    };
-    if_ioctl(name, libc::SIOCETHTOOL, |req| {
-        req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast()
-    })?;
-    let text = |b: &[u8]| {
-        let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-        String::from_utf8_lossy(&b[..end]).into_owned()
-    };
-    Ok(DriverInfo {
-        driver: text(&info.driver),
-        bus_info: text(&info.bus_info),
-    })
+    None
 }
 
 #[cfg(test)]
@@ -780,39 +630,6 @@ mod tests {
                  eth2\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
         assert_eq!(default_route_iface(t).as_deref(), Some("eth1"));
         assert_eq!(default_route_iface("Iface\tDestination\n"), None);
-    }
-
-    #[test]
-    fn vtep_mac_is_stable_local_unicast() {
-        let a = derive_vtep_mac(
-            "3d1219c7c4c5404aaa1f6d2a48adfda4\n",
-            Ipv4Addr::new(198, 18, 0, 11).into(),
-        );
-        assert_eq!(
-            a,
-            derive_vtep_mac(
-                "3d1219c7c4c5404aaa1f6d2a48adfda4",
-                Ipv4Addr::new(198, 18, 0, 11).into()
-            )
-        );
-        assert_ne!(
-            a,
-            derive_vtep_mac(
-                "3d1219c7c4c5404aaa1f6d2a48adfda4",
-                Ipv4Addr::new(198, 18, 0, 12).into()
-            )
-        );
-        for ip in 0..=255u8 {
-            let m = derive_vtep_mac("x", Ipv4Addr::new(10, 0, 0, ip).into());
-            assert_eq!(m[0] & 0x03, 0x02, "{m:02x?} not locally administered unicast");
-        }
-        // IPv6-only nodes derive theirs from PublicIPv6.
-        let v6 = derive_vtep_mac("x", "fd00::11".parse::<Ipv6Addr>().unwrap().into());
-        assert_eq!(v6[0] & 0x03, 0x02);
-        assert_ne!(
-            v6,
-            derive_vtep_mac("x", "fd00::12".parse::<Ipv6Addr>().unwrap().into())
-        );
     }
 
     #[test]
@@ -936,9 +753,9 @@ mod tests {
     }
 
     /// The options from a command-line-like string: `--iface eth0 --iface-regex ^10\.`.
-    fn opts(line: &str) -> IfaceArgs {
+    fn opts(line: &str) -> Selection {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let mut s = IfaceArgs::default();
+        let mut s = Selection::default();
         for pair in words.chunks(2) {
             match pair {
                 ["--iface", v] => s.iface.push(v.to_string()),
@@ -1052,7 +869,7 @@ mod tests {
             routes: Vec::new(),
         };
         assert!(matches!(
-            choose(&IfaceArgs::default(), &links(), &no_default),
+            choose(&Selection::default(), &links(), &no_default),
             Err(IfaceError::NoDefaultRoute)
         ));
         let wg_default = Table {
@@ -1061,7 +878,7 @@ mod tests {
             routes: Vec::new(),
         };
         assert!(matches!(
-            choose(&IfaceArgs::default(), &links(), &wg_default),
+            choose(&Selection::default(), &links(), &wg_default),
             Err(IfaceError::NoIpv4(n)) if n == "wg0"
         ));
     }
@@ -1124,7 +941,7 @@ mod tests {
             routes: Vec::new(),
         };
         assert_eq!(
-            choose(&IfaceArgs::default(), &v6_links(), &none)
+            choose(&Selection::default(), &v6_links(), &none)
                 .unwrap_err()
                 .to_string(),
             "no default IPv4 route in /proc/net/route; pass --iface NAME, --iface ADDRESS, \

@@ -16,9 +16,24 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::metrics::METRICS;
-use crate::{cli::AgentArgs, control::Event, dataplane::DecapMode};
+use crate::metrics::{CounterSource, METRICS};
+use crate::{
+    control::Event,
+    dataplane::{self, DecapMode},
+};
 use netfilter::NfFamily;
+
+/// What the operations side runs with.
+#[derive(Debug, Clone)]
+pub struct OpsOptions {
+    /// Where the datapath counters are read for `/metrics`.
+    pub pin_root: std::path::PathBuf,
+    /// `--healthz-ip`:`--healthz-port` (`None`: port 0, off).
+    pub healthz: Option<SocketAddr>,
+    pub ip_masq: bool,
+    /// `--iptables-forward-rules`.
+    pub forward_rules: bool,
+}
 
 /// The agent's operations side: started once decap is attached.
 pub struct Ops {
@@ -55,14 +70,17 @@ impl Ops {
     /// Marks the programs attached with `decap` on the underlay, starts the HTTP endpoint (port
     /// 0: off) and, without `--ip-masq`, removes a masquerade table a previous run with it left
     /// behind.
-    pub async fn start(args: &AgentArgs, decap: DecapMode) -> Result<Ops, http::HttpError> {
+    pub async fn start(args: &OpsOptions, decap: DecapMode) -> Result<Ops, http::HttpError> {
         METRICS.update(|s| {
             s.attached = true;
-            s.decap = Some(decap);
-            s.pin_root = Some(args.pin_root.clone());
+            s.decap = Some(decap.label());
+            s.datapath = Some(CounterSource {
+                pin_root: args.pin_root.clone(),
+                read: |p| dataplane::read_pinned_counters(p).ok().map(|c| c.0),
+            });
         });
-        if args.healthz_port != 0 {
-            http::spawn(SocketAddr::new(args.healthz_ip, args.healthz_port)).await?;
+        if let Some(addr) = args.healthz {
+            http::spawn(addr).await?;
         }
         if !args.ip_masq {
             if let Err(e) = masq::remove() {
@@ -75,7 +93,7 @@ impl Ops {
             network6: None,
             ready_sent: false,
             masq_for: None,
-            forward_rules: args.iptables_forward_rules,
+            forward_rules: args.forward_rules,
             forward_for: [None; 2],
             conntrack_for: None,
         })
