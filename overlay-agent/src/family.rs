@@ -5,17 +5,17 @@
 use std::{
     fmt::{Debug, Display},
     hash::Hash,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// One address family: its address and network types and the numbers flannel's config check
 /// (pkg/subnet/config.go `CheckNetworkConfig`) uses for it.
-pub trait Family: Copy + Debug + Send + Sync + 'static {
-    type Addr: Copy + Eq + Ord + Hash + Debug + Display + FromStr + Send + Sync + 'static;
-    type Net: Copy + Eq + Ord + Hash + Debug + Display + FromStr + Send + Sync + 'static;
+pub trait Family: Copy + Eq + Hash + Debug + Send + Sync + 'static {
+    type Addr: Copy + Eq + Ord + Hash + Debug + Display + FromStr + Into<IpAddr> + Send + Sync + 'static;
+    type Net: Copy + Eq + Ord + Hash + Debug + Display + FromStr + Into<IpNet> + Send + Sync + 'static;
 
     /// "IPv4" / "IPv6", for messages.
     const NAME: &'static str;
@@ -30,6 +30,8 @@ pub trait Family: Copy + Debug + Send + Sync + 'static {
     const EXAMPLE_NET: &'static str;
     const EXAMPLE_ADDR: &'static str;
 
+    /// The address if it is of this family.
+    fn from_ip(ip: IpAddr) -> Option<Self::Addr>;
     fn bits(a: Self::Addr) -> u128;
     fn addr(bits: u128) -> Self::Addr;
     /// The network of `len` bits that holds `a`. `len` must be at most `BITS`.
@@ -40,10 +42,10 @@ pub trait Family: Copy + Debug + Send + Sync + 'static {
 }
 
 /// IPv4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct V4;
 /// IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct V6;
 
 impl Family for V4 {
@@ -57,6 +59,12 @@ impl Family for V4 {
     const EXAMPLE_NET: &'static str = "10.244.0.0/16";
     const EXAMPLE_ADDR: &'static str = "10.244.1.0";
 
+    fn from_ip(ip: IpAddr) -> Option<Ipv4Addr> {
+        match ip {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        }
+    }
     fn bits(a: Ipv4Addr) -> u128 {
         u128::from(u32::from(a))
     }
@@ -85,6 +93,12 @@ impl Family for V6 {
     const EXAMPLE_NET: &'static str = "fd00:10:244::/56";
     const EXAMPLE_ADDR: &'static str = "fd00:10:244:1::";
 
+    fn from_ip(ip: IpAddr) -> Option<Ipv6Addr> {
+        match ip {
+            IpAddr::V6(ip) => Some(ip),
+            IpAddr::V4(_) => None,
+        }
+    }
     fn bits(a: Ipv6Addr) -> u128 {
         u128::from(a)
     }
@@ -99,6 +113,34 @@ impl Family for V6 {
     }
     fn net_len(n: &Ipv6Net) -> u8 {
         n.prefix_len()
+    }
+}
+
+/// A family known only at run time (a network of either family, a loop over both): the same
+/// two, for the wings that dispatch on a value rather than a type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const ALL: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+    /// The family of `net`.
+    pub fn of(net: &IpNet) -> IpFamily {
+        match net {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// `IPv4` / `IPv6`, for logs and messages ([`Family::NAME`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            IpFamily::V4 => V4::NAME,
+            IpFamily::V6 => V6::NAME,
+        }
     }
 }
 

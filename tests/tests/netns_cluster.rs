@@ -544,7 +544,7 @@ fn wait_endpoints(c: &Cluster, i: usize, want: &[overlay_tests::cluster::Endpoin
 
 #[test]
 fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
-    use overlay_agent::dataplane::read_pinned_endpoints;
+    use overlay_agent::{dataplane::read_pinned_endpoints, family::V4};
     let (mut c, pods) = cluster(2, CONFIG);
     let (subnet, mtu) = c.nodes[0].subnet_env().unwrap();
     let second = c.nodes[0].node.add_pod_in(subnet, 2, mtu).unwrap();
@@ -577,7 +577,7 @@ fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
     let start = std::time::Instant::now();
     let mut left = Vec::new();
     while start.elapsed() < Duration::from_secs(6) {
-        left = read_pinned_endpoints(&pin_root).unwrap();
+        left = read_pinned_endpoints::<V4>(&pin_root).unwrap();
         if !left.iter().any(|e| e.ip == second) {
             break;
         }

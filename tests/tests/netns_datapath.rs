@@ -2,7 +2,10 @@
 //! attached with the agent's own loading code, real pings across. No etcd: peers are written
 //! directly, as the agent does for each lease.
 
-use overlay_agent::dataplane::{Dataplane, DecapMode, LocalEndpoint, PeerEntry};
+use overlay_agent::{
+    dataplane::{Dataplane, DecapMode, LocalEndpoint, PeerEntry},
+    family::V4,
+};
 use overlay_common::{Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
     netns::{require_root, PinRoot},
@@ -53,7 +56,7 @@ fn start_delivering(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode, h
     if how != Delivery::Stack {
         let pod = &node.pods[0];
         let pod_mac = pod.ns.mac("eth0").unwrap();
-        dp.upsert_endpoint(&LocalEndpoint {
+        dp.upsert_endpoint(&LocalEndpoint::<V4> {
             ip: pod.ip,
             ifindex: node.ns.ifindex(&pod.veth).unwrap(),
             mac: pod_mac,
@@ -61,7 +64,7 @@ fn start_delivering(node: &Node, peer: &Node, pins: &PinRoot, mode: DecapMode, h
         })
         .unwrap();
     }
-    dp.upsert_peer(&PeerEntry {
+    dp.upsert_peer(&PeerEntry::<V4> {
         subnet: Node::subnet(peer.index).parse().unwrap(),
         public_ip: Node::underlay_ip(peer.index),
         vtep_mac: vtep_mac(peer.index),
@@ -296,7 +299,7 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
         ping(&a.pods[0].ns, b.pods[0].ip, 3, None),
         "before the pod restart"
     );
-    let stale = dp_b.endpoints().unwrap();
+    let stale = dp_b.endpoints::<V4>().unwrap();
     assert_eq!(stale.len(), 1, "node b's endpoint: {stale:?}");
     let delivered = dp_b.counters().unwrap().get(Counter::DeliverPackets);
     assert!(
@@ -306,7 +309,7 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
 
     b.recreate_pod(0, std::time::Duration::from_millis(100)).unwrap();
     // Nobody updated the maps: the endpoint map still names the old veth.
-    let pinned = overlay_agent::dataplane::read_pinned_endpoints(&pins_b.0).unwrap();
+    let pinned = overlay_agent::dataplane::read_pinned_endpoints::<V4>(&pins_b.0).unwrap();
     assert_eq!(pinned, stale, "the endpoint map must still hold the stale entry");
     assert!(
         ping(&a.pods[0].ns, b.pods[0].ip, 5, None),
@@ -320,7 +323,12 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
         "nothing may be delivered to the deleted veth"
     );
     // The agent sees the entry as stale (ifindex 0), so its next resync replaces or removes it.
-    let seen: Vec<u32> = dp_b.endpoints().unwrap().iter().map(|e| e.ifindex).collect();
+    let seen: Vec<u32> = dp_b
+        .endpoints::<V4>()
+        .unwrap()
+        .iter()
+        .map(|e| e.ifindex)
+        .collect();
     assert_eq!(
         seen,
         vec![overlay_agent::dataplane::STALE_IFINDEX],

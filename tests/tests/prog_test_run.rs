@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use ipnet::Ipv4Net;
-use overlay_agent::dataplane::{Counters, Dataplane, LocalEndpoint, PeerEntry};
+use overlay_agent::{
+    dataplane::{Counters, Dataplane, LocalEndpoint, PeerEntry},
+    family::V4,
+};
 use overlay_common::{
     programs,
     wire::{self, EncapParams, ENCAP_HDR_LEN, IPPROTO_TCP, IPPROTO_UDP},
@@ -78,7 +81,7 @@ impl Fixture {
             inner_mtu: 1450,
         })
         .unwrap();
-        dp.upsert_peer(&PeerEntry {
+        dp.upsert_peer(&PeerEntry::<V4> {
             subnet: "10.244.2.0/24".parse::<Ipv4Net>().unwrap(),
             public_ip: PEER_IP,
             vtep_mac: PEER_VTEP,
@@ -91,7 +94,7 @@ impl Fixture {
         // guest with only `lo` refused it).
         {
             let _inside = ns.enter().unwrap();
-            dp.upsert_endpoint(&LocalEndpoint {
+            dp.upsert_endpoint(&LocalEndpoint::<V4> {
                 ip: OUR_POD,
                 ifindex: ns.ifindex("eth0p").unwrap(),
                 mac: POD_MAC,
@@ -984,7 +987,7 @@ fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
     require_root();
     let pins = PinRoot::new();
     let mut dp = Dataplane::load_with_capacity(&pins.0, 4).unwrap();
-    let peer = |i: u8| PeerEntry {
+    let peer = |i: u8| PeerEntry::<V4> {
         subnet: format!("10.244.{i}.0/24").parse().unwrap(),
         public_ip: Ipv4Addr::new(198, 18, 1, i),
         vtep_mac: [0x0e, 0, 0, 0, 1, i],
@@ -1003,7 +1006,12 @@ fn a_full_peer_map_is_a_clear_error_and_nothing_is_half_applied() {
         }
         other => panic!("a fifth peer in a 4-entry map must fail with PeersFull, got {other:?}"),
     }
-    let mut subnets: Vec<String> = dp.peers().unwrap().iter().map(|p| p.subnet.to_string()).collect();
+    let mut subnets: Vec<String> = dp
+        .peers::<V4>()
+        .unwrap()
+        .iter()
+        .map(|p| p.subnet.to_string())
+        .collect();
     subnets.sort();
     assert_eq!(
         subnets,

@@ -7,8 +7,9 @@
 use std::net::Ipv6Addr;
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use overlay_agent::dataplane::{
-    Config6, Counters, Dataplane, LocalEndpoint, PeerEntry6, Reseg, STALE_IFINDEX,
+use overlay_agent::{
+    dataplane::{Config6, Counters, Dataplane, LocalEndpoint, PeerEntry, Reseg, STALE_IFINDEX},
+    family::{V4, V6},
 };
 use overlay_common::{maps, programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use overlay_tests::{
@@ -109,7 +110,7 @@ impl Fixture {
         // device map resolves the ifindex in the writer's namespace, as the agent's is the node's.)
         {
             let _inside = ns.enter().unwrap();
-            dp.upsert_endpoint(&LocalEndpoint {
+            dp.upsert_endpoint(&LocalEndpoint::<V6> {
                 ip: Ipv6Addr::from(OUR_POD),
                 ifindex: ns.ifindex("eth0p").unwrap(),
                 mac: POD_MAC,
@@ -118,14 +119,14 @@ impl Fixture {
             .unwrap();
         }
         if peers {
-            dp.upsert_peer6(&PeerEntry6 {
+            dp.upsert_peer(&PeerEntry::<V6> {
                 subnet: net6("fd00:10:244:2::/64"),
                 public_ip: Ipv6Addr::from(PEER_IP6),
                 vtep_mac: PEER_VTEP6,
                 direct: false,
             })
             .unwrap();
-            dp.upsert_peer6(&PeerEntry6 {
+            dp.upsert_peer(&PeerEntry::<V6> {
                 subnet: net6("fd00:10:244:3::/64"),
                 public_ip: Ipv6Addr::from(DIRECT_IP6),
                 vtep_mac: [0x0e, 0, 0, 0, 0x06, 0x13],
@@ -144,7 +145,7 @@ impl Fixture {
     fn upsert_endpoint(&mut self, ip: [u8; 16], ifindex: u32) {
         let _inside = self.ns.enter().unwrap();
         self.dp
-            .upsert_endpoint(&LocalEndpoint {
+            .upsert_endpoint(&LocalEndpoint::<V6> {
                 ip: Ipv6Addr::from(ip),
                 ifindex,
                 mac: POD_MAC,
@@ -875,7 +876,7 @@ fn decap6_delivers_only_while_the_hop_limit_the_config_and_the_veth_allow() {
         let (verdict, _, moved) = decap_tc_to(&mut fx, ip, 64);
         assert_eq!(verdict, TC_ACT_REDIRECT, "{}: {moved:?}", Ipv6Addr::from(ip));
     }
-    fx.dp.remove_endpoint(Ipv6Addr::from(a)).unwrap();
+    fx.dp.remove_endpoint::<V6>(Ipv6Addr::from(a)).unwrap();
     let (verdict, _, moved) = decap_tc_to(&mut fx, a, 64);
     assert_eq!(verdict, TC_ACT_OK, "a removed endpoint: {moved:?}");
     let (verdict, _, moved) = decap_tc_to(&mut fx, b, 64);
@@ -883,7 +884,7 @@ fn decap6_delivers_only_while_the_hop_limit_the_config_and_the_veth_allow() {
         verdict, TC_ACT_REDIRECT,
         "the veth's other address lost its device entry with the first: {moved:?}"
     );
-    fx.dp.remove_endpoint(Ipv6Addr::from(b)).unwrap();
+    fx.dp.remove_endpoint::<V6>(Ipv6Addr::from(b)).unwrap();
     assert_eq!(
         dev_entry(&mut fx, podv),
         None,
@@ -903,7 +904,7 @@ fn decap6_delivers_only_while_the_hop_limit_the_config_and_the_veth_allow() {
     assert_eq!(&out[..6], &OUR_MAC);
     let listed: Vec<(Ipv6Addr, u32)> = fx
         .dp
-        .endpoints6()
+        .endpoints::<V6>()
         .unwrap()
         .iter()
         .map(|e| (e.ip, e.ifindex))
@@ -1124,22 +1125,25 @@ fn decap6_verdicts_for_bad_and_foreign_packets() {
 fn ipv6_peers_are_listed_removed_and_never_half_applied() {
     use overlay_agent::dataplane::DataplaneError;
     let mut fx = Fixture::with_capacity(4, false);
-    let peer = |i: u8| PeerEntry6 {
+    let peer = |i: u8| PeerEntry::<V6> {
         subnet: net6(&format!("fd00:10:244:{i:x}::/64")),
         public_ip: Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, u16::from(i)),
         vtep_mac: [0x0e, 0, 0, 0, 6, i],
         direct: i == 3,
     };
     for i in 1..=4 {
-        fx.dp.upsert_peer6(&peer(i)).unwrap();
+        fx.dp.upsert_peer(&peer(i)).unwrap();
     }
     assert_eq!(
-        fx.dp.peers6().unwrap(),
+        fx.dp.peers::<V6>().unwrap(),
         (1..=4).map(peer).collect::<Vec<_>>(),
         "peers6() lists what went in"
     );
-    assert!(fx.dp.peers().unwrap().is_empty(), "the IPv4 table stays empty");
-    match fx.dp.upsert_peer6(&peer(5)) {
+    assert!(
+        fx.dp.peers::<V4>().unwrap().is_empty(),
+        "the IPv4 table stays empty"
+    );
+    match fx.dp.upsert_peer(&peer(5)) {
         Err(e @ DataplaneError::PeersFull { .. }) => {
             assert!(e.to_string().contains("fd00:10:244:5::/64"), "unclear error: {e}")
         }
@@ -1157,7 +1161,7 @@ fn ipv6_peers_are_listed_removed_and_never_half_applied() {
     let mut second = peer(4);
     second.subnet = net6("fd00:10:244:99::/64");
     assert!(matches!(
-        fx.dp.upsert_peer6(&second),
+        fx.dp.upsert_peer(&second),
         Err(DataplaneError::PeersFull { .. })
     ));
     let kept = vteps(&mut fx)
@@ -1169,9 +1173,13 @@ fn ipv6_peers_are_listed_removed_and_never_half_applied() {
         "the rollback must restore the sender entry as it was"
     );
     // Removal takes the subnet and its sender; absent is no error.
-    fx.dp.remove_peer6(peer(2).subnet, peer(2).public_ip).unwrap();
-    fx.dp.remove_peer6(peer(2).subnet, peer(2).public_ip).unwrap();
-    assert_eq!(fx.dp.peers6().unwrap(), vec![peer(1), peer(3), peer(4)]);
+    fx.dp
+        .remove_peer::<V6>(peer(2).subnet, peer(2).public_ip)
+        .unwrap();
+    fx.dp
+        .remove_peer::<V6>(peer(2).subnet, peer(2).public_ip)
+        .unwrap();
+    assert_eq!(fx.dp.peers::<V6>().unwrap(), vec![peer(1), peer(3), peer(4)]);
     assert!(vteps(&mut fx).get(&peer(2).public_ip.octets(), 0).is_err());
     // The maps are pinned with typed BTF: bpftool shows named fields.
     let out = std::process::Command::new("bpftool")

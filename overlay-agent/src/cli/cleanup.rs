@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     dataplane,
     node::{grodev, hostdev},
-    ops::{conntrack, forward, masq},
+    ops::{conntrack, forward, masq, netfilter::NfFamily as _},
 };
 
 /// Kernel program names are cut to 15 bytes (BPF_OBJ_NAME_LEN − 1).
@@ -111,11 +111,9 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
                 forward::CHAIN
             )),
             Ok(false) => {}
-            Err(e) => r.failed.push(format!(
-                "{} FORWARD rules ({}): {e}",
-                fam.label(),
-                backend.label()
-            )),
+            Err(e) => r
+                .failed
+                .push(format!("{} FORWARD rules ({}): {e}", fam.name(), backend.label())),
         }
     }
     for what in &r.removed {

@@ -26,6 +26,7 @@ use serde::Serialize;
 use crate::{
     control::lease::MacAddr,
     dataplane::{self, DecapMode},
+    family::{V4, V6},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -227,7 +228,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let trie = LpmTrie::<MapData, [u8; 4], Peer>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS)?))
         .map_err(err(maps::PEERS))?;
     let mode = |direct| if direct { "direct" } else { "encap" };
-    let mut peers: Vec<PeerView> = dataplane::peer_entries(&trie)?
+    let mut peers: Vec<PeerView> = dataplane::peer_entries::<V4, _>(&trie)?
         .into_iter()
         .map(|p| PeerView {
             subnet: p.subnet.into(),
@@ -242,12 +243,16 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         let trie6 =
             LpmTrie::<MapData, [u8; 16], Peer6>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS6)?))
                 .map_err(err(maps::PEERS6))?;
-        peers.extend(dataplane::peer6_entries(&trie6)?.into_iter().map(|p| PeerView {
-            subnet: p.subnet.into(),
-            public_ip: p.public_ip.into(),
-            vtep_mac: MacAddr(p.vtep_mac).to_string(),
-            mode: mode(p.direct),
-        }));
+        peers.extend(
+            dataplane::peer_entries::<V6, _>(&trie6)?
+                .into_iter()
+                .map(|p| PeerView {
+                    subnet: p.subnet.into(),
+                    public_ip: p.public_ip.into(),
+                    vtep_mac: MacAddr(p.vtep_mac).to_string(),
+                    mode: mode(p.direct),
+                }),
+        );
         let config6 =
             Array::<MapData, DataplaneConfig6>::try_from(Map::Array(open(pin_root, maps::CONFIG6)?))
                 .map_err(err(maps::CONFIG6))?;
@@ -272,14 +277,14 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let mut endpoints: Vec<EndpointView> = Vec::new();
     if pin_root.join(maps::ENDPOINTS).exists() {
         endpoints.extend(
-            dataplane::read_pinned_endpoints(pin_root)?
+            dataplane::read_pinned_endpoints::<V4>(pin_root)?
                 .into_iter()
                 .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
         );
     }
     if pin_root.join(maps::ENDPOINTS6).exists() {
         endpoints.extend(
-            dataplane::read_pinned_endpoints6(pin_root)?
+            dataplane::read_pinned_endpoints::<V6>(pin_root)?
                 .into_iter()
                 .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
         );

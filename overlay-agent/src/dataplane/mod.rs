@@ -2,13 +2,11 @@
 //! root, attach the programs, and translate peers into map entries. It never sees etcd.
 
 use std::{
-    fmt::{Debug, Display},
-    hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    fmt::Debug,
+    net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
-use aya::Pod;
 use aya::{
     maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
     programs::{
@@ -19,15 +17,16 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use overlay_common::{
-    counters::COUNTER_COUNT,
-    maps::{self, PEER_DIRECT},
-    programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
+    counters::COUNTER_COUNT, maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint,
 };
 
 pub mod bpffs;
+mod family;
 pub mod object;
+
+pub use family::{LocalEndpoint, MapFamily, PeerEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -110,27 +109,6 @@ impl DecapMode {
     }
 }
 
-/// A remote node as the datapath sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerEntry {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
-    pub vtep_mac: [u8; 6],
-    /// DirectRouting: same L2 segment, no encapsulation.
-    pub direct: bool,
-}
-
-/// A remote node's IPv6 side as the datapath sees it: its IPv6 subnet, reached over the IPv6
-/// underlay at its PublicIPv6, with the VtepMAC of its IPv6 VXLAN side (`BackendV6Data`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerEntry6 {
-    pub subnet: Ipv6Net,
-    pub public_ip: Ipv6Addr,
-    pub vtep_mac: [u8; 6],
-    /// DirectRouting: same L2 segment, no encapsulation.
-    pub direct: bool,
-}
-
 /// The node's IPv6 datapath settings (see [`DataplaneConfig6`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config6 {
@@ -158,70 +136,6 @@ pub struct Reseg {
     /// UDP segmentation is off on `overlay0p` too: a pod's UDP GSO packets are segmented as
     /// well, not only TCP ones.
     pub udp: bool,
-}
-
-/// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
-/// `ifindex` (the pod's host-side veth), addressed to `mac`, from `gw_mac` (the bridge).
-/// `A` is [`Ipv4Addr`] (`OVL_ENDPOINTS`) or [`Ipv6Addr`] (`OVL_ENDPOINTS6`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LocalEndpoint<A = Ipv4Addr> {
-    pub ip: A,
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub gw_mac: [u8; 6],
-}
-
-/// The address of a local endpoint, and where each family keeps its endpoints: the endpoint
-/// map (address → [`Endpoint`]) and the device map whose entries the kernel deletes with their
-/// device, so decap never redirects to a veth that is gone.
-pub trait EndpointAddr: Copy + Ord + Hash + Debug + Display + Into<IpAddr> + Send + Sync + 'static {
-    /// The address as the map key (network byte order).
-    type Key: Pod + Eq;
-    /// `OVL_ENDPOINTS` / `OVL_ENDPOINTS6`.
-    const MAP: &'static str;
-    /// `OVL_ENDPOINT_DEVS` / `OVL_ENDPOINT_DEVS6`.
-    const DEVS: &'static str;
-    /// Several endpoints can share one device entry ([`EndpointAddr::dev_key`] ignores the
-    /// address), so an entry is deleted only when no endpoint uses it any more.
-    const SHARED_DEV: bool;
-    fn key(self) -> Self::Key;
-    fn from_key(k: Self::Key) -> Self;
-    /// The device-map key of the endpoint `self` on veth `ifindex`: the IPv4 address itself
-    /// (one entry per address), the ifindex for IPv6 (one entry per veth, shared by its
-    /// addresses).
-    fn dev_key(self, ifindex: u32) -> u32;
-}
-
-impl EndpointAddr for Ipv4Addr {
-    type Key = [u8; 4];
-    const MAP: &'static str = maps::ENDPOINTS;
-    const DEVS: &'static str = maps::ENDPOINT_DEVS;
-    const SHARED_DEV: bool = false;
-    fn key(self) -> [u8; 4] {
-        self.octets()
-    }
-    fn from_key(k: [u8; 4]) -> Self {
-        Ipv4Addr::from(k)
-    }
-    fn dev_key(self, _ifindex: u32) -> u32 {
-        maps::endpoint_dev_key(self.octets())
-    }
-}
-
-impl EndpointAddr for Ipv6Addr {
-    type Key = [u8; 16];
-    const MAP: &'static str = maps::ENDPOINTS6;
-    const DEVS: &'static str = maps::ENDPOINT_DEVS6;
-    const SHARED_DEV: bool = true;
-    fn key(self) -> [u8; 16] {
-        self.octets()
-    }
-    fn from_key(k: [u8; 16]) -> Self {
-        Ipv6Addr::from(k)
-    }
-    fn dev_key(self, ifindex: u32) -> u32 {
-        maps::endpoint6_dev_key(ifindex)
-    }
 }
 
 /// Summed per-CPU counters, indexed by [`Counter`].
@@ -585,77 +499,34 @@ impl Dataplane {
         })
     }
 
-    /// Adds or replaces one remote subnet: one LPM upsert plus its sender entry.
-    pub fn upsert_peer(&mut self, p: &PeerEntry) -> Result<(), DataplaneError> {
-        let value = Peer {
-            public_ip: p.public_ip.octets(),
-            vtep_mac: p.vtep_mac,
-            flags: if p.direct { PEER_DIRECT } else { 0 },
-        };
-        let vtep = Vtep {
-            subnet: p.subnet.network().octets(),
-            prefix_len: p.subnet.prefix_len(),
-            _pad: [0; 3],
-        };
-        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
-        let tables = PeerTables {
-            peers: maps::PEERS,
-            vteps: maps::VTEPS,
-        };
-        self.upsert_in(tables, key, value, p.public_ip.octets(), vtep, p.subnet.into())
-    }
-
-    /// Adds or replaces one remote IPv6 subnet: one LPM upsert in `OVL_PEERS6` plus its sender
-    /// entry in `OVL_VTEPS6`, all or nothing as [`Dataplane::upsert_peer`].
-    pub fn upsert_peer6(&mut self, p: &PeerEntry6) -> Result<(), DataplaneError> {
-        let value = Peer6 {
-            public_ip: p.public_ip.octets(),
-            vtep_mac: p.vtep_mac,
-            flags: if p.direct { PEER_DIRECT } else { 0 },
-        };
-        let vtep = Vtep6 {
-            subnet: p.subnet.network().octets(),
-            prefix_len: p.subnet.prefix_len(),
-            _pad: [0; 3],
-        };
-        let key = Key::new(u32::from(p.subnet.prefix_len()), p.subnet.network().octets());
-        let tables = PeerTables {
-            peers: maps::PEERS6,
-            vteps: maps::VTEPS6,
-        };
-        self.upsert_in(tables, key, value, p.public_ip.octets(), vtep, p.subnet.into())
-    }
-
-    /// The family-generic body of the peer upserts: the sender entry first (decap must know the
-    /// sender before encap sends to it), then the subnet; when the subnet does not go in, the
-    /// sender entry is put back as it was (another subnet of the same PublicIP may rely on it).
-    fn upsert_in<K: Pod, P: Pod, V: Pod>(
-        &mut self,
-        t: PeerTables,
-        key: Key<K>,
-        value: P,
-        sender: K,
-        vtep: V,
-        subnet: IpNet,
-    ) -> Result<(), DataplaneError> {
+    /// Adds or replaces one remote subnet: one LPM upsert plus its sender entry (all or nothing).
+    /// The sender entry goes in first (decap must know the sender before encap sends to it),
+    /// then the subnet; when the subnet does not go in, the sender entry is put back as it was
+    /// (another subnet of the same PublicIP may rely on it).
+    pub fn upsert_peer<F: MapFamily>(&mut self, p: &PeerEntry<F>) -> Result<(), DataplaneError> {
+        let (net, len) = (F::key(F::net_addr(&p.subnet)), F::net_len(&p.subnet));
+        let key = Key::new(u32::from(len), net);
+        let (value, sender, vtep) = (p.value(), F::key(p.public_ip), F::vtep_value(net, len));
+        let subnet: IpNet = p.subnet.into();
+        let t = (F::PEERS, F::VTEPS);
         let max = self.max_peers;
         let previous = {
-            let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
+            let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, t.1)?;
             let previous = vteps.get(&sender, 0).ok();
             vteps
                 .insert(sender, vtep, 0)
-                .map_err(|e| full_or(e, t.vteps, subnet, max))?;
+                .map_err(|e| full_or(e, t.1, subnet, max))?;
             previous
         };
-        let mut peers: LpmTrie<&mut MapData, K, P> = map_mut(&mut self.ebpf, t.peers)?;
+        let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, t.0)?;
         if let Err(e) = peers.insert(&key, value, 0) {
             // Keep the two tables in step: put the sender entry back as it was.
-            let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
+            let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, t.1)?;
             let _ = match previous {
                 Some(v) => vteps.insert(sender, v, 0),
                 None => vteps.remove(&sender),
             };
-            return Err(full_or(e, t.peers, subnet, max));
+            return Err(full_or(e, t.0, subnet, max));
         }
         Ok(())
     }
@@ -663,14 +534,14 @@ impl Dataplane {
     /// Adds or replaces one local pod: its device entry first (decap delivers only when both
     /// agree on the ifindex), then its endpoint. A device entry the endpoint no longer uses (a
     /// pod on a new veth) is released.
-    pub fn upsert_endpoint<A: EndpointAddr>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
+    pub fn upsert_endpoint<F: MapFamily>(&mut self, e: &LocalEndpoint<F>) -> Result<(), DataplaneError> {
         let previous = {
-            let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
-            eps.get(&e.ip.key(), 0).ok()
+            let eps: HashMap<&MapData, F::Key, Endpoint> = map_ref(&self.ebpf, F::ENDPOINTS)?;
+            eps.get(&F::key(e.ip), 0).ok()
         };
-        let dev_key = e.ip.dev_key(e.ifindex);
+        let dev_key = F::dev_key(e.ip, e.ifindex);
         {
-            let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, A::DEVS)?;
+            let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, F::ENDPOINT_DEVS)?;
             devs.insert(dev_key, e.ifindex, None, 0)
                 .map_err(|source| DataplaneError::EndpointDevice {
                     ip: e.ip.into(),
@@ -678,69 +549,62 @@ impl Dataplane {
                     source,
                 })?;
         }
-        let mut eps: HashMap<&mut MapData, A::Key, Endpoint> = map_mut(&mut self.ebpf, A::MAP)?;
+        let mut eps: HashMap<&mut MapData, F::Key, Endpoint> = map_mut(&mut self.ebpf, F::ENDPOINTS)?;
         let value = Endpoint {
             ifindex: e.ifindex,
             mac: e.mac,
             gw_mac: e.gw_mac,
         };
-        eps.insert(e.ip.key(), value, 0)
-            .map_err(|source| DataplaneError::Map { name: A::MAP, source })?;
-        match previous.map(|p| e.ip.dev_key(p.ifindex)) {
-            Some(old) if old != dev_key => self.release_endpoint_dev::<A>(old),
+        eps.insert(F::key(e.ip), value, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: F::ENDPOINTS,
+                source,
+            })?;
+        match previous.map(|p| F::dev_key(e.ip, p.ifindex)) {
+            Some(old) if old != dev_key => self.release_endpoint_dev::<F>(old),
             _ => Ok(()),
         }
     }
 
     /// Removes one local pod, and its device entry unless another endpoint uses it. Absent is
     /// not an error.
-    pub fn remove_endpoint<A: EndpointAddr>(&mut self, ip: A) -> Result<(), DataplaneError> {
-        let mut eps: HashMap<&mut MapData, A::Key, Endpoint> = map_mut(&mut self.ebpf, A::MAP)?;
-        let previous = eps.get(&ip.key(), 0).ok();
-        ignore_missing(eps.remove(&ip.key()), A::MAP)?;
+    pub fn remove_endpoint<F: MapFamily>(&mut self, ip: F::Addr) -> Result<(), DataplaneError> {
+        let mut eps: HashMap<&mut MapData, F::Key, Endpoint> = map_mut(&mut self.ebpf, F::ENDPOINTS)?;
+        let previous = eps.get(&F::key(ip), 0).ok();
+        ignore_missing(eps.remove(&F::key(ip)), F::ENDPOINTS)?;
         match previous {
-            Some(p) => self.release_endpoint_dev::<A>(ip.dev_key(p.ifindex)),
+            Some(p) => self.release_endpoint_dev::<F>(F::dev_key(ip, p.ifindex)),
             None => Ok(()),
         }
     }
 
-    /// Deletes the device entry `dev_key` of family `A` unless an endpoint still uses it.
-    fn release_endpoint_dev<A: EndpointAddr>(&mut self, dev_key: u32) -> Result<(), DataplaneError> {
-        let used = A::SHARED_DEV && {
-            let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
+    /// Deletes the device entry `dev_key` of family `F` unless an endpoint still uses it.
+    fn release_endpoint_dev<F: MapFamily>(&mut self, dev_key: u32) -> Result<(), DataplaneError> {
+        let used = F::SHARED_DEV && {
+            let eps: HashMap<&MapData, F::Key, Endpoint> = map_ref(&self.ebpf, F::ENDPOINTS)?;
             eps.iter()
                 .flatten()
-                .any(|(k, v)| A::from_key(k).dev_key(v.ifindex) == dev_key)
+                .any(|(k, v)| F::dev_key(F::from_key(k), v.ifindex) == dev_key)
         };
         if used {
             return Ok(());
         }
-        let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, A::DEVS)?;
-        ignore_missing(devs.remove(dev_key), A::DEVS)
+        let mut devs: DevMapHash<&mut MapData> = map_mut(&mut self.ebpf, F::ENDPOINT_DEVS)?;
+        ignore_missing(devs.remove(dev_key), F::ENDPOINT_DEVS)
     }
 
-    /// The local IPv4 pods in the (possibly adopted) endpoint map. One whose device entry no
-    /// longer names the same veth (the veth went away, possibly while no agent ran) is reported
-    /// with ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from
+    /// The local pods of family `F` in the (possibly adopted) endpoint map. One whose device
+    /// entry no longer names the same veth (the veth went away, possibly while no agent ran) is
+    /// reported with ifindex [`STALE_IFINDEX`]: decap does not deliver to it, and it differs from
     /// anything discovered, so a resync removes or replaces it.
-    pub fn endpoints(&self) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-        self.endpoints_of::<Ipv4Addr>()
-    }
-
-    /// The local IPv6 pods, as [`Dataplane::endpoints`].
-    pub fn endpoints6(&self) -> Result<Vec<LocalEndpoint<Ipv6Addr>>, DataplaneError> {
-        self.endpoints_of::<Ipv6Addr>()
-    }
-
-    /// The local pods of family `A` (see [`Dataplane::endpoints`]).
-    pub fn endpoints_of<A: EndpointAddr>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
-        let eps: HashMap<&MapData, A::Key, Endpoint> = map_ref(&self.ebpf, A::MAP)?;
-        let devs: DevMapHash<&MapData> = map_ref(&self.ebpf, A::DEVS)?;
+    pub fn endpoints<F: MapFamily>(&self) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
+        let eps: HashMap<&MapData, F::Key, Endpoint> = map_ref(&self.ebpf, F::ENDPOINTS)?;
+        let devs: DevMapHash<&MapData> = map_ref(&self.ebpf, F::ENDPOINT_DEVS)?;
         Ok(endpoint_entries(&eps)
             .into_iter()
-            .map(|mut e: LocalEndpoint<A>| {
+            .map(|mut e: LocalEndpoint<F>| {
                 let live = devs
-                    .get(e.ip.dev_key(e.ifindex), 0)
+                    .get(F::dev_key(e.ip, e.ifindex), 0)
                     .is_ok_and(|v| v.if_index == e.ifindex);
                 if !live {
                     e.ifindex = STALE_IFINDEX;
@@ -751,48 +615,23 @@ impl Dataplane {
     }
 
     /// Removes one remote subnet and its sender entry. Absent entries are not an error.
-    pub fn remove_peer(&mut self, subnet: Ipv4Net, public_ip: Ipv4Addr) -> Result<(), DataplaneError> {
-        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        let tables = PeerTables {
-            peers: maps::PEERS,
-            vteps: maps::VTEPS,
-        };
-        self.remove_in::<_, Peer, Vtep>(tables, key, public_ip.octets())
-    }
-
-    /// Removes one remote IPv6 subnet and its sender entry. Absent entries are not an error.
-    pub fn remove_peer6(&mut self, subnet: Ipv6Net, public_ip: Ipv6Addr) -> Result<(), DataplaneError> {
-        let key = Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
-        let tables = PeerTables {
-            peers: maps::PEERS6,
-            vteps: maps::VTEPS6,
-        };
-        self.remove_in::<_, Peer6, Vtep6>(tables, key, public_ip.octets())
-    }
-
-    fn remove_in<K: Pod, P: Pod, V: Pod>(
+    pub fn remove_peer<F: MapFamily>(
         &mut self,
-        t: PeerTables,
-        key: Key<K>,
-        sender: K,
+        subnet: F::Net,
+        public_ip: F::Addr,
     ) -> Result<(), DataplaneError> {
-        let mut peers: LpmTrie<&mut MapData, K, P> = map_mut(&mut self.ebpf, t.peers)?;
-        ignore_missing(peers.remove(&key), t.peers)?;
-        let mut vteps: HashMap<&mut MapData, K, V> = map_mut(&mut self.ebpf, t.vteps)?;
-        ignore_missing(vteps.remove(&sender), t.vteps)
+        let key = Key::new(u32::from(F::net_len(&subnet)), F::key(F::net_addr(&subnet)));
+        let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
+        ignore_missing(peers.remove(&key), F::PEERS)?;
+        let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
+        ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)
     }
 
-    /// The remote subnets in the (possibly adopted) peer map, so a restarted agent can remove
-    /// the ones whose leases went away while it was down.
-    pub fn peers(&self) -> Result<Vec<PeerEntry>, DataplaneError> {
-        let peers: LpmTrie<&MapData, [u8; 4], Peer> = map_ref(&self.ebpf, maps::PEERS)?;
+    /// The remote subnets in the (possibly adopted) peer map of family `F`, so a restarted agent
+    /// can remove the ones whose leases went away while it was down.
+    pub fn peers<F: MapFamily>(&self) -> Result<Vec<PeerEntry<F>>, DataplaneError> {
+        let peers: LpmTrie<&MapData, F::Key, F::Peer> = map_ref(&self.ebpf, F::PEERS)?;
         peer_entries(&peers)
-    }
-
-    /// The remote IPv6 subnets in the (possibly adopted) IPv6 peer map.
-    pub fn peers6(&self) -> Result<Vec<PeerEntry6>, DataplaneError> {
-        let peers: LpmTrie<&MapData, [u8; 16], Peer6> = map_ref(&self.ebpf, maps::PEERS6)?;
-        peer6_entries(&peers)
     }
 
     /// Writes the node's IPv6 settings and marks them ready; from then on encap takes IPv6 pod
@@ -957,73 +796,39 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Dataplan
     })
 }
 
-/// The two maps of one family's peers.
-#[derive(Clone, Copy)]
-struct PeerTables {
-    peers: &'static str,
-    vteps: &'static str,
-}
-
-/// Every remote IPv6 subnet in an IPv6 peer map, sorted by subnet.
-pub fn peer6_entries<T: std::borrow::Borrow<MapData>>(
-    trie: &LpmTrie<T, [u8; 16], Peer6>,
-) -> Result<Vec<PeerEntry6>, DataplaneError> {
-    let mut out = Vec::new();
-    for key in trie.keys() {
-        let key = key.map_err(|source| DataplaneError::Map {
-            name: maps::PEERS6,
-            source,
-        })?;
-        let Ok(p) = trie.get(&key, 0) else { continue };
-        let Ok(subnet) = Ipv6Net::new(Ipv6Addr::from(key.data()), key.prefix_len() as u8) else {
-            continue;
-        };
-        out.push(PeerEntry6 {
-            subnet,
-            public_ip: Ipv6Addr::from(p.public_ip),
-            vtep_mac: p.vtep_mac,
-            direct: p.flags & PEER_DIRECT != 0,
-        });
-    }
-    out.sort_by_key(|p| p.subnet);
-    Ok(out)
-}
-
 /// Every remote subnet in a peer map, sorted by subnet. An entry removed between listing and
 /// reading (the agent writes while `status` reads) is simply gone.
-pub fn peer_entries<T: std::borrow::Borrow<MapData>>(
-    trie: &LpmTrie<T, [u8; 4], Peer>,
-) -> Result<Vec<PeerEntry>, DataplaneError> {
+pub fn peer_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, F::Key, F::Peer>,
+) -> Result<Vec<PeerEntry<F>>, DataplaneError> {
     let mut out = Vec::new();
     for key in trie.keys() {
         let key = key.map_err(|source| DataplaneError::Map {
-            name: maps::PEERS,
+            name: F::PEERS,
             source,
         })?;
         let Ok(p) = trie.get(&key, 0) else { continue };
-        let Ok(subnet) = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8) else {
+        let Ok(len) = u8::try_from(key.prefix_len()) else {
             continue;
         };
-        out.push(PeerEntry {
-            subnet,
-            public_ip: Ipv4Addr::from(p.public_ip),
-            vtep_mac: p.vtep_mac,
-            direct: p.flags & PEER_DIRECT != 0,
-        });
+        if len > F::BITS {
+            continue;
+        }
+        out.push(PeerEntry::from_value(F::net(F::from_key(key.data()), len), &p));
     }
     out.sort_by_key(|p| p.subnet);
     Ok(out)
 }
 
 /// Every local pod in an endpoint map, sorted by address. Entries removed while reading are gone.
-pub fn endpoint_entries<A: EndpointAddr, T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, A::Key, Endpoint>,
-) -> Vec<LocalEndpoint<A>> {
-    let mut out: Vec<LocalEndpoint<A>> = map
+pub fn endpoint_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, F::Key, Endpoint>,
+) -> Vec<LocalEndpoint<F>> {
+    let mut out: Vec<LocalEndpoint<F>> = map
         .iter()
         .flatten()
         .map(|(ip, e)| LocalEndpoint {
-            ip: A::from_key(ip),
+            ip: F::from_key(ip),
             ifindex: e.ifindex,
             mac: e.mac,
             gw_mac: e.gw_mac,
@@ -1033,23 +838,15 @@ pub fn endpoint_entries<A: EndpointAddr, T: std::borrow::Borrow<MapData>>(
     out
 }
 
-/// Local IPv4 pods from a pinned endpoint map (works whether the agent runs or not).
-pub fn read_pinned_endpoints(pin_root: &Path) -> Result<Vec<LocalEndpoint>, DataplaneError> {
-    read_pinned_endpoints_of::<Ipv4Addr>(pin_root)
-}
-
-/// Local IPv6 pods from the pinned `OVL_ENDPOINTS6`.
-pub fn read_pinned_endpoints6(pin_root: &Path) -> Result<Vec<LocalEndpoint<Ipv6Addr>>, DataplaneError> {
-    read_pinned_endpoints_of::<Ipv6Addr>(pin_root)
-}
-
-fn read_pinned_endpoints_of<A: EndpointAddr>(
-    pin_root: &Path,
-) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
-    let err = |source| DataplaneError::Map { name: A::MAP, source };
-    let data = MapData::from_pin(pin_root.join(A::MAP)).map_err(err)?;
+/// Local pods of family `F` from a pinned endpoint map (works whether the agent runs or not).
+pub fn read_pinned_endpoints<F: MapFamily>(pin_root: &Path) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        name: F::ENDPOINTS,
+        source,
+    };
+    let data = MapData::from_pin(pin_root.join(F::ENDPOINTS)).map_err(err)?;
     let map = aya::maps::Map::HashMap(data);
-    let eps: HashMap<&MapData, A::Key, Endpoint> = HashMap::try_from(&map).map_err(err)?;
+    let eps: HashMap<&MapData, F::Key, Endpoint> = HashMap::try_from(&map).map_err(err)?;
     Ok(endpoint_entries(&eps))
 }
 

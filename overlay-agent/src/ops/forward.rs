@@ -11,7 +11,7 @@
 //! `--iptables-resync` seconds, so a flush by someone else is undone.
 //!
 //! flanneld writes the same rules for the IPv6 Network with ip6tables; so does this module,
-//! written once for both families ([`NfFamily`]): a network's family picks the tools
+//! written once for both families ([`IpFamily`], [`NfFamily`](super::netfilter::NfFamily)): a network's family picks the tools
 //! (`iptables*` or `ip6tables*`), nothing else differs.
 //!
 //! An ACCEPT only helps in the same netfilter backend as the DROP it has to beat: with both
@@ -26,7 +26,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use super::netfilter::NfFamily;
+use super::netfilter::{IpFamily, NfFamily as _};
 
 /// flanneld's chain.
 pub const CHAIN: &str = "FLANNEL-FWD";
@@ -59,21 +59,21 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn iptables(self, fam: NfFamily) -> &'static str {
+    fn iptables(self, fam: IpFamily) -> &'static str {
         match (fam, self) {
-            (NfFamily::V4, Backend::Nft) => "iptables-nft",
-            (NfFamily::V4, Backend::Legacy) => "iptables-legacy",
-            (NfFamily::V6, Backend::Nft) => "ip6tables-nft",
-            (NfFamily::V6, Backend::Legacy) => "ip6tables-legacy",
+            (IpFamily::V4, Backend::Nft) => "iptables-nft",
+            (IpFamily::V4, Backend::Legacy) => "iptables-legacy",
+            (IpFamily::V6, Backend::Nft) => "ip6tables-nft",
+            (IpFamily::V6, Backend::Legacy) => "ip6tables-legacy",
         }
     }
 
-    fn restore(self, fam: NfFamily) -> &'static str {
+    fn restore(self, fam: IpFamily) -> &'static str {
         match (fam, self) {
-            (NfFamily::V4, Backend::Nft) => "iptables-nft-restore",
-            (NfFamily::V4, Backend::Legacy) => "iptables-legacy-restore",
-            (NfFamily::V6, Backend::Nft) => "ip6tables-nft-restore",
-            (NfFamily::V6, Backend::Legacy) => "ip6tables-legacy-restore",
+            (IpFamily::V4, Backend::Nft) => "iptables-nft-restore",
+            (IpFamily::V4, Backend::Legacy) => "iptables-legacy-restore",
+            (IpFamily::V6, Backend::Nft) => "ip6tables-nft-restore",
+            (IpFamily::V6, Backend::Legacy) => "ip6tables-legacy-restore",
         }
     }
 
@@ -86,7 +86,7 @@ impl Backend {
 
     /// This backend already has a filter table of family `fam` in the current network namespace
     /// (looked up without creating one).
-    fn has_filter_table(self, fam: NfFamily) -> bool {
+    fn has_filter_table(self, fam: IpFamily) -> bool {
         match self {
             Backend::Legacy => std::fs::read_to_string(fam.legacy_tables())
                 .map(|t| t.lines().any(|l| l == "filter"))
@@ -104,7 +104,7 @@ impl Backend {
 
 /// The backends whose FORWARD chain of family `fam` counts here: the one `iptables` (or
 /// `ip6tables`) runs, from its `--version`, and the other one when it has a filter table too.
-pub fn backends(fam: NfFamily) -> Result<Vec<Backend>, ForwardError> {
+pub fn backends(fam: IpFamily) -> Result<Vec<Backend>, ForwardError> {
     let cmd = fam.iptables();
     let out = run(cmd, &["--version"])?;
     let default = if out.contains("legacy") {
@@ -192,7 +192,7 @@ pub enum Ensured {
 /// Makes the rules for `network` present on `backend` (in the tables of `network`'s family),
 /// rewriting them only when something is missing, duplicated or for another network.
 pub fn ensure(backend: Backend, network: IpNet) -> Result<Ensured, ForwardError> {
-    let fam = NfFamily::of(&network);
+    let fam = IpFamily::of(&network);
     let (forward, chain) = read(fam, backend)?;
     if in_place(&forward, chain.as_deref(), network) {
         return Ok(Ensured::AlreadyThere);
@@ -202,7 +202,7 @@ pub fn ensure(backend: Backend, network: IpNet) -> Result<Ensured, ForwardError>
 }
 
 /// Removes the rules of family `fam` from `backend`; `Ok(false)` when there were none.
-pub fn remove(fam: NfFamily, backend: Backend) -> Result<bool, ForwardError> {
+pub fn remove(fam: IpFamily, backend: Backend) -> Result<bool, ForwardError> {
     let (forward, chain) = read(fam, backend)?;
     if chain.is_none() {
         return Ok(false);
@@ -213,8 +213,8 @@ pub fn remove(fam: NfFamily, backend: Backend) -> Result<bool, ForwardError> {
 
 /// Removes the rules of both families from every backend that has a filter table of the family
 /// (none is created to look).
-pub fn remove_everywhere() -> Vec<(NfFamily, Backend, Result<bool, ForwardError>)> {
-    NfFamily::ALL
+pub fn remove_everywhere() -> Vec<(IpFamily, Backend, Result<bool, ForwardError>)> {
+    IpFamily::ALL
         .into_iter()
         .flat_map(|fam| [(fam, Backend::Nft), (fam, Backend::Legacy)])
         .filter(|(fam, b)| b.has_filter_table(*fam))
@@ -228,7 +228,7 @@ fn count_jumps(forward: &str) -> usize {
 }
 
 /// `-S FORWARD` and `-S FLANNEL-FWD` (`None`: no such chain).
-fn read(fam: NfFamily, backend: Backend) -> Result<(String, Option<String>), ForwardError> {
+fn read(fam: IpFamily, backend: Backend) -> Result<(String, Option<String>), ForwardError> {
     let cmd = backend.iptables(fam);
     let forward = run(cmd, &["-w", "5", "-t", "filter", "-S", "FORWARD"])?;
     let chain = run(cmd, &["-w", "5", "-t", "filter", "-S", CHAIN]).ok();
@@ -256,7 +256,7 @@ fn stdout_of(cmd: &'static str, out: std::process::Output) -> Result<String, For
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn restore(fam: NfFamily, backend: Backend, script: &str) -> Result<(), ForwardError> {
+fn restore(fam: IpFamily, backend: Backend, script: &str) -> Result<(), ForwardError> {
     let cmd = backend.restore(fam);
     let mut child = Command::new(cmd)
         .args(["--noflush", "-w", "5"])
@@ -351,22 +351,22 @@ mod tests {
         // The family picks the tools, and nothing else.
         let tools = |fam| [Backend::Nft, Backend::Legacy].map(|b| (b.iptables(fam), b.restore(fam)));
         assert_eq!(
-            tools(NfFamily::of(&net6())),
+            tools(IpFamily::of(&net6())),
             [
                 ("ip6tables-nft", "ip6tables-nft-restore"),
                 ("ip6tables-legacy", "ip6tables-legacy-restore")
             ]
         );
         assert_eq!(
-            tools(NfFamily::of(&net())),
+            tools(IpFamily::of(&net())),
             [
                 ("iptables-nft", "iptables-nft-restore"),
                 ("iptables-legacy", "iptables-legacy-restore")
             ]
         );
-        assert_eq!(NfFamily::V6.iptables(), "ip6tables");
-        assert_eq!(NfFamily::V6.legacy_tables(), "/proc/net/ip6_tables_names");
-        assert_eq!(NfFamily::V6.nft(), "ip6");
+        assert_eq!(IpFamily::V6.iptables(), "ip6tables");
+        assert_eq!(IpFamily::V6.legacy_tables(), "/proc/net/ip6_tables_names");
+        assert_eq!(IpFamily::V6.nft(), "ip6");
     }
 
     /// `ip6tables -S` as iptables-nft 1.8.9 prints it (addresses compressed as ipnet prints them).

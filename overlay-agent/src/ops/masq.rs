@@ -15,7 +15,7 @@ use std::fmt;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::netfilter::{NfFamily, NftFailure};
+use super::netfilter::{IpFamily, NfFamily as _, NftFailure};
 
 /// The nftables table (families `ip` and `ip6`).
 pub const TABLE: &str = "overlay-agent";
@@ -46,10 +46,10 @@ pub struct MasqNets {
 
 impl MasqNets {
     /// Each family with its (network, subnet), IPv4 first.
-    fn families(&self) -> [(NfFamily, Option<(IpNet, IpNet)>); 2] {
+    fn families(&self) -> [(IpFamily, Option<(IpNet, IpNet)>); 2] {
         [
-            (NfFamily::V4, self.v4.map(|(n, s)| (n.into(), s.into()))),
-            (NfFamily::V6, self.v6.map(|(n, s)| (n.into(), s.into()))),
+            (IpFamily::V4, self.v4.map(|(n, s)| (n.into(), s.into()))),
+            (IpFamily::V6, self.v6.map(|(n, s)| (n.into(), s.into()))),
         ]
     }
 
@@ -74,7 +74,7 @@ impl fmt::Display for MasqNets {
 
 /// The transaction that installs (or replaces) the tables for `nets` and removes the table of a
 /// family `nets` leaves out when that family's table is `present`.
-pub fn render(nets: &MasqNets, present: &[NfFamily]) -> String {
+pub fn render(nets: &MasqNets, present: &[IpFamily]) -> String {
     nets.families()
         .into_iter()
         .map(|(fam, nets)| match nets {
@@ -87,7 +87,7 @@ pub fn render(nets: &MasqNets, present: &[NfFamily]) -> String {
 
 /// One family's table for `network` with our lease `subnet` (both of family `fam`), replacing
 /// any earlier one.
-fn table(fam: NfFamily, network: IpNet, subnet: IpNet) -> String {
+fn table(fam: IpFamily, network: IpNet, subnet: IpNet) -> String {
     let (ip, multicast) = (fam.nft(), fam.multicast());
     format!(
         "add table {ip} {TABLE}\n\
@@ -106,7 +106,7 @@ fn table(fam: NfFamily, network: IpNet, subnet: IpNet) -> String {
 }
 
 /// Removes one family's table; succeeds whether it exists or not.
-fn remove_table(fam: NfFamily) -> String {
+fn remove_table(fam: IpFamily) -> String {
     let ip = fam.nft();
     format!("add table {ip} {TABLE}\ndelete table {ip} {TABLE}\n")
 }
@@ -126,8 +126,8 @@ pub fn remove() -> Result<(), MasqError> {
 }
 
 /// The families whose table exists now (looked up without creating one).
-pub fn tables_present() -> Vec<NfFamily> {
-    NfFamily::ALL
+pub fn tables_present() -> Vec<IpFamily> {
+    IpFamily::ALL
         .into_iter()
         .filter(|fam| super::netfilter::nft_table_exists(fam.nft(), TABLE))
         .collect()
@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn ruleset_is_one_replacing_transaction_with_flannel_semantics() {
         let (network, subnet) = v4();
-        let s = table(NfFamily::V4, network.into(), subnet.into());
+        let s = table(IpFamily::V4, network.into(), subnet.into());
         assert_eq!(s, V4_TABLE);
         let lines: Vec<&str> = s.lines().map(str::trim).collect();
         // Replace, never append: the table is created, deleted and defined in one transaction.
@@ -216,7 +216,7 @@ mod tests {
         // Pod-to-pod exemptions come before any masquerade.
         assert_eq!(rules.iter().position(|r| r.contains("masquerade")), Some(3));
         assert_eq!(
-            render(&MasqNets::default(), &NfFamily::ALL),
+            render(&MasqNets::default(), &IpFamily::ALL),
             format!("{V4_REMOVE}{V6_REMOVE}")
         );
     }
@@ -228,7 +228,7 @@ mod tests {
     fn ipv6_table_is_flannel_s_ip6tables_rules() {
         let (network, subnet) = v6();
         assert_eq!(
-            table(NfFamily::V6, network.into(), subnet.into()),
+            table(IpFamily::V6, network.into(), subnet.into()),
             "add table ip6 overlay-agent\n\
              delete table ip6 overlay-agent\n\
              table ip6 overlay-agent {\n\
@@ -254,17 +254,17 @@ mod tests {
         // IPv4 only: the IPv4 table byte for byte as before, and a stale IPv6 table removed;
         // with no IPv6 table there, nothing of IPv6 is said (a host with IPv6 disabled).
         assert_eq!(
-            render(&ipv4_only, &NfFamily::ALL),
+            render(&ipv4_only, &IpFamily::ALL),
             format!("{V4_TABLE}{V6_REMOVE}")
         );
-        assert_eq!(render(&ipv4_only, &[NfFamily::V4]), V4_TABLE);
+        assert_eq!(render(&ipv4_only, &[IpFamily::V4]), V4_TABLE);
         let ipv6_only = MasqNets {
             v4: None,
             v6: Some(v6()),
         };
         assert_eq!(
-            render(&ipv6_only, &NfFamily::ALL),
-            format!("{V4_REMOVE}{}", table(NfFamily::V6, n6.into(), s6.into()))
+            render(&ipv6_only, &IpFamily::ALL),
+            format!("{V4_REMOVE}{}", table(IpFamily::V6, n6.into(), s6.into()))
         );
         let dual = MasqNets {
             v4: Some(v4()),
@@ -272,7 +272,7 @@ mod tests {
         };
         let s = render(&dual, &[]);
         assert!(s.starts_with(V4_TABLE), "{s}");
-        assert!(s.ends_with(&table(NfFamily::V6, n6.into(), s6.into())), "{s}");
+        assert!(s.ends_with(&table(IpFamily::V6, n6.into(), s6.into())), "{s}");
         assert_eq!(
             dual.to_string(),
             "ip 10.244.0.0/16 (our 10.244.7.0/24), ip6 fd00:10:244::/56 (our fd00:10:244:7::/64)"

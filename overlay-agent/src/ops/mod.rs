@@ -21,7 +21,7 @@ use crate::{
     control::Event,
     dataplane::{self, DecapMode},
 };
-use netfilter::NfFamily;
+use netfilter::IpFamily;
 
 /// What the operations side runs with.
 #[derive(Debug, Clone)]
@@ -218,8 +218,8 @@ impl Ops {
 /// [`Ops::ensure_forward`] for one family's `network`; `last` is the network its rules were
 /// last found or written for.
 fn ensure_forward_family(network: IpNet, last: &mut Option<IpNet>) {
-    let fam = NfFamily::of(&network);
-    let family = fam.label();
+    let fam = IpFamily::of(&network);
+    let family = fam.name();
     let backends = match forward::backends(fam) {
         Ok(b) => b,
         Err(e) => {

@@ -2,65 +2,46 @@
 //! `--iptables-forward-rules` (iptables, ip6tables) are written once for both: flanneld installs
 //! the same rules for IPv6 (`MasqIP6Rules`, `forwardRules(IPv6Network)`) with ip6tables.
 
-use ipnet::IpNet;
+pub use crate::family::IpFamily;
 
-use crate::family::{Family as _, V4, V6};
-
-/// An address family of netfilter's tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NfFamily {
-    V4,
-    V6,
+/// What netfilter's tools call each family ([`IpFamily`] extended).
+pub trait NfFamily: Copy {
+    /// The nftables family, which is also the keyword of its address match: `ip`, `ip6`.
+    fn nft(self) -> &'static str;
+    /// Multicast, which flannel never masquerades.
+    fn multicast(self) -> &'static str;
+    /// The family's iptables command, whose `--version` names its default backend.
+    fn iptables(self) -> &'static str;
+    /// The kernel's list of the family's legacy (x_tables) tables.
+    fn legacy_tables(self) -> &'static str;
 }
 
-impl NfFamily {
-    pub const ALL: [NfFamily; 2] = [NfFamily::V4, NfFamily::V6];
-
-    /// The family of `net`.
-    pub fn of(net: &IpNet) -> NfFamily {
-        match net {
-            IpNet::V4(_) => NfFamily::V4,
-            IpNet::V6(_) => NfFamily::V6,
+impl NfFamily for IpFamily {
+    fn nft(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
         }
     }
 
-    /// `IPv4` / `IPv6`, for logs and messages.
-    pub fn label(self) -> &'static str {
+    fn multicast(self) -> &'static str {
         match self {
-            NfFamily::V4 => V4::NAME,
-            NfFamily::V6 => V6::NAME,
+            IpFamily::V4 => "224.0.0.0/4",
+            IpFamily::V6 => "ff00::/8",
         }
     }
 
-    /// The nftables family, which is also the keyword of its address match: `ip`, `ip6`.
-    pub fn nft(self) -> &'static str {
+    fn iptables(self) -> &'static str {
         match self {
-            NfFamily::V4 => "ip",
-            NfFamily::V6 => "ip6",
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
         }
     }
 
-    /// Multicast, which flannel never masquerades.
-    pub fn multicast(self) -> &'static str {
+    fn legacy_tables(self) -> &'static str {
         match self {
-            NfFamily::V4 => "224.0.0.0/4",
-            NfFamily::V6 => "ff00::/8",
-        }
-    }
-
-    /// The family's iptables command, whose `--version` names its default backend.
-    pub fn iptables(self) -> &'static str {
-        match self {
-            NfFamily::V4 => "iptables",
-            NfFamily::V6 => "ip6tables",
-        }
-    }
-
-    /// The kernel's list of the family's legacy (x_tables) tables.
-    pub fn legacy_tables(self) -> &'static str {
-        match self {
-            NfFamily::V4 => "/proc/net/ip_tables_names",
-            NfFamily::V6 => "/proc/net/ip6_tables_names",
+            IpFamily::V4 => "/proc/net/ip_tables_names",
+            IpFamily::V6 => "/proc/net/ip6_tables_names",
         }
     }
 }

@@ -43,7 +43,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     control::lease::MacAddr,
-    dataplane::{Dataplane, DataplaneError, EndpointAddr, LocalEndpoint},
+    dataplane::{Dataplane, DataplaneError, LocalEndpoint, MapFamily},
+    family::{Family, V4, V6},
     metrics::METRICS,
 };
 
@@ -106,8 +107,8 @@ pub struct FdbEntry {
 
 /// One IPv4 (or IPv6) neighbour entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Neighbour<A = Ipv4Addr> {
-    pub ip: A,
+pub struct Neighbour<F: Family = V4> {
+    pub ip: F::Addr,
     pub ifindex: u32,
     /// `None` while unresolved.
     pub mac: Option<[u8; 6]>,
@@ -124,84 +125,62 @@ pub struct Discovery {
     pub ports: BTreeSet<u32>,
     pub fdb: Vec<FdbEntry>,
     pub neighbours: Vec<Neighbour>,
-    pub neighbours6: Vec<Neighbour<Ipv6Addr>>,
+    pub neighbours6: Vec<Neighbour<V6>>,
     /// The bridge's own addresses (never a pod's).
     pub bridge_addrs: BTreeSet<IpAddr>,
 }
 
 /// What endpoint discovery needs of an address family, on top of its maps
-/// ([`EndpointAddr`]): its neighbours in a discovery and which addresses of our lease can be
+/// ([`MapFamily`]): its neighbours in a discovery and which addresses of our lease can be
 /// pods.
-pub trait EndpointFamily: EndpointAddr {
-    /// Our lease in this family.
-    type Net: Copy + Eq + std::fmt::Debug;
-    /// "IPv4" / "IPv6", for logs.
-    const NAME: &'static str;
+pub trait EndpointFamily: MapFamily {
     /// `AF_INET` / `AF_INET6`.
     const FAMILY: AddressFamily;
     fn neighbours(d: &Discovery) -> &[Neighbour<Self>];
     /// The address of a neighbour message of this family.
-    fn from_neighbour(a: &NeighbourAddress) -> Option<Self>;
-    /// An address of ours in this family (for a map that holds both).
-    fn from_ip(ip: IpAddr) -> Option<Self>;
-    /// Whether a neighbour at `self` may be a pod of our lease `own`: inside it, and not its
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Self::Addr>;
+    /// Whether a neighbour at `a` may be a pod of our lease `own`: inside it, and not its
     /// network address (nor broadcast, nor a link-local address).
-    fn pod_address(self, own: &Self::Net) -> bool;
+    fn pod_address(a: Self::Addr, own: &Self::Net) -> bool;
 }
 
-impl EndpointFamily for Ipv4Addr {
-    type Net = Ipv4Net;
-    const NAME: &'static str = "IPv4";
+impl EndpointFamily for V4 {
     const FAMILY: AddressFamily = AddressFamily::Inet;
     fn neighbours(d: &Discovery) -> &[Neighbour<Self>] {
         &d.neighbours
     }
-    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Ipv4Addr> {
         match a {
             NeighbourAddress::Inet(ip) => Some(*ip),
             _ => None,
         }
     }
-    fn from_ip(ip: IpAddr) -> Option<Self> {
-        match ip {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        }
-    }
-    fn pod_address(self, own: &Ipv4Net) -> bool {
-        own.contains(&self) && self != own.network() && self != own.broadcast()
+    fn pod_address(a: Ipv4Addr, own: &Ipv4Net) -> bool {
+        own.contains(&a) && a != own.network() && a != own.broadcast()
     }
 }
 
-impl EndpointFamily for Ipv6Addr {
-    type Net = Ipv6Net;
-    const NAME: &'static str = "IPv6";
+impl EndpointFamily for V6 {
     const FAMILY: AddressFamily = AddressFamily::Inet6;
     fn neighbours(d: &Discovery) -> &[Neighbour<Self>] {
         &d.neighbours6
     }
-    fn from_neighbour(a: &NeighbourAddress) -> Option<Self> {
+    fn from_neighbour(a: &NeighbourAddress) -> Option<Ipv6Addr> {
         match a {
             NeighbourAddress::Inet6(ip) => Some(*ip),
             _ => None,
         }
     }
-    fn from_ip(ip: IpAddr) -> Option<Self> {
-        match ip {
-            IpAddr::V6(ip) => Some(ip),
-            IpAddr::V4(_) => None,
-        }
-    }
-    fn pod_address(self, own: &Ipv6Net) -> bool {
+    fn pod_address(a: Ipv6Addr, own: &Ipv6Net) -> bool {
         // The network address is the subnet-router anycast address (RFC 4291 2.6.1).
-        own.contains(&self) && self != own.network() && !self.is_unicast_link_local() && !self.is_multicast()
+        own.contains(&a) && a != own.network() && !a.is_unicast_link_local() && !a.is_multicast()
     }
 }
 
-/// The pods of a discovery inside `subnet` (our lease of family `A`): each neighbour of the
+/// The pods of a discovery inside `subnet` (our lease of family `F`): each neighbour of the
 /// bridge in a usable state whose MAC the bridge has learned on exactly one of its ports (the
 /// bridge's own addresses excepted).
-pub fn join<A: EndpointFamily>(d: &Discovery, subnet: A::Net) -> BTreeMap<A, LocalEndpoint<A>> {
+pub fn join<F: EndpointFamily>(d: &Discovery, subnet: F::Net) -> BTreeMap<F::Addr, LocalEndpoint<F>> {
     let mut out = BTreeMap::new();
     let Some(bridge) = d.bridge else { return out };
     // MAC → port; `None` when the MAC is behind several ports (then the stack decides).
@@ -222,8 +201,8 @@ pub fn join<A: EndpointFamily>(d: &Discovery, subnet: A::Net) -> BTreeMap<A, Loc
                 .or_insert(Some(f.port));
         }
     }
-    let host = |ip: A| ip.pod_address(&subnet) && !d.bridge_addrs.contains(&ip.into());
-    for n in A::neighbours(d) {
+    let host = |ip: F::Addr| F::pod_address(ip, &subnet) && !d.bridge_addrs.contains(&ip.into());
+    for n in F::neighbours(d) {
         if n.ifindex != bridge.ifindex || n.state & NUD_USABLE == 0 || n.state & NUD_UNRESOLVED != 0 {
             continue;
         }
@@ -254,14 +233,14 @@ fn is_unicast(mac: [u8; 6]) -> bool {
 
 /// What to write to make the map hold `wanted`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Changes<A = Ipv4Addr> {
+pub struct Changes<F: Family = V4> {
     /// New or changed (another veth or MAC) endpoints.
-    pub upsert: Vec<LocalEndpoint<A>>,
+    pub upsert: Vec<LocalEndpoint<F>>,
     /// Addresses that are no longer endpoints.
-    pub remove: Vec<A>,
+    pub remove: Vec<F::Addr>,
 }
 
-impl<A> Default for Changes<A> {
+impl<F: Family> Default for Changes<F> {
     fn default() -> Self {
         Changes {
             upsert: Vec::new(),
@@ -271,12 +250,12 @@ impl<A> Default for Changes<A> {
 }
 
 /// The difference between what the map holds and what it should.
-pub fn diff<A: EndpointAddr>(
-    held: &[LocalEndpoint<A>],
-    wanted: &BTreeMap<A, LocalEndpoint<A>>,
-) -> Changes<A> {
-    let held: HashMap<A, &LocalEndpoint<A>> = held.iter().map(|e| (e.ip, e)).collect();
-    let mut remove: Vec<A> = held
+pub fn diff<F: Family>(
+    held: &[LocalEndpoint<F>],
+    wanted: &BTreeMap<F::Addr, LocalEndpoint<F>>,
+) -> Changes<F> {
+    let held: HashMap<F::Addr, &LocalEndpoint<F>> = held.iter().map(|e| (e.ip, e)).collect();
+    let mut remove: Vec<F::Addr> = held
         .keys()
         .filter(|ip| !wanted.contains_key(ip))
         .copied()
@@ -293,20 +272,20 @@ pub fn diff<A: EndpointAddr>(
 /// The map operations endpoint syncing needs, for either family ([`Dataplane`] in the agent, a
 /// fake in tests).
 pub trait EndpointMap {
-    fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError>;
-    fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError>;
-    fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError>;
+    fn endpoints<F: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<F>>, DataplaneError>;
+    fn upsert_endpoint<F: EndpointFamily>(&mut self, e: &LocalEndpoint<F>) -> Result<(), DataplaneError>;
+    fn remove_endpoint<F: EndpointFamily>(&mut self, ip: F::Addr) -> Result<(), DataplaneError>;
 }
 
 impl EndpointMap for Dataplane {
-    fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
-        Dataplane::endpoints_of::<A>(self)
+    fn endpoints<F: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
+        Dataplane::endpoints::<F>(self)
     }
-    fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
+    fn upsert_endpoint<F: EndpointFamily>(&mut self, e: &LocalEndpoint<F>) -> Result<(), DataplaneError> {
         Dataplane::upsert_endpoint(self, e)
     }
-    fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError> {
-        Dataplane::remove_endpoint(self, ip)
+    fn remove_endpoint<F: EndpointFamily>(&mut self, ip: F::Addr) -> Result<(), DataplaneError> {
+        Dataplane::remove_endpoint::<F>(self, ip)
     }
 }
 
@@ -355,41 +334,41 @@ impl LocalEndpoints {
     fn sync(&mut self, map: &mut impl EndpointMap) {
         let Some(d) = &self.last else { return };
         let own = self.own;
-        if let Some(n) = sync_family::<Ipv4Addr>(map, d, own.map(|o| o.v4)) {
+        if let Some(n) = sync_family::<V4>(map, d, own.map(|o| o.v4)) {
             self.held[0] = n;
         }
-        if let Some(n) = sync_family::<Ipv6Addr>(map, d, own.map(|o| o.v6)) {
+        if let Some(n) = sync_family::<V6>(map, d, own.map(|o| o.v6)) {
             self.held[1] = n;
         }
         METRICS.local_endpoints.set((self.held[0] + self.held[1]) as i64);
     }
 }
 
-/// Makes family `A`'s map hold the pods of `d` in `own` (`None`: not known yet, `Some(None)`:
+/// Makes family `F`'s map hold the pods of `d` in `own` (`None`: not known yet, `Some(None)`:
 /// the lease has no subnet of this family). Returns the number of entries the map then holds,
 /// `None` when it was left alone.
-fn sync_family<A: EndpointFamily>(
+fn sync_family<F: EndpointFamily>(
     map: &mut impl EndpointMap,
     d: &Discovery,
-    own: Option<Option<A::Net>>,
+    own: Option<Option<F::Net>>,
 ) -> Option<usize> {
     let wanted = match (d.bridge, own) {
         (None, _) | (Some(_), Some(None)) => BTreeMap::new(),
-        (Some(_), Some(Some(own))) => join::<A>(d, own),
+        (Some(_), Some(Some(own))) => join::<F>(d, own),
         // Which pods are ours is not known yet: keep what an earlier agent left.
         (Some(_), None) => return None,
     };
-    let held = match map.endpoints::<A>() {
+    let held = match map.endpoints::<F>() {
         Ok(h) => h,
         Err(e) => {
-            error!(family = A::NAME, error = %e, "reading the endpoint map");
+            error!(family = F::NAME, error = %e, "reading the endpoint map");
             return None;
         }
     };
     let mut count = held.len();
     let Changes { upsert, remove } = diff(&held, &wanted);
     for ip in remove {
-        match map.remove_endpoint(ip) {
+        match map.remove_endpoint::<F>(ip) {
             Ok(()) => {
                 count -= 1;
                 debug!(%ip, "local endpoint removed");
@@ -442,7 +421,10 @@ impl EndpointWatch {
 /// Adopts what the pinned endpoint maps hold (the first sync keeps or removes it) and starts
 /// watching `bridge`. Without an endpoint map in the datapath nothing is watched.
 pub fn start(dp: &Dataplane, bridge: &str) -> (LocalEndpoints, EndpointWatch) {
-    match dp.endpoints().and_then(|v4| Ok((v4, dp.endpoints6()?))) {
+    match dp
+        .endpoints::<V4>()
+        .and_then(|v4| Ok((v4, dp.endpoints::<V6>()?)))
+    {
         Ok((v4, v6)) => {
             if !v4.is_empty() || !v6.is_empty() {
                 info!(
@@ -785,12 +767,12 @@ pub fn neighbour(n: &NeighbourMessage) -> Option<Neighbour> {
 }
 
 /// A neighbour message of family `A` as a neighbour entry.
-pub fn neighbour_of<A: EndpointFamily>(n: &NeighbourMessage) -> Option<Neighbour<A>> {
-    if n.header.family != A::FAMILY {
+pub fn neighbour_of<F: EndpointFamily>(n: &NeighbourMessage) -> Option<Neighbour<F>> {
+    if n.header.family != F::FAMILY {
         return None;
     }
     let ip = n.attributes.iter().find_map(|a| match a {
-        NeighbourAttribute::Destination(d) => A::from_neighbour(d),
+        NeighbourAttribute::Destination(d) => F::from_neighbour(d),
         _ => None,
     })?;
     Some(Neighbour {
@@ -883,7 +865,7 @@ mod tests {
         Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, n)
     }
 
-    fn neigh6(a: Ipv6Addr, m: [u8; 6], state: u16) -> Neighbour<Ipv6Addr> {
+    fn neigh6(a: Ipv6Addr, m: [u8; 6], state: u16) -> Neighbour<V6> {
         Neighbour {
             ip: a,
             ifindex: BR,
@@ -892,7 +874,7 @@ mod tests {
         }
     }
 
-    fn ep6(a: Ipv6Addr, ifindex: u32, m: [u8; 6]) -> LocalEndpoint<Ipv6Addr> {
+    fn ep6(a: Ipv6Addr, ifindex: u32, m: [u8; 6]) -> LocalEndpoint<V6> {
         LocalEndpoint {
             ip: a,
             ifindex,
@@ -901,10 +883,8 @@ mod tests {
         }
     }
 
-    fn joined6(d: &Discovery) -> Vec<LocalEndpoint<Ipv6Addr>> {
-        join::<Ipv6Addr>(d, SUBNET6.parse().unwrap())
-            .into_values()
-            .collect()
+    fn joined6(d: &Discovery) -> Vec<LocalEndpoint<V6>> {
+        join::<V6>(d, SUBNET6.parse().unwrap()).into_values().collect()
     }
 
     fn own(v4: Option<&str>, v6: Option<&str>) -> Option<OwnSubnets> {
@@ -1126,32 +1106,24 @@ mod tests {
     /// An in-memory endpoint map for both families.
     #[derive(Default)]
     struct FakeMap {
-        entries: BTreeMap<IpAddr, LocalEndpoint<IpAddr>>,
+        /// Address → (ifindex, MAC, gateway MAC).
+        entries: BTreeMap<IpAddr, (u32, [u8; 6], [u8; 6])>,
         writes: usize,
     }
 
     impl FakeMap {
-        fn put<A: EndpointFamily>(&mut self, e: LocalEndpoint<A>) {
-            let ip: IpAddr = e.ip.into();
-            self.entries.insert(
-                ip,
-                LocalEndpoint {
-                    ip,
-                    ifindex: e.ifindex,
-                    mac: e.mac,
-                    gw_mac: e.gw_mac,
-                },
-            );
+        fn put<F: EndpointFamily>(&mut self, e: LocalEndpoint<F>) {
+            self.entries.insert(e.ip.into(), (e.ifindex, e.mac, e.gw_mac));
         }
-        fn of<A: EndpointFamily>(&self) -> Vec<LocalEndpoint<A>> {
+        fn of<F: EndpointFamily>(&self) -> Vec<LocalEndpoint<F>> {
             self.entries
-                .values()
-                .filter_map(|e| {
+                .iter()
+                .filter_map(|(ip, (ifindex, mac, gw_mac))| {
                     Some(LocalEndpoint {
-                        ip: A::from_ip(e.ip)?,
-                        ifindex: e.ifindex,
-                        mac: e.mac,
-                        gw_mac: e.gw_mac,
+                        ip: F::from_ip(*ip)?,
+                        ifindex: *ifindex,
+                        mac: *mac,
+                        gw_mac: *gw_mac,
                     })
                 })
                 .collect()
@@ -1159,21 +1131,21 @@ mod tests {
         fn v4(&self) -> Vec<LocalEndpoint> {
             self.of()
         }
-        fn v6(&self) -> Vec<LocalEndpoint<Ipv6Addr>> {
+        fn v6(&self) -> Vec<LocalEndpoint<V6>> {
             self.of()
         }
     }
 
     impl EndpointMap for FakeMap {
-        fn endpoints<A: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<A>>, DataplaneError> {
+        fn endpoints<F: EndpointFamily>(&self) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
             Ok(self.of())
         }
-        fn upsert_endpoint<A: EndpointFamily>(&mut self, e: &LocalEndpoint<A>) -> Result<(), DataplaneError> {
+        fn upsert_endpoint<F: EndpointFamily>(&mut self, e: &LocalEndpoint<F>) -> Result<(), DataplaneError> {
             self.writes += 1;
             self.put(*e);
             Ok(())
         }
-        fn remove_endpoint<A: EndpointFamily>(&mut self, ip: A) -> Result<(), DataplaneError> {
+        fn remove_endpoint<F: EndpointFamily>(&mut self, ip: F::Addr) -> Result<(), DataplaneError> {
             self.writes += 1;
             self.entries.remove(&ip.into());
             Ok(())
@@ -1351,11 +1323,7 @@ mod tests {
             })
         );
         assert_eq!(fdb_entry(&n), None);
-        assert_eq!(
-            neighbour_of::<Ipv6Addr>(&n),
-            None,
-            "an IPv4 neighbour is no IPv6 one"
-        );
+        assert_eq!(neighbour_of::<V6>(&n), None, "an IPv4 neighbour is no IPv6 one");
 
         let mut n6 = NeighbourMessage::default();
         n6.header.family = AddressFamily::Inet6;
@@ -1366,7 +1334,7 @@ mod tests {
             NeighbourAttribute::LinkLayerAddress(mac(2).to_vec()),
         ];
         assert_eq!(
-            neighbour_of::<Ipv6Addr>(&n6),
+            neighbour_of::<V6>(&n6),
             Some(neigh6(ip6(2), mac(2), NUD_REACHABLE))
         );
         assert_eq!(neighbour(&n6), None, "an IPv6 neighbour is no IPv4 one");

@@ -3,14 +3,14 @@
 //! becomes one delete after a short hold-down, unless the lease (or another one for the same
 //! subnet) comes back first.
 
-use std::{collections::HashMap, fmt::Debug};
+use std::collections::HashMap;
 
 use tokio::time::Instant;
 use tracing::{error, info};
 
 use crate::{
     control::lease::{Lease, SubnetKey, VxlanPeer},
-    dataplane::{Dataplane, DataplaneError, PeerEntry, PeerEntry6},
+    dataplane::{Dataplane, DataplaneError, MapFamily, PeerEntry},
     family::{Family, V4, V6},
 };
 
@@ -18,87 +18,37 @@ use crate::{
 /// its lease back within milliseconds, and its packets must not meet "unknown peer" meanwhile.
 pub const PEER_HOLD_DOWN: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// What a family's peer table needs: its side of a lease, and its two maps in the dataplane.
-pub trait MapFamily: Family {
-    type Entry: Copy + PartialEq + Debug;
-    /// This family's side of a vxlan lease, if it has one.
+/// What a family's peer table needs beyond its maps: its side of a vxlan lease.
+pub trait PeerFamily: MapFamily {
     fn peer(lease: &Lease) -> Option<VxlanPeer<Self>>;
-    fn entry(p: &VxlanPeer<Self>, direct: bool) -> Self::Entry;
-    /// (subnet, PublicIP) of an entry.
-    fn key(e: &Self::Entry) -> (Self::Net, Self::Addr);
-    fn upsert(dp: &mut Dataplane, e: &Self::Entry) -> Result<(), DataplaneError>;
-    fn remove(dp: &mut Dataplane, subnet: Self::Net, public_ip: Self::Addr) -> Result<(), DataplaneError>;
-    /// The entries in the (possibly adopted) pinned maps.
-    fn pinned(dp: &Dataplane) -> Result<Vec<Self::Entry>, DataplaneError>;
 }
 
-impl MapFamily for V4 {
-    type Entry = PeerEntry;
+impl PeerFamily for V4 {
     fn peer(lease: &Lease) -> Option<VxlanPeer<V4>> {
         lease.v4()
     }
-    fn entry(p: &VxlanPeer<V4>, direct: bool) -> PeerEntry {
-        PeerEntry {
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-            vtep_mac: p.vtep_mac.0,
-            direct,
-        }
-    }
-    fn key(e: &PeerEntry) -> (ipnet::Ipv4Net, std::net::Ipv4Addr) {
-        (e.subnet, e.public_ip)
-    }
-    fn upsert(dp: &mut Dataplane, e: &PeerEntry) -> Result<(), DataplaneError> {
-        dp.upsert_peer(e)
-    }
-    fn remove(
-        dp: &mut Dataplane,
-        subnet: ipnet::Ipv4Net,
-        ip: std::net::Ipv4Addr,
-    ) -> Result<(), DataplaneError> {
-        dp.remove_peer(subnet, ip)
-    }
-    fn pinned(dp: &Dataplane) -> Result<Vec<PeerEntry>, DataplaneError> {
-        dp.peers()
-    }
 }
 
-impl MapFamily for V6 {
-    type Entry = PeerEntry6;
+impl PeerFamily for V6 {
     fn peer(lease: &Lease) -> Option<VxlanPeer<V6>> {
         lease.v6()
     }
-    fn entry(p: &VxlanPeer<V6>, direct: bool) -> PeerEntry6 {
-        PeerEntry6 {
-            subnet: p.subnet,
-            public_ip: p.public_ip,
-            vtep_mac: p.vtep_mac.0,
-            direct,
-        }
-    }
-    fn key(e: &PeerEntry6) -> (ipnet::Ipv6Net, std::net::Ipv6Addr) {
-        (e.subnet, e.public_ip)
-    }
-    fn upsert(dp: &mut Dataplane, e: &PeerEntry6) -> Result<(), DataplaneError> {
-        dp.upsert_peer6(e)
-    }
-    fn remove(
-        dp: &mut Dataplane,
-        subnet: ipnet::Ipv6Net,
-        ip: std::net::Ipv6Addr,
-    ) -> Result<(), DataplaneError> {
-        dp.remove_peer6(subnet, ip)
-    }
-    fn pinned(dp: &Dataplane) -> Result<Vec<PeerEntry6>, DataplaneError> {
-        dp.peers6()
+}
+
+fn entry<F: Family>(p: &VxlanPeer<F>, direct: bool) -> PeerEntry<F> {
+    PeerEntry {
+        subnet: p.subnet,
+        public_ip: p.public_ip,
+        vtep_mac: p.vtep_mac.0,
+        direct,
     }
 }
 
 /// One family's remote subnets as the maps hold them.
-pub struct PeerTable<F: MapFamily> {
+pub struct PeerTable<F: PeerFamily> {
     /// Our own subnet in this family: never a peer.
     pub own: Option<F::Net>,
-    peers: HashMap<F::Net, F::Entry>,
+    peers: HashMap<F::Net, PeerEntry<F>>,
     /// The lease (key) each entry came from: a removed lease takes its entry with it only if no
     /// other lease (the same node under a new key, e.g. IPv6 turned on) replaced it.
     owners: HashMap<F::Net, SubnetKey>,
@@ -106,14 +56,15 @@ pub struct PeerTable<F: MapFamily> {
     leaving: HashMap<F::Net, Instant>,
 }
 
-impl<F: MapFamily> PeerTable<F> {
+impl<F: PeerFamily> PeerTable<F> {
     /// The table over what an earlier agent left in the pinned maps: the first resync keeps or
     /// removes those entries.
     pub fn adopt(dp: &Dataplane) -> Self {
-        let peers: HashMap<F::Net, F::Entry> = F::pinned(dp)
+        let peers: HashMap<F::Net, PeerEntry<F>> = dp
+            .peers::<F>()
             .unwrap_or_default()
             .into_iter()
-            .map(|e| (F::key(&e).0, e))
+            .map(|e| (e.subnet, e))
             .collect();
         if !peers.is_empty() {
             info!(
@@ -149,19 +100,18 @@ impl<F: MapFamily> PeerTable<F> {
         self.leaving.remove(&p.subnet);
         self.owners.insert(p.subnet, lease.key());
         let direct = direct(p.public_ip);
-        let entry = F::entry(&p, direct);
+        let entry = entry(&p, direct);
         let old = self.peers.get(&p.subnet).copied();
         if old == Some(entry) {
             return;
         }
         // A peer that moved to a new PublicIP leaves a stale sender entry behind: drop it first.
         if let Some(old) = old {
-            let (subnet, ip) = F::key(&old);
-            if ip != p.public_ip {
-                let _ = F::remove(dp, subnet, ip);
+            if old.public_ip != p.public_ip {
+                let _ = dp.remove_peer::<F>(old.subnet, old.public_ip);
             }
         }
-        match F::upsert(dp, &entry) {
+        match dp.upsert_peer(&entry) {
             Ok(()) => {
                 info!(family = F::NAME, subnet = %p.subnet, public_ip = %p.public_ip, direct, "peer added");
                 self.peers.insert(p.subnet, entry);
@@ -228,8 +178,8 @@ impl<F: MapFamily> PeerTable<F> {
             let Some(old) = self.peers.remove(&subnet) else {
                 continue;
             };
-            let (_, ip) = F::key(&old);
-            match F::remove(dp, subnet, ip) {
+            let ip = old.public_ip;
+            match dp.remove_peer::<F>(subnet, ip) {
                 Ok(()) => info!(family = F::NAME, %subnet, public_ip = %ip, "peer removed"),
                 Err(e) => error!(family = F::NAME, %subnet, error = %e, "removing peer"),
             }
