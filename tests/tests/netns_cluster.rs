@@ -376,7 +376,7 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
 
 #[test]
 fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
-    use overlay_agent::dataplane::read_pinned_counters;
+    use overlay_agent::dataplane::pinned::read_pinned_counters;
     use overlay_common::{wire::EncapParams, Counter};
     use overlay_tests::packet;
     let (c, pods) = cluster(2, CONFIG);
@@ -544,7 +544,7 @@ fn wait_endpoints(c: &Cluster, i: usize, want: &[overlay_tests::cluster::Endpoin
 
 #[test]
 fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
-    use overlay_agent::{dataplane::read_pinned_endpoints, family::V4};
+    use overlay_agent::{dataplane::pinned::read_pinned_endpoints, family::V4};
     let (mut c, pods) = cluster(2, CONFIG);
     let (subnet, mtu) = c.nodes[0].subnet_env().unwrap();
     let second = c.nodes[0].node.add_pod_in(subnet, 2, mtu).unwrap();
@@ -589,7 +589,7 @@ fn the_endpoint_map_lists_each_local_pod_and_loses_a_deleted_veth_at_once() {
         took < Duration::from_millis(250),
         "{second}'s endpoint stayed in the map {took:?} after its veth {veth} was deleted (want < 250 ms; \
          the periodic resync is every {:?}); map: {left:?}",
-        overlay_agent::reconcile::endpoints::RESYNC_EVERY
+        overlay_agent::node::bridge::RESYNC_EVERY
     );
     c.nodes[0].node.pods.remove(1);
     // The bridge's MAC may change with its ports (it takes the lowest port MAC unless one was
@@ -624,7 +624,7 @@ fn a_restarted_pod_is_reachable_again_within_a_second() {
         &c,
         0,
         &old,
-        overlay_agent::reconcile::endpoints::RESYNC_EVERY + Duration::from_secs(1),
+        overlay_agent::node::bridge::RESYNC_EVERY + Duration::from_secs(1),
     );
     let now = || {
         SystemTime::now()
@@ -704,7 +704,7 @@ fn a_restarted_pod_is_reachable_again_within_a_second() {
 /// removes it.
 #[test]
 fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing() {
-    use overlay_agent::{dataplane::read_pinned_counters, node::grodev::GRO_DEVICE};
+    use overlay_agent::{dataplane::pinned::read_pinned_counters, node::grodev::GRO_DEVICE};
     use overlay_common::{wire::EncapParams, Counter};
     use overlay_tests::{
         packet,

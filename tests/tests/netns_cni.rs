@@ -349,7 +349,7 @@ fn a_pod_deleted_and_re_added_through_the_plugin_is_reached_at_once_and_the_endp
         &c,
         0,
         std::slice::from_ref(&first),
-        overlay_agent::reconcile::endpoints::RESYNC_EVERY + Duration::from_secs(1),
+        overlay_agent::node::bridge::RESYNC_EVERY + Duration::from_secs(1),
     );
 
     // Round 1: a new pod with the next address; round 2: one that asks for the first pod's

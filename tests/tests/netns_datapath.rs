@@ -189,7 +189,7 @@ fn forward_pod_traffic(mode: DecapMode, how: Delivery) {
     // clsact filters stay until `overlay-agent cleanup` removes them, as the README says.
     for (node, pins) in [(&a, &pins_a), (&b, &pins_b)] {
         if tcx {
-            overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+            overlay_agent::dataplane::pinned::remove_pins(&pins.0).unwrap();
         } else {
             let _inside = node.ns.enter().unwrap();
             let r = overlay_agent::cli::cleanup::run(&pins.0, &["eth0".into(), "cni0".into()]);
@@ -281,7 +281,7 @@ fn bulk_tcp_crosses_a_gso_underlay_in_super_packets_delivered_whole() {
     assert_eq!(drops, 0, "node b dropped packets: {after:?}");
     drop((dp_a, dp_b));
     for pins in [&pins_a, &pins_b] {
-        overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+        overlay_agent::dataplane::pinned::remove_pins(&pins.0).unwrap();
     }
 }
 
@@ -309,7 +309,7 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
 
     b.recreate_pod(0, std::time::Duration::from_millis(100)).unwrap();
     // Nobody updated the maps: the endpoint map still names the old veth.
-    let pinned = overlay_agent::dataplane::read_pinned_endpoints::<V4>(&pins_b.0).unwrap();
+    let pinned = overlay_agent::dataplane::pinned::read_pinned_endpoints::<V4>(&pins_b.0).unwrap();
     assert_eq!(pinned, stale, "the endpoint map must still hold the stale entry");
     assert!(
         ping(&a.pods[0].ns, b.pods[0].ip, 5, None),
@@ -336,6 +336,6 @@ fn a_stale_endpoint_of_a_deleted_veth_falls_back_to_the_stack() {
     );
     drop((dp_a, dp_b));
     for pins in [&pins_a, &pins_b] {
-        overlay_agent::dataplane::remove_pins(&pins.0).unwrap();
+        overlay_agent::dataplane::pinned::remove_pins(&pins.0).unwrap();
     }
 }

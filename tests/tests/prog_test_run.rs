@@ -638,7 +638,7 @@ fn programs_count_per_cpu_and_pins_live_under_the_pin_root() {
     };
     assert_eq!(grew, want, "per-CPU slots that grew (cpu, by)");
     assert_eq!(delta(&before, &fx.counters(), Counter::PassDecap), 8);
-    let pinned = overlay_agent::dataplane::read_pinned_counters(fx.dp.pin_root()).unwrap();
+    let pinned = overlay_agent::dataplane::pinned::read_pinned_counters(fx.dp.pin_root()).unwrap();
     assert_eq!(
         pinned,
         fx.counters(),

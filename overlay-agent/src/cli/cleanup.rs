@@ -16,12 +16,11 @@
 
 use std::{path::Path, process::Command};
 
-use aya::programs::{tc, TcAttachType};
 use overlay_common::programs;
 use tracing::{info, warn};
 
 use crate::{
-    dataplane,
+    dataplane::pinned,
     node::{grodev, hostdev},
     ops::{conntrack, forward, masq, netfilter::NfFamily as _},
 };
@@ -42,7 +41,7 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
     // First the pins: they include the agent's pinned TC/XDP links (`<pin_root>/links/`), and
     // unpinning the last reference detaches a program.
     if pin_root.exists() {
-        match dataplane::remove_pins(pin_root) {
+        match pinned::remove_pins(pin_root) {
             Ok(()) => r.removed.push(format!("pins under {}", pin_root.display())),
             Err(e) => r.failed.push(e.to_string()),
         }
@@ -53,15 +52,11 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
             detach_xdp(name, prog, &mut r);
         }
         for prog in [programs::ENCAP, programs::DECAP_TC] {
-            for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+            for (ingress, at) in [(true, "Ingress"), (false, "Egress")] {
                 for n in [prog, &prog[..prog.len().min(KERNEL_NAME_LEN)]] {
-                    match tc::qdisc_detach_program(name, at, n) {
-                        Ok(()) => r.removed.push(format!("TC filter {n} ({at:?}) on {name}")),
-                        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        // No clsact qdisc: nothing of ours there.
-                        Err(tc::TcError::NetlinkError(e))
-                            if e.raw_os_error() == Some(libc::EINVAL)
-                                || e.raw_os_error() == Some(libc::ENOENT) => {}
+                    match pinned::detach_tc_filter(name, ingress, n) {
+                        Ok(true) => r.removed.push(format!("TC filter {n} ({at}) on {name}")),
+                        Ok(false) => {}
                         Err(e) => r.failed.push(format!("TC filter {n} on {name}: {e}")),
                     }
                 }

@@ -33,7 +33,7 @@ use crate::{
 
 pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
 pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
-pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";
+pub use overlay_common::DEFAULT_PIN_ROOT;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {

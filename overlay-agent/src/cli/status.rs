@@ -7,42 +7,25 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::{
-    maps::{Array, LpmTrie, Map, MapData},
-    programs::{
-        links::{FdLink, LinkType, PinnedLink},
-        SchedClassifier, TcAttachType,
-    },
-};
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use overlay_common::{
     maps::{self, CONFIG_READY},
-    programs, Counter, DataplaneConfig, DataplaneConfig6, Peer, Peer6,
+    programs, Counter,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 use serde::Serialize;
 
 use crate::{
     control::lease::MacAddr,
-    dataplane::{self, DecapMode},
+    dataplane::{self, pinned, DecapMode, MapFamily, PeerEntry},
     family::{V4, V6},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error(
-        "no pinned map {path}: the agent has not run on this node with --pin-root {pin_root} \
-         (or `overlay-agent cleanup` removed it)"
-    )]
-    NotPinned { path: PathBuf, pin_root: PathBuf },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
     #[error(transparent)]
-    Counters(#[from] dataplane::DataplaneError),
+    Dataplane(#[from] dataplane::DataplaneError),
 }
 
 /// This node's settings as the datapath sees them (`OVL_CONFIG`).
@@ -68,6 +51,17 @@ pub struct PeerView {
     pub vtep_mac: String,
     /// `encap` (VXLAN) or `direct` (DirectRouting, same L2 segment).
     pub mode: &'static str,
+}
+
+impl PeerView {
+    fn of<F: MapFamily>(p: &PeerEntry<F>) -> Self {
+        PeerView {
+            subnet: p.subnet.into(),
+            public_ip: p.public_ip.into(),
+            vtep_mac: MacAddr(p.vtep_mac).to_string(),
+            mode: if p.direct { "direct" } else { "encap" },
+        }
+    }
 }
 
 /// One pod address on this node (`OVL_ENDPOINTS`, or `OVL_ENDPOINTS6` for an IPv6 one): decap
@@ -195,25 +189,10 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
 }
 
-fn open(pin_root: &Path, name: &'static str) -> Result<MapData, StatusError> {
-    let path = pin_root.join(name);
-    if !path.exists() {
-        return Err(StatusError::NotPinned {
-            path,
-            pin_root: pin_root.to_path_buf(),
-        });
-    }
-    MapData::from_pin(&path).map_err(|source| StatusError::Map { name, source })
-}
-
 /// Reads `OVL_CONFIG`, `OVL_PEERS`, `OVL_ENDPOINTS` and `OVL_COUNTERS` (and their IPv6
 /// counterparts, when pinned) under `pin_root`.
 pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
-    let err = |name| move |source| StatusError::Map { name, source };
-
-    let config = Array::<MapData, DataplaneConfig>::try_from(Map::Array(open(pin_root, maps::CONFIG)?))
-        .map_err(err(maps::CONFIG))?;
-    let c = config.get(&0, 0).map_err(err(maps::CONFIG))?;
+    let c = pinned::read_config(pin_root)?;
     let node = NodeView {
         ready: c.flags & CONFIG_READY != 0,
         public_ip: c.public_ip.into(),
@@ -225,38 +204,15 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         public_ipv6: None,
     };
 
-    let trie = LpmTrie::<MapData, [u8; 4], Peer>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS)?))
-        .map_err(err(maps::PEERS))?;
-    let mode = |direct| if direct { "direct" } else { "encap" };
-    let mut peers: Vec<PeerView> = dataplane::peer_entries::<V4, _>(&trie)?
-        .into_iter()
-        .map(|p| PeerView {
-            subnet: p.subnet.into(),
-            public_ip: p.public_ip.into(),
-            vtep_mac: MacAddr(p.vtep_mac).to_string(),
-            mode: mode(p.direct),
-        })
+    let mut peers: Vec<PeerView> = pinned::read_peers::<V4>(pin_root)?
+        .iter()
+        .map(PeerView::of)
         .collect();
     // A datapath pinned by a release before IPv6 has no IPv6 tables.
     let mut public_ipv6 = None;
-    if pin_root.join(maps::PEERS6).exists() && pin_root.join(maps::CONFIG6).exists() {
-        let trie6 =
-            LpmTrie::<MapData, [u8; 16], Peer6>::try_from(Map::LpmTrie(open(pin_root, maps::PEERS6)?))
-                .map_err(err(maps::PEERS6))?;
-        peers.extend(
-            dataplane::peer_entries::<V6, _>(&trie6)?
-                .into_iter()
-                .map(|p| PeerView {
-                    subnet: p.subnet.into(),
-                    public_ip: p.public_ip.into(),
-                    vtep_mac: MacAddr(p.vtep_mac).to_string(),
-                    mode: mode(p.direct),
-                }),
-        );
-        let config6 =
-            Array::<MapData, DataplaneConfig6>::try_from(Map::Array(open(pin_root, maps::CONFIG6)?))
-                .map_err(err(maps::CONFIG6))?;
-        let c6 = config6.get(&0, 0).map_err(err(maps::CONFIG6))?;
+    if pinned::is_pinned(pin_root, maps::PEERS6) && pinned::is_pinned(pin_root, maps::CONFIG6) {
+        peers.extend(pinned::read_peers::<V6>(pin_root)?.iter().map(PeerView::of));
+        let c6 = pinned::read_config6(pin_root)?;
         if c6.flags & maps::CONFIG6_READY != 0 {
             public_ipv6 = Some(Ipv6Addr::from(c6.public_ip));
         }
@@ -275,28 +231,22 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         gw_mac: MacAddr(gw_mac).to_string(),
     };
     let mut endpoints: Vec<EndpointView> = Vec::new();
-    if pin_root.join(maps::ENDPOINTS).exists() {
+    if pinned::is_pinned(pin_root, maps::ENDPOINTS) {
         endpoints.extend(
-            dataplane::read_pinned_endpoints::<V4>(pin_root)?
+            pinned::read_pinned_endpoints::<V4>(pin_root)?
                 .into_iter()
                 .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
         );
     }
-    if pin_root.join(maps::ENDPOINTS6).exists() {
+    if pinned::is_pinned(pin_root, maps::ENDPOINTS6) {
         endpoints.extend(
-            dataplane::read_pinned_endpoints::<V6>(pin_root)?
+            pinned::read_pinned_endpoints::<V6>(pin_root)?
                 .into_iter()
                 .map(|e| view(e.ip.into(), e.ifindex, e.mac, e.gw_mac)),
         );
     }
 
-    if !pin_root.join(maps::COUNTERS).exists() {
-        return Err(StatusError::NotPinned {
-            path: pin_root.join(maps::COUNTERS),
-            pin_root: pin_root.to_path_buf(),
-        });
-    }
-    let counters = dataplane::read_pinned_counters(pin_root)?;
+    let counters = pinned::read_pinned_counters(pin_root)?;
     let counters = Counter::ALL
         .iter()
         .map(|c| (c.name(), counters.get(*c)))
@@ -356,16 +306,8 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
             ifindex: 0,
         });
         let present = present_name(pin.ifindex, pin.iface);
-        let info = PinnedLink::from_pin(&path)
-            .ok()
-            .and_then(|l| FdLink::from(l).info().ok());
-        let hook = match info.as_ref().map(|i| i.link_type()) {
-            Some(Ok(LinkType::Xdp)) => "xdp".to_string(),
-            Some(Ok(LinkType::Tcx)) => "tcx".to_string(),
-            Some(Ok(other)) => format!("{other:?}").to_lowercase(),
-            Some(Err(_)) | None => "unknown".to_string(),
-        };
-        let prog_id = info.as_ref().map(|i| i.program_id());
+        let info = pinned::link_info(&path);
+        let (hook, prog_id) = (info.hook, info.program_id);
         let xdp_mode = match (hook.as_str(), prog_id) {
             ("xdp", Some(id)) => xdp_mode_of(&xdp, pin.ifindex, id),
             _ => None,
@@ -388,7 +330,7 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
             hook,
             xdp_mode,
             direction,
-            link_id: info.as_ref().map(|i| i.id()),
+            link_id: info.link_id,
             prog_id,
             pin: Some(path),
             ours: true,
@@ -433,7 +375,7 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
         for &(id, mode) in xdp.get(&ifindex).into_iter().flatten() {
             others.push(AttachmentView {
                 xdp_mode: Some(mode),
-                ..other(program_name(id), "xdp", id)
+                ..other(pinned::program_name(id), "xdp", id)
             });
         }
         for direction in TcxPrograms::DIRECTIONS {
@@ -574,15 +516,6 @@ fn xdp_programs() -> HashMap<u32, Vec<(u32, &'static str)>> {
     std::thread::scope(|s| s.spawn(dump).join().ok().flatten()).unwrap_or_default()
 }
 
-/// The kernel's name for program `id` (empty if it is gone).
-fn program_name(id: u32) -> String {
-    aya::programs::loaded_programs()
-        .flatten()
-        .find(|p| p.id() == id)
-        .and_then(|p| p.name_as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// The TCX programs on (interface, direction): (program id, name), each hook queried once.
 #[derive(Default)]
 struct TcxPrograms(HashMap<(String, &'static str), Vec<(u32, String)>>);
@@ -591,21 +524,9 @@ impl TcxPrograms {
     const DIRECTIONS: [&'static str; 2] = ["ingress", "egress"];
 
     fn programs(&mut self, iface: &str, direction: &'static str) -> &[(u32, String)] {
-        self.0.entry((iface.to_string(), direction)).or_insert_with(|| {
-            let at = if direction == "ingress" {
-                TcAttachType::Ingress
-            } else {
-                TcAttachType::Egress
-            };
-            SchedClassifier::query_tcx(iface, at)
-                .map(|(_, progs)| {
-                    progs
-                        .iter()
-                        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
+        self.0
+            .entry((iface.to_string(), direction))
+            .or_insert_with(|| pinned::tcx_programs(iface, direction == "ingress"))
     }
 
     /// Where program `prog_id` is attached on `iface`.

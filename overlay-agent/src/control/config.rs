@@ -8,12 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::family::{Family, SubnetPool, V4, V6};
 
-pub const DEFAULT_VNI: u32 = 1;
-pub const DEFAULT_PORT: u16 = 8472;
-/// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
-pub const VXLAN_OVERHEAD: u32 = 50;
-/// Outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14).
-pub const VXLAN_OVERHEAD_V6: u32 = 70;
+use overlay_common::{wire::VXLAN_OVERHEAD, DEFAULT_VNI, DEFAULT_VXLAN_PORT as DEFAULT_PORT};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -157,9 +152,9 @@ impl NetworkConfig {
 
     /// The pod MTU flanneld writes to subnet.env for either family: the underlay MTU
     /// ([`NetworkConfig::underlay_mtu`]) minus [`VXLAN_OVERHEAD`]. flanneld uses the same value
-    /// for IPv6, whose outer header (over `PublicIPv6`) is [`VXLAN_OVERHEAD_V6`] bytes.
+    /// for IPv6, whose outer header (over `PublicIPv6`) is [`overlay_common::wire::VXLAN6_OVERHEAD`] bytes.
     pub fn mtu(&self, iface_mtu: u32) -> u32 {
-        self.underlay_mtu(iface_mtu).saturating_sub(VXLAN_OVERHEAD)
+        self.underlay_mtu(iface_mtu).saturating_sub(VXLAN_OVERHEAD as u32)
     }
 
     /// The underlay MTU the tunnel is sized for: `Backend.MTU` if set (flanneld's

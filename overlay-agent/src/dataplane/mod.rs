@@ -18,15 +18,15 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ipnet::IpNet;
-use overlay_common::{
-    counters::COUNTER_COUNT, maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint,
-};
+use overlay_common::{maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint};
 
 pub mod bpffs;
 mod family;
 pub mod object;
+pub mod pinned;
 
 pub use family::{LocalEndpoint, MapFamily, PeerEntry};
+use pinned::{endpoint_entries, peer_entries, read_counters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -72,6 +72,11 @@ pub enum DataplaneError {
     Unpin { path: String, source: std::io::Error },
     #[error("pinning {path}: {reason}")]
     Pin { path: String, reason: String },
+    #[error(
+        "no pinned map {path}: the agent has not run on this node with --pin-root {pin_root} \
+         (or `overlay-agent cleanup` removed it)"
+    )]
+    NotPinned { path: PathBuf, pin_root: PathBuf },
     #[error(
         "the peer map is full ({max} subnets); {subnet} was not added. Raise MAX_PEERS or use a \
          larger SubnetLen"
@@ -794,101 +799,6 @@ fn pin_link(link: Result<FdLink, LinkError>, path: &Path) -> Result<(), Dataplan
         path: path.display().to_string(),
         reason: e.to_string(),
     })
-}
-
-/// Every remote subnet in a peer map, sorted by subnet. An entry removed between listing and
-/// reading (the agent writes while `status` reads) is simply gone.
-pub fn peer_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
-    trie: &LpmTrie<T, F::Key, F::Peer>,
-) -> Result<Vec<PeerEntry<F>>, DataplaneError> {
-    let mut out = Vec::new();
-    for key in trie.keys() {
-        let key = key.map_err(|source| DataplaneError::Map {
-            name: F::PEERS,
-            source,
-        })?;
-        let Ok(p) = trie.get(&key, 0) else { continue };
-        let Ok(len) = u8::try_from(key.prefix_len()) else {
-            continue;
-        };
-        if len > F::BITS {
-            continue;
-        }
-        out.push(PeerEntry::from_value(F::net(F::from_key(key.data()), len), &p));
-    }
-    out.sort_by_key(|p| p.subnet);
-    Ok(out)
-}
-
-/// Every local pod in an endpoint map, sorted by address. Entries removed while reading are gone.
-pub fn endpoint_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, F::Key, Endpoint>,
-) -> Vec<LocalEndpoint<F>> {
-    let mut out: Vec<LocalEndpoint<F>> = map
-        .iter()
-        .flatten()
-        .map(|(ip, e)| LocalEndpoint {
-            ip: F::from_key(ip),
-            ifindex: e.ifindex,
-            mac: e.mac,
-            gw_mac: e.gw_mac,
-        })
-        .collect();
-    out.sort_by_key(|e| e.ip);
-    out
-}
-
-/// Local pods of family `F` from a pinned endpoint map (works whether the agent runs or not).
-pub fn read_pinned_endpoints<F: MapFamily>(pin_root: &Path) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
-    let err = |source| DataplaneError::Map {
-        name: F::ENDPOINTS,
-        source,
-    };
-    let data = MapData::from_pin(pin_root.join(F::ENDPOINTS)).map_err(err)?;
-    let map = aya::maps::Map::HashMap(data);
-    let eps: HashMap<&MapData, F::Key, Endpoint> = HashMap::try_from(&map).map_err(err)?;
-    Ok(endpoint_entries(&eps))
-}
-
-/// Counters from a pinned map (works whether the agent runs or not).
-pub fn read_pinned_counters(pin_root: &Path) -> Result<Counters, DataplaneError> {
-    let data = MapData::from_pin(pin_root.join(maps::COUNTERS)).map_err(|source| DataplaneError::Map {
-        name: maps::COUNTERS,
-        source,
-    })?;
-    read_counters(&aya::maps::Map::PerCpuArray(data))
-}
-
-fn read_counters(map: &aya::maps::Map) -> Result<Counters, DataplaneError> {
-    let arr: PerCpuArray<&MapData, u64> =
-        PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
-            name: maps::COUNTERS,
-            source,
-        })?;
-    let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
-    // A map pinned by an older release may have fewer slots: its missing counters read 0.
-    let slots = arr.len().min(COUNTER_COUNT);
-    for i in 0..slots {
-        let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map {
-            name: maps::COUNTERS,
-            source,
-        })?;
-        out.push(v.iter().sum());
-    }
-    out.resize(COUNTER_COUNT as usize, 0);
-    Ok(Counters(out))
-}
-
-/// Removes every pin under `pin_root` and the directory itself. Missing is fine.
-pub fn remove_pins(pin_root: &Path) -> Result<(), DataplaneError> {
-    match std::fs::remove_dir_all(pin_root) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Unpin {
-            path: pin_root.display().to_string(),
-            source,
-        }),
-    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DataplaneError>

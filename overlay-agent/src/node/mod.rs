@@ -1,6 +1,7 @@
 //! Host plumbing, never etcd or BPF: the underlay's choice and its addresses, ethtool, sysctls,
 //! the host device, the receive-GRO device.
 
+pub mod bridge;
 pub mod ethtool;
 pub mod grodev;
 pub mod hostdev;

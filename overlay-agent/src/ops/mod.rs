@@ -76,7 +76,7 @@ impl Ops {
             s.decap = Some(decap.label());
             s.datapath = Some(CounterSource {
                 pin_root: args.pin_root.clone(),
-                read: |p| dataplane::read_pinned_counters(p).ok().map(|c| c.0),
+                read: |p| dataplane::pinned::read_pinned_counters(p).ok().map(|c| c.0),
             });
         });
         if let Some(addr) = args.healthz {

@@ -1,0 +1,230 @@
+//! Read-only views of the pinned maps and links, for `status`, `cleanup`, `/metrics` and
+//! tests: they work whether the agent runs or not, and never write.
+
+use std::path::Path;
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, LinkType, PinnedLink},
+        tc, SchedClassifier, TcAttachType,
+    },
+};
+use overlay_common::{counters::COUNTER_COUNT, maps, DataplaneConfig, DataplaneConfig6, Endpoint};
+
+use super::{Counters, DataplaneError, LocalEndpoint, MapFamily, PeerEntry};
+
+/// A pinned map, or [`DataplaneError::NotPinned`] when there is none.
+fn open(pin_root: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+    let path = pin_root.join(name);
+    if !path.exists() {
+        return Err(DataplaneError::NotPinned {
+            path,
+            pin_root: pin_root.to_path_buf(),
+        });
+    }
+    MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// Whether a map is pinned (a datapath pinned by an older release lacks the newer ones).
+pub fn is_pinned(pin_root: &Path, name: &str) -> bool {
+    pin_root.join(name).exists()
+}
+
+/// The node's settings (`OVL_CONFIG`).
+pub fn read_config(pin_root: &Path) -> Result<DataplaneConfig, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        name: maps::CONFIG,
+        source,
+    };
+    let config = Array::<MapData, DataplaneConfig>::try_from(Map::Array(open(pin_root, maps::CONFIG)?))
+        .map_err(err)?;
+    config.get(&0, 0).map_err(err)
+}
+
+/// The node's IPv6 settings (`OVL_CONFIG6`).
+pub fn read_config6(pin_root: &Path) -> Result<DataplaneConfig6, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        name: maps::CONFIG6,
+        source,
+    };
+    let config = Array::<MapData, DataplaneConfig6>::try_from(Map::Array(open(pin_root, maps::CONFIG6)?))
+        .map_err(err)?;
+    config.get(&0, 0).map_err(err)
+}
+
+/// The remote subnets of family `F` in the pinned peer map.
+pub fn read_peers<F: MapFamily>(pin_root: &Path) -> Result<Vec<PeerEntry<F>>, DataplaneError> {
+    let trie = LpmTrie::<MapData, F::Key, F::Peer>::try_from(Map::LpmTrie(open(pin_root, F::PEERS)?))
+        .map_err(|source| DataplaneError::Map {
+            name: F::PEERS,
+            source,
+        })?;
+    peer_entries(&trie)
+}
+
+/// Every remote subnet in a peer map, sorted by subnet. An entry removed between listing and
+/// reading (the agent writes while `status` reads) is simply gone.
+pub fn peer_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
+    trie: &LpmTrie<T, F::Key, F::Peer>,
+) -> Result<Vec<PeerEntry<F>>, DataplaneError> {
+    let mut out = Vec::new();
+    for key in trie.keys() {
+        let key = key.map_err(|source| DataplaneError::Map {
+            name: F::PEERS,
+            source,
+        })?;
+        let Ok(p) = trie.get(&key, 0) else { continue };
+        let Ok(len) = u8::try_from(key.prefix_len()) else {
+            continue;
+        };
+        if len > F::BITS {
+            continue;
+        }
+        out.push(PeerEntry::from_value(F::net(F::from_key(key.data()), len), &p));
+    }
+    out.sort_by_key(|p| p.subnet);
+    Ok(out)
+}
+
+/// Every local pod in an endpoint map, sorted by address. Entries removed while reading are gone.
+pub fn endpoint_entries<F: MapFamily, T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, F::Key, Endpoint>,
+) -> Vec<LocalEndpoint<F>> {
+    let mut out: Vec<LocalEndpoint<F>> = map
+        .iter()
+        .flatten()
+        .map(|(ip, e)| LocalEndpoint {
+            ip: F::from_key(ip),
+            ifindex: e.ifindex,
+            mac: e.mac,
+            gw_mac: e.gw_mac,
+        })
+        .collect();
+    out.sort_by_key(|e| e.ip);
+    out
+}
+
+/// Local pods of family `F` from a pinned endpoint map (works whether the agent runs or not).
+pub fn read_pinned_endpoints<F: MapFamily>(pin_root: &Path) -> Result<Vec<LocalEndpoint<F>>, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        name: F::ENDPOINTS,
+        source,
+    };
+    let data = MapData::from_pin(pin_root.join(F::ENDPOINTS)).map_err(err)?;
+    let map = Map::HashMap(data);
+    let eps: HashMap<&MapData, F::Key, Endpoint> = HashMap::try_from(&map).map_err(err)?;
+    Ok(endpoint_entries(&eps))
+}
+
+/// Counters from a pinned map (works whether the agent runs or not).
+pub fn read_pinned_counters(pin_root: &Path) -> Result<Counters, DataplaneError> {
+    read_counters(&Map::PerCpuArray(open(pin_root, maps::COUNTERS)?))
+}
+
+pub(super) fn read_counters(map: &Map) -> Result<Counters, DataplaneError> {
+    let arr: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
+    let mut out = Vec::with_capacity(COUNTER_COUNT as usize);
+    // A map pinned by an older release may have fewer slots: its missing counters read 0.
+    let slots = arr.len().min(COUNTER_COUNT);
+    for i in 0..slots {
+        let v = arr.get(&i, 0).map_err(|source| DataplaneError::Map {
+            name: maps::COUNTERS,
+            source,
+        })?;
+        out.push(v.iter().sum());
+    }
+    out.resize(COUNTER_COUNT as usize, 0);
+    Ok(Counters(out))
+}
+
+/// Removes every pin under `pin_root` and the directory itself. Missing is fine.
+pub fn remove_pins(pin_root: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_dir_all(pin_root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Unpin {
+            path: pin_root.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// What a pinned link is (the ids are `None` when it cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `xdp`, `tcx`, another link type in lower case, or `unknown`.
+    pub hook: String,
+    pub link_id: Option<u32>,
+    pub program_id: Option<u32>,
+}
+
+/// What the link pinned at `path` is.
+pub fn link_info(path: &Path) -> LinkInfo {
+    let info = PinnedLink::from_pin(path)
+        .ok()
+        .and_then(|l| FdLink::from(l).info().ok());
+    let hook = match info.as_ref().map(|i| i.link_type()) {
+        Some(Ok(LinkType::Xdp)) => "xdp".to_string(),
+        Some(Ok(LinkType::Tcx)) => "tcx".to_string(),
+        Some(Ok(other)) => format!("{other:?}").to_lowercase(),
+        Some(Err(_)) | None => "unknown".to_string(),
+    };
+    LinkInfo {
+        hook,
+        link_id: info.as_ref().map(|i| i.id()),
+        program_id: info.as_ref().map(|i| i.program_id()),
+    }
+}
+
+/// The kernel's name for program `id` (empty if it is gone).
+pub fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The TCX programs on `iface`'s ingress (or egress): (program id, name); empty when the hook
+/// cannot be queried.
+pub fn tcx_programs(iface: &str, ingress: bool) -> Vec<(u32, String)> {
+    let at = if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    SchedClassifier::query_tcx(iface, at)
+        .map(|(_, progs)| {
+            progs
+                .iter()
+                .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Detaches the netlink TC filter named `name` from `iface`'s ingress (or egress): `Ok(true)`
+/// when one was there, `Ok(false)` when not (no clsact qdisc, or no such filter).
+pub fn detach_tc_filter(iface: &str, ingress: bool, name: &str) -> Result<bool, tc::TcError> {
+    let at = if ingress {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    };
+    match tc::qdisc_detach_program(iface, at, name) {
+        Ok(()) => Ok(true),
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        // No clsact qdisc: nothing of ours there.
+        Err(tc::TcError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
