@@ -116,7 +116,7 @@ pub async fn run(o: Options) -> Result<()> {
             _ = reap.tick() => state.reap(&mut dp),
             _ = resync.tick() => {
                 ops.ensure_forward();
-                state.ensure_host_device(&mut dp).await;
+                state.resync(&mut dp).await;
             }
             r = &mut control => return control_result(r),
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: exiting, pinned maps stay"); ops.stopping(); break; }

@@ -27,10 +27,36 @@ mod architecture {
         ("control", &["family", "metrics"]),
         ("node", &["family", "metrics"]),
         ("dataplane", &["family", "metrics"]),
-        ("reconcile", &["control", "node", "dataplane", "family", "metrics"]),
+        (
+            "reconcile",
+            &["control", "node", "dataplane", "family", "metrics"],
+        ),
         ("ops", &["control", "node", "dataplane", "family", "metrics"]),
-        ("daemon", &["control", "node", "dataplane", "reconcile", "ops", "family", "metrics"]),
-        ("cli", &["daemon", "control", "node", "dataplane", "reconcile", "ops", "family", "metrics"]),
+        (
+            "daemon",
+            &[
+                "control",
+                "node",
+                "dataplane",
+                "reconcile",
+                "ops",
+                "family",
+                "metrics",
+            ],
+        ),
+        (
+            "cli",
+            &[
+                "daemon",
+                "control",
+                "node",
+                "dataplane",
+                "reconcile",
+                "ops",
+                "family",
+                "metrics",
+            ],
+        ),
     ];
 
     /// Outside crates and the only wings that may use them.
@@ -58,7 +84,11 @@ mod architecture {
     /// The crate-level modules `src` refers to: `crate::x` and each top-level name in
     /// `crate::{x::…, y, …}`.
     fn crate_refs(src: &str) -> BTreeSet<String> {
-        let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect() };
+        let ident = |s: &str| -> String {
+            s.chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        };
         let mut out = BTreeSet::new();
         for (i, _) in src.match_indices("crate::") {
             let rest = &src[i + "crate::".len()..];
@@ -125,7 +155,11 @@ mod architecture {
                 }
             }
         }
-        assert!(broken.is_empty(), "imports against the wing rules:\n  {}", broken.join("\n  "));
+        assert!(
+            broken.is_empty(),
+            "imports against the wing rules:\n  {}",
+            broken.join("\n  ")
+        );
         // The checker itself: a grouped import and an upward arrow are seen.
         let seen = crate_refs("use crate::{\n    control::{a, b},\n    node::x,\n};\nlet y = crate::cli::Z;");
         assert_eq!(seen, ["cli", "control", "node"].map(String::from).into());

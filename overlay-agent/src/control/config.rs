@@ -8,7 +8,9 @@ use serde_json::{Map, Value};
 
 use crate::family::{Family, SubnetPool, V4, V6};
 
-use overlay_common::{wire::VXLAN_OVERHEAD, DEFAULT_VNI, DEFAULT_VXLAN_PORT as DEFAULT_PORT};
+use overlay_common::{DEFAULT_VNI, DEFAULT_VXLAN_PORT as DEFAULT_PORT};
+
+use super::backend::BackendKind;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -27,9 +29,11 @@ fn field(field: &'static str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The `Backend` object, vxlan only.
+/// The `Backend` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
+    /// `Backend.Type`.
+    pub kind: BackendKind,
     pub vni: u32,
     pub port: u16,
     /// `Backend.MTU`: the underlay MTU the tunnel is sized for, as flanneld reads it (its
@@ -154,7 +158,14 @@ impl NetworkConfig {
     /// ([`NetworkConfig::underlay_mtu`]) minus [`VXLAN_OVERHEAD`]. flanneld uses the same value
     /// for IPv6, whose outer header (over `PublicIPv6`) is [`overlay_common::wire::VXLAN6_OVERHEAD`] bytes.
     pub fn mtu(&self, iface_mtu: u32) -> u32 {
-        self.underlay_mtu(iface_mtu).saturating_sub(VXLAN_OVERHEAD as u32)
+        self.underlay_mtu(iface_mtu)
+            .saturating_sub(self.backend.kind.overhead())
+    }
+
+    /// The largest inner packet over an IPv6 underlay (the IPv6 host route's MTU).
+    pub fn mtu6(&self, iface_mtu: u32) -> u32 {
+        self.underlay_mtu(iface_mtu)
+            .saturating_sub(self.backend.kind.overhead6())
     }
 
     /// The underlay MTU the tunnel is sized for: `Backend.MTU` if set (flanneld's
@@ -332,9 +343,9 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(Value::Object(o)) => o,
         Some(_) => return Err(field("Backend", "must be an object, e.g. {\"Type\": \"vxlan\"}")),
     };
-    let has_type = match get(obj, "Type") {
-        None | Some(Value::Null) => false,
-        Some(Value::String(t)) if t.eq_ignore_ascii_case("vxlan") => true,
+    let kind = match get(obj, "Type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if BackendKind::from_type(t).is_some() => BackendKind::from_type(t),
         Some(Value::String(t)) => {
             return Err(field(
                 "Backend.Type",
@@ -377,7 +388,7 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(_) => return Err(field("Backend.DirectRouting", "must be true or false")),
     };
     // Checked last, so a config with other Backend mistakes names those first.
-    if !has_type {
+    let Some(kind) = kind else {
         let problem = if matches!(v, None | Some(Value::Null)) {
             // flanneld: no Backend means its udp backend.
             "is missing: without a Backend flanneld uses its udp backend, which this agent does not \
@@ -386,8 +397,9 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
             "is missing (flanneld would refuse the config too); set it: \"Backend\": {\"Type\": \"vxlan\"}"
         };
         return Err(field("Backend.Type", problem));
-    }
+    };
     Ok(BackendConfig {
+        kind,
         vni,
         port,
         mtu,
@@ -486,6 +498,7 @@ mod tests {
         assert_eq!(
             c.backend,
             BackendConfig {
+                kind: BackendKind::Vxlan,
                 vni: 1,
                 port: 8472,
                 mtu: None,
@@ -500,6 +513,7 @@ mod tests {
         assert_eq!(
             c.backend,
             BackendConfig {
+                kind: BackendKind::Vxlan,
                 vni: 42,
                 port: 4789,
                 mtu: Some(1400),

@@ -6,6 +6,7 @@
 //! Unlike flanneld, losing our own lease (deleted, expired, taken over) is not fatal: we take a
 //! lease again (the same subnets when still free), rewrite subnet.env if it changed, and go on.
 
+pub mod backend;
 pub mod config;
 mod identity;
 pub mod lease;
