@@ -21,8 +21,8 @@ use crate::{
     },
     ops::{self, OpsOptions},
     reconcile::{
-        bridge::BridgeWatch,
         decap::{self, DecapChoice, DeliverChoice},
+        encap_hook::BridgeWatch,
         endpoints, Reconciler,
     },
 };

@@ -5,5 +5,6 @@ pub mod bridge;
 pub mod ethtool;
 pub mod grodev;
 pub mod hostdev;
+pub mod netlink;
 pub mod sysctl;
 pub mod underlay;

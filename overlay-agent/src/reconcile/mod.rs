@@ -1,10 +1,10 @@
 //! The glue: lease events become map entries ([`peers`]), the backend sets the node up for our
 //! lease ([`vxlan`]: the programs' config, the host device, receive GRO), local pods are learned
-//! from the bridge ([`endpoints`]), encap follows the pod bridge ([`bridge`]), the decap hook and
+//! from the bridge ([`endpoints`]), encap follows the pod bridge ([`encap_hook`]), the decap hook and
 //! delivery are chosen ([`decap`]). [`Reconciler`] holds what the maps should hold.
 
-pub mod bridge;
 pub mod decap;
+pub mod encap_hook;
 pub mod endpoints;
 pub mod peers;
 pub mod vxlan;
@@ -18,7 +18,7 @@ use crate::{
     control::{config::NetworkConfig, Event},
     dataplane::Dataplane,
     family::{V4, V6},
-    node::underlay::{self, Underlay},
+    node::{netlink, underlay::Underlay},
 };
 use peers::PeerTable;
 
@@ -61,7 +61,7 @@ impl Reconciler {
         datapath_flags: u16,
         receive_gro: bool,
     ) -> Self {
-        let connected = |a: Option<IpAddr>| a.and_then(|a| underlay::connected_network(&underlay.name, a));
+        let connected = |a: Option<IpAddr>| a.and_then(|a| netlink::connected_network(&underlay.name, a));
         let segment = match connected(underlay.ipv4.map(IpAddr::V4)) {
             Some(IpNet::V4(n)) => Some(n),
             _ => None,
