@@ -1,4 +1,4 @@
-//! What tier 2 (BPF_PROG_TEST_RUN, `tests/tests/prog_test_run/`) shares between its IPv4 and IPv6
+//! What tier 2 (BPF_PROG_TEST_RUN, `tests/tier2/prog_test_run/`) shares between its IPv4 and IPv6
 //! halves: the node a datapath is loaded into ([`Node`]), the kernel's verdict values, counter
 //! arithmetic, and the fuzz loop ([`fuzz`]) that drives the programs against a half's own
 //! reference model ([`FuzzModel`]). Nothing here knows what a program should answer: every

@@ -1,4 +1,4 @@
-//! The previous release's `overlay-agent`, for the upgrade/downgrade tests (tests/tests/netns_upgrade.rs).
+//! The previous release's `overlay-agent`, for the upgrade/downgrade tests (tests/tier3/netns_upgrade.rs).
 //!
 //! `tests/previous-release` names the release commit. Its tree is exported with `git archive`
 //! into `target/prev-release/src/<commit>` and built there with its own Cargo.lock into the shared

@@ -453,7 +453,7 @@ pub fn build_test_binaries(names: &[&str]) -> Result<HashMap<String, PathBuf>> {
     let found = test_executables(&String::from_utf8_lossy(&out.stdout));
     for n in names {
         if !found.contains_key(*n) {
-            bail!("cargo built no test binary named {n} (is tests/tests/{n}.rs gone?)");
+            bail!("cargo built no test binary named {n} (is tests/tier3/{n}.rs gone?)");
         }
     }
     Ok(found)
@@ -1347,7 +1347,7 @@ linux-image-6.1.0-56-amd64 - Linux 6.1 for 64-bit PCs (signed)
     #[test]
     fn test_executables_from_cargo_json() {
         let json = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/tests#overlay-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["bin"],"crate_types":["bin"],"name":"testbed","src_path":"/w/tests/src/bin/testbed.rs"},"executable":"/w/target/debug/testbed","fresh":true}
-{"reason":"compiler-artifact","package_id":"path+file:///w/tests#overlay-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"crate_types":["bin"],"name":"prog_test_run","src_path":"/w/tests/tests/prog_test_run.rs"},"profile":{"test":true},"filenames":["/w/target/debug/deps/prog_test_run-2e06"],"executable":"/w/target/debug/deps/prog_test_run-2e06","fresh":true}
+{"reason":"compiler-artifact","package_id":"path+file:///w/tests#overlay-tests@0.1.0","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"crate_types":["bin"],"name":"prog_test_run","src_path":"/w/tests/tier2/prog_test_run/main.rs"},"profile":{"test":true},"filenames":["/w/target/debug/deps/prog_test_run-2e06"],"executable":"/w/target/debug/deps/prog_test_run-2e06","fresh":true}
 {"reason":"build-finished","success":true}"#;
         let exes = test_executables(json);
         assert_eq!(exes.len(), 1);
@@ -1363,12 +1363,12 @@ linux-image-6.1.0-56-amd64 - Linux 6.1 for 64-bit PCs (signed)
 
     #[test]
     fn every_selected_test_exists_in_its_file() {
-        let dir = workspace_root().join("tests/tests");
+        let dir = workspace_root().join("tests/tier3");
         for (b, t) in TIER3_SELECTION {
             let src = std::fs::read_to_string(dir.join(format!("{b}.rs"))).unwrap();
             assert!(
                 src.contains(&format!("fn {t}(")),
-                "{b}::{t} not in tests/tests/{b}.rs"
+                "{b}::{t} not in tests/tier3/{b}.rs"
             );
         }
     }
