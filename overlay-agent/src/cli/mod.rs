@@ -7,7 +7,6 @@ use std::{
     ffi::OsString,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    str::FromStr,
     time::Duration,
 };
 
@@ -139,12 +138,12 @@ pub struct AgentArgs {
     /// Where VXLAN is stripped on the underlay NIC: `xdp` (before GRO; the choice for a NIC
     /// with a native XDP driver), `tc` (keeps GSO super-packets whole; the choice for veth and
     /// other virtual devices), or `auto` (picks from the device's driver and logs why).
-    #[arg(long, env = "FLANNELD_DECAP", default_value = "auto", value_parser = one_of::<DecapChoice>(DecapChoice::NAMES))]
+    #[arg(long, env = "FLANNELD_DECAP", default_value = "auto", value_parser = one_of(&DecapChoice::NAMES))]
     pub decap: DecapChoice,
     /// How decapsulated packets for a pod on this node reach it: `peer` (bpf_redirect_peer into
     /// the pod's namespace), `veth` (bpf_redirect through its host-side veth) or `stack` (the
     /// node's routing and the bridge, as flannel.1 does).
-    #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer", value_parser = one_of::<DeliverChoice>(DeliverChoice::NAMES))]
+    #[arg(long, env = "FLANNELD_DELIVER", default_value = "peer", value_parser = one_of(&DeliverChoice::NAMES))]
     pub deliver: DeliverChoice,
     /// With TC decap: a collect-metadata VXLAN device on the VXLAN port (`overlay-gro`) whose
     /// only job is to register the kernel's UDP-tunnel GRO for it, so the NIC's GRO merges our
@@ -187,11 +186,17 @@ impl IfaceArgs {
     }
 }
 
-/// One of `names`, parsed into `T` (clap lists the names in `--help` and in its errors).
-fn one_of<T: FromStr + Clone + Send + Sync + 'static>(
-    names: [&'static str; 3],
+/// One of `table`'s names, parsed into its value (clap lists the names in `--help` and in its
+/// errors).
+fn one_of<T: Copy + Send + Sync + 'static>(
+    table: &'static [(&'static str, T)],
 ) -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(names).map(|s| s.parse::<T>().ok().expect("a listed name"))
+    PossibleValuesParser::new(table.iter().map(|(name, _)| *name)).map(|s| {
+        table
+            .iter()
+            .find_map(|(name, v)| (*name == s).then_some(*v))
+            .expect("a listed name")
+    })
 }
 
 fn parse_ipv4(s: &str) -> Result<Ipv4Addr, String> {

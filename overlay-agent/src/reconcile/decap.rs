@@ -1,8 +1,6 @@
 //! Which decap hook the underlay gets and how decapsulated packets reach a local pod: the
 //! choice from `--decap`, `--deliver` and the underlay's driver.
 
-use std::str::FromStr;
-
 use overlay_common::maps;
 
 use tracing::{info, warn};
@@ -21,19 +19,12 @@ pub enum DecapChoice {
 }
 
 impl DecapChoice {
-    pub const NAMES: [&'static str; 3] = ["auto", "xdp", "tc"];
-}
-
-impl FromStr for DecapChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(DecapChoice::Auto),
-            "xdp" => Ok(DecapChoice::Xdp),
-            "tc" => Ok(DecapChoice::Tc),
-            _ => Err(format!("{s:?} is not one of {}", Self::NAMES.join(", "))),
-        }
-    }
+    /// `--decap`'s values.
+    pub const NAMES: [(&'static str, DecapChoice); 3] = [
+        ("auto", DecapChoice::Auto),
+        ("xdp", DecapChoice::Xdp),
+        ("tc", DecapChoice::Tc),
+    ];
 }
 
 /// `--deliver`.
@@ -45,19 +36,12 @@ pub enum DeliverChoice {
 }
 
 impl DeliverChoice {
-    pub const NAMES: [&'static str; 3] = ["peer", "veth", "stack"];
-}
-
-impl FromStr for DeliverChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "peer" => Ok(DeliverChoice::Peer),
-            "veth" => Ok(DeliverChoice::Veth),
-            "stack" => Ok(DeliverChoice::Stack),
-            _ => Err(format!("{s:?} is not one of {}", Self::NAMES.join(", "))),
-        }
-    }
+    /// `--deliver`'s values.
+    pub const NAMES: [(&'static str, DeliverChoice); 3] = [
+        ("peer", DeliverChoice::Peer),
+        ("veth", DeliverChoice::Veth),
+        ("stack", DeliverChoice::Stack),
+    ];
 }
 
 /// The decap hook for the underlay and why.
