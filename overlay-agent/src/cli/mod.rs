@@ -370,6 +370,32 @@ mod tests {
     }
 
     #[test]
+    fn decap_and_deliver_take_each_listed_value() {
+        let d = parse(&[]).unwrap();
+        assert_eq!((d.decap, d.deliver), (DecapChoice::Auto, DeliverChoice::Peer));
+        for (name, want) in [
+            ("auto", DecapChoice::Auto),
+            ("xdp", DecapChoice::Xdp),
+            ("tc", DecapChoice::Tc),
+        ] {
+            assert_eq!(parse(&["--decap", name]).unwrap().decap, want, "--decap {name}");
+        }
+        for (name, want) in [
+            ("peer", DeliverChoice::Peer),
+            ("veth", DeliverChoice::Veth),
+            ("stack", DeliverChoice::Stack),
+        ] {
+            assert_eq!(
+                parse(&["-deliver", name]).unwrap().deliver,
+                want,
+                "-deliver {name}"
+            );
+        }
+        let e = parse(&["--deliver=bridge"]).unwrap_err();
+        assert!(e.contains("possible values: peer, veth, stack"), "{e}");
+    }
+
+    #[test]
     fn iptables_forward_rules_as_flanneld_takes_them() {
         let d = parse(&[]).unwrap();
         assert!(d.iptables_forward_rules, "on by default, as in flanneld");
