@@ -847,3 +847,17 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Res
         Ok(()) => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/metrics` labels the decap modes without seeing this type: its list must be ours.
+    #[test]
+    fn the_metrics_decap_labels_are_the_modes_labels() {
+        assert_eq!(
+            [DecapMode::Xdp.label(), DecapMode::Tc.label()],
+            crate::metrics::DECAP_MODES
+        );
+    }
+}
