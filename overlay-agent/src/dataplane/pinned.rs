@@ -33,24 +33,19 @@ pub fn is_pinned(pin_root: &Path, name: &str) -> bool {
 
 /// The node's settings (`OVL_CONFIG`).
 pub fn read_config(pin_root: &Path) -> Result<DataplaneConfig, DataplaneError> {
-    let err = |source| DataplaneError::Map {
-        name: maps::CONFIG,
-        source,
-    };
-    let config = Array::<MapData, DataplaneConfig>::try_from(Map::Array(open(pin_root, maps::CONFIG)?))
-        .map_err(err)?;
-    config.get(&0, 0).map_err(err)
+    read_single(pin_root, maps::CONFIG)
 }
 
 /// The node's IPv6 settings (`OVL_CONFIG6`).
 pub fn read_config6(pin_root: &Path) -> Result<DataplaneConfig6, DataplaneError> {
-    let err = |source| DataplaneError::Map {
-        name: maps::CONFIG6,
-        source,
-    };
-    let config = Array::<MapData, DataplaneConfig6>::try_from(Map::Array(open(pin_root, maps::CONFIG6)?))
-        .map_err(err)?;
-    config.get(&0, 0).map_err(err)
+    read_single(pin_root, maps::CONFIG6)
+}
+
+/// The one entry of a pinned single-slot array map.
+fn read_single<T: aya::Pod>(pin_root: &Path, name: &'static str) -> Result<T, DataplaneError> {
+    let err = |source| DataplaneError::Map { name, source };
+    let arr = Array::<MapData, T>::try_from(Map::Array(open(pin_root, name)?)).map_err(err)?;
+    arr.get(&0, 0).map_err(err)
 }
 
 /// The remote subnets of family `F` in the pinned peer map.
