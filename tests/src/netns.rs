@@ -152,6 +152,33 @@ impl Netns {
             .collect())
     }
 
+    /// Starts `tcpdump -c count` on `dev` with `filter`, its text going to `out`, and returns once
+    /// tcpdump says it is listening (a fixed sleep misses the first packets under the VM tier's
+    /// emulation). Finish it with [`Capture::wait`].
+    pub fn capture(&mut self, dev: &str, count: usize, filter: &str, out: &std::path::Path) -> Result<Capture> {
+        let err = out.with_extension("stderr");
+        let mut cmd = self.command("tcpdump");
+        cmd.args(["-l", "-ni", dev, "-c", &count.to_string(), filter])
+            .stdout(std::fs::File::create(out)?)
+            .stderr(std::fs::File::create(&err)?);
+        let pid = self.spawn(cmd)?;
+        let listening = || std::fs::read_to_string(&err).is_ok_and(|t| t.contains("listening on"));
+        let deadline = std::time::Instant::now() + crate::slow(std::time::Duration::from_secs(10));
+        while !listening() {
+            if std::time::Instant::now() > deadline || self.try_wait(pid).is_some() {
+                let text = std::fs::read_to_string(&err).unwrap_or_default();
+                self.kill(pid, nix::sys::signal::Signal::SIGTERM);
+                bail!("tcpdump on {dev} did not start listening: {text}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(Capture {
+            pid,
+            count,
+            out: out.to_path_buf(),
+        })
+    }
+
     /// Sets a sysctl inside the namespace (`net.ipv4.ip_forward=1` style).
     pub fn sysctl(&self, kv: &str) -> Result<()> {
         self.exec("sysctl", &["-qw", kv]).map(|_| ())
@@ -172,6 +199,27 @@ impl Netns {
     pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
         let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
         parse_mac(String::from_utf8_lossy(&out.stdout).trim())
+    }
+}
+
+/// A running `tcpdump -c N` started by [`Netns::capture`].
+pub struct Capture {
+    pid: u32,
+    count: usize,
+    out: std::path::PathBuf,
+}
+
+impl Capture {
+    /// Waits until tcpdump has printed its `count` packets (it then exits by itself) or `timeout`
+    /// (scaled by [`crate::slow`]) has passed, stops it, and returns the packet lines it printed.
+    pub fn wait(self, ns: &mut Netns, timeout: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + crate::slow(timeout);
+        let lines = || std::fs::read_to_string(&self.out).unwrap_or_default();
+        while lines().lines().count() < self.count && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        ns.kill(self.pid, nix::sys::signal::Signal::SIGTERM);
+        lines()
     }
 }
 

@@ -205,18 +205,11 @@ fn direct_routing_peers_on_the_same_segment_skip_encapsulation() {
     // On the wire between the nodes the pod packets travel bare: no UDP 8472 at all. The
     // capture takes the first 4 packets that are either pod ICMP or VXLAN: 2 pings make 4 ICMP
     // packets, so any VXLAN packet would be among them.
-    let mut cap = c.underlay.ns.command("tcpdump");
     let pcap = c.dir().join("direct.txt");
     let filter = format!("udp port 8472 or (icmp and host {})", pods[1]);
-    cap.args(["-l", "-ni", "br0", "-c", "4", &filter])
-        .stdout(std::fs::File::create(&pcap).unwrap())
-        .stderr(std::process::Stdio::null());
-    let pid = c.underlay.ns.spawn(cap).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let cap = c.underlay.ns.capture("br0", 4, &filter, &pcap).unwrap();
     assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None));
-    std::thread::sleep(Duration::from_millis(300));
-    c.underlay.ns.kill(pid, Signal::SIGTERM);
-    let seen = std::fs::read_to_string(&pcap).unwrap();
+    let seen = cap.wait(&mut c.underlay.ns, Duration::from_secs(5));
     assert!(
         seen.contains(&format!("{} > {}", pods[0], pods[1])),
         "bare pod→pod ICMP not seen on the underlay (DirectRouting should not encapsulate):\n{seen}"

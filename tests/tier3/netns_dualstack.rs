@@ -277,19 +277,12 @@ fn direct_routing_peers_get_ipv6_pod_packets_bare() {
     let (a, b) = (nth6(subnets[0], 2), nth6(subnets[1], 2));
     // The first 4 packets that are pod ICMPv6 or VXLAN: 2 pings make 4 ICMPv6 packets, so any
     // VXLAN packet would be among them.
-    let mut cap = c.underlay.ns.command("tcpdump");
     let pcap = c.dir().join("direct6.txt");
     let filter = format!("udp port 8472 or (icmp6 and host {b})");
-    cap.args(["-l", "-ni", "br0", "-c", "4", &filter])
-        .stdout(std::fs::File::create(&pcap).unwrap())
-        .stderr(std::process::Stdio::null());
-    let pid = c.underlay.ns.spawn(cap).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let cap = c.underlay.ns.capture("br0", 4, &filter, &pcap).unwrap();
     let (counts, text) = ping6(&pods[0], b, 2, None, false);
     assert_eq!(counts, Some((2, 2)), "pod 0 → pod 1, DirectRouting:\n{text}");
-    std::thread::sleep(Duration::from_millis(300));
-    c.underlay.ns.kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let seen = std::fs::read_to_string(&pcap).unwrap();
+    let seen = cap.wait(&mut c.underlay.ns, Duration::from_secs(5));
     assert!(
         seen.contains(&format!("{a} > {b}")) && seen.contains(&format!("{b} > {a}")),
         "bare pod ↔ pod ICMPv6 not seen both ways on the underlay:\n{seen}"
