@@ -61,7 +61,8 @@ pub async fn run(o: Options) -> Result<()> {
     // flanneld: --public-ipv6, else the interface's preferred IPv6 address; used only when the
     // network config enables IPv6.
     let public_ipv6 = o.public_ipv6.or(underlay.ipv6);
-    let node = NodeIdentity::new(public_ip, public_ipv6, underlay.mtu);
+    let node = NodeIdentity::new(public_ip, public_ipv6, underlay.mtu, underlay.addrs.clone());
+    let vtep_mac = node.vtep_mac;
     info!(
         iface = %underlay.name,
         public_ip = %public_ip.map_or("none".to_string(), |a| a.to_string()),
@@ -87,7 +88,7 @@ pub async fn run(o: Options) -> Result<()> {
         underlay,
         public_ip,
         public_ipv6,
-        node.vtep_mac,
+        vtep_mac,
         decap::datapath_flags(o.deliver, decap.hardware),
         decap.receive_gro(o.receive_gro),
     )
@@ -113,7 +114,7 @@ pub async fn run(o: Options) -> Result<()> {
             },
             _ = poll.tick() => bridge.check(&mut dp),
             d = local_watch.next() => local.discovered(&mut dp, d),
-            _ = reap.tick() => state.reap(&mut dp),
+            _ = reap.tick() => state.reap(&mut dp).await,
             _ = resync.tick() => {
                 ops.ensure_forward();
                 state.resync(&mut dp).await;

@@ -12,7 +12,7 @@
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
 //! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
 //! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
-//! | `overlay_peer_map_errors_total`          | counter   | `reason` | agent (upsert refused: `full`, `other`) |
+//! | `overlay_peer_map_errors_total`          | counter   | `reason` | agent (upsert refused: `full`, `other`; host-gw peer not on-link: `refused`) |
 //! | `overlay_map_sync_duration_seconds`      | histogram |          | agent (event → map done)  |
 //! | `overlay_datapath_packets_total`         | counter   | `path`   | BPF counters              |
 //! | `overlay_datapath_bytes_total`           | counter   | `path`   | BPF counters              |
@@ -104,7 +104,8 @@ pub fn pool_exhausted() {
     METRICS.pool_exhausted.inc();
 }
 
-/// Hook for the agent: a peer could not be written to the BPF maps (`full` or `other`).
+/// Hook for the agent: a peer could not be written to the BPF maps (`full` or `other`), or the
+/// backend refused it (`refused`: a host-gw peer that is not on-link).
 pub fn peer_map_error(reason: &str) {
     METRICS
         .peer_map_errors

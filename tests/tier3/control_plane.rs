@@ -36,6 +36,7 @@ fn node(last: u8) -> NodeIdentity {
         public_ipv6: None,
         vtep_mac: [0x0e, 0, 0, 0, 0, last],
         iface_mtu: 1500,
+        iface_addrs: Vec::new(),
     }
 }
 
@@ -999,7 +1000,7 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
         );
         let v6 = seen.v6().expect("IPv6 side");
         assert_eq!(
-            (Some(v6.subnet), v6.public_ip, v6.vni, v6.vtep_mac.0),
+            (Some(v6.subnet), v6.public_ip, v6.vtep.unwrap().vni, v6.vtep.unwrap().vtep_mac.0),
             (own.ipv6_subnet, v6_addr(last), 1, [0x0e, 0, 0, 0, 0, last])
         );
     }
@@ -1026,7 +1027,7 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
         (
             v4.subnet.to_string(),
             v4.public_ip.to_string(),
-            v4.vtep_mac.to_string()
+            v4.vtep.unwrap().vtep_mac.to_string()
         ),
         (
             "10.244.99.0/24".into(),
@@ -1038,8 +1039,8 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
         (
             v6.subnet.to_string(),
             v6.public_ip.to_string(),
-            v6.vni,
-            v6.vtep_mac.to_string()
+            v6.vtep.unwrap().vni,
+            v6.vtep.unwrap().vtep_mac.to_string()
         ),
         (
             "fd00:10:244:63::/64".into(),
@@ -1104,7 +1105,7 @@ async fn ipv6_only_agents_take_flannel_keys_renew_restart_and_see_each_other() {
     assert_eq!(b_seen.v4(), None);
     let v6 = b_seen.v6().expect("IPv6 side");
     assert_eq!(
-        (Some(v6.subnet), v6.public_ip, v6.vtep_mac.0),
+        (Some(v6.subnet), v6.public_ip, v6.vtep.unwrap().vtep_mac.0),
         (b.own.ipv6_subnet, v6_addr(0x22), [0x0e, 0, 0, 0, 0, 0x22])
     );
     let a_seen = peer_seen(&mut b.rx, &a.own, "B sees A").await;

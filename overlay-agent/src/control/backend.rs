@@ -8,15 +8,19 @@ use overlay_common::wire::{VXLAN6_OVERHEAD, VXLAN_OVERHEAD};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     Vxlan,
+    /// flanneld's host-gw: pod packets travel unencapsulated to the peer node's PublicIP, which
+    /// must be on our L2 segment.
+    HostGw,
 }
 
 impl BackendKind {
-    pub const ALL: [BackendKind; 1] = [BackendKind::Vxlan];
+    pub const ALL: [BackendKind; 2] = [BackendKind::Vxlan, BackendKind::HostGw];
 
     /// The `Backend.Type` (and lease `BackendType`) value.
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Vxlan => "vxlan",
+            BackendKind::HostGw => "host-gw",
         }
     }
 
@@ -26,10 +30,12 @@ impl BackendKind {
     }
 
     /// Bytes a pod packet gains over an IPv4 underlay: subnet.env's `FLANNEL_MTU` is the
-    /// interface MTU minus this (vxlan: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14).
+    /// interface MTU minus this (vxlan: outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14;
+    /// host-gw: nothing).
     pub fn overhead(self) -> u32 {
         match self {
             BackendKind::Vxlan => VXLAN_OVERHEAD as u32,
+            BackendKind::HostGw => 0,
         }
     }
 
@@ -37,6 +43,7 @@ impl BackendKind {
     pub fn overhead6(self) -> u32 {
         match self {
             BackendKind::Vxlan => VXLAN6_OVERHEAD as u32,
+            BackendKind::HostGw => 0,
         }
     }
 }
@@ -50,7 +57,12 @@ mod tests {
         assert_eq!(BackendKind::from_type("VXLAN"), Some(BackendKind::Vxlan));
         assert_eq!(BackendKind::from_type("vxlan"), Some(BackendKind::Vxlan));
         assert_eq!(BackendKind::from_type("udp"), None);
+        assert_eq!(BackendKind::from_type("host-gw"), Some(BackendKind::HostGw));
+        assert_eq!(BackendKind::from_type("Host-GW"), Some(BackendKind::HostGw));
+        assert_eq!(BackendKind::from_type("hostgw"), None);
         assert_eq!(BackendKind::Vxlan.overhead(), 50);
         assert_eq!(BackendKind::Vxlan.overhead6(), 70);
+        assert_eq!(BackendKind::HostGw.overhead(), 0);
+        assert_eq!(BackendKind::HostGw.overhead6(), 0);
     }
 }

@@ -169,9 +169,13 @@ impl NetworkConfig {
     }
 
     /// The underlay MTU the tunnel is sized for: `Backend.MTU` if set (flanneld's
-    /// `parseVXLANConfig` default is the interface's MTU), else `iface_mtu`.
+    /// `parseVXLANConfig` default is the interface's MTU), else `iface_mtu`. host-gw always
+    /// uses the interface's (flanneld's host-gw reads no `Backend.MTU`).
     pub fn underlay_mtu(&self, iface_mtu: u32) -> u32 {
-        self.backend.mtu.unwrap_or(iface_mtu)
+        match self.backend.kind {
+            BackendKind::Vxlan => self.backend.mtu.unwrap_or(iface_mtu),
+            BackendKind::HostGw => iface_mtu,
+        }
     }
 }
 
@@ -349,10 +353,10 @@ fn parse_backend(v: Option<&Value>) -> Result<BackendConfig, ConfigError> {
         Some(Value::String(t)) => {
             return Err(field(
                 "Backend.Type",
-                format!("is {t:?} but this agent implements only the vxlan backend; set Backend.Type to \"vxlan\" or run flanneld for {t:?}"),
+                format!("is {t:?} but this agent implements only the vxlan and host-gw backends; set Backend.Type to \"vxlan\" or \"host-gw\", or run flanneld for {t:?}"),
             ))
         }
-        Some(_) => return Err(field("Backend.Type", "must be the string \"vxlan\"")),
+        Some(_) => return Err(field("Backend.Type", "must be the string \"vxlan\" or \"host-gw\"")),
     };
     let uint = |name: &'static str, max: u64, hint: &str| -> Result<Option<u64>, ConfigError> {
         match get(obj, name) {
@@ -522,6 +526,12 @@ mod tests {
         );
         // Backend.MTU is the underlay's, as flanneld reads it: pods get 50 less.
         assert_eq!(c.mtu(9000), 1350);
+        // The setup guides' host-gw config: pods get the interface MTU, Backend.MTU or not.
+        let c = NetworkConfig::parse(r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "host-gw"}}"#).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::HostGw);
+        assert_eq!((c.mtu(1500), c.mtu6(1500), c.mtu(9001)), (1500, 1500, 9001));
+        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","backend":{"type":"HOST-GW","MTU":1400}}"#).unwrap();
+        assert_eq!((c.backend.kind, c.mtu(1460)), (BackendKind::HostGw, 1460));
         assert_eq!(c.ipv4.unwrap().subnets().count(), 255);
     }
 
@@ -546,7 +556,7 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "config field SubnetMin: \"x\" is not an IPv4 address; use e.g. \"10.244.1.0\""),
             (r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#, "config field EnableIPv4: is false and EnableIPv6 is not true, so no address family is enabled; remove EnableIPv4 (IPv4 is on by default) or set EnableIPv6 to true with an IPv6Network"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv4":"no"}"#, "config field EnableIPv4: must be true or false"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#, "config field Backend.Type: is \"host-gw\" but this agent implements only the vxlan backend; set Backend.Type to \"vxlan\" or run flanneld for \"host-gw\""),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"udp"}}"#, "config field Backend.Type: is \"udp\" but this agent implements only the vxlan and host-gw backends; set Backend.Type to \"vxlan\" or \"host-gw\", or run flanneld for \"udp\""),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "config field Backend: must be an object, e.g. {\"Type\": \"vxlan\"}"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"VNI":16777216}}"#, "config field Backend.VNI: must be an integer from 0 to 16777215 (24-bit VXLAN network identifier)"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Port":-1}}"#, "config field Backend.Port: must be an integer from 0 to 65535 (UDP port; 0 means 8472)"),
@@ -702,7 +712,7 @@ mod tests {
             (base(r#""IPv6Network":"fd00::/56","EnableIPv6":"yes","#), "config field EnableIPv6: must be true or false"),
             (r#"{"EnableIPv4":false,"EnableIPv6":false,"IPv6Network":"fd00::/56"}"#.to_string(), "config field EnableIPv4: is false and EnableIPv6 is not true, so no address family is enabled; remove EnableIPv4 (IPv4 is on by default) or set EnableIPv6 to true with an IPv6Network"),
             // IPv6-only still needs the backend right.
-            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#.to_string(), "config field Backend.Type: is \"host-gw\" but this agent implements only the vxlan backend; set Backend.Type to \"vxlan\" or run flanneld for \"host-gw\""),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#.to_string(), "config field Backend.Type: is \"ipip\" but this agent implements only the vxlan and host-gw backends; set Backend.Type to \"vxlan\" or \"host-gw\", or run flanneld for \"ipip\""),
             // IPv4 is checked first, as flanneld does.
             (r#"{"Network":"10.0.0.0/29","EnableIPv6":true}"#.to_string(), "config field Network: 10.0.0.0/29 is too small; the minimum useful network prefix is /28"),
         ];

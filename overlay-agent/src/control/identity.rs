@@ -6,10 +6,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use super::{config::NetworkConfig, lease::LeaseAttrs, ControlError};
+use super::{backend::BackendKind, config::NetworkConfig, lease::LeaseAttrs, ControlError};
 
 /// Who this node is on the underlay, in each family it has an address in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeIdentity {
     /// `PublicIP` (needed when the network config enables IPv4).
     pub public_ip: Option<Ipv4Addr>,
@@ -18,12 +18,19 @@ pub struct NodeIdentity {
     /// The VTEP MAC published for both families (`BackendData` and `BackendV6Data`).
     pub vtep_mac: [u8; 6],
     pub iface_mtu: u32,
+    /// The underlay interface's own addresses (host-gw needs the PublicIP among them).
+    pub iface_addrs: Vec<IpAddr>,
 }
 
 impl NodeIdentity {
     /// Identity with the VTEP MAC derived from /etc/machine-id and the public IP (the IPv4
     /// one when there is one, so an IPv4 node keeps its MAC when IPv6 is turned on).
-    pub fn new(public_ip: Option<Ipv4Addr>, public_ipv6: Option<Ipv6Addr>, iface_mtu: u32) -> Self {
+    pub fn new(
+        public_ip: Option<Ipv4Addr>,
+        public_ipv6: Option<Ipv6Addr>,
+        iface_mtu: u32,
+        iface_addrs: Vec<IpAddr>,
+    ) -> Self {
         let basis = match (public_ip, public_ipv6) {
             (Some(ip), _) => IpAddr::V4(ip),
             (None, Some(ip)) => IpAddr::V6(ip),
@@ -34,6 +41,7 @@ impl NodeIdentity {
             public_ipv6,
             vtep_mac: default_vtep_mac(basis),
             iface_mtu,
+            iface_addrs,
         }
     }
 
@@ -60,7 +68,24 @@ impl NodeIdentity {
                 })
             }
         };
-        Ok(LeaseAttrs::vxlan_dual(ip, ip6, config.backend.vni, self.vtep_mac))
+        Ok(match config.backend.kind {
+            BackendKind::Vxlan => LeaseAttrs::vxlan_dual(ip, ip6, config.backend.vni, self.vtep_mac),
+            BackendKind::HostGw => {
+                self.on_the_interface(ip, ip6)?;
+                LeaseAttrs::host_gw(ip, ip6)
+            }
+        })
+    }
+
+    /// host-gw routes peers' subnets via their PublicIP, so it must be the interface's own
+    /// address: flanneld's host-gw refuses to start otherwise (a node behind NAT).
+    fn on_the_interface(&self, ip: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> Result<(), ControlError> {
+        let v4 = ip.filter(|ip| !self.iface_addrs.contains(&IpAddr::V4(*ip)));
+        let v6 = ip6.filter(|ip| !self.iface_addrs.contains(&IpAddr::V6(*ip)));
+        match v4.map(IpAddr::V4).or(v6.map(IpAddr::V6)) {
+            None => Ok(()),
+            Some(public) => Err(ControlError::PublicIpNotOnInterface { public }),
+        }
     }
 }
 

@@ -15,10 +15,8 @@ use std::{
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::backend::BackendKind;
 use crate::family::{Family, V4, V6};
-
-/// The only backend this agent speaks.
-pub const BACKEND_VXLAN: &str = "vxlan";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseError {
@@ -26,8 +24,12 @@ pub enum LeaseError {
     BadKey { key: String },
     #[error("lease value at {key:?} is not flannel LeaseAttrs JSON: {reason}")]
     BadValue { key: String, reason: String },
-    #[error("lease at {key:?} has BackendType {backend_type:?}, not \"vxlan\"")]
-    NotVxlan { key: String, backend_type: String },
+    #[error("lease at {key:?} has BackendType {backend_type:?}, not {ours:?}")]
+    OtherBackend {
+        key: String,
+        backend_type: String,
+        ours: &'static str,
+    },
 }
 
 /// A MAC address, serialized the way Go's `net.HardwareAddr` is: `"0e:5c:2a:11:90:3f"`.
@@ -97,7 +99,8 @@ fn unspecified() -> Ipv4Addr {
     Ipv4Addr::UNSPECIFIED
 }
 
-/// flannel's `lease.LeaseAttrs` (pkg/lease), restricted to what a vxlan node publishes.
+/// flannel's `lease.LeaseAttrs` (pkg/lease), restricted to what a vxlan or host-gw node
+/// publishes (host-gw: no backend data).
 ///
 /// Field order and encoding are flanneld's: `PublicIP` always (`"0.0.0.0"` on an IPv6-only
 /// node), `PublicIPv6` always (`null` without IPv6), then `BackendType`, `BackendData` and
@@ -139,10 +142,29 @@ impl LeaseAttrs {
         LeaseAttrs {
             public_ip: public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             public_ipv6,
-            backend_type: BACKEND_VXLAN.to_string(),
+            backend_type: BackendKind::Vxlan.name().to_string(),
             backend_data: public_ip.map(|_| data),
             backend_v6_data: public_ipv6.map(|_| data),
         }
+    }
+
+    /// The attributes a host-gw node publishes, as flanneld's host-gw `RegisterNetwork`: its
+    /// public addresses and `"BackendType":"host-gw"`, no backend data.
+    pub fn host_gw(public_ip: Option<Ipv4Addr>, public_ipv6: Option<Ipv6Addr>) -> Self {
+        LeaseAttrs {
+            public_ip: public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public_ipv6,
+            backend_type: BackendKind::HostGw.name().to_string(),
+            backend_data: None,
+            backend_v6_data: None,
+        }
+    }
+
+    /// The backend the lease's `BackendType` names (exactly, as flanneld compares it).
+    pub fn backend(&self) -> Option<BackendKind> {
+        BackendKind::ALL
+            .into_iter()
+            .find(|k| k.name() == self.backend_type)
     }
 
     /// `PublicIP`, unless it is flanneld's "none" (`0.0.0.0`, an IPv6-only node).
@@ -189,14 +211,13 @@ impl fmt::Display for SubnetKey {
     }
 }
 
-/// One family of a vxlan lease, as the datapath needs it: the subnet, where its owner is
-/// reached, and its VTEP (VNI, MAC).
+/// One family of a peer's lease, as the datapath needs it: the subnet, where its owner is
+/// reached, and its VTEP (VNI, MAC) on a vxlan lease (`None` on a host-gw one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VxlanPeer<F: Family> {
+pub struct Peer<F: Family> {
     pub subnet: F::Net,
     pub public_ip: F::Addr,
-    pub vni: u32,
-    pub vtep_mac: MacAddr,
+    pub vtep: Option<VxlanBackendData>,
 }
 
 /// One subnet lease, ours or a peer's.
@@ -221,34 +242,31 @@ impl Lease {
         }
     }
 
-    fn is_vxlan(&self) -> bool {
-        self.attrs.backend_type == BACKEND_VXLAN
+    /// What a family of the lease needs besides its subnet and public address: the VTEP
+    /// (`Some(Some(data))`) on a vxlan lease that has it, nothing (`Some(None)`) on a host-gw
+    /// lease, `None` when the lease is unusable in the family.
+    fn vtep(&self, data: Option<VxlanBackendData>) -> Option<Option<VxlanBackendData>> {
+        match self.attrs.backend()? {
+            BackendKind::Vxlan => Some(Some(data?)),
+            BackendKind::HostGw => Some(None),
+        }
     }
 
-    /// The peer's IPv4 VXLAN data; `None` unless this is a vxlan lease with BackendData.
-    pub fn vxlan(&self) -> Option<VxlanBackendData> {
-        self.attrs.backend_data.filter(|_| self.is_vxlan())
-    }
-
-    /// The IPv4 side: subnet, PublicIP and BackendData, when the lease has all three.
-    pub fn v4(&self) -> Option<VxlanPeer<V4>> {
-        let d = self.vxlan()?;
-        Some(VxlanPeer {
+    /// The IPv4 side: subnet, PublicIP (and BackendData on a vxlan lease), when it has them.
+    pub fn v4(&self) -> Option<Peer<V4>> {
+        Some(Peer {
+            vtep: self.vtep(self.attrs.backend_data)?,
             subnet: self.subnet?,
             public_ip: self.attrs.public_ipv4()?,
-            vni: d.vni,
-            vtep_mac: d.vtep_mac,
         })
     }
 
-    /// The IPv6 side: IPv6 subnet, PublicIPv6 and BackendV6Data, when the lease has all three.
-    pub fn v6(&self) -> Option<VxlanPeer<V6>> {
-        let d = self.attrs.backend_v6_data.filter(|_| self.is_vxlan())?;
-        Some(VxlanPeer {
+    /// The IPv6 side: IPv6 subnet, PublicIPv6 (and BackendV6Data on a vxlan lease).
+    pub fn v6(&self) -> Option<Peer<V6>> {
+        Some(Peer {
+            vtep: self.vtep(self.attrs.backend_v6_data)?,
             subnet: self.ipv6_subnet?,
             public_ip: self.attrs.public_ipv6?,
-            vni: d.vni,
-            vtep_mac: d.vtep_mac,
         })
     }
 
@@ -313,9 +331,10 @@ pub fn parse_subnet_key(key: &str) -> Result<SubnetKey, LeaseError> {
     Ok(SubnetKey { ipv4, ipv6 })
 }
 
-/// Parses a lease value; only vxlan leases that are usable in at least one family (a subnet,
-/// its public address and its backend data) are accepted.
-pub fn parse_vxlan_lease(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
+/// Parses a lease value; only leases of our backend (`ours`) that are usable in at least one
+/// family (a subnet, its public address and, for vxlan, its backend data) are accepted. A lease
+/// of another backend is [`LeaseError::OtherBackend`] (flanneld: "Ignoring non-host-gw subnet").
+pub fn parse_lease(key: &str, value: &[u8], ours: BackendKind) -> Result<Lease, LeaseError> {
     let subnets = parse_subnet_key(key)?;
     // Look at BackendType first so a foreign backend's data shape is never an error.
     #[derive(Deserialize)]
@@ -327,10 +346,11 @@ pub fn parse_vxlan_lease(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
         key: key.to_string(),
         reason: e.to_string(),
     })?;
-    if probe.backend_type != BACKEND_VXLAN {
-        return Err(LeaseError::NotVxlan {
+    if probe.backend_type != ours.name() {
+        return Err(LeaseError::OtherBackend {
             key: key.to_string(),
             backend_type: probe.backend_type,
+            ours: ours.name(),
         });
     }
     let attrs: LeaseAttrs = serde_json::from_slice(value).map_err(|e| LeaseError::BadValue {
@@ -345,8 +365,13 @@ pub fn parse_vxlan_lease(key: &str, value: &[u8]) -> Result<Lease, LeaseError> {
     };
     if lease.v4().is_none() && lease.v6().is_none() {
         let reason = match (lease.subnet.is_some(), lease.ipv6_subnet.is_some()) {
+            (true, false) if ours == BackendKind::HostGw => "host-gw lease without PublicIP",
             (true, false) => "vxlan lease without BackendData (VNI, VtepMAC) or PublicIP",
+            (false, true) if ours == BackendKind::HostGw => "IPv6-only host-gw lease without PublicIPv6",
             (false, true) => "IPv6-only vxlan lease without BackendV6Data (VNI, VtepMAC) or PublicIPv6",
+            _ if ours == BackendKind::HostGw => {
+                "dual-stack host-gw lease usable in neither family: it needs PublicIP or PublicIPv6"
+            }
             _ => {
                 "dual-stack vxlan lease usable in neither family: it needs PublicIP with BackendData, \
                   or PublicIPv6 with BackendV6Data"
@@ -394,9 +419,9 @@ mod tests {
 
     #[test]
     fn flannel_json_round_trips_byte_identical() {
-        let l = parse_vxlan_lease(
+        let l = parse_lease(
             "/coreos.com/network/subnets/10.244.7.0-24",
-            FLANNEL_EXAMPLE.as_bytes(),
+            FLANNEL_EXAMPLE.as_bytes(), BackendKind::Vxlan
         )
         .unwrap();
         assert_eq!(l.subnet, Some("10.244.7.0/24".parse::<Ipv4Net>().unwrap()));
@@ -404,7 +429,7 @@ mod tests {
         assert_eq!(l.v6(), None);
         assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 11));
         assert_eq!(
-            l.vxlan(),
+            l.v4().unwrap().vtep,
             Some(VxlanBackendData {
                 vni: 1,
                 vtep_mac: MacAddr([0x0e, 0x5c, 0x2a, 0x11, 0x90, 0x3f])
@@ -507,9 +532,9 @@ mod tests {
     fn dual_stack_and_ipv6_only_json_as_flanneld_writes_it() {
         const DUAL: &str = r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:5c:2a:11:90:3f"},"BackendV6Data":{"VNI":1,"VtepMAC":"6a:01:77:c3:0d:10"}}"#;
         const V6_ONLY: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::12","BackendType":"vxlan","BackendV6Data":{"VNI":4096,"VtepMAC":"6a:01:77:c3:0d:12"}}"#;
-        let l = parse_vxlan_lease(
+        let l = parse_lease(
             "/coreos.com/network/subnets/10.244.7.0-24&fd00:10:244:7::-64",
-            DUAL.as_bytes(),
+            DUAL.as_bytes(), BackendKind::Vxlan
         )
         .unwrap();
         let a = &l.attrs;
@@ -541,8 +566,8 @@ mod tests {
             (
                 v6.subnet.to_string(),
                 v6.public_ip.to_string(),
-                v6.vni,
-                v6.vtep_mac.to_string()
+                v6.vtep.unwrap().vni,
+                v6.vtep.unwrap().vtep_mac.to_string()
             ),
             (
                 "fd00:10:244:7::/64".into(),
@@ -552,15 +577,15 @@ mod tests {
             )
         );
 
-        let l = parse_vxlan_lease(
+        let l = parse_lease(
             "/coreos.com/network/subnets/0.0.0.0-0&fd00:10:244:8::-64",
-            V6_ONLY.as_bytes(),
+            V6_ONLY.as_bytes(), BackendKind::Vxlan
         )
         .unwrap();
         assert_eq!((l.subnet, l.v4()), (None, None));
         assert_eq!(l.attrs.public_ipv4(), None);
         assert_eq!(l.attrs.backend_data, None);
-        assert_eq!(l.v6().unwrap().vni, 4096);
+        assert_eq!(l.v6().unwrap().vtep.unwrap().vni, 4096);
         assert_eq!(l.attrs.to_json(), V6_ONLY);
 
         // What we write ourselves, for each stack.
@@ -585,33 +610,78 @@ mod tests {
         );
         // flannel's fuzz seed (no BackendType) is not a vxlan lease.
         assert!(matches!(
-            parse_vxlan_lease(
+            parse_lease(
                 "10.5.1.0-24&fc00::-64",
-                br#"{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}"#
+                br#"{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}"#, BackendKind::Vxlan
             ),
-            Err(LeaseError::NotVxlan { .. })
+            Err(LeaseError::OtherBackend { .. })
         ));
+    }
+
+    /// flanneld's host-gw leases (`RegisterNetwork`: PublicIP, PublicIPv6, BackendType, no
+    /// data), both ways, and a host-gw node skipping vxlan leases as flanneld does.
+    #[test]
+    fn host_gw_leases_as_flanneld_writes_them() {
+        const V4: &str = r#"{"PublicIP":"10.4.7.21","PublicIPv6":null,"BackendType":"host-gw"}"#;
+        const DUAL: &str = r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"host-gw"}"#;
+        let hg = BackendKind::HostGw;
+        assert_eq!(LeaseAttrs::host_gw(Some(Ipv4Addr::new(10, 4, 7, 21)), None).to_json(), V4);
+        let l = parse_lease("/coreos.com/network/subnets/172.7.21.0-24", V4.as_bytes(), hg).unwrap();
+        let p = l.v4().unwrap();
+        assert_eq!(
+            (p.subnet.to_string(), p.public_ip.to_string(), p.vtep),
+            ("172.7.21.0/24".into(), "10.4.7.21".into(), None)
+        );
+        assert_eq!((l.v6(), l.attrs.to_json()), (None, V4.to_string()));
+        let l = parse_lease("/p/subnets/10.244.7.0-24&fd00:10:244:7::-64", DUAL.as_bytes(), hg).unwrap();
+        assert_eq!(l.v6().unwrap().public_ip.to_string(), "fd00:198:18::11");
+        assert_eq!(
+            LeaseAttrs::host_gw(Some(Ipv4Addr::new(198, 18, 0, 11)), Some("fd00:198:18::11".parse().unwrap())).to_json(),
+            DUAL
+        );
+        // Each backend skips the other's leases (flanneld compares BackendType exactly).
+        assert_eq!(
+            parse_lease("/p/subnets/172.7.21.0-24", FLANNEL_EXAMPLE.as_bytes(), hg),
+            Err(LeaseError::OtherBackend {
+                key: "/p/subnets/172.7.21.0-24".into(),
+                backend_type: "vxlan".into(),
+                ours: "host-gw"
+            })
+        );
+        for v in [V4, r#"{"PublicIP":"10.4.7.21","BackendType":"Host-GW"}"#] {
+            assert!(matches!(
+                parse_lease("/p/subnets/172.7.21.0-24", v.as_bytes(), BackendKind::Vxlan),
+                Err(LeaseError::OtherBackend { .. })
+            ));
+        }
+        assert_eq!(
+            parse_lease("/p/subnets/172.7.21.0-24", br#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#, hg),
+            Err(LeaseError::BadValue {
+                key: "/p/subnets/172.7.21.0-24".into(),
+                reason: "host-gw lease without PublicIP".into()
+            })
+        );
     }
 
     #[test]
     fn foreign_and_malformed_values() {
         let k = "/p/subnets/10.1.2.0-24";
         assert!(matches!(
-            parse_vxlan_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"host-gw"}"#),
-            Err(LeaseError::NotVxlan { backend_type, .. }) if backend_type == "host-gw"
+            parse_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"host-gw"}"#, BackendKind::Vxlan),
+            Err(LeaseError::OtherBackend { backend_type, .. }) if backend_type == "host-gw"
         ));
         assert!(matches!(
-            parse_vxlan_lease(k, b"{not json"),
+            parse_lease(k, b"{not json", BackendKind::Vxlan),
             Err(LeaseError::BadValue { .. })
         ));
         assert!(matches!(
-            parse_vxlan_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#),
+            parse_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#, BackendKind::Vxlan),
             Err(LeaseError::BadValue { .. })
         ));
         assert!(matches!(
-            parse_vxlan_lease(
+            parse_lease(
                 k,
-                br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#
+                br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#, BackendKind::Vxlan
             ),
             Err(LeaseError::BadValue { .. })
         ));
@@ -624,23 +694,23 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    parse_vxlan_lease(k6, v.as_bytes()),
+                    parse_lease(k6, v.as_bytes(), BackendKind::Vxlan),
                     Err(LeaseError::BadValue { .. })
                 ),
                 "{v}"
             );
         }
         assert!(matches!(
-            parse_vxlan_lease(
+            parse_lease(
                 "/p/subnets/0.0.0.0-0&fd00:1:2::-64",
-                br#"{"PublicIP":"0.0.0.0","PublicIPv6":null,"BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}"#
+                br#"{"PublicIP":"0.0.0.0","PublicIPv6":null,"BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}"#, BackendKind::Vxlan
             ),
             Err(LeaseError::BadValue { .. })
         ));
         // A dual-stack key whose value carries only the IPv4 side is usable in IPv4.
-        let l = parse_vxlan_lease(
+        let l = parse_lease(
             k6,
-            br#"{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}"#,
+            br#"{"PublicIP":"1.2.3.4","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:01"}}"#, BackendKind::Vxlan
         )
         .unwrap();
         assert!(l.v4().is_some() && l.v6().is_none());

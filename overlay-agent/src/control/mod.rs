@@ -59,6 +59,12 @@ pub enum ControlError {
         family: &'static str,
         flag: &'static str,
     },
+    #[error(
+        "your PublicIP {public} differs from the interface's addresses, meaning that probably \
+         you're on a NAT, which is not supported by the host-gw backend (as flanneld's): set \
+         --public-ip to an address of --iface, or use the vxlan backend"
+    )]
+    PublicIpNotOnInterface { public: std::net::IpAddr },
     #[error(transparent)]
     Connect(#[from] EtcdConnectError),
     #[error(transparent)]
@@ -273,6 +279,7 @@ mod tests {
             public_ipv6: None,
             vtep_mac: [2, 0, 0, 0, 0, last],
             iface_mtu: 1500,
+            iface_addrs: Vec::new(),
         }
     }
 
@@ -365,13 +372,50 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bad_config_is_fatal_with_field() {
         let reg = MemRegistry::default();
-        reg.set_network_config(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"host-gw"}}"#);
+        reg.set_network_config(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"udp"}}"#);
         let (tx, _rx) = mpsc::channel(64);
         let err = run_with_registry(reg, &opts("bad"), node(1), tx)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("Backend.Type"), "{err}");
-        assert!(err.to_string().contains("only the vxlan backend"), "{err}");
+        assert!(err.to_string().contains("only the vxlan and host-gw backends"), "{err}");
+    }
+
+    /// host-gw publishes flanneld's host-gw lease, and refuses a PublicIP that is not the
+    /// interface's (behind NAT) as flanneld's host-gw does, before taking a lease.
+    #[tokio::test(start_paused = true)]
+    async fn host_gw_lease_and_the_nat_refusal() {
+        const HOST_GW: &str = r#"{"Network":"10.9.0.0/16","Backend":{"Type":"host-gw"}}"#;
+        let reg = MemRegistry::default();
+        reg.set_network_config(HOST_GW);
+        let (tx, _rx) = mpsc::channel(64);
+        let err = run_with_registry(reg.clone(), &opts("nat"), node(1), tx)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "your PublicIP 198.18.0.1 differs from the interface's addresses, meaning that probably \
+             you're on a NAT, which is not supported by the host-gw backend (as flanneld's): set \
+             --public-ip to an address of --iface, or use the vxlan backend"
+        );
+        let mut n = node(1);
+        n.iface_addrs = vec![std::net::IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))];
+        let (tx, mut rx) = mpsc::channel(64);
+        let o = opts("hostgw");
+        let env_file = o.subnet_file.clone();
+        let h = tokio::spawn(async move { run_with_registry(reg, &o, n, tx).await });
+        let lease = loop {
+            if let Event::OwnLease(l) = next(&mut rx).await {
+                break l;
+            }
+        };
+        let env = std::fs::read_to_string(env_file).unwrap();
+        assert!(env.contains("FLANNEL_MTU=1500\n"), "{env}");
+        assert_eq!(
+            lease.attrs.to_json(),
+            r#"{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        h.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use tokio::sync::mpsc;
 
 use super::{
-    lease::{parse_subnet_key, parse_vxlan_lease, Lease, LeaseError, SubnetKey},
+    lease::{parse_lease, parse_subnet_key, Lease, LeaseError, SubnetKey},
     subnet::{KeyValue, Registry, RegistryError, SubnetManager, WatchEvent},
 };
 use super::{lease_keeper::LeaseKeeper, send, Backoff, Event, Stop};
@@ -220,10 +220,10 @@ impl PeerWatch {
         Ok(false)
     }
 
-    /// Interprets one subnet key/value: `Some(lease)` for a peer's vxlan lease; `None` for keys
+    /// Interprets one subnet key/value: `Some(lease)` for a peer's lease of our backend; `None` for keys
     /// that are skipped (foreign backend, malformed, our own address; each warned about once).
     fn peer_from<R: Registry>(&mut self, mgr: &SubnetManager<R>, kv: &KeyValue) -> Option<Lease> {
-        match parse_vxlan_lease(&kv.key, &kv.value) {
+        match parse_lease(&kv.key, &kv.value, mgr.config.backend.kind) {
             Ok(l) => {
                 if mgr.is_our_attrs(&l.attrs) {
                     self.warn_once(
@@ -235,10 +235,10 @@ impl PeerWatch {
                 self.warned.remove(&kv.key);
                 Some(l)
             }
-            Err(e @ LeaseError::NotVxlan { .. }) => {
+            Err(e @ LeaseError::OtherBackend { ours, .. }) => {
                 self.warn_once(
                     &kv.key,
-                    &format!("{e}; skipping it (this agent only connects vxlan nodes)"),
+                    &format!("{e}; skipping it (this node runs the {ours} backend and connects only {ours} nodes, as flanneld)"),
                 );
                 None
             }
@@ -324,7 +324,7 @@ mod tests {
             attrs(2)
         );
         let d = &peers[&parse_subnet_key("10.9.6.0-24&fd00:9:0:6::-64").unwrap()];
-        assert_eq!(d.v6().unwrap().vtep_mac.to_string(), "02:00:00:00:01:06");
+        assert_eq!(d.v6().unwrap().vtep.unwrap().vtep_mac.to_string(), "02:00:00:00:01:06");
         assert_eq!(w.warned.len(), 4, "{:?}", w.warned);
         assert!(m.still_ours(&kvs, own));
         assert!(!m.still_ours(&kvs, "10.9.2.0/24".parse::<ipnet::Ipv4Net>().unwrap().into()));

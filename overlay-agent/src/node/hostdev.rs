@@ -72,6 +72,28 @@ pub async fn ensure(subnet: Ipv4Net, network: Ipv4Net, mtu: u32) -> Result<(), H
     r
 }
 
+/// Removes the host device (and its peer with it) if it exists; true if it did. The host-gw
+/// backend routes host traffic per peer instead.
+pub async fn remove() -> Result<bool, HostRouteError> {
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let conn = tokio::spawn(conn);
+    let r = async {
+        let Some(dev) = link_index(&handle, HOST_DEVICE).await? else {
+            return Ok(false);
+        };
+        handle
+            .link()
+            .del(dev)
+            .execute()
+            .await
+            .map_err(nl("removing the host device"))?;
+        Ok(true)
+    }
+    .await;
+    conn.abort();
+    r
+}
+
 /// The IPv6 side, as flanneld's `flannel-v6.1`: our IPv6 subnet's first address (`::`, /128) on
 /// the host device and one route for the IPv6 network with `route_mtu` (the tunnel MTU over an
 /// IPv6 underlay), so the stack sends Packet Too Big for anything larger. `dev_mtu` is the

@@ -6,5 +6,6 @@ pub mod ethtool;
 pub mod grodev;
 pub mod hostdev;
 pub mod netlink;
+pub mod routes;
 pub mod sysctl;
 pub mod underlay;

@@ -38,6 +38,25 @@ fn rtnl_request(
 
 /// `ip route get dst` over netlink: (output ifindex, preferred source).
 pub fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
+    let r = route_to(IpAddr::V4(dst))?;
+    let src = match r.src {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    Ok((r.oif, src))
+}
+
+/// The kernel's route to one address, as `ip route get` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTo {
+    pub oif: u32,
+    pub src: Option<IpAddr>,
+    /// `via`: none for an address on a connected network (on-link).
+    pub gateway: Option<IpAddr>,
+}
+
+/// `ip route get dst` over netlink, either family.
+pub fn route_to(dst: IpAddr) -> Result<RouteTo, String> {
     use rtnetlink::{
         packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST},
         packet_route::{
@@ -45,11 +64,19 @@ pub fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
             AddressFamily, RouteNetlinkMessage,
         },
     };
+    let addr = |a: &RouteAddress| match a {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    };
     let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.destination_prefix_length = 32;
-    msg.attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let (family, len, d) = match dst {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = len;
+    msg.attributes.push(RouteAttribute::Destination(d));
     let sock = rtnl_request(RouteNetlinkMessage::GetRoute(msg), NLM_F_REQUEST)?;
     let io = |e: std::io::Error| e.to_string();
     let mut rx = vec![0; 8192];
@@ -57,16 +84,20 @@ pub fn route_get(dst: Ipv4Addr) -> Result<(u32, Option<Ipv4Addr>), String> {
     let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[..n]).map_err(|e| e.to_string())?;
     match reply.payload {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => {
-            let mut oif = None;
-            let mut src = None;
-            for a in m.attributes {
+            let (mut oif, mut src, mut gateway) = (None, None, None);
+            for a in &m.attributes {
                 match a {
-                    RouteAttribute::Oif(i) => oif = Some(i),
-                    RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => src = Some(ip),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::PrefSource(a) => src = addr(a),
+                    RouteAttribute::Gateway(a) => gateway = addr(a),
                     _ => {}
                 }
             }
-            Ok((oif.ok_or("the route has no output interface")?, src))
+            Ok(RouteTo {
+                oif: oif.ok_or("the route has no output interface")?,
+                src,
+                gateway,
+            })
         }
         NetlinkPayload::Error(e) => Err(e.to_io().to_string()),
         other => Err(format!("unexpected netlink reply {other:?}")),

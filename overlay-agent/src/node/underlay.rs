@@ -82,6 +82,8 @@ pub struct Underlay {
     pub ipv6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// Every address the interface has (host-gw requires the PublicIP to be one of them).
+    pub addrs: Vec<IpAddr>,
 }
 
 /// One interface as selection sees it.
@@ -374,13 +376,25 @@ fn underlay(name: &str, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Resul
     // Netlink-backed calls only (no sysfs): they answer for the caller's network namespace
     // even when /sys belongs to another one.
     let ifindex = nix::net::if_::if_nametoindex(name).map_err(|_| IfaceError::NotFound(name.into()))?;
-    let mac = nix::ifaddrs::getifaddrs()?
+    let ifaddrs: Vec<_> = nix::ifaddrs::getifaddrs()?
         .filter(|a| a.interface_name == name)
-        .find_map(|a| a.address?.as_link_addr()?.addr())
+        .filter_map(|a| a.address)
+        .collect();
+    let mac = ifaddrs
+        .iter()
+        .find_map(|a| a.as_link_addr()?.addr())
         .ok_or_else(|| IfaceError::Parse {
             path: format!("{name} link address"),
             content: String::new(),
         })?;
+    let addrs = ifaddrs
+        .iter()
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        })
+        .collect();
     let mtu = ethtool::link_mtu(name)?;
     let ipv6 = ipv6.or_else(|| match netlink::ipv6_addrs(ifindex) {
         Ok(a) => preferred_ipv6(a).first().copied(),
@@ -396,6 +410,7 @@ fn underlay(name: &str, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Resul
         ipv6,
         mac,
         mtu,
+        addrs,
     })
 }
 

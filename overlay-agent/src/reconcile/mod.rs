@@ -1,26 +1,31 @@
 //! The glue: lease events become map entries ([`peers`]), the backend sets the node up for our
-//! lease ([`vxlan`]: the programs' config, the host device, receive GRO), local pods are learned
+//! lease ([`vxlan`]: the programs' config, the host device, receive GRO; [`hostgw`]: the
+//! programs' config, the per-peer routes), local pods are learned
 //! from the bridge ([`endpoints`]), encap follows the pod bridge ([`encap_hook`]), the decap hook and
 //! delivery are chosen ([`decap`]). [`Reconciler`] holds what the maps should hold.
 
 pub mod decap;
 pub mod encap_hook;
 pub mod endpoints;
+pub mod hostgw;
 pub mod peers;
 pub mod vxlan;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::info;
 
 use crate::{
-    control::{config::NetworkConfig, Event},
+    control::{backend::BackendKind, config::NetworkConfig, Event},
     dataplane::Dataplane,
     family::{V4, V6},
-    node::{netlink, underlay::Underlay},
+    node::{netlink, routes::PeerRoute, underlay::Underlay},
 };
-use peers::PeerTable;
+use peers::{PeerTable, Reach};
 
 /// What the maps should hold, kept in step with the lease events.
 pub struct Reconciler {
@@ -33,12 +38,17 @@ pub struct Reconciler {
     v6: PeerTable<V6>,
     /// What the backend set up on this node.
     node: Node,
+    /// What a backend's node side starts from (the config names the backend).
+    underlay: Underlay,
+    public_ip: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
+    datapath_flags: u16,
 }
 
-/// The node side of the config's backend ([`BackendKind`](crate::control::backend::BackendKind)):
-/// one file each.
+/// The node side of the config's backend ([`BackendKind`]): one file each.
 enum Node {
     Vxlan(vxlan::VxlanNode),
+    HostGw(hostgw::HostGwNode),
 }
 
 /// Our lease's subnets (either may be absent).
@@ -70,7 +80,7 @@ impl Reconciler {
             Some(IpNet::V6(n)) => Some(n),
             _ => None,
         };
-        // The only backend: vxlan (BackendKind).
+        // vxlan until the config says otherwise (it comes before our lease).
         let node = Node::Vxlan(
             vxlan::VxlanNode::start(
                 &underlay,
@@ -82,6 +92,7 @@ impl Reconciler {
             )
             .await,
         );
+        let underlay = underlay.clone();
         Reconciler {
             segment,
             segment6,
@@ -89,6 +100,10 @@ impl Reconciler {
             v4: PeerTable::adopt(dp),
             v6: PeerTable::adopt(dp),
             node,
+            underlay,
+            public_ip,
+            public_ipv6,
+            datapath_flags,
         }
     }
 
@@ -101,16 +116,32 @@ impl Reconciler {
         endpoints::OwnSubnets::of(self.v4.own, self.v6.own)
     }
 
-    /// DirectRouting applies to a peer on our own segment, per family (flanneld decides the
-    /// same way for `flannel.1` and `flannel-v6.1`).
-    fn direct_v4(&self) -> impl Fn(Ipv4Addr) -> bool + use<> {
-        let (on, segment) = (self.direct_routing(), self.segment);
-        move |ip| on && segment.is_some_and(|net| net.contains(&ip))
+    /// How a peer is reached, per family: host-gw sends every on-link peer bare
+    /// ([`hostgw::reach`]); vxlan's DirectRouting applies to a peer on our own segment (flanneld
+    /// decides the same way for `flannel.1` and `flannel-v6.1`), the rest is tunnelled.
+    fn reach_v4(&self) -> impl Fn(Ipv4Addr) -> Reach + use<> {
+        let (host_gw, on, segment) = (self.host_gw(), self.direct_routing(), self.segment);
+        move |ip| match host_gw {
+            Some(reach) => reach(IpAddr::V4(ip)),
+            None if on && segment.is_some_and(|net| net.contains(&ip)) => Reach::Direct,
+            None => Reach::Tunnel,
+        }
     }
 
-    fn direct_v6(&self) -> impl Fn(Ipv6Addr) -> bool + use<> {
-        let (on, segment) = (self.direct_routing(), self.segment6);
-        move |ip| on && segment.is_some_and(|net| net.contains(&ip))
+    fn reach_v6(&self) -> impl Fn(Ipv6Addr) -> Reach + use<> {
+        let (host_gw, on, segment) = (self.host_gw(), self.direct_routing(), self.segment6);
+        move |ip| match host_gw {
+            Some(reach) => reach(IpAddr::V6(ip)),
+            None if on && segment.is_some_and(|net| net.contains(&ip)) => Reach::Direct,
+            None => Reach::Tunnel,
+        }
+    }
+
+    fn host_gw(&self) -> Option<impl Fn(IpAddr) -> Reach + Copy + use<>> {
+        match &self.node {
+            Node::HostGw(n) => Some(hostgw::reach(n.underlay_ifindex())),
+            Node::Vxlan(_) => None,
+        }
     }
 
     fn direct_routing(&self) -> bool {
@@ -120,6 +151,17 @@ impl Reconciler {
     pub async fn apply(&mut self, dp: &mut Dataplane, ev: Event) {
         match ev {
             Event::Config(cfg) => {
+                if cfg.backend.kind == BackendKind::HostGw && !matches!(self.node, Node::HostGw(_)) {
+                    self.node = Node::HostGw(
+                        hostgw::HostGwNode::start(
+                            &self.underlay,
+                            self.public_ip,
+                            self.public_ipv6,
+                            self.datapath_flags,
+                        )
+                        .await,
+                    );
+                }
                 self.config = Some(cfg);
                 self.write_config(dp).await;
             }
@@ -135,23 +177,49 @@ impl Reconciler {
                 self.write_config(dp).await;
             }
             Event::PeerUpsert(lease) => {
-                self.v4.upsert(dp, &lease, self.direct_v4());
-                self.v6.upsert(dp, &lease, self.direct_v6());
+                self.v4.upsert(dp, &lease, self.reach_v4());
+                self.v6.upsert(dp, &lease, self.reach_v6());
+                self.sync_routes().await;
             }
             Event::PeerRemove(lease) => {
                 self.v4.lease_removed(&lease);
                 self.v6.lease_removed(&lease);
             }
             Event::Resync(all) => {
-                self.v4.resync(dp, &all, self.direct_v4());
-                self.v6.resync(dp, &all, self.direct_v6());
+                self.v4.resync(dp, &all, self.reach_v4());
+                self.v6.resync(dp, &all, self.reach_v6());
+                self.sync_routes().await;
             }
         }
     }
 
-    pub fn reap(&mut self, dp: &mut Dataplane) {
+    pub async fn reap(&mut self, dp: &mut Dataplane) {
+        let before = self.peers();
         self.v4.reap(dp);
         self.v6.reap(dp);
+        if self.peers() != before {
+            self.sync_routes().await;
+        }
+    }
+
+    /// The routes the peer tables call for (host-gw: one per peer subnet, via its PublicIP).
+    fn wanted_routes(&self) -> BTreeSet<PeerRoute> {
+        let v4 = self.v4.entries().map(|e| PeerRoute {
+            dst: IpNet::V4(e.subnet),
+            via: IpAddr::V4(e.public_ip),
+        });
+        let v6 = self.v6.entries().map(|e| PeerRoute {
+            dst: IpNet::V6(e.subnet),
+            via: IpAddr::V6(e.public_ip),
+        });
+        v4.chain(v6).collect()
+    }
+
+    async fn sync_routes(&mut self) {
+        let wanted = self.wanted_routes();
+        if let Node::HostGw(n) = &mut self.node {
+            n.sync_routes(&wanted).await;
+        }
     }
 
     fn own(&self) -> Own {
@@ -169,6 +237,18 @@ impl Reconciler {
         let Some(cfg) = &self.config else { return };
         match &mut self.node {
             Node::Vxlan(n) => n.resync(dp, cfg, own).await,
+            Node::HostGw(_) => {
+                let networks: Vec<IpNet> = cfg
+                    .network()
+                    .map(IpNet::V4)
+                    .into_iter()
+                    .chain(cfg.ipv6_network().map(IpNet::V6))
+                    .collect();
+                let wanted = self.wanted_routes();
+                if let Node::HostGw(n) = &mut self.node {
+                    n.resync(&wanted, &networks).await;
+                }
+            }
         }
     }
 
@@ -177,6 +257,7 @@ impl Reconciler {
         let Some(cfg) = &self.config else { return };
         match &mut self.node {
             Node::Vxlan(n) => n.write(dp, cfg, own).await,
+            Node::HostGw(n) => n.write(dp, cfg, own).await,
         }
     }
 }

@@ -3,13 +3,13 @@
 //! becomes one delete after a short hold-down, unless the lease (or another one for the same
 //! subnet) comes back first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio::time::Instant;
 use tracing::{error, info};
 
 use crate::{
-    control::lease::{Lease, SubnetKey, VxlanPeer},
+    control::lease::{Lease, Peer, SubnetKey},
     dataplane::{Dataplane, DataplaneError, MapFamily, PeerEntry},
     family::{Family, V4, V6},
 };
@@ -18,28 +18,40 @@ use crate::{
 /// its lease back within milliseconds, and its packets must not meet "unknown peer" meanwhile.
 pub const PEER_HOLD_DOWN: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// What a family's peer table needs beyond its maps: its side of a vxlan lease.
+/// What a family's peer table needs beyond its maps: its side of a lease.
 pub trait PeerFamily: MapFamily {
-    fn peer(lease: &Lease) -> Option<VxlanPeer<Self>>;
+    fn peer(lease: &Lease) -> Option<Peer<Self>>;
 }
 
 impl PeerFamily for V4 {
-    fn peer(lease: &Lease) -> Option<VxlanPeer<V4>> {
+    fn peer(lease: &Lease) -> Option<Peer<V4>> {
         lease.v4()
     }
 }
 
 impl PeerFamily for V6 {
-    fn peer(lease: &Lease) -> Option<VxlanPeer<V6>> {
+    fn peer(lease: &Lease) -> Option<Peer<V6>> {
         lease.v6()
     }
 }
 
-fn entry<F: Family>(p: &VxlanPeer<F>, direct: bool) -> PeerEntry<F> {
+/// How the backend reaches a peer's PublicIP, as it decides it per peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Through VXLAN.
+    Tunnel,
+    /// Bare, to a peer on our L2 segment (vxlan's DirectRouting, host-gw).
+    Direct,
+    /// Not at all: the peer stays out of the maps, and the reason is logged once (host-gw: a
+    /// PublicIP that is not on-link).
+    Refused(&'static str),
+}
+
+fn entry<F: Family>(p: &Peer<F>, direct: bool) -> PeerEntry<F> {
     PeerEntry {
         subnet: p.subnet,
         public_ip: p.public_ip,
-        vtep_mac: p.vtep_mac.0,
+        vtep_mac: p.vtep.map_or([0; 6], |d| d.vtep_mac.0),
         direct,
     }
 }
@@ -54,6 +66,8 @@ pub struct PeerTable<F: PeerFamily> {
     owners: HashMap<F::Net, SubnetKey>,
     /// Entries whose lease went away, removed at the given time unless it returns.
     leaving: HashMap<F::Net, Instant>,
+    /// Subnets whose peer the backend refused ([`Reach::Refused`]), logged once each.
+    refused: HashSet<F::Net>,
 }
 
 impl<F: PeerFamily> PeerTable<F> {
@@ -78,6 +92,7 @@ impl<F: PeerFamily> PeerTable<F> {
             peers,
             owners: HashMap::new(),
             leaving: HashMap::new(),
+            refused: HashSet::new(),
         }
     }
 
@@ -89,17 +104,34 @@ impl<F: PeerFamily> PeerTable<F> {
         self.peers.is_empty()
     }
 
-    /// Puts this family's side of `lease` into the maps (`direct`: is the PublicIP on our
-    /// segment, for DirectRouting).
-    pub fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease, direct: impl Fn(F::Addr) -> bool) {
+    /// The entries the maps hold (held-down ones included).
+    pub fn entries(&self) -> impl Iterator<Item = &PeerEntry<F>> {
+        self.peers.values()
+    }
+
+    /// Puts this family's side of `lease` into the maps, reached as `reach` says for its
+    /// PublicIP.
+    pub fn upsert(&mut self, dp: &mut Dataplane, lease: &Lease, reach: impl Fn(F::Addr) -> Reach) {
         let Some(p) = F::peer(lease) else { return };
         if Some(p.subnet) == self.own {
             return;
         }
+        self.owners.insert(p.subnet, lease.key());
+        let direct = match reach(p.public_ip) {
+            Reach::Tunnel => false,
+            Reach::Direct => true,
+            Reach::Refused(why) => {
+                if self.refused.insert(p.subnet) {
+                    crate::metrics::peer_map_error("refused");
+                    error!(family = F::NAME, subnet = %p.subnet, public_ip = %p.public_ip, "{why}; its subnet is not routed");
+                }
+                self.hold_down(p.subnet);
+                return;
+            }
+        };
+        self.refused.remove(&p.subnet);
         // The lease is back (or still there): no removal.
         self.leaving.remove(&p.subnet);
-        self.owners.insert(p.subnet, lease.key());
-        let direct = direct(p.public_ip);
         let entry = entry(&p, direct);
         let old = self.peers.get(&p.subnet).copied();
         if old == Some(entry) {
@@ -134,7 +166,7 @@ impl<F: PeerFamily> PeerTable<F> {
 
     /// The full set of leases: entries for subnets not among them are held down, the rest
     /// upserted.
-    pub fn resync(&mut self, dp: &mut Dataplane, all: &[Lease], direct: impl Fn(F::Addr) -> bool) {
+    pub fn resync(&mut self, dp: &mut Dataplane, all: &[Lease], reach: impl Fn(F::Addr) -> Reach) {
         let wanted: HashMap<F::Net, &Lease> = all
             .iter()
             .filter_map(|l| Some((F::peer(l)?.subnet, l)))
@@ -150,7 +182,7 @@ impl<F: PeerFamily> PeerTable<F> {
             self.hold_down(s);
         }
         for lease in wanted.values() {
-            self.upsert(dp, lease, &direct);
+            self.upsert(dp, lease, &reach);
         }
     }
 
