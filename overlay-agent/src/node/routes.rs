@@ -8,7 +8,7 @@ use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use rtnetlink::{
     packet_route::{
-        route::{RouteAddress, RouteAttribute, RouteMessage},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
         AddressFamily,
     },
     Handle, RouteMessageBuilder,
@@ -65,6 +65,9 @@ impl Routes {
             .and_then(|b| b.gateway(r.via))
             .expect("a PeerRoute's destination and gateway are of one family")
             .output_interface(self.ifindex)
+            // What `ip route add` and flanneld's netlink.RouteAdd give a route (rtnetlink's
+            // builder would say `static`).
+            .protocol(RouteProtocol::Boot)
             .build()
     }
 

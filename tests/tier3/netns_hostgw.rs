@@ -1,0 +1,245 @@
+//! Tier 3 (root): the host-gw backend as the setup guides configure it (`"Backend": {"Type":
+//! "host-gw"}`), with agents in node namespaces on one L2 segment and a real etcd: flanneld's
+//! host-gw leases and routes, pod packets bare on the wire from the BPF fast path, the pod's
+//! source kept under Docker's MASQUERADE, a node set up exactly as flanneld's host-gw sets one
+//! up, and what flanneld refuses (a PublicIP behind NAT, a peer that is not on-link).
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use ipnet::Ipv4Net;
+use nix::sys::signal::Signal;
+use overlay_tests::{
+    cluster::{output, tcp_transfer, Cluster},
+    netns::require_root,
+    topology::{host_gw, nth_host, ping, ping_counts},
+};
+
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+
+fn cluster(n: u8) -> (Cluster, Vec<Ipv4Addr>) {
+    require_root();
+    Cluster::running(n, HOST_GW).expect("building the cluster")
+}
+
+/// The main table's route to `subnet` in node `i`'s namespace, as `ip route show` prints it.
+fn route(c: &Cluster, i: usize, subnet: Ipv4Net) -> String {
+    output(&c.nodes[i].node.ns, "ip", &["route", "show", &subnet.to_string()])
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `via` route as flanneld's host-gw writes it for the node with underlay address `ip`.
+fn via(subnet: Ipv4Net, ip: Ipv4Addr) -> String {
+    format!("{subnet} via {ip} dev eth0")
+}
+
+/// The lease values in etcd, by subnet key suffix (`10.244.1.0-24`).
+fn lease_values(c: &Cluster) -> Vec<(String, String)> {
+    let text = c.leases().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|kv| (kv[0].rsplit('/').next().unwrap().to_string(), kv[1].to_string()))
+        .collect()
+}
+
+#[test]
+fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
+    let (mut c, pods) = cluster(2);
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
+    let (_, mtu) = c.nodes[0].subnet_env().unwrap();
+    assert_eq!(mtu, 1500, "host-gw: subnet.env MTU is the interface MTU, no overhead");
+
+    // flanneld's host-gw lease, byte for byte.
+    let mut values = lease_values(&c);
+    values.sort();
+    let want: Vec<(String, String)> = (0..2)
+        .map(|i| {
+            (
+                format!("{}-{}", subnets[i].network(), subnets[i].prefix_len()),
+                format!(
+                    r#"{{"PublicIP":"198.18.0.{}","PublicIPv6":null,"BackendType":"host-gw"}}"#,
+                    11 + i
+                ),
+            )
+        })
+        .collect();
+    let mut want = want;
+    want.sort();
+    assert_eq!(values, want);
+
+    // flanneld's routes, and no vxlan device.
+    for (i, j) in [(0, 1), (1, 0)] {
+        let ip = Ipv4Addr::new(198, 18, 0, 11 + j as u8);
+        assert_eq!(route(&c, i, subnets[j]), via(subnets[j], ip));
+        assert!(
+            c.nodes[i].node.ns.ip(&["link", "show", "overlay0"]).is_err(),
+            "host-gw node {i} has the vxlan host device"
+        );
+    }
+
+    // Pod → pod: bare on the wire, both ways, the full pod MTU, from the BPF fast path.
+    let pcap = c.dir().join("hostgw.txt");
+    let filter = format!("udp port 8472 or (icmp and host {})", pods[1]);
+    let cap = c.underlay.ns.capture("br0", 4, &filter, &pcap).unwrap();
+    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None), "pod 1 → pod 2");
+    let seen = cap.wait(&mut c.underlay.ns, Duration::from_secs(5));
+    assert_eq!(seen.lines().count(), 4, "{seen}");
+    assert!(
+        seen.contains(&format!("{} > {}", pods[0], pods[1])) && seen.contains(&format!("{} > {}", pods[1], pods[0])),
+        "bare pod ↔ pod ICMP not seen both ways on the underlay:\n{seen}"
+    );
+    assert!(!seen.contains(".8472"), "VXLAN on a host-gw underlay:\n{seen}");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, Some(mtu - 28)),
+        "a DF ping of the full pod MTU was lost"
+    );
+    for i in 0..2 {
+        let st = c.status_json(i).unwrap();
+        assert!(
+            st["counters"]["direct_packets"].as_u64().unwrap_or(0) >= 2,
+            "node {i} sent no pod packet from the fast path: {}",
+            st["counters"]
+        );
+    }
+    // The node itself reaches the remote pod through the per-peer route, the first packet too.
+    assert_eq!(
+        ping_counts(&c.nodes[0].node.ns, pods[1], 3, None),
+        Some((3, 3)),
+        "node 1 → pod on node 2"
+    );
+
+    // Docker's MASQUERADE on the sender must not rewrite the pod's source.
+    c.masquerade_like_docker(0).unwrap();
+    let (first, rest) = c.nodes.split_at_mut(1);
+    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 2).unwrap();
+    println!("host-gw pod → pod TCP: {:.2} Gbit/s", bps / 1e9);
+    assert_eq!(seen, pods[0].to_string(), "the receiving pod must see the sending pod's own IP");
+
+    // A route removed by hand comes back (flanneld's route check).
+    c.nodes[0]
+        .node
+        .ns
+        .ip(&["route", "del", &subnets[1].to_string()])
+        .unwrap();
+    let back = Cluster::wait_for(Duration::from_secs(15), || {
+        route(&c, 0, subnets[1]) == via(subnets[1], Ipv4Addr::new(198, 18, 0, 12))
+    });
+    assert!(back.is_some(), "the deleted route was not put back; log:\n{}", c.agent_log(0));
+
+    // A peer whose PublicIP is not on-link is refused as flanneld's route add is: logged, no
+    // route, no map entry; the other peers are untouched.
+    // (A default route, as real nodes have: the peer's address is then reachable, through a
+    // gateway.)
+    c.nodes[0]
+        .node
+        .ns
+        .ip(&["route", "add", "default", "via", "198.18.0.254", "dev", "eth0"])
+        .unwrap();
+    let off_link: Ipv4Net = "10.244.201.0/24".parse().unwrap();
+    let mark = c.log_mark(0);
+    c.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.201.0-24",
+        r#"{"PublicIP":"198.19.5.5","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    ])
+    .unwrap();
+    let line = c.wait_log_after(0, mark, "its subnet is not routed", Duration::from_secs(5));
+    assert!(line.is_some(), "no error for the off-link peer; log:\n{}", c.agent_log(0));
+    assert_eq!(route(&c, 0, off_link), "", "a route to the off-link peer");
+    assert!(!c.agent_peers(0).unwrap().contains(&off_link));
+    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None), "pod 1 → pod 2 after the refusal");
+    // A vxlan lease is skipped by a host-gw node, as flanneld skips it ("Ignoring non-host-gw").
+    c.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.202.0-24",
+        r#"{"PublicIP":"198.18.0.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:14"}}"#,
+    ])
+    .unwrap();
+
+    // A node that leaves takes its route and its map entry with it.
+    c.stop_agent(1, Signal::SIGTERM);
+    let key = format!(
+        "/coreos.com/network/subnets/{}-{}",
+        subnets[1].network(),
+        subnets[1].prefix_len()
+    );
+    c.etcdctl(&["del", &key]).unwrap();
+    let gone = Cluster::wait_for(Duration::from_secs(5), || {
+        route(&c, 0, subnets[1]).is_empty() && !c.agent_peers(0).unwrap_or_default().contains(&subnets[1])
+    });
+    assert!(gone.is_some(), "the removed lease left its route or entry; log:\n{}", c.agent_log(0));
+    assert_eq!(route(&c, 0, "10.244.202.0/24".parse().unwrap()), "", "a route for a vxlan lease");
+    assert!(c.agent_running(0), "agent 1 exited; log:\n{}", c.agent_log(0));
+}
+
+/// Node 3 runs no agent: its lease and routes are exactly what flanneld's host-gw writes.
+#[test]
+fn mixed_cluster_with_a_flanneld_host_gw_node() {
+    let (mut c, pods) = cluster(2);
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
+    c.add_node(3).unwrap();
+    let flannel_subnet: Ipv4Net = "10.244.200.0/24".parse().unwrap();
+    let n3 = &mut c.nodes[2].node;
+    n3.add_bridge_for(flannel_subnet, 1500).unwrap();
+    let flannel_pod = n3.add_pod_in(flannel_subnet, 1, 1500).unwrap();
+    host_gw(
+        n3,
+        &[
+            (subnets[0], Ipv4Addr::new(198, 18, 0, 11)),
+            (subnets[1], Ipv4Addr::new(198, 18, 0, 12)),
+        ],
+    )
+    .unwrap();
+    c.etcdctl(&[
+        "put",
+        "/coreos.com/network/subnets/10.244.200.0-24",
+        r#"{"PublicIP":"198.18.0.13","PublicIPv6":null,"BackendType":"host-gw"}"#,
+    ])
+    .unwrap();
+    for i in 0..2 {
+        let ok = Cluster::wait_for(Duration::from_secs(5), || {
+            route(&c, i, flannel_subnet) == via(flannel_subnet, Ipv4Addr::new(198, 18, 0, 13))
+        });
+        assert!(ok.is_some(), "agent {} did not route the flanneld node's subnet; log:\n{}", i + 1, c.agent_log(i));
+    }
+    for (i, pod) in pods.iter().enumerate() {
+        let agent_pod = &c.nodes[i].node.pods[0].ns;
+        assert!(ping(agent_pod, flannel_pod, 3, None), "agent pod {pod} → flanneld pod");
+        assert!(ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None), "flanneld pod → agent pod {pod}");
+        assert!(ping(agent_pod, flannel_pod, 1, Some(1472)), "MTU-sized DF ping agent pod → flanneld pod");
+        assert!(ping(&c.nodes[2].node.ns, *pod, 2, None), "flanneld host → agent pod {pod}");
+        assert!(ping(&c.nodes[i].node.ns, flannel_pod, 2, None), "agent host → flanneld pod");
+    }
+    // The source IP kept under Docker's MASQUERADE, towards the flanneld node's pod.
+    c.masquerade_like_docker(0).unwrap();
+    let (first, rest) = c.nodes.split_at_mut(1);
+    let (_, seen) = tcp_transfer(&mut rest[1].node.pods[0].ns, flannel_pod, &first[0].node.pods[0].ns, 2).unwrap();
+    assert_eq!(seen, pods[0].to_string(), "the flanneld node's pod must see the agent pod's own IP");
+    // Its lease removed, its route goes.
+    c.etcdctl(&["del", "/coreos.com/network/subnets/10.244.200.0-24"]).unwrap();
+    for i in 0..2 {
+        let gone = Cluster::wait_for(Duration::from_secs(5), || route(&c, i, flannel_subnet).is_empty());
+        assert!(gone.is_some(), "agent {}: the removed lease's route stayed", i + 1);
+    }
+    assert_eq!(nth_host(flannel_subnet, 2), flannel_pod);
+}
+
+/// flanneld's host-gw refuses to start when the PublicIP is not the interface's (a node behind
+/// NAT); so does the agent, with flanneld's reason and the fix, before taking a lease.
+#[test]
+fn a_public_ip_behind_nat_is_refused() {
+    require_root();
+    let mut c = Cluster::new(1, HOST_GW).unwrap();
+    c.nodes[0].extra_args = vec!["--public-ip".into(), "198.18.0.99".into()];
+    c.start_agent(0).unwrap();
+    let status = c.wait_agent_exit(0, Duration::from_secs(10));
+    assert!(matches!(status, Some(s) if !s.success()), "agent did not fail: {status:?}");
+    let log = c.agent_log(0);
+    assert!(
+        log.contains("your PublicIP 198.18.0.99 differs from the interface's addresses, meaning that probably you're on a NAT"),
+        "{log}"
+    );
+    assert_eq!(c.leases().unwrap(), "", "a lease was taken");
+}
