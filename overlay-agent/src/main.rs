@@ -48,8 +48,9 @@ enum Cmd {
         #[arg(long, env = "FLANNELD_BRIDGE", default_value = "cni0")]
         bridge: String,
     },
-    /// Write Docker options from subnet.env, like flannel's mk-docker-opts.sh:
-    /// `DOCKER_OPTS="--bip=… --ip-masq=… --mtu=…"`.
+    /// Write Docker options from subnet.env, as flannel's mk-docker-opts.sh does (its flags):
+    /// `DOCKER_OPT_BIP`, `DOCKER_OPT_IPMASQ`, `DOCKER_OPT_MTU` and
+    /// `DOCKER_OPTS=" --bip=… --ip-masq=… --mtu=…"`.
     DockerOpts {
         /// subnet.env to read.
         #[arg(long, short = 'f', env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
@@ -57,9 +58,18 @@ enum Cmd {
         /// File to write.
         #[arg(short = 'd', default_value = docker::DEFAULT_OUT)]
         out: PathBuf,
-        /// Variable name to write.
+        /// Name of the combined variable.
         #[arg(short = 'k', default_value = docker::DEFAULT_KEY)]
         key: String,
+        /// Write each option as its own variable (DOCKER_OPT_MTU=…).
+        #[arg(short = 'i')]
+        individual: bool,
+        /// Write the combined variable (neither -i nor -c: both).
+        #[arg(short = 'c')]
+        combined: bool,
+        /// Leave --ip-masq out (older Docker versions).
+        #[arg(short = 'm')]
+        no_ip_masq: bool,
     },
 }
 
@@ -103,7 +113,13 @@ fn main() -> Result<()> {
             subnet_file,
             out,
             key,
-        }) => Ok(docker::write(&subnet_file, &out, &key)?),
+            individual,
+            combined,
+            no_ip_masq,
+        }) => {
+            let shape = docker::Shape::new(&key, individual, combined, no_ip_masq);
+            Ok(docker::write(&subnet_file, &out, &shape)?)
+        }
         None => {
             init_logging(cli.args.log_level());
             let rt = tokio::runtime::Builder::new_multi_thread()

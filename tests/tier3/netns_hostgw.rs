@@ -243,3 +243,53 @@ fn a_public_ip_behind_nat_is_refused() {
     );
     assert_eq!(c.leases().unwrap(), "", "a lease was taken");
 }
+
+/// Changing a running cluster's backend, as the README says to: new config, agents restarted
+/// one by one; traffic flows again once every node runs the new backend, both ways round.
+#[test]
+fn switching_a_cluster_between_vxlan_and_host_gw() {
+    const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    require_root();
+    let (mut c, pods) = Cluster::running(2, VXLAN).expect("building the cluster");
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
+    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None), "vxlan: pod 1 → pod 2");
+    for (config, backend) in [(HOST_GW, "host-gw"), (VXLAN, "vxlan")] {
+        c.etcdctl(&["put", "/coreos.com/network/config", config]).unwrap();
+        for i in 0..2 {
+            let held = c
+                .restart_agent_fresh(i, Signal::SIGTERM, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("{backend}: node {} restart: {e:#}", i + 1));
+            assert_eq!(held.trunc(), subnets[i], "{backend}: node {} changed subnet", i + 1);
+        }
+        for (i, j) in [(0usize, 1usize), (1, 0)] {
+            let ok = Cluster::wait_for(Duration::from_secs(5), || {
+                c.agent_peers(i).map(|p| p.contains(&subnets[j])).unwrap_or(false)
+            });
+            assert!(ok.is_some(), "{backend}: node {} did not learn node {}; log:\n{}", i + 1, j + 1, c.agent_log(i));
+            c.wait_encap_attached(i);
+        }
+        let values = lease_values(&c);
+        assert!(
+            values.iter().all(|(_, v)| v.contains(&format!(r#""BackendType":"{backend}""#))),
+            "{backend}: {values:?}"
+        );
+        for (a, b) in [(0usize, 1usize), (1, 0)] {
+            assert!(
+                ping(&c.nodes[a].node.pods[0].ns, pods[b], 3, None),
+                "{backend}: pod {} → pod {} after the switch",
+                pods[a],
+                pods[b]
+            );
+        }
+        let ip = Ipv4Addr::new(198, 18, 0, 12);
+        let (hostdev, route_now) = (
+            c.nodes[0].node.ns.ip(&["link", "show", "overlay0"]).is_ok(),
+            route(&c, 0, subnets[1]),
+        );
+        if backend == "host-gw" {
+            assert_eq!((hostdev, route_now), (false, via(subnets[1], ip)), "host-gw: overlay0, route");
+        } else {
+            assert_eq!((hostdev, route_now.as_str()), (true, ""), "vxlan: overlay0, the host-gw route");
+        }
+    }
+}

@@ -81,6 +81,9 @@ enum Cmd {
         /// instead of hand-made pods on cni0.
         #[arg(long)]
         docker: bool,
+        /// The network config's backend: vxlan or host-gw.
+        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+        backend: String,
     },
     /// Benchmark the BPF overlay against host-gw routing and the kernel's VXLAN (root, minutes).
     /// Writes target/bench/latest.{json,svg,txt}.
@@ -165,6 +168,7 @@ fn main() -> Result<()> {
             exit_after_checks,
             nodes,
             docker,
+            backend,
         } => {
             toolchain::ensure()?;
             require_root("cargo xtask run")?;
@@ -180,6 +184,8 @@ fn main() -> Result<()> {
                 "--".into(),
                 "--nodes".into(),
                 nodes.to_string(),
+                "--backend".into(),
+                backend,
             ];
             if exit_after_checks {
                 args.push("--exit-after-checks".into());

@@ -179,6 +179,26 @@ impl HostGwNode {
     }
 }
 
+/// What a vxlan node does with routes a host-gw run left (the node switched backends): routes
+/// into the cluster `networks` through a gateway on the underlay are more specific than the host
+/// device's and would send pod traffic bare; they are removed.
+pub async fn remove_left_routes(underlay_ifindex: u32, networks: &[IpNet]) {
+    let routes = match Routes::open(underlay_ifindex) {
+        Ok(r) => r,
+        Err(e) => return warn!(error = %e, "cannot look for routes a host-gw run left"),
+    };
+    let left = match routes.list(networks).await {
+        Ok(l) => l,
+        Err(e) => return warn!(error = %e, "cannot look for routes a host-gw run left"),
+    };
+    for r in left {
+        match routes.delete(r).await {
+            Ok(()) => info!(route = %r, "removed a host-gw route (this node runs vxlan)"),
+            Err(e) => error!(route = %r, error = %e, "removing a host-gw route"),
+        }
+    }
+}
+
 async fn add(
     routes: &Routes,
     r: PeerRoute,

@@ -162,6 +162,9 @@ impl Reconciler {
                         .await,
                     );
                 }
+                if cfg.backend.kind == BackendKind::Vxlan {
+                    hostgw::remove_left_routes(self.underlay.ifindex, &networks(&cfg)).await;
+                }
                 self.config = Some(cfg);
                 self.write_config(dp).await;
             }
@@ -238,12 +241,7 @@ impl Reconciler {
         match &mut self.node {
             Node::Vxlan(n) => n.resync(dp, cfg, own).await,
             Node::HostGw(_) => {
-                let networks: Vec<IpNet> = cfg
-                    .network()
-                    .map(IpNet::V4)
-                    .into_iter()
-                    .chain(cfg.ipv6_network().map(IpNet::V6))
-                    .collect();
+                let networks = networks(cfg);
                 let wanted = self.wanted_routes();
                 if let Node::HostGw(n) = &mut self.node {
                     n.resync(&wanted, &networks).await;
@@ -260,4 +258,13 @@ impl Reconciler {
             Node::HostGw(n) => n.write(dp, cfg, own).await,
         }
     }
+}
+
+/// The config's cluster networks, both families.
+fn networks(cfg: &NetworkConfig) -> Vec<IpNet> {
+    cfg.network()
+        .map(IpNet::V4)
+        .into_iter()
+        .chain(cfg.ipv6_network().map(IpNet::V6))
+        .collect()
 }

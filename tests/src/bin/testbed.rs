@@ -2,6 +2,9 @@
 //! Prints the leases, proves cross-node ping and a TCP transfer (with a MASQUERADE rule on the
 //! sender, showing the source IP the far pod saw), then stays up until Ctrl-C.
 //!
+//! `--backend host-gw`: flanneld's host-gw config instead of vxlan; the per-peer routes the
+//! agents wrote are printed too.
+//!
 //! `--docker`: each node runs a real Docker daemon (in its namespace, started with the options
 //! `overlay-agent docker-opts` wrote) and the agent attaches to `docker0`; busybox containers
 //! take the pods' place, with Docker's own MASQUERADE rule on.
@@ -21,6 +24,7 @@ use overlay_tests::{
 };
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -35,6 +39,12 @@ fn main() -> Result<()> {
         bail!("--nodes must be at least 2 to show cross-node traffic");
     }
     let docker = args.iter().any(|a| a == "--docker");
+    let config = match args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)) {
+        None => CONFIG,
+        Some(b) if b == "vxlan" => CONFIG,
+        Some(b) if b == "host-gw" => HOST_GW,
+        Some(b) => bail!("--backend {b}: the agent implements vxlan and host-gw"),
+    };
     require_root();
     let agent = use_release_agent()?;
     println!("==> agent binary: {}", agent.display());
@@ -48,8 +58,8 @@ fn main() -> Result<()> {
         Ok(())
     };
 
-    println!("==> etcd on the underlay (198.18.0.1:2379), network config: {CONFIG}");
-    let mut c = Cluster::new(nodes, CONFIG)?;
+    println!("==> etcd on the underlay (198.18.0.1:2379), network config: {config}");
+    let mut c = Cluster::new(nodes, config)?;
     check()?;
     if docker {
         return docker_demo(c, exit_after, &stop);
@@ -77,6 +87,13 @@ fn main() -> Result<()> {
     }
     // Give every agent a moment to learn every peer from its watch.
     std::thread::sleep(Duration::from_millis(500));
+    if config == HOST_GW {
+        println!("==> node1's routes to the other nodes' pods (flanneld's host-gw routes):");
+        let routes = overlay_tests::cluster::output(&c.nodes[0].node.ns, "ip", &["route", "show", "10.244.0.0/16"])?;
+        for line in routes.lines().filter(|l| l.contains(" via ")) {
+            println!("    {line}");
+        }
+    }
 
     check()?;
     let mut failures = 0;
