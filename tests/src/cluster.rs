@@ -538,7 +538,7 @@ pub fn tcp_transfer(
         "iperf3",
         &["-c", &server_ip.to_string(), "-t", &seconds.to_string(), "-J"],
     );
-    let v = srv.report(server, Duration::from_secs(5));
+    let v = srv.report(server, crate::slow(Duration::from_secs(5)));
     let _ = std::fs::remove_file(&out_path);
     let client_out = client_res.context("iperf3 client")?;
     let v = v?;
@@ -567,7 +567,16 @@ impl IperfServer {
             .stdout(std::fs::File::create(&report)?)
             .stderr(Stdio::null());
         let pid = server.spawn(srv)?;
-        std::thread::sleep(Duration::from_millis(300));
+        // Listening before the client connects (a fixed 300 ms was too short under the VM
+        // tier's emulation: the client was refused and the server never reported).
+        let listening = || {
+            server
+                .exec("ss", &["-Hltn", "sport = :5201"])
+                .is_ok_and(|o| !o.stdout.is_empty())
+        };
+        if Cluster::wait_for(Duration::from_secs(5), listening).is_none() {
+            bail!("the iperf3 server in {} did not listen on port 5201", server.name);
+        }
         Ok(IperfServer { report, pid })
     }
 

@@ -22,7 +22,7 @@ use tracing::info;
 use crate::{
     control::{backend::BackendKind, config::NetworkConfig, Event},
     dataplane::Dataplane,
-    family::{V4, V6},
+    family::{Family, V4, V6},
     node::{netlink, routes::PeerRoute, underlay::Underlay},
 };
 use peers::{PeerTable, Reach};
@@ -119,22 +119,24 @@ impl Reconciler {
     /// How a peer is reached, per family: host-gw sends every on-link peer bare
     /// ([`hostgw::reach`]); vxlan's DirectRouting applies to a peer on our own segment (flanneld
     /// decides the same way for `flannel.1` and `flannel-v6.1`), the rest is tunnelled.
-    fn reach_v4(&self) -> impl Fn(Ipv4Addr) -> Reach + use<> {
-        let (host_gw, on, segment) = (self.host_gw(), self.direct_routing(), self.segment);
-        move |ip| match host_gw {
-            Some(reach) => reach(IpAddr::V4(ip)),
-            None if on && segment.is_some_and(|net| net.contains(&ip)) => Reach::Direct,
-            None => Reach::Tunnel,
+    fn reach<F: Family>(&self, segment: Option<IpNet>) -> impl Fn(F::Addr) -> Reach + use<F> {
+        let (host_gw, on) = (self.host_gw(), self.direct_routing());
+        move |ip| {
+            let ip: IpAddr = ip.into();
+            match host_gw {
+                Some(reach) => reach(ip),
+                None if on && segment.is_some_and(|net| net.contains(&ip)) => Reach::Direct,
+                None => Reach::Tunnel,
+            }
         }
     }
 
+    fn reach_v4(&self) -> impl Fn(Ipv4Addr) -> Reach + use<> {
+        self.reach::<V4>(self.segment.map(IpNet::V4))
+    }
+
     fn reach_v6(&self) -> impl Fn(Ipv6Addr) -> Reach + use<> {
-        let (host_gw, on, segment) = (self.host_gw(), self.direct_routing(), self.segment6);
-        move |ip| match host_gw {
-            Some(reach) => reach(IpAddr::V6(ip)),
-            None if on && segment.is_some_and(|net| net.contains(&ip)) => Reach::Direct,
-            None => Reach::Tunnel,
-        }
+        self.reach::<V6>(self.segment6.map(IpNet::V6))
     }
 
     fn host_gw(&self) -> Option<impl Fn(IpAddr) -> Reach + Copy + use<>> {

@@ -25,6 +25,8 @@ use overlay_tests::{
 
 /// Network config for the agent clusters (flannel's default SubnetLen 24).
 pub const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// The agent's host-gw case.
+pub const HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Case {
@@ -33,24 +35,27 @@ pub enum Case {
     BpfXdp,
     BpfTc,
     BpfTcVeth,
+    /// The agent on the host-gw backend (its baseline is plain routing, host-gw (a)).
+    BpfHostGw,
     KernelVxlan6,
     BpfXdp6,
     BpfTc6,
 }
 
 impl Case {
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::HostGw,
         Case::KernelVxlan,
         Case::BpfXdp,
         Case::BpfTc,
         Case::BpfTcVeth,
+        Case::BpfHostGw,
         Case::KernelVxlan6,
         Case::BpfXdp6,
         Case::BpfTc6,
     ];
     /// The agent's IPv4 cases, in table order.
-    pub const BPF: [Case; 3] = [Case::BpfXdp, Case::BpfTc, Case::BpfTcVeth];
+    pub const BPF: [Case; 4] = [Case::BpfXdp, Case::BpfTc, Case::BpfTcVeth, Case::BpfHostGw];
     /// The agent's IPv6 cases, in table order; their baseline is [`Case::KernelVxlan6`].
     pub const BPF6: [Case; 2] = [Case::BpfXdp6, Case::BpfTc6];
 
@@ -61,6 +66,7 @@ impl Case {
             Case::BpfXdp => "bpf-xdp",
             Case::BpfTc => "bpf-tc",
             Case::BpfTcVeth => "bpf-tc-veth",
+            Case::BpfHostGw => "bpf-hostgw",
             Case::KernelVxlan6 => "kernel-vxlan6",
             Case::BpfXdp6 => "bpf-xdp6",
             Case::BpfTc6 => "bpf-tc6",
@@ -82,6 +88,7 @@ impl Case {
             Case::BpfXdp | Case::BpfXdp6 => &["--decap", "xdp"],
             Case::BpfTc | Case::BpfTc6 => &["--decap", "tc", "--deliver", "peer"],
             Case::BpfTcVeth => &["--decap", "tc", "--deliver", "veth"],
+            Case::BpfHostGw => &["--decap", "tc"],
             Case::HostGw | Case::KernelVxlan | Case::KernelVxlan6 => &[],
         }
     }
@@ -142,7 +149,7 @@ impl Bed {
     pub fn new(case: Case) -> Result<Self> {
         let bed = match case {
             Case::HostGw | Case::KernelVxlan | Case::KernelVxlan6 => Self::plain(case)?,
-            Case::BpfXdp | Case::BpfTc | Case::BpfTcVeth => Self::agents(case)?,
+            Case::BpfXdp | Case::BpfTc | Case::BpfTcVeth | Case::BpfHostGw => Self::agents(case)?,
             Case::BpfXdp6 | Case::BpfTc6 => Self::agents6(case)?,
         };
         if case.ipv6() {
@@ -209,7 +216,8 @@ impl Bed {
     }
 
     fn agents(case: Case) -> Result<Self> {
-        let mut c = Cluster::new(2, CONFIG)?;
+        let config = if case == Case::BpfHostGw { HOST_GW } else { CONFIG };
+        let mut c = Cluster::new(2, config)?;
         for i in 0..2 {
             c.nodes[i]
                 .extra_args
