@@ -155,7 +155,13 @@ impl Netns {
     /// Starts `tcpdump -c count` on `dev` with `filter`, its text going to `out`, and returns once
     /// tcpdump says it is listening (a fixed sleep misses the first packets under the VM tier's
     /// emulation). Finish it with [`Capture::wait`].
-    pub fn capture(&mut self, dev: &str, count: usize, filter: &str, out: &std::path::Path) -> Result<Capture> {
+    pub fn capture(
+        &mut self,
+        dev: &str,
+        count: usize,
+        filter: &str,
+        out: &std::path::Path,
+    ) -> Result<Capture> {
         let err = out.with_extension("stderr");
         let mut cmd = self.command("tcpdump");
         cmd.args(["-l", "-ni", dev, "-c", &count.to_string(), filter])

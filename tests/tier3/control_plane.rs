@@ -1000,7 +1000,12 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
         );
         let v6 = seen.v6().expect("IPv6 side");
         assert_eq!(
-            (Some(v6.subnet), v6.public_ip, v6.vtep.unwrap().vni, v6.vtep.unwrap().vtep_mac.0),
+            (
+                Some(v6.subnet),
+                v6.public_ip,
+                v6.vtep.unwrap().vni,
+                v6.vtep.unwrap().vtep_mac.0
+            ),
             (own.ipv6_subnet, v6_addr(last), 1, [0x0e, 0, 0, 0, 0, last])
         );
     }

@@ -47,9 +47,14 @@ fn lease_values(c: &Cluster) -> Vec<(String, String)> {
 #[test]
 fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     let (mut c, pods) = cluster(2);
-    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
+    let subnets: Vec<Ipv4Net> = (0..2)
+        .map(|i| c.nodes[i].subnet_env().unwrap().0.trunc())
+        .collect();
     let (_, mtu) = c.nodes[0].subnet_env().unwrap();
-    assert_eq!(mtu, 1500, "host-gw: subnet.env MTU is the interface MTU, no overhead");
+    assert_eq!(
+        mtu, 1500,
+        "host-gw: subnet.env MTU is the interface MTU, no overhead"
+    );
 
     // flanneld's host-gw lease, byte for byte.
     let mut values = lease_values(&c);
@@ -83,11 +88,15 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     let pcap = c.dir().join("hostgw.txt");
     let filter = format!("udp port 8472 or (icmp and host {})", pods[1]);
     let cap = c.underlay.ns.capture("br0", 4, &filter, &pcap).unwrap();
-    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None), "pod 1 → pod 2");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None),
+        "pod 1 → pod 2"
+    );
     let seen = cap.wait(&mut c.underlay.ns, Duration::from_secs(5));
     assert_eq!(seen.lines().count(), 4, "{seen}");
     assert!(
-        seen.contains(&format!("{} > {}", pods[0], pods[1])) && seen.contains(&format!("{} > {}", pods[1], pods[0])),
+        seen.contains(&format!("{} > {}", pods[0], pods[1]))
+            && seen.contains(&format!("{} > {}", pods[1], pods[0])),
         "bare pod ↔ pod ICMP not seen both ways on the underlay:\n{seen}"
     );
     assert!(!seen.contains(".8472"), "VXLAN on a host-gw underlay:\n{seen}");
@@ -113,9 +122,19 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     // Docker's MASQUERADE on the sender must not rewrite the pod's source.
     c.masquerade_like_docker(0).unwrap();
     let (first, rest) = c.nodes.split_at_mut(1);
-    let (bps, seen) = tcp_transfer(&mut rest[0].node.pods[0].ns, pods[1], &first[0].node.pods[0].ns, 2).unwrap();
+    let (bps, seen) = tcp_transfer(
+        &mut rest[0].node.pods[0].ns,
+        pods[1],
+        &first[0].node.pods[0].ns,
+        2,
+    )
+    .unwrap();
     println!("host-gw pod → pod TCP: {:.2} Gbit/s", bps / 1e9);
-    assert_eq!(seen, pods[0].to_string(), "the receiving pod must see the sending pod's own IP");
+    assert_eq!(
+        seen,
+        pods[0].to_string(),
+        "the receiving pod must see the sending pod's own IP"
+    );
 
     // A route removed by hand comes back (flanneld's route check).
     c.nodes[0]
@@ -126,7 +145,11 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     let back = Cluster::wait_for(Duration::from_secs(15), || {
         route(&c, 0, subnets[1]) == via(subnets[1], Ipv4Addr::new(198, 18, 0, 12))
     });
-    assert!(back.is_some(), "the deleted route was not put back; log:\n{}", c.agent_log(0));
+    assert!(
+        back.is_some(),
+        "the deleted route was not put back; log:\n{}",
+        c.agent_log(0)
+    );
 
     // A peer whose PublicIP is not on-link is refused as flanneld's route add is: logged, no
     // route, no map entry; the other peers are untouched.
@@ -146,10 +169,17 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     ])
     .unwrap();
     let line = c.wait_log_after(0, mark, "its subnet is not routed", Duration::from_secs(5));
-    assert!(line.is_some(), "no error for the off-link peer; log:\n{}", c.agent_log(0));
+    assert!(
+        line.is_some(),
+        "no error for the off-link peer; log:\n{}",
+        c.agent_log(0)
+    );
     assert_eq!(route(&c, 0, off_link), "", "a route to the off-link peer");
     assert!(!c.agent_peers(0).unwrap().contains(&off_link));
-    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None), "pod 1 → pod 2 after the refusal");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 1, None),
+        "pod 1 → pod 2 after the refusal"
+    );
     // A vxlan lease is skipped by a host-gw node, as flanneld skips it ("Ignoring non-host-gw").
     c.etcdctl(&[
         "put",
@@ -169,8 +199,16 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     let gone = Cluster::wait_for(Duration::from_secs(5), || {
         route(&c, 0, subnets[1]).is_empty() && !c.agent_peers(0).unwrap_or_default().contains(&subnets[1])
     });
-    assert!(gone.is_some(), "the removed lease left its route or entry; log:\n{}", c.agent_log(0));
-    assert_eq!(route(&c, 0, "10.244.202.0/24".parse().unwrap()), "", "a route for a vxlan lease");
+    assert!(
+        gone.is_some(),
+        "the removed lease left its route or entry; log:\n{}",
+        c.agent_log(0)
+    );
+    assert_eq!(
+        route(&c, 0, "10.244.202.0/24".parse().unwrap()),
+        "",
+        "a route for a vxlan lease"
+    );
     assert!(c.agent_running(0), "agent 1 exited; log:\n{}", c.agent_log(0));
 }
 
@@ -178,7 +216,9 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
 #[test]
 fn mixed_cluster_with_a_flanneld_host_gw_node() {
     let (mut c, pods) = cluster(2);
-    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
+    let subnets: Vec<Ipv4Net> = (0..2)
+        .map(|i| c.nodes[i].subnet_env().unwrap().0.trunc())
+        .collect();
     c.add_node(3).unwrap();
     let flannel_subnet: Ipv4Net = "10.244.200.0/24".parse().unwrap();
     let n3 = &mut c.nodes[2].node;
@@ -202,26 +242,61 @@ fn mixed_cluster_with_a_flanneld_host_gw_node() {
         let ok = Cluster::wait_for(Duration::from_secs(5), || {
             route(&c, i, flannel_subnet) == via(flannel_subnet, Ipv4Addr::new(198, 18, 0, 13))
         });
-        assert!(ok.is_some(), "agent {} did not route the flanneld node's subnet; log:\n{}", i + 1, c.agent_log(i));
+        assert!(
+            ok.is_some(),
+            "agent {} did not route the flanneld node's subnet; log:\n{}",
+            i + 1,
+            c.agent_log(i)
+        );
     }
     for (i, pod) in pods.iter().enumerate() {
         let agent_pod = &c.nodes[i].node.pods[0].ns;
-        assert!(ping(agent_pod, flannel_pod, 3, None), "agent pod {pod} → flanneld pod");
-        assert!(ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None), "flanneld pod → agent pod {pod}");
-        assert!(ping(agent_pod, flannel_pod, 1, Some(1472)), "MTU-sized DF ping agent pod → flanneld pod");
-        assert!(ping(&c.nodes[2].node.ns, *pod, 2, None), "flanneld host → agent pod {pod}");
-        assert!(ping(&c.nodes[i].node.ns, flannel_pod, 2, None), "agent host → flanneld pod");
+        assert!(
+            ping(agent_pod, flannel_pod, 3, None),
+            "agent pod {pod} → flanneld pod"
+        );
+        assert!(
+            ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None),
+            "flanneld pod → agent pod {pod}"
+        );
+        assert!(
+            ping(agent_pod, flannel_pod, 1, Some(1472)),
+            "MTU-sized DF ping agent pod → flanneld pod"
+        );
+        assert!(
+            ping(&c.nodes[2].node.ns, *pod, 2, None),
+            "flanneld host → agent pod {pod}"
+        );
+        assert!(
+            ping(&c.nodes[i].node.ns, flannel_pod, 2, None),
+            "agent host → flanneld pod"
+        );
     }
     // The source IP kept under Docker's MASQUERADE, towards the flanneld node's pod.
     c.masquerade_like_docker(0).unwrap();
     let (first, rest) = c.nodes.split_at_mut(1);
-    let (_, seen) = tcp_transfer(&mut rest[1].node.pods[0].ns, flannel_pod, &first[0].node.pods[0].ns, 2).unwrap();
-    assert_eq!(seen, pods[0].to_string(), "the flanneld node's pod must see the agent pod's own IP");
+    let (_, seen) = tcp_transfer(
+        &mut rest[1].node.pods[0].ns,
+        flannel_pod,
+        &first[0].node.pods[0].ns,
+        2,
+    )
+    .unwrap();
+    assert_eq!(
+        seen,
+        pods[0].to_string(),
+        "the flanneld node's pod must see the agent pod's own IP"
+    );
     // Its lease removed, its route goes.
-    c.etcdctl(&["del", "/coreos.com/network/subnets/10.244.200.0-24"]).unwrap();
+    c.etcdctl(&["del", "/coreos.com/network/subnets/10.244.200.0-24"])
+        .unwrap();
     for i in 0..2 {
         let gone = Cluster::wait_for(Duration::from_secs(5), || route(&c, i, flannel_subnet).is_empty());
-        assert!(gone.is_some(), "agent {}: the removed lease's route stayed", i + 1);
+        assert!(
+            gone.is_some(),
+            "agent {}: the removed lease's route stayed",
+            i + 1
+        );
     }
     assert_eq!(nth_host(flannel_subnet, 2), flannel_pod);
 }
@@ -235,7 +310,10 @@ fn a_public_ip_behind_nat_is_refused() {
     c.nodes[0].extra_args = vec!["--public-ip".into(), "198.18.0.99".into()];
     c.start_agent(0).unwrap();
     let status = c.wait_agent_exit(0, Duration::from_secs(10));
-    assert!(matches!(status, Some(s) if !s.success()), "agent did not fail: {status:?}");
+    assert!(
+        matches!(status, Some(s) if !s.success()),
+        "agent did not fail: {status:?}"
+    );
     let log = c.agent_log(0);
     assert!(
         log.contains("your PublicIP 198.18.0.99 differs from the interface's addresses, meaning that probably you're on a NAT"),
@@ -251,26 +329,44 @@ fn switching_a_cluster_between_vxlan_and_host_gw() {
     const VXLAN: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
     require_root();
     let (mut c, pods) = Cluster::running(2, VXLAN).expect("building the cluster");
-    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.nodes[i].subnet_env().unwrap().0.trunc()).collect();
-    assert!(ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None), "vxlan: pod 1 → pod 2");
+    let subnets: Vec<Ipv4Net> = (0..2)
+        .map(|i| c.nodes[i].subnet_env().unwrap().0.trunc())
+        .collect();
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None),
+        "vxlan: pod 1 → pod 2"
+    );
     for (config, backend) in [(HOST_GW, "host-gw"), (VXLAN, "vxlan")] {
         c.etcdctl(&["put", "/coreos.com/network/config", config]).unwrap();
         for i in 0..2 {
             let held = c
                 .restart_agent_fresh(i, Signal::SIGTERM, Duration::from_secs(10))
                 .unwrap_or_else(|e| panic!("{backend}: node {} restart: {e:#}", i + 1));
-            assert_eq!(held.trunc(), subnets[i], "{backend}: node {} changed subnet", i + 1);
+            assert_eq!(
+                held.trunc(),
+                subnets[i],
+                "{backend}: node {} changed subnet",
+                i + 1
+            );
         }
         for (i, j) in [(0usize, 1usize), (1, 0)] {
             let ok = Cluster::wait_for(Duration::from_secs(5), || {
                 c.agent_peers(i).map(|p| p.contains(&subnets[j])).unwrap_or(false)
             });
-            assert!(ok.is_some(), "{backend}: node {} did not learn node {}; log:\n{}", i + 1, j + 1, c.agent_log(i));
+            assert!(
+                ok.is_some(),
+                "{backend}: node {} did not learn node {}; log:\n{}",
+                i + 1,
+                j + 1,
+                c.agent_log(i)
+            );
             c.wait_encap_attached(i);
         }
         let values = lease_values(&c);
         assert!(
-            values.iter().all(|(_, v)| v.contains(&format!(r#""BackendType":"{backend}""#))),
+            values
+                .iter()
+                .all(|(_, v)| v.contains(&format!(r#""BackendType":"{backend}""#))),
             "{backend}: {values:?}"
         );
         for (a, b) in [(0usize, 1usize), (1, 0)] {
@@ -287,9 +383,17 @@ fn switching_a_cluster_between_vxlan_and_host_gw() {
             route(&c, 0, subnets[1]),
         );
         if backend == "host-gw" {
-            assert_eq!((hostdev, route_now), (false, via(subnets[1], ip)), "host-gw: overlay0, route");
+            assert_eq!(
+                (hostdev, route_now),
+                (false, via(subnets[1], ip)),
+                "host-gw: overlay0, route"
+            );
         } else {
-            assert_eq!((hostdev, route_now.as_str()), (true, ""), "vxlan: overlay0, the host-gw route");
+            assert_eq!(
+                (hostdev, route_now.as_str()),
+                (true, ""),
+                "vxlan: overlay0, the host-gw route"
+            );
         }
     }
 }
@@ -299,8 +403,7 @@ fn switching_a_cluster_between_vxlan_and_host_gw() {
 #[test]
 fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
     use overlay_tests::dualstack::{bridge_and_pod, cluster as dual_cluster, iperf6, nth6, ping6, underlay6};
-    const DUAL_HOST_GW: &str =
-        r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
+    const DUAL_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
     let (mut c, subnets) = dual_cluster(2, DUAL_HOST_GW);
     let subnets: Vec<ipnet::Ipv6Net> = subnets.iter().map(|s| s.trunc()).collect();
     let pods: Vec<overlay_tests::netns::Netns> = (0..2)
@@ -309,10 +412,19 @@ fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
     for (i, j) in [(0usize, 1usize), (1, 0)] {
         let want = format!("{} via {} dev eth0", subnets[j], underlay6(j as u8 + 1));
         let ok = Cluster::wait_for(Duration::from_secs(5), || {
-            output(&c.nodes[i].node.ns, "ip", &["-6", "route", "show", &subnets[j].to_string()])
-                .is_ok_and(|r| r.starts_with(&want))
+            output(
+                &c.nodes[i].node.ns,
+                "ip",
+                &["-6", "route", "show", &subnets[j].to_string()],
+            )
+            .is_ok_and(|r| r.starts_with(&want))
         });
-        assert!(ok.is_some(), "node {}: no route {want}; log:\n{}", i + 1, c.agent_log(i));
+        assert!(
+            ok.is_some(),
+            "node {}: no route {want}; log:\n{}",
+            i + 1,
+            c.agent_log(i)
+        );
     }
     let values = lease_values(&c);
     for i in 0..2 {
@@ -321,7 +433,10 @@ fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
             11 + i,
             underlay6(i as u8 + 1)
         );
-        assert!(values.iter().any(|(_, v)| *v == want), "no lease {want} in {values:?}");
+        assert!(
+            values.iter().any(|(_, v)| *v == want),
+            "no lease {want} in {values:?}"
+        );
     }
     let (a, b) = (nth6(subnets[0], 2), nth6(subnets[1], 2));
     let pcap = c.dir().join("hostgw6.txt");
@@ -332,7 +447,9 @@ fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
     let seen = cap.wait(&mut c.underlay.ns, Duration::from_secs(5));
     assert_eq!(seen.lines().count(), 4, "{seen}");
     assert!(
-        seen.contains(&format!("{a} > {b}")) && seen.contains(&format!("{b} > {a}")) && !seen.contains(".8472"),
+        seen.contains(&format!("{a} > {b}"))
+            && seen.contains(&format!("{b} > {a}"))
+            && !seen.contains(".8472"),
         "IPv6 pod packets not bare both ways on the underlay:\n{seen}"
     );
     // Both nodes hold each other's IPv6 subnet as a direct peer. (The bridge's encap does not
@@ -341,7 +458,9 @@ fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
         let st = c.status_json(i).unwrap();
         let peers = st["peers"].as_array().cloned().unwrap_or_default();
         assert!(
-            peers.iter().any(|p| p["subnet"] == subnets[1 - i].to_string() && p["mode"] == "direct"),
+            peers
+                .iter()
+                .any(|p| p["subnet"] == subnets[1 - i].to_string() && p["mode"] == "direct"),
             "node {i}: {peers:?}"
         );
     }

@@ -139,8 +139,14 @@ mod tests {
     fn renders_like_mk_docker_opts() {
         let p = Path::new("/run/flannel/subnet.env");
         let all = "DOCKER_OPT_BIP=\"--bip=10.244.7.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\nDOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n";
-        assert_eq!(render(ENV, &shape(DEFAULT_KEY, false, false, false), p).unwrap(), all);
-        assert_eq!(render(ENV, &shape(DEFAULT_KEY, true, true, false), p).unwrap(), all);
+        assert_eq!(
+            render(ENV, &shape(DEFAULT_KEY, false, false, false), p).unwrap(),
+            all
+        );
+        assert_eq!(
+            render(ENV, &shape(DEFAULT_KEY, true, true, false), p).unwrap(),
+            all
+        );
         assert_eq!(
             render(ENV, &shape(DEFAULT_KEY, false, true, false), p).unwrap(),
             "DOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n"
@@ -190,6 +196,9 @@ mod tests {
         write(&env, &out, &shape(DEFAULT_KEY, false, true, false)).unwrap();
         let got = std::fs::read_to_string(&out).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(got, "DOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n");
+        assert_eq!(
+            got,
+            "DOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n"
+        );
     }
 }

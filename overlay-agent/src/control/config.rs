@@ -527,10 +527,13 @@ mod tests {
         // Backend.MTU is the underlay's, as flanneld reads it: pods get 50 less.
         assert_eq!(c.mtu(9000), 1350);
         // The setup guides' host-gw config: pods get the interface MTU, Backend.MTU or not.
-        let c = NetworkConfig::parse(r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "host-gw"}}"#).unwrap();
+        let c =
+            NetworkConfig::parse(r#"{"Network": "172.7.0.0/16", "Backend": {"Type": "host-gw"}}"#).unwrap();
         assert_eq!(c.backend.kind, BackendKind::HostGw);
         assert_eq!((c.mtu(1500), c.mtu6(1500), c.mtu(9001)), (1500, 1500, 9001));
-        let c = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","backend":{"type":"HOST-GW","MTU":1400}}"#).unwrap();
+        let c =
+            NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","backend":{"type":"HOST-GW","MTU":1400}}"#)
+                .unwrap();
         assert_eq!((c.backend.kind, c.mtu(1460)), (BackendKind::HostGw, 1460));
         assert_eq!(c.ipv4.unwrap().subnets().count(), 255);
     }

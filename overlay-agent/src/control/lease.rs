@@ -421,7 +421,8 @@ mod tests {
     fn flannel_json_round_trips_byte_identical() {
         let l = parse_lease(
             "/coreos.com/network/subnets/10.244.7.0-24",
-            FLANNEL_EXAMPLE.as_bytes(), BackendKind::Vxlan
+            FLANNEL_EXAMPLE.as_bytes(),
+            BackendKind::Vxlan,
         )
         .unwrap();
         assert_eq!(l.subnet, Some("10.244.7.0/24".parse::<Ipv4Net>().unwrap()));
@@ -534,7 +535,8 @@ mod tests {
         const V6_ONLY: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::12","BackendType":"vxlan","BackendV6Data":{"VNI":4096,"VtepMAC":"6a:01:77:c3:0d:12"}}"#;
         let l = parse_lease(
             "/coreos.com/network/subnets/10.244.7.0-24&fd00:10:244:7::-64",
-            DUAL.as_bytes(), BackendKind::Vxlan
+            DUAL.as_bytes(),
+            BackendKind::Vxlan,
         )
         .unwrap();
         let a = &l.attrs;
@@ -579,7 +581,8 @@ mod tests {
 
         let l = parse_lease(
             "/coreos.com/network/subnets/0.0.0.0-0&fd00:10:244:8::-64",
-            V6_ONLY.as_bytes(), BackendKind::Vxlan
+            V6_ONLY.as_bytes(),
+            BackendKind::Vxlan,
         )
         .unwrap();
         assert_eq!((l.subnet, l.v4()), (None, None));
@@ -612,7 +615,8 @@ mod tests {
         assert!(matches!(
             parse_lease(
                 "10.5.1.0-24&fc00::-64",
-                br#"{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}"#, BackendKind::Vxlan
+                br#"{"PublicIP":"192.168.0.1","PublicIPv6":"fc00::1"}"#,
+                BackendKind::Vxlan
             ),
             Err(LeaseError::OtherBackend { .. })
         ));
@@ -623,9 +627,13 @@ mod tests {
     #[test]
     fn host_gw_leases_as_flanneld_writes_them() {
         const V4: &str = r#"{"PublicIP":"10.4.7.21","PublicIPv6":null,"BackendType":"host-gw"}"#;
-        const DUAL: &str = r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"host-gw"}"#;
+        const DUAL: &str =
+            r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"host-gw"}"#;
         let hg = BackendKind::HostGw;
-        assert_eq!(LeaseAttrs::host_gw(Some(Ipv4Addr::new(10, 4, 7, 21)), None).to_json(), V4);
+        assert_eq!(
+            LeaseAttrs::host_gw(Some(Ipv4Addr::new(10, 4, 7, 21)), None).to_json(),
+            V4
+        );
         let l = parse_lease("/coreos.com/network/subnets/172.7.21.0-24", V4.as_bytes(), hg).unwrap();
         let p = l.v4().unwrap();
         assert_eq!(
@@ -636,7 +644,11 @@ mod tests {
         let l = parse_lease("/p/subnets/10.244.7.0-24&fd00:10:244:7::-64", DUAL.as_bytes(), hg).unwrap();
         assert_eq!(l.v6().unwrap().public_ip.to_string(), "fd00:198:18::11");
         assert_eq!(
-            LeaseAttrs::host_gw(Some(Ipv4Addr::new(198, 18, 0, 11)), Some("fd00:198:18::11".parse().unwrap())).to_json(),
+            LeaseAttrs::host_gw(
+                Some(Ipv4Addr::new(198, 18, 0, 11)),
+                Some("fd00:198:18::11".parse().unwrap())
+            )
+            .to_json(),
             DUAL
         );
         // Each backend skips the other's leases (flanneld compares BackendType exactly).
@@ -655,7 +667,11 @@ mod tests {
             ));
         }
         assert_eq!(
-            parse_lease("/p/subnets/172.7.21.0-24", br#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#, hg),
+            parse_lease(
+                "/p/subnets/172.7.21.0-24",
+                br#"{"PublicIP":"0.0.0.0","BackendType":"host-gw"}"#,
+                hg
+            ),
             Err(LeaseError::BadValue {
                 key: "/p/subnets/172.7.21.0-24".into(),
                 reason: "host-gw lease without PublicIP".into()
@@ -675,13 +691,18 @@ mod tests {
             Err(LeaseError::BadValue { .. })
         ));
         assert!(matches!(
-            parse_lease(k, br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#, BackendKind::Vxlan),
+            parse_lease(
+                k,
+                br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#,
+                BackendKind::Vxlan
+            ),
             Err(LeaseError::BadValue { .. })
         ));
         assert!(matches!(
             parse_lease(
                 k,
-                br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#, BackendKind::Vxlan
+                br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#,
+                BackendKind::Vxlan
             ),
             Err(LeaseError::BadValue { .. })
         ));

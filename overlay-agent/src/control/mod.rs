@@ -378,7 +378,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("Backend.Type"), "{err}");
-        assert!(err.to_string().contains("only the vxlan and host-gw backends"), "{err}");
+        assert!(
+            err.to_string().contains("only the vxlan and host-gw backends"),
+            "{err}"
+        );
     }
 
     /// host-gw publishes flanneld's host-gw lease, and refuses a PublicIP that is not the

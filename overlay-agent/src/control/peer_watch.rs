@@ -324,7 +324,10 @@ mod tests {
             attrs(2)
         );
         let d = &peers[&parse_subnet_key("10.9.6.0-24&fd00:9:0:6::-64").unwrap()];
-        assert_eq!(d.v6().unwrap().vtep.unwrap().vtep_mac.to_string(), "02:00:00:00:01:06");
+        assert_eq!(
+            d.v6().unwrap().vtep.unwrap().vtep_mac.to_string(),
+            "02:00:00:00:01:06"
+        );
         assert_eq!(w.warned.len(), 4, "{:?}", w.warned);
         assert!(m.still_ours(&kvs, own));
         assert!(!m.still_ours(&kvs, "10.9.2.0/24".parse::<ipnet::Ipv4Net>().unwrap().into()));

@@ -96,7 +96,10 @@ impl Routes {
     pub async fn list(&self, within: &[IpNet]) -> Result<Vec<PeerRoute>, HostRouteError> {
         let mut found = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            if !within.iter().any(|n| matches!(n, IpNet::V4(_)) == (family == AddressFamily::Inet)) {
+            if !within
+                .iter()
+                .any(|n| matches!(n, IpNet::V4(_)) == (family == AddressFamily::Inet))
+            {
                 continue;
             }
             let mut dump = RouteMessage::default();

@@ -146,7 +146,14 @@ impl HostGwNode {
             self.installed.remove(&r);
         }
         for r in wanted.difference(&self.installed).copied().collect::<Vec<_>>() {
-            add(routes, r, &mut self.installed, &mut self.failed, "route to a peer's subnet added").await;
+            add(
+                routes,
+                r,
+                &mut self.installed,
+                &mut self.failed,
+                "route to a peer's subnet added",
+            )
+            .await;
         }
     }
 
@@ -174,7 +181,14 @@ impl HostGwNode {
         }
         self.installed.retain(|r| present.contains(r));
         for r in wanted.difference(&present).copied().collect::<Vec<_>>() {
-            add(routes, r, &mut self.installed, &mut self.failed, "route to a peer's subnet recovered").await;
+            add(
+                routes,
+                r,
+                &mut self.installed,
+                &mut self.failed,
+                "route to a peer's subnet recovered",
+            )
+            .await;
         }
     }
 }

@@ -294,9 +294,7 @@ pub fn table(s: &Samples, rounds: u32, cp: Option<&ControlResults>, cold_ms: &[f
     );
     if let Some(cp) = cp {
         let p99 = percentile(&cp.lease_to_map_ms, 99.0);
-        goal(&mut out, "lease → map p99 ≤ 50 ms", one(p99), &|v| {
-            v <= 50.0
-        });
+        goal(&mut out, "lease → map p99 ≤ 50 ms", one(p99), &|v| v <= 50.0);
         goal(
             &mut out,
             "1,000 peers in sync ≤ 1000 ms",

@@ -39,7 +39,11 @@ fn main() -> Result<()> {
         bail!("--nodes must be at least 2 to show cross-node traffic");
     }
     let docker = args.iter().any(|a| a == "--docker");
-    let config = match args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)) {
+    let config = match args
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| args.get(i + 1))
+    {
         None => CONFIG,
         Some(b) if b == "vxlan" => CONFIG,
         Some(b) if b == "host-gw" => HOST_GW,
@@ -89,7 +93,8 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     if config == HOST_GW {
         println!("==> node1's routes to the other nodes' pods (flanneld's host-gw routes):");
-        let routes = overlay_tests::cluster::output(&c.nodes[0].node.ns, "ip", &["route", "show", "10.244.0.0/16"])?;
+        let routes =
+            overlay_tests::cluster::output(&c.nodes[0].node.ns, "ip", &["route", "show", "10.244.0.0/16"])?;
         for line in routes.lines().filter(|l| l.contains(" via ")) {
             println!("    {line}");
         }
