@@ -66,8 +66,8 @@ fn broken_network_configs_stop_the_agent_naming_the_field() {
             "config field SubnetMin: \"fd00::\" is not an IPv4 address",
         ),
         (
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#.into(),
-            "config field Backend.Type: is \"host-gw\"",
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#.into(),
+            "config field Backend.Type: is \"udp\"",
         ),
         (
             r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#.into(),
