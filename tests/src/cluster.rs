@@ -711,6 +711,39 @@ impl Cluster {
         Ok(out)
     }
 
+    /// The mixed cluster's checks, both ways between each agent node's pod (`pods`, node order)
+    /// and the flanneld node `flannel` (no agent) with its pod `flannel_pod`: pod → pod (3 pings),
+    /// pod ← pod (3), a DF ping of `df_size` bytes from the agent pod, the flanneld host → the agent
+    /// pod (2). Panics naming the failed direction.
+    pub fn assert_pods_reach_a_flanneld_node(
+        &self,
+        pods: &[Ipv4Addr],
+        flannel: usize,
+        flannel_pod: Ipv4Addr,
+        df_size: u32,
+    ) {
+        use crate::topology::ping;
+        for (i, pod) in pods.iter().enumerate() {
+            let agent_pod = &self.nodes[i].node.pods[0].ns;
+            assert!(
+                ping(agent_pod, flannel_pod, 3, None),
+                "agent pod {pod} → flanneld pod {flannel_pod} failed"
+            );
+            assert!(
+                ping(&self.nodes[flannel].node.pods[0].ns, *pod, 3, None),
+                "flanneld pod {flannel_pod} → agent pod {pod} failed"
+            );
+            assert!(
+                ping(agent_pod, flannel_pod, 1, Some(df_size)),
+                "DF ping of {df_size} bytes agent pod {pod} → flanneld pod failed"
+            );
+            assert!(
+                ping(&self.nodes[flannel].node.ns, *pod, 2, None),
+                "flanneld host → agent pod {pod} failed"
+            );
+        }
+    }
+
     /// Adds the rule Docker and the CNI portmap/bridge plugins install on node `i`:
     /// `-t nat -A POSTROUTING -s 10.244.0.0/16 ! -o cni0 -j MASQUERADE`.
     pub fn masquerade_like_docker(&self, i: usize) -> Result<()> {

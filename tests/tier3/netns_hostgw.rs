@@ -249,24 +249,8 @@ fn mixed_cluster_with_a_flanneld_host_gw_node() {
             c.agent_log(i)
         );
     }
-    for (i, pod) in pods.iter().enumerate() {
-        let agent_pod = &c.nodes[i].node.pods[0].ns;
-        assert!(
-            ping(agent_pod, flannel_pod, 3, None),
-            "agent pod {pod} → flanneld pod"
-        );
-        assert!(
-            ping(&c.nodes[2].node.pods[0].ns, *pod, 3, None),
-            "flanneld pod → agent pod {pod}"
-        );
-        assert!(
-            ping(agent_pod, flannel_pod, 1, Some(1472)),
-            "MTU-sized DF ping agent pod → flanneld pod"
-        );
-        assert!(
-            ping(&c.nodes[2].node.ns, *pod, 2, None),
-            "flanneld host → agent pod {pod}"
-        );
+    c.assert_pods_reach_a_flanneld_node(&pods, 2, flannel_pod, 1472);
+    for i in 0..2 {
         assert!(
             ping(&c.nodes[i].node.ns, flannel_pod, 2, None),
             "agent host → flanneld pod"
