@@ -85,10 +85,18 @@ pub enum Counter {
     /// handed by the kernel's VXLAN socket: decap left them to the stack (not a packet for us),
     /// and nothing is ever delivered through that device, so they are dropped.
     DropGroDevice,
+    /// host-gw: a bare pod packet from the underlay for a local pod whose source lies in a
+    /// member's subnet but whose Ethernet source is not that member's MAC (as this node's
+    /// neighbour table has the member's PublicIP): another host claiming the member's pods.
+    DropWrongSender,
+    /// host-gw: a bare pod packet for a local pod from a member's subnet while this node's
+    /// neighbour table does not know the member's MAC yet (nothing to check the sender against):
+    /// handed to the stack, which routes it as plain host-gw does.
+    PassUnverified,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::DropGroDevice as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PassUnverified as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -136,6 +144,8 @@ impl Counter {
         Counter::StackFlows,
         Counter::PassStack,
         Counter::DropGroDevice,
+        Counter::DropWrongSender,
+        Counter::PassUnverified,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -179,6 +189,8 @@ impl Counter {
             Counter::StackFlows => "stack_flows",
             Counter::PassStack => "pass_stack",
             Counter::DropGroDevice => "drop_gro_device",
+            Counter::DropWrongSender => "drop_wrong_sender",
+            Counter::PassUnverified => "pass_unverified",
         }
     }
 
@@ -186,7 +198,7 @@ impl Counter {
     pub const fn is_drop(self) -> bool {
         let i = self as u32;
         (i >= Counter::DropNoConfig as u32 && i <= Counter::DropTooBig as u32)
-            || matches!(self, Counter::DropGroDevice)
+            || matches!(self, Counter::DropGroDevice | Counter::DropWrongSender)
     }
 }
 
@@ -208,5 +220,7 @@ mod tests {
         assert!(!Counter::PassTooBig.is_drop());
         assert!(Counter::DropGroDevice.is_drop());
         assert!(!Counter::PassStack.is_drop());
+        assert!(Counter::DropWrongSender.is_drop());
+        assert!(!Counter::PassUnverified.is_drop());
     }
 }

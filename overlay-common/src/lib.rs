@@ -42,6 +42,10 @@ pub mod programs {
     /// Never attached: test-run once at load to learn what this kernel's helpers accept
     /// (its answer: [`crate::probe`]).
     pub const PROBE: &str = "overlay_probe";
+    /// TC egress on the underlay NIC, host-gw only: records the flows the node's stack routed
+    /// to remote pods (their replies take the stack), as encap on `overlay0`'s egress does for
+    /// vxlan.
+    pub const RECORD: &str = "overlay_record";
     /// All programs, in the order the object lists them.
-    pub const ALL: [&str; 5] = [ENCAP, DECAP_XDP, DECAP_TC, GRO_SINK, PROBE];
+    pub const ALL: [&str; 6] = [ENCAP, DECAP_XDP, DECAP_TC, GRO_SINK, PROBE, RECORD];
 }

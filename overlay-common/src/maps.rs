@@ -89,6 +89,13 @@ pub const MAX_STACK_FLOWS: u32 = 65536;
 /// 0xffff0000 by default; Cilium: 0x0f00; Istio: 0x539).
 pub const NAT_MARK: u32 = 0x0000_2000;
 
+/// The mark host-gw's fast path gives the pod packets it sends bare to a peer (on the way from
+/// the pod bridge to the underlay NIC, which no netfilter hook sees): the recorder on the NIC's
+/// egress (`overlay_record`) skips them and sets the mark back to 0, and records the rest, the
+/// packets the node's stack routed. A whole value, not a bit: a packet the stack routed carries
+/// it only if a rule set exactly this.
+pub const SENT_MARK: u32 = 0x4f56_5345; // "OVSE"
+
 /// Key of `OVL_STACK_FLOWS`: the 5-tuple of a *reply* to a flow the stack routed out through
 /// `overlay0`, as decap reads it from the decapsulated packet: from the remote end (the packet's
 /// destination when it left) to the local one. Ports in network byte order as on the wire, 0 for
@@ -145,6 +152,10 @@ pub const CONFIG_NO_DELIVER: u16 = 1 << 3;
 /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed once at load), so decap clears a GSO packet's UDP-tunnel
 /// state when it strips the outer headers. Without it the flag is never passed.
 pub const CONFIG_DECAP_L4_UDP: u16 = 1 << 4;
+/// `DataplaneConfig::flags`: the host-gw backend. Decap on the underlay delivers bare pod
+/// packets from members straight to local pods, and encap marks what it sends bare
+/// ([`SENT_MARK`]) for the recorder on the underlay's egress.
+pub const CONFIG_HOST_GW: u16 = 1 << 5;
 
 /// Node-wide settings the programs need. One entry, key 0.
 #[repr(C)]

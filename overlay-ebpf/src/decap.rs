@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{CONFIG_DECAP_L4_UDP, CONFIG_KEEP_CSUM},
+    maps::{CONFIG_DECAP_L4_UDP, CONFIG_HOST_GW, CONFIG_KEEP_CSUM},
     wire::{
         vxlan_vni, ENCAP6_HDR_LEN, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT,
         IPPROTO_UDP, IPV4_LEN, IPV6_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
@@ -298,9 +298,11 @@ pub(crate) fn xdp<F: Decap>(ctx: &XdpContext) -> Result<Verdict, Counter> {
 }
 
 /// TC decap: stripped (a GSO packet whole) and delivered straight to a local pod, or handed to
-/// the stack addressed to the NIC from the sender's VtepMAC, as the XDP hook hands it on.
+/// the stack addressed to the NIC from the sender's VtepMAC, as the XDP hook hands it on. On a
+/// host-gw node a frame that is not VXLAN for us goes to `plain::receive` (in a frame of its own,
+/// [`NotVxlan`]).
 #[inline(always)]
-pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, Counter> {
+pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, NotVxlan> {
     let pass = Verdict::pass(TC_ACT_OK, Counter::PassDecap);
     let Ok(cfg) = config() else {
         return Ok(pass);
@@ -308,6 +310,27 @@ pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, Counter> {
     let Some(fcfg) = F::config() else {
         return Ok(pass);
     };
+    match tc_vxlan::<F>(ctx, cfg, fcfg) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) if cfg.flags & CONFIG_HOST_GW != 0 => Err(NotVxlan::Bare),
+        Ok(None) => Ok(pass),
+        Err(reason) => Err(NotVxlan::Drop(reason)),
+    }
+}
+
+/// Why [`tc`] did not end with a verdict: a drop reason, or a bare frame on a host-gw node.
+pub(crate) enum NotVxlan {
+    Drop(Counter),
+    Bare,
+}
+
+/// [`tc`] for a frame that may be VXLAN: `None` when it is not VXLAN for us.
+#[inline(always)]
+fn tc_vxlan<F: Decap>(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    fcfg: &F::Config,
+) -> Result<Option<Verdict>, Counter> {
     let frame_len = ctx.len() as usize;
     let full = core::mem::size_of::<Frame<F>>();
     let head = core::mem::size_of::<F::Head>();
@@ -321,10 +344,10 @@ pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, Counter> {
         unsafe { core::ptr::write(&mut f as *mut _ as *mut F::Head, h) };
         head
     } else {
-        return Ok(pass);
+        return Ok(None);
     };
     match F::classify(&f, have, frame_len, cfg, fcfg)? {
-        Classified::Pass => Ok(pass),
+        Classified::Pass => Ok(None),
         Classified::Decap => {
             // SAFETY: reading a field of our own context.
             let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
@@ -336,13 +359,13 @@ pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, Counter> {
             if let Some(v) = deliver::<F>(ctx, cfg)? {
                 count(F::DECAP.0, 1);
                 count(F::DECAP.1, len);
-                return Ok(v);
+                return Ok(Some(v));
             }
             let mut macs = [0u8; 12];
             macs[..6].copy_from_slice(&cfg.underlay_mac);
             macs[6..].copy_from_slice(&f.inner_eth.src);
             ctx.store(0, &macs, 0).map_err(|_| Counter::DropMalformed)?;
-            Ok(Verdict::counted(TC_ACT_OK, F::DECAP, len))
+            Ok(Some(Verdict::counted(TC_ACT_OK, F::DECAP, len)))
         }
     }
 }

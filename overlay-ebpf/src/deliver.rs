@@ -75,6 +75,18 @@ pub(crate) fn deliver<F: Deliver>(
     ctx: &TcContext,
     cfg: &DataplaneConfig,
 ) -> Result<Option<Verdict>, Counter> {
+    deliver_checked::<F>(ctx, cfg, |_| Ok(true))
+}
+
+/// [`deliver`], asking `sender_ok` once the packet is for a known endpoint (before anything is
+/// written) whether its sender may reach the pod straight: `false` leaves it to the stack, an
+/// error drops it (host-gw's bare packets, `plain.rs`).
+#[inline(always)]
+pub(crate) fn deliver_checked<F: Deliver>(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    sender_ok: impl FnOnce(&F::Ip) -> Result<bool, Counter>,
+) -> Result<Option<Verdict>, Counter> {
     if cfg.flags & CONFIG_NO_DELIVER != 0 {
         return Ok(None);
     }
@@ -86,6 +98,9 @@ pub(crate) fn deliver<F: Deliver>(
     };
     // The veth must still exist: the kernel drops device-map entries of removed devices.
     if F::ENDPOINT_DEVS.get_ifindex(F::dev_key(dst, &ep)) != Some(ep.ifindex) {
+        return Ok(None);
+    }
+    if !sender_ok(&ip)? {
         return Ok(None);
     }
     if F::hop_limit(&ip) <= 1 {

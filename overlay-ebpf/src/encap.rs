@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    maps::{CONFIG_NO_DELIVER, NAT_MARK, PEER_DIRECT},
+    maps::{CONFIG_HOST_GW, CONFIG_NO_DELIVER, NAT_MARK, PEER_DIRECT},
     wire::{
         encap_header, flow_source_port, Encap6Params, EncapParams, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP,
         IPV6_LEN, UDP_LEN, VXLAN_LEN,
@@ -34,6 +34,7 @@ use crate::{
     csum6,
     family::{Family, Ipv4Hdr, Ipv6Hdr, AF_INET6, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
+    plain,
     verdict::{config, config6, Verdict, TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
@@ -293,6 +294,9 @@ fn route_and_send<F: Family>(
     let rc = fib_usable(rc as u32)?;
     let out_ifindex = fib.ifindex;
     if direct {
+        if cfg.flags & CONFIG_HOST_GW != 0 {
+            plain::mark_sent(ctx);
+        }
         return redirect(ctx, rc, &fib, out_ifindex, F::DIRECT);
     }
     // SAFETY: the skb pointer is the program's context.

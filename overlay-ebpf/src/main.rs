@@ -1,5 +1,5 @@
 //! The datapath: VXLAN encap on the pod bridge, decap on the underlay NIC, delivery straight
-//! into the pods. This file holds the entry points only: each dispatches by EtherType to a
+//! into the pods; for host-gw, the same hooks with bare pod packets. This file holds the entry points only: each dispatches by EtherType to a
 //! BPF-to-BPF call per family, whose result (a verdict, or a named drop reason) is counted.
 //!
 //! | file           | concern |
@@ -12,6 +12,7 @@
 //! | `decap.rs`     | decap: each family's rules side by side, the XDP and TC hooks written once |
 //! | `deliver.rs`   | delivery of decapsulated packets straight into local pods |
 //! | `conntrack.rs` | the flows that must take the node's stack (recorded, recognised) |
+//! | `plain.rs`     | host-gw: bare pod packets received (delivered) and routed out (recorded) |
 //!
 //! The same programs carry both families: IPv4 pods over the IPv4 underlay and IPv6 pods over
 //! the IPv6 underlay, the two combinations flannel's `flannel.1` and `flannel-v6.1` use. Header
@@ -28,6 +29,7 @@ mod deliver;
 mod encap;
 mod family;
 mod maps;
+mod plain;
 mod verdict;
 
 use aya_ebpf::{
@@ -44,10 +46,11 @@ use overlay_common::{
 };
 
 use crate::{
-    decap::{decapped_by_xdp, Decap, BPF_F_ADJ_ROOM_DECAP_L4_UDP},
+    decap::{decapped_by_xdp, Decap, NotVxlan, BPF_F_ADJ_ROOM_DECAP_L4_UDP},
     deliver::Deliver,
     encap::{grow_for_vxlan, Encap},
-    family::{V4, V6},
+    family::{Family, V4, V6},
+    plain::Plain,
     verdict::{config, count, finish, Verdict, TC_ACT_OK, TC_ACT_SHOT},
 };
 
@@ -96,18 +99,65 @@ fn decap_xdp<F: Decap>(xdp: *mut aya_ebpf::bindings::xdp_md) -> u32 {
 #[classifier]
 pub fn overlay_decap_tc(ctx: TcContext) -> i32 {
     let v6 = matches!(ctx.load::<u16>(12), Ok(ETH_P_IPV6_BE));
+    let skb = ctx.skb.skb;
     let r = match (v6, decapped_by_xdp(&ctx)) {
-        (true, true) => deliver_decapped::<V6>(ctx.skb.skb),
-        (true, false) => decap_tc::<V6>(ctx.skb.skb),
-        (false, true) => deliver_decapped::<V4>(ctx.skb.skb),
-        (false, false) => decap_tc::<V4>(ctx.skb.skb),
+        (true, true) => deliver_decapped::<V6>(skb),
+        (true, false) => match decap_tc::<V6>(skb) {
+            BARE => receive_bare::<V6>(skb),
+            r => r,
+        },
+        (false, true) => deliver_decapped::<V4>(skb),
+        (false, false) => match decap_tc::<V4>(skb) {
+            BARE => receive_bare::<V4>(skb),
+            r => r,
+        },
     };
     r as i32
 }
 
+/// What `decap_tc` answers for a bare frame on a host-gw node (no TC action has this value):
+/// the entry point hands it to `receive_bare`, each in a frame of its own (the verifier's
+/// 512 bytes are for a call chain, and decap's frame is large).
+const BARE: u32 = u32::MAX;
+
 #[inline(never)]
 fn decap_tc<F: Decap>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
-    finish(decap::tc::<F>(&TcContext::new(skb)), TC_ACT_SHOT)
+    match decap::tc::<F>(&TcContext::new(skb)) {
+        Ok(v) => finish(Ok(v), TC_ACT_SHOT),
+        Err(NotVxlan::Drop(reason)) => finish(Err(reason), TC_ACT_SHOT),
+        Err(NotVxlan::Bare) => BARE,
+    }
+}
+
+/// host-gw: a frame that is not VXLAN, maybe a member's pod packet for a local pod.
+#[inline(never)]
+fn receive_bare<F: Plain>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    let ctx = TcContext::new(skb);
+    let stack = Verdict::pass(TC_ACT_OK, Counter::PassDecap);
+    let r = match (config(), F::config()) {
+        (Ok(cfg), Some(fcfg)) => plain::receive::<F>(&ctx, cfg, fcfg).map(|v| v.unwrap_or(stack)),
+        _ => Ok(stack),
+    };
+    finish(r, TC_ACT_SHOT)
+}
+
+/// TC egress on the underlay NIC (host-gw): records the flows the node's stack routed to
+/// remote pods; every packet goes on unchanged.
+#[classifier]
+pub fn overlay_record(ctx: TcContext) -> i32 {
+    if plain::sent_by_encap(&ctx) {
+        return TC_ACT_OK as i32;
+    }
+    if let Ok(ETH_P_IPV6_BE) = ctx.load::<u16>(12) {
+        return record::<V6>(ctx.skb.skb) as i32;
+    }
+    record::<V4>(ctx.skb.skb) as i32
+}
+
+#[inline(never)]
+fn record<F: Plain>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
+    plain::record::<F>(&TcContext::new(skb));
+    TC_ACT_OK
 }
 
 #[inline(never)]

@@ -106,9 +106,16 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
     );
     for i in 0..2 {
         let st = c.status_json(i).unwrap();
+        let n = |name: &str| st["counters"][name].as_u64().unwrap_or(0);
         assert!(
-            st["counters"]["direct_packets"].as_u64().unwrap_or(0) >= 2,
+            n("direct_packets") >= 2,
             "node {i} sent no pod packet from the fast path: {}",
+            st["counters"]
+        );
+        // The receiving end skips the stack too: straight into the pod, sender checked.
+        assert!(
+            n("deliver_packets") >= 2 && n("drop_wrong_sender") == 0,
+            "node {i} delivered no bare pod packet straight to its pod: {}",
             st["counters"]
         );
     }
@@ -210,6 +217,66 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
         "a route for a vxlan lease"
     );
     assert!(c.agent_running(0), "agent 1 exited; log:\n{}", c.agent_log(0));
+}
+
+/// Anti-spoofing of bare packets: another host on the segment that claims a member's pod
+/// address (its packets carry its own MAC, not the member's) does not reach the pods; the same
+/// host with its own address does (the stack routes it, as plain host-gw does).
+#[test]
+fn bare_packets_claiming_a_members_pods_from_another_host_are_dropped() {
+    let (mut c, pods) = cluster(2);
+    let subnets: Vec<Ipv4Net> = (0..2)
+        .map(|i| c.nodes[i].subnet_env().unwrap().0.trunc())
+        .collect();
+    let own = Ipv4Addr::new(198, 18, 0, 100);
+    let outside = c.outside_host(own.into()).unwrap();
+    outside
+        .ip(&["route", "add", &subnets[0].to_string(), "via", "198.18.0.11"])
+        .unwrap();
+    let claimed = nth_host(subnets[1], 77);
+    outside
+        .ip(&["addr", "add", &format!("{claimed}/32"), "dev", "eth0"])
+        .unwrap();
+    let counter = |c: &Cluster, name: &str| c.status_json(0).unwrap()["counters"][name].as_u64().unwrap_or(0);
+
+    // The control: from its own address, through node 1's stack, into the pod and back.
+    assert!(
+        ping(&outside, pods[0], 2, None),
+        "outside host → pod 1 (the testbed)"
+    );
+    // Node 2's pods talk to node 1's: node 1's neighbour table knows node 2's MAC (until it
+    // does, bare packets from node 2's subnet cannot be checked and take the stack).
+    assert!(
+        ping(&c.nodes[1].node.pods[0].ns, pods[0], 2, None),
+        "pod 2 → pod 1"
+    );
+
+    let before = counter(&c, "drop_wrong_sender");
+    let pcap = c.dir().join("claimed.txt");
+    let pod = &mut c.nodes[0].node.pods[0].ns;
+    let cap = pod
+        .capture("eth0", 1, &format!("icmp and src {claimed}"), &pcap)
+        .unwrap();
+    let claimed_s = claimed.to_string();
+    let pod_s = pods[0].to_string();
+    let _ = outside.exec(
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "1", "-I", &claimed_s, &pod_s],
+    );
+    let seen = cap.wait(pod, Duration::from_secs(2));
+    assert_eq!(
+        seen.trim(),
+        "",
+        "a packet claiming pod address {claimed} of node 2 reached pod 1"
+    );
+    let dropped = counter(&c, "drop_wrong_sender") - before;
+    assert_eq!(dropped, 3, "drop_wrong_sender counts each claimed packet");
+    // Node 2's own pods still reach pod 1 straight.
+    assert!(
+        ping(&c.nodes[1].node.pods[0].ns, pods[0], 2, None),
+        "pod 2 → pod 1 after the drops"
+    );
+    assert!(counter(&c, "deliver_packets") >= 2);
 }
 
 /// Node 3 runs no agent: its lease and routes are exactly what flanneld's host-gw writes.
@@ -439,11 +506,21 @@ fn dual_stack_host_gw_routes_and_sends_ipv6_pods_bare() {
             && !seen.contains(".8472"),
         "IPv6 pod packets not bare both ways on the underlay:\n{seen}"
     );
+    // Both pods have spoken (their nodes learned them): the next packets are delivered straight.
+    for (from, to) in [(0, b), (1, a)] {
+        let (counts, text) = ping6(&pods[from], to, 2, None, false);
+        assert_eq!(counts, Some((2, 2)), "pod {} → {to} over IPv6:\n{text}", from + 1);
+    }
     for i in 0..2 {
         let st = c.status_json(i).unwrap();
+        let n = |name: &str| st["counters"][name].as_u64().unwrap_or(0);
         assert!(
-            st["counters"]["direct6_packets"].as_u64().unwrap_or(0) >= 2,
+            n("direct6_packets") >= 2,
             "node {i} sent no IPv6 pod packet from the fast path: {st}"
+        );
+        assert!(
+            n("deliver6_packets") >= 2 && n("drop_wrong_sender") == 0,
+            "node {i} delivered no bare IPv6 pod packet straight to its pod: {st}"
         );
     }
     let t = iperf6(&pods[1], b, &pods[0], c.dir());

@@ -49,10 +49,11 @@ use overlay_tests::{
     cluster::{Cluster, ETCD_IP},
     kubeproxy::{self, Proto, ServicePort},
     netns::{require_root, Netns},
-    topology::{flannel_vxlan, ping_counts, Node},
+    topology::{flannel_vxlan, host_gw, ping_counts, Node},
 };
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+const CONFIG_HOST_GW: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const WEB_PORT: u16 = 80;
@@ -77,6 +78,12 @@ enum Datapath {
     XdpDecap,
     /// No agent: flanneld's kernel VXLAN (`flannel.1`), the negative control.
     KernelVxlan,
+    /// The agent on the host-gw backend, defaults: pod packets bare, delivered straight.
+    HostGw,
+    /// The agent on host-gw with `--decap xdp` (bare packets pass XDP, TC delivers).
+    HostGwXdp,
+    /// No agent: flanneld's host-gw (`SUBNET via PEER dev eth0` routes), the negative control.
+    KernelHostGw,
 }
 
 impl Datapath {
@@ -87,6 +94,33 @@ impl Datapath {
             Datapath::DeliverVeth => Some(&["--deliver", "veth"]),
             Datapath::XdpDecap => Some(&["--decap", "xdp"]),
             Datapath::KernelVxlan => None,
+            Datapath::HostGw => Some(&[]),
+            Datapath::HostGwXdp => Some(&["--decap", "xdp"]),
+            Datapath::KernelHostGw => None,
+        }
+    }
+
+    fn host_gw(self) -> bool {
+        matches!(
+            self,
+            Datapath::HostGw | Datapath::HostGwXdp | Datapath::KernelHostGw
+        )
+    }
+
+    fn config(self) -> &'static str {
+        if self.host_gw() {
+            CONFIG_HOST_GW
+        } else {
+            CONFIG
+        }
+    }
+
+    /// The counter of pod packets encap sends: VXLAN, or bare (host-gw).
+    fn sent_counter(self) -> &'static str {
+        if self.host_gw() {
+            "direct_packets"
+        } else {
+            "encap_packets"
         }
     }
 
@@ -94,7 +128,11 @@ impl Datapath {
     fn delivers(self) -> bool {
         matches!(
             self,
-            Datapath::Default | Datapath::DeliverVeth | Datapath::XdpDecap
+            Datapath::Default
+                | Datapath::DeliverVeth
+                | Datapath::XdpDecap
+                | Datapath::HostGw
+                | Datapath::HostGwXdp
         )
     }
 
@@ -105,6 +143,9 @@ impl Datapath {
             Datapath::DeliverVeth => "agent --deliver veth",
             Datapath::XdpDecap => "agent --decap xdp",
             Datapath::KernelVxlan => "kernel VXLAN (flannel.1), the control",
+            Datapath::HostGw => "agent, host-gw backend",
+            Datapath::HostGwXdp => "agent, host-gw backend, --decap xdp",
+            Datapath::KernelHostGw => "kernel host-gw (plain routes), the control",
         }
     }
 }
@@ -125,7 +166,7 @@ impl Bed {
     /// which the control installs as flanneld would.
     fn new(dp: Datapath, forward_rules: bool) -> Bed {
         require_root();
-        let mut c = Cluster::new(2, CONFIG).expect("building the cluster");
+        let mut c = Cluster::new(2, dp.config()).expect("building the cluster");
         for n in &c.nodes {
             n.node
                 .ns
@@ -153,6 +194,23 @@ impl Bed {
                     .map(|i| c.nodes[i].subnet_env().expect("subnet.env").0.trunc())
                     .collect();
                 ([pods[0], pods[1]], [subnets[0], subnets[1]])
+            }
+            None if dp.host_gw() => {
+                let subnet = |i: usize| -> Ipv4Net { Node::subnet(c.nodes[i].node.index).parse().unwrap() };
+                let s = [subnet(0), subnet(1)];
+                let index: Vec<u8> = c.nodes.iter().map(|n| n.node.index).collect();
+                let mut pods = Vec::new();
+                for i in 0..2 {
+                    let peer = 1 - i;
+                    let n = &mut c.nodes[i].node;
+                    host_gw(n, &[(s[peer], Node::underlay_ip(index[peer]))]).expect("host-gw route");
+                    n.add_bridge_for(s[i], 1500).expect("cni0");
+                    pods.push(n.add_pod_in(s[i], 1, 1500).expect("pod"));
+                    if forward_rules {
+                        flanneld_forward_rules(&n.ns);
+                    }
+                }
+                ([pods[0], pods[1]], s)
             }
             None => {
                 let subnet = |i: usize| -> Ipv4Net { Node::subnet(c.nodes[i].node.index).parse().unwrap() };
@@ -724,9 +782,10 @@ fn fast_path_evidence(
     match flow {
         Flow::PodToPod => {
             for (i, node) in ["A", "B"].iter().enumerate() {
-                if grew(i, "encap_packets") == Some(0) {
+                let sent = dp.sent_counter();
+                if grew(i, sent) == Some(0) {
                     return Err(format!(
-                        "node {}: encap_packets did not grow: the pod's packets left the fast path",
+                        "node {}: {sent} did not grow: the pod's packets left the fast path",
                         node
                     ));
                 }
@@ -854,11 +913,18 @@ fn iptables_mode(dp: Datapath) {
         bed.br_netfilter(on);
         pod_cases(&bed, &mut r, bnf(on));
     }
-    let node_a_overlay = IpAddr::V4(bed.subnets[0].network());
+    let node_a_underlay = IpAddr::V4(Node::underlay_ip(bed.c.nodes[0].node.index));
+    // host-gw routes pod subnets through eth0: what node A masquerades to is its own address there.
+    let node_a_overlay = if dp.host_gw() {
+        node_a_underlay
+    } else {
+        IpAddr::V4(bed.subnets[0].network())
+    };
     let svc_tcp = SocketAddr::from((CLUSTER_IP, WEB_PORT));
     // The node's own connection: nat OUTPUT DNAT, then (its source, the underlay address, being
     // outside the cluster CIDR) KUBE-MARK-MASQ: MASQUERADE to the address of the device the
-    // DNATed packet leaves by, node A's overlay address (10.244.A.0), as with flannel.1.
+    // DNATed packet leaves by, node A's overlay address (10.244.A.0), as with flannel.1 (host-gw:
+    // its underlay address, eth0's).
     case(
         &bed,
         &mut r,
@@ -885,7 +951,7 @@ fn iptables_mode(dp: Datapath) {
     }
     let seen = match dp.agent_flags() {
         Some(_) => node_a_overlay,
-        None => IpAddr::V4(Node::underlay_ip(bed.c.nodes[0].node.index)),
+        None => node_a_underlay,
     };
     case(
         &bed,
@@ -1078,4 +1144,39 @@ fn ipvs_mode_deliver_stack() {
 #[test]
 fn ipvs_mode_kernel_vxlan_control() {
     ipvs_mode(Datapath::KernelVxlan);
+}
+
+#[test]
+fn iptables_mode_host_gw() {
+    iptables_mode(Datapath::HostGw);
+}
+
+#[test]
+fn iptables_mode_host_gw_xdp_decap() {
+    iptables_mode(Datapath::HostGwXdp);
+}
+
+#[test]
+fn iptables_mode_kernel_host_gw_control() {
+    iptables_mode(Datapath::KernelHostGw);
+}
+
+#[test]
+fn stateful_firewall_host_gw() {
+    stateful_firewall(Datapath::HostGw);
+}
+
+#[test]
+fn stateful_firewall_kernel_host_gw_control() {
+    stateful_firewall(Datapath::KernelHostGw);
+}
+
+#[test]
+fn ipvs_mode_host_gw() {
+    ipvs_mode(Datapath::HostGw);
+}
+
+#[test]
+fn ipvs_mode_kernel_host_gw_control() {
+    ipvs_mode(Datapath::KernelHostGw);
 }

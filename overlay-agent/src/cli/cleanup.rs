@@ -51,7 +51,7 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         if let Some(prog) = xdp_prog {
             detach_xdp(name, prog, &mut r);
         }
-        for prog in [programs::ENCAP, programs::DECAP_TC] {
+        for prog in [programs::ENCAP, programs::DECAP_TC, programs::RECORD] {
             for (ingress, at) in [(true, "Ingress"), (false, "Egress")] {
                 for n in [prog, &prog[..prog.len().min(KERNEL_NAME_LEN)]] {
                     match pinned::detach_tc_filter(name, ingress, n) {

@@ -229,7 +229,12 @@ impl Dataplane {
             pin_root: pin_root.display().to_string(),
             source: Box::new(source),
         })?;
-        for name in [programs::ENCAP, programs::DECAP_TC, programs::GRO_SINK] {
+        for name in [
+            programs::ENCAP,
+            programs::DECAP_TC,
+            programs::GRO_SINK,
+            programs::RECORD,
+        ] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
@@ -318,6 +323,26 @@ impl Dataplane {
         self.attach_tc(programs::GRO_SINK, dev, TcAttachType::Ingress)
     }
 
+    /// host-gw: attaches the recorder to the egress of the underlay NIC, where the node's stack
+    /// routes pod traffic to peers (its flows' replies must take the stack).
+    pub fn attach_recorder(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        self.attach_tc(programs::RECORD, iface, TcAttachType::Egress)
+    }
+
+    /// Detaches the recorder an earlier host-gw run left on the underlay NIC (this node runs
+    /// vxlan now).
+    pub fn detach_recorder(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        if self.features.tcx {
+            return self.retire_link(programs::RECORD, iface);
+        }
+        pinned::detach_tc_filter(iface, false, programs::RECORD)
+            .map(drop)
+            .map_err(|e| DataplaneError::Clsact {
+                iface: iface.to_string(),
+                source: e,
+            })
+    }
+
     /// Attaches decap to the ingress of the underlay NIC.
     ///
     /// TC: the TC program strips and delivers; an XDP decap an earlier agent left there (a
@@ -377,7 +402,7 @@ impl Dataplane {
         };
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy().starts_with(&stem) {
-                tracing::info!(link = %entry.path().display(), "detaching the decap variant no longer in use");
+                tracing::info!(link = %entry.path().display(), "detaching a program no longer in use");
                 std::fs::remove_file(entry.path()).map_err(|source| DataplaneError::Unpin {
                     path: entry.path().display().to_string(),
                     source,

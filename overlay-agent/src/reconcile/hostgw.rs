@@ -1,7 +1,9 @@
 //! The host-gw backend's node side, as flanneld's `pkg/backend/hostgw` and `route_network.go` set
 //! a node up, with the BPF fast path in front: the programs' config (our PublicIPs, the
-//! underlay; every peer is sent bare, see [`reach`]), no host device (one a vxlan run left is
-//! removed), and per-peer routes `SUBNET via PUBLICIP dev IFACE` kept in step with the peer
+//! underlay; every peer is sent bare, see [`reach`]; bare pod packets from peers are delivered
+//! straight to pods), the recorder on the underlay's egress (the flows the stack routes to
+//! peers, whose replies take the stack), no host device (one a vxlan run left is removed), and
+//! per-peer routes `SUBNET via PUBLICIP dev IFACE` kept in step with the peer
 //! tables, for the node's own traffic and whatever the fast path hands to the stack. Routes that
 //! go missing are put back on every resync (flanneld's route check), and routes into the
 //! cluster network through our interface that no lease wants any more are removed.
@@ -12,7 +14,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use overlay_common::DataplaneConfig;
+use overlay_common::{maps::CONFIG_HOST_GW, DataplaneConfig};
 use tracing::{error, info, warn};
 
 use super::{peers::Reach, Own};
@@ -29,6 +31,8 @@ use crate::{
 
 /// What the host-gw backend has set up on this node.
 pub struct HostGwNode {
+    /// The recorder is attached: bare pod packets from peers may be delivered straight.
+    recorder: bool,
     underlay_mtu: u32,
     underlay_ifindex: u32,
     underlay_mac: [u8; 6],
@@ -57,8 +61,11 @@ pub fn reach(underlay_ifindex: u32) -> impl Fn(IpAddr) -> Reach + Copy {
 
 impl HostGwNode {
     /// Removes what the vxlan backend would have set up (a host device, a receive-GRO device)
-    /// so host traffic takes the per-peer routes.
+    /// so host traffic takes the per-peer routes, and attaches the recorder to the underlay's
+    /// egress. Without the recorder bare pod packets are not delivered straight to pods (their
+    /// flows' replies could not be told from the rest): the stack routes them.
     pub async fn start(
+        dp: &mut Dataplane,
         underlay: &Underlay,
         public_ip: Option<Ipv4Addr>,
         public_ipv6: Option<Ipv6Addr>,
@@ -81,7 +88,16 @@ impl HostGwNode {
                 None
             }
         };
+        let recorder = match dp.attach_recorder(&underlay.name) {
+            Ok(()) => true,
+            Err(e) => {
+                error!(iface = %underlay.name, error = %e,
+                    "attaching the recorder; bare pod packets from peers take the stack");
+                false
+            }
+        };
         HostGwNode {
+            recorder,
             underlay_mtu: underlay.mtu,
             underlay_ifindex: underlay.ifindex,
             underlay_mac: underlay.mac,
@@ -108,7 +124,7 @@ impl HostGwNode {
             port: cfg.backend.port,
             underlay_ifindex: self.underlay_ifindex,
             underlay_mac: self.underlay_mac,
-            flags: self.datapath_flags,
+            flags: self.datapath_flags | if self.recorder { CONFIG_HOST_GW } else { 0 },
             inner_mtu: cfg.mtu(self.underlay_mtu),
         };
         if let Err(e) = dp.set_config(&dc) {
@@ -193,11 +209,15 @@ impl HostGwNode {
     }
 }
 
-/// What a vxlan node does with routes a host-gw run left (the node switched backends): routes
-/// into the cluster `networks` through a gateway on the underlay are more specific than the host
-/// device's and would send pod traffic bare; they are removed.
-pub async fn remove_left_routes(underlay_ifindex: u32, networks: &[IpNet]) {
-    let routes = match Routes::open(underlay_ifindex) {
+/// What a vxlan node does with what a host-gw run left (the node switched backends): the
+/// recorder on the underlay's egress is detached, and routes into the cluster `networks`
+/// through a gateway on the underlay (more specific than the host device's, they would send pod
+/// traffic bare) are removed.
+pub async fn remove_left(dp: &mut Dataplane, underlay: &Underlay, networks: &[IpNet]) {
+    if let Err(e) = dp.detach_recorder(&underlay.name) {
+        warn!(iface = %underlay.name, error = %e, "detaching the host-gw recorder");
+    }
+    let routes = match Routes::open(underlay.ifindex) {
         Ok(r) => r,
         Err(e) => return warn!(error = %e, "cannot look for routes a host-gw run left"),
     };

@@ -156,6 +156,7 @@ impl Reconciler {
                 if cfg.backend.kind == BackendKind::HostGw && !matches!(self.node, Node::HostGw(_)) {
                     self.node = Node::HostGw(
                         hostgw::HostGwNode::start(
+                            dp,
                             &self.underlay,
                             self.public_ip,
                             self.public_ipv6,
@@ -165,7 +166,7 @@ impl Reconciler {
                     );
                 }
                 if cfg.backend.kind == BackendKind::Vxlan {
-                    hostgw::remove_left_routes(self.underlay.ifindex, &networks(&cfg)).await;
+                    hostgw::remove_left(dp, &self.underlay, &networks(&cfg)).await;
                 }
                 self.config = Some(cfg);
                 self.write_config(dp).await;
