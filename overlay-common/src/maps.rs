@@ -152,10 +152,13 @@ pub const CONFIG_NO_DELIVER: u16 = 1 << 3;
 /// `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed once at load), so decap clears a GSO packet's UDP-tunnel
 /// state when it strips the outer headers. Without it the flag is never passed.
 pub const CONFIG_DECAP_L4_UDP: u16 = 1 << 4;
-/// `DataplaneConfig::flags`: the host-gw backend. Decap on the underlay delivers bare pod
-/// packets from members straight to local pods, and encap marks what it sends bare
-/// ([`SENT_MARK`]) for the recorder on the underlay's egress.
+/// `DataplaneConfig::flags`: the node runs the host-gw backend (for `status`; the programs act
+/// on [`CONFIG_BARE_FAST`]).
 pub const CONFIG_HOST_GW: u16 = 1 << 5;
+/// `DataplaneConfig::flags` (host-gw, with the recorder attached to the underlay's egress):
+/// decap on the underlay delivers bare pod packets from members straight to local pods, and
+/// encap marks what it sends bare ([`SENT_MARK`]) for the recorder.
+pub const CONFIG_BARE_FAST: u16 = 1 << 6;
 
 /// Node-wide settings the programs need. One entry, key 0.
 #[repr(C)]

@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{CONFIG_DECAP_L4_UDP, CONFIG_HOST_GW, CONFIG_KEEP_CSUM},
+    maps::{CONFIG_BARE_FAST, CONFIG_DECAP_L4_UDP, CONFIG_KEEP_CSUM},
     wire::{
         vxlan_vni, ENCAP6_HDR_LEN, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT,
         IPPROTO_UDP, IPV4_LEN, IPV6_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
@@ -312,7 +312,7 @@ pub(crate) fn tc<F: Decap>(ctx: &TcContext) -> Result<Verdict, NotVxlan> {
     };
     match tc_vxlan::<F>(ctx, cfg, fcfg) {
         Ok(Some(v)) => Ok(v),
-        Ok(None) if cfg.flags & CONFIG_HOST_GW != 0 => Err(NotVxlan::Bare),
+        Ok(None) if cfg.flags & CONFIG_BARE_FAST != 0 => Err(NotVxlan::Bare),
         Ok(None) => Ok(pass),
         Err(reason) => Err(NotVxlan::Drop(reason)),
     }

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use overlay_common::{
-    maps::{CONFIG_HOST_GW, CONFIG_NO_DELIVER, NAT_MARK, PEER_DIRECT},
+    maps::{CONFIG_BARE_FAST, CONFIG_NO_DELIVER, NAT_MARK, PEER_DIRECT},
     wire::{
         encap_header, flow_source_port, Encap6Params, EncapParams, ETH_LEN, IPPROTO_TCP, IPPROTO_UDP,
         IPV6_LEN, UDP_LEN, VXLAN_LEN,
@@ -294,7 +294,7 @@ fn route_and_send<F: Family>(
     let rc = fib_usable(rc as u32)?;
     let out_ifindex = fib.ifindex;
     if direct {
-        if cfg.flags & CONFIG_HOST_GW != 0 {
+        if cfg.flags & CONFIG_BARE_FAST != 0 {
             plain::mark_sent(ctx);
         }
         return redirect(ctx, rc, &fib, out_ifindex, F::DIRECT);

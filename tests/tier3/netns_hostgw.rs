@@ -112,6 +112,7 @@ fn host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases() {
             "node {i} sent no pod packet from the fast path: {}",
             st["counters"]
         );
+        assert_eq!(st["node"]["backend"], "host-gw", "status names the backend");
         // The receiving end skips the stack too: straight into the pod, sender checked.
         assert!(
             n("deliver_packets") >= 2 && n("drop_wrong_sender") == 0,

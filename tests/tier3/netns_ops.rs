@@ -399,6 +399,7 @@ fn notify_health_metrics_and_status() {
     let me = leases.iter().find(|l| l.0 == subnet).expect("our lease in etcd");
     let peer = leases.iter().find(|l| l.0 != subnet).unwrap();
     assert_eq!(st["node"]["ready"], true, "{st}");
+    assert_eq!(st["node"]["backend"], "vxlan", "{st}");
     assert_eq!(st["node"]["public_ip"], me.1.to_string(), "{st}");
     assert_eq!(st["node"]["public_ip"], Node::underlay_ip(1).to_string(), "{st}");
     assert_eq!(st["node"]["vtep_mac"], me.2, "{st}");

@@ -78,6 +78,7 @@ pub const TIER3_SELECTION: &[(&str, &str)] = &[
     ("netns_dualstack_deliver", "ipv6_stripped_by_xdp_is_delivered_by_the_tc_program_after_gro"),
     ("netns_ops", "ip_masq_snat_restart_and_cleanup"),
     ("netns_services", "ipvs_mode_default_delivery"),
+    ("netns_services", "ipvs_mode_host_gw"),
     ("netns_hostgw", "host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases"),
 ];
 

@@ -10,7 +10,7 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use overlay_common::{
-    maps::{self, CONFIG_READY},
+    maps::{self, CONFIG_HOST_GW, CONFIG_READY},
     programs, Counter,
 };
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
@@ -33,6 +33,8 @@ pub enum StatusError {
 pub struct NodeView {
     /// False until the agent has written the config.
     pub ready: bool,
+    /// The backend the node runs: `vxlan` or `host-gw`.
+    pub backend: &'static str,
     pub public_ip: Ipv4Addr,
     pub vni: u32,
     pub port: u16,
@@ -195,6 +197,11 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let c = pinned::read_config(pin_root)?;
     let node = NodeView {
         ready: c.flags & CONFIG_READY != 0,
+        backend: if c.flags & CONFIG_HOST_GW != 0 {
+            "host-gw"
+        } else {
+            "vxlan"
+        },
         public_ip: c.public_ip.into(),
         vni: c.vni,
         port: c.port,
@@ -555,11 +562,17 @@ impl Status {
                 let _ = writeln!(s, "  {:<26} no: {}", f.name, f.fallback);
             }
         }
-        if n.ready {
+        if n.ready && n.backend == "host-gw" {
             let _ = writeln!(
                 s,
-                "node        PublicIP {}  VNI {}  port {}  VtepMAC {}  inner MTU {}",
-                n.public_ip, n.vni, n.port, n.vtep_mac, n.inner_mtu
+                "node        backend host-gw  PublicIP {}  MTU {}",
+                n.public_ip, n.inner_mtu
+            );
+        } else if n.ready {
+            let _ = writeln!(
+                s,
+                "node        backend {}  PublicIP {}  VNI {}  port {}  VtepMAC {}  inner MTU {}",
+                n.backend, n.public_ip, n.vni, n.port, n.vtep_mac, n.inner_mtu
             );
         } else {
             let _ = writeln!(
@@ -798,6 +811,7 @@ mod tests {
             }],
             node: NodeView {
                 ready: true,
+                backend: "vxlan",
                 public_ip: Ipv4Addr::new(198, 18, 0, 11),
                 vni: 1,
                 port: 8472,

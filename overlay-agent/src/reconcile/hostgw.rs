@@ -14,7 +14,10 @@ use std::{
 };
 
 use ipnet::IpNet;
-use overlay_common::{maps::CONFIG_HOST_GW, DataplaneConfig};
+use overlay_common::{
+    maps::{CONFIG_BARE_FAST, CONFIG_HOST_GW},
+    DataplaneConfig,
+};
 use tracing::{error, info, warn};
 
 use super::{peers::Reach, Own};
@@ -124,7 +127,7 @@ impl HostGwNode {
             port: cfg.backend.port,
             underlay_ifindex: self.underlay_ifindex,
             underlay_mac: self.underlay_mac,
-            flags: self.datapath_flags | if self.recorder { CONFIG_HOST_GW } else { 0 },
+            flags: self.datapath_flags | CONFIG_HOST_GW | if self.recorder { CONFIG_BARE_FAST } else { 0 },
             inner_mtu: cfg.mtu(self.underlay_mtu),
         };
         if let Err(e) = dp.set_config(&dc) {
