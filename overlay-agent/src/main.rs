@@ -47,6 +47,9 @@ enum Cmd {
         /// Pod bridge the agent attached to.
         #[arg(long, env = "FLANNELD_BRIDGE", default_value = "cni0")]
         bridge: String,
+        /// The agent's subnet.env: its networks tell host-gw's routes to peers' subnets.
+        #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
     },
     /// Write Docker options from subnet.env, as flannel's mk-docker-opts.sh does (its flags):
     /// `DOCKER_OPT_BIP`, `DOCKER_OPT_IPMASQ`, `DOCKER_OPT_MTU` and
@@ -88,6 +91,7 @@ fn main() -> Result<()> {
             pin_root,
             iface,
             bridge,
+            subnet_file,
         }) => {
             init_logging("info");
             let mut ifaces = iface;
@@ -97,7 +101,8 @@ fn main() -> Result<()> {
                 }
             }
             ifaces.push(bridge);
-            let r = cleanup::run(&pin_root, &ifaces);
+            let mut r = cleanup::run(&pin_root, &ifaces);
+            cleanup::remove_peer_routes(&subnet_file, &ifaces, &mut r);
             if r.removed.is_empty() && r.failed.is_empty() {
                 println!("nothing to clean up");
             }

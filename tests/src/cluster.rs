@@ -281,7 +281,9 @@ impl Cluster {
             "eth0",
             "--bridge",
             "cni0",
+            "--subnet-file",
         ])
+        .arg(&n.subnet_file)
         .stdin(Stdio::null());
         Ok(cmd)
     }

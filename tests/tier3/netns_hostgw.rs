@@ -351,6 +351,35 @@ fn mixed_cluster_with_a_flanneld_host_gw_node() {
         );
     }
     assert_eq!(nth_host(flannel_subnet, 2), flannel_pod);
+
+    // `cleanup` on a stopped host-gw node removes its routes to peers' subnets and the recorder
+    // with everything else; the flanneld node's own routes are not the agent's to touch.
+    c.stop_agent(0, Signal::SIGTERM);
+    let out = c.run_cleanup(0, &overlay_tests::cluster::agent_bin()).unwrap();
+    assert!(
+        out.contains(&format!("removed route {} via 198.18.0.12", subnets[1])),
+        "cleanup did not report the route to node 2's subnet: {out}"
+    );
+    assert_eq!(
+        route(&c, 0, subnets[1]),
+        "",
+        "cleanup left a route to a peer's subnet"
+    );
+    let filters = output(
+        &c.nodes[0].node.ns,
+        "tc",
+        &["filter", "show", "dev", "eth0", "egress"],
+    )
+    .unwrap();
+    let links = output(&c.nodes[0].node.ns, "bpftool", &["net", "show", "dev", "eth0"]).unwrap_or_default();
+    assert!(
+        !filters.contains("overlay_record") && !links.contains("overlay_record"),
+        "cleanup left the recorder on eth0:\n{filters}\n{links}"
+    );
+    assert_eq!(
+        route(&c, 2, subnets[0]),
+        via(subnets[0], Ipv4Addr::new(198, 18, 0, 11))
+    );
 }
 
 /// flanneld's host-gw refuses to start when the PublicIP is not the interface's (a node behind

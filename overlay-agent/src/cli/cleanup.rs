@@ -13,6 +13,8 @@
 //!   `inet overlay-agent` (conntrack, always).
 //! - The `FLANNEL-FWD` chain and its FORWARD jump (`--iptables-forward-rules`), for IPv4
 //!   (iptables) and IPv6 (ip6tables), in each backend that has them.
+//! - host-gw's routes to the peers' subnets (`SUBNET via PEER dev IFACE`: routes through a
+//!   gateway on the underlay into the networks subnet.env names), [`remove_peer_routes`].
 
 use std::{path::Path, process::Command};
 
@@ -20,8 +22,9 @@ use overlay_common::programs;
 use tracing::{info, warn};
 
 use crate::{
+    control::subnet_env,
     dataplane::pinned,
-    node::{grodev, hostdev},
+    node::{grodev, hostdev, routes::Routes},
     ops::{conntrack, forward, masq, netfilter::NfFamily as _},
 };
 
@@ -210,5 +213,50 @@ fn remove_empty_clsact(iface: &str, r: &mut Report) {
             String::from_utf8_lossy(&o.stderr).trim()
         )),
         Err(e) => r.failed.push(format!("clsact qdisc on {iface}: running tc: {e}")),
+    }
+}
+
+/// Removes host-gw's routes to peers' subnets: in the main table, through a gateway on one of
+/// `ifaces`, into the cluster networks of `subnet_file` (`FLANNEL_NETWORK`,
+/// `FLANNEL_IPV6_NETWORK`). Without a subnet.env there is nothing to tell them by.
+pub fn remove_peer_routes(subnet_file: &Path, ifaces: &[String], r: &mut Report) {
+    let Ok(text) = std::fs::read_to_string(subnet_file) else {
+        return;
+    };
+    let networks = subnet_env::parse_networks(&text);
+    if networks.is_empty() {
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return r.failed.push(format!("routes to peers' subnets: {e}")),
+    };
+    rt.block_on(async {
+        for iface in ifaces {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str()) else {
+                continue;
+            };
+            let found = match Routes::open(ifindex) {
+                Ok(routes) => routes.list(&networks).await.map(|l| (routes, l)),
+                Err(e) => Err(e),
+            };
+            let (routes, list) = match found {
+                Ok(f) => f,
+                Err(e) => {
+                    r.failed
+                        .push(format!("routes to peers' subnets via {iface}: {e}"));
+                    continue;
+                }
+            };
+            for route in list {
+                match routes.delete(route).await {
+                    Ok(()) => r.removed.push(format!("route {route}")),
+                    Err(e) => r.failed.push(format!("route {route}: {e}")),
+                }
+            }
+        }
+    });
+    for what in r.removed.iter().filter(|w| w.starts_with("route ")) {
+        info!(%what, "removed");
     }
 }

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::lease::SubnetKey;
 use crate::family::{first_host, Family, V4, V6};
@@ -113,6 +113,14 @@ pub fn parse_previous_subnets(text: &str) -> SubnetKey {
     }
 }
 
+/// The `FLANNEL_NETWORK` and `FLANNEL_IPV6_NETWORK` of a subnet.env text (the cluster networks
+/// it was written for).
+pub fn parse_networks(text: &str) -> Vec<IpNet> {
+    let v4 = previous::<V4>(text, "FLANNEL_NETWORK").map(IpNet::V4);
+    let v6 = previous::<V6>(text, "FLANNEL_IPV6_NETWORK").map(IpNet::V6);
+    v4.into_iter().chain(v6).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +134,21 @@ mod tests {
             mtu: 1450,
             ip_masq: false,
         }
+    }
+
+    #[test]
+    fn the_networks_of_a_subnet_env() {
+        let text = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n\
+                    FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n";
+        let want: Vec<IpNet> = vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:10:244::/56".parse().unwrap(),
+        ];
+        assert_eq!(parse_networks(text), want);
+        assert_eq!(
+            parse_networks("FLANNEL_SUBNET=10.244.7.1/24\n"),
+            Vec::<IpNet>::new()
+        );
     }
 
     #[test]
