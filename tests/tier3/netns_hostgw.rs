@@ -458,6 +458,33 @@ fn switching_a_cluster_between_vxlan_and_host_gw() {
                 pods[b]
             );
         }
+        // What is attached follows the backend: the recorder on eth0's egress with host-gw
+        // only, and no pin left of a link on a device the switch removed.
+        let st = c.status_json(0).unwrap();
+        let attached: Vec<(String, String, bool)> = st["attachments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["program"].as_str().unwrap_or("").to_string(),
+                    a["iface"].as_str().unwrap_or("").to_string(),
+                    a["iface_present"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect();
+        assert!(
+            attached.iter().all(|(_, _, present)| *present),
+            "{backend}: a pinned link of a removed device: {attached:?}"
+        );
+        let recorder = attached
+            .iter()
+            .any(|(p, i, _)| p == "overlay_record" && i == "eth0");
+        assert_eq!(
+            recorder,
+            backend == "host-gw",
+            "{backend}: the recorder: {attached:?}"
+        );
         let ip = Ipv4Addr::new(198, 18, 0, 12);
         let (hostdev, route_now) = (
             c.nodes[0].node.ns.ip(&["link", "show", "overlay0"]).is_ok(),

@@ -392,6 +392,15 @@ impl Dataplane {
         }
     }
 
+    /// Removes the pins of every link of ours on `iface`: a device the agent deleted (its links
+    /// went with it; the pins would stay behind as `gone` attachments).
+    pub fn forget_links_on(&self, iface: &str) -> Result<(), DataplaneError> {
+        for prog in programs::ALL.into_iter().chain([RESEG_LINK]) {
+            self.retire_link(prog, iface)?;
+        }
+        Ok(())
+    }
+
     /// Removes the pinned link of `prog` on `iface`, detaching the program unless another
     /// process holds the link open.
     fn retire_link(&self, prog: &str, iface: &str) -> Result<(), DataplaneError> {

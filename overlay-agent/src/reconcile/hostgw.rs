@@ -78,6 +78,9 @@ impl HostGwNode {
             (hostdev::HOST_DEVICE, hostdev::remove().await),
             (grodev::GRO_DEVICE, grodev::remove().await),
         ] {
+            if let Err(e) = dp.forget_links_on(dev) {
+                warn!(dev, error = %e, "removing the pins of a vxlan device's links");
+            }
             match r {
                 Ok(true) => info!(dev, "removed a vxlan device (this node runs host-gw)"),
                 Ok(false) => {}
