@@ -81,7 +81,8 @@ pub(crate) fn receive<F: Plain>(
     fcfg: &F::Config,
 ) -> Result<Option<Verdict>, Counter> {
     let eth: EthHdr = ctx.load(0).map_err(|_| Counter::DropMalformed)?;
-    if eth.proto != F::ETHERTYPE.to_be_bytes() {
+    // Only frames addressed to the NIC: the stack drops the rest (a promiscuous NIC's).
+    if eth.proto != F::ETHERTYPE.to_be_bytes() || eth.dst != cfg.underlay_mac {
         return Ok(None);
     }
     deliver_checked::<F>(ctx, cfg, |ip| {
