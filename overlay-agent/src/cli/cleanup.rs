@@ -38,6 +38,11 @@ pub struct Report {
 /// Removes everything; `ifaces` are where the agent added `clsact` (underlay NIC, bridge).
 pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
     let mut r = Report::default();
+    if let Some(refused) = refuse_pin_root(pin_root) {
+        r.failed.push(refused);
+        warn!(what = %r.failed[0], "nothing removed");
+        return r;
+    }
     // First the pins: they include the agent's pinned TC/XDP links (`<pin_root>/links/`), and
     // unpinning the last reference detaches a program.
     if pin_root.exists() {
@@ -118,6 +123,15 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         warn!(%what, "could not remove");
     }
     r
+}
+
+/// Why cleanup must not touch `pin_root` at all (it is removed recursively): not a directory on
+/// a bpffs below the bpffs's mount point. Checked first, so a mistyped `--pin-root` removes
+/// nothing anywhere.
+fn refuse_pin_root(pin_root: &Path) -> Option<String> {
+    crate::dataplane::bpffs::check_cleanup_target(pin_root)
+        .err()
+        .map(|e| format!("{e} (nothing was removed)"))
 }
 
 /// Every interface, with the name of its XDP program when it is one of ours.
