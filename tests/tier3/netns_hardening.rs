@@ -845,6 +845,9 @@ fn iptables_chain(ns: &Netns, cmd: &str, chain: &str) -> Option<String> {
 fn agent_runs_under_the_units_sandbox() {
     require_root();
     let mut c = Cluster::new(2, CONFIG).expect("building the cluster");
+    // A host with forwarding off, as a fresh one: the agent must turn it on through
+    // ReadWritePaths=/proc/sys/net (ProtectKernelTunables makes the rest of /proc/sys read-only).
+    c.nodes[0].node.ns.sysctl("net.ipv4.ip_forward=0").unwrap();
     let runs = [RunDir::new(), RunDir::new()];
     let masks = [
         start_sandboxed(&mut c, 0, &runs[0], true),
@@ -860,6 +863,17 @@ fn agent_runs_under_the_units_sandbox() {
             .mode();
         assert_eq!(mode & 0o777, 0o644, "subnet.env of node {}", i + 1);
     }
+    let fwd = c.nodes[0]
+        .node
+        .ns
+        .exec("cat", &["/proc/sys/net/ipv4/ip_forward"])
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&fwd.stdout).trim(),
+        "1",
+        "node 1's agent did not enable ip_forward under the sandbox; log:\n{}",
+        c.agent_log(0)
+    );
     let pods = vec![c.add_pods(0, 1).unwrap()[0], c.add_pods(1, 1).unwrap()[0]];
     learn_peers(&c);
     both_ways(&c, &pods);
