@@ -77,6 +77,10 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    // Whatever the agent creates without naming a mode (pin directories, files of the tools it
+    // runs) is private to root; the files meant to be read by others (subnet.env, docker-opts'
+    // output) get 0644 explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // flanneld unit files write `-etcd-endpoints=…`, `-iface eth0`, `-ip-masq`: read them as
     // flanneld (Go's flag package) does.
     let argv = cli::go_style_argv(std::env::args_os(), &cli::flag_table(&Cli::command()));

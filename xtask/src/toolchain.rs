@@ -98,6 +98,12 @@ pub const NEEDS: &[Need] = &[
     cmd("systemd-analyze", "systemd", "tests (unit file check)"),
     cmd("openssl", "openssl", "tests (etcd TLS)"),
     cmd("nsenter", "util-linux", "tests"),
+    // netns_hardening builds the unit's seccomp filter: system call numbers by name.
+    file(
+        "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+        "linux-libc-dev",
+        "tests (netns_hardening: the unit's system call filter)",
+    ),
     cmd("sysctl", "procps", "tests"),
     // kube-proxy's tools (netns_services): its IPVS mode, its ipsets; conntrack for diagnostics.
     cmd("ipvsadm", "ipvsadm", "tests (kube-proxy IPVS mode)"),

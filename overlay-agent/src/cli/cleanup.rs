@@ -36,11 +36,19 @@ const KERNEL_NAME_LEN: usize = 15;
 pub struct Report {
     pub removed: Vec<String>,
     pub failed: Vec<String>,
+    /// The pin root was refused: nothing was removed, nothing else may be.
+    pub refused: bool,
 }
 
 /// Removes everything; `ifaces` are where the agent added `clsact` (underlay NIC, bridge).
 pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
     let mut r = Report::default();
+    if let Some(refused) = refuse_pin_root(pin_root) {
+        r.refused = true;
+        r.failed.push(refused);
+        warn!(what = %r.failed[0], "nothing removed");
+        return r;
+    }
     // First the pins: they include the agent's pinned TC/XDP links (`<pin_root>/links/`), and
     // unpinning the last reference detaches a program.
     if pin_root.exists() {
@@ -121,6 +129,15 @@ pub fn run(pin_root: &Path, ifaces: &[String]) -> Report {
         warn!(%what, "could not remove");
     }
     r
+}
+
+/// Why cleanup must not touch `pin_root` at all (it is removed recursively): not a directory on
+/// a bpffs below the bpffs's mount point. Checked first, so a mistyped `--pin-root` removes
+/// nothing anywhere.
+fn refuse_pin_root(pin_root: &Path) -> Option<String> {
+    crate::dataplane::bpffs::check_cleanup_target(pin_root)
+        .err()
+        .map(|e| format!("{e} (nothing was removed)"))
 }
 
 /// Every interface, with the name of its XDP program when it is one of ours.
@@ -220,6 +237,9 @@ fn remove_empty_clsact(iface: &str, r: &mut Report) {
 /// `ifaces`, into the cluster networks of `subnet_file` (`FLANNEL_NETWORK`,
 /// `FLANNEL_IPV6_NETWORK`). Without a subnet.env there is nothing to tell them by.
 pub fn remove_peer_routes(subnet_file: &Path, ifaces: &[String], r: &mut Report) {
+    if r.refused {
+        return;
+    }
     let Ok(text) = std::fs::read_to_string(subnet_file) else {
         return;
     };

@@ -7,6 +7,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::control::subnet_env::replace_file;
+
 pub const DEFAULT_OUT: &str = "/run/docker_opts.env";
 pub const DEFAULT_KEY: &str = "DOCKER_OPTS";
 
@@ -97,25 +99,17 @@ pub fn render(subnet_env: &str, shape: &Shape, path: &Path) -> Result<String, Do
     Ok(out)
 }
 
-/// Reads `subnet_file` and writes `out` (atomically: temp file + rename).
+/// Reads `subnet_file` and writes `out` (atomically, mode 0644, never through a symlink:
+/// [`replace_file`]).
 pub fn write(subnet_file: &Path, out: &Path, shape: &Shape) -> Result<(), DockerOptsError> {
     let text = std::fs::read_to_string(subnet_file).map_err(|source| DockerOptsError::Read {
         path: subnet_file.to_path_buf(),
         source,
     })?;
     let rendered = render(&text, shape, subnet_file)?;
-    let err = |source| DockerOptsError::Write {
+    replace_file(out, rendered.as_bytes()).map_err(|source| DockerOptsError::Write {
         path: out.to_path_buf(),
         source,
-    };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, rendered).map_err(err)?;
-    std::fs::rename(&tmp, out).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
     })
 }
 
@@ -200,5 +194,36 @@ mod tests {
             got,
             "DOCKER_OPTS=\" --bip=10.244.7.1/24 --ip-masq=false --mtu=1450\"\n"
         );
+    }
+
+    /// The output is never written through a symlink: not one at the output path (replaced by
+    /// the file), not one at the temp name earlier releases used (`<out>.tmp<pid>`, which
+    /// anyone able to write the directory could plant); and it is 0644 whatever the umask.
+    #[test]
+    fn never_writes_through_a_symlink() {
+        use std::os::unix::fs::{symlink, PermissionsExt as _};
+        let dir = std::env::temp_dir().join(format!("docker-opts-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let env = dir.join("subnet.env");
+        std::fs::write(&env, ENV).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let out = dir.join("docker_opts.env");
+        symlink(&victim, &out).unwrap();
+        symlink(&victim, out.with_extension(format!("tmp{}", std::process::id()))).unwrap();
+        let res = write(&env, &out, &shape(DEFAULT_KEY, false, true, false));
+        let victim_now = std::fs::read_to_string(&victim).unwrap();
+        let out_md = std::fs::symlink_metadata(&out).unwrap();
+        let got = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        res.unwrap();
+        assert_eq!(victim_now, "precious\n", "written through a symlink");
+        assert!(
+            out_md.file_type().is_file(),
+            "the output should be a file of its own now"
+        );
+        assert_eq!(out_md.permissions().mode() & 0o777, 0o644);
+        assert!(got.starts_with("DOCKER_OPTS="), "{got}");
     }
 }

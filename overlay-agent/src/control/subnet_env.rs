@@ -51,33 +51,51 @@ impl SubnetEnv {
         s
     }
 
-    /// Writes to a temp file in the same directory, fsyncs, then renames over `path`.
+    /// Writes `path` atomically ([`replace_file`]), mode 0644 as flanneld's.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let err = |source| SubnetEnvError::Write {
+        replace_file(path, self.render().as_bytes()).map_err(|source| SubnetEnvError::Write {
             path: path.to_path_buf(),
             source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let res = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res.map_err(err)
+        })
     }
+}
+
+/// Mode of the files others read (subnet.env, docker-opts' output), as flanneld and
+/// mk-docker-opts.sh leave them (the agent's umask is 077).
+pub const PUBLIC_FILE_MODE: u32 = 0o644;
+
+/// Replaces `path` with `contents` atomically and never through a symlink: a new file with a
+/// random name is created in `path`'s directory (`O_CREAT|O_EXCL`, so nothing planted there is
+/// followed or reused), written, set to [`PUBLIC_FILE_MODE`], fsynced, and renamed over `path`
+/// (a symlink at `path` is replaced, not followed). Missing directories are created 0755.
+pub fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
+        let mut b = std::fs::DirBuilder::new();
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o755);
+        b.recursive(true).create(dir)?;
+        // The umask (077) narrowed it; readers of subnet.env need to enter it.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(contents)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(PUBLIC_FILE_MODE))?;
+    tmp.as_file().sync_all()?;
+    // On failure the temp file is removed when `tmp` drops.
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// The subnets recorded in an existing subnet.env (`FLANNEL_SUBNET`, `FLANNEL_IPV6_SUBNET`,
@@ -184,6 +202,44 @@ mod tests {
             SubnetKey::default()
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// subnet.env is never written through a symlink: not one at its path (replaced by the
+    /// file), not one at the temp name earlier releases used (`.subnet.env.tmp.<pid>`, which
+    /// anyone able to write the directory could plant); it is 0644 (flanneld's) whatever the
+    /// umask, and no temp file is left behind.
+    #[test]
+    fn never_writes_through_a_symlink() {
+        use std::os::unix::fs::{symlink, PermissionsExt as _};
+        let dir = std::env::temp_dir().join(format!("subnet-env-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        let path = dir.join("subnet.env");
+        symlink(&victim, &path).unwrap();
+        let planted = dir.join(format!(".subnet.env.tmp.{}", std::process::id()));
+        symlink(&victim, &planted).unwrap();
+        let res = env().write(&path);
+        let victim_now = std::fs::read_to_string(&victim).unwrap();
+        let md = std::fs::symlink_metadata(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let _ = std::fs::remove_dir_all(&dir);
+        res.unwrap();
+        assert_eq!(victim_now, "precious\n", "written through a symlink");
+        assert!(
+            md.file_type().is_file(),
+            "subnet.env should be a file of its own now"
+        );
+        assert_eq!(md.permissions().mode() & 0o777, 0o644);
+        assert_eq!(text, env().render());
+        let planted_name = planted.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(names, [planted_name, "subnet.env".into(), "victim".into()]);
     }
 
     /// flanneld's `WriteSubnetFile` for dual-stack and IPv6-only (pkg/subnet/subnet.go): the
