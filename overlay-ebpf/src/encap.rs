@@ -277,21 +277,7 @@ fn route_and_send<F: Family>(
     outer: impl FnOnce(&FibParams, u16) -> Result<(), Counter>,
 ) -> Result<Verdict, Counter> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.ifindex = cfg.underlay_ifindex;
-    // tot_len stays 0: a GSO packet is longer than the MTU until it is segmented, and the
-    // FIB's MTU check would refuse it.
-    F::fib_addrs(&mut fib, src, dst);
-    // SAFETY: fib points to a properly sized bpf_fib_lookup on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            // We originate the outer packet. (The kernel still wants forwarding on the NIC.)
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let rc = fib_usable(rc as u32)?;
+    let rc = fib_usable(underlay_next_hop::<F>(ctx, cfg, src, dst, &mut fib))?;
     let out_ifindex = fib.ifindex;
     if direct {
         if cfg.flags & CONFIG_BARE_FAST != 0 {
@@ -304,6 +290,33 @@ fn route_and_send<F: Family>(
     grow_for_vxlan(ctx, F::ENCAP_L3, F::OVERHEAD)?;
     outer(&fib, flow_source_port(hash))?;
     redirect(ctx, rc, &fib, out_ifindex, F::ENCAP)
+}
+
+/// The FIB's next hop on the underlay from `src` to `dst` (our address and a node's) into a
+/// zeroed `fib`: the lookup's return code.
+#[inline(always)]
+pub(crate) fn underlay_next_hop<F: Family>(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    src: &F::Addr,
+    dst: &F::Addr,
+    fib: &mut FibParams,
+) -> u32 {
+    fib.ifindex = cfg.underlay_ifindex;
+    // tot_len stays 0: a GSO packet is longer than the MTU until it is segmented, and the
+    // FIB's MTU check would refuse it.
+    F::fib_addrs(fib, src, dst);
+    // SAFETY: fib points to a properly sized bpf_fib_lookup on the caller's stack.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            fib,
+            core::mem::size_of::<FibParams>() as i32,
+            // We originate the packet. (The kernel still wants forwarding on the NIC.)
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    rc as u32
 }
 
 /// The FIB lookup's answer for the outer packet, either family: `rc` when encap can go on (a

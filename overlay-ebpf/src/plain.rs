@@ -15,12 +15,8 @@
 //! skipped.
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT,
-    },
+    bindings::{bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     btf_maps::lpm_trie::Key,
-    helpers::generated::bpf_fib_lookup,
     programs::TcContext,
 };
 use overlay_common::{maps::SENT_MARK, wire::ETH_LEN, Counter, DataplaneConfig, DataplaneConfig6};
@@ -28,6 +24,7 @@ use overlay_common::{maps::SENT_MARK, wire::ETH_LEN, Counter, DataplaneConfig, D
 use crate::{
     conntrack,
     deliver::{deliver_checked, Deliver},
+    encap::underlay_next_hop,
     family::{EthHdr, Family, Ipv4Hdr, Ipv6Hdr, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
     verdict::{count, Verdict},
@@ -106,18 +103,7 @@ fn from_member<F: Family>(
     mac: &[u8; 6],
 ) -> Result<bool, Counter> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.ifindex = cfg.underlay_ifindex;
-    F::fib_addrs(&mut fib, ours, member);
-    // SAFETY: fib points to a properly sized bpf_fib_lookup on our stack.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    } as u32;
-    match rc {
+    match underlay_next_hop::<F>(ctx, cfg, ours, member, &mut fib) {
         BPF_FIB_LKUP_RET_SUCCESS if fib.dmac == *mac => Ok(true),
         BPF_FIB_LKUP_RET_SUCCESS => Err(Counter::DropWrongSender),
         BPF_FIB_LKUP_RET_NO_NEIGH => {

@@ -721,6 +721,27 @@ impl Drop for RunDir {
     }
 }
 
+/// A copy of the agent binary in a directory of the test's own under /var/lib (exec allowed,
+/// neither private nor hidden under the unit), removed on drop.
+struct BinCopy(PathBuf);
+impl BinCopy {
+    fn new() -> Self {
+        let dir = PathBuf::from("/var/lib").join(unique_name("ovlhard-bin"));
+        std::fs::create_dir(&dir).unwrap();
+        let bin = dir.join("overlay-agent");
+        std::fs::copy(agent_bin(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        BinCopy(bin)
+    }
+}
+impl Drop for BinCopy {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// Starts node `i`'s agent as [`Cluster::start_agent`] does, but inside the unit's sandbox.
 fn start_sandboxed(c: &mut Cluster, i: usize, run: &RunDir, no_bpffs: bool) -> u64 {
     let unit = std::fs::read_to_string(repo_file("dist/overlay-agent.service")).unwrap();
@@ -740,7 +761,11 @@ fn start_sandboxed(c: &mut Cluster, i: usize, run: &RunDir, no_bpffs: bool) -> u
         .append(true)
         .open(&n.log_file)
         .unwrap();
-    let mut cmd = Command::new(agent_bin());
+    // The unit's PrivateTmp and ProtectHome hide /tmp, /var/tmp and /root: a build there (a
+    // fresh clone in /tmp) would not be found inside the sandbox. The agent runs from a copy on
+    // the root file system, as an installed one does; the copy goes once exec has happened.
+    let bin = BinCopy::new();
+    let mut cmd = Command::new(&bin.0);
     cmd.args(["--etcd-endpoints", &format!("http://{ETCD_IP}:2379")])
         .args(["--iface", "eth0", "--subnet-file"])
         .arg(&n.subnet_file)
