@@ -281,9 +281,9 @@ impl Cluster {
             "eth0",
             "--bridge",
             "cni0",
-            "--subnet-file",
         ])
-        .arg(&n.subnet_file)
+        // As a variable (the unit's way): a previous release's cleanup has no --subnet-file.
+        .env("FLANNELD_SUBNET_FILE", &n.subnet_file)
         .stdin(Stdio::null());
         Ok(cmd)
     }
