@@ -93,10 +93,20 @@ pub enum Counter {
     /// neighbour table does not know the member's MAC yet (nothing to check the sender against):
     /// handed to the stack, which routes it as plain host-gw does.
     PassUnverified,
+    /// XDP decap on a kernel that refuses XDP metadata: a frame arriving with the NIC's own MAC
+    /// as its source (looped back or forged). There XDP marks what it stripped by that source
+    /// MAC, so such a frame must not reach the TC program after GRO.
+    DropOwnMac,
+    /// Encap: a pod's UDP packet to the VXLAN port of a node's PublicIP (a pod never needs to
+    /// send VXLAN; after the node's masquerade it would arrive as a member's).
+    DropPodVxlan,
+    /// Decap: VXLAN from a member whose inner frame is not addressed to our VtepMAC (the
+    /// kernel's VXLAN device would not take it either).
+    DropInnerMac,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::PassUnverified as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DropInnerMac as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -146,6 +156,9 @@ impl Counter {
         Counter::DropGroDevice,
         Counter::DropWrongSender,
         Counter::PassUnverified,
+        Counter::DropOwnMac,
+        Counter::DropPodVxlan,
+        Counter::DropInnerMac,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -191,6 +204,9 @@ impl Counter {
             Counter::DropGroDevice => "drop_gro_device",
             Counter::DropWrongSender => "drop_wrong_sender",
             Counter::PassUnverified => "pass_unverified",
+            Counter::DropOwnMac => "drop_own_mac",
+            Counter::DropPodVxlan => "drop_pod_vxlan",
+            Counter::DropInnerMac => "drop_inner_mac",
         }
     }
 
@@ -198,7 +214,14 @@ impl Counter {
     pub const fn is_drop(self) -> bool {
         let i = self as u32;
         (i >= Counter::DropNoConfig as u32 && i <= Counter::DropTooBig as u32)
-            || matches!(self, Counter::DropGroDevice | Counter::DropWrongSender)
+            || matches!(
+                self,
+                Counter::DropGroDevice
+                    | Counter::DropWrongSender
+                    | Counter::DropOwnMac
+                    | Counter::DropPodVxlan
+                    | Counter::DropInnerMac
+            )
     }
 }
 
@@ -222,5 +245,8 @@ mod tests {
         assert!(!Counter::PassStack.is_drop());
         assert!(Counter::DropWrongSender.is_drop());
         assert!(!Counter::PassUnverified.is_drop());
+        assert!(Counter::DropOwnMac.is_drop());
+        assert!(Counter::DropPodVxlan.is_drop());
+        assert!(Counter::DropInnerMac.is_drop());
     }
 }

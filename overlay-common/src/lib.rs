@@ -29,6 +29,13 @@ pub mod probe {
     pub const ENCAP_L2_ETH: i32 = 1 << 1;
 }
 
+/// The eBPF object's load-time globals (read-only data the agent sets before loading).
+pub mod globals {
+    /// `u32`: 1 when XDP programs may call `bpf_xdp_adjust_meta` (XDP decap then marks what it
+    /// stripped for the TC program after GRO), 0 when the kernel refuses the helper to XDP.
+    pub const XDP_META: &str = "XDP_META";
+}
+
 pub mod programs {
     /// TC ingress on the pod bridge: encapsulates traffic to remote pod subnets.
     pub const ENCAP: &str = "overlay_encap";

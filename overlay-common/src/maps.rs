@@ -159,6 +159,13 @@ pub const CONFIG_HOST_GW: u16 = 1 << 5;
 /// decap on the underlay delivers bare pod packets from members straight to local pods, and
 /// encap marks what it sends bare ([`SENT_MARK`]) for the recorder.
 pub const CONFIG_BARE_FAST: u16 = 1 << 6;
+/// XDP decap marks what it stripped with metadata for the TC program after GRO (status only:
+/// the programs read the load-time global `XDP_META`, which the agent sets from a helper probe).
+pub const CONFIG_XDP_META: u16 = 1 << 7;
+/// XDP decap is attached on a kernel without XDP metadata: XDP marks what it stripped by
+/// addressing it from the NIC's own MAC to itself (and drops frames that arrive from that MAC),
+/// and the TC program after GRO takes such frames as stripped. Never set without XDP in front.
+pub const CONFIG_XDP_MAC_MARK: u16 = 1 << 8;
 
 /// Node-wide settings the programs need. One entry, key 0.
 #[repr(C)]

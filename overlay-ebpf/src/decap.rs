@@ -9,11 +9,11 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_ADJ_ROOM_NO_CSUM_RESET,
     },
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    helpers::generated::{bpf_skb_load_bytes, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    maps::{CONFIG_BARE_FAST, CONFIG_DECAP_L4_UDP, CONFIG_KEEP_CSUM},
+    maps::{CONFIG_BARE_FAST, CONFIG_DECAP_L4_UDP, CONFIG_KEEP_CSUM, CONFIG_XDP_MAC_MARK},
     wire::{
         vxlan_vni, ENCAP6_HDR_LEN, ENCAP_HDR_LEN, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_FRAGMENT,
         IPPROTO_UDP, IPV4_LEN, IPV6_LEN, IP_FRAG_MASK, UDP_LEN, VXLAN_LEN, VXLAN_OVERHEAD,
@@ -128,7 +128,8 @@ impl Decap for V4 {
             return Err(Counter::DropMalformed);
         }
         let inner_ok = f.inner_eth.proto == ETH_P_IP.to_be_bytes() && f.inner.ver_ihl >> 4 == 4;
-        from_a_member::<V4>(f, inner_ok, f.inner.src, cfg)
+        let to_our_vtep = eq_mac(&f.inner_eth.dst, &cfg.vtep_mac);
+        from_a_member::<V4>(f, inner_ok, f.inner.src, to_our_vtep, cfg)
     }
 
     #[inline(always)]
@@ -164,7 +165,7 @@ impl Decap for V6 {
         if have < OUTER6_L3_END || be16(f.eth.proto) != ETH_P_IPV6 || f.ip.vtc_flow[0] >> 4 != 6 {
             return Ok(Classified::Pass);
         }
-        if !eq16(&f.ip.dst, &cfg6.public_ip) {
+        if !eq_bytes(&f.ip.dst, &cfg6.public_ip) {
             return Ok(Classified::Pass);
         }
         if f.ip.next_header == IPPROTO_FRAGMENT {
@@ -189,7 +190,8 @@ impl Decap for V6 {
             return Err(Counter::DropMalformed);
         }
         let inner_ok = be16(f.inner_eth.proto) == ETH_P_IPV6 && f.inner.vtc[0] >> 4 == 6;
-        from_a_member::<V6>(f, inner_ok, f.inner.src, cfg)
+        let to_our_vtep = eq_mac(&f.inner_eth.dst, &cfg6.vtep_mac);
+        from_a_member::<V6>(f, inner_ok, f.inner.src, to_our_vtep, cfg)
     }
 
     #[inline(always)]
@@ -198,25 +200,35 @@ impl Decap for V6 {
     }
 }
 
-/// 16-byte equality without a `bcmp` call (which the BPF target cannot link).
+/// Byte-array equality without a `bcmp` call (which the BPF target cannot link).
 #[inline(always)]
-fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub(crate) fn eq_bytes<const N: usize>(a: &[u8; N], b: &[u8; N]) -> bool {
     let mut diff = 0u8;
     let mut i = 0;
-    while i < 16 {
+    while i < N {
         diff |= a[i] ^ b[i];
         i += 1;
     }
     diff == 0
 }
 
+/// MAC equality in two word compares (no byte loop: decap's frame is near the stack limit).
+#[inline(always)]
+pub(crate) fn eq_mac(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    let word = |m: &[u8; 6]| u32::from_ne_bytes([m[0], m[1], m[2], m[3]]);
+    let half = |m: &[u8; 6]| u16::from_ne_bytes([m[4], m[5]]);
+    word(a) == word(b) && half(a) == half(b)
+}
+
 /// The rules both families end with, for VXLAN to our port: a member's PublicIP as the source,
-/// our VNI, an inner packet of the family (`inner_ok`) from inside that member's subnet.
+/// our VNI, an inner packet of the family (`inner_ok`) from inside that member's subnet,
+/// addressed to our VtepMAC of the family (`to_our_vtep`).
 #[inline(always)]
 fn from_a_member<F: Decap>(
     f: &Frame<F>,
     inner_ok: bool,
     inner_src: F::Addr,
+    to_our_vtep: bool,
     cfg: &DataplaneConfig,
 ) -> Result<Classified, Counter> {
     // SAFETY: the hash map value is read once and copied.
@@ -234,6 +246,9 @@ fn from_a_member<F: Decap>(
     }
     if !F::from_member(&vtep, inner_src) {
         return Err(Counter::DropSpoofedSource);
+    }
+    if !to_our_vtep {
+        return Err(Counter::DropInnerMac);
     }
     Ok(Classified::Decap)
 }
@@ -256,6 +271,14 @@ pub(crate) fn xdp<F: Decap>(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let start = ctx.data();
     let end = ctx.data_end();
     let frame_len = end - start;
+    let meta = xdp_meta();
+    if !meta && start + ETH_LEN <= end {
+        // The mark below: a frame from the wire must never carry it.
+        // SAFETY: bounds checked just above.
+        if eq_bytes(unsafe { &*((start + 6) as *const [u8; 6]) }, &cfg.underlay_mac) {
+            return Err(Counter::DropOwnMac);
+        }
+    }
     let full = core::mem::size_of::<Frame<F>>();
     let head = core::mem::size_of::<F::Head>();
     // Direct packet access needs a constant-size bounds check; shorter frames are classified on
@@ -287,7 +310,13 @@ pub(crate) fn xdp<F: Decap>(ctx: &XdpContext) -> Result<Verdict, Counter> {
             // The inner frame is addressed to our VtepMAC; the stack wants the NIC's own MAC.
             // SAFETY: bounds checked just above.
             unsafe { (*(start as *mut [u8; 6])) = cfg.underlay_mac };
-            mark_decapped(ctx);
+            if meta {
+                mark_decapped(ctx);
+            } else {
+                // No metadata on this kernel: the mark is the NIC's own MAC as the source too.
+                // SAFETY: bounds checked just above.
+                unsafe { (*((start + 6) as *mut [u8; 6])) = cfg.underlay_mac };
+            }
             Ok(Verdict::counted(
                 xdp_action::XDP_PASS,
                 F::DECAP,
@@ -335,17 +364,19 @@ fn tc_vxlan<F: Decap>(
     let full = core::mem::size_of::<Frame<F>>();
     let head = core::mem::size_of::<F::Head>();
     let mut f: Frame<F> = unsafe { core::mem::zeroed() };
+    // Loaded in place (no temporary copy: this frame is near the stack limit).
     let have = if frame_len >= full {
-        f = ctx.load(0).map_err(|_| Counter::DropMalformed)?;
         full
     } else if frame_len >= head {
-        let h: F::Head = ctx.load(0).map_err(|_| Counter::DropMalformed)?;
-        // SAFETY: the frame starts with exactly these bytes.
-        unsafe { core::ptr::write(&mut f as *mut _ as *mut F::Head, h) };
         head
     } else {
         return Ok(None);
     };
+    let into = &mut f as *mut Frame<F> as *mut core::ffi::c_void;
+    // SAFETY: `have` is at most the size of `f`, which the helper writes into.
+    if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, into, have as u32) } != 0 {
+        return Err(Counter::DropMalformed);
+    }
     match F::classify(&f, have, frame_len, cfg, fcfg)? {
         Classified::Pass => Ok(None),
         Classified::Decap => {
@@ -394,8 +425,23 @@ fn strip_outer(ctx: &TcContext, cfg: &DataplaneConfig, overhead: usize) -> Resul
         .map_err(|_| Counter::DropAdjustRoom)
 }
 
-/// Tags the frame for the TC program after GRO (best effort: a driver without metadata support
-/// just leaves the frame to the stack).
+/// Whether XDP programs may call `bpf_xdp_adjust_meta` on this kernel: the agent sets it at
+/// load from a helper probe (some kernel builds refuse the helper to XDP, and the verifier
+/// refuses a program that calls it). Read-only data, so the verifier knows the value and never
+/// walks the call when it is 0.
+#[unsafe(no_mangle)]
+static XDP_META: u32 = 1;
+
+/// [`XDP_META`]: whether XDP decap marks what it stripped with metadata.
+#[inline(always)]
+fn xdp_meta() -> bool {
+    // SAFETY: a plain read of our own static; volatile so the compiler keeps the load the
+    // agent's value decides.
+    unsafe { core::ptr::read_volatile(&XDP_META) != 0 }
+}
+
+/// Tags the frame for the TC program after GRO with metadata (best effort: a driver without
+/// metadata support just leaves the frame to the stack). Only called when [`xdp_meta`].
 #[inline(always)]
 fn mark_decapped(ctx: &XdpContext) {
     // SAFETY: helper on our own context.
@@ -409,11 +455,27 @@ fn mark_decapped(ctx: &XdpContext) {
     }
 }
 
-/// True when XDP decap stripped this frame (see [`mark_decapped`]).
+/// True when XDP decap stripped this frame: its metadata mark ([`mark_decapped`]), or on a
+/// kernel without XDP metadata, with XDP attached ([`CONFIG_XDP_MAC_MARK`]), a frame from the
+/// NIC's own MAC to itself (XDP drops such frames from the wire).
 #[inline(always)]
 pub(crate) fn decapped_by_xdp(ctx: &TcContext) -> bool {
-    // SAFETY: reading fields of our own context.
-    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
-    // SAFETY: bounds checked in the same expression.
-    meta + 4 <= data && unsafe { *(meta as *const u32) } == DECAPPED_MARK
+    if xdp_meta() {
+        // SAFETY: reading fields of our own context.
+        let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+        // SAFETY: bounds checked in the same expression.
+        return meta + 4 <= data && unsafe { *(meta as *const u32) } == DECAPPED_MARK;
+    }
+    let Ok(cfg) = config() else { return false };
+    if cfg.flags & CONFIG_XDP_MAC_MARK == 0 {
+        return false;
+    }
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return false;
+    };
+    let (dst, src) = (
+        [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]],
+        [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]],
+    );
+    eq_bytes(&dst, &cfg.underlay_mac) && eq_bytes(&src, &cfg.underlay_mac)
 }

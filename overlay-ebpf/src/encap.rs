@@ -32,6 +32,7 @@ use overlay_common::{
 use crate::{
     conntrack::{self, Conntrack},
     csum6,
+    decap::eq_bytes,
     family::{Family, Ipv4Hdr, Ipv6Hdr, AF_INET6, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
     plain,
@@ -72,7 +73,12 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
     let key = Key::new(32, ip.dst);
     let peer = match OVL_PEERS.get(&key) {
         Some(p) => *p,
-        None => return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap)),
+        None => {
+            // A later fragment has no UDP header to tell the port by.
+            let first = u16::from_be_bytes(ip.frag) & 0x1fff == 0;
+            let udp = (ip.proto == IPPROTO_UDP && first).then(|| ip.l4_offset());
+            return pass_unless_vxlan::<V4>(ctx, udp, &ip.dst, |cfg| cfg.public_ip == ip.dst);
+        }
     };
     let cfg = config()?;
     if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
@@ -115,13 +121,43 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
     )
 }
 
+/// A packet for no remote pod subnet goes to the stack, unless it is a pod's VXLAN for a node:
+/// UDP (`udp`: where its header is) to the VXLAN port of our PublicIP (`ours`) or a member's.
+/// A pod never needs to send VXLAN, and after the node's masquerade it would arrive as a
+/// member's, inner source and all.
+#[inline(always)]
+fn pass_unless_vxlan<F: Family>(
+    ctx: &TcContext,
+    udp: Option<usize>,
+    dst: &F::Addr,
+    ours: impl FnOnce(&DataplaneConfig) -> bool,
+) -> Result<Verdict, Counter> {
+    let pass = Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
+    let Some(l4) = udp else { return pass };
+    let Ok(dport) = ctx.load::<[u8; 2]>(l4 + 2) else {
+        return pass;
+    };
+    let Ok(cfg) = config() else { return pass };
+    if u16::from_be_bytes(dport) != cfg.port {
+        return pass;
+    }
+    // SAFETY: a hash map lookup; the value is not read.
+    if ours(cfg) || unsafe { F::VTEPS.get(dst) }.is_some() {
+        return Err(Counter::DropPodVxlan);
+    }
+    pass
+}
+
 /// IPv6. The outer UDP checksum IPv6 requires, and resegmenting, are `csum6`'s.
 #[inline(always)]
 fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     let ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
     let key = Key::new(128, ip.dst);
     let Some(peer) = OVL_PEERS6.get(&key) else {
-        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassEncap));
+        let udp = (ip.next_header == IPPROTO_UDP).then_some(ETH_LEN + IPV6_LEN);
+        return pass_unless_vxlan::<V6>(ctx, udp, &ip.dst, |_| {
+            config6().is_some_and(|c| eq_bytes(&c.public_ip, &ip.dst))
+        });
     };
     let cfg = config()?;
     let cfg6 = config6().ok_or(Counter::DropNoConfig)?;

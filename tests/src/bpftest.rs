@@ -131,6 +131,11 @@ impl Node {
         self.dp.counters().unwrap()
     }
 
+    /// Whether this kernel lets XDP write metadata (how XDP decap marks what it stripped).
+    pub fn xdp_meta(&self) -> bool {
+        self.dp.features().xdp_meta
+    }
+
     pub fn run(&mut self, prog: &'static str, input: &[u8]) -> (u32, Vec<u8>) {
         self.run_ctx(prog, input, None)
     }
@@ -158,6 +163,21 @@ impl Node {
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)
     }
+}
+
+/// The 4 bytes of XDP metadata that mark a frame XDP decap stripped: "OVL1" in host order.
+pub const XDP_MARK: [u8; 4] = 0x4f56_4c31u32.to_ne_bytes();
+
+/// What XDP decap hands on (to the stack and the TC program after GRO) for `inner`, the inner
+/// frame from its Ethernet header on: addressed to the NIC (`underlay_mac`) and marked as the
+/// kernel allows — with XDP metadata (`xdp_meta`), [`XDP_MARK`] in front and the sender's
+/// VtepMAC kept as the source; without, the NIC's own MAC as the source too.
+pub fn xdp_stripped(xdp_meta: bool, underlay_mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+    let mut out = if xdp_meta { XDP_MARK.to_vec() } else { Vec::new() };
+    out.extend_from_slice(&underlay_mac);
+    out.extend_from_slice(if xdp_meta { &inner[6..12] } else { &underlay_mac });
+    out.extend_from_slice(&inner[12..]);
+    out
 }
 
 /// The MACs of the pod every tier-2 node has as a local endpoint, and of its bridge.
@@ -191,12 +211,13 @@ pub fn permanent_neighbour(ns: &Netns, ip: &str, mac: &str) {
 }
 
 /// The drop reasons of the decap rules, the same for both families.
-pub const DECAP_DROPS: [Counter; 5] = [
+pub const DECAP_DROPS: [Counter; 6] = [
     Counter::DropFragment,
     Counter::DropMalformed,
     Counter::DropUnknownPeer,
     Counter::DropWrongVni,
     Counter::DropSpoofedSource,
+    Counter::DropInnerMac,
 ];
 
 /// A frame for decap and what it must get: (name, frame, dropped?, the counter it moves).

@@ -269,6 +269,7 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
     let features = dataplane::KernelFeatures {
         tcx,
         decap_l4_udp: c.flags & maps::CONFIG_DECAP_L4_UDP != 0,
+        xdp_meta: c.flags & maps::CONFIG_XDP_META != 0,
     }
     .describe()
     .into_iter()

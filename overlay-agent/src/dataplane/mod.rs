@@ -164,12 +164,16 @@ pub struct KernelFeatures {
     /// `bpf_skb_adjust_room` takes `BPF_F_ADJ_ROOM_DECAP_L4_UDP` (probed by test-running
     /// `overlay_probe`): decap then clears a GSO packet's UDP-tunnel state.
     pub decap_l4_udp: bool,
+    /// XDP programs may call `bpf_xdp_adjust_meta` (probed before load; some kernel builds
+    /// refuse it): XDP decap marks what it stripped so the TC program after GRO delivers it
+    /// straight to the pod. Without it XDP decap still strips, and the stack delivers.
+    pub xdp_meta: bool,
 }
 
 impl KernelFeatures {
     /// The features as `status` and the start-up log name them: (name, present, what the
     /// datapath does without it).
-    pub fn describe(&self) -> [(&'static str, bool, &'static str); 2] {
+    pub fn describe(&self) -> [(&'static str, bool, &'static str); 3] {
         [
             (
                 "tcx",
@@ -180,6 +184,11 @@ impl KernelFeatures {
                 "adjust_room DECAP_L4_UDP",
                 self.decap_l4_udp,
                 "GSO packets keep their UDP-tunnel state after decap (delivered straight to pods)",
+            ),
+            (
+                "xdp_adjust_meta",
+                self.xdp_meta,
+                "XDP decap leaves what it stripped to the stack (routed to the pod, not delivered straight)",
             ),
         ]
     }
@@ -203,6 +212,8 @@ pub struct Dataplane {
     pin_root: PathBuf,
     max_peers: u32,
     features: KernelFeatures,
+    /// XDP decap is attached (its TC program after GRO then takes what XDP stripped).
+    xdp_decap: bool,
 }
 
 impl Dataplane {
@@ -218,7 +229,10 @@ impl Dataplane {
         bpffs::prepare_pin_root(pin_root)?;
         let carried = retire_incompatible_pins(bytes, pin_root, max_peers);
         let pins: Vec<(&'static str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_root.join(m))).collect();
+        let xdp_meta = xdp_meta_supported();
+        let xdp_meta_global = u32::from(xdp_meta);
         let mut loader = EbpfLoader::new();
+        loader.override_global(overlay_common::globals::XDP_META, &xdp_meta_global, true);
         for name in maps::PEER_TABLES {
             loader.map_max_entries(name, max_peers);
         }
@@ -255,12 +269,14 @@ impl Dataplane {
         let features = KernelFeatures {
             tcx: kernel_has_tcx(),
             decap_l4_udp: found & overlay_common::probe::DECAP_L4_UDP != 0,
+            xdp_meta,
         };
         let mut dp = Dataplane {
             ebpf,
             pin_root: pin_root.to_path_buf(),
             max_peers,
             features,
+            xdp_decap: false,
         };
         if let Some(old) = carried {
             dp.carry_counters(&old)?;
@@ -361,6 +377,8 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         match mode {
             DecapMode::Tc => {
+                // Before XDP goes: TC stops taking frames by XDP's source-MAC mark first.
+                self.set_xdp_decap(false)?;
                 self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress)?;
                 self.retire_link(programs::DECAP_XDP, iface)
             }
@@ -385,6 +403,7 @@ impl Dataplane {
                 };
                 let link = xdp.take_link(id).map_err(err)?;
                 pin_link(FdLink::try_from(link), &path)?;
+                self.set_xdp_decap(true)?;
                 // The TC program after GRO delivers the frames XDP stripped straight to local
                 // pods (it recognises them by XDP metadata and leaves everything else alone).
                 self.attach_tc(programs::DECAP_TC, iface, TcAttachType::Ingress)
@@ -528,8 +547,32 @@ impl Dataplane {
     pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<(), DataplaneError> {
         let mut cfg = *cfg;
         cfg.flags |= maps::CONFIG_READY;
+        self.write_config(cfg)
+    }
+
+    /// Records whether XDP decap is attached and, once the config is written, says so in it.
+    fn set_xdp_decap(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.xdp_decap = on;
+        let arr: Array<&MapData, DataplaneConfig> = map_ref(&self.ebpf, maps::CONFIG)?;
+        let current = arr.get(&0, 0);
+        match current {
+            Ok(cfg) if cfg.flags & maps::CONFIG_READY != 0 => self.write_config(cfg),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `cfg` with the flags the datapath itself owns: the kernel's features and the
+    /// decap hook in use.
+    fn write_config(&mut self, mut cfg: DataplaneConfig) -> Result<(), DataplaneError> {
+        let own = maps::CONFIG_DECAP_L4_UDP | maps::CONFIG_XDP_META | maps::CONFIG_XDP_MAC_MARK;
+        cfg.flags &= !own;
         if self.features.decap_l4_udp {
             cfg.flags |= maps::CONFIG_DECAP_L4_UDP;
+        }
+        if self.features.xdp_meta {
+            cfg.flags |= maps::CONFIG_XDP_META;
+        } else if self.xdp_decap {
+            cfg.flags |= maps::CONFIG_XDP_MAC_MARK;
         }
         let mut arr: Array<&mut MapData, DataplaneConfig> = map_mut(&mut self.ebpf, maps::CONFIG)?;
         arr.set(0, cfg, 0).map_err(|source| DataplaneError::Map {
@@ -809,6 +852,19 @@ fn probe_adjust_room(ebpf: &mut Ebpf) -> Result<i32, DataplaneError> {
             overlay_common::probe::ENCAP_L2_ETH
         }
     })
+}
+
+/// Whether XDP programs may call `bpf_xdp_adjust_meta` here (a two-instruction probe program,
+/// as libbpf probes helpers). A probe that cannot run says yes: the object then loads as before.
+fn xdp_meta_supported() -> bool {
+    use aya::{programs::ProgramType, sys::BpfHelper};
+    match aya::sys::is_helper_supported(ProgramType::Xdp, BpfHelper::BPF_FUNC_xdp_adjust_meta) {
+        Ok(yes) => yes,
+        Err(e) => {
+            tracing::warn!(error = %e, "the bpf_xdp_adjust_meta probe could not run; assuming XDP has it");
+            true
+        }
+    }
 }
 
 /// A link pinned by an earlier agent, if there is one of the right kind.

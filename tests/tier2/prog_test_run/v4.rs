@@ -15,8 +15,8 @@ use overlay_common::{
 };
 use overlay_tests::{
     bpftest::{
-        assert_decap_cases, delta, fuzz, moved, permanent_neighbour, pod_endpoint, DecapCase, Expect,
-        FuzzModel, Node, Rng, BRIDGE_MAC, DECAP_DROPS, POD_MAC, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS,
+        assert_decap_cases, delta, fuzz, moved, permanent_neighbour, pod_endpoint, xdp_stripped, DecapCase,
+        Expect, FuzzModel, Node, Rng, BRIDGE_MAC, DECAP_DROPS, POD_MAC, TC_ACT_OK, TC_ACT_REDIRECT, XDP_PASS,
     },
     netns::{require_root, Netns, PinRoot},
     packet,
@@ -415,13 +415,13 @@ fn decap_restores_the_inner_packet_in_xdp_and_tc() {
                 ip[10..12].copy_from_slice(&c.to_be_bytes());
                 packet::eth_ip(POD_MAC, BRIDGE_MAC, &ip)
             } else {
-                let mut e = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
+                let e = packet::eth_ip(fx.underlay_mac, PEER_VTEP, &inner);
                 if prog == programs::DECAP_XDP {
-                    // XDP marks what it stripped for the TC program after GRO: 4 bytes of
-                    // metadata in front of the frame, the u32 0x4f564c31 ("OVL1") in host order.
-                    e.splice(0..0, 0x4f56_4c31u32.to_ne_bytes());
+                    // XDP marks what it stripped for the TC program after GRO.
+                    xdp_stripped(fx.node.xdp_meta(), fx.underlay_mac, &e)
+                } else {
+                    e
                 }
-                e
             };
             assert_eq!(
                 out, expected,
@@ -690,6 +690,9 @@ fn model_decap(f: &[u8], tc: bool) -> Verdict {
     if f[76..79] != [10, 244, 2] {
         return (true, Counter::DropSpoofedSource);
     }
+    if f[50..56] != OUR_VTEP {
+        return (true, Counter::DropInnerMac);
+    }
     // TC hands packets for a local endpoint straight to it unless their TTL runs out here, or
     // they are fragments or ICMP errors (conntrack's to reassemble or translate: the stack).
     let inner_frag = be16(70) & 0x3fff != 0;
@@ -706,22 +709,24 @@ fn model_decap(f: &[u8], tc: bool) -> Verdict {
 /// through (IHL 5, no VLAN); the TTL is decremented with the header checksum patched per
 /// RFC 1624, so a packet whose checksum was already wrong stays wrong by the same amount.
 /// A frame for the stack is addressed to the underlay NIC (`underlay_mac`), so the node takes
-/// it as its own; XDP puts its 4-byte mark in front.
-fn model_decap_output(f: &[u8], xdp: bool, counter: Counter, underlay_mac: [u8; 6]) -> Option<Vec<u8>> {
+/// it as its own; XDP (`xdp`: whether the kernel gives it metadata) marks it ([`xdp_stripped`]).
+fn model_decap_output(
+    f: &[u8],
+    xdp: Option<bool>,
+    counter: Counter,
+    underlay_mac: [u8; 6],
+) -> Option<Vec<u8>> {
     const OUTER: usize = 50;
     match counter {
         Counter::PassDecap => Some(f.to_vec()),
-        Counter::DecapPackets => {
-            let mut out = if xdp {
-                0x4f56_4c31u32.to_ne_bytes().to_vec()
-            } else {
-                Vec::new()
-            };
-            let at = out.len();
-            out.extend_from_slice(&f[OUTER..]);
-            out[at..at + 6].copy_from_slice(&underlay_mac);
-            Some(out)
-        }
+        Counter::DecapPackets => Some(match xdp {
+            Some(meta) => xdp_stripped(meta, underlay_mac, &f[OUTER..]),
+            None => {
+                let mut out = f[OUTER..].to_vec();
+                out[..6].copy_from_slice(&underlay_mac);
+                out
+            }
+        }),
         Counter::DeliverPackets => {
             let mut out = f[OUTER..].to_vec();
             out[0..6].copy_from_slice(&POD_MAC);
@@ -784,6 +789,10 @@ fn fuzz_frame(rng: &mut Rng, underlay_mac: [u8; 6], decap: bool) -> Vec<u8> {
         if rng.below(10) == 0 {
             p.dst_port = [8472, 4789, 53][rng.below(3)];
         }
+        if rng.below(10) == 0 {
+            // Not for our VtepMAC: the sender's own, broadcast, or ours with one bit off.
+            p.inner_dst_mac = [PEER_VTEP, [0xff; 6], [0x0e, 0, 0, 0, 0, 0x10]][rng.below(3)];
+        }
         packet::vxlan(&p, &inner)
     } else {
         let dst = [PEER_POD, Ipv4Addr::new(10, 244, 3, 3), Ipv4Addr::new(10, 9, 9, 9)][rng.below(3)];
@@ -821,6 +830,7 @@ fn fuzz_frame(rng: &mut Rng, underlay_mac: [u8; 6], decap: bool) -> Vec<u8> {
 /// The IPv4 half of the fuzz run: VXLAN frames to decap and pod frames to encap, bent.
 struct Model {
     underlay_mac: [u8; 6],
+    xdp_meta: bool,
 }
 
 impl FuzzModel for Model {
@@ -849,12 +859,23 @@ impl FuzzModel for Model {
                 output: None,
             };
         }
-        let (drop, counter) = model_decap(frame, prog == programs::DECAP_TC);
+        let (drop, counter) =
+            if prog == programs::DECAP_XDP && !self.xdp_meta && frame[6..12] == self.underlay_mac {
+                // Without XDP metadata, the NIC's own MAC as the source is XDP's mark.
+                (true, Counter::DropOwnMac)
+            } else {
+                model_decap(frame, prog == programs::DECAP_TC)
+            };
         Expect {
             drop,
             counter,
             redirect: Some(counter == Counter::DeliverPackets),
-            output: model_decap_output(frame, prog == programs::DECAP_XDP, counter, self.underlay_mac),
+            output: model_decap_output(
+                frame,
+                (prog == programs::DECAP_XDP).then_some(self.xdp_meta),
+                counter,
+                self.underlay_mac,
+            ),
         }
     }
 
@@ -878,6 +899,7 @@ fn fuzzed_packets_get_exactly_the_verdicts_of_the_reference_model() {
     let mut fx = Fixture::new();
     let mut model = Model {
         underlay_mac: fx.underlay_mac,
+        xdp_meta: fx.node.xdp_meta(),
     };
     fuzz(&mut fx.node, &mut model, 0x5eed_1234_abcd_0001, 100_000);
 }

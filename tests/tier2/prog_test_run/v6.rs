@@ -14,8 +14,8 @@ use overlay_common::{maps, programs, Counter, DataplaneConfig, DEFAULT_VNI, DEFA
 use overlay_tests::{
     bpftest::{
         assert_decap_cases, delta, fuzz, moved, pad_for_skb_test_run, permanent_neighbour, pod_endpoint,
-        DecapCase, Expect, FuzzModel, Moved, Node, Rng, BRIDGE_MAC, DECAP_DROPS, MIN_HITS, POD_MAC,
-        TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_PASS,
+        xdp_stripped, DecapCase, Expect, FuzzModel, Moved, Node, Rng, BRIDGE_MAC, DECAP_DROPS, MIN_HITS,
+        POD_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_MARK, XDP_PASS,
     },
     netns::Netns,
 };
@@ -665,8 +665,6 @@ fn encap6_leaves_other_traffic_alone_and_routes_direct_peers() {
 // Decap
 // ---------------------------------------------------------------------------------------------
 
-const MARK: [u8; 4] = 0x4f56_4c31u32.to_ne_bytes();
-
 #[test]
 fn decap6_restores_the_inner_packet_in_xdp_and_tc() {
     let mut fx = Fixture::new();
@@ -707,13 +705,16 @@ fn decap6_restores_the_inner_packet_in_xdp_and_tc() {
                 w
             } else {
                 // The inner frame for the stack: to eth0's MAC (02:00:00:00:00:11), from the
-                // peer's IPv6 VtepMAC; XDP's 4-byte mark in front for the TC program after GRO.
-                let mut w = if xdp { MARK.to_vec() } else { Vec::new() };
-                w.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x11]);
+                // peer's IPv6 VtepMAC; XDP marks it for the TC program after GRO.
+                let mut w = vec![0x02, 0, 0, 0, 0, 0x11];
                 w.extend_from_slice(&[0x0e, 0, 0, 0, 0x06, 0x12]);
                 w.extend_from_slice(&[0x86, 0xdd]);
                 w.extend_from_slice(&inner);
-                w
+                if xdp {
+                    xdp_stripped(fx.node.xdp_meta(), OUR_MAC, &w)
+                } else {
+                    w
+                }
             };
             assert_eq!(out, want, "{what}: decapsulated frame");
             for (c, n) in [
@@ -735,7 +736,15 @@ fn decap6_restores_the_inner_packet_in_xdp_and_tc() {
     // BPF_PROG_TEST_RUN gives a TC program no XDP metadata).
     let inner = udp6(PEER_POD, OUR_POD, 0, b"after-gro");
     let (_, stripped) = fx.node.run(programs::DECAP_XDP, &from_peer(&inner));
-    assert_eq!(&stripped[..4], &MARK);
+    if fx.node.xdp_meta() {
+        assert_eq!(&stripped[..4], &XDP_MARK);
+    } else {
+        assert_eq!(
+            &stripped[..12],
+            &[OUR_MAC, OUR_MAC].concat(),
+            "the mark without metadata"
+        );
+    }
 }
 
 /// TC decap of a UDP packet to `dst` with inner hop limit `hop`: (verdict, output, counters moved).
@@ -1158,6 +1167,9 @@ fn model_decap6(f: &[u8], tc: bool, flows: &std::collections::HashSet<Flow6>) ->
     if f[92..100] != [0xfd, 0, 0, 0x10, 0x02, 0x44, 0, subnet] {
         return (true, Counter::DropSpoofedSource);
     }
+    if f[70..76] != OUR_VTEP6 {
+        return (true, Counter::DropInnerMac);
+    }
     // TC hands packets for a local endpoint straight to it unless their hop limit runs out here
     // (the inner header is whole: payload length ≥ 70 above), or the stack must see them:
     // fragments, ICMPv6 errors and replies of flows the stack routed out (conntrack's business).
@@ -1212,16 +1224,18 @@ fn recorded_flow6(f: &[u8], counter: Counter) -> Option<Flow6> {
     (to_peer && f[20] != 44).then(|| flow6(f, false))
 }
 
-fn model_decap6_output(f: &[u8], xdp: bool, counter: Counter) -> Option<Vec<u8>> {
+/// `xdp`: XDP's output, with or without XDP metadata.
+fn model_decap6_output(f: &[u8], xdp: Option<bool>, counter: Counter) -> Option<Vec<u8>> {
     match counter {
         Counter::PassDecap => Some(f.to_vec()),
-        Counter::Decap6Packets => {
-            let mut out = if xdp { MARK.to_vec() } else { Vec::new() };
-            let at = out.len();
-            out.extend_from_slice(&f[70..]);
-            out[at..at + 6].copy_from_slice(&OUR_MAC);
-            Some(out)
-        }
+        Counter::Decap6Packets => Some(match xdp {
+            Some(meta) => xdp_stripped(meta, OUR_MAC, &f[70..]),
+            None => {
+                let mut out = f[70..].to_vec();
+                out[..6].copy_from_slice(&OUR_MAC);
+                out
+            }
+        }),
         Counter::Deliver6Packets => {
             // 70 bytes of outer headers off; to the pod's MAC from the bridge's; hop limit − 1.
             let mut out = f[70..].to_vec();
@@ -1295,7 +1309,12 @@ fn fuzz_frame(rng: &mut Rng, decap: bool) -> Vec<u8> {
         if rng.below(12) == 0 {
             o.vxlan_flags = [0, 0x08, 0x0c][rng.below(3)];
         }
-        vxlan6_frame(&o, [0x86dd, 0x86dd, 0x86dd, 0x0800][rng.below(4)], &inner)
+        let mut f = vxlan6_frame(&o, [0x86dd, 0x86dd, 0x86dd, 0x0800][rng.below(4)], &inner);
+        if rng.below(10) == 0 {
+            // Not for our IPv6 VtepMAC: the sender's own, broadcast, or ours with one bit off.
+            f[70..76].copy_from_slice(&[PEER_VTEP6, [0xff; 6], [0x0e, 0, 0, 0, 0x06, 0x10]][rng.below(3)]);
+        }
+        f
     } else {
         let dst = [PEER_POD, pod(3, 5), pod(4, 4), pod(1, 9)][rng.below(4)];
         eth(BRIDGE_MAC, POD_MAC, 0x86dd, &fuzz_inner(rng, OUR_POD, dst))
@@ -1342,6 +1361,8 @@ struct Model {
     conntrack_passes: u32,
     /// Encapsulated frames with a verifying outer checksum (true) / a corrupted inner one (false).
     checksums: std::collections::BTreeMap<bool, u32>,
+    /// Whether the kernel gives XDP metadata ([`xdp_stripped`]).
+    xdp_meta: bool,
 }
 
 impl FuzzModel for Model {
@@ -1360,6 +1381,10 @@ impl FuzzModel for Model {
         let decap = prog != programs::ENCAP;
         let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
         let (drop, counter) = match (decap, ethertype) {
+            (_, 0x86dd) if prog == programs::DECAP_XDP && !self.xdp_meta && frame[6..12] == OUR_MAC => {
+                // Without XDP metadata, the NIC's own MAC as the source is XDP's mark.
+                (true, Counter::DropOwnMac)
+            }
             (_, 0x86dd) if decap => model_decap6(frame, prog == programs::DECAP_TC, &self.flows),
             (_, 0x86dd) => model_encap6(frame),
             (true, _) => (false, Counter::PassDecap),
@@ -1373,7 +1398,11 @@ impl FuzzModel for Model {
             Counter::Encap6Packets | Counter::Direct6Packets | Counter::Deliver6Packets
         );
         let output = if decap {
-            model_decap6_output(frame, prog == programs::DECAP_XDP, counter)
+            model_decap6_output(
+                frame,
+                (prog == programs::DECAP_XDP).then_some(self.xdp_meta),
+                counter,
+            )
         } else {
             match counter {
                 Counter::PassEncap | Counter::PassTooBig => Some(frame.to_vec()),
@@ -1430,12 +1459,16 @@ impl FuzzModel for Model {
 #[test]
 fn fuzzed_ipv6_frames_get_exactly_the_verdicts_of_the_reference_model() {
     let mut fx = Fixture::new();
-    let mut model = Model::default();
+    let mut model = Model {
+        xdp_meta: fx.node.xdp_meta(),
+        ..Model::default()
+    };
     fuzz(&mut fx.node, &mut model, 0x5eed_0006_abcd_0006, 60_000);
     let Model {
         flows,
         conntrack_passes,
         checksums,
+        ..
     } = model;
     println!(
         "encapsulated with a verifying outer checksum (true) / a corrupted inner one (false): {checksums:?}"
