@@ -384,6 +384,9 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     unknown.src_ip = [198, 18, 0, 66];
     let mut wrong_vni = base;
     wrong_vni.vni = 2;
+    // flannel.1 takes only frames for its own MAC: here the sender's own VtepMAC.
+    let mut wrong_mac = base;
+    wrong_mac.inner_dst_mac = vtep_of(0);
     let cases = [
         (
             "from a non-member",
@@ -399,6 +402,11 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
             "inner source outside the sender's subnet",
             packet::vxlan(&base, &inner("10.244.250.9".parse().unwrap(), b"SPOOF-C")),
             Counter::DropSpoofedSource,
+        ),
+        (
+            "inner destination MAC not the receiver's VtepMAC",
+            packet::vxlan(&wrong_mac, &inner(legit_src, b"SPOOF-D")),
+            Counter::DropInnerMac,
         ),
     ];
     let pin_root = std::path::PathBuf::from(&victim.pin_root);
@@ -432,6 +440,93 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     assert!(
         moved.is_some(),
         "a well-formed frame from a member's address was not decapsulated"
+    );
+}
+
+/// A pod cannot inject VXLAN: its UDP to another node's VXLAN port would leave through the
+/// node's masquerade from a member's PublicIP, carrying an inner packet of the pod's making (a
+/// source it does not own, in its node's subnet). Encap drops it at the bridge and counts it.
+/// The control: the very same datagram sent by node 1 itself is decapsulated and delivered, so
+/// what keeps the pod's copy out is the drop, not a broken frame.
+#[test]
+fn a_pod_cannot_inject_vxlan_through_its_nodes_masquerade() {
+    use std::net::UdpSocket;
+    let (c, pods) = cluster(2, CONFIG);
+    c.masquerade_like_docker(0).unwrap();
+    let leases = c.lease_list().unwrap();
+    let node2 = overlay_tests::topology::Node::underlay_ip(2);
+    let vtep2 = leases.iter().find(|l| l.1 == node2).expect("node 2's lease").2;
+    let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let spoofed = overlay_tests::topology::nth_host(node1_subnet, 99);
+    let datagram = |tag: &[u8]| {
+        // VXLAN (flags I, VNI 1), then the inner frame for node 2's VtepMAC.
+        let mut d = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        let ip = overlay_tests::packet::udp(spoofed, pods[1], 5555, 9999, tag);
+        d.extend(overlay_tests::packet::eth_ip(
+            vtep2,
+            [0x0a, 0x58, 0, 0, 0, 0x99],
+            &ip,
+        ));
+        d
+    };
+    let listener = {
+        let _in = c.nodes[1].node.pods[0].ns.enter().unwrap();
+        UdpSocket::bind("0.0.0.0:9999").unwrap()
+    };
+    listener.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let send_from = |ns: &overlay_tests::netns::Netns, tag: &[u8]| {
+        let sock = {
+            let _in = ns.enter().unwrap();
+            UdpSocket::bind("0.0.0.0:0").unwrap()
+        };
+        sock.send_to(&datagram(tag), (node2, 8472)).unwrap();
+    };
+    let counter = |name: &str| c.status_json(0).unwrap()["counters"][name].as_u64().unwrap_or(0);
+
+    send_from(&c.nodes[0].node.ns, b"FROM-NODE-1");
+    let mut buf = [0u8; 64];
+    let got = listener
+        .recv_from(&mut buf)
+        .map(|(n, from)| (buf[..n].to_vec(), from));
+    match got {
+        Ok((data, from)) => {
+            assert_eq!(data, b"FROM-NODE-1", "the control datagram's payload");
+            assert_eq!(
+                from.ip(),
+                std::net::IpAddr::V4(spoofed),
+                "the inner source as sent"
+            );
+        }
+        Err(e) => panic!("the control: node 1's own VXLAN datagram did not reach pod 2 ({e})"),
+    }
+
+    let before = counter("drop_pod_vxlan");
+    for _ in 0..3 {
+        send_from(&c.nodes[0].node.pods[0].ns, b"FROM-POD-1");
+    }
+    match listener.recv_from(&mut buf) {
+        Ok((n, from)) => panic!(
+            "pod 1's injected VXLAN reached pod 2 as a packet from {from}: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
+    let counted = Cluster::wait_for(Duration::from_secs(2), || counter("drop_pod_vxlan") - before == 3);
+    assert!(
+        counted.is_some(),
+        "node 1 counted {} of the pod's 3 VXLAN datagrams as drop_pod_vxlan",
+        counter("drop_pod_vxlan") - before
+    );
+    // Pod traffic itself is untouched.
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None),
+        "pod 1 → pod 2 after the drops"
     );
 }
 
