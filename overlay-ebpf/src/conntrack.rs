@@ -128,6 +128,18 @@ pub(crate) fn record<F: Conntrack>(ctx: &TcContext, ip: &F::Ip) {
     }
 }
 
+/// True when `ip`, a pod's packet on the bridge, belongs to a flow the stack routes (its reply
+/// is recorded): it takes the stack as well, both directions alike. A new connection that
+/// reuses the ports of a Service connection the stack DNATed to the same pod would otherwise go
+/// around the conntrack entry that still holds its reply tuple: the reply, handed to the stack
+/// as that entry's, comes back un-DNATed to the wrong socket. Through the stack, conntrack
+/// resolves the clash as for any routed connection (a new source port). Fragments are left
+/// alone: later ones carry no ports.
+#[inline(always)]
+pub(crate) fn is_stack_flow<F: Conntrack>(ctx: &TcContext, ip: &F::Ip) -> bool {
+    !F::is_fragment(ip) && F::STACK_FLOWS.get_ptr(&reply_key::<F>(ctx, ip, false)).is_some()
+}
+
 /// Why a decapsulated packet for a local pod must take the node's stack, if it must: a
 /// fragment, an ICMP error, a reply of a recorded stack flow (its conntrack entry lives here).
 #[inline(always)]

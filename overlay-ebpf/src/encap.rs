@@ -86,6 +86,8 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
     if !at_ingress(ctx) {
         conntrack::record::<V4>(ctx, &ip);
+    } else if conntrack::is_stack_flow::<V4>(ctx, &ip) {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassConntrack));
     }
     let direct = peer.flags & PEER_DIRECT != 0;
     let inner_len = ctx.len() - ETH_LEN as u32;
@@ -172,6 +174,8 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
     if !at_ingress(ctx) {
         record_stack_flow6(ctx, &ip);
+    } else if !returned && conntrack::is_stack_flow::<V6>(ctx, &ip) {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassConntrack));
     }
     let direct = peer.flags & PEER_DIRECT != 0;
     let inner_len = ctx.len() - ETH_LEN as u32;

@@ -545,10 +545,21 @@ fn tcp_exchange(
     target: SocketAddr,
     want_source: IpAddr,
 ) -> Result<(), String> {
+    tcp_exchange_from(client, None, server, bind, target, want_source)
+}
+
+/// [`tcp_exchange`] with the client's source port given (`None`: the kernel picks one).
+fn tcp_exchange_from(
+    client: &Netns,
+    client_port: Option<u16>,
+    server: &Netns,
+    bind: SocketAddr,
+    target: SocketAddr,
+    want_source: IpAddr,
+) -> Result<(), String> {
     let srv = TcpServer::start(server, bind);
     let cli = in_netns(client.path(), move || -> Result<(SocketAddr, Vec<u8>), String> {
-        let mut s = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
-            .map_err(|e| format!("connect to {target}: {e}"))?;
+        let mut s = connect_from(client_port, target)?;
         let local = s.local_addr().map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
@@ -847,18 +858,74 @@ fn bnf(on: bool) -> &'static str {
     }
 }
 
-/// Pod A → ClusterIP TCP and UDP, pod A ↔ pod B TCP: the cases every mode runs per
-/// br_netfilter setting.
+/// A TCP connection to `target` from `port` (SO_REUSEADDR, as a client that binds its port
+/// does), or from a port the kernel picks.
+fn connect_from(port: Option<u16>, target: SocketAddr) -> Result<TcpStream, String> {
+    let Some(port) = port else {
+        return TcpStream::connect_timeout(&target, CONNECT_TIMEOUT)
+            .map_err(|e| format!("connect to {target}: {e}"));
+    };
+    let err = |what: &str, e: std::io::Error| format!("{what} (source port {port}): {e}");
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| err("socket", e))?;
+    sock.set_reuse_address(true).map_err(|e| err("SO_REUSEADDR", e))?;
+    sock.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())
+        .map_err(|e| err("bind", e))?;
+    sock.connect_timeout(&target.into(), CONNECT_TIMEOUT)
+        .map_err(|e| err(&format!("connect to {target}"), e))?;
+    Ok(sock.into())
+}
+
+/// Source ports for the pods' Service connections, below the kernel's ephemeral range
+/// (32768–60999), so no connection whose port the kernel picks ever shares one by chance: a
+/// pod → pod case must meet no flow the stack routed before (see the reused-port case).
+fn service_client_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Pod A → ClusterIP TCP and UDP, pod A → pod B from the source port of that Service
+/// connection, pod A ↔ pod B TCP: the cases every mode runs per br_netfilter setting.
 fn pod_cases(bed: &Bed, r: &mut Report, label: &str) {
     let [a, b] = bed.pods;
     let svc_tcp = SocketAddr::from((CLUSTER_IP, WEB_PORT));
     let svc_udp = SocketAddr::from((CLUSTER_IP, DNS_PORT));
+    let port = service_client_port();
     case(
         bed,
         r,
-        format!("{label}: pod A {a} → ClusterIP {svc_tcp}/tcp → pod B"),
+        format!("{label}: pod A {a}:{port} → ClusterIP {svc_tcp}/tcp → pod B"),
         Flow::Service,
-        || tcp_exchange(bed.pod(0), bed.pod(1), any(WEB_PORT), svc_tcp, a.into()),
+        || {
+            tcp_exchange_from(
+                bed.pod(0),
+                Some(port),
+                bed.pod(1),
+                any(WEB_PORT),
+                svc_tcp,
+                a.into(),
+            )
+        },
+    );
+    // The same 5-tuple as the Service connection had after its DNAT, whose flow encap recorded
+    // as the stack's (its conntrack entry is gone: `case` flushes conntrack): the connection
+    // must come up, through node A's stack both ways (decap hands its replies to the stack as
+    // that flow's, so its packets to pod B must have passed there too).
+    case(
+        bed,
+        r,
+        format!("{label}: pod A {a}:{port} → pod B {b}:{WEB_PORT}/tcp, the Service connection's ports"),
+        Flow::Service,
+        || {
+            tcp_exchange_from(
+                bed.pod(0),
+                Some(port),
+                bed.pod(1),
+                any(WEB_PORT),
+                (b, WEB_PORT).into(),
+                a.into(),
+            )
+        },
     );
     case(
         bed,
