@@ -11,6 +11,7 @@
 //! | `overlay_local_endpoints`                | gauge     |          | agent (both endpoint maps) |
 //! | `overlay_etcd_reconnects_total`          | counter   |          | control (watch/list fail) |
 //! | `overlay_malformed_leases_total`         | counter   |          | subnet (skipped key, once per key and value) |
+//! | `overlay_leases_rejected_total`          | counter   | `reason` | control (a peer lease or one family's side of it not programmed, once per key: `key`, `outside_network`, `subnet_len`, `public_ip`, `overlap`) |
 //! | `overlay_lease_pool_exhausted_total`     | counter   |          | control (acquire found no free subnet) |
 //! | `overlay_peer_map_errors_total`          | counter   | `reason` | agent (upsert refused: `full`, `other`; host-gw peer not on-link: `refused`) |
 //! | `overlay_map_sync_duration_seconds`      | histogram |          | agent (event → map done)  |
@@ -78,6 +79,7 @@ pub struct Metrics {
     registry: Registry,
     pub etcd_reconnects: Counter,
     pub malformed_leases: Counter,
+    pub leases_rejected: Family<Vec<(String, String)>, Counter>,
     pub pool_exhausted: Counter,
     pub peer_map_errors: Family<Vec<(String, String)>, Counter>,
     pub sync_latency: Histogram,
@@ -99,6 +101,24 @@ pub fn malformed_lease() {
     METRICS.malformed_leases.inc();
 }
 
+/// The labels of `overlay_leases_rejected_total` (the control plane's `peer_check::Reason`s),
+/// each exported from the start.
+pub const LEASE_REJECT_REASONS: [&str; 5] = ["key", "outside_network", "subnet_len", "public_ip", "overlap"];
+
+fn reason(reason: &str) -> Vec<(String, String)> {
+    vec![("reason".to_string(), reason.to_string())]
+}
+
+/// Hook for the control plane: a peer's lease (or one family's side of it) is not programmed.
+pub fn lease_rejected(why: &str) {
+    METRICS.leases_rejected.get_or_create(&reason(why)).inc();
+}
+
+/// How many leases were rejected for `why` (tests).
+pub fn leases_rejected(why: &str) -> u64 {
+    METRICS.leases_rejected.get_or_create(&reason(why)).get()
+}
+
 /// Hook for the control plane: acquiring a lease found every subnet of the pool taken.
 pub fn pool_exhausted() {
     METRICS.pool_exhausted.inc();
@@ -107,10 +127,7 @@ pub fn pool_exhausted() {
 /// Hook for the agent: a peer could not be written to the BPF maps (`full` or `other`), or the
 /// backend refused it (`refused`: a host-gw peer that is not on-link).
 pub fn peer_map_error(reason: &str) {
-    METRICS
-        .peer_map_errors
-        .get_or_create(&vec![("reason".to_string(), reason.to_string())])
-        .inc();
+    METRICS.peer_map_errors.get_or_create(&self::reason(reason)).inc();
 }
 
 /// Hook for the control plane: our lease was renewed and now runs out at `expiration`.
@@ -132,6 +149,17 @@ impl Metrics {
             "overlay_malformed_leases",
             "Subnet keys or lease values in etcd that could not be parsed and were skipped",
             malformed_leases.clone(),
+        );
+        let leases_rejected = Family::<Vec<(String, String)>, Counter>::default();
+        for why in LEASE_REJECT_REASONS {
+            let _ = leases_rejected.get_or_create(&reason(why));
+        }
+        registry.register(
+            "overlay_leases_rejected",
+            "Peer leases (or one family's side of one) not programmed, once per key, by reason \
+             (key: not flannel's spelling; outside_network, subnet_len: not a subnet of the config; \
+             public_ip: not another node's plausible address; overlap: our subnet, or one a lower key holds)",
+            leases_rejected.clone(),
         );
         let pool_exhausted = Counter::default();
         registry.register(
@@ -166,6 +194,7 @@ impl Metrics {
             registry,
             etcd_reconnects,
             malformed_leases,
+            leases_rejected,
             pool_exhausted,
             peer_map_errors,
             sync_latency,
@@ -353,6 +382,8 @@ mod tests {
             "overlay_etcd_reconnects_total 1",
             "overlay_malformed_leases_total 1",
             "overlay_lease_pool_exhausted_total 0",
+            "overlay_leases_rejected_total{reason=\"overlap\"} 0",
+            "overlay_leases_rejected_total{reason=\"key\"} 0",
             "overlay_peer_map_errors_total{reason=\"full\"} 1",
             "overlay_map_sync_duration_seconds_count 1",
             "overlay_map_sync_duration_seconds_bucket{le=\"0.0001\"} 0",

@@ -11,6 +11,7 @@ pub mod config;
 mod identity;
 pub mod lease;
 mod lease_keeper;
+pub mod peer_check;
 mod peer_watch;
 pub mod subnet;
 pub mod subnet_env;

@@ -22,6 +22,10 @@ pub struct PeerEntry<F: Family = V4> {
     pub direct: bool,
 }
 
+/// One entry of a family's sender table: a PublicIP and the subnet decap accepts inner sources
+/// from when VXLAN arrives from it.
+pub type SenderEntry<F> = (<F as Family>::Addr, <F as Family>::Net);
+
 /// A pod on this node as the datapath sees it: decap delivers packets for `ip` straight to
 /// `ifindex` (the pod's host-side veth), addressed to `mac`, from `gw_mac` (the bridge).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -57,6 +61,8 @@ pub trait MapFamily: Family {
     /// (PublicIP, VtepMAC, flags) of a peer value.
     fn peer_fields(p: &Self::Peer) -> (Self::Key, [u8; 6], u16);
     fn vtep_value(subnet: Self::Key, prefix_len: u8) -> Self::Vtep;
+    /// (subnet, prefix length) of a sender value.
+    fn vtep_fields(v: &Self::Vtep) -> (Self::Key, u8);
 }
 
 impl<F: MapFamily> PeerEntry<F> {
@@ -104,6 +110,9 @@ impl MapFamily for V4 {
     fn peer_fields(p: &Peer) -> ([u8; 4], [u8; 6], u16) {
         (p.public_ip, p.vtep_mac, p.flags)
     }
+    fn vtep_fields(v: &Vtep) -> ([u8; 4], u8) {
+        (v.subnet, v.prefix_len)
+    }
     fn vtep_value(subnet: [u8; 4], prefix_len: u8) -> Vtep {
         Vtep {
             subnet,
@@ -140,6 +149,9 @@ impl MapFamily for V6 {
     }
     fn peer_fields(p: &Peer6) -> ([u8; 16], [u8; 6], u16) {
         (p.public_ip, p.vtep_mac, p.flags)
+    }
+    fn vtep_fields(v: &Vtep6) -> ([u8; 16], u8) {
+        (v.subnet, v.prefix_len)
     }
     fn vtep_value(subnet: [u8; 16], prefix_len: u8) -> Vtep6 {
         Vtep6 {

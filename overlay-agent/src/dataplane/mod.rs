@@ -25,7 +25,7 @@ mod family;
 pub mod object;
 pub mod pinned;
 
-pub use family::{LocalEndpoint, MapFamily, PeerEntry};
+pub use family::{LocalEndpoint, MapFamily, PeerEntry, SenderEntry};
 use pinned::{endpoint_entries, peer_entries, read_counters};
 
 #[derive(Debug, thiserror::Error)]
@@ -696,7 +696,66 @@ impl Dataplane {
             .collect())
     }
 
-    /// Removes one remote subnet and its sender entry. Absent entries are not an error.
+    /// Adds or replaces one remote subnet alone: its PublicIP's sender entry exists and names
+    /// another subnet of that address, which keeps it.
+    pub fn upsert_subnet<F: MapFamily>(&mut self, p: &PeerEntry<F>) -> Result<(), DataplaneError> {
+        let key = Key::new(u32::from(F::net_len(&p.subnet)), F::key(F::net_addr(&p.subnet)));
+        let max = self.max_peers;
+        let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
+        peers
+            .insert(&key, p.value(), 0)
+            .map_err(|e| full_or(e, F::PEERS, p.subnet.into(), max))
+    }
+
+    /// Removes one remote subnet, leaving the sender entry of its PublicIP (another subnet of
+    /// that address still uses it). Absent is not an error.
+    pub fn remove_subnet<F: MapFamily>(&mut self, subnet: F::Net) -> Result<(), DataplaneError> {
+        let key = Key::new(u32::from(F::net_len(&subnet)), F::key(F::net_addr(&subnet)));
+        let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
+        ignore_missing(peers.remove(&key), F::PEERS)
+    }
+
+    /// Points the sender entry of `public_ip` at `subnet`: decap accepts VXLAN from that address
+    /// whose inner source lies in that subnet.
+    pub fn set_sender<F: MapFamily>(
+        &mut self,
+        public_ip: F::Addr,
+        subnet: F::Net,
+    ) -> Result<(), DataplaneError> {
+        let vtep = F::vtep_value(F::key(F::net_addr(&subnet)), F::net_len(&subnet));
+        let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
+        vteps
+            .insert(F::key(public_ip), vtep, 0)
+            .map_err(|e| full_or(e, F::VTEPS, subnet.into(), self.max_peers))
+    }
+
+    /// Removes the sender entry of `public_ip`. Absent is not an error.
+    pub fn remove_sender<F: MapFamily>(&mut self, public_ip: F::Addr) -> Result<(), DataplaneError> {
+        let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
+        ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)
+    }
+
+    /// The sender table of family `F` as the (possibly adopted) map holds it: each PublicIP and
+    /// the subnet decap accepts inner sources from. An entry removed while reading is gone.
+    pub fn senders<F: MapFamily>(&self) -> Result<Vec<SenderEntry<F>>, DataplaneError> {
+        let vteps: HashMap<&MapData, F::Key, F::Vtep> = map_ref(&self.ebpf, F::VTEPS)?;
+        let mut out = Vec::new();
+        for entry in vteps.iter() {
+            let (ip, v) = entry.map_err(|source| DataplaneError::Map {
+                name: F::VTEPS,
+                source,
+            })?;
+            let (net, len) = F::vtep_fields(&v);
+            if len <= F::BITS {
+                out.push((F::from_key(ip), F::net(F::from_key(net), len)));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes one remote subnet and its sender entry (the last subnet of its PublicIP). Absent
+    /// entries are not an error.
     pub fn remove_peer<F: MapFamily>(
         &mut self,
         subnet: F::Net,

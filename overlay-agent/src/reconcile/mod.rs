@@ -188,8 +188,8 @@ impl Reconciler {
                 self.sync_routes().await;
             }
             Event::PeerRemove(lease) => {
-                self.v4.lease_removed(&lease);
-                self.v6.lease_removed(&lease);
+                self.v4.lease_removed(dp, &lease);
+                self.v6.lease_removed(dp, &lease);
             }
             Event::Resync(all) => {
                 self.v4.resync(dp, &all, self.reach_v4());

@@ -329,6 +329,10 @@ impl Registry for EtcdRegistry {
     fn config_key(&self) -> String {
         format!("{}/config", self.prefix)
     }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
 }
 
 pub struct EtcdWatch {

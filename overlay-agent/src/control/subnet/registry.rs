@@ -92,6 +92,8 @@ pub trait Registry: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Watch, RegistryError>> + Send;
     /// Key of the network config, for messages.
     fn config_key(&self) -> String;
+    /// The etcd prefix (`/coreos.com/network`): the subnet keys are `<prefix>/subnets/…`.
+    fn prefix(&self) -> &str;
 }
 
 pub trait RegistryWatch: Send {
@@ -392,6 +394,10 @@ impl Registry for MemRegistry {
 
     fn config_key(&self) -> String {
         format!("{}/config", self.prefix)
+    }
+
+    fn prefix(&self) -> &str {
+        &self.prefix
     }
 }
 
