@@ -498,3 +498,54 @@ fn udp_gso_datagrams(client: &Netns, server: &Netns, addr: Ipv6Addr, sends: u32)
     }
     got
 }
+
+/// First contact from cold, both families: node 2 has never heard from its pod (no neighbour
+/// entry, so no endpoint: decap hands the first packets to the stack, which must solicit the pod
+/// and forward them, as it does for IPv4) and the pod answers the very first pings.
+fn first_contact_from_cold(decap: &str) {
+    let (mut c, subnets) = overlay_tests::dualstack::cluster_with(2, DUAL, |n| {
+        n.extra_args.extend(["--decap".to_string(), decap.to_string()]);
+    });
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| bridge_and_pod(&mut c, i, subnets[i], true))
+        .collect();
+    wait_peers(&c);
+    let node2 = &c.nodes[1].node.ns;
+    for family in ["-4", "-6"] {
+        node2
+            .exec("ip", &[family, "neigh", "flush", "dev", "cni0"])
+            .unwrap();
+    }
+    let cold = Cluster::wait_for(Duration::from_secs(5), || {
+        c.status_json(1).unwrap()["endpoints"]
+            .as_array()
+            .is_some_and(|e| e.is_empty())
+    });
+    assert!(
+        cold.is_some(),
+        "node 2 still lists endpoints after its neighbours were flushed: {}",
+        c.status_json(1).unwrap()["endpoints"]
+    );
+    let (counts, text) = ping6(&pods[0], nth6(subnets[1], 2), 2, None, false);
+    assert_eq!(
+        counts,
+        Some((2, 2)),
+        "--decap {decap}: the first IPv6 pings to a pod its node never saw:\n{text}\n{}",
+        c.agent_log(1)
+    );
+    let v4 = overlay_tests::topology::nth_host(c.nodes[1].subnet_env().unwrap().0.trunc(), 2);
+    assert!(
+        ping(&pods[0], v4, 2, None),
+        "--decap {decap}: the first IPv4 pings to a pod its node never saw"
+    );
+}
+
+#[test]
+fn first_contact_from_cold_tc_decap() {
+    first_contact_from_cold("tc");
+}
+
+#[test]
+fn first_contact_from_cold_xdp_decap() {
+    first_contact_from_cold("xdp");
+}
