@@ -380,6 +380,46 @@ fn header_checksum(h: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// TC decap of a UDP packet to `dst` with inner TTL `ttl` (header checksum valid):
+/// (verdict, output, counters moved).
+fn decap_tc_ttl(fx: &mut Fixture, dst: Ipv4Addr, ttl: u8) -> (u32, Vec<u8>, Vec<(&'static str, u64)>) {
+    let mut inner = packet::udp(PEER_POD, dst, 6000, 5000, b"ttl");
+    inner[8] = ttl;
+    let c = header_checksum(&inner[..20]);
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    let frame = packet::vxlan(&fx.vxlan_from_peer(&inner), &inner);
+    let before = fx.node.counters();
+    let (verdict, out) = fx.node.run(programs::DECAP_TC, &frame);
+    (verdict, out, moved(&before, &fx.node.counters()))
+}
+
+/// Routing semantics, as `flannel.1` and the node's forwarding give them: TTL 2 arrives with 1
+/// (checksum updated); 1 and 0 would expire here, so the stack gets them untouched, to answer
+/// Time Exceeded (traceroute shows the node's hop).
+#[test]
+fn decap_delivers_only_while_the_ttl_allows() {
+    let mut fx = Fixture::new();
+    let (verdict, out, moved) = decap_tc_ttl(&mut fx, OUR_POD, 2);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "TTL 2: {moved:?}");
+    assert_eq!(out[14 + 8], 1, "TTL 2 → 1");
+    assert_eq!(
+        header_checksum(&out[14..34]),
+        u16::from_be_bytes([out[24], out[25]]),
+        "TTL 2 → 1: header checksum updated"
+    );
+    assert_eq!(&out[..12], &[POD_MAC, BRIDGE_MAC].concat(), "TTL 2: to the pod");
+    for ttl in [1, 0] {
+        let (verdict, out, moved) = decap_tc_ttl(&mut fx, OUR_POD, ttl);
+        assert_eq!(verdict, TC_ACT_OK, "TTL {ttl}: to the stack; moved {moved:?}");
+        assert_eq!(out[14 + 8], ttl, "TTL {ttl} left for the stack to judge");
+        assert_eq!(&out[..6], &fx.underlay_mac, "TTL {ttl}: addressed to the node");
+        assert!(
+            moved.contains(&("decap_packets", 1)) && !moved.iter().any(|m| m.0 == "deliver_packets"),
+            "TTL {ttl}: {moved:?}"
+        );
+    }
+}
+
 #[test]
 fn decap_restores_the_inner_packet_in_xdp_and_tc() {
     let mut fx = Fixture::new();
@@ -778,6 +818,13 @@ fn fuzz_frame(rng: &mut Rng, underlay_mac: [u8; 6], decap: bool) -> Vec<u8> {
             &[8, 0, 0, 0],
         ),
     };
+    // TTLs that may expire here (the header checksum kept valid): the model delivers only > 1.
+    let mut inner = inner;
+    if rng.below(4) == 0 {
+        inner[8] = [2, 1, 0][rng.below(3)];
+        let c = header_checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+    }
     let mut f = if decap {
         let mut p = vxlan_from_peer(underlay_mac);
         if rng.below(8) == 0 {
