@@ -103,10 +103,13 @@ pub enum Counter {
     /// Decap: VXLAN from a member whose inner frame is not addressed to our VtepMAC (the
     /// kernel's VXLAN device would not take it either).
     DropInnerMac,
+    /// Encap: a pod's packet whose TTL (hop limit) runs out at this node, as it would on the
+    /// node's routing: left to the stack, which answers Time Exceeded.
+    PassTtl,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::DropInnerMac as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::PassTtl as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -159,6 +162,7 @@ impl Counter {
         Counter::DropOwnMac,
         Counter::DropPodVxlan,
         Counter::DropInnerMac,
+        Counter::PassTtl,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -207,6 +211,7 @@ impl Counter {
             Counter::DropOwnMac => "drop_own_mac",
             Counter::DropPodVxlan => "drop_pod_vxlan",
             Counter::DropInnerMac => "drop_inner_mac",
+            Counter::PassTtl => "pass_ttl",
         }
     }
 

@@ -33,6 +33,7 @@ use crate::{
     conntrack::{self, Conntrack},
     csum6,
     decap::eq_bytes,
+    deliver::Deliver,
     family::{Family, Ipv4Hdr, Ipv6Hdr, AF_INET6, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
     plain,
@@ -98,6 +99,11 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
         // packets (PMTU discovery) or fragments the rest, which then come back here.
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
     }
+    if at_ingress(ctx) {
+        if let Some(pass) = routed::<V4>(ctx, &ip)? {
+            return Ok(pass);
+        }
+    }
     route_and_send::<V4>(
         ctx,
         cfg,
@@ -121,6 +127,19 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
             ctx.store(0, &hdr, 0).map_err(|_| Counter::DropMalformed)
         },
     )
+}
+
+/// A pod's packet leaving the bridge for a remote pod crosses this node as a router hop, as it
+/// does on `flannel.1`: its TTL (hop limit) goes down by one here, and one that would run out
+/// is left to the stack, which answers Time Exceeded (traceroute shows this node). Only for
+/// what the bridge hands over: the stack already counted the hop of what it routed.
+#[inline(always)]
+fn routed<F: Deliver>(ctx: &TcContext, ip: &F::Ip) -> Result<Option<Verdict>, Counter> {
+    if F::hop_limit(ip) <= 1 {
+        return Ok(Some(Verdict::pass(TC_ACT_OK, Counter::PassTtl)));
+    }
+    F::forwarded(ctx, ip)?;
+    Ok(None)
 }
 
 /// A packet for no remote pod subnet goes to the stack, unless it is a pod's VXLAN for a node:
@@ -153,7 +172,7 @@ fn pass_unless_vxlan<F: Family>(
 /// IPv6. The outer UDP checksum IPv6 requires, and resegmenting, are `csum6`'s.
 #[inline(always)]
 fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
-    let ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
+    let mut ip: Ipv6Hdr = ctx.load(ETH_LEN).map_err(|_| Counter::DropMalformed)?;
     let key = Key::new(128, ip.dst);
     let Some(peer) = OVL_PEERS6.get(&key) else {
         let udp = (ip.next_header == IPPROTO_UDP).then_some(ETH_LEN + IPV6_LEN);
@@ -184,6 +203,13 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         // Too big for the tunnel: the stack routes it via the host device, whose route carries
         // the tunnel MTU, and answers with ICMPv6 Packet Too Big (IPv6 routers never fragment).
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
+    }
+    if at_ingress(ctx) && !returned {
+        if let Some(pass) = routed::<V6>(ctx, &ip)? {
+            return Ok(pass);
+        }
+        // The copy too: the outer UDP checksum below sums the inner header from it.
+        ip.hop_limit -= 1;
     }
     // SAFETY: reading a field of our own context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };

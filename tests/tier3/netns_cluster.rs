@@ -905,3 +905,45 @@ fn receive_gro_merges_nic_frames_before_tc_decap_and_its_device_delivers_nothing
         "cleanup left {GRO_DEVICE}: {out}"
     );
 }
+
+/// Routing semantics across the overlay, as on `flannel.1`: each node is a router hop. A reply
+/// arrives with TTL 64 − 2; `ping -t N` walks the path as traceroute does: TTL 1 expires at
+/// node 1 (its bridge address answers), TTL 2 at node 2 (its overlay address, as `flannel.1`'s
+/// `.0` answers), TTL 3 reaches the pod.
+#[test]
+fn each_node_is_a_router_hop_ttl_and_traceroute() {
+    let (c, pods) = cluster(2, CONFIG);
+    let subnet = |i: usize| c.nodes[i].subnet_env().unwrap().0.trunc();
+    let pod1 = &c.nodes[0].node.pods[0].ns;
+    let run = |ttl: Option<u8>| {
+        let t = ttl.map(|t| t.to_string());
+        let mut args = vec!["-c", "1", "-W", "2"];
+        if let Some(t) = &t {
+            args.extend(["-t", t]);
+        }
+        let to = pods[1].to_string();
+        args.push(&to);
+        // ping exits non-zero on a lost or expired echo: its output is the result here.
+        let out = pod1.command("ping").args(&args).output().unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let reply = run(None);
+    assert!(
+        reply.contains("ttl=62"),
+        "pod 2's echo reply, sent with TTL 64, must arrive with 62 (two router hops):\n{reply}"
+    );
+    let hop = |n: u32, i: usize| overlay_tests::topology::nth_host(subnet(i), n);
+    for (ttl, from) in [(1u8, hop(1, 0)), (2, subnet(1).network())] {
+        let out = run(Some(ttl));
+        assert!(
+            out.contains(&format!("From {from}")) && out.contains("Time to live exceeded"),
+            "TTL {ttl} must expire at {from}:\n{out}"
+        );
+    }
+    let out = run(Some(3));
+    assert!(out.contains("1 received"), "TTL 3 reaches pod 2:\n{out}");
+}

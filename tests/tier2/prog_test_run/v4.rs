@@ -329,6 +329,54 @@ fn encap_output_matches_the_shared_builder() {
     assert_eq!(a[34..36], b[34..36], "one flow, one source port");
 }
 
+/// An `__sk_buff` for a packet that arrived on the device the test run puts it on (`lo`, 1):
+/// encap then sees it on ingress, as on the bridge.
+fn on_ingress() -> Vec<u8> {
+    let mut c = vec![0u8; 192];
+    c[36..40].copy_from_slice(&1u32.to_ne_bytes());
+    c
+}
+
+/// Encap on the bridge is a router hop, as the node's routing is on `flannel.1`: TTL 64 leaves
+/// as 63 inside the tunnel (checksum updated), TTL 1 is left to the stack (Time Exceeded from
+/// this node); what the stack routed (`overlay0`'s egress) keeps the TTL it has.
+#[test]
+fn encap_on_the_bridge_counts_the_nodes_hop() {
+    let mut fx = Fixture::new();
+    let frame = |ttl: u8| {
+        let mut ip = packet::udp(OUR_POD, PEER_POD, 5000, 6000, b"hop");
+        ip[8] = ttl;
+        let c = header_checksum(&ip[..20]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip)
+    };
+    let ingress = on_ingress();
+    let before = fx.node.counters();
+    let (verdict, out) = fx.node.run_ctx(programs::ENCAP, &frame(64), Some(&ingress));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "TTL 64 on the bridge: encapsulated");
+    let inner = &out[50 + 14..50 + 14 + 20];
+    assert_eq!(inner[8], 63, "TTL 64 → 63 inside the tunnel");
+    assert_eq!(
+        header_checksum(inner),
+        u16::from_be_bytes([inner[10], inner[11]]),
+        "inner checksum"
+    );
+    assert_eq!(delta(&before, &fx.node.counters(), Counter::EncapPackets), 1);
+
+    let before = fx.node.counters();
+    let (verdict, out) = fx.node.run_ctx(programs::ENCAP, &frame(1), Some(&ingress));
+    assert_eq!(verdict, TC_ACT_OK, "TTL 1 on the bridge: to the stack");
+    assert_eq!(out, frame(1), "TTL 1: untouched for the stack to answer");
+    assert_eq!(delta(&before, &fx.node.counters(), Counter::PassTtl), 1);
+
+    let (verdict, out) = fx.node.run(programs::ENCAP, &frame(64));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "TTL 64 routed by the stack: encapsulated"
+    );
+    assert_eq!(out[50 + 14 + 8], 64, "the stack counted this hop already");
+}
+
 #[test]
 fn encap_leaves_local_and_non_cluster_traffic_alone() {
     let mut fx = Fixture::new();

@@ -269,6 +269,37 @@ fn skb_ctx_from(gso_size: u32, gso_segs: u32, ingress_ifindex: u32) -> Vec<u8> {
 // Encap
 // ---------------------------------------------------------------------------------------------
 
+/// Encap on the bridge is a router hop (see the IPv4 twin): hop limit 64 leaves as 63 inside
+/// the tunnel, 1 is left to the stack (Time Exceeded from this node), and what the stack routed
+/// keeps its hop limit.
+#[test]
+fn encap6_on_the_bridge_counts_the_nodes_hop() {
+    let mut fx = Fixture::new();
+    let frame = |hop: u8| {
+        let mut ip = udp6(OUR_POD, PEER_POD, 0, b"hop");
+        ip[7] = hop;
+        eth(BRIDGE_MAC, POD_MAC, 0x86dd, &ip)
+    };
+    let ingress = skb_ctx_from(0, 0, 1);
+    let before = fx.node.counters();
+    let (verdict, out) = fx.node.run_ctx(programs::ENCAP, &frame(64), Some(&ingress));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "hop limit 64 on the bridge: encapsulated"
+    );
+    assert_eq!(out[70 + 14 + 7], 63, "hop limit 64 → 63 inside the tunnel");
+    assert_udp_checksum("hop limit 64 → 63", &out);
+    assert_eq!(delta(&before, &fx.node.counters(), Counter::Encap6Packets), 1);
+    let before = fx.node.counters();
+    let (verdict, out) = fx.node.run_ctx(programs::ENCAP, &frame(1), Some(&ingress));
+    assert_eq!(verdict, TC_ACT_OK, "hop limit 1 on the bridge: to the stack");
+    assert_eq!(out, frame(1), "hop limit 1: untouched for the stack to answer");
+    assert_eq!(delta(&before, &fx.node.counters(), Counter::PassTtl), 1);
+    let (verdict, out) = fx.node.run(programs::ENCAP, &frame(64));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed by the stack: encapsulated");
+    assert_eq!(out[70 + 14 + 7], 64, "the stack counted this hop already");
+}
+
 /// Every outer field of an IPv6 VXLAN frame against literal values: what flanneld's
 /// flannel-v6.1 (kernel VXLAN over IPv6, VNI 1, port 8472, udp6zerocsumtx off) sends.
 fn assert_outer6_literal(name: &str, out: &[u8], inner: &[u8], outer_tc: u8) {
