@@ -112,18 +112,23 @@ fn masq_table(ns: &Netns, family: &str) -> Option<Vec<String>> {
     )
 }
 
-/// flanneld's masquerade rules for IPv6 (`MasqIP6Rules`) as `nft list` prints our table.
-fn masq6_rules(subnet: Ipv6Net) -> Vec<String> {
-    let n = NETWORK6;
+/// flanneld's masquerade rules (`MasqIPRules`, `MasqIP6Rules`) for the family (`ip`, `ip6`) as
+/// `nft list` prints our table: the Network, our lease, the family's multicast range.
+fn masq_rules_of(family: &str, network: &str, subnet: &str, multicast: &str) -> Vec<String> {
+    let (f, n) = (family, network);
     vec![
         "meta mark & 0x00004000 == 0x00004000 return comment \"kube-proxy NATs these\"".to_string(),
-        format!("ip6 saddr {n} ip6 daddr {n} return comment \"pod to pod: keep the source\""),
+        format!("{f} saddr {n} {f} daddr {n} return comment \"pod to pod: keep the source\""),
         format!(
-            "ip6 saddr != {n} ip6 daddr {subnet} return comment \"outside to our pods: keep the source\""
+            "{f} saddr != {n} {f} daddr {subnet} return comment \"outside to our pods: keep the source\""
         ),
-        format!("ip6 saddr {n} ip6 daddr != ff00::/8 masquerade fully-random comment \"pod to outside\""),
-        format!("ip6 saddr != {n} ip6 daddr {n} masquerade fully-random comment \"host to remote pods\""),
+        format!("{f} saddr {n} {f} daddr != {multicast} masquerade fully-random comment \"pod to outside\""),
+        format!("{f} saddr != {n} {f} daddr {n} masquerade fully-random comment \"host to remote pods\""),
     ]
+}
+
+fn masq6_rules(subnet: Ipv6Net) -> Vec<String> {
+    masq_rules_of("ip6", NETWORK6, &subnet.to_string(), "ff00::/8")
 }
 
 /// `overlay-agent cleanup` for node `i` (its agent stopped); its stdout.
@@ -279,8 +284,12 @@ fn ip_masq_over_ipv6_keeps_pod_sources_and_snats_to_outside_then_cleanup() {
             "node {i}: table ip6 overlay-agent; log:\n{}",
             c.agent_log(i)
         );
-        let v4 = masq_table(ns, "ip").unwrap_or_default();
-        assert_eq!(v4.len(), 5, "node {i}: table ip overlay-agent: {v4:#?}");
+        let v4 = n.subnet_env().unwrap().0.trunc().to_string();
+        assert_eq!(
+            masq_table(ns, "ip"),
+            Some(masq_rules_of("ip", "10.244.0.0/16", &v4, "224.0.0.0/4")),
+            "node {i}: table ip overlay-agent"
+        );
         assert!(
             c.agent_log(i)
                 .lines()

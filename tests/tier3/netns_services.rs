@@ -74,6 +74,9 @@ enum Datapath {
     /// The agent with its defaults: decap on TC (veth underlay), delivery by `bpf_redirect_peer`.
     Default,
     DeliverStack,
+    /// `--ip-masq --deliver stack`: every pod packet crosses both nodes' stacks, so the agent's
+    /// masquerade rules see Service and pod → pod traffic alike (and must keep pod sources).
+    IpMasqStack,
     DeliverVeth,
     XdpDecap,
     /// No agent: flanneld's kernel VXLAN (`flannel.1`), the negative control.
@@ -91,6 +94,7 @@ impl Datapath {
         match self {
             Datapath::Default => Some(&[]),
             Datapath::DeliverStack => Some(&["--deliver", "stack"]),
+            Datapath::IpMasqStack => Some(&["--ip-masq", "--deliver", "stack"]),
             Datapath::DeliverVeth => Some(&["--deliver", "veth"]),
             Datapath::XdpDecap => Some(&["--decap", "xdp"]),
             Datapath::KernelVxlan => None,
@@ -140,6 +144,7 @@ impl Datapath {
         match self {
             Datapath::Default => "agent (default: --deliver peer, TC decap)",
             Datapath::DeliverStack => "agent --deliver stack",
+            Datapath::IpMasqStack => "agent --ip-masq --deliver stack",
             Datapath::DeliverVeth => "agent --deliver veth",
             Datapath::XdpDecap => "agent --decap xdp",
             Datapath::KernelVxlan => "kernel VXLAN (flannel.1), the control",
@@ -1156,6 +1161,11 @@ fn iptables_mode_default_delivery() {
 #[test]
 fn iptables_mode_deliver_stack() {
     iptables_mode(Datapath::DeliverStack);
+}
+
+#[test]
+fn iptables_mode_ip_masq_deliver_stack() {
+    iptables_mode(Datapath::IpMasqStack);
 }
 
 #[test]
