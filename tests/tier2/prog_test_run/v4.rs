@@ -327,6 +327,27 @@ fn encap_output_matches_the_shared_builder() {
     let (_, a) = fx.node.run(programs::ENCAP, &frame);
     let (_, b) = fx.node.run(programs::ENCAP, &frame);
     assert_eq!(a[34..36], b[34..36], "one flow, one source port");
+
+    // Many flows spread over many ports (ECMP and RSS on the underlay hash on them), all in the
+    // kernel's range as `flannel.1` picks them: 200 flows, at most a few sharing a port.
+    let ports: std::collections::BTreeSet<u16> = (0..200u16)
+        .map(|i| {
+            let ip = packet::udp(OUR_POD, PEER_POD, 10000 + i, 6000, b"flow");
+            let (_, out) = fx
+                .node
+                .run(programs::ENCAP, &packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip));
+            u16::from_be_bytes([out[34], out[35]])
+        })
+        .collect();
+    assert!(
+        ports.len() >= 190,
+        "200 flows got only {} source ports",
+        ports.len()
+    );
+    assert!(
+        ports.iter().all(|p| (32768..61000).contains(p)),
+        "a source port outside 32768–60999: {ports:?}"
+    );
 }
 
 /// An `__sk_buff` for a packet that arrived on the device the test run puts it on (`lo`, 1):

@@ -488,6 +488,28 @@ fn encap6_output_matches_literal_headers_and_a_verifying_checksum() {
     let (_, a) = fx.node.run(programs::ENCAP, &frame);
     let (_, b) = fx.node.run(programs::ENCAP, &frame);
     assert_eq!(a[54..56], b[54..56], "one flow, one source port");
+
+    // A sum that comes out 0 is sent as 0xffff (RFC 8200: 0 means "no checksum", which IPv6
+    // UDP may not send). Made so on purpose: a payload the program sums byte by byte (next
+    // header 253), whose first word (even-aligned in the outer datagram) takes the checksum the
+    // zero-payload packet got, which turns the sum into 0xffff; the flow, and with it the
+    // source port, stays the same.
+    let inner = |w: [u8; 2]| ipv6(OUR_POD, PEER_POD, 253, 0, &[w[0], w[1], 0, 0, 0, 0, 0, 0]);
+    let (_, first) = fx
+        .node
+        .run(programs::ENCAP, &eth(BRIDGE_MAC, POD_MAC, 0x86dd, &inner([0, 0])));
+    let c = [first[60], first[61]];
+    assert_ne!(
+        c,
+        [0xff, 0xff],
+        "the zero-payload packet must not already sum to zero"
+    );
+    let (_, zero) = fx
+        .node
+        .run(programs::ENCAP, &eth(BRIDGE_MAC, POD_MAC, 0x86dd, &inner(c)));
+    assert_eq!(zero[54..56], first[54..56], "the same flow's source port");
+    assert_eq!([zero[60], zero[61]], [0xff, 0xff], "a zero sum is sent as 0xffff");
+    assert_udp_checksum("a zero sum sent as 0xffff", &zero);
 }
 
 #[test]
