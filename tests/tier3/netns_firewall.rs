@@ -89,13 +89,38 @@ fn forward_drop_policy_keeps_the_fast_path_and_host_to_pod_and_rules_come_back()
     let host = &c.nodes[0].node.ns;
     assert!(ping(host, pods[1], 3, None), "node 0 → pod 1 under FORWARD DROP");
 
-    // Someone flushes the chain and deletes the jump: the agent puts both back (resync 1 s).
-    let ns1 = &c.nodes[1].node.ns;
-    let mark = c.log_mark(1);
-    iptables(ns1, &["-F", "FLANNEL-FWD"]);
-    iptables(
-        ns1,
-        &[
+    // Someone flushes the chain, or deletes the jump: the agent puts each back (resync 1 s).
+    for piece in [Piece::Accepts, Piece::Jump] {
+        assert_resynced(&c, 1, "iptables", piece);
+    }
+}
+
+/// What someone removes of flanneld's FORWARD rules: the chain's accepts, or the jump to it.
+#[derive(Clone, Copy, Debug)]
+enum Piece {
+    Accepts,
+    Jump,
+}
+
+/// flanneld's rules exactly once in backend `tool` (`iptables`: nf_tables, `iptables-legacy`).
+fn rules_in(ns: &Netns, tool: &str) -> bool {
+    let lines = |args: &[&str]| {
+        output(ns, tool, args)
+            .map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    lines(&["-S", "FORWARD"]).iter().filter(|l| *l == JUMP).count() == 1
+        && lines(&["-S", "FLANNEL-FWD"]) == ["-N FLANNEL-FWD", ACCEPT_FROM, ACCEPT_TO]
+}
+
+/// Removes `piece` of node `i`'s rules in backend `tool` and waits for the agent (resync 1 s)
+/// to put it back, saying so in its log.
+fn assert_resynced(c: &Cluster, i: usize, tool: &str, piece: Piece) {
+    let ns = &c.nodes[i].node.ns;
+    let mark = c.log_mark(i);
+    let args: &[&str] = match piece {
+        Piece::Accepts => &["-F", "FLANNEL-FWD"],
+        Piece::Jump => &[
             "-D",
             "FORWARD",
             "-m",
@@ -105,15 +130,24 @@ fn forward_drop_policy_keeps_the_fast_path_and_host_to_pod_and_rules_come_back()
             "-j",
             "FLANNEL-FWD",
         ],
-    );
-    assert!(!rules_in_place(ns1));
-    let back = Cluster::wait_for(Duration::from_secs(5), || rules_in_place(ns1));
-    assert!(back.is_some(), "rules not restored: {:?}", forward_rules(ns1));
+    };
+    ns.exec(tool, args)
+        .unwrap_or_else(|e| panic!("{tool} {args:?}: {e:#}"));
     assert!(
-        c.wait_log_after(1, mark, "rewritten", Duration::from_secs(2))
+        !rules_in(ns, tool),
+        "{tool}: {piece:?} still there after removing it"
+    );
+    let back = Cluster::wait_for(Duration::from_secs(5), || rules_in(ns, tool));
+    assert!(
+        back.is_some(),
+        "{tool}: {piece:?} not restored within 5 s:\n{}",
+        output(ns, tool, &["-S"]).unwrap_or_default()
+    );
+    assert!(
+        c.wait_log_after(i, mark, "rewritten", Duration::from_secs(2))
             .is_some(),
-        "no 'rewritten' log line:\n{}",
-        c.agent_log(1)
+        "{tool}: {piece:?}: no 'rewritten' log line:\n{}",
+        c.agent_log(i)
     );
 }
 
@@ -190,7 +224,7 @@ fn a_drop_policy_in_the_legacy_backend_gets_the_rules_there_too() {
             .exec("iptables-legacy", &["-P", "FORWARD", "DROP"])
             .expect("iptables-legacy -P FORWARD DROP");
         n.extra_args
-            .extend(["--deliver".to_string(), "stack".to_string()]);
+            .extend(["--deliver", "stack", "--iptables-resync=1"].map(String::from));
     }
     let pods = c.start_with_pods().expect("agents and pods");
     for (i, n) in c.nodes.iter().enumerate() {
@@ -203,6 +237,11 @@ fn a_drop_policy_in_the_legacy_backend_gets_the_rules_there_too() {
         assert!(rules_in_place(&n.node.ns), "node {i}: nf_tables rules");
     }
     assert_pods_talk(&c, &pods, "legacy DROP, stack delivery");
+    // Each piece removed from the legacy backend comes back there.
+    for piece in [Piece::Accepts, Piece::Jump] {
+        assert_resynced(&c, 1, "iptables-legacy", piece);
+    }
+    assert_pods_talk(&c, &pods, "legacy DROP, after the resyncs");
     // cleanup removes them from both backends.
     c.stop_agent(1, Signal::SIGTERM);
     let out = c
