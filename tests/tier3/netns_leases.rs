@@ -328,7 +328,14 @@ fn junk_leases_are_not_programmed_and_are_counted_and_valid_peers_keep_working()
     // Deleting the other spelling of node 2's key deletes nothing of node 2's.
     c.etcdctl(&["del", &key(&format!("{}-024", sn2.network()))])
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // A barrier instead of a fixed wait: the agent handles events in order, so once a change
+    // written after the delete is in the map, the delete has been handled too.
+    c.etcdctl(&["put", &key(&free[2]), &value(Ipv4Addr::new(198, 18, 0, 80))])
+        .unwrap();
+    let seen = Cluster::wait_for(Duration::from_secs(3), || {
+        peers(&c, 0).contains(&(valid.clone(), "198.18.0.80".to_string()))
+    });
+    assert!(seen.is_some(), "the change after the delete never reached node 1");
     assert_eq!(
         peers(&c, 0).len(),
         2,
