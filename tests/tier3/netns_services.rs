@@ -896,21 +896,25 @@ fn pod_cases(bed: &Bed, r: &mut Report, label: &str) {
     let svc_tcp = SocketAddr::from((CLUSTER_IP, WEB_PORT));
     let svc_udp = SocketAddr::from((CLUSTER_IP, DNS_PORT));
     let port = service_client_port();
-    case(
-        bed,
-        r,
-        format!("{label}: pod A {a}:{port} → ClusterIP {svc_tcp}/tcp → pod B"),
-        Flow::Service,
-        || {
+    // Pod A → `target` from `port`, seen by pod B as pod A.
+    let from_port = |target: SocketAddr| {
+        move || {
             tcp_exchange_from(
                 bed.pod(0),
                 Some(port),
                 bed.pod(1),
                 any(WEB_PORT),
-                svc_tcp,
+                target,
                 a.into(),
             )
-        },
+        }
+    };
+    case(
+        bed,
+        r,
+        format!("{label}: pod A {a}:{port} → ClusterIP {svc_tcp}/tcp → pod B"),
+        Flow::Service,
+        from_port(svc_tcp),
     );
     // The same 5-tuple as the Service connection had after its DNAT, whose flow encap recorded
     // as the stack's (its conntrack entry is gone: `case` flushes conntrack): the connection
@@ -921,16 +925,7 @@ fn pod_cases(bed: &Bed, r: &mut Report, label: &str) {
         r,
         format!("{label}: pod A {a}:{port} → pod B {b}:{WEB_PORT}/tcp, the Service connection's ports"),
         Flow::Service,
-        || {
-            tcp_exchange_from(
-                bed.pod(0),
-                Some(port),
-                bed.pod(1),
-                any(WEB_PORT),
-                (b, WEB_PORT).into(),
-                a.into(),
-            )
-        },
+        from_port((b, WEB_PORT).into()),
     );
     case(
         bed,
