@@ -137,7 +137,7 @@ pub(crate) fn record<F: Conntrack>(ctx: &TcContext, ip: &F::Ip) {
 /// alone: later ones carry no ports.
 #[inline(always)]
 pub(crate) fn is_stack_flow<F: Conntrack>(ctx: &TcContext, ip: &F::Ip) -> bool {
-    !F::is_fragment(ip) && F::STACK_FLOWS.get_ptr(&reply_key::<F>(ctx, ip, false)).is_some()
+    !F::is_fragment(ip) && F::STACK_FLOWS.get_ptr(reply_key::<F>(ctx, ip, false)).is_some()
 }
 
 /// Why a decapsulated packet for a local pod must take the node's stack, if it must: a

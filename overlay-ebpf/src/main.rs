@@ -49,7 +49,7 @@ use crate::{
     decap::{decapped_by_xdp, Decap, NotVxlan, BPF_F_ADJ_ROOM_DECAP_L4_UDP},
     deliver::Deliver,
     encap::{grow_for_vxlan, Encap},
-    family::{Family, V4, V6},
+    family::{V4, V6},
     plain::Plain,
     verdict::{config, count, finish, Verdict, TC_ACT_OK, TC_ACT_SHOT},
 };
