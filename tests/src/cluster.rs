@@ -33,6 +33,35 @@ pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/overlay-agent")
 }
 
+/// The variable naming the previous release's agent (`cargo xtask prev-release` prints it).
+pub const PREV_AGENT_ENV: &str = "OVERLAY_PREV_AGENT_BIN";
+
+/// The previous release's binary from `$OVERLAY_PREV_AGENT_BIN`, for upgrade tests; panics
+/// (never a silent skip) when it is unset, unreadable, or the binary under test itself.
+pub fn previous_agent_bin() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let p = std::env::var_os(PREV_AGENT_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{PREV_AGENT_ENV} is not set: it must name the previous release's overlay-agent. \
+                 `cargo xtask test` builds it and sets it; alone: \
+                 {PREV_AGENT_ENV}=$(cargo xtask prev-release | tail -1) cargo test ..."
+                )
+            });
+        let prev = std::fs::read(&p).unwrap_or_else(|e| panic!("{PREV_AGENT_ENV}={}: {e}", p.display()));
+        let cur = std::fs::read(agent_bin())
+            .unwrap_or_else(|e| panic!("{}: {e} (cargo build -p overlay-agent)", agent_bin().display()));
+        assert!(
+            prev != cur,
+            "{PREV_AGENT_ENV}={} is the binary under test itself: an upgrade from it proves nothing",
+            p.display()
+        );
+        p
+    })
+}
+
 /// Makes [`agent_bin`] the workspace's release build unless `$OVERLAY_AGENT_BIN` names one (the
 /// demo and the benchmark run what `cargo xtask run/bench` built); fails when it is missing.
 pub fn use_release_agent() -> Result<PathBuf> {
@@ -479,6 +508,42 @@ impl Cluster {
         }
         nets.sort();
         Ok(nets)
+    }
+
+    /// Node `i`'s sender table (`OVL_VTEPS`): (PublicIP, subnet) per entry, sorted. Read from the
+    /// pins in the host's bpffs, so it works while no agent runs.
+    pub fn agent_senders(&self, i: usize) -> Result<Vec<(Ipv4Addr, Ipv4Net)>> {
+        let pinned = format!("{}/OVL_VTEPS", self.nodes[i].pin_root);
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned", &pinned])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "bpftool map dump {pinned}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let bytes = |v: &serde_json::Value| -> Vec<u8> {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b.as_u64().map(|b| b as u8))
+                .collect()
+        };
+        let mut senders = Vec::new();
+        for e in v.as_array().into_iter().flatten() {
+            let f = &e["formatted"];
+            let (ip, sn) = (bytes(&f["key"]), bytes(&f["value"]["subnet"]));
+            let len = f["value"]["prefix_len"].as_u64().context("sender prefix_len")? as u8;
+            let ([a, b, c, d], [w, x, y, z]) = (ip[..].try_into()?, sn[..].try_into()?);
+            senders.push((
+                Ipv4Addr::new(a, b, c, d),
+                Ipv4Net::new(Ipv4Addr::new(w, x, y, z), len)?,
+            ));
+        }
+        senders.sort();
+        Ok(senders)
     }
 
     /// Polls `f` every 20 ms until it returns true or `timeout` passes; returns the time it took.

@@ -55,37 +55,7 @@ fn bpftool(c: &Cluster, i: usize, map: &str, args: &[&str]) -> std::process::Out
 
 /// Node `i`'s sender table: (PublicIP, subnet) per entry, sorted.
 fn senders(c: &Cluster, i: usize) -> Vec<(Ipv4Addr, Ipv4Net)> {
-    let out = bpftool(c, i, "OVL_VTEPS", &[]);
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let bytes = |v: &serde_json::Value| -> Vec<u8> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| b.as_u64().map(|b| b as u8))
-            .collect()
-    };
-    let mut out: Vec<(Ipv4Addr, Ipv4Net)> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            let f = &e["formatted"];
-            let (ip, sn) = (bytes(&f["key"]), bytes(&f["value"]["subnet"]));
-            let len = f["value"]["prefix_len"].as_u64().unwrap() as u8;
-            let ip = Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]);
-            (
-                ip,
-                Ipv4Net::new(Ipv4Addr::new(sn[0], sn[1], sn[2], sn[3]), len).unwrap(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    c.agent_senders(i).expect("reading the sender table")
 }
 
 /// Node `i`'s peer map per `overlay-agent status --json`: (subnet, PublicIP), sorted.

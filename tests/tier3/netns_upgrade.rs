@@ -11,7 +11,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -26,13 +25,12 @@ use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
 use overlay_agent::node::{grodev::GRO_DEVICE, hostdev::HOST_DEVICE};
 use overlay_tests::{
-    cluster::{agent_bin, output, Cluster, UdpFlow},
+    cluster::{agent_bin, output, previous_agent_bin, Cluster, UdpFlow},
     netns::{require_root, Netns},
     topology,
 };
 
 const CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
-const PREV_ENV: &str = "OVERLAY_PREV_AGENT_BIN";
 
 /// Length of the UDP flows the upgrades happen under (1,000 packets/s each way).
 const FLOW_SECS: u32 = 12;
@@ -54,7 +52,7 @@ enum Release {
 impl Release {
     fn bin(self) -> PathBuf {
         match self {
-            Release::Previous => previous_bin().to_path_buf(),
+            Release::Previous => previous_agent_bin().to_path_buf(),
             Release::Current => agent_bin(),
         }
     }
@@ -65,28 +63,6 @@ impl Release {
             Release::Current => "current",
         }
     }
-}
-
-/// The previous release's binary from `$OVERLAY_PREV_AGENT_BIN`; never a silent skip.
-fn previous_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let p = std::env::var_os(PREV_ENV).map(PathBuf::from).unwrap_or_else(|| {
-            panic!(
-                "{PREV_ENV} is not set: it must name the previous release's overlay-agent. `cargo xtask \
-                 test` builds it and sets it; alone: {PREV_ENV}=$(cargo xtask prev-release) cargo test ..."
-            )
-        });
-        let prev = std::fs::read(&p).unwrap_or_else(|e| panic!("{PREV_ENV}={}: {e}", p.display()));
-        let cur = std::fs::read(agent_bin())
-            .unwrap_or_else(|e| panic!("{}: {e} (cargo build -p overlay-agent)", agent_bin().display()));
-        assert!(
-            prev != cur,
-            "{PREV_ENV}={} is the binary under test itself: an upgrade from it proves nothing",
-            p.display()
-        );
-        p
-    })
 }
 
 /// A cluster whose node `i` runs `releases[i]`, one pod per node; returns the pod addresses.

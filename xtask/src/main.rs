@@ -301,7 +301,8 @@ fn test(o: &TestOpts) -> Result<()> {
         for t in &e2e {
             args.extend(["--test", t.as_str()]);
         }
-        // netns_upgrade upgrades from (and downgrades to) the previous release's binary.
+        // netns_upgrade upgrades from (and downgrades to) the previous release's binary, and
+        // netns_restart upgrades from it with etcd changed meanwhile.
         let prev = prev_release::ensure_built()?;
         // kube-proxy's IPVS mode needs IPVS in the kernel; where it is built without, its
         // suites cannot run here (tier 4's Debian kernels have it) and are left out, loudly.
