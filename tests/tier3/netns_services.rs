@@ -87,6 +87,9 @@ enum Datapath {
     HostGwXdp,
     /// No agent: flanneld's host-gw (`SUBNET via PEER dev eth0` routes), the negative control.
     KernelHostGw,
+    /// host-gw with `--ip-masq --deliver stack`: bare pod packets (as DirectRouting sends them)
+    /// routed by both nodes' stacks, through the agent's masquerade rules.
+    IpMasqHostGwStack,
 }
 
 impl Datapath {
@@ -101,13 +104,14 @@ impl Datapath {
             Datapath::HostGw => Some(&[]),
             Datapath::HostGwXdp => Some(&["--decap", "xdp"]),
             Datapath::KernelHostGw => None,
+            Datapath::IpMasqHostGwStack => Some(&["--ip-masq", "--deliver", "stack"]),
         }
     }
 
     fn host_gw(self) -> bool {
         matches!(
             self,
-            Datapath::HostGw | Datapath::HostGwXdp | Datapath::KernelHostGw
+            Datapath::HostGw | Datapath::HostGwXdp | Datapath::KernelHostGw | Datapath::IpMasqHostGwStack
         )
     }
 
@@ -119,12 +123,14 @@ impl Datapath {
         }
     }
 
-    /// The counter of pod packets encap sends: VXLAN, or bare (host-gw).
+    /// The counter of pod packets encap sends: VXLAN, or bare (host-gw). On host-gw with
+    /// `--deliver stack` the stack sends them by its per-peer routes; encap's share is handing
+    /// them over (`pass_stack`).
     fn sent_counter(self) -> &'static str {
-        if self.host_gw() {
-            "direct_packets"
-        } else {
-            "encap_packets"
+        match self {
+            Datapath::IpMasqHostGwStack => "pass_stack",
+            _ if self.host_gw() => "direct_packets",
+            _ => "encap_packets",
         }
     }
 
@@ -151,6 +157,7 @@ impl Datapath {
             Datapath::HostGw => "agent, host-gw backend",
             Datapath::HostGwXdp => "agent, host-gw backend, --decap xdp",
             Datapath::KernelHostGw => "kernel host-gw (plain routes), the control",
+            Datapath::IpMasqHostGwStack => "agent, host-gw backend, --ip-masq --deliver stack",
         }
     }
 }
@@ -1226,6 +1233,11 @@ fn iptables_mode_host_gw() {
 #[test]
 fn iptables_mode_host_gw_xdp_decap() {
     iptables_mode(Datapath::HostGwXdp);
+}
+
+#[test]
+fn iptables_mode_host_gw_ip_masq_deliver_stack() {
+    iptables_mode(Datapath::IpMasqHostGwStack);
 }
 
 #[test]
