@@ -110,27 +110,7 @@ impl Etcd {
     /// it. New connections are refused at once; established ones die with etcd's next restart.
     /// [`Etcd::etcdctl_local`] still works.
     pub fn block_host(&self, blocked: bool) -> Result<()> {
-        let op = if blocked { "-I" } else { "-D" };
-        let host = self.host.to_string();
-        self.ns
-            .exec(
-                "iptables",
-                &[
-                    op,
-                    "INPUT",
-                    "-s",
-                    &host,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    "2379",
-                    "-j",
-                    "REJECT",
-                    "--reject-with",
-                    "tcp-reset",
-                ],
-            )
-            .map(|_| ())
+        reject_clients(&self.ns, &self.host.to_string(), blocked)
     }
 
     /// etcdctl run inside etcd's own namespace (works while [`Etcd::block_host`] is on).
@@ -323,6 +303,31 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
         // `ns` drops next: namespace and veth go with it.
     }
+}
+
+/// In etcd's namespace `ns`: every packet from `src` to the client port answered with a TCP
+/// reset (an established connection breaks at its next packet, new ones are refused at once),
+/// or that rule removed again.
+pub fn reject_clients(ns: &Netns, src: &str, reject: bool) -> Result<()> {
+    let op = if reject { "-I" } else { "-D" };
+    ns.exec(
+        "iptables",
+        &[
+            op,
+            "INPUT",
+            "-s",
+            src,
+            "-p",
+            "tcp",
+            "--dport",
+            "2379",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    )
+    .map(|_| ())
 }
 
 /// A throwaway PKI made with the openssl CLI: a CA, a server certificate for etcd's address, a

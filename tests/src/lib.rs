@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod kubeproxy;
 pub mod netns;
 pub mod packet;
+pub mod scale;
 pub mod topology;
 
 /// `d` stretched by `OVERLAY_TEST_SLOWDOWN` (a whole number, default 1): how long the harness

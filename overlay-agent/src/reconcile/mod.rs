@@ -221,7 +221,13 @@ impl Reconciler {
         v4.chain(v6).collect()
     }
 
+    /// host-gw only: the vxlan backend has no per-peer routes, and building the wanted set
+    /// costs O(peers) on every lease event (with 5,000 peers it was most of the agent's CPU
+    /// under churn).
     async fn sync_routes(&mut self) {
+        if !matches!(self.node, Node::HostGw(_)) {
+            return;
+        }
         let wanted = self.wanted_routes();
         if let Node::HostGw(n) = &mut self.node {
             n.sync_routes(&wanted).await;
