@@ -1,209 +1,204 @@
-//! Control-plane measurements against a real agent and etcd: 1,000 leases → BPF map, one lease
-//! → map latency, RSS, and cold start → first forwarded ping.
+//! Control-plane measurements against a real agent and etcd: 5,000 (`--peers`) leases → BPF
+//! map with the agent running, one lease → map latency among them, a churn of 100 lease
+//! changes a second with an etcd compaction and defrag half-way, RSS, the agent started over
+//! 5,000 leases, and cold start → first forwarded ping.
 //!
-//! Leases are written through etcd's v3 JSON gateway over plain HTTP (no extra crates); the map
-//! is read in-process through `/proc/<agent>/root/<pin root>`, which resolves inside the agent's
-//! own mount namespace (where `ip netns exec` gave it a private bpffs).
+//! The fake nodes, the etcd JSON gateway and the reading of the pinned map are
+//! `overlay_tests::scale`'s (the scale test's too).
 
 use std::{
-    io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, TcpStream},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use aya::maps::{lpm_trie::Key, LpmTrie, Map, MapData};
-use ipnet::Ipv4Net;
 use nix::sys::signal::Signal;
-use overlay_common::Peer;
 use overlay_tests::{
-    cluster::{Cluster, ETCD_IP, NETWORK_PREFIX},
+    cluster::Cluster,
     netns::Netns,
+    scale::{self, cpu_seconds, log_summary, rss_kb, wait_equal, Churn, ChurnStats, Gateway, PinnedPeers},
 };
 
 use crate::{interrupted, progress};
 
-/// 4,096 /28s: room for 1,000 peers plus the latency probes.
-pub const CONFIG_1K: &str = r#"{"Network":"10.244.0.0/16","SubnetLen":28,"Backend":{"Type":"vxlan"}}"#;
-const SUBNET_LEN: u8 = 28;
+/// What the control-plane run does.
+pub struct ControlOpts {
+    pub peers: usize,
+    pub probes: u32,
+    /// Seconds of churn (0: none).
+    pub churn_secs: f64,
+}
+
+/// Lease changes a second during the churn.
+pub const CHURN_RATE: u32 = 100;
 
 #[derive(Debug, Default)]
 pub struct ControlResults {
-    pub write_1k_ms: f64,
-    pub sync_1k_ms: f64,
+    pub peers: usize,
+    pub write_ms: f64,
+    pub sync_ms: f64,
     pub lease_to_map_ms: Vec<f64>,
     pub rss_kb_idle: f64,
-    pub rss_kb_1k: f64,
+    pub rss_kb_peers: f64,
+    pub churn: Option<ChurnResults>,
+    /// The agent started (pins removed) over the leases → all of them in the map.
+    pub start_ms: f64,
+    pub started_peers: usize,
+    pub rss_kb_started: f64,
 }
 
-/// Minimal base64 (standard alphabet, padded) for the etcd JSON gateway.
-fn b64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+#[derive(Debug, Default)]
+pub struct ChurnResults {
+    pub stats: ChurnStats,
+    pub cpu_s: f64,
+    pub log_lines: usize,
+    /// The map exactly what etcd says after the churn: how long it took, or how many entries
+    /// still differed 20 s later.
+    pub converged_ms: Option<f64>,
+    pub differences: usize,
+    pub rss_kb: f64,
 }
 
-/// One POST to etcd's JSON gateway (a fresh connection made inside the underlay namespace).
-fn etcd_post(underlay: &Netns, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
-    let mut s = {
-        let _in = underlay.enter()?;
-        TcpStream::connect((ETCD_IP, 2379)).context("connecting to etcd")?
+/// `n` leases → map with the agent running, `probes` single leases → map, the churn, and the
+/// agent started over all of them; with the agent's RSS.
+pub fn run(o: &ControlOpts) -> Result<ControlResults> {
+    let mut r = ControlResults {
+        peers: o.peers,
+        ..Default::default()
     };
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let body = body.to_string();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {ETCD_IP}:2379\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (head, payload) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("etcd {path}: {}", resp.chars().take(300).collect::<String>());
-    }
-    Ok(serde_json::from_str(payload.trim()).unwrap_or(serde_json::Value::Null))
-}
-
-fn lease_key(subnet: Ipv4Net) -> String {
-    format!(
-        "{NETWORK_PREFIX}/subnets/{}-{}",
-        subnet.network(),
-        subnet.prefix_len()
-    )
-}
-
-/// flannel LeaseAttrs JSON for a fake vxlan peer number `i`.
-fn lease_value(i: u32) -> String {
-    let ip = Ipv4Addr::new(198, 18, 1 + (i / 250) as u8, 1 + (i % 250) as u8);
-    let mac = format!(
-        "0e:00:00:{:02x}:{:02x}:{:02x}",
-        (i >> 16) as u8,
-        (i >> 8) as u8,
-        i as u8
-    );
-    format!(
-        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-    )
-}
-
-fn put_op(subnet: Ipv4Net, i: u32) -> serde_json::Value {
-    serde_json::json!({"requestPut": {"key": b64(lease_key(subnet).as_bytes()), "value": b64(lease_value(i).as_bytes())}})
-}
-
-/// Subnet number `i` of the /28 grid, skipping `own`.
-fn nth_subnet(i: u32, own: Ipv4Net) -> Ipv4Net {
-    let base = u32::from(Ipv4Addr::new(10, 244, 0, 0));
-    let mut idx = i;
-    let own_idx = (u32::from(own.network()) - base) >> (32 - SUBNET_LEN);
-    if idx >= own_idx {
-        idx += 1;
-    }
-    Ipv4Net::new(Ipv4Addr::from(base + (idx << (32 - SUBNET_LEN))), SUBNET_LEN).expect("valid /28")
-}
-
-/// The agent's pinned peer map, opened through its mount namespace.
-fn open_peers(pid: u32, pin_root: &str) -> Result<LpmTrie<MapData, [u8; 4], Peer>> {
-    let path = format!("/proc/{pid}/root{pin_root}/{}", overlay_common::maps::PEERS);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {path}"))?;
-    Ok(LpmTrie::try_from(Map::LpmTrie(data))?)
-}
-
-fn rss_kb(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
-}
-
-/// 1,000 leases → map, then `probes` single leases → map, with the agent's RSS.
-pub fn run(probes: u32) -> Result<ControlResults> {
-    let mut r = ControlResults::default();
-    let mut c = Cluster::new(1, CONFIG_1K)?;
+    let mut c = Cluster::new(1, scale::CONFIG)?;
     c.start_agent(0)?;
     let (own, _) = c.wait_lease(0, Duration::from_secs(20))?;
-    let own = own.trunc();
+    let own = Some(own.trunc());
     let pid = c.nodes[0].agent_pid.context("agent pid")?;
-    let pin_root = c.nodes[0].pin_root.clone();
-    let peers = {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match open_peers(pid, &pin_root) {
-                Ok(m) => break m,
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    };
+    let map = PinnedPeers::open(pid, &c.nodes[0].pin_root, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_millis(500));
     r.rss_kb_idle = rss_kb(pid)?;
 
-    const N: u32 = 1000;
-    // etcd allows 128 operations per transaction.
+    let n = o.peers;
+    let live = scale::slots(0, n, own);
+    let leases: Vec<scale::FakePeer> = live.iter().map(|&s| scale::peer(s, 0)).collect();
+    let gw = Gateway { ns: &c.underlay.ns };
     let t0 = Instant::now();
-    for chunk in (0..N).collect::<Vec<_>>().chunks(100) {
-        let ops: Vec<serde_json::Value> = chunk.iter().map(|&i| put_op(nth_subnet(i, own), i)).collect();
-        etcd_post(
-            &c.underlay.ns,
-            "/v3/kv/txn",
-            &serde_json::json!({ "success": ops }),
-        )?;
-    }
-    r.write_1k_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let deadline = t0 + Duration::from_secs(30);
-    loop {
-        let n = peers.keys().filter(|k| k.is_ok()).count() as u32;
-        if n >= N {
-            r.sync_1k_ms = t0.elapsed().as_secs_f64() * 1e3;
-            break;
-        }
-        if Instant::now() > deadline || interrupted() {
-            bail!(
-                "only {n} of {N} peers reached the map in 30 s; agent log:\n{}",
-                c.agent_log(0)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    gw.put_all(&leases)?;
+    r.write_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let want = leases.iter().map(|p| (p.subnet, p.view())).collect();
+    match wait_equal(&map, &want, Duration::from_secs(60)) {
+        Ok(_) => r.sync_ms = t0.elapsed().as_secs_f64() * 1e3,
+        Err(d) => bail!(
+            "{} of {n} peers differ 60 s after writing them, first {:?}; agent log:\n{}",
+            d.len(),
+            &d[..d.len().min(5)],
+            c.agent_log(0)
+        ),
     }
     progress(&format!(
-        "control plane: {N} leases written in {:.0} ms, all in the BPF map after {:.0} ms",
-        r.write_1k_ms, r.sync_1k_ms
+        "control plane: {n} leases written in {:.0} ms, all in the BPF map after {:.0} ms",
+        r.write_ms, r.sync_ms
     ));
     std::thread::sleep(Duration::from_millis(500));
-    r.rss_kb_1k = rss_kb(pid)?;
+    r.rss_kb_peers = rss_kb(pid)?;
 
-    for k in 0..probes {
+    let probes = scale::slots(live.last().map_or(0, |s| s + 1), o.probes as usize, own);
+    for &slot in &probes {
         if interrupted() {
             bail!("interrupted");
         }
-        let i = N + k;
-        let subnet = nth_subnet(i, own);
-        let key = Key::new(u32::from(SUBNET_LEN), subnet.network().octets());
+        let p = scale::peer(slot, 0);
         let t = Instant::now();
-        etcd_post(&c.underlay.ns, "/v3/kv/put", &put_op(subnet, i)["requestPut"])?;
-        loop {
-            if peers.get(&key, 0).is_ok() {
-                r.lease_to_map_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                break;
-            }
+        gw.put(&p)?;
+        while map.get(p.subnet) != Some(p.view()) {
             if t.elapsed() > Duration::from_secs(5) {
-                bail!("lease {subnet} did not reach the map in 5 s");
+                bail!("lease {} did not reach the map in 5 s", p.subnet);
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+        r.lease_to_map_ms.push(t.elapsed().as_secs_f64() * 1e3);
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    if o.churn_secs > 0.0 {
+        let live: Vec<u32> = live.iter().chain(&probes).copied().collect();
+        let free = scale::slots(probes.last().map_or(0, |s| s + 1), 1000, own);
+        r.churn = Some(churn(&c, &gw, &map, pid, &live, &free, o.churn_secs)?);
+    }
+
+    // Started over the leases, from nothing pinned (as on a node's first boot).
+    let want = gw.leases(own)?;
+    r.started_peers = want.len();
+    c.stop_agent(0, Signal::SIGTERM);
+    c.run_cleanup(0, &overlay_tests::cluster::agent_bin())?;
+    let t0 = Instant::now();
+    c.start_agent(0)?;
+    let pid = c.nodes[0].agent_pid.context("agent pid")?;
+    let map = PinnedPeers::open(pid, &c.nodes[0].pin_root, Duration::from_secs(10))?;
+    match wait_equal(&map, &want, Duration::from_secs(60)) {
+        Ok(_) => r.start_ms = t0.elapsed().as_secs_f64() * 1e3,
+        Err(d) => bail!(
+            "{} of {} peers differ 60 s after starting the agent, first {:?}",
+            d.len(),
+            want.len(),
+            &d[..d.len().min(5)]
+        ),
+    }
+    progress(&format!(
+        "control plane: agent started over {} leases, all in the BPF map after {:.0} ms",
+        want.len(),
+        r.start_ms
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    r.rss_kb_started = rss_kb(pid)?;
+    Ok(r)
+}
+
+/// [`CHURN_RATE`] lease changes a second for `secs`, etcd compacted to its current revision
+/// and defragmented half-way; then the map against etcd.
+fn churn(
+    c: &Cluster,
+    gw: &Gateway,
+    map: &PinnedPeers,
+    pid: u32,
+    live: &[u32],
+    free: &[u32],
+    secs: f64,
+) -> Result<ChurnResults> {
+    progress(&format!(
+        "control plane: churn of {CHURN_RATE} lease changes/s for {secs:.0} s, compaction and defrag half-way"
+    ));
+    let mut churn = Churn::new(live, free);
+    let (mark, cpu0) = (c.log_mark(0), cpu_seconds(pid)?);
+    let stats = std::thread::scope(|s| -> Result<ChurnStats> {
+        let runner = s.spawn(|| churn.run(gw, map, CHURN_RATE, secs));
+        std::thread::sleep(Duration::from_secs_f64(secs / 2.0));
+        let rev = gw.revision()?;
+        c.etcdctl(&["compact", &rev.to_string()])?;
+        c.etcdctl(&["defrag"])?;
+        progress(&format!(
+            "control plane: compacted at revision {rev}, defragmented"
+        ));
+        runner.join().expect("churn thread")
+    })?;
+    let mut r = ChurnResults {
+        cpu_s: cpu_seconds(pid)? - cpu0,
+        log_lines: log_summary(&c.agent_log(0), mark).0,
+        ..Default::default()
+    };
+    let own = c.nodes[0].subnet_env().map(|(s, _)| s.trunc());
+    let t = Instant::now();
+    match wait_equal(map, &gw.leases(own)?, Duration::from_secs(20)) {
+        Ok(_) => r.converged_ms = Some(t.elapsed().as_secs_f64() * 1e3),
+        Err(d) => r.differences = d.len(),
+    }
+    r.rss_kb = rss_kb(pid)?;
+    progress(&format!(
+        "control plane: churn: {} changes in {:.1} s, put → map p99 {:.1} ms, {} unseen, agent CPU {:.2} s",
+        stats.changes,
+        stats.secs,
+        scale::percentile(&stats.put_ms, 99.0),
+        stats.unseen.len(),
+        r.cpu_s
+    ));
+    r.stats = stats;
     Ok(r)
 }
 

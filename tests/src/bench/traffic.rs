@@ -249,13 +249,5 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Percentile `p` (0..=100) of `v` by nearest rank.
-pub fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let idx = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[idx.clamp(1, v.len()) - 1]
-}
+/// Percentile `p` (0..=100) of `v` by nearest rank (the scale test's too).
+pub use overlay_tests::scale::percentile;

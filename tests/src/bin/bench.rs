@@ -6,7 +6,8 @@
 //!
 //! All cases stay up side by side (each on its own underlay segment) and are measured in
 //! alternation, round after round, so background noise hits them alike. Then a real agent gets
-//! 1,000 leases for the control-plane numbers. Output: a table, target/bench/*.json, an SVG.
+//! 5,000 leases (`--peers`) and a churn for the control-plane numbers (`--control-only`: just
+//! those). Output: a table, target/bench/*.json, an SVG.
 //! Everything lives in namespaces owned by guards, torn down on error and on Ctrl-C.
 
 #[path = "../bench/beds.rs"]
@@ -50,6 +51,8 @@ struct Opts {
     rr_secs: u32,
     probes: u32,
     control: bool,
+    peers: usize,
+    churn_secs: f64,
     cases: Vec<Case>,
 }
 
@@ -63,6 +66,8 @@ fn parse_args() -> Result<Opts> {
             rr_secs: 1,
             probes: 20,
             control: true,
+            peers: 1000,
+            churn_secs: 10.0,
             cases: Case::ALL.to_vec(),
         }
     } else {
@@ -72,6 +77,8 @@ fn parse_args() -> Result<Opts> {
             rr_secs: 2,
             probes: 50,
             control: true,
+            peers: 5000,
+            churn_secs: 60.0,
             cases: Case::ALL.to_vec(),
         }
     };
@@ -87,6 +94,9 @@ fn parse_args() -> Result<Opts> {
             "--rounds" => o.rounds = num("--rounds")?,
             "--secs" => o.secs = num("--secs")?,
             "--no-control" => o.control = false,
+            "--control-only" => o.cases.clear(),
+            "--peers" => o.peers = num("--peers")? as usize,
+            "--churn-secs" => o.churn_secs = f64::from(num("--churn-secs")?),
             "--cases" => {
                 let list = it.next().context("--cases needs a list, e.g. host-gw,bpf-tc")?;
                 o.cases = list
@@ -97,7 +107,7 @@ fn parse_args() -> Result<Opts> {
             "--data-only" => o.control = false,
             "--help" | "-h" => {
                 println!(
-                    "bench [--quick] [--rounds N] [--secs N] [--no-control] [--cases {}]",
+                    "bench [--quick] [--rounds N] [--secs N] [--no-control | --control-only] [--peers N] [--churn-secs N] [--cases {}]",
                     Case::ALL.map(Case::name).join(",")
                 );
                 std::process::exit(0);
@@ -162,14 +172,18 @@ fn main() -> Result<()> {
         "rr_secs": o.rr_secs,
         "agent": agent.display().to_string(),
     });
-    progress(&format!(
-        "{} round(s) × {} underlays × {} cases; {} s per transfer; load {}",
-        o.rounds,
-        Flavour::ALL.len(),
-        o.cases.len(),
-        o.secs,
-        meta["loadavg_start"].as_str().unwrap_or("?")
-    ));
+    let load = meta["loadavg_start"].as_str().unwrap_or("?");
+    if o.cases.is_empty() {
+        progress(&format!("control plane only; load {load}"));
+    } else {
+        progress(&format!(
+            "{} round(s) × {} underlays × {} cases; {} s per transfer; load {load}",
+            o.rounds,
+            Flavour::ALL.len(),
+            o.cases.len(),
+            o.secs,
+        ));
+    }
 
     let mut samples = Samples::default();
     let mut errors = Vec::new();
@@ -213,12 +227,19 @@ fn main() -> Result<()> {
                 }
             }
         }
-        progress("tearing down the data-plane testbeds");
+        if !beds.is_empty() {
+            progress("tearing down the data-plane testbeds");
+        }
     }
     check_interrupt()?;
     let cp = if o.control {
-        progress("control plane: one agent, 1,000 leases");
-        match control::run(o.probes) {
+        progress(&format!("control plane: one agent, {} leases", o.peers));
+        let co = control::ControlOpts {
+            peers: o.peers,
+            probes: o.probes,
+            churn_secs: o.churn_secs,
+        };
+        match control::run(&co) {
             Ok(cp) => Some(cp),
             Err(e) => {
                 progress(&format!("control plane failed: {e:#}"));
