@@ -534,25 +534,47 @@ pub fn wait_equal(
     }
 }
 
-/// Lines of `log` from byte `mark` on, counted per message (the text after the level, without
-/// the fields), most frequent first: what a flood of log lines consists of.
-pub fn log_summary(log: &str, mark: usize) -> (usize, Vec<(String, usize)>) {
-    let fresh = log.get(mark..).unwrap_or_default();
-    let mut by: HashMap<String, usize> = HashMap::new();
-    let mut n = 0;
-    for l in fresh.lines() {
-        n += 1;
-        let msg: String = l
-            .split_whitespace()
-            .skip(2)
-            .take_while(|w| !w.contains('='))
-            .collect::<Vec<_>>()
-            .join(" ");
-        *by.entry(msg).or_default() += 1;
+/// An agent's log lines since a mark.
+#[derive(Debug)]
+pub struct LogSummary {
+    pub lines: usize,
+    /// Lines about one peer (with a `subnet=` or `public_ip=` field): a lease added, changed
+    /// or removed, its map and sender entries. The rest is about the agent as a whole (the
+    /// watch breaking, resuming, listing again…).
+    pub per_peer: usize,
+    /// Lines per message (the text after the level, without the fields), most frequent first:
+    /// what a flood of log lines consists of.
+    pub by_message: Vec<(String, usize)>,
+}
+
+impl LogSummary {
+    /// The lines of `log` from byte `mark` on.
+    pub fn of(log: &str, mark: usize) -> Self {
+        let fresh = log.get(mark..).unwrap_or_default();
+        let mut by: HashMap<String, usize> = HashMap::new();
+        let (mut lines, mut per_peer) = (0, 0);
+        for l in fresh.lines() {
+            lines += 1;
+            if l.contains(" subnet=") || l.contains(" public_ip=") {
+                per_peer += 1;
+            }
+            let msg: String = l
+                .split_whitespace()
+                .skip(2)
+                .take_while(|w| !w.contains('='))
+                .collect::<Vec<_>>()
+                .join(" ");
+            *by.entry(msg).or_default() += 1;
+        }
+        let mut by_message: Vec<(String, usize)> = by.into_iter().collect();
+        by_message.sort_by_key(|e| std::cmp::Reverse(e.1));
+        by_message.truncate(6);
+        LogSummary {
+            lines,
+            per_peer,
+            by_message,
+        }
     }
-    let mut v: Vec<(String, usize)> = by.into_iter().collect();
-    v.sort_by_key(|e| std::cmp::Reverse(e.1));
-    (n, v)
 }
 
 /// The `p`-th percentile of the finite values of `v` (nearest rank); NaN when there are none.

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use overlay_tests::{
     cluster::Cluster,
     netns::Netns,
-    scale::{self, cpu_seconds, log_summary, rss_kb, wait_equal, Churn, ChurnStats, Gateway, PinnedPeers},
+    scale::{self, cpu_seconds, rss_kb, wait_equal, Churn, ChurnStats, Gateway, LogSummary, PinnedPeers},
 };
 
 use crate::{interrupted, progress};
@@ -180,7 +180,7 @@ fn churn(
     })?;
     let mut r = ChurnResults {
         cpu_s: cpu_seconds(pid)? - cpu0,
-        log_lines: log_summary(&c.agent_log(0), mark).0,
+        log_lines: LogSummary::of(&c.agent_log(0), mark).lines,
         ..Default::default()
     };
     let own = c.nodes[0].subnet_env().map(|(s, _)| s.trunc());
