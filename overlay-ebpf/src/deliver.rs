@@ -20,8 +20,16 @@ use crate::{
 };
 
 pub(crate) trait Deliver: Conntrack {
-    /// Writes `hop_limit - 1` into the packet (and mends what covers it).
-    fn forwarded(ctx: &TcContext, ip: &Self::Ip) -> Result<(), Counter>;
+    /// Writes `hop_limit - 1` into the packet's IP header at `at` (and mends what covers it).
+    #[inline(always)]
+    fn forwarded(ctx: &TcContext, ip: &Self::Ip, at: usize) -> Result<(), Counter> {
+        Self::forwarded_from(ctx, Self::hop_word(ip), at)
+    }
+    /// What [`Deliver::forwarded`] needs of the header, as plain bytes (no reference to it
+    /// crosses into encap's sending code): the TTL and protocol, or the hop limit.
+    fn hop_word(ip: &Self::Ip) -> [u8; 2];
+    /// [`Deliver::forwarded`] from [`Deliver::hop_word`].
+    fn forwarded_from(ctx: &TcContext, hop: [u8; 2], at: usize) -> Result<(), Counter>;
     /// `ep`'s key in the device map of the family's veths (`ENDPOINT_DEVS`), whose entries the
     /// kernel deletes with the device.
     fn dev_key(addr: Self::Addr, ep: &Endpoint) -> u32;
@@ -35,19 +43,21 @@ impl Deliver for V4 {
     }
     /// The TTL and the header checksum over it.
     #[inline(always)]
-    fn forwarded(ctx: &TcContext, ip: &Ipv4Hdr) -> Result<(), Counter> {
-        const TTL_OFF: usize = ETH_LEN + 8;
-        const CSUM_OFF: usize = ETH_LEN + 10;
-        let old = [ip.ttl, ip.proto];
-        let new = [ip.ttl - 1, ip.proto];
+    fn hop_word(ip: &Ipv4Hdr) -> [u8; 2] {
+        [ip.ttl, ip.proto]
+    }
+    #[inline(always)]
+    fn forwarded_from(ctx: &TcContext, old: [u8; 2], at: usize) -> Result<(), Counter> {
+        let (ttl_off, csum_off) = (at + 8, at + 10);
+        let new = [old[0] - 1, old[1]];
         ctx.l3_csum_replace(
-            CSUM_OFF,
+            csum_off,
             u16::from_ne_bytes(old) as u64,
             u16::from_ne_bytes(new) as u64,
             2,
         )
         .map_err(|_| Counter::DropMalformed)?;
-        ctx.store(TTL_OFF, &new[0], 0).map_err(|_| Counter::DropMalformed)
+        ctx.store(ttl_off, &new[0], 0).map_err(|_| Counter::DropMalformed)
     }
 }
 
@@ -59,9 +69,12 @@ impl Deliver for V6 {
     }
     /// IPv6 has no header checksum to patch.
     #[inline(always)]
-    fn forwarded(ctx: &TcContext, ip: &Ipv6Hdr) -> Result<(), Counter> {
-        const HOP_LIMIT_OFF: usize = ETH_LEN + 7;
-        ctx.store(HOP_LIMIT_OFF, &(ip.hop_limit - 1), 0)
+    fn hop_word(ip: &Ipv6Hdr) -> [u8; 2] {
+        [ip.hop_limit, 0]
+    }
+    #[inline(always)]
+    fn forwarded_from(ctx: &TcContext, hop: [u8; 2], at: usize) -> Result<(), Counter> {
+        ctx.store(at + 7, &(hop[0] - 1), 0)
             .map_err(|_| Counter::DropMalformed)
     }
 }
@@ -110,7 +123,7 @@ pub(crate) fn deliver_checked<F: Deliver>(
         count(reason, 1);
         return Ok(None);
     }
-    F::forwarded(ctx, &ip)?;
+    F::forwarded(ctx, &ip, ETH_LEN)?;
     to_endpoint(ctx, cfg, &ep, F::DELIVER).map(Some)
 }
 

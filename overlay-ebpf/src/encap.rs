@@ -99,10 +99,10 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
         // packets (PMTU discovery) or fragments the rest, which then come back here.
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
     }
-    if at_ingress(ctx) {
-        if let Some(pass) = routed::<V4>(ctx, &ip)? {
-            return Ok(pass);
-        }
+    // A router hop (see `route_and_send`), for what the bridge hands over.
+    let hop = at_ingress(ctx);
+    if hop && ttl_runs_out::<V4>(&ip) {
+        return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTtl));
     }
     route_and_send::<V4>(
         ctx,
@@ -110,6 +110,7 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
         &cfg.public_ip,
         &peer.public_ip,
         direct,
+        hop.then(|| V4::hop_word(&ip)),
         |fib, src_port| {
             let hdr = encap_header(&EncapParams {
                 outer_src_mac: fib.smac,
@@ -134,12 +135,8 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
 /// is left to the stack, which answers Time Exceeded (traceroute shows this node). Only for
 /// what the bridge hands over: the stack already counted the hop of what it routed.
 #[inline(always)]
-fn routed<F: Deliver>(ctx: &TcContext, ip: &F::Ip) -> Result<Option<Verdict>, Counter> {
-    if F::hop_limit(ip) <= 1 {
-        return Ok(Some(Verdict::pass(TC_ACT_OK, Counter::PassTtl)));
-    }
-    F::forwarded(ctx, ip)?;
-    Ok(None)
+fn ttl_runs_out<F: Deliver>(ip: &F::Ip) -> bool {
+    F::hop_limit(ip) <= 1
 }
 
 /// A packet for no remote pod subnet goes to the stack, unless it is a pod's VXLAN for a node:
@@ -204,10 +201,13 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         // the tunnel MTU, and answers with ICMPv6 Packet Too Big (IPv6 routers never fragment).
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
     }
+    // A router hop, written before the outer checksum sums the inner packet (and before a
+    // packet goes to be resegmented); IPv4 writes it once encap made the header its own.
     if at_ingress(ctx) && !returned {
-        if let Some(pass) = routed::<V6>(ctx, &ip)? {
-            return Ok(pass);
+        if ttl_runs_out::<V6>(&ip) {
+            return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTtl));
         }
+        V6::forwarded(ctx, &ip, ETH_LEN)?;
         // The copy too: the outer UDP checksum below sums the inner header from it.
         ip.hop_limit -= 1;
     }
@@ -230,6 +230,7 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
         &cfg6.public_ip,
         &peer.public_ip,
         direct,
+        None,
         |fib, src_port| {
             let mut p = Encap6Params {
                 outer_src_mac: fib.smac,
@@ -334,18 +335,22 @@ fn to_stack_from_bridge(ctx: &TcContext, cfg: &DataplaneConfig) -> Option<Counte
 /// front of it and `outer` writing the outer headers (given the FIB's answer and the UDP source
 /// port from the flow hash), the VXLAN packet.
 #[inline(always)]
-fn route_and_send<F: Family>(
+fn route_and_send<F: Deliver>(
     ctx: &TcContext,
     cfg: &DataplaneConfig,
     src: &F::Addr,
     dst: &F::Addr,
     direct: bool,
+    hop: Option<[u8; 2]>,
     outer: impl FnOnce(&FibParams, u16) -> Result<(), Counter>,
 ) -> Result<Verdict, Counter> {
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     let rc = fib_usable(underlay_next_hop::<F>(ctx, cfg, src, dst, &mut fib))?;
     let out_ifindex = fib.ifindex;
     if direct {
+        if let Some(hop) = hop {
+            F::forwarded_from(ctx, hop, ETH_LEN)?;
+        }
         if cfg.flags & CONFIG_BARE_FAST != 0 {
             plain::mark_sent(ctx);
         }
@@ -355,6 +360,12 @@ fn route_and_send<F: Family>(
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     grow_for_vxlan(ctx, F::ENCAP_L3, F::OVERHEAD)?;
     outer(&fib, flow_source_port(hash))?;
+    // `hop`'s TTL is written only now, into a header encap has made the packet's own: written
+    // before, it would unshare a TCP packet's cloned header once more (bench, veth underlay,
+    // TCP 4 flows: 13.2 Gbit/s, 0.63× host-gw, written before encap; 21.3, 1.28×, here).
+    if let Some(hop) = hop {
+        F::forwarded_from(ctx, hop, ETH_LEN + F::OVERHEAD)?;
+    }
     redirect(ctx, rc, &fib, out_ifindex, F::ENCAP)
 }
 
