@@ -429,8 +429,8 @@ pub struct SandboxOpts<'a> {
     pub netns: &'a Netns,
     /// Where `RuntimeDirectory=` goes (the test's own directory under /run).
     pub runtime_dir: &'a Path,
-    /// Unmount /sys/fs/bpf in the sandbox first: a host where nothing mounted bpffs, so the
-    /// agent mounts its own.
+    /// Unmount /sys/fs/bpf in the sandbox first (every mount stacked there): a host where
+    /// nothing mounted bpffs, so the agent mounts its own.
     pub no_bpffs: bool,
 }
 
@@ -663,7 +663,10 @@ impl Sandbox {
                         }
                     }
                     Step::Umount(t) => {
-                        checked(libc::umount2(t.as_ptr(), libc::MNT_DETACH), b"umount", Some(t))?
+                        checked(libc::umount2(t.as_ptr(), libc::MNT_DETACH), b"umount", Some(t))?;
+                        // And whatever is stacked beneath (a host can have bpffs mounted at
+                        // /sys/fs/bpf twice): until nothing is mounted there (EINVAL).
+                        while libc::umount2(t.as_ptr(), libc::MNT_DETACH) == 0 {}
                     }
                 }
             }
