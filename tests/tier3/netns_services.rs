@@ -898,7 +898,13 @@ fn service_client_port() -> u16 {
 
 /// Pod A → ClusterIP TCP and UDP, pod A → pod B from the source port of that Service
 /// connection, pod A ↔ pod B TCP: the cases every mode runs per br_netfilter setting.
-fn pod_cases(bed: &Bed, r: &mut Report, label: &str) {
+///
+/// `reused_port`: run the reused-port case. Not under kube-proxy's IPVS mode: IPVS keeps its own
+/// connection table, and a reply from the real server to a client port of a connection it still
+/// holds (TIME_WAIT lasts 2 min there, and `conntrack -F` does not touch it) is un-DNATed to the
+/// ClusterIP by IPVS on the client's node, whatever carries it (the agent's datapath failed that
+/// case on 6.1 with every packet through node A's stack).
+fn pod_cases(bed: &Bed, r: &mut Report, label: &str, reused_port: bool) {
     let [a, b] = bed.pods;
     let svc_tcp = SocketAddr::from((CLUSTER_IP, WEB_PORT));
     let svc_udp = SocketAddr::from((CLUSTER_IP, DNS_PORT));
@@ -927,13 +933,15 @@ fn pod_cases(bed: &Bed, r: &mut Report, label: &str) {
     // as the stack's (its conntrack entry is gone: `case` flushes conntrack): the connection
     // must come up, through node A's stack both ways (decap hands its replies to the stack as
     // that flow's, so its packets to pod B must have passed there too).
-    case(
-        bed,
-        r,
-        format!("{label}: pod A {a}:{port} → pod B {b}:{WEB_PORT}/tcp, the Service connection's ports"),
-        Flow::Service,
-        from_port((b, WEB_PORT).into()),
-    );
+    if reused_port {
+        case(
+            bed,
+            r,
+            format!("{label}: pod A {a}:{port} → pod B {b}:{WEB_PORT}/tcp, the Service connection's ports"),
+            Flow::Service,
+            from_port((b, WEB_PORT).into()),
+        );
+    }
     case(
         bed,
         r,
@@ -985,7 +993,7 @@ fn iptables_mode(dp: Datapath) {
     let mut r = Report::new(dp, "kube-proxy iptables mode");
     for on in [false, true] {
         bed.br_netfilter(on);
-        pod_cases(&bed, &mut r, bnf(on));
+        pod_cases(&bed, &mut r, bnf(on), true);
     }
     let node_a_underlay = IpAddr::V4(Node::underlay_ip(bed.c.nodes[0].node.index));
     // host-gw routes pod subnets through eth0: what node A masquerades to is its own address there.
@@ -1099,7 +1107,7 @@ fn stateful_firewall(dp: Datapath) {
     }
     for on in [false, true] {
         bed.br_netfilter(on);
-        pod_cases(&bed, &mut r, &format!("firewall, {}", bnf(on)));
+        pod_cases(&bed, &mut r, &format!("firewall, {}", bnf(on)), true);
     }
     case(
         &bed,
@@ -1147,7 +1155,7 @@ fn ipvs_mode(dp: Datapath) {
     let mut r = Report::new(dp, "kube-proxy IPVS mode");
     for on in [false, true] {
         bed.br_netfilter(on);
-        pod_cases(&bed, &mut r, bnf(on));
+        pod_cases(&bed, &mut r, bnf(on), false);
     }
     if r.cases.iter().any(|(_, res)| res.is_err()) {
         eprintln!("node A IPVS:\n{}", kubeproxy::ipvs_state(bed.node(0)));
