@@ -275,7 +275,7 @@ pub(crate) fn xdp<F: Decap>(ctx: &XdpContext) -> Result<Verdict, Counter> {
     if !meta && start + ETH_LEN <= end {
         // The mark below: a frame from the wire must never carry it.
         // SAFETY: bounds checked just above.
-        if eq_bytes(unsafe { &*((start + 6) as *const [u8; 6]) }, &cfg.underlay_mac) {
+        if eq_mac(unsafe { &*((start + 6) as *const [u8; 6]) }, &cfg.underlay_mac) {
             return Err(Counter::DropOwnMac);
         }
     }
@@ -470,12 +470,8 @@ pub(crate) fn decapped_by_xdp(ctx: &TcContext) -> bool {
     if cfg.flags & CONFIG_XDP_MAC_MARK == 0 {
         return false;
     }
-    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+    let Ok([dst, src]) = ctx.load::<[[u8; 6]; 2]>(0) else {
         return false;
     };
-    let (dst, src) = (
-        [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]],
-        [macs[6], macs[7], macs[8], macs[9], macs[10], macs[11]],
-    );
-    eq_bytes(&dst, &cfg.underlay_mac) && eq_bytes(&src, &cfg.underlay_mac)
+    eq_mac(&dst, &cfg.underlay_mac) && eq_mac(&src, &cfg.underlay_mac)
 }

@@ -79,6 +79,14 @@ impl Deliver for V6 {
     }
 }
 
+/// Whether a packet's TTL (hop limit) runs out at this node, a router hop for what it forwards
+/// (decap's delivery, and encap of what the bridge hands over): the stack gets it, to answer
+/// Time Exceeded (traceroute shows this node).
+#[inline(always)]
+pub(crate) fn expires_here<F: Deliver>(ip: &F::Ip) -> bool {
+    F::hop_limit(ip) <= 1
+}
+
 /// Hands a decapsulated packet (the frame starts with its inner Ethernet header) straight to a
 /// pod on this node. `None` leaves the packet to the stack: delivery off, not a known endpoint,
 /// its veth gone, its TTL or hop limit expiring here (the stack sends time-exceeded), or a packet
@@ -116,7 +124,7 @@ pub(crate) fn deliver_checked<F: Deliver>(
     if !sender_ok(&ip)? {
         return Ok(None);
     }
-    if F::hop_limit(&ip) <= 1 {
+    if expires_here::<F>(&ip) {
         return Ok(None);
     }
     if let Some(reason) = stack_reason::<F>(ctx, &ip)? {

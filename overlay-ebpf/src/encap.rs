@@ -33,7 +33,7 @@ use crate::{
     conntrack::{self, Conntrack},
     csum6,
     decap::eq_bytes,
-    deliver::Deliver,
+    deliver::{expires_here, Deliver},
     family::{Family, Ipv4Hdr, Ipv6Hdr, AF_INET6, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
     plain,
@@ -85,7 +85,9 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
     if let Some(pass) = to_stack_from_bridge(ctx, cfg) {
         return Ok(Verdict::pass(TC_ACT_OK, pass));
     }
-    if !at_ingress(ctx) {
+    // Seen on the bridge (what a pod sent), or on `overlay0`'s egress (what the stack routed).
+    let from_bridge = at_ingress(ctx);
+    if !from_bridge {
         conntrack::record::<V4>(ctx, &ip);
     } else if conntrack::is_stack_flow::<V4>(ctx, &ip) {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassConntrack));
@@ -99,9 +101,10 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
         // packets (PMTU discovery) or fragments the rest, which then come back here.
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTooBig));
     }
-    // A router hop (see `route_and_send`), for what the bridge hands over.
-    let hop = at_ingress(ctx);
-    if hop && ttl_runs_out::<V4>(&ip) {
+    // The bridge's packets cross this node as a router hop, as on `flannel.1` (the stack counted
+    // the hop of what it routed): one whose TTL runs out here is left to the stack, the others'
+    // TTL goes down by one in `route_and_send`.
+    if from_bridge && expires_here::<V4>(&ip) {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTtl));
     }
     route_and_send::<V4>(
@@ -110,7 +113,7 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
         &cfg.public_ip,
         &peer.public_ip,
         direct,
-        hop.then(|| V4::hop_word(&ip)),
+        from_bridge.then(|| V4::hop_word(&ip)),
         |fib, src_port| {
             let hdr = encap_header(&EncapParams {
                 outer_src_mac: fib.smac,
@@ -128,15 +131,6 @@ fn try_encap4(ctx: &TcContext) -> Result<Verdict, Counter> {
             ctx.store(0, &hdr, 0).map_err(|_| Counter::DropMalformed)
         },
     )
-}
-
-/// A pod's packet leaving the bridge for a remote pod crosses this node as a router hop, as it
-/// does on `flannel.1`: its TTL (hop limit) goes down by one here, and one that would run out
-/// is left to the stack, which answers Time Exceeded (traceroute shows this node). Only for
-/// what the bridge hands over: the stack already counted the hop of what it routed.
-#[inline(always)]
-fn ttl_runs_out<F: Deliver>(ip: &F::Ip) -> bool {
-    F::hop_limit(ip) <= 1
 }
 
 /// A packet for no remote pod subnet goes to the stack, unless it is a pod's VXLAN for a node:
@@ -188,9 +182,11 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
             return Ok(Verdict::pass(TC_ACT_OK, pass));
         }
     }
+    // Seen on the bridge (a pod's), not on `overlay0` (the stack's, or segments coming back).
+    let from_bridge = at_ingress(ctx) && !returned;
     if !at_ingress(ctx) {
         record_stack_flow6(ctx, &ip);
-    } else if !returned && conntrack::is_stack_flow::<V6>(ctx, &ip) {
+    } else if from_bridge && conntrack::is_stack_flow::<V6>(ctx, &ip) {
         return Ok(Verdict::pass(TC_ACT_OK, Counter::PassConntrack));
     }
     let direct = peer.flags & PEER_DIRECT != 0;
@@ -203,8 +199,8 @@ fn try_encap6(ctx: &TcContext) -> Result<Verdict, Counter> {
     }
     // A router hop, written before the outer checksum sums the inner packet (and before a
     // packet goes to be resegmented); IPv4 writes it once encap made the header its own.
-    if at_ingress(ctx) && !returned {
-        if ttl_runs_out::<V6>(&ip) {
+    if from_bridge {
+        if expires_here::<V6>(&ip) {
             return Ok(Verdict::pass(TC_ACT_OK, Counter::PassTtl));
         }
         V6::forwarded(ctx, &ip, ETH_LEN)?;
