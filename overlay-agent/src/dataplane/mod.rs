@@ -699,7 +699,7 @@ impl Dataplane {
     /// Adds or replaces one remote subnet alone: its PublicIP's sender entry exists and names
     /// another subnet of that address, which keeps it.
     pub fn upsert_subnet<F: MapFamily>(&mut self, p: &PeerEntry<F>) -> Result<(), DataplaneError> {
-        let key = Key::new(u32::from(F::net_len(&p.subnet)), F::key(F::net_addr(&p.subnet)));
+        let key = lpm_key::<F>(&p.subnet);
         let max = self.max_peers;
         let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
         peers
@@ -710,7 +710,7 @@ impl Dataplane {
     /// Removes one remote subnet, leaving the sender entry of its PublicIP (another subnet of
     /// that address still uses it). Absent is not an error.
     pub fn remove_subnet<F: MapFamily>(&mut self, subnet: F::Net) -> Result<(), DataplaneError> {
-        let key = Key::new(u32::from(F::net_len(&subnet)), F::key(F::net_addr(&subnet)));
+        let key = lpm_key::<F>(&subnet);
         let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
         ignore_missing(peers.remove(&key), F::PEERS)
     }
@@ -761,9 +761,7 @@ impl Dataplane {
         subnet: F::Net,
         public_ip: F::Addr,
     ) -> Result<(), DataplaneError> {
-        let key = Key::new(u32::from(F::net_len(&subnet)), F::key(F::net_addr(&subnet)));
-        let mut peers: LpmTrie<&mut MapData, F::Key, F::Peer> = map_mut(&mut self.ebpf, F::PEERS)?;
-        ignore_missing(peers.remove(&key), F::PEERS)?;
+        self.remove_subnet::<F>(subnet)?;
         let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
         ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)
     }
@@ -975,6 +973,11 @@ where
 {
     let m = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
     T::try_from(m).map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// The peer trie's key of `subnet`.
+fn lpm_key<F: MapFamily>(subnet: &F::Net) -> Key<F::Key> {
+    Key::new(u32::from(F::net_len(subnet)), F::key(F::net_addr(subnet)))
 }
 
 fn full_or(e: aya::maps::MapError, name: &'static str, subnet: IpNet, max: u32) -> DataplaneError {
