@@ -106,10 +106,16 @@ pub enum Counter {
     /// Encap: a pod's packet whose TTL (hop limit) runs out at this node, as it would on the
     /// node's routing: left to the stack, which answers Time Exceeded.
     PassTtl,
+    /// Drops reported to an attached `overlay-agent monitor` (`OVL_EVENTS`).
+    MonitorEvents,
+    /// Drops a monitor asked for that the rate limit (per CPU) left unreported.
+    MonitorSuppressed,
+    /// Drops a monitor asked for that found its ring buffer full (it reads too slowly).
+    MonitorLost,
 }
 
 /// Number of counters defined.
-pub const COUNTER_COUNT: u32 = Counter::PassTtl as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::MonitorLost as u32 + 1;
 
 /// Slots in the per-CPU array (its `max_entries`): room to append counters without changing
 /// the pinned map's layout, so an upgrade keeps the counts.
@@ -163,6 +169,9 @@ impl Counter {
         Counter::DropPodVxlan,
         Counter::DropInnerMac,
         Counter::PassTtl,
+        Counter::MonitorEvents,
+        Counter::MonitorSuppressed,
+        Counter::MonitorLost,
     ];
 
     /// Stable snake_case name, used as a metric label and in status output.
@@ -212,7 +221,24 @@ impl Counter {
             Counter::DropPodVxlan => "drop_pod_vxlan",
             Counter::DropInnerMac => "drop_inner_mac",
             Counter::PassTtl => "pass_ttl",
+            Counter::MonitorEvents => "monitor_events",
+            Counter::MonitorSuppressed => "monitor_suppressed",
+            Counter::MonitorLost => "monitor_lost",
         }
+    }
+
+    /// The counter with index `i`.
+    pub const fn from_index(i: u32) -> Option<Counter> {
+        if i < COUNTER_COUNT {
+            Some(Counter::ALL[i as usize])
+        } else {
+            None
+        }
+    }
+
+    /// The drop reason named `name` (as [`Counter::name`] spells it).
+    pub fn drop_named(name: &str) -> Option<Counter> {
+        Counter::ALL.into_iter().find(|c| c.is_drop() && c.name() == name)
     }
 
     /// True for the counters that record dropped packets.

@@ -7,10 +7,11 @@
 
 pub mod counters;
 pub mod maps;
+pub mod monitor;
 pub mod wire;
 
 pub use counters::Counter;
-pub use maps::{DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6};
+pub use maps::{DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, PeerStats, Vtep, Vtep6};
 
 /// Default root under bpffs where the agent pins its maps.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/overlay";

@@ -16,6 +16,11 @@
 //! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex (`u32`)     | the same ifindex   | agent; the kernel deletes entries of removed devices |
 //! | `OVL_STACK_FLOWS` | LRU hash    | [`StackFlow`] (a reply's 5-tuple) | first seen, ns (`u64`) | encap on `overlay0`'s egress |
 //! | `OVL_STACK_FLOWS6` | LRU hash   | [`StackFlow6`]              | first seen, ns (`u64`) | encap on `overlay0`'s egress |
+//! | `OVL_PEER_STATS` | per-CPU hash | member PublicIP (`[u8; 4]`) | [`PeerStats`]     | agent creates and deletes entries (one per sender); programs count |
+//! | `OVL_PEER_STATS6` | per-CPU hash | member PublicIPv6 (`[u8; 16]`) | [`PeerStats`]  | as `OVL_PEER_STATS` |
+//! | `OVL_MONITOR`  | array[1]       | `u32` 0                     | [`crate::monitor::MonitorConfig`] | `overlay-agent monitor` while it runs |
+//! | `OVL_MONITOR_STATE` | per-CPU array[1] | `u32` 0              | [`crate::monitor::RateState`] | programs (the rate limit) |
+//! | `OVL_EVENTS`   | ring buffer    | —                           | [`crate::monitor::DropEvent`] | programs, while a monitor is attached |
 //!
 //! IPv6 pod traffic travels over the IPv6 underlay (flannel's `flannel-v6.1`: outer IPv6 from
 //! `PublicIPv6` to the peer's), IPv4 pod traffic over IPv4: the IPv6 tables are separate maps, so
@@ -39,8 +44,13 @@ pub const ENDPOINTS6: &str = "OVL_ENDPOINTS6";
 pub const ENDPOINT_DEVS6: &str = "OVL_ENDPOINT_DEVS6";
 pub const STACK_FLOWS: &str = "OVL_STACK_FLOWS";
 pub const STACK_FLOWS6: &str = "OVL_STACK_FLOWS6";
+pub const PEER_STATS: &str = "OVL_PEER_STATS";
+pub const PEER_STATS6: &str = "OVL_PEER_STATS6";
+pub const MONITOR: &str = "OVL_MONITOR";
+pub const MONITOR_STATE: &str = "OVL_MONITOR_STATE";
+pub const EVENTS: &str = "OVL_EVENTS";
 /// Every map the object defines; each is pinned under the pin root by this name.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 19] = [
     CONFIG,
     PEERS,
     VTEPS,
@@ -55,9 +65,42 @@ pub const ALL: [&str; 14] = [
     ENDPOINT_DEVS6,
     STACK_FLOWS,
     STACK_FLOWS6,
+    PEER_STATS,
+    PEER_STATS6,
+    MONITOR,
+    MONITOR_STATE,
+    EVENTS,
 ];
 /// The peer tables, created with the loader's capacity (`max_peers`) rather than the object's.
-pub const PEER_TABLES: [&str; 4] = [PEERS, VTEPS, PEERS6, VTEPS6];
+pub const PEER_TABLES: [&str; 6] = [PEERS, VTEPS, PEERS6, VTEPS6, PEER_STATS, PEER_STATS6];
+
+/// Traffic to and from one member node (its PublicIP, or PublicIPv6 in `OVL_PEER_STATS6`),
+/// one value per CPU (the reader sums them). The agent creates a zeroed entry with the
+/// member's sender entry and deletes it with that entry, so the table holds exactly the
+/// members; the programs only count into entries that exist.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Packets sent to the member (VXLAN, or bare to a DirectRouting / host-gw peer) and their
+    /// bytes as they left on the underlay (as `encap_bytes`).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets accepted from the member (VXLAN stripped, or bare host-gw packets delivered) and
+    /// their bytes once stripped (as `decap_bytes`).
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// When the last packet was sent to / accepted from it: CLOCK_MONOTONIC_COARSE ns
+    /// (`bpf_ktime_get_coarse_ns`), 0 for never.
+    pub tx_last_ns: u64,
+    pub rx_last_ns: u64,
+    /// Packets for the member dropped on the way out (no route to its PublicIP, refused to
+    /// grow, too big).
+    pub tx_drops: u64,
+    /// VXLAN from the member dropped on the way in (wrong VNI, inner source outside its
+    /// subnet, not to our VtepMAC, malformed, no room).
+    pub rx_drops: u64,
+}
+const _: () = assert!(size_of::<PeerStats>() == 64);
 
 /// Key of a pod in `OVL_ENDPOINT_DEVS`: its IPv4 address's bytes read as a native `u32`.
 /// A device map entry disappears with its device, so decap never redirects to a veth that is
@@ -366,6 +409,8 @@ mod pod {
     unsafe impl aya::Pod for StackFlow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for StackFlow6 {}
+    // SAFETY: repr(C), u64s only (size asserted above).
+    unsafe impl aya::Pod for PeerStats {}
 }
 
 #[cfg(test)]

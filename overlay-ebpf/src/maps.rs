@@ -18,20 +18,31 @@
 //! | `OVL_ENDPOINT_DEVS6` | devmap hash | veth ifindex       | veth ifindex      | agent; kernel removes gone devices |
 //! | `OVL_STACK_FLOWS` | LRU hash   | a reply's 5-tuple      | first seen (ns)   | encap on `overlay0`'s egress |
 //! | `OVL_STACK_FLOWS6` | LRU hash  | a reply's IPv6 5-tuple | first seen (ns)   | encap on `overlay0`'s egress |
+//! | `OVL_PEER_STATS` | per-CPU hash | member PublicIP      | `PeerStats`       | agent adds/removes entries; programs count |
+//! | `OVL_PEER_STATS6` | per-CPU hash | member PublicIPv6   | `PeerStats`       | agent adds/removes entries; programs count |
+//! | `OVL_MONITOR`  | array[1]      | 0                      | `MonitorConfig`   | `overlay-agent monitor` |
+//! | `OVL_MONITOR_STATE` | per-CPU array[1] | 0              | `RateState`       | programs (rate limit) |
+//! | `OVL_EVENTS`   | ring buffer   | —                      | `DropEvent`       | programs (drops, while a monitor runs) |
 //!
 //! Who reads them: encap (`encap.rs`) the config, peers and stack flows; decap (`decap.rs`) the
 //! config and VTEPs; delivery (`deliver.rs`) the endpoints and their device maps; the conntrack
-//! rules (`conntrack.rs`) the stack flows; the IPv6 outer checksum (`csum6.rs`) the scratch.
+//! rules (`conntrack.rs`) the stack flows; the IPv6 outer checksum (`csum6.rs`) the scratch;
+//! the per-peer counts and drop reports (`observe.rs`) the peer stats and the monitor's maps.
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use overlay_common::{
     counters::COUNTER_SLOTS,
     maps::{StackFlow, StackFlow6, MAX_ENDPOINTS, MAX_PEERS, MAX_STACK_FLOWS},
-    DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, Vtep, Vtep6,
+    monitor::{DropEvent, MonitorConfig, RateState, RING_BYTES},
+    DataplaneConfig, DataplaneConfig6, Endpoint, Peer, Peer6, PeerStats, Vtep, Vtep6,
 };
+
+/// `BPF_F_NO_PREALLOC`: a per-CPU value is allocated when the agent adds a member, not
+/// `MAX_PEERS` × CPUs of them up front.
+const NO_PREALLOC: usize = 1;
 
 #[btf_map]
 pub(crate) static OVL_CONFIG: Array<DataplaneConfig, 1> = Array::new();
@@ -68,3 +79,17 @@ pub(crate) static OVL_STACK_FLOWS: LruHashMap<StackFlow, u64, { MAX_STACK_FLOWS 
 #[btf_map]
 pub(crate) static OVL_STACK_FLOWS6: LruHashMap<StackFlow6, u64, { MAX_STACK_FLOWS as usize }> =
     LruHashMap::new();
+/// Traffic per member (see `observe.rs`); entries exist exactly for the members.
+#[btf_map]
+pub(crate) static OVL_PEER_STATS: PerCpuHashMap<[u8; 4], PeerStats, { MAX_PEERS as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
+#[btf_map]
+pub(crate) static OVL_PEER_STATS6: PerCpuHashMap<[u8; 16], PeerStats, { MAX_PEERS as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
+/// What an attached monitor wants reported (read on the drop path only).
+#[btf_map]
+pub(crate) static OVL_MONITOR: Array<MonitorConfig, 1> = Array::new();
+#[btf_map]
+pub(crate) static OVL_MONITOR_STATE: PerCpuArray<RateState, 1> = PerCpuArray::new();
+#[btf_map]
+pub(crate) static OVL_EVENTS: RingBuf<DropEvent, { RING_BYTES as usize }> = RingBuf::new();

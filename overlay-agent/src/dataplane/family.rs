@@ -48,6 +48,8 @@ pub trait MapFamily: Family {
     const VTEPS: &'static str;
     const ENDPOINTS: &'static str;
     const ENDPOINT_DEVS: &'static str;
+    /// Traffic per member, keyed by its PublicIP (`OVL_PEER_STATS`, `OVL_PEER_STATS6`).
+    const PEER_STATS: &'static str;
     /// Several endpoints can share one device entry ([`MapFamily::dev_key`] ignores the
     /// address), so an entry is deleted only when no endpoint uses it any more.
     const SHARED_DEV: bool;
@@ -90,6 +92,7 @@ impl MapFamily for V4 {
     const VTEPS: &'static str = maps::VTEPS;
     const ENDPOINTS: &'static str = maps::ENDPOINTS;
     const ENDPOINT_DEVS: &'static str = maps::ENDPOINT_DEVS;
+    const PEER_STATS: &'static str = maps::PEER_STATS;
     const SHARED_DEV: bool = false;
     fn key(a: Ipv4Addr) -> [u8; 4] {
         a.octets()
@@ -130,6 +133,7 @@ impl MapFamily for V6 {
     const VTEPS: &'static str = maps::VTEPS6;
     const ENDPOINTS: &'static str = maps::ENDPOINTS6;
     const ENDPOINT_DEVS: &'static str = maps::ENDPOINT_DEVS6;
+    const PEER_STATS: &'static str = maps::PEER_STATS6;
     const SHARED_DEV: bool = true;
     fn key(a: Ipv6Addr) -> [u8; 16] {
         a.octets()

@@ -8,7 +8,9 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{
+        lpm_trie::Key, Array, DevMapHash, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+    },
     programs::{
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -18,7 +20,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ipnet::IpNet;
-use overlay_common::{maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint};
+use overlay_common::{maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint, PeerStats};
 
 pub mod bpffs;
 mod family;
@@ -610,7 +612,7 @@ impl Dataplane {
             };
             return Err(full_or(e, t.0, subnet, max));
         }
-        Ok(())
+        self.add_peer_stats::<F>(sender)
     }
 
     /// Adds or replaces one local pod: its device entry first (decap delivers only when both
@@ -726,13 +728,60 @@ impl Dataplane {
         let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
         vteps
             .insert(F::key(public_ip), vtep, 0)
-            .map_err(|e| full_or(e, F::VTEPS, subnet.into(), self.max_peers))
+            .map_err(|e| full_or(e, F::VTEPS, subnet.into(), self.max_peers))?;
+        self.add_peer_stats::<F>(F::key(public_ip))
     }
 
-    /// Removes the sender entry of `public_ip`. Absent is not an error.
+    /// Removes the sender entry of `public_ip`, and its traffic counts. Absent is not an error.
     pub fn remove_sender<F: MapFamily>(&mut self, public_ip: F::Addr) -> Result<(), DataplaneError> {
         let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
-        ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)
+        ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)?;
+        self.remove_peer_stats::<F>(F::key(public_ip))
+    }
+
+    /// Zeroed traffic counts for a member (`OVL_PEER_STATS`), unless it has some already: the
+    /// programs count only into entries that exist, so the table holds exactly the members.
+    fn add_peer_stats<F: MapFamily>(&mut self, public_ip: F::Key) -> Result<(), DataplaneError> {
+        let max = self.max_peers;
+        let mut stats: PerCpuHashMap<&mut MapData, F::Key, PeerStats> =
+            map_mut(&mut self.ebpf, F::PEER_STATS)?;
+        if stats.get(&public_ip, 0).is_ok() {
+            return Ok(());
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::CarryCounters(e))?;
+        let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus])
+            .map_err(DataplaneError::CarryCounters)?;
+        let ip: IpAddr = F::from_key(public_ip).into();
+        stats
+            .insert(public_ip, zero, 0)
+            .map_err(|e| full_or(e, F::PEER_STATS, IpNet::from(ip), max))
+    }
+
+    fn remove_peer_stats<F: MapFamily>(&mut self, public_ip: F::Key) -> Result<(), DataplaneError> {
+        let mut stats: PerCpuHashMap<&mut MapData, F::Key, PeerStats> =
+            map_mut(&mut self.ebpf, F::PEER_STATS)?;
+        ignore_missing(stats.remove(&public_ip), F::PEER_STATS)
+    }
+
+    /// Makes the traffic-count table's members the sender table's: entries of addresses no
+    /// longer members removed, missing ones added (a datapath pinned by a release without the
+    /// table, or an agent stopped between the two writes).
+    pub fn sync_peer_stats<F: MapFamily>(&mut self) -> Result<(), DataplaneError> {
+        let members: std::collections::BTreeSet<F::Addr> =
+            self.senders::<F>()?.into_iter().map(|(ip, _)| ip).collect();
+        let counted: Vec<F::Addr> = {
+            let stats: PerCpuHashMap<&MapData, F::Key, PeerStats> = map_ref(&self.ebpf, F::PEER_STATS)?;
+            stats.keys().filter_map(Result::ok).map(F::from_key).collect()
+        };
+        for ip in counted {
+            if !members.contains(&ip) {
+                self.remove_peer_stats::<F>(F::key(ip))?;
+            }
+        }
+        for ip in members {
+            self.add_peer_stats::<F>(F::key(ip))?;
+        }
+        Ok(())
     }
 
     /// The sender table of family `F` as the (possibly adopted) map holds it: each PublicIP and
@@ -762,8 +811,7 @@ impl Dataplane {
         public_ip: F::Addr,
     ) -> Result<(), DataplaneError> {
         self.remove_subnet::<F>(subnet)?;
-        let mut vteps: HashMap<&mut MapData, F::Key, F::Vtep> = map_mut(&mut self.ebpf, F::VTEPS)?;
-        ignore_missing(vteps.remove(&F::key(public_ip)), F::VTEPS)
+        self.remove_sender::<F>(public_ip)
     }
 
     /// The remote subnets in the (possibly adopted) peer map of family `F`, so a restarted agent

@@ -67,6 +67,10 @@ pub trait PeerMaps<F: MapFamily> {
     fn remove_sender(&mut self, ip: F::Addr) -> Result<(), DataplaneError>;
     fn peers(&self) -> Result<Vec<PeerEntry<F>>, DataplaneError>;
     fn senders(&self) -> Result<Vec<SenderEntry<F>>, DataplaneError>;
+    /// The per-member traffic counts made the sender table's members (none in the model).
+    fn sync_stats(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl<F: MapFamily> PeerMaps<F> for Dataplane {
@@ -93,6 +97,9 @@ impl<F: MapFamily> PeerMaps<F> for Dataplane {
     }
     fn senders(&self) -> Result<Vec<SenderEntry<F>>, DataplaneError> {
         Dataplane::senders::<F>(self)
+    }
+    fn sync_stats(&mut self) -> Result<(), DataplaneError> {
+        Dataplane::sync_peer_stats::<F>(self)
     }
 }
 
@@ -361,6 +368,9 @@ impl<F: PeerFamily> PeerTable<F> {
             if was != now {
                 warn!(family = F::NAME, public_ip = %ip, was = ?was, now = ?now, "the pinned sender table was out of step with the peers; repaired");
             }
+        }
+        if let Err(e) = dp.sync_stats() {
+            warn!(family = F::NAME, error = %e, "cannot bring the per-peer traffic counts in step with the members");
         }
     }
 
