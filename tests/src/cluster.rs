@@ -759,6 +759,39 @@ impl Cluster {
         Ok(pods)
     }
 
+    /// The outer headers of a well-formed VXLAN frame from node `from` to node `to` (their
+    /// PublicIPs, node `to`'s NIC and VtepMAC, VNI 1, port 8472) as a host on the underlay
+    /// (`sender`) crafts it: what a test bends to produce each of decap's drops.
+    pub fn vxlan_from(
+        &self,
+        from: usize,
+        to: usize,
+        sender: &Netns,
+    ) -> Result<overlay_common::wire::EncapParams> {
+        let leases = self.lease_list()?;
+        let vtep = |i: usize| -> Result<[u8; 6]> {
+            let ip = Node::underlay_ip(i as u8 + 1);
+            Ok(leases
+                .iter()
+                .find(|l| l.1 == ip)
+                .context("no lease of the node")?
+                .2)
+        };
+        Ok(overlay_common::wire::EncapParams {
+            outer_src_mac: sender.mac("eth0")?,
+            outer_dst_mac: self.nodes[to].node.ns.mac("eth0")?,
+            src_ip: Node::underlay_ip(from as u8 + 1).octets(),
+            dst_ip: Node::underlay_ip(to as u8 + 1).octets(),
+            src_port: 40000,
+            dst_port: 8472,
+            vni: 1,
+            inner_src_mac: vtep(from)?,
+            inner_dst_mac: vtep(to)?,
+            inner_ip_len: 0,
+            inner_tos: 0,
+        })
+    }
+
     /// The vxlan leases in etcd: (subnet, PublicIP, VtepMAC), sorted by subnet.
     pub fn lease_list(&self) -> Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>> {
         let text = self.leases()?;

@@ -72,35 +72,53 @@ pub fn eth_ip(dst: [u8; 6], src: [u8; 6], ip: &[u8]) -> Vec<u8> {
 /// Sends `frame` as-is out of `dev` in `ns` (an AF_PACKET raw socket): for crafted traffic from a
 /// namespace playing an attacker on the underlay.
 pub fn send_raw(ns: &crate::netns::Netns, dev: &str, frame: &[u8]) -> anyhow::Result<()> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let _inside = ns.enter()?;
-    let ifindex = nix::net::if_::if_nametoindex(dev)?;
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    anyhow::ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-    // SAFETY: fd is a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain data.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: frame and addr are valid for the lengths given.
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    anyhow::ensure!(
-        rc == frame.len() as isize,
-        "sendto: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    RawSender::open(ns, dev)?.send(frame)
+}
+
+/// An AF_PACKET raw socket on `dev` in a namespace, for sending many crafted frames.
+pub struct RawSender {
+    fd: std::os::fd::OwnedFd,
+    ifindex: u32,
+}
+
+impl RawSender {
+    pub fn open(ns: &crate::netns::Netns, dev: &str) -> anyhow::Result<RawSender> {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        let _inside = ns.enter()?;
+        let ifindex = nix::net::if_::if_nametoindex(dev)?;
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        anyhow::ensure!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(RawSender { fd, ifindex })
+    }
+
+    /// Sends `frame` as-is (it starts with its Ethernet header).
+    pub fn send(&self, frame: &[u8]) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: sockaddr_ll is plain data.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: frame and addr are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(
+            rc == frame.len() as isize,
+            "sendto: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
 }

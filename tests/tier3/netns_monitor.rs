@@ -242,24 +242,7 @@ fn each_drop_reason_shows_up(decap: &str, hook: &str) {
 
 /// A well-formed VXLAN frame's outer headers from node 1 to node 2 (sent by the attacker).
 fn crafted_base(c: &Cluster, attacker: &overlay_tests::netns::Netns) -> EncapParams {
-    let leases = c.lease_list().unwrap();
-    let vtep_of = |i: usize| {
-        let ip = Node::underlay_ip(i as u8 + 1);
-        leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
-    };
-    EncapParams {
-        outer_src_mac: attacker.mac("eth0").unwrap(),
-        outer_dst_mac: c.nodes[1].node.ns.mac("eth0").unwrap(),
-        src_ip: [198, 18, 0, 11],
-        dst_ip: [198, 18, 0, 12],
-        src_port: 40000,
-        dst_port: 8472,
-        vni: 1,
-        inner_src_mac: vtep_of(0),
-        inner_dst_mac: vtep_of(1),
-        inner_ip_len: 0,
-        inner_tos: 0,
-    }
+    c.vxlan_from(0, 1, attacker).unwrap()
 }
 
 #[test]

@@ -7,22 +7,23 @@
 use std::{
     collections::HashMap,
     fmt::Write as _,
-    fs::File,
     net::IpAddr,
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use overlay_common::{
-    maps,
-    monitor::{DropEvent, Hook, MonitorConfig, LEASE_NS},
-    Counter, DataplaneConfig,
+    monitor::{DropEvent, Hook},
+    Counter,
 };
 use serde::Serialize;
+
+use crate::dataplane::{
+    events::{monotonic_ns, EventRing, EventsError},
+    pinned, DataplaneError,
+};
 
 /// What to report, from the command line.
 #[derive(Debug, Clone)]
@@ -46,18 +47,10 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
-    #[error(
-        "{path}: not found. The datapath is not loaded under --pin-root {pin_root} (is the agent \
-         running? it loads and pins the maps at start); an agent older than the monitor has no \
-         event ring: upgrade it"
-    )]
-    NotPinned { path: PathBuf, pin_root: PathBuf },
-    #[error("{name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
     #[error(
         "--reason {0:?} is not a drop reason; use one of: {list}",
         list = drop_reason_names().join(", ")
@@ -65,17 +58,8 @@ pub enum MonitorError {
     UnknownReason(String),
     #[error("--rate and --burst must be at least 1 (events per second per CPU, and at once)")]
     ZeroRate,
-    #[error(
-        "another `overlay-agent monitor` is attached to {0} (one at a time: the ring buffer has one \
-         reader); stop it first"
-    )]
-    Busy(PathBuf),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("writing to stdout: {0}")]
+    Output(#[source] std::io::Error),
 }
 
 /// The drop reasons whose bits `mask` has.
@@ -115,94 +99,13 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
-
-fn open(pin_root: &Path, name: &'static str) -> Result<MapData, MonitorError> {
-    let path = pin_root.join(name);
-    if !path.exists() {
-        return Err(MonitorError::NotPinned {
-            path,
-            pin_root: pin_root.to_path_buf(),
-        });
-    }
-    MapData::from_pin(&path).map_err(|e| MonitorError::Map { name, source: e })
-}
-
-/// The monitor's hold on the kernel side: its settings in `OVL_MONITOR`, renewed while it runs
-/// and switched off when it ends (a monitor killed outright stops the reports when its lease
-/// runs out).
-struct Attached {
-    config: Array<MapData, MonitorConfig>,
-    want: MonitorConfig,
-    /// flock on the pin root: one monitor at a time.
-    _lock: File,
-}
-
-impl Attached {
-    fn renew(&mut self) -> Result<(), MonitorError> {
-        self.want.until_ns = monotonic_ns() + LEASE_NS;
-        self.config
-            .set(0, self.want, 0)
-            .map_err(|source| MonitorError::Map {
-                name: maps::MONITOR,
-                source,
-            })
-    }
-}
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.config.set(0, MonitorConfig::default(), 0);
-    }
-}
-
 /// Runs the monitor until Ctrl-C / SIGTERM, `--count` or `--duration`.
 pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorError> {
     if o.rate == 0 || o.burst == 0 {
         return Err(MonitorError::ZeroRate);
     }
     let reasons = reason_mask(&o.reasons)?;
-    let cfg = read_config(&o.pin_root)?;
-    let events_path = o.pin_root.join(maps::EVENTS);
-    let ring_data = open(&o.pin_root, maps::EVENTS)?;
-    // The lock is on the pin root (bpffs refuses to open a ring buffer's pin as a file).
-    let lock = File::open(&o.pin_root).map_err(|source| MonitorError::Io {
-        what: format!("opening {}", o.pin_root.display()),
-        source,
-    })?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(MonitorError::Busy(events_path));
-    }
-    let mut ring = RingBuf::try_from(Map::RingBuf(ring_data)).map_err(|source| MonitorError::Map {
-        name: maps::EVENTS,
-        source,
-    })?;
-    let config = Array::<MapData, MonitorConfig>::try_from(Map::Array(open(&o.pin_root, maps::MONITOR)?))
-        .map_err(|source| MonitorError::Map {
-            name: maps::MONITOR,
-            source,
-        })?;
-    let counters =
-        PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(open(&o.pin_root, maps::COUNTERS)?)).map_err(
-            |source| MonitorError::Map {
-                name: maps::COUNTERS,
-                source,
-            },
-        )?;
-    let kept_back = |c: &PerCpuArray<MapData, u64>| -> (u64, u64) {
-        let sum = |k: Counter| c.get(&(k as u32), 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-        (sum(Counter::MonitorSuppressed), sum(Counter::MonitorLost))
-    };
+    let port = pinned::read_config(&o.pin_root)?.port;
     for sig in [
         nix::sys::signal::Signal::SIGINT,
         nix::sys::signal::Signal::SIGTERM,
@@ -215,20 +118,13 @@ pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorErro
         // SAFETY: the handler only stores to an atomic.
         let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
     }
-    let mut attached = Attached {
-        config,
-        want: MonitorConfig {
-            until_ns: 0,
-            reasons,
-            rate: o.rate,
-            burst: o.burst,
-        },
-        _lock: lock,
+    let mut ring = EventRing::attach(&o.pin_root, reasons, o.rate, o.burst)?;
+    let (mut suppressed0, mut lost0) = ring.kept_back();
+    let emit = |out: &mut dyn std::io::Write, line: &str| -> Result<(), MonitorError> {
+        writeln!(out, "{line}")
+            .and_then(|_| out.flush())
+            .map_err(MonitorError::Output)
     };
-    // Whatever a previous monitor left in the ring is not this one's.
-    while ring.next().is_some() {}
-    let (mut suppressed0, mut lost0) = kept_back(&counters);
-    attached.renew()?;
     let said = if o.json {
         serde_json::json!({"type": "attached", "pin_root": o.pin_root.display().to_string(),
             "reasons": reason_names(reasons), "rate": o.rate, "burst": o.burst})
@@ -246,12 +142,7 @@ pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorErro
             o.burst
         )
     };
-    writeln!(out, "{said}")
-        .and_then(|_| out.flush())
-        .map_err(|source| MonitorError::Io {
-            what: "writing to stdout".into(),
-            source,
-        })?;
+    emit(out, &said)?;
     let started = Instant::now();
     let mut renewed = Instant::now();
     let mut names = IfNames::default();
@@ -260,76 +151,77 @@ pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorErro
         peers: &o.peers,
         pods: &o.pods,
     };
-    let emit = |out: &mut dyn std::io::Write, line: &str| -> Result<(), MonitorError> {
-        writeln!(out, "{line}")
-            .and_then(|_| out.flush())
-            .map_err(|source| MonitorError::Io {
-                what: "writing to stdout".into(),
-                source,
-            })
+    // What the kernel kept back since the last word on it, said when anything was.
+    let mut kept_back_since = |ring: &EventRing, out: &mut dyn std::io::Write, since: Duration| {
+        let (suppressed, lost) = ring.kept_back();
+        let (ds, dl) = (suppressed - suppressed0.min(suppressed), lost - lost0.min(lost));
+        (suppressed0, lost0) = (suppressed, lost);
+        if ds + dl == 0 {
+            return Ok(());
+        }
+        let line = if o.json {
+            serde_json::json!({"type": "kept_back", "suppressed": ds, "lost": dl,
+                "seconds": since.as_secs_f64()})
+            .to_string()
+        } else {
+            format!(
+                "# {} drops not shown in the last {:.1} s: {ds} over the rate limit \
+                 (--rate {}/s per CPU), {dl} lost (ring buffer full)",
+                ds + dl,
+                since.as_secs_f64(),
+                o.rate
+            )
+        };
+        emit(out, &line)
+    };
+    // Shows what waits in the ring: true once `--count` drops were shown.
+    let mut show = |ring: &mut EventRing, out: &mut dyn std::io::Write| -> Result<bool, MonitorError> {
+        let mut r = Ok(false);
+        ring.drain(|raw| {
+            let Some(ev) = DropView::parse(raw, port) else {
+                return true;
+            };
+            if !filter.keeps(&ev) {
+                return true;
+            }
+            if let Err(e) = emit(out, &ev.render(o.json, &mut names)) {
+                r = Err(e);
+                return false;
+            }
+            reported += 1;
+            if o.count.is_some_and(|n| reported >= n) {
+                r = Ok(true);
+                return false;
+            }
+            true
+        });
+        r
     };
     loop {
         let mut pfd = libc::pollfd {
-            fd: ring.as_raw_fd(),
+            fd: ring.fd(),
             events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, 200) };
-        while let Some(item) = ring.next() {
-            let Some(ev) = DropView::parse(&item, cfg.port) else {
-                continue;
-            };
-            if !filter.keeps(&ev) {
-                continue;
+        let done = show(&mut ring, &mut *out)?;
+        if done || STOP.load(Ordering::SeqCst) || o.duration.is_some_and(|d| started.elapsed() >= d) {
+            // Reports off first, then what is still in the ring and what was kept back since
+            // the last word on it: the end says everything too.
+            ring.detach();
+            if !done {
+                show(&mut ring, &mut *out)?;
             }
-            let line = ev.render(o.json, &mut names);
-            emit(out, &line)?;
-            reported += 1;
-            if o.count.is_some_and(|n| reported >= n) {
-                return Ok(());
-            }
+            return kept_back_since(&ring, &mut *out, renewed.elapsed());
         }
         if renewed.elapsed() >= Duration::from_secs(1) {
-            attached.renew()?;
+            ring.renew()?;
             let since = renewed.elapsed();
             renewed = Instant::now();
-            let (suppressed, lost) = kept_back(&counters);
-            let (ds, dl) = (suppressed - suppressed0.min(suppressed), lost - lost0.min(lost));
-            (suppressed0, lost0) = (suppressed, lost);
-            if ds + dl > 0 {
-                let line = if o.json {
-                    serde_json::json!({"type": "kept_back", "suppressed": ds, "lost": dl,
-                        "seconds": since.as_secs_f64()})
-                    .to_string()
-                } else {
-                    format!(
-                        "# {} drops not shown in the last {:.1} s: {ds} over the rate limit \
-                         (--rate {}/s per CPU), {dl} lost (ring buffer full)",
-                        ds + dl,
-                        since.as_secs_f64(),
-                        o.rate
-                    )
-                };
-                emit(out, &line)?;
-            }
-        }
-        if STOP.load(Ordering::SeqCst) || o.duration.is_some_and(|d| started.elapsed() >= d) {
-            return Ok(());
+            kept_back_since(&ring, &mut *out, since)?;
         }
     }
-}
-
-fn read_config(pin_root: &Path) -> Result<DataplaneConfig, MonitorError> {
-    let arr = Array::<MapData, DataplaneConfig>::try_from(Map::Array(open(pin_root, maps::CONFIG)?))
-        .map_err(|source| MonitorError::Map {
-            name: maps::CONFIG,
-            source,
-        })?;
-    arr.get(&0, 0).map_err(|source| MonitorError::Map {
-        name: maps::CONFIG,
-        source,
-    })
 }
 
 #[derive(Default)]

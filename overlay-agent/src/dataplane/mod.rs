@@ -23,6 +23,7 @@ use ipnet::IpNet;
 use overlay_common::{maps, programs, Counter, DataplaneConfig, DataplaneConfig6, Endpoint, PeerStats};
 
 pub mod bpffs;
+pub mod events;
 mod family;
 pub mod object;
 pub mod pinned;

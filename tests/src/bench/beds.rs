@@ -37,25 +37,42 @@ pub enum Case {
     BpfTcVeth,
     /// The agent on the host-gw backend (its baseline is plain routing, host-gw (a)).
     BpfHostGw,
+    /// `bpf-tc` run by another build of the agent (`$OVERLAY_BASELINE_AGENT_BIN`, e.g. the last
+    /// release), side by side with this one in the same run. Only when asked for (`--cases`).
+    BpfTcBaseline,
     KernelVxlan6,
     BpfXdp6,
     BpfTc6,
 }
 
 impl Case {
-    pub const ALL: [Case; 9] = [
+    pub const ALL: [Case; 10] = [
         Case::HostGw,
         Case::KernelVxlan,
         Case::BpfXdp,
         Case::BpfTc,
         Case::BpfTcVeth,
         Case::BpfHostGw,
+        Case::BpfTcBaseline,
         Case::KernelVxlan6,
         Case::BpfXdp6,
         Case::BpfTc6,
     ];
     /// The agent's IPv4 cases, in table order.
-    pub const BPF: [Case; 4] = [Case::BpfXdp, Case::BpfTc, Case::BpfTcVeth, Case::BpfHostGw];
+    pub const BPF: [Case; 5] = [
+        Case::BpfXdp,
+        Case::BpfTc,
+        Case::BpfTcVeth,
+        Case::BpfHostGw,
+        Case::BpfTcBaseline,
+    ];
+    /// What runs without `--cases`: every case but the baseline build's.
+    pub fn default_cases() -> Vec<Case> {
+        Case::ALL
+            .into_iter()
+            .filter(|c| *c != Case::BpfTcBaseline)
+            .collect()
+    }
     /// The agent's IPv6 cases, in table order; their baseline is [`Case::KernelVxlan6`].
     pub const BPF6: [Case; 2] = [Case::BpfXdp6, Case::BpfTc6];
 
@@ -67,6 +84,7 @@ impl Case {
             Case::BpfTc => "bpf-tc",
             Case::BpfTcVeth => "bpf-tc-veth",
             Case::BpfHostGw => "bpf-hostgw",
+            Case::BpfTcBaseline => "bpf-tc-baseline",
             Case::KernelVxlan6 => "kernel-vxlan6",
             Case::BpfXdp6 => "bpf-xdp6",
             Case::BpfTc6 => "bpf-tc6",
@@ -86,7 +104,7 @@ impl Case {
     fn agent_flags(self) -> &'static [&'static str] {
         match self {
             Case::BpfXdp | Case::BpfXdp6 => &["--decap", "xdp"],
-            Case::BpfTc | Case::BpfTc6 => &["--decap", "tc", "--deliver", "peer"],
+            Case::BpfTc | Case::BpfTc6 | Case::BpfTcBaseline => &["--decap", "tc", "--deliver", "peer"],
             Case::BpfTcVeth => &["--decap", "tc", "--deliver", "veth"],
             Case::BpfHostGw => &["--decap", "tc"],
             Case::HostGw | Case::KernelVxlan | Case::KernelVxlan6 => &[],
@@ -128,6 +146,17 @@ enum Kind {
     },
 }
 
+/// The variable naming the build `bpf-tc-baseline` runs.
+pub const BASELINE_ENV: &str = "OVERLAY_BASELINE_AGENT_BIN";
+
+fn baseline_agent() -> Result<std::path::PathBuf> {
+    let p = std::env::var_os(BASELINE_ENV).map(std::path::PathBuf::from).with_context(|| {
+        format!("bpf-tc-baseline runs the build named by ${BASELINE_ENV} (e.g. the last release's target/release/overlay-agent); it is not set")
+    })?;
+    anyhow::ensure!(p.is_file(), "${BASELINE_ENV}={}: no such file", p.display());
+    Ok(p)
+}
+
 /// One case's testbed: two nodes, one pod each; traffic goes pod on node1 → pod on node2.
 pub struct Bed {
     pub case: Case,
@@ -149,7 +178,9 @@ impl Bed {
     pub fn new(case: Case) -> Result<Self> {
         let bed = match case {
             Case::HostGw | Case::KernelVxlan | Case::KernelVxlan6 => Self::plain(case)?,
-            Case::BpfXdp | Case::BpfTc | Case::BpfTcVeth | Case::BpfHostGw => Self::agents(case)?,
+            Case::BpfXdp | Case::BpfTc | Case::BpfTcVeth | Case::BpfHostGw | Case::BpfTcBaseline => {
+                Self::agents(case)?
+            }
             Case::BpfXdp6 | Case::BpfTc6 => Self::agents6(case)?,
         };
         if case.ipv6() {
@@ -218,10 +249,15 @@ impl Bed {
     fn agents(case: Case) -> Result<Self> {
         let config = if case == Case::BpfHostGw { HOST_GW } else { CONFIG };
         let mut c = Cluster::new(2, config)?;
+        let bin = match case {
+            Case::BpfTcBaseline => Some(baseline_agent()?),
+            _ => None,
+        };
         for i in 0..2 {
             c.nodes[i]
                 .extra_args
                 .extend(case.agent_flags().iter().map(|a| a.to_string()));
+            c.nodes[i].agent_bin = bin.clone();
             c.start_agent(i)?;
         }
         let mut ips = Vec::new();

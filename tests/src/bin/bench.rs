@@ -14,6 +14,8 @@
 mod beds;
 #[path = "../bench/control.rs"]
 mod control;
+#[path = "../bench/monitor.rs"]
+mod monitor;
 #[path = "../bench/report.rs"]
 mod report;
 #[path = "../bench/traffic.rs"]
@@ -51,6 +53,8 @@ struct Opts {
     rr_secs: u32,
     probes: u32,
     control: bool,
+    /// The monitor under a flood of drops (`monitor.rs`).
+    monitor: bool,
     peers: usize,
     churn_secs: f64,
     cases: Vec<Case>,
@@ -66,9 +70,10 @@ fn parse_args() -> Result<Opts> {
             rr_secs: 1,
             probes: 20,
             control: true,
+            monitor: true,
             peers: 1000,
             churn_secs: 10.0,
-            cases: Case::ALL.to_vec(),
+            cases: Case::default_cases(),
         }
     } else {
         Opts {
@@ -77,9 +82,10 @@ fn parse_args() -> Result<Opts> {
             rr_secs: 2,
             probes: 50,
             control: true,
+            monitor: true,
             peers: 5000,
             churn_secs: 60.0,
-            cases: Case::ALL.to_vec(),
+            cases: Case::default_cases(),
         }
     };
     let mut it = args.iter();
@@ -94,7 +100,15 @@ fn parse_args() -> Result<Opts> {
             "--rounds" => o.rounds = num("--rounds")?,
             "--secs" => o.secs = num("--secs")?,
             "--no-control" => o.control = false,
-            "--control-only" => o.cases.clear(),
+            "--control-only" => {
+                o.cases.clear();
+                o.monitor = false;
+            }
+            "--no-monitor" => o.monitor = false,
+            "--monitor-only" => {
+                o.cases.clear();
+                o.control = false;
+            }
             "--peers" => o.peers = num("--peers")? as usize,
             "--churn-secs" => o.churn_secs = f64::from(num("--churn-secs")?),
             "--cases" => {
@@ -104,10 +118,13 @@ fn parse_args() -> Result<Opts> {
                     .map(|n| Case::by_name(n).with_context(|| format!("--cases: no case {n:?}")))
                     .collect::<Result<_>>()?;
             }
-            "--data-only" => o.control = false,
+            "--data-only" => {
+                o.control = false;
+                o.monitor = false;
+            }
             "--help" | "-h" => {
                 println!(
-                    "bench [--quick] [--rounds N] [--secs N] [--no-control | --control-only] [--peers N] [--churn-secs N] [--cases {}]",
+                    "bench [--quick] [--rounds N] [--secs N] [--no-control | --control-only] [--no-monitor | --monitor-only] [--peers N] [--churn-secs N] [--cases {}]",
                     Case::ALL.map(Case::name).join(",")
                 );
                 std::process::exit(0);
@@ -251,7 +268,25 @@ fn main() -> Result<()> {
         None
     };
 
-    let table = report::table(&samples, o.rounds, cp.as_ref(), &cold);
+    check_interrupt()?;
+    let mon = if o.monitor {
+        progress("monitor: 100k drops/s offered, default rate limit, then none");
+        match monitor::run(100_000, 5.0) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                progress(&format!("monitor flood failed: {e:#}"));
+                errors.push(format!("monitor flood: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let mut table = report::table(&samples, o.rounds, cp.as_ref(), &cold);
+    if let Some(rows) = &mon {
+        table += &monitor::table(rows);
+    }
     println!("{table}");
     if !errors.is_empty() {
         println!("\nfailed runs ({}):", errors.len());
@@ -259,7 +294,10 @@ fn main() -> Result<()> {
             println!("  {e}");
         }
     }
-    let json = report::json(&samples, cp.as_ref(), &cold, &errors, meta.clone());
+    let mut json = report::json(&samples, cp.as_ref(), &cold, &errors, meta.clone());
+    if let Some(rows) = &mon {
+        json["monitor_flood"] = serde_json::to_value(rows)?;
+    }
     let stamp = meta["date"].as_str().unwrap_or("run").replace(':', "");
     let text = serde_json::to_string_pretty(&json)?;
     std::fs::write(out_dir.join(format!("bench-{stamp}.json")), &text)?;
