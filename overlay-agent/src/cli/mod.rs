@@ -14,6 +14,8 @@ mod argv;
 pub mod cleanup;
 pub mod docker_opts;
 pub mod status;
+pub mod traffic;
+pub mod watch;
 
 use clap::{
     builder::{PossibleValuesParser, TypedValueParser},
