@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    cli::{self, cleanup, docker_opts as docker, status, watch, AgentArgs, DEFAULT_SUBNET_FILE},
+    cli::{self, cleanup, docker_opts as docker, monitor, status, watch, AgentArgs, DEFAULT_SUBNET_FILE},
     daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
@@ -42,6 +42,38 @@ enum Cmd {
         /// Seconds between two frames of --watch.
         #[arg(long, requires = "watch", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3600))]
         interval: u64,
+    },
+    /// Show the datapath's drops live (time, hook, interface, reason, outer and inner
+    /// addresses and ports, VNI) as the programs report them while this runs; what the
+    /// kernel's rate limit or a full buffer kept back is said. Ctrl-C to stop.
+    Monitor {
+        #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only these drop reasons (as `status` names them, e.g. drop_wrong_vni); repeatable
+        /// or comma-separated. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        reason: Vec<String>,
+        /// Only drops to or from this node address (a peer's PublicIP); repeatable.
+        #[arg(long, value_delimiter = ',')]
+        peer: Vec<std::net::IpAddr>,
+        /// Only drops whose inner packet is to or from this pod address; repeatable.
+        #[arg(long, value_delimiter = ',')]
+        pod: Vec<std::net::IpAddr>,
+        /// Drops each CPU may report per second (the rest are counted, and said).
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Drops a CPU may report at once.
+        #[arg(long, default_value_t = 200)]
+        burst: u32,
+        /// Stop after this many drops shown.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
     },
     /// Remove everything the agent put on this node: leftover XDP/TC attachments, the host
     /// device, the pinned maps and the ip-masq nftables table. Stop the agent first. Idempotent.
@@ -107,6 +139,30 @@ fn main() -> Result<()> {
             let s = status::read(&pin_root)?;
             print!("{}", if json { s.to_json() + "\n" } else { s.render() });
             Ok(())
+        }
+        Some(Cmd::Monitor {
+            pin_root,
+            json,
+            reason,
+            peer,
+            pod,
+            rate,
+            burst,
+            count,
+            duration,
+        }) => {
+            let o = monitor::Options {
+                pin_root,
+                json,
+                reasons: reason,
+                peers: peer,
+                pods: pod,
+                rate,
+                burst,
+                count,
+                duration: duration.map(std::time::Duration::from_secs),
+            };
+            Ok(monitor::run(&o, &mut std::io::stdout().lock())?)
         }
         Some(Cmd::Cleanup {
             pin_root,

@@ -24,6 +24,7 @@ use overlay_common::{
 use crate::{
     deliver::{deliver, Deliver},
     family::{be16, EthHdr, Family, Ipv4Hdr, UdpHdr, V4, V6},
+    observe,
     verdict::{config, count, Verdict, TC_ACT_OK},
 };
 
@@ -296,9 +297,14 @@ pub(crate) fn xdp<F: Decap>(ctx: &XdpContext) -> Result<Verdict, Counter> {
     } else {
         return Ok(pass);
     };
-    match F::classify(f, have, frame_len, cfg, fcfg)? {
+    let classified = F::classify(f, have, frame_len, cfg, fcfg).inspect_err(|_| {
+        observe::refused::<F>(&F::src(&f.ip));
+    })?;
+    match classified {
         Classified::Pass => Ok(pass),
         Classified::Decap => {
+            // Counted before the strip moves the outer header `f` points into.
+            observe::received::<F>(&F::src(&f.ip), (frame_len - F::OVERHEAD) as u64);
             // SAFETY: helper on our own context.
             if unsafe { bpf_xdp_adjust_head(ctx.ctx, F::OVERHEAD as i32) } != 0 {
                 return Err(Counter::DropAdjustRoom);
@@ -377,7 +383,10 @@ fn tc_vxlan<F: Decap>(
     if unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, into, have as u32) } != 0 {
         return Err(Counter::DropMalformed);
     }
-    match F::classify(&f, have, frame_len, cfg, fcfg)? {
+    let classified = F::classify(&f, have, frame_len, cfg, fcfg).inspect_err(|_| {
+        observe::refused::<F>(&F::src(&f.ip));
+    })?;
+    match classified {
         Classified::Pass => Ok(None),
         Classified::Decap => {
             // SAFETY: reading a field of our own context.
@@ -387,6 +396,7 @@ fn tc_vxlan<F: Decap>(
                 count(Counter::DecapGsoPackets, 1);
             }
             let len = ctx.len() as u64;
+            observe::received::<F>(&F::src(&f.ip), len);
             if let Some(v) = deliver::<F>(ctx, cfg)? {
                 count(F::DECAP.0, 1);
                 count(F::DECAP.1, len);

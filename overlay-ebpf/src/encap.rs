@@ -36,7 +36,7 @@ use crate::{
     deliver::{expires_here, Deliver},
     family::{Family, Ipv4Hdr, Ipv6Hdr, AF_INET6, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
-    plain,
+    observe, plain,
     verdict::{config, config6, Verdict, TC_ACT_OK, TC_ACT_REDIRECT},
 };
 
@@ -330,8 +330,24 @@ fn to_stack_from_bridge(ctx: &TcContext, cfg: &DataplaneConfig) -> Option<Counte
 /// the pod packet as it is to a DirectRouting peer (on our L2 segment), or, with room made in
 /// front of it and `outer` writing the outer headers (given the FIB's answer and the UDP source
 /// port from the flow hash), the VXLAN packet.
+/// What left (or was dropped on the way) is counted for the member `dst`.
 #[inline(always)]
 fn route_and_send<F: Deliver>(
+    ctx: &TcContext,
+    cfg: &DataplaneConfig,
+    src: &F::Addr,
+    dst: &F::Addr,
+    direct: bool,
+    hop: Option<[u8; 2]>,
+    outer: impl FnOnce(&FibParams, u16) -> Result<(), Counter>,
+) -> Result<Verdict, Counter> {
+    let r = send::<F>(ctx, cfg, src, dst, direct, hop, outer);
+    observe::sent::<F>(dst, &r);
+    r
+}
+
+#[inline(always)]
+fn send<F: Deliver>(
     ctx: &TcContext,
     cfg: &DataplaneConfig,
     src: &F::Addr,

@@ -19,9 +19,10 @@ use overlay_common::{
 
 use crate::{
     maps::{
-        OVL_ENDPOINTS, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS, OVL_ENDPOINT_DEVS6, OVL_STACK_FLOWS,
-        OVL_STACK_FLOWS6, OVL_VTEPS, OVL_VTEPS6,
+        OVL_ENDPOINTS, OVL_ENDPOINTS6, OVL_ENDPOINT_DEVS, OVL_ENDPOINT_DEVS6, OVL_PEER_STATS,
+        OVL_PEER_STATS6, OVL_STACK_FLOWS, OVL_STACK_FLOWS6, OVL_VTEPS, OVL_VTEPS6,
     },
+    observe::PeerStatsMap,
     verdict::config6,
 };
 
@@ -66,6 +67,8 @@ pub(crate) trait Family {
     const ENDPOINTS: &'static Endpoints<Self::Addr>;
     const ENDPOINT_DEVS: &'static EndpointDevs;
     const STACK_FLOWS: &'static StackFlows<Self::Flow>;
+    /// Traffic per member, keyed by its PublicIP (see `observe.rs`).
+    const PEER_STATS: &'static PeerStatsMap<Self::Addr>;
 
     /// The family's config, `None` while the agent has not written it.
     fn config() -> Option<&'static Self::Config>;
@@ -159,6 +162,7 @@ impl Family for V4 {
     const ENDPOINTS: &'static Endpoints<[u8; 4]> = &OVL_ENDPOINTS;
     const ENDPOINT_DEVS: &'static EndpointDevs = &OVL_ENDPOINT_DEVS;
     const STACK_FLOWS: &'static StackFlows<StackFlow> = &OVL_STACK_FLOWS;
+    const PEER_STATS: &'static PeerStatsMap<[u8; 4]> = &OVL_PEER_STATS;
 
     #[inline(always)]
     fn config() -> Option<&'static ()> {
@@ -205,6 +209,7 @@ impl Family for V6 {
     const ENDPOINTS: &'static Endpoints<[u8; 16]> = &OVL_ENDPOINTS6;
     const ENDPOINT_DEVS: &'static EndpointDevs = &OVL_ENDPOINT_DEVS6;
     const STACK_FLOWS: &'static StackFlows<StackFlow6> = &OVL_STACK_FLOWS6;
+    const PEER_STATS: &'static PeerStatsMap<[u8; 16]> = &OVL_PEER_STATS6;
 
     #[inline(always)]
     fn config() -> Option<&'static DataplaneConfig6> {

@@ -13,6 +13,7 @@
 //! | `deliver.rs`   | delivery of decapsulated packets straight into local pods |
 //! | `conntrack.rs` | the flows that must take the node's stack (recorded, recognised) |
 //! | `plain.rs`     | host-gw: bare pod packets received (delivered) and routed out (recorded) |
+//! | `observe.rs`   | traffic per member, drop reports for an attached monitor |
 //!
 //! The same programs carry both families: IPv4 pods over the IPv4 underlay and IPv6 pods over
 //! the IPv6 underlay, the two combinations flannel's `flannel.1` and `flannel-v6.1` use. Header
@@ -29,6 +30,7 @@ mod deliver;
 mod encap;
 mod family;
 mod maps;
+mod observe;
 mod plain;
 mod verdict;
 
@@ -41,6 +43,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
+    monitor::Hook,
     wire::{ETH_LEN, ETH_P_IPV6, UDP_LEN, VXLAN_OVERHEAD},
     Counter,
 };
@@ -50,6 +53,7 @@ use crate::{
     deliver::Deliver,
     encap::{grow_for_vxlan, Encap},
     family::{V4, V6},
+    observe::{report_tc, report_xdp},
     plain::Plain,
     verdict::{config, count, finish, Verdict, TC_ACT_OK, TC_ACT_SHOT},
 };
@@ -71,7 +75,9 @@ pub fn overlay_encap(ctx: TcContext) -> i32 {
 
 #[inline(never)]
 fn encap<F: Encap>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
-    finish(F::try_encap(&TcContext::new(skb)), TC_ACT_SHOT)
+    finish(F::try_encap(&TcContext::new(skb)), TC_ACT_SHOT, |r| {
+        report_tc(skb, Hook::Encap, r)
+    })
 }
 
 /// XDP on the underlay NIC.
@@ -90,7 +96,11 @@ pub fn overlay_decap_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(never)]
 fn decap_xdp<F: Decap>(xdp: *mut aya_ebpf::bindings::xdp_md) -> u32 {
-    finish(decap::xdp::<F>(&XdpContext::new(xdp)), xdp_action::XDP_DROP)
+    finish(
+        decap::xdp::<F>(&XdpContext::new(xdp)),
+        xdp_action::XDP_DROP,
+        |r| report_xdp(xdp, r),
+    )
 }
 
 /// TC ingress on the underlay NIC: VXLAN to strip, or (after XDP decap and GRO) an inner frame
@@ -123,8 +133,8 @@ const BARE: u32 = u32::MAX;
 #[inline(never)]
 fn decap_tc<F: Decap>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
     match decap::tc::<F>(&TcContext::new(skb)) {
-        Ok(v) => finish(Ok(v), TC_ACT_SHOT),
-        Err(NotVxlan::Drop(reason)) => finish(Err(reason), TC_ACT_SHOT),
+        Ok(v) => finish(Ok(v), TC_ACT_SHOT, |_| {}),
+        Err(NotVxlan::Drop(reason)) => finish(Err(reason), TC_ACT_SHOT, |r| report_tc(skb, Hook::DecapTc, r)),
         Err(NotVxlan::Bare) => BARE,
     }
 }
@@ -138,7 +148,7 @@ fn receive_bare<F: Plain>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 {
         (Ok(cfg), Some(fcfg)) => plain::receive::<F>(&ctx, cfg, fcfg).map(|v| v.unwrap_or(stack)),
         _ => Ok(stack),
     };
-    finish(r, TC_ACT_SHOT)
+    finish(r, TC_ACT_SHOT, |r| report_tc(skb, Hook::DecapTc, r))
 }
 
 /// TC egress on the underlay NIC (host-gw): records the flows the node's stack routed to
@@ -167,14 +177,15 @@ fn deliver_decapped<F: Deliver>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 
         Ok(cfg) => deliver::decapped::<F>(&ctx, cfg),
         Err(_) => Ok(Verdict::pass(TC_ACT_OK, Counter::PassDecap)),
     };
-    finish(r, TC_ACT_SHOT)
+    finish(r, TC_ACT_SHOT, |r| report_tc(skb, Hook::DecapTc, r))
 }
 
 /// TC ingress of the receive-GRO device (`overlay-gro`): the kernel's VXLAN socket hands it
 /// what decap on the NIC left to the stack; nothing is ever delivered through it.
 #[classifier]
-pub fn overlay_gro_sink(_ctx: TcContext) -> i32 {
+pub fn overlay_gro_sink(ctx: TcContext) -> i32 {
     count(Counter::DropGroDevice, 1);
+    report_tc(ctx.skb.skb, Hook::GroSink, Counter::DropGroDevice);
     TC_ACT_SHOT as i32
 }
 

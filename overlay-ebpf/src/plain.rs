@@ -27,6 +27,7 @@ use crate::{
     encap::underlay_next_hop,
     family::{EthHdr, Family, Ipv4Hdr, Ipv6Hdr, V4, V6},
     maps::{OVL_PEERS, OVL_PEERS6},
+    observe,
     verdict::{count, Verdict},
 };
 
@@ -89,7 +90,11 @@ pub(crate) fn receive<F: Plain>(
         let Some(member) = F::member(F::src(ip)) else {
             return Ok(false);
         };
-        from_member::<F>(ctx, cfg, &F::public_ip(cfg, fcfg), &member, &eth.src)
+        let accepted = from_member::<F>(ctx, cfg, &F::public_ip(cfg, fcfg), &member, &eth.src)?;
+        if accepted {
+            observe::received::<F>(&member, u64::from(ctx.len()));
+        }
+        Ok(accepted)
     })
 }
 

@@ -65,9 +65,10 @@ impl Verdict {
     }
 }
 
-/// Counts the verdict (or the drop reason) and returns the action: the end of every entry point.
+/// Counts the verdict (or the drop reason, which `on_drop` reports to an attached monitor)
+/// and returns the action: the end of every entry point.
 #[inline(always)]
-pub(crate) fn finish(r: Result<Verdict, Counter>, drop_action: u32) -> u32 {
+pub(crate) fn finish(r: Result<Verdict, Counter>, drop_action: u32, on_drop: impl FnOnce(Counter)) -> u32 {
     match r {
         Ok(v) => {
             count(v.counter, 1);
@@ -78,6 +79,7 @@ pub(crate) fn finish(r: Result<Verdict, Counter>, drop_action: u32) -> u32 {
         }
         Err(reason) => {
             count(reason, 1);
+            on_drop(reason);
             drop_action
         }
     }
