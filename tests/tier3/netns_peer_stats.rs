@@ -3,6 +3,7 @@
 //! exactly, packets and bytes, on the sender for the receiver's PublicIP and on the receiver for
 //! the sender's (IPv4 and IPv6 over VXLAN, and host-gw), and last sent / last heard move; a
 //! peer whose VXLAN is dropped on the wire on its way is shown as "sending, nothing heard back";
+//! VXLAN refused by decap is a drop of the member it claims to be from (a stranger's is nobody's);
 //! `/metrics` carries one label set per member and a member removed from etcd disappears from
 //! it and from `status`; `status --watch` in tmux shows a peer's rate while traffic flows and
 //! zero once it stops.
@@ -143,8 +144,7 @@ fn burst(from: &Netns, rx: &UdpSocket, to: IpAddr) -> u64 {
         tx.send_to(&payload, dst).expect("sending a datagram");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let got = reader.join().unwrap();
-    got
+    reader.join().unwrap()
 }
 
 /// What a burst changed: `after` − `before`, counts only.
@@ -407,6 +407,92 @@ fn a_peer_that_stops_answering_stands_out() {
     assert!(
         t2.rx_packets < after.tx_packets,
         "node 2 {t2:?}, node 1 {after:?}"
+    );
+}
+
+#[test]
+fn refused_vxlan_is_a_drop_of_the_member_it_claims_to_be_from() {
+    use overlay_common::wire::EncapParams;
+    use overlay_tests::packet;
+    require_root();
+    let (c, pods) = Cluster::running(2, VXLAN).expect("building the cluster");
+    assert!(
+        ping(&c.nodes[0].node.pods[0].ns, pods[1], 2, None),
+        "pod 1 → pod 2"
+    );
+    // Frames on the underlay that claim node 1's PublicIP (from a host on the segment).
+    let wire = c.outside_host("198.18.0.66".parse().unwrap()).unwrap();
+    let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let leases = c.lease_list().unwrap();
+    let vtep_of = |i: u8| {
+        leases
+            .iter()
+            .find(|l| l.1 == Node::underlay_ip(i))
+            .expect("a lease")
+            .2
+    };
+    let base = EncapParams {
+        outer_src_mac: wire.mac("eth0").unwrap(),
+        outer_dst_mac: c.nodes[1].node.ns.mac("eth0").unwrap(),
+        src_ip: Node::underlay_ip(1).octets(),
+        dst_ip: Node::underlay_ip(2).octets(),
+        src_port: 40000,
+        dst_port: 8472,
+        vni: 1,
+        inner_src_mac: vtep_of(1),
+        inner_dst_mac: vtep_of(2),
+        inner_ip_len: 0,
+        inner_tos: 0,
+    };
+    let inner = |src: Ipv4Addr| packet::udp(src, pods[1], 5555, 9999, b"refused");
+    let legit = nth_host(node1_subnet.trunc(), 7);
+    let mut wrong_vni = base;
+    wrong_vni.vni = 2;
+    let mut stranger = base;
+    stranger.src_ip = [198, 18, 0, 66];
+    let (p1, p2) = (IpAddr::V4(Node::underlay_ip(1)), IpAddr::V4(Node::underlay_ip(2)));
+    let before = (traffic(&c, 1, p1), traffic(&c, 0, p2));
+    for _ in 0..3 {
+        packet::send_raw(&wire, "eth0", &packet::vxlan(&wrong_vni, &inner(legit))).unwrap();
+    }
+    for _ in 0..2 {
+        // An inner source outside node 1's subnet.
+        packet::send_raw(
+            &wire,
+            "eth0",
+            &packet::vxlan(&base, &inner("10.244.250.9".parse().unwrap())),
+        )
+        .unwrap();
+    }
+    // Not a member: nobody's drop.
+    packet::send_raw(&wire, "eth0", &packet::vxlan(&stranger, &inner(legit))).unwrap();
+    let mut now = before.0;
+    let moved = Cluster::wait_for(Duration::from_secs(2), || {
+        now = traffic(&c, 1, p1);
+        now.rx_drops >= before.0.rx_drops + 5
+    });
+    assert!(
+        moved.is_some(),
+        "node 2 counted no drops for {p1}: {:?} → {now:?}",
+        before.0
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let after = traffic(&c, 1, p1);
+    assert_eq!(
+        delta(before.0, after),
+        Traffic {
+            rx_drops: 5,
+            ..Traffic::default()
+        },
+        "node 2's counts for {p1} after 3 frames with a wrong VNI and 2 with a spoofed inner source \
+         ({:?} → {after:?})",
+        before.0
+    );
+    assert_eq!(traffic(&c, 0, p2), before.1, "node 1's counts for {p2} moved");
+    let text = status_text(&c, 1);
+    assert!(
+        text.contains(&format!("drops tx 0 rx {}", after.rx_drops)),
+        "status does not show node 2's drops from {p1}:\n{text}"
     );
 }
 
