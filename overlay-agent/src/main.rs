@@ -40,7 +40,13 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
         /// Seconds between two frames of --watch.
-        #[arg(long, requires = "watch", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        #[arg(
+            long,
+            value_name = "SECS",
+            requires = "watch",
+            default_value_t = 1,
+            value_parser = clap::value_parser!(u64).range(1..=3600)
+        )]
         interval: u64,
     },
     /// Show the datapath's drops live (time, hook, interface, reason, outer and inner

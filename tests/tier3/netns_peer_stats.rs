@@ -1,12 +1,12 @@
 //! Tier 3 (root): per-peer traffic as an operator sees it, against real traffic between agents
 //! in network namespaces and a real etcd. A known number of UDP datagrams pod → pod is counted
 //! exactly, packets and bytes, on the sender for the receiver's PublicIP and on the receiver for
-//! the sender's (IPv4 and IPv6 over VXLAN, and host-gw), and last sent / last heard move; a
-//! peer whose VXLAN is dropped on the wire on its way is shown as "sending, nothing heard back";
-//! VXLAN refused by decap is a drop of the member it claims to be from (a stranger's is nobody's);
-//! `/metrics` carries one label set per member and a member removed from etcd disappears from
-//! it and from `status`; `status --watch` in tmux shows a peer's rate while traffic flows and
-//! zero once it stops.
+//! the sender's (IPv4 and IPv6 over VXLAN with TC decap, IPv4 with XDP decap, and host-gw), and
+//! last sent / last heard move; a peer whose VXLAN is dropped on the wire on its way is shown as
+//! "sending, nothing heard back"; VXLAN refused by decap is a drop of the member it claims to be
+//! from (a stranger's is nobody's); `/metrics` carries one label set per member and a member
+//! removed from etcd disappears from it and from `status`; `status --watch` in tmux shows a
+//! peer's rate while traffic flows and zero once it stops.
 //!
 //! Run: `cargo build -p overlay-agent && cargo test -p overlay-tests --test netns_peer_stats -- --test-threads=1`
 
@@ -313,6 +313,33 @@ fn host_gw_counts_each_peer_exactly() {
         14 + IP4,
         14 + IP4,
         "host-gw",
+    );
+}
+
+#[test]
+fn xdp_decap_counts_each_peer_exactly() {
+    require_root();
+    let mut c = Cluster::new(2, VXLAN).expect("building the cluster");
+    for n in &mut c.nodes {
+        n.extra_args.extend(["--decap".into(), "xdp".into()]);
+    }
+    let ips = c.start_with_pods().expect("starting the agents");
+    assert_eq!(c.status_json(1).unwrap()["decap"], "xdp", "node 2 runs XDP decap");
+    let pods: Vec<&Netns> = c.nodes.iter().map(|n| &n.node.pods[0].ns).collect();
+    assert!(
+        ping(pods[0], ips[1], 2, None) && ping(pods[1], ips[0], 2, None),
+        "pods talk"
+    );
+    let p = [Node::underlay_ip(1), Node::underlay_ip(2)].map(IpAddr::V4);
+    exact_burst(
+        &c,
+        &pods,
+        IpAddr::V4(ips[1]),
+        p[0],
+        p[1],
+        VXLAN4_ON_WIRE + IP4,
+        14 + IP4,
+        "XDP decap",
     );
 }
 
