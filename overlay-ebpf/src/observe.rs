@@ -98,29 +98,29 @@ impl Capture for TcContext {
     fn len(&self) -> u32 {
         self.skb.len()
     }
-    /// In one of a few constant sizes (6.1's verifier cannot tell a computed length from 0):
-    /// up to 31 bytes of a short frame's tail can go uncopied.
+    /// In a constant size, the largest multiple of 8 the packet has up to [`CAPTURE`] (6.1's
+    /// verifier cannot tell a computed length from 0): up to 7 bytes of a short packet's tail
+    /// go uncopied.
     #[inline(always)]
     unsafe fn copy_to(&self, to: *mut u8) -> u32 {
         let len = self.skb.len();
-        let n = if len >= CAPTURE as u32 {
-            CAPTURE as u32
-        } else if len >= 128 {
-            128
-        } else if len >= 96 {
-            96
-        } else if len >= 64 {
-            64
-        } else if len >= 32 {
-            32
-        } else {
-            return 0;
+        let load = |n: u32| {
+            // SAFETY: `n` is at most CAPTURE, the room the caller gave.
+            match unsafe { bpf_skb_load_bytes(self.skb.skb as *const _, 0, to as *mut _, n) } {
+                0 => n,
+                _ => 0,
+            }
         };
-        // SAFETY: `n` is at most CAPTURE, the room the caller gave.
-        if unsafe { bpf_skb_load_bytes(self.skb.skb as *const _, 0, to as *mut _, n) } != 0 {
-            return 0;
+        macro_rules! largest {
+            ($($n:literal)*) => {
+                $(if len >= $n {
+                    return load($n);
+                })*
+            };
         }
-        n
+        const _: () = assert!(CAPTURE == 160);
+        largest!(160 152 144 136 128 120 112 104 96 88 80 72 64 56 48 40 32 24 16);
+        0
     }
 }
 

@@ -78,6 +78,15 @@ pub enum MonitorError {
     },
 }
 
+/// The drop reasons whose bits `mask` has.
+fn reason_names(mask: u64) -> Vec<&'static str> {
+    Counter::ALL
+        .into_iter()
+        .filter(|c| c.is_drop() && mask & (1 << (*c as u32)) != 0)
+        .map(Counter::name)
+        .collect()
+}
+
 fn drop_reason_names() -> Vec<&'static str> {
     Counter::ALL
         .into_iter()
@@ -125,10 +134,7 @@ fn open(pin_root: &Path, name: &'static str) -> Result<MapData, MonitorError> {
             pin_root: pin_root.to_path_buf(),
         });
     }
-    MapData::from_pin(&path).map_err(|e| MonitorError::Map {
-        name,
-        source: aya::maps::MapError::from(e),
-    })
+    MapData::from_pin(&path).map_err(|e| MonitorError::Map { name, source: e })
 }
 
 /// The monitor's hold on the kernel side: its settings in `OVL_MONITOR`, renewed while it runs
@@ -137,7 +143,7 @@ fn open(pin_root: &Path, name: &'static str) -> Result<MapData, MonitorError> {
 struct Attached {
     config: Array<MapData, MonitorConfig>,
     want: MonitorConfig,
-    /// flock on the ring buffer's pin: one monitor at a time.
+    /// flock on the pin root: one monitor at a time.
     _lock: File,
 }
 
@@ -168,8 +174,9 @@ pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorErro
     let cfg = read_config(&o.pin_root)?;
     let events_path = o.pin_root.join(maps::EVENTS);
     let ring_data = open(&o.pin_root, maps::EVENTS)?;
-    let lock = File::open(&events_path).map_err(|source| MonitorError::Io {
-        what: format!("opening {}", events_path.display()),
+    // The lock is on the pin root (bpffs refuses to open a ring buffer's pin as a file).
+    let lock = File::open(&o.pin_root).map_err(|source| MonitorError::Io {
+        what: format!("opening {}", o.pin_root.display()),
         source,
     })?;
     // SAFETY: flock on a descriptor we own.
@@ -222,6 +229,29 @@ pub fn run(o: &Options, out: &mut impl std::io::Write) -> Result<(), MonitorErro
     while ring.next().is_some() {}
     let (mut suppressed0, mut lost0) = kept_back(&counters);
     attached.renew()?;
+    let said = if o.json {
+        serde_json::json!({"type": "attached", "pin_root": o.pin_root.display().to_string(),
+            "reasons": reason_names(reasons), "rate": o.rate, "burst": o.burst})
+        .to_string()
+    } else {
+        format!(
+            "# attached to {}: reporting {} at most {}/s per CPU (bursts of {}); Ctrl-C to stop",
+            o.pin_root.display(),
+            if o.reasons.is_empty() {
+                "every drop reason".to_string()
+            } else {
+                reason_names(reasons).join(", ")
+            },
+            o.rate,
+            o.burst
+        )
+    };
+    writeln!(out, "{said}")
+        .and_then(|_| out.flush())
+        .map_err(|source| MonitorError::Io {
+            what: "writing to stdout".into(),
+            source,
+        })?;
     let started = Instant::now();
     let mut renewed = Instant::now();
     let mut names = IfNames::default();

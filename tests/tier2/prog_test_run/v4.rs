@@ -1134,3 +1134,250 @@ fn kernel_features_are_probed_once_at_load_and_old_kernels_refused() {
         "the config carries the probe's DECAP_L4_UDP answer: flags {flags:#x}, {f:?}"
     );
 }
+
+/// The peer's traffic counts in `OVL_PEER_STATS`, summed over the CPUs; `None` without an entry.
+fn peer_stats(fx: &mut Fixture, ip: Ipv4Addr) -> Option<overlay_common::PeerStats> {
+    let map = fx.node.dp.ebpf_mut().map(maps::PEER_STATS).unwrap();
+    let stats: aya::maps::PerCpuHashMap<_, [u8; 4], overlay_common::PeerStats> =
+        aya::maps::PerCpuHashMap::try_from(map).unwrap();
+    let v = stats.get(&ip.octets(), 0).ok()?;
+    let mut sum = overlay_common::PeerStats::default();
+    for s in v.iter() {
+        sum.tx_packets += s.tx_packets;
+        sum.tx_bytes += s.tx_bytes;
+        sum.rx_packets += s.rx_packets;
+        sum.rx_bytes += s.rx_bytes;
+        sum.tx_drops += s.tx_drops;
+        sum.rx_drops += s.rx_drops;
+        sum.tx_last_ns = sum.tx_last_ns.max(s.tx_last_ns);
+        sum.rx_last_ns = sum.rx_last_ns.max(s.rx_last_ns);
+    }
+    Some(sum)
+}
+
+#[test]
+fn per_peer_counts_are_exact_and_exist_only_for_members() {
+    let mut fx = Fixture::new();
+    let zero = peer_stats(&mut fx, PEER_IP).expect("the agent's upsert created the member's entry");
+    assert_eq!(zero, overlay_common::PeerStats::default());
+    // 5 pod packets to the peer's subnet: 5 sent, with the bytes as they left.
+    let mut sent_bytes = 0;
+    for (_, ip) in pod_packets().into_iter().chain(pod_packets().into_iter().take(1)) {
+        let (verdict, out) = fx
+            .node
+            .run(programs::ENCAP, &packet::eth_ip(BRIDGE_MAC, POD_MAC, &ip));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        sent_bytes += out.len() as u64;
+    }
+    let s = peer_stats(&mut fx, PEER_IP).unwrap();
+    assert_eq!((s.tx_packets, s.tx_bytes), (5, sent_bytes), "{s:?}");
+    assert!(s.tx_last_ns > 0 && s.rx_last_ns == 0, "{s:?}");
+    // 3 VXLAN frames from the peer (2 by XDP, 1 by TC), 2 with a wrong VNI, 1 from a stranger.
+    let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
+    let good = packet::vxlan(&vxlan_from_peer(fx.underlay_mac), &inner);
+    let mut wrong = vxlan_from_peer(fx.underlay_mac);
+    wrong.vni = 42;
+    let wrong = packet::vxlan(&wrong, &inner);
+    let mut stranger = vxlan_from_peer(fx.underlay_mac);
+    stranger.src_ip = [198, 18, 0, 99];
+    let stranger = packet::vxlan(&stranger, &inner);
+    for (prog, frame) in [
+        (programs::DECAP_XDP, &good),
+        (programs::DECAP_XDP, &good),
+        (programs::DECAP_TC, &good),
+        (programs::DECAP_XDP, &wrong),
+        (programs::DECAP_TC, &wrong),
+        (programs::DECAP_XDP, &stranger),
+    ] {
+        fx.node.run(prog, frame);
+    }
+    let s = peer_stats(&mut fx, PEER_IP).unwrap();
+    // Bytes once stripped: the inner frame, 14 + the inner IP packet.
+    let inner_frame = (ETH_HDR + inner.len()) as u64;
+    assert_eq!(
+        (s.rx_packets, s.rx_bytes, s.rx_drops, s.tx_drops),
+        (3, 3 * inner_frame, 2, 0),
+        "{s:?}"
+    );
+    assert!(s.rx_last_ns >= s.tx_last_ns, "{s:?}");
+    assert_eq!(
+        peer_stats(&mut fx, Ipv4Addr::new(198, 18, 0, 99)),
+        None,
+        "no entry for a stranger"
+    );
+    // The member leaves: its entry goes with its sender entry.
+    fx.node
+        .dp
+        .remove_peer::<V4>("10.244.2.0/24".parse().unwrap(), PEER_IP)
+        .unwrap();
+    assert_eq!(
+        peer_stats(&mut fx, PEER_IP),
+        None,
+        "the entry outlived the member"
+    );
+}
+
+const ETH_HDR: usize = 14;
+
+/// CLOCK_MONOTONIC, the programs' `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn set_monitor(fx: &mut Fixture, m: overlay_common::monitor::MonitorConfig) {
+    let map = fx.node.dp.ebpf_mut().map_mut(maps::MONITOR).unwrap();
+    let mut arr: aya::maps::Array<_, overlay_common::monitor::MonitorConfig> =
+        aya::maps::Array::try_from(map).unwrap();
+    arr.set(0, m, 0).unwrap();
+}
+
+/// Every event in the ring, as the programs wrote them.
+fn drain_events(fx: &mut Fixture) -> Vec<overlay_common::monitor::DropEvent> {
+    let map = fx.node.dp.ebpf_mut().map_mut(maps::EVENTS).unwrap();
+    let mut ring = aya::maps::RingBuf::try_from(map).unwrap();
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        assert_eq!(
+            item.len(),
+            std::mem::size_of::<overlay_common::monitor::DropEvent>()
+        );
+        // SAFETY: length checked; plain old data.
+        out.push(unsafe {
+            std::ptr::read_unaligned(item.as_ptr() as *const overlay_common::monitor::DropEvent)
+        });
+    }
+    out
+}
+
+#[test]
+fn drops_are_reported_with_their_fields_only_while_a_monitor_asks_within_its_rate() {
+    use overlay_common::monitor::{Hook, MonitorConfig, CAPTURE};
+    let mut fx = Fixture::new();
+    let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
+    let mut wrong = vxlan_from_peer(fx.underlay_mac);
+    wrong.vni = 42;
+    let wrong = packet::vxlan(&wrong, &inner);
+    let mut stranger = vxlan_from_peer(fx.underlay_mac);
+    stranger.src_ip = [198, 18, 0, 99];
+    let stranger = packet::vxlan(&stranger, &inner);
+    let pod_vxlan = packet::eth_ip(
+        BRIDGE_MAC,
+        POD_MAC,
+        &packet::udp(OUR_POD, PEER_IP, 5000, 8472, b"x"),
+    );
+
+    // No monitor: nothing reported, nothing counted as kept back.
+    let before = fx.node.counters();
+    fx.node.run(programs::DECAP_XDP, &wrong);
+    assert!(drain_events(&mut fx).is_empty());
+    let after = fx.node.counters();
+    for c in [
+        Counter::MonitorEvents,
+        Counter::MonitorSuppressed,
+        Counter::MonitorLost,
+    ] {
+        assert_eq!(delta(&before, &after, c), 0, "{}", c.name());
+    }
+
+    let all = u64::MAX;
+    let live = |reasons, rate, burst| MonitorConfig {
+        until_ns: monotonic_ns() + 60_000_000_000,
+        reasons,
+        rate,
+        burst,
+    };
+    set_monitor(&mut fx, live(all, 1000, 100));
+    let before = fx.node.counters();
+    fx.node.run(programs::DECAP_XDP, &wrong);
+    fx.node.run(programs::DECAP_TC, &stranger);
+    fx.node.run(programs::ENCAP, &pod_vxlan);
+    let events = drain_events(&mut fx);
+    let after = fx.node.counters();
+    assert_eq!(delta(&before, &after, Counter::MonitorEvents), 3);
+    let want = [
+        (Counter::DropWrongVni, Hook::DecapXdp, &wrong),
+        (Counter::DropUnknownPeer, Hook::DecapTc, &stranger),
+        (Counter::DropPodVxlan, Hook::Encap, &pod_vxlan),
+    ];
+    assert_eq!(events.len(), want.len(), "{events:?}");
+    let mut last_ts = 0;
+    for (e, (reason, hook, frame)) in events.iter().zip(want) {
+        let what = reason.name();
+        assert_eq!((e.reason, e.hook), (reason as u16, hook as u8), "{what}");
+        assert_eq!(e.len as usize, frame.len(), "{what}: the packet's length");
+        let n = usize::from(e.captured);
+        // Both hooks copy whole 8-byte steps, up to CAPTURE.
+        assert_eq!(
+            n,
+            frame.len().min(CAPTURE) / 8 * 8,
+            "{what}: bytes captured of {}",
+            frame.len()
+        );
+        assert_eq!(&e.data[..n], &frame[..n], "{what}: the packet's first bytes");
+        assert!(e.ts_ns >= last_ts && e.ts_ns <= monotonic_ns(), "{what}: time");
+        last_ts = e.ts_ns;
+    }
+
+    // Only the reasons asked for.
+    set_monitor(&mut fx, live(1 << Counter::DropUnknownPeer as u32, 1000, 100));
+    fx.node.run(programs::DECAP_XDP, &wrong);
+    fx.node.run(programs::DECAP_XDP, &stranger);
+    let events = drain_events(&mut fx);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, Counter::DropUnknownPeer as u16);
+
+    // A lease that ran out (the monitor died): nothing.
+    let mut expired = live(all, 1000, 100);
+    expired.until_ns = monotonic_ns() - 1;
+    set_monitor(&mut fx, expired);
+    fx.node.run(programs::DECAP_XDP, &wrong);
+    assert!(
+        drain_events(&mut fx).is_empty(),
+        "reported past the monitor's lease"
+    );
+
+    // The rate limit: a burst of 3 at 1 a second, 10 drops: 3 reported, 7 counted as kept back.
+    set_monitor(&mut fx, live(all, 1, 3));
+    let before = fx.node.counters();
+    for _ in 0..10 {
+        fx.node.run(programs::DECAP_XDP, &wrong);
+    }
+    let after = fx.node.counters();
+    let events = drain_events(&mut fx);
+    assert!(
+        (3..=4).contains(&events.len()),
+        "{} events reported against a burst of 3",
+        events.len()
+    );
+    assert_eq!(
+        delta(&before, &after, Counter::MonitorEvents) + delta(&before, &after, Counter::MonitorSuppressed),
+        10,
+        "every drop reported or counted as kept back"
+    );
+
+    // A full ring (nobody reads): what does not fit is counted as lost.
+    set_monitor(&mut fx, live(all, 1_000_000, 1_000_000));
+    let before = fx.node.counters();
+    let slots = overlay_common::monitor::RING_BYTES as usize
+        / (std::mem::size_of::<overlay_common::monitor::DropEvent>() + 8);
+    for _ in 0..slots + 100 {
+        fx.node.run(programs::DECAP_XDP, &wrong);
+    }
+    let after = fx.node.counters();
+    let (reported, lost) = (
+        delta(&before, &after, Counter::MonitorEvents),
+        delta(&before, &after, Counter::MonitorLost),
+    );
+    assert_eq!(reported + lost, (slots + 100) as u64);
+    assert!(
+        lost >= 100 && reported as usize <= slots,
+        "reported {reported}, lost {lost}, {slots} slots"
+    );
+    assert_eq!(drain_events(&mut fx).len() as u64, reported);
+}
