@@ -277,6 +277,7 @@ fn vxlan_counts_each_peer_exactly_over_ipv4_and_ipv6() {
     // The text shows the same counts under the peer's row, and the JSON says how long ago.
     let (t, view) = traffic_json(&c, 0, p[1]);
     let text = status_text(&c, 0);
+    println!("{text}");
     let want = format!("tx {} pkts", t.tx_packets);
     let row = text
         .lines()
