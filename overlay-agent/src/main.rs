@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    cli::{self, cleanup, docker_opts as docker, monitor, status, AgentArgs, DEFAULT_SUBNET_FILE},
+    cli::{self, cleanup, docker_opts as docker, monitor, status, watch, AgentArgs, DEFAULT_SUBNET_FILE},
     daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
@@ -33,8 +33,21 @@ enum Cmd {
         #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
         /// Machine-readable output.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Redraw a view of the per-peer traffic (packets and bits per second each way, last
+        /// sent / heard, drops) every --interval seconds, until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between two frames of --watch.
+        #[arg(
+            long,
+            value_name = "SECS",
+            requires = "watch",
+            default_value_t = 1,
+            value_parser = clap::value_parser!(u64).range(1..=3600)
+        )]
+        interval: u64,
     },
     /// Show the datapath's drops live (time, hook, interface, reason, outer and inner
     /// addresses and ports, VNI) as the programs report them while this runs; what the
@@ -118,7 +131,17 @@ fn main() -> Result<()> {
     let argv = cli::go_style_argv(std::env::args_os(), &cli::flag_table(&Cli::command()));
     let cli = Cli::parse_from(argv);
     match cli.cmd {
-        Some(Cmd::Status { pin_root, json }) => {
+        Some(Cmd::Status {
+            pin_root,
+            watch: true,
+            interval,
+            ..
+        }) => Ok(watch::run(
+            &pin_root,
+            std::time::Duration::from_secs(interval),
+            &mut std::io::stdout().lock(),
+        )?),
+        Some(Cmd::Status { pin_root, json, .. }) => {
             let s = status::read(&pin_root)?;
             print!("{}", if json { s.to_json() + "\n" } else { s.render() });
             Ok(())

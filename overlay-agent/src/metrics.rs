@@ -18,14 +18,17 @@
 //! | `overlay_datapath_packets_total`         | counter   | `path`   | BPF counters              |
 //! | `overlay_datapath_bytes_total`           | counter   | `path`   | BPF counters              |
 //! | `overlay_datapath_drops_total`           | counter   | `reason` | BPF counters (`is_drop`)  |
+//! | `overlay_peer_tx_packets_total`, `_tx_bytes_total`, `_rx_packets_total`, `_rx_bytes_total`, `_tx_drops_total`, `_rx_drops_total` | counter | `peer` | BPF per-peer counts (`OVL_PEER_STATS`/`6`), one label set per member |
+//! | `overlay_peer_tx_last_seen_seconds`, `overlay_peer_rx_last_seen_seconds` | gauge | `peer` | seconds since the last packet sent to / accepted from it (since boot when never) |
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, LazyLock, Mutex},
     time::Duration,
 };
 
-use overlay_common::Counter as BpfCounter;
+use overlay_common::{Counter as BpfCounter, PeerStats};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -65,6 +68,17 @@ pub const DECAP_MODES: [&str; 2] = ["xdp", "tc"];
 pub struct CounterSource {
     pub pin_root: PathBuf,
     pub read: fn(&Path) -> Option<Vec<u64>>,
+    /// The per-peer counts, summed over CPUs, of every member (both families), with the
+    /// clock their last-seen stamps are on (`None` when the pins are gone).
+    pub read_peers: fn(&Path) -> Option<PeerCounts>,
+}
+
+/// Every member's traffic at one read: (PublicIP, counts), and CLOCK_MONOTONIC_COARSE's now
+/// in ns (the clock of `tx_last_ns`/`rx_last_ns`).
+#[derive(Debug, Clone, Default)]
+pub struct PeerCounts {
+    pub now_ns: u64,
+    pub peers: Vec<(IpAddr, PeerStats)>,
 }
 
 impl AgentState {
@@ -284,8 +298,83 @@ impl Collector for Dynamic {
         if let Some(c) = (source.read)(&source.pin_root) {
             encode_datapath(&mut enc, &c)?;
         }
+        if let Some(p) = (source.read_peers)(&source.pin_root) {
+            encode_peers(&mut enc, &p)?;
+        }
         Ok(())
     }
+}
+
+/// The per-peer counter families: (name, help, the count).
+/// A per-peer family: its name, help, and what of a member's counts it exports.
+type PeerFamily = (&'static str, &'static str, fn(&PeerStats) -> u64);
+
+const PEER_COUNTERS: [PeerFamily; 6] = [
+    (
+        "overlay_peer_tx_packets",
+        "Packets sent to a member node (VXLAN, or bare to a direct or host-gw peer), by its PublicIP",
+        |s| s.tx_packets,
+    ),
+    (
+        "overlay_peer_tx_bytes",
+        "Bytes sent to a member node as they left on the underlay, by its PublicIP",
+        |s| s.tx_bytes,
+    ),
+    (
+        "overlay_peer_rx_packets",
+        "Packets accepted from a member node (VXLAN stripped, or bare host-gw packets delivered), by its PublicIP",
+        |s| s.rx_packets,
+    ),
+    (
+        "overlay_peer_rx_bytes",
+        "Bytes accepted from a member node once stripped, by its PublicIP",
+        |s| s.rx_bytes,
+    ),
+    (
+        "overlay_peer_tx_drops",
+        "Packets for a member node dropped on the way out, by its PublicIP",
+        |s| s.tx_drops,
+    ),
+    (
+        "overlay_peer_rx_drops",
+        "VXLAN from a member node dropped on the way in, by its PublicIP",
+        |s| s.rx_drops,
+    ),
+];
+
+/// The per-peer last-seen gauges: (name, help, the stamp).
+const PEER_LAST_SEEN: [PeerFamily; 2] = [
+    (
+        "overlay_peer_tx_last_seen_seconds",
+        "Seconds since the last packet was sent to a member node, by its PublicIP (never: seconds since boot)",
+        |s| s.tx_last_ns,
+    ),
+    (
+        "overlay_peer_rx_last_seen_seconds",
+        "Seconds since the last packet was accepted from a member node, by its PublicIP (never: seconds since boot)",
+        |s| s.rx_last_ns,
+    ),
+];
+
+/// One label set per member in the table: a member that leaves is gone from the next scrape.
+fn encode_peers(enc: &mut DescriptorEncoder, p: &PeerCounts) -> Result<(), std::fmt::Error> {
+    for (name, help, count) in PEER_COUNTERS {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (ip, s) in &p.peers {
+            let labels = [("peer", ip.to_string())];
+            ConstCounter::new(count(s)).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    for (name, help, stamp) in PEER_LAST_SEEN {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (ip, s) in &p.peers {
+            let labels = [("peer", ip.to_string())];
+            // Never (0): as long ago as the clock goes, so `> N` alerts fire for it too.
+            let ago_ns = p.now_ns.saturating_sub(stamp(s));
+            ConstGauge::new(ago_ns as f64 / 1e9).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Which family (0 packets, 1 bytes, 2 drops) and label value a BPF counter goes to.
@@ -404,5 +493,74 @@ mod tests {
             .parse()
             .unwrap();
         assert!((3590.0..=3600.0).contains(&exp), "expiry {exp}");
+    }
+
+    fn encoded(p: &PeerCounts) -> String {
+        #[derive(Debug)]
+        struct Fake(PeerCounts);
+        impl Collector for Fake {
+            fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                encode_peers(&mut enc, &self.0)
+            }
+        }
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(Fake(p.clone())));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    #[test]
+    fn per_peer_families_one_label_set_per_member() {
+        const S: u64 = 1_000_000_000;
+        let s12 = PeerStats {
+            tx_packets: 50,
+            tx_bytes: 7_400,
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_last_ns: 998 * S,
+            rx_last_ns: 0,
+            tx_drops: 2,
+            rx_drops: 3,
+        };
+        let s6 = PeerStats {
+            rx_packets: 9,
+            rx_bytes: 900,
+            rx_last_ns: 990 * S + S / 2,
+            ..PeerStats::default()
+        };
+        let p = PeerCounts {
+            now_ns: 1_000 * S,
+            peers: vec![
+                ("198.18.0.12".parse().unwrap(), s12),
+                ("fd00:198:18::13".parse().unwrap(), s6),
+            ],
+        };
+        let text = encoded(&p);
+        for want in [
+            "# TYPE overlay_peer_tx_packets counter",
+            "overlay_peer_tx_packets_total{peer=\"198.18.0.12\"} 50",
+            "overlay_peer_tx_bytes_total{peer=\"198.18.0.12\"} 7400",
+            "overlay_peer_rx_packets_total{peer=\"198.18.0.12\"} 0",
+            "overlay_peer_rx_bytes_total{peer=\"fd00:198:18::13\"} 900",
+            "overlay_peer_rx_packets_total{peer=\"fd00:198:18::13\"} 9",
+            "overlay_peer_tx_drops_total{peer=\"198.18.0.12\"} 2",
+            "overlay_peer_rx_drops_total{peer=\"198.18.0.12\"} 3",
+            "# TYPE overlay_peer_rx_last_seen_seconds gauge",
+            "overlay_peer_tx_last_seen_seconds{peer=\"198.18.0.12\"} 2.0",
+            "overlay_peer_rx_last_seen_seconds{peer=\"fd00:198:18::13\"} 9.5",
+            // Never heard: as long ago as the clock goes.
+            "overlay_peer_rx_last_seen_seconds{peer=\"198.18.0.12\"} 1000.0",
+        ] {
+            assert!(text.contains(want), "per-peer metrics lack {want:?}:\n{text}");
+        }
+        assert_eq!(text.matches("peer=\"198.18.0.12\"").count(), 8, "{text}");
+        // A member that left is gone from the next scrape.
+        let gone = encoded(&PeerCounts {
+            peers: p.peers[1..].to_vec(),
+            ..p.clone()
+        });
+        assert!(!gone.contains("198.18.0.12"), "{gone}");
+        assert!(gone.contains("fd00:198:18::13"), "{gone}");
     }
 }

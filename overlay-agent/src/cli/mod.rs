@@ -15,6 +15,8 @@ pub mod cleanup;
 pub mod docker_opts;
 pub mod monitor;
 pub mod status;
+pub mod traffic;
+pub mod watch;
 
 use clap::{
     builder::{PossibleValuesParser, TypedValueParser},

@@ -16,6 +16,7 @@ use overlay_common::{
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 use serde::Serialize;
 
+use super::traffic::{self, TrafficView};
 use crate::{
     control::lease::MacAddr,
     dataplane::{self, pinned, DecapMode, MapFamily, PeerEntry},
@@ -26,6 +27,8 @@ use crate::{
 pub enum StatusError {
     #[error(transparent)]
     Dataplane(#[from] dataplane::DataplaneError),
+    #[error("status --watch: writing to the terminal: {0}")]
+    Terminal(std::io::Error),
 }
 
 /// This node's settings as the datapath sees them (`OVL_CONFIG`).
@@ -46,22 +49,31 @@ pub struct NodeView {
 }
 
 /// One remote subnet (`OVL_PEERS`, or `OVL_PEERS6` for an IPv6 one).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PeerView {
     pub subnet: IpNet,
     pub public_ip: IpAddr,
     pub vtep_mac: String,
     /// `encap` (VXLAN) or `direct` (DirectRouting, same L2 segment).
     pub mode: &'static str,
+    /// The traffic with its PublicIP (`OVL_PEER_STATS`; two subnets of one address show the
+    /// same counts); `None` when the pinned datapath has no per-peer counts, or none for it.
+    pub traffic: Option<TrafficView>,
 }
 
 impl PeerView {
-    fn of<F: MapFamily>(p: &PeerEntry<F>) -> Self {
+    fn of<F: MapFamily>(p: &PeerEntry<F>, traffic: &traffic::Sample) -> Self {
+        let public_ip: IpAddr = p.public_ip.into();
         PeerView {
             subnet: p.subnet.into(),
-            public_ip: p.public_ip.into(),
+            public_ip,
             vtep_mac: MacAddr(p.vtep_mac).to_string(),
             mode: if p.direct { "direct" } else { "encap" },
+            traffic: traffic
+                .peers
+                .as_ref()
+                .and_then(|m| m.get(&public_ip))
+                .map(|s| TrafficView::of(s, traffic.now_ns)),
         }
     }
 }
@@ -211,14 +223,19 @@ pub fn read(pin_root: &Path) -> Result<Status, StatusError> {
         public_ipv6: None,
     };
 
+    let sample = traffic::read(pin_root)?;
     let mut peers: Vec<PeerView> = pinned::read_peers::<V4>(pin_root)?
         .iter()
-        .map(PeerView::of)
+        .map(|p| PeerView::of(p, &sample))
         .collect();
     // A datapath pinned by a release before IPv6 has no IPv6 tables.
     let mut public_ipv6 = None;
     if pinned::is_pinned(pin_root, maps::PEERS6) && pinned::is_pinned(pin_root, maps::CONFIG6) {
-        peers.extend(pinned::read_peers::<V6>(pin_root)?.iter().map(PeerView::of));
+        peers.extend(
+            pinned::read_peers::<V6>(pin_root)?
+                .iter()
+                .map(|p| PeerView::of(p, &sample)),
+        );
         let c6 = pinned::read_config6(pin_root)?;
         if c6.flags & maps::CONFIG6_READY != 0 {
             public_ipv6 = Some(Ipv6Addr::from(c6.public_ip));
@@ -621,7 +638,16 @@ impl Status {
                 id(a.prog_id)
             );
         }
-        let _ = writeln!(s, "\npeers ({})", self.peers.len());
+        let unanswered = self
+            .peers
+            .iter()
+            .filter(|p| p.traffic.as_ref().is_some_and(|t| t.unanswered))
+            .count();
+        match unanswered {
+            0 => writeln!(s, "\npeers ({})", self.peers.len()),
+            n => writeln!(s, "\npeers ({}, {n} not answering)", self.peers.len()),
+        }
+        .unwrap_or_default();
         if !self.peers.is_empty() {
             let _ = writeln!(s, "  {:<24} {:<24} {:<18} mode", "subnet", "PublicIP", "VtepMAC");
         }
@@ -634,6 +660,12 @@ impl Status {
                 p.vtep_mac,
                 p.mode
             );
+            if let Some(t) = &p.traffic {
+                let _ = writeln!(s, "      {}", t.line());
+                if let Some(note) = &t.note {
+                    let _ = writeln!(s, "    ! {note}");
+                }
+            }
         }
         let _ = writeln!(s, "\nlocal endpoints ({})", self.endpoints.len());
         if !self.endpoints.is_empty() {
@@ -823,7 +855,34 @@ mod tests {
             },
             decap: "xdp",
             attachments: vec![xdp, tc, gone, other],
-            peers: Vec::new(),
+            peers: vec![
+                PeerView {
+                    subnet: "10.244.2.0/24".parse().unwrap(),
+                    public_ip: "198.18.0.12".parse().unwrap(),
+                    vtep_mac: "02:00:00:00:00:02".into(),
+                    mode: "encap",
+                    traffic: Some(TrafficView::of(
+                        &overlay_common::PeerStats {
+                            tx_packets: 50,
+                            tx_bytes: 7_400,
+                            rx_packets: 3,
+                            rx_bytes: 294,
+                            tx_last_ns: 1_000_000_000_000,
+                            rx_last_ns: 958_000_000_000,
+                            tx_drops: 1,
+                            rx_drops: 0,
+                        },
+                        1_000_500_000_000,
+                    )),
+                },
+                PeerView {
+                    subnet: "10.244.3.0/24".parse().unwrap(),
+                    public_ip: "198.18.0.13".parse().unwrap(),
+                    vtep_mac: "02:00:00:00:00:03".into(),
+                    mode: "direct",
+                    traffic: None,
+                },
+            ],
             endpoints: ["10.244.1.2", "fd00:10:244:1::2"]
                 .into_iter()
                 .map(|ip| EndpointView {
@@ -865,6 +924,26 @@ mod tests {
             line("fw_ingress"),
             "fw_ingress if2 (2) tcx ingress - 77 (not ours)"
         );
+        assert_eq!(line("peers"), "peers (2, 1 not answering)");
+        assert_eq!(
+            line("10.244.2.0/24"),
+            "10.244.2.0/24 198.18.0.12 02:00:00:00:00:02 encap",
+            "the peer's row keeps its shape"
+        );
+        assert_eq!(
+            line("tx 50"),
+            "tx 50 pkts 7.40 kB, 0s ago | rx 3 pkts 294 B, 42s ago | drops tx 1 rx 0"
+        );
+        assert_eq!(line("!"), "! sending, nothing heard back for 42s");
+        assert_eq!(
+            line("10.244.3.0/24"),
+            "10.244.3.0/24 198.18.0.13 02:00:00:00:00:03 direct"
+        );
+        assert_eq!(
+            text.matches("pkts").count(),
+            2,
+            "no traffic line without counts:\n{text}"
+        );
         assert_eq!(line("local endpoints"), "local endpoints (2)");
         assert_eq!(line("10.244.1.2"), "10.244.1.2 veth1 (7) 0a:58:0a:f4:01:02");
         assert_eq!(
@@ -878,5 +957,23 @@ mod tests {
         assert_eq!(json["attachments"][1]["direction"], "ingress");
         assert_eq!(json["attachments"][3]["ours"], false);
         assert_eq!(json["attachments"][3]["pin"], serde_json::Value::Null);
+        let t = &json["peers"][0]["traffic"];
+        assert_eq!(json["peers"][0]["public_ip"], "198.18.0.12");
+        assert_eq!(
+            (t["tx_packets"].as_u64(), t["rx_packets"].as_u64()),
+            (Some(50), Some(3))
+        );
+        assert_eq!(
+            (t["tx_bytes"].as_u64(), t["rx_bytes"].as_u64()),
+            (Some(7_400), Some(294))
+        );
+        assert_eq!(
+            (t["tx_drops"].as_u64(), t["rx_drops"].as_u64()),
+            (Some(1), Some(0))
+        );
+        assert_eq!(t["last_heard_secs_ago"], 42.5);
+        assert_eq!(t["unanswered"], true);
+        assert_eq!(t["note"], "sending, nothing heard back for 42s");
+        assert_eq!(json["peers"][1]["traffic"], serde_json::Value::Null);
     }
 }

@@ -1,18 +1,19 @@
 //! Read-only views of the pinned maps and links, for `status`, `cleanup`, `/metrics` and
 //! tests: they work whether the agent runs or not, and never write.
 
-use std::path::Path;
+use std::{net::IpAddr, path::Path};
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap},
     programs::{
         links::{FdLink, LinkType, PinnedLink},
         tc, SchedClassifier, TcAttachType,
     },
 };
-use overlay_common::{counters::COUNTER_COUNT, maps, DataplaneConfig, DataplaneConfig6, Endpoint};
+use overlay_common::{counters::COUNTER_COUNT, maps, DataplaneConfig, DataplaneConfig6, Endpoint, PeerStats};
 
 use super::{Counters, DataplaneError, LocalEndpoint, MapFamily, PeerEntry};
+use crate::family::{V4, V6};
 
 /// A pinned map, or [`DataplaneError::NotPinned`] when there is none.
 fn open(pin_root: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
@@ -221,5 +222,150 @@ pub fn detach_tc_filter(iface: &str, ingress: bool, name: &str) -> Result<bool, 
             Ok(false)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Members' traffic counts: (PublicIP, the counts summed over CPUs).
+pub type MemberStats<A> = Vec<(A, PeerStats)>;
+
+/// Each member's traffic counts in family `F`'s pinned `OVL_PEER_STATS` table, the per-CPU
+/// values summed ([`sum_per_cpu`]), sorted by PublicIP. `None` when the table is not pinned
+/// (a datapath pinned by a release before per-peer counts): no stats, not an error. An entry
+/// removed between listing and reading (the agent removes a member) is simply gone.
+pub fn read_peer_stats<F: MapFamily>(
+    pin_root: &Path,
+) -> Result<Option<MemberStats<F::Addr>>, DataplaneError> {
+    if !is_pinned(pin_root, F::PEER_STATS) {
+        return Ok(None);
+    }
+    let err = |source| DataplaneError::Map {
+        name: F::PEER_STATS,
+        source,
+    };
+    let map = Map::PerCpuHashMap(open(pin_root, F::PEER_STATS)?);
+    let stats: PerCpuHashMap<&MapData, F::Key, PeerStats> = PerCpuHashMap::try_from(&map).map_err(err)?;
+    let mut out = Vec::new();
+    for key in stats.keys() {
+        let key = key.map_err(err)?;
+        let Ok(per_cpu) = stats.get(&key, 0) else { continue };
+        out.push((F::from_key(key), sum_per_cpu(per_cpu.iter())));
+    }
+    out.sort_by_key(|(ip, _)| *ip);
+    Ok(Some(out))
+}
+
+/// Every member's summed counts, IPv4 PublicIPs then IPv6 ones; `None` when neither table is
+/// pinned (see [`read_peer_stats`]).
+pub fn read_member_stats(pin_root: &Path) -> Result<Option<MemberStats<IpAddr>>, DataplaneError> {
+    let v4 = read_peer_stats::<V4>(pin_root)?;
+    let v6 = read_peer_stats::<V6>(pin_root)?;
+    if v4.is_none() && v6.is_none() {
+        return Ok(None);
+    }
+    let v4 = v4.into_iter().flatten().map(|(ip, s)| (IpAddr::V4(ip), s));
+    let v6 = v6.into_iter().flatten().map(|(ip, s)| (IpAddr::V6(ip), s));
+    Ok(Some(v4.chain(v6).collect()))
+}
+
+/// One member's counts from its per-CPU values: counts add up, a last-seen time is the latest
+/// any CPU recorded (0, never, only when every CPU says never).
+pub fn sum_per_cpu<'a>(values: impl IntoIterator<Item = &'a PeerStats>) -> PeerStats {
+    values.into_iter().fold(PeerStats::default(), |a, v| PeerStats {
+        tx_packets: a.tx_packets.wrapping_add(v.tx_packets),
+        tx_bytes: a.tx_bytes.wrapping_add(v.tx_bytes),
+        rx_packets: a.rx_packets.wrapping_add(v.rx_packets),
+        rx_bytes: a.rx_bytes.wrapping_add(v.rx_bytes),
+        tx_last_ns: a.tx_last_ns.max(v.tx_last_ns),
+        rx_last_ns: a.rx_last_ns.max(v.rx_last_ns),
+        tx_drops: a.tx_drops.wrapping_add(v.tx_drops),
+        rx_drops: a.rx_drops.wrapping_add(v.rx_drops),
+    })
+}
+
+/// Now on the clock the programs stamp `PeerStats::tx_last_ns`/`rx_last_ns` with
+/// (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE), in ns.
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE exists on every
+    // Linux the agent runs on (2.6.32+), so the call cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_counts_add_up_and_last_seen_is_the_latest() {
+        let cpu0 = PeerStats {
+            tx_packets: 3,
+            tx_bytes: 300,
+            rx_packets: 0,
+            rx_bytes: 0,
+            tx_last_ns: 5_000,
+            rx_last_ns: 0,
+            tx_drops: 1,
+            rx_drops: 0,
+        };
+        let cpu1 = PeerStats {
+            tx_packets: 4,
+            tx_bytes: 410,
+            rx_packets: 2,
+            rx_bytes: 196,
+            tx_last_ns: 4_000,
+            rx_last_ns: 7_000,
+            tx_drops: 0,
+            rx_drops: 5,
+        };
+        let sum = sum_per_cpu([&cpu0, &cpu1, &PeerStats::default()]);
+        assert_eq!(
+            sum,
+            PeerStats {
+                tx_packets: 7,
+                tx_bytes: 710,
+                rx_packets: 2,
+                rx_bytes: 196,
+                tx_last_ns: 5_000,
+                rx_last_ns: 7_000,
+                tx_drops: 1,
+                rx_drops: 5,
+            }
+        );
+        assert_eq!(sum_per_cpu([]), PeerStats::default(), "no CPU: never, nothing");
+    }
+
+    #[test]
+    fn the_coarse_clock_is_monotonic_and_near_the_fine_one() {
+        let fine = std::time::Instant::now();
+        let a = coarse_now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let b = coarse_now_ns();
+        let around = fine.elapsed().as_nanos() as u64;
+        assert!(a > 0 && b > a, "coarse clock {a} then {b}");
+        // At least the 30 ms slept between the reads, at most what passed around them, give or
+        // take one tick of the coarse clock (a jiffy: at most 10 ms at HZ=100).
+        const TICK: u64 = 10_000_000;
+        assert!(
+            b - a + TICK >= 30_000_000 && b - a <= around + TICK,
+            "coarse clock moved {} ns over a 30 ms sleep ({around} ns around it)",
+            b - a
+        );
+    }
+
+    #[test]
+    fn a_datapath_without_the_table_has_no_stats() {
+        let dir = std::env::temp_dir().join(format!("ovl-nostats-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let got = read_peer_stats::<V4>(&dir);
+        let all = read_member_stats(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(got, Ok(None)), "{got:?}");
+        assert!(matches!(all, Ok(None)), "{all:?}");
     }
 }

@@ -16,7 +16,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::metrics::{CounterSource, METRICS};
+use crate::metrics::{CounterSource, PeerCounts, METRICS};
 use crate::{
     control::Event,
     dataplane::{self, DecapMode},
@@ -77,6 +77,7 @@ impl Ops {
             s.datapath = Some(CounterSource {
                 pin_root: args.pin_root.clone(),
                 read: |p| dataplane::pinned::read_pinned_counters(p).ok().map(|c| c.0),
+                read_peers: read_peer_counts,
             });
         });
         if let Some(addr) = args.healthz {
@@ -240,4 +241,16 @@ fn ensure_forward_family(network: IpNet, last: &mut Option<IpNet>) {
         }
     }
     *last = Some(network);
+}
+
+/// Every member's traffic counts for `/metrics` (a datapath pinned by an older release has no
+/// members); `None` once the pins are gone.
+fn read_peer_counts(pin_root: &std::path::Path) -> Option<PeerCounts> {
+    let peers = dataplane::pinned::read_member_stats(pin_root)
+        .ok()?
+        .unwrap_or_default();
+    Some(PeerCounts {
+        now_ns: dataplane::pinned::coarse_now_ns(),
+        peers,
+    })
 }
