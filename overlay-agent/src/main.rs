@@ -3,7 +3,7 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    cli::{self, cleanup, docker_opts as docker, status, AgentArgs, DEFAULT_SUBNET_FILE},
+    cli::{self, cleanup, docker_opts as docker, explain, status, AgentArgs, DEFAULT_SUBNET_FILE},
     daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
@@ -32,6 +32,25 @@ enum Cmd {
     Status {
         #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
         pin_root: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain what this node's datapath does with a packet from SRC to DST (pod or node
+    /// addresses, one family), hop by hop: which hook sees it, the peer entry and outer header
+    /// encap uses or why it goes to the stack, the MTU, what the receiver checks, where it is
+    /// delivered. Reads the pinned maps and links, the routes and subnet.env (works whether the
+    /// agent runs or not).
+    Explain {
+        /// Source address (a pod or node IP).
+        src: String,
+        /// Destination address, of the same family.
+        dst: String,
+        #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// The agent's subnet.env: the cluster networks, our lease, FLANNEL_IPMASQ.
+        #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -89,6 +108,19 @@ fn main() -> Result<()> {
         Some(Cmd::Status { pin_root, json }) => {
             let s = status::read(&pin_root)?;
             print!("{}", if json { s.to_json() + "\n" } else { s.render() });
+            Ok(())
+        }
+        Some(Cmd::Explain {
+            src,
+            dst,
+            pin_root,
+            subnet_file,
+            json,
+        }) => {
+            let (src, dst) = explain::parse_addrs(&src, &dst)?;
+            let facts = explain::gather(&pin_root, &subnet_file, src, dst)?;
+            let e = explain::explain(&facts, src, dst);
+            print!("{}", if json { e.to_json() + "\n" } else { e.render() });
             Ok(())
         }
         Some(Cmd::Cleanup {

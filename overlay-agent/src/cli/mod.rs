@@ -13,6 +13,7 @@ use std::{
 mod argv;
 pub mod cleanup;
 pub mod docker_opts;
+pub mod explain;
 pub mod status;
 
 use clap::{
