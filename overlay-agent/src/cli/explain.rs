@@ -1296,9 +1296,29 @@ pub fn hooks_of(attachments: &[AttachmentView], underlay: &str) -> Hooks {
         |pred: &dyn Fn(&AttachmentView) -> bool| attachments.iter().find(|a| a.ours && pred(a)).map(phrase);
     Hooks {
         bridge_encap: find(&|a| a.program == programs::ENCAP && a.iface != HOST_DEVICE),
-        host_encap: find(&|a| {
-            a.program == programs::ENCAP && a.iface == HOST_DEVICE && a.direction != Some("ingress")
-        }),
+        // `status` tells the two links on `overlay0` (one program) by the pin's name only: the
+        // resegmenting one is pinned as RESEG_LINK; clsact filters carry their direction.
+        host_encap: attachments
+            .iter()
+            .find(|a| {
+                let reseg = a.pin.as_ref().and_then(|p| p.file_name()).is_some_and(|n| {
+                    n.to_string_lossy()
+                        .starts_with(&format!("{}@", dataplane::RESEG_LINK))
+                });
+                a.ours
+                    && a.program == programs::ENCAP
+                    && a.iface == HOST_DEVICE
+                    && !reseg
+                    && (a.pin.is_some() || a.direction == Some("egress"))
+            })
+            .map(|a| {
+                let gone = if a.iface_present {
+                    ""
+                } else {
+                    ", defunct: the interface is gone"
+                };
+                format!("tc egress on {} ({}{gone})", a.iface, a.program)
+            }),
         decap: find(&|a| a.program == programs::DECAP_XDP && a.iface == underlay)
             .or_else(|| find(&|a| a.program == programs::DECAP_TC && a.iface == underlay)),
         decap_tc: find(&|a| a.program == programs::DECAP_TC && a.iface == underlay),
@@ -1671,5 +1691,88 @@ mod tests {
         assert_eq!(v["hops"][0]["outer"]["udp_dst_port"], 8472);
         assert_eq!(v["hops"][0]["counters"][0], "encap_packets");
         assert_eq!(v["hops"][1]["action"], "remote");
+    }
+
+    fn link(
+        program: &str,
+        pin: &str,
+        iface: &str,
+        hook: &str,
+        direction: Option<&'static str>,
+    ) -> AttachmentView {
+        AttachmentView {
+            program: program.into(),
+            iface: iface.into(),
+            ifindex: 3,
+            iface_present: true,
+            hook: hook.into(),
+            xdp_mode: (hook == "xdp").then_some("driver"),
+            direction,
+            link_id: Some(1),
+            prog_id: Some(2),
+            pin: Some(PathBuf::from(format!(
+                "/sys/fs/bpf/overlay/links/{pin}@{iface}@3"
+            ))),
+            ours: true,
+        }
+    }
+
+    #[test]
+    fn hooks_from_the_attachments() {
+        // As `status` lists them: both links on overlay0 hold one program, so both show the
+        // first direction it is found in; the pin's name tells them apart.
+        let a = [
+            link(programs::DECAP_XDP, programs::DECAP_XDP, "eth0", "xdp", None),
+            link(
+                programs::DECAP_TC,
+                programs::DECAP_TC,
+                "eth0",
+                "tcx",
+                Some("ingress"),
+            ),
+            link(programs::ENCAP, programs::ENCAP, "cni0", "tcx", Some("ingress")),
+            link(
+                programs::ENCAP,
+                dataplane::RESEG_LINK,
+                HOST_DEVICE,
+                "tcx",
+                Some("ingress"),
+            ),
+            link(
+                programs::ENCAP,
+                programs::ENCAP,
+                HOST_DEVICE,
+                "tcx",
+                Some("ingress"),
+            ),
+        ];
+        let h = hooks_of(&a, "eth0");
+        assert_eq!(
+            h.bridge_encap.as_deref(),
+            Some("tc ingress on cni0 (overlay_encap)")
+        );
+        assert_eq!(
+            h.host_encap.as_deref(),
+            Some("tc egress on overlay0 (overlay_encap)")
+        );
+        assert_eq!(
+            h.decap.as_deref(),
+            Some("xdp (driver) on eth0 (overlay_decap_xdp)")
+        );
+        assert_eq!(
+            h.decap_tc.as_deref(),
+            Some("tc ingress on eth0 (overlay_decap_tc)")
+        );
+        assert_eq!(h.recorder, None);
+        let only_reseg = hooks_of(&a[3..4], "eth0");
+        assert_eq!(
+            only_reseg.host_encap, None,
+            "the resegmenting link is not encap on egress"
+        );
+        assert_eq!(
+            hooks_of(&a[1..2], "eth1").decap,
+            None,
+            "another interface's decap"
+        );
     }
 }
