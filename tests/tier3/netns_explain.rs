@@ -301,6 +301,35 @@ fn vxlan_explain_matches_the_datapath() {
     let mut b = bed(DUAL_VXLAN, &[]);
     cases(&b, ("encap", "deliver"), "encap");
 
+    // The readable form, on a real node.
+    let (src, dst) = (b.addrs[0].0, b.addrs[1].0);
+    let n = &b.c.nodes[0];
+    let out = n
+        .node
+        .ns
+        .command_net_only(agent_bin().to_str().unwrap())
+        .args([
+            "explain",
+            &src.to_string(),
+            &dst.to_string(),
+            "--pin-root",
+            &n.pin_root,
+        ])
+        .arg("--subnet-file")
+        .arg(&n.subnet_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(
+        text.starts_with(&format!("{src} → {dst}: encap (encap → remote at 198.18.0.12)\n"))
+            && text.contains(
+                "outer 198.18.0.11 → 198.18.0.12, UDP 32768-60999 (from the flow hash) → 8472, VNI 1"
+            )
+            && text.contains("1. this node — tc ingress on cni0 (overlay_encap): encap"),
+        "explain's text:\n{text}"
+    );
+
     // The pins outlive the agent: explain reads the same answer from them.
     b.c.stop_agent(0, Signal::SIGTERM);
     assert!(!b.c.agent_running(0), "agent 0 still runs");

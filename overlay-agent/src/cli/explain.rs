@@ -247,10 +247,9 @@ impl Role<'_> {
     fn describe(&self) -> String {
         match self {
             Role::Node(iface) => format!("this node's address (on {iface})"),
-            Role::LocalPod(sn, Some(e)) => format!(
-                "a local pod in our lease {sn} (endpoint entry: veth {})",
-                veth_name(e)
-            ),
+            Role::LocalPod(sn, Some(e)) => {
+                format!("a local pod in our lease {sn} (endpoint entry: {})", veth_name(e))
+            }
             Role::LocalPod(sn, None) => format!("in our lease {sn}, no endpoint entry (not a learned pod)"),
             Role::RemotePod(p) => format!("a remote pod: {} is the member {}'s", p.subnet, p.public_ip),
             Role::Member => "a member node's PublicIP".to_string(),
@@ -801,6 +800,11 @@ fn remote_accepts(
     if f.lease.read {
         if f.lease.subnets.contains(&our) {
             notes.push(format!("our lease {our} is in {}", f.lease.file.display()));
+        } else {
+            notes.push(format!(
+                "{} names no lease of ours holding {src}: the member drops it (drop_spoofed_source) unless its sender table names a subnet holding {src} for {our_ip_s}",
+                f.lease.file.display()
+            ));
         }
     } else {
         notes.push(format!(
@@ -936,7 +940,9 @@ fn pod_to_non_pod(f: &Facts, fam: &Fam, dst: IpAddr, rd: &Role) -> Vec<Hop> {
             }
             vec![h]
         }
-        Role::Node(iface) => vec![h.says(format!("the stack delivers it to this node ({iface})"))],
+        Role::Node(iface) => vec![h
+            .says(format!("the stack delivers it to this node ({iface})"))
+            .unless(vxlan_note)],
         Role::Member => {
             let h = masq(h.unless(vxlan_note));
             let mut r = route_hop(f, dst, Action::Stack);
@@ -1101,7 +1107,7 @@ fn deliver(f: &Facts, fam: &Fam, mut h: Hop, dst: IpAddr, ep: Option<&EndpointFa
     h.counters.push(fam.deliver());
     h = h
         .says(format!(
-            "{} has {dst} on veth {}: {}, {} − 1",
+            "{} has {dst} on {}: {}, {} − 1",
             fam.endpoints(),
             veth_name(e),
             if f.node.via_veth {
