@@ -6,7 +6,7 @@
 //! than half the packets: ARP, neighbour discovery and etcd's traffic move some). Cases, both
 //! families: pod → remote pod (encap / direct, and delivered on the receiver), pod → a subnet no
 //! member holds (refused), pod → an address outside the cluster network (stack), node → remote
-//! pod (through `overlay0` on vxlan, the stack's route on host-gw); backends vxlan, vxlan with
+//! pod (through `overlay0` on vxlan, the stack's route on host-gw) and the other node → pod; backends vxlan, vxlan with
 //! `--deliver stack`, and host-gw; on vxlan also no underlay route to the member (drop).
 //! explain also answers with the agent stopped (the pins stay), and names the missing pin root.
 //!
@@ -247,10 +247,18 @@ fn case(b: &Bed, what: &str, from: &Netns, src: IpAddr, dst: IpAddr, on: &[(usiz
 }
 
 /// The cases every backend runs. `pod_to_pod`: node 0's verdict for pod → remote pod, node 1's
-/// for receiving it; `node_to_pod`: node 0's for its own packet to the remote pod.
-fn cases(b: &Bed, pod_to_pod: (&str, &str), node_to_pod: &str) {
+/// for receiving it; `node_to_pod`: node 0's for its own packet to the remote pod;
+/// `member_to_pod`: node 0's for receiving node 1's own packet to node 0's pod.
+fn cases(b: &Bed, pod_to_pod: (&str, &str), node_to_pod: &str, member_to_pod: &str) {
     let (p0, p1) = (b.addrs[0], b.addrs[1]);
     let node0 = &b.c.nodes[0].node.ns;
+    let node1 = &b.c.nodes[1].node.ns;
+    for (pod, member) in [
+        (p0.0, IpAddr::from(Node::underlay_ip(2))),
+        (p0.1, IpAddr::from(Node::underlay_ip6(2))),
+    ] {
+        case(b, "member node → pod", node1, member, pod, &[(0, member_to_pod)]);
+    }
     let families = [
         (
             p0.0,
@@ -299,7 +307,7 @@ fn cases(b: &Bed, pod_to_pod: (&str, &str), node_to_pod: &str) {
 #[test]
 fn vxlan_explain_matches_the_datapath() {
     let mut b = bed(DUAL_VXLAN, &[]);
-    cases(&b, ("encap", "deliver"), "encap");
+    cases(&b, ("encap", "deliver"), "encap", "deliver");
 
     // No underlay route to the member: encap drops (drop_no_route), both families. (The
     // routes go with the node's namespace if this fails.)
@@ -381,11 +389,11 @@ fn vxlan_deliver_stack_explain_matches_the_datapath() {
     let b = bed(DUAL_VXLAN, &["--deliver", "stack"]);
     // Encap on the bridge hands the pod's packet to the stack (pass_stack), overlay0's egress
     // encapsulates it; the receiver strips it and leaves it to its stack.
-    cases(&b, ("encap", "stack"), "encap");
+    cases(&b, ("encap", "stack"), "encap", "stack");
 }
 
 #[test]
 fn host_gw_explain_matches_the_datapath() {
     let b = bed(DUAL_HOST_GW, &[]);
-    cases(&b, ("direct", "deliver"), "stack");
+    cases(&b, ("direct", "deliver"), "stack", "stack");
 }

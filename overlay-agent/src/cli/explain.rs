@@ -520,6 +520,9 @@ pub fn explain(f: &Facts, src: IpAddr, dst: IpAddr) -> Explanation {
         (Role::RemotePod(p), Role::Node(_)) => receive_from_pod(f, &fam, src, dst, p, None),
         (Role::Node(_), Role::LocalPod(..)) => vec![route_hop(f, dst, Action::Stack)
             .says("the node's own packet to a local pod: the stack routes it to the bridge; no program of ours acts")],
+        (Role::Member, Role::LocalPod(_, ep)) if !f.node.host_gw => {
+            member_node_to_pod(f, &fam, src, dst, *ep)
+        }
         (Role::Member | Role::Outside | Role::Unleased(_), Role::LocalPod(..)) => {
             vec![unencapsulated_in(f, &fam, src)]
         }
@@ -1124,6 +1127,30 @@ fn deliver(f: &Facts, fam: &Fam, mut h: Hop, dst: IpAddr, ep: Option<&EndpointFa
     h
 }
 
+/// SRC a vxlan member's PublicIP, DST a local pod: the member's stack routes it through its
+/// `overlay0` from `overlay0`'s address (its subnet's network address; the agent's postrouting
+/// rule masquerades other sources outside the cluster network to it), which our decap accepts
+/// as from its subnet.
+fn member_node_to_pod(f: &Facts, fam: &Fam, src: IpAddr, dst: IpAddr, ep: Option<&EndpointFact>) -> Vec<Hop> {
+    let Some(p) = f.peers.iter().find(|p| p.public_ip == src) else {
+        return vec![unencapsulated_in(f, fam, src)];
+    };
+    let inner = p.subnet.network();
+    let mut hops = vec![Hop::new(format!("node {src}"), "its stack and overlay0", Action::Remote).says(format!(
+        "a member's own packet to our pods leaves its {HOST_DEVICE} from {inner}, the address the agent gives \
+         {HOST_DEVICE} in its subnet {} (the route's source; its postrouting rule masquerades any other source \
+         outside the cluster network to it): the packet this node receives is from {inner}",
+        p.subnet
+    ))];
+    let mut rest = receive_from_pod(f, fam, inner, dst, p, ep);
+    // The member's encap is on its overlay0's egress, not its bridge.
+    if let Some(first) = rest.first_mut() {
+        first.hook = format!("encap on its {HOST_DEVICE}'s egress");
+    }
+    hops.extend(rest);
+    hops
+}
+
 /// SRC not a pod of the network (or an unknown one), DST a local pod: not VXLAN.
 fn unencapsulated_in(f: &Facts, _fam: &Fam, src: IpAddr) -> Hop {
     let hook = f
@@ -1671,6 +1698,23 @@ mod tests {
         assert_eq!(here(&e), ["encap_packets"]);
         assert_eq!(e.hops[1].hook, "tc egress on overlay0 (overlay_encap)");
         assert!(e.hops[2].says[0].contains("names 10.244.1.0/24"));
+
+        let e = explain(&f, ip("198.18.0.12"), ip("10.244.1.2"));
+        assert_eq!(e.verdict, Action::Deliver, "{}", e.render());
+        assert!(
+            e.hops[0].says[0].contains("leaves its overlay0 from 10.244.2.0"),
+            "{:?}",
+            e.hops[0].says
+        );
+        assert_eq!(here(&e), ["decap_packets", "deliver_packets"]);
+        let mut g = facts();
+        g.node.host_gw = true;
+        let e = explain(&g, ip("198.18.0.12"), ip("10.244.1.2"));
+        assert_eq!(
+            (e.verdict, here(&e)),
+            (Action::Stack, vec!["pass_decap"]),
+            "host-gw: bare from the node's address"
+        );
 
         let e = explain(&f, ip("10.244.2.2"), ip("203.0.113.9"));
         assert_eq!(e.verdict, Action::NotHere);
