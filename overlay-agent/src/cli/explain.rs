@@ -635,14 +635,28 @@ fn send_from_pod(
     let mut h = Hop::new(HERE, hook, Action::Stack);
     h.peer = Some(PeerView::of(p));
     let direct = p.direct || f.node.host_gw;
-    h = h.says(format!(
-        "{} has {} → member {} (VtepMAC {}, {})",
-        fam.peers(),
-        p.subnet,
-        p.public_ip,
-        MacAddr(p.vtep_mac),
-        if direct { "sent bare" } else { "VXLAN" }
-    ));
+    h = h.says(if f.node.host_gw {
+        // host-gw leases carry no VtepMAC.
+        format!(
+            "{} has {} → member {} (host-gw: sent bare)",
+            fam.peers(),
+            p.subnet,
+            p.public_ip
+        )
+    } else {
+        format!(
+            "{} has {} → member {} (VtepMAC {}, {})",
+            fam.peers(),
+            p.subnet,
+            p.public_ip,
+            MacAddr(p.vtep_mac),
+            if direct {
+                "DirectRouting: sent bare"
+            } else {
+                "VXLAN"
+            }
+        )
+    });
     if f.node.no_deliver {
         // to_stack_from_bridge: CONFIG_NO_DELIVER, before anything else.
         h = h
