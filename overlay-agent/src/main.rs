@@ -3,7 +3,9 @@ use std::{io::IsTerminal as _, path::PathBuf};
 use anyhow::{bail, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use overlay_agent::{
-    cli::{self, cleanup, docker_opts as docker, monitor, status, watch, AgentArgs, DEFAULT_SUBNET_FILE},
+    cli::{
+        self, cleanup, docker_opts as docker, explain, monitor, status, watch, AgentArgs, DEFAULT_SUBNET_FILE,
+    },
     daemon,
 };
 use overlay_common::DEFAULT_PIN_ROOT;
@@ -80,6 +82,25 @@ enum Cmd {
         /// Stop after this many seconds.
         #[arg(long)]
         duration: Option<u64>,
+    },
+    /// Explain what this node's datapath does with a packet from SRC to DST (pod or node
+    /// addresses, one family), hop by hop: which hook sees it, the peer entry and outer header
+    /// encap uses or why it goes to the stack, the MTU, what the receiver checks, where it is
+    /// delivered. Reads the pinned maps and links, the routes and subnet.env (works whether the
+    /// agent runs or not).
+    Explain {
+        /// Source address (a pod or node IP).
+        src: String,
+        /// Destination address, of the same family.
+        dst: String,
+        #[arg(long, env = "FLANNELD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// The agent's subnet.env: the cluster networks, our lease, FLANNEL_IPMASQ.
+        #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove everything the agent put on this node: leftover XDP/TC attachments, the host
     /// device, the pinned maps and the ip-masq nftables table. Stop the agent first. Idempotent.
@@ -169,6 +190,19 @@ fn main() -> Result<()> {
                 duration: duration.map(std::time::Duration::from_secs),
             };
             Ok(monitor::run(&o, &mut std::io::stdout().lock())?)
+        }
+        Some(Cmd::Explain {
+            src,
+            dst,
+            pin_root,
+            subnet_file,
+            json,
+        }) => {
+            let (src, dst) = explain::parse_addrs(&src, &dst)?;
+            let facts = explain::gather(&pin_root, &subnet_file, src, dst)?;
+            let e = explain::explain(&facts, src, dst);
+            print!("{}", if json { e.to_json() + "\n" } else { e.render() });
+            Ok(())
         }
         Some(Cmd::Cleanup {
             pin_root,

@@ -13,6 +13,7 @@ use std::{
 mod argv;
 pub mod cleanup;
 pub mod docker_opts;
+pub mod explain;
 pub mod monitor;
 pub mod status;
 pub mod traffic;

@@ -225,6 +225,36 @@ pub fn detach_tc_filter(iface: &str, ingress: bool, name: &str) -> Result<bool, 
     }
 }
 
+/// The sender table of family `F` from its pinned map (`OVL_VTEPS`, `OVL_VTEPS6`): each member
+/// PublicIP and the subnet decap accepts inner sources from, sorted. Works whether the agent
+/// runs or not; an entry removed while reading is gone.
+pub fn read_senders<F: MapFamily>(pin_root: &Path) -> Result<Vec<super::SenderEntry<F>>, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        name: F::VTEPS,
+        source,
+    };
+    let map = Map::HashMap(open(pin_root, F::VTEPS)?);
+    let vteps: HashMap<&MapData, F::Key, F::Vtep> = HashMap::try_from(&map).map_err(err)?;
+    let mut out = Vec::new();
+    for (ip, v) in vteps.iter().flatten() {
+        let (net, len) = F::vtep_fields(&v);
+        if len <= F::BITS {
+            out.push((F::from_key(ip), F::net(F::from_key(net), len)));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The ifindex the pinned device map of family `F` (`OVL_ENDPOINT_DEVS`, `OVL_ENDPOINT_DEVS6`)
+/// holds for the endpoint `ip` on veth `ifindex` (the key decap looks up), `None` when it has
+/// no entry (the kernel deletes entries of removed devices) or the map cannot be read.
+pub fn endpoint_device<F: MapFamily>(pin_root: &Path, ip: F::Addr, ifindex: u32) -> Option<u32> {
+    let map = Map::DevMapHash(open(pin_root, F::ENDPOINT_DEVS).ok()?);
+    let devs: aya::maps::DevMapHash<&MapData> = aya::maps::DevMapHash::try_from(&map).ok()?;
+    devs.get(F::dev_key(ip, ifindex), 0).ok().map(|v| v.if_index)
+}
+
 /// Members' traffic counts: (PublicIP, the counts summed over CPUs).
 pub type MemberStats<A> = Vec<(A, PeerStats)>;
 
