@@ -126,11 +126,21 @@ fn dual_stack_pods_talk_over_ipv6_and_ipv4_with_their_own_addresses() {
         .as_array()
         .cloned()
         .unwrap_or_default();
-    assert!(
-        attached.iter().any(|a| a["program"] == "overlay_encap"
-            && a["iface"] == "overlay0"
-            && a["direction"] == "ingress"),
-        "encap not on overlay0's ingress: {attached:?}"
+    // Encap on both of overlay0's hooks, each named by its own direction, both ours (the same
+    // program on two hooks once read as two ingress links and a stranger's egress one).
+    let mut on_overlay0: Vec<String> = attached
+        .iter()
+        .filter(|a| a["iface"] == "overlay0")
+        .map(|a| format!("{} {} ours={}", a["program"], a["direction"], a["ours"]))
+        .collect();
+    on_overlay0.sort();
+    assert_eq!(
+        on_overlay0,
+        [
+            "\"overlay_encap\" \"egress\" ours=true",
+            "\"overlay_encap\" \"ingress\" ours=true"
+        ],
+        "overlay0's attachments: {attached:#?}"
     );
 }
 

@@ -338,7 +338,9 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
             _ => None,
         };
         let direction = match (hook.as_str(), prog_id, &present) {
-            ("tcx", Some(id), Some(iface)) => tcx.direction(iface, id),
+            ("tcx", Some(id), Some(iface)) => {
+                tcx.direction(iface, id, pin.program == dataplane::RESEG_LINK)
+            }
             _ => None,
         };
         // Encap's second link on the host device is pinned under a name of its own.
@@ -554,11 +556,19 @@ impl TcxPrograms {
             .or_insert_with(|| pinned::tcx_programs(iface, direction == "ingress"))
     }
 
-    /// Where program `prog_id` is attached on `iface`.
-    fn direction(&mut self, iface: &str, prog_id: u32) -> Option<&'static str> {
-        Self::DIRECTIONS
+    /// Where program `prog_id` is attached on `iface`. Encap runs on both of the host
+    /// device's hooks (egress: what the stack routes; ingress: segments coming back from being
+    /// resegmented, pinned as `RESEG_LINK`): there the pin tells which link is which.
+    fn direction(&mut self, iface: &str, prog_id: u32, reseg: bool) -> Option<&'static str> {
+        let found: Vec<&'static str> = Self::DIRECTIONS
             .into_iter()
-            .find(|d| self.programs(iface, d).iter().any(|(id, _)| *id == prog_id))
+            .filter(|d| self.programs(iface, d).iter().any(|(id, _)| *id == prog_id))
+            .collect();
+        match found[..] {
+            [one] => Some(one),
+            [_, _] => Some(if reseg { "ingress" } else { "egress" }),
+            _ => None,
+        }
     }
 }
 
