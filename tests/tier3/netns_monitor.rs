@@ -402,3 +402,110 @@ fn a_killed_monitor_stops_the_reports_when_its_lease_runs_out() {
         .expect("the next monitor got nothing");
     assert_eq!(ev["reason"], "drop_wrong_vni", "{ev}");
 }
+
+/// node `i`'s per-peer counts for `peer`, summed over the CPUs.
+fn peer_stats(c: &Cluster, i: usize, peer: Ipv4Addr) -> overlay_common::PeerStats {
+    let path = std::path::Path::new(&c.nodes[i].pin_root).join(overlay_common::maps::PEER_STATS);
+    let map = aya::maps::Map::PerCpuHashMap(aya::maps::MapData::from_pin(&path).unwrap());
+    let stats: aya::maps::PerCpuHashMap<_, [u8; 4], overlay_common::PeerStats> =
+        aya::maps::PerCpuHashMap::try_from(map).unwrap();
+    let v = stats.get(&peer.octets(), 0).expect("no entry for the member");
+    overlay_agent::dataplane::pinned::sum_per_cpu(v.iter())
+}
+
+/// No route to a member's PublicIP on the underlay: encap on the bridge drops the pod's packets
+/// for it (`drop_no_route`), each reported with the pod's own tuple and counted as the
+/// member's tx_drops, exactly.
+#[test]
+fn a_member_without_a_route_is_reported_at_encap_and_counted_against_it() {
+    require_root();
+    let (c, pods) = Cluster::running(2, CONFIG).unwrap();
+    let node2 = Node::underlay_ip(2);
+    let mut m = Monitor::start(&c, 0, &["--reason", "drop_no_route"]);
+    let before = peer_stats(&c, 0, node2);
+    let host = format!("{node2}/32");
+    c.nodes[0]
+        .node
+        .ns
+        .ip(&["route", "add", "unreachable", &host])
+        .unwrap();
+    let sock = {
+        let _in = c.nodes[0].node.pods[0].ns.enter().unwrap();
+        UdpSocket::bind("0.0.0.0:42000").unwrap()
+    };
+    for _ in 0..3 {
+        sock.send_to(b"no-route", (pods[1], 9999)).unwrap();
+    }
+    let events = m.collect(Duration::from_secs(2));
+    c.nodes[0]
+        .node
+        .ns
+        .ip(&["route", "del", "unreachable", &host])
+        .unwrap();
+    let drops: Vec<&Value> = events.iter().filter(|v| v["type"] == "drop").collect();
+    assert_eq!(drops.len(), 3, "{events:#?}");
+    for ev in drops {
+        assert_eq!(ev["reason"], "drop_no_route", "{ev}");
+        assert_eq!(ev["hook"], "tc/encap", "{ev}");
+        assert_eq!(ev["iface"], "cni0", "{ev}");
+        assert!(ev["outer"].is_null(), "{ev}");
+        assert_eq!(ev["inner"]["src"], pods[0].to_string(), "{ev}");
+        assert_eq!(ev["inner"]["dst"], pods[1].to_string(), "{ev}");
+        assert_eq!(
+            (ev["inner"]["sport"].as_u64(), ev["inner"]["dport"].as_u64()),
+            (Some(42000), Some(9999)),
+            "{ev}"
+        );
+    }
+    let after = peer_stats(&c, 0, node2);
+    assert_eq!(
+        (
+            after.tx_drops - before.tx_drops,
+            after.tx_packets - before.tx_packets
+        ),
+        (3, 0),
+        "node 1's counts for node 2: {after:?}"
+    );
+}
+
+/// VXLAN decap leaves to the stack (IP options: flannel peers never send them) reaches the
+/// kernel's VXLAN socket of the receive-GRO device, whose sink drops what it decapsulates
+/// (`drop_gro_device`): reported at that hook with the inner packet.
+#[test]
+fn vxlan_the_stack_decapsulates_is_reported_at_the_gro_sink() {
+    require_root();
+    let (c, pods) = Cluster::running(2, CONFIG).unwrap();
+    let attacker = c.outside_host("198.18.0.66".parse().unwrap()).unwrap();
+    let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
+    let inner = packet::udp(nth_host(node1_subnet, 7), pods[1], 5555, 9999, b"VIA-THE-STACK");
+    let plain = packet::vxlan(&c.vxlan_from(0, 1, &attacker).unwrap(), &inner);
+    // Four bytes of options (NOP NOP NOP EOL) after the outer IPv4 header, its lengths and
+    // checksum redone.
+    let mut f = plain[..34].to_vec();
+    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&plain[34..]);
+    f[14] = 0x46;
+    let tot = u16::from_be_bytes([f[16], f[17]]) + 4;
+    f[16..18].copy_from_slice(&tot.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let sum: u32 = f[14..38]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    f[24..26].copy_from_slice(&csum.to_be_bytes());
+    let mut m = Monitor::start(&c, 1, &[]);
+    packet::send_raw(&attacker, "eth0", &f).unwrap();
+    let events = m.collect(Duration::from_secs(2));
+    let ev = events
+        .iter()
+        .find(|v| v["type"] == "drop")
+        .unwrap_or_else(|| panic!("nothing reported: {events:#?}"));
+    assert_eq!(ev["reason"], "drop_gro_device", "{ev}");
+    assert_eq!(ev["hook"], "tc/gro-sink", "{ev}");
+    assert_eq!(ev["iface"], "overlay-gro", "{ev}");
+    assert_eq!(ev["inner"]["src"], nth_host(node1_subnet, 7).to_string(), "{ev}");
+    assert_eq!(ev["inner"]["dst"], pods[1].to_string(), "{ev}");
+    assert_eq!(ev["inner"]["dport"], 9999, "{ev}");
+}

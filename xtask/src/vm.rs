@@ -80,6 +80,8 @@ pub const TIER3_SELECTION: &[(&str, &str)] = &[
     ("netns_services", "ipvs_mode_default_delivery"),
     ("netns_services", "ipvs_mode_host_gw"),
     ("netns_hostgw", "host_gw_nodes_route_pods_bare_keep_sources_and_follow_the_leases"),
+    ("netns_monitor", "each_drop_reason_shows_up_with_its_fields_xdp_decap"),
+    ("netns_peer_stats", "vxlan_counts_each_peer_exactly_over_ipv4_and_ipv6"),
 ];
 
 const VIRTME_NG_VERSION: &str = "1.42";

@@ -338,9 +338,7 @@ fn read_attachments(pin_root: &Path, underlay_ifindex: u32) -> Vec<AttachmentVie
             _ => None,
         };
         let direction = match (hook.as_str(), prog_id, &present) {
-            ("tcx", Some(id), Some(iface)) => {
-                tcx.direction(iface, id, pin.program == dataplane::RESEG_LINK)
-            }
+            ("tcx", Some(id), Some(iface)) => tcx.direction(iface, id, pin.program == dataplane::RESEG_LINK),
             _ => None,
         };
         // Encap's second link on the host device is pinned under a name of its own.
