@@ -341,44 +341,33 @@ fn route_and_send<F: Deliver>(
     hop: Option<[u8; 2]>,
     outer: impl FnOnce(&FibParams, u16) -> Result<(), Counter>,
 ) -> Result<Verdict, Counter> {
-    let r = send::<F>(ctx, cfg, src, dst, direct, hop, outer);
+    let r = (|| {
+        let mut fib: FibParams = unsafe { core::mem::zeroed() };
+        let rc = fib_usable(underlay_next_hop::<F>(ctx, cfg, src, dst, &mut fib))?;
+        let out_ifindex = fib.ifindex;
+        if direct {
+            if let Some(hop) = hop {
+                F::forwarded_from(ctx, hop, ETH_LEN)?;
+            }
+            if cfg.flags & CONFIG_BARE_FAST != 0 {
+                plain::mark_sent(ctx);
+            }
+            return redirect(ctx, rc, &fib, out_ifindex, F::DIRECT);
+        }
+        // SAFETY: the skb pointer is the program's context.
+        let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+        grow_for_vxlan(ctx, F::ENCAP_L3, F::OVERHEAD)?;
+        outer(&fib, flow_source_port(hash))?;
+        // `hop`'s TTL is written only now, into a header encap has made the packet's own: written
+        // before, it would unshare a TCP packet's cloned header once more (bench, veth underlay,
+        // TCP 4 flows: 13.2 Gbit/s, 0.63× host-gw, written before encap; 21.3, 1.28×, here).
+        if let Some(hop) = hop {
+            F::forwarded_from(ctx, hop, ETH_LEN + F::OVERHEAD)?;
+        }
+        redirect(ctx, rc, &fib, out_ifindex, F::ENCAP)
+    })();
     observe::sent::<F>(dst, &r);
     r
-}
-
-#[inline(always)]
-fn send<F: Deliver>(
-    ctx: &TcContext,
-    cfg: &DataplaneConfig,
-    src: &F::Addr,
-    dst: &F::Addr,
-    direct: bool,
-    hop: Option<[u8; 2]>,
-    outer: impl FnOnce(&FibParams, u16) -> Result<(), Counter>,
-) -> Result<Verdict, Counter> {
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    let rc = fib_usable(underlay_next_hop::<F>(ctx, cfg, src, dst, &mut fib))?;
-    let out_ifindex = fib.ifindex;
-    if direct {
-        if let Some(hop) = hop {
-            F::forwarded_from(ctx, hop, ETH_LEN)?;
-        }
-        if cfg.flags & CONFIG_BARE_FAST != 0 {
-            plain::mark_sent(ctx);
-        }
-        return redirect(ctx, rc, &fib, out_ifindex, F::DIRECT);
-    }
-    // SAFETY: the skb pointer is the program's context.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
-    grow_for_vxlan(ctx, F::ENCAP_L3, F::OVERHEAD)?;
-    outer(&fib, flow_source_port(hash))?;
-    // `hop`'s TTL is written only now, into a header encap has made the packet's own: written
-    // before, it would unshare a TCP packet's cloned header once more (bench, veth underlay,
-    // TCP 4 flows: 13.2 Gbit/s, 0.63× host-gw, written before encap; 21.3, 1.28×, here).
-    if let Some(hop) = hop {
-        F::forwarded_from(ctx, hop, ETH_LEN + F::OVERHEAD)?;
-    }
-    redirect(ctx, rc, &fib, out_ifindex, F::ENCAP)
 }
 
 /// The FIB's next hop on the underlay from `src` to `dst` (our address and a node's) into a

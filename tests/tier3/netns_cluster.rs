@@ -352,7 +352,7 @@ fn a_pod_ignoring_the_mtu_gets_frag_needed_and_tcp_still_completes() {
 #[test]
 fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     use overlay_agent::dataplane::pinned::read_pinned_counters;
-    use overlay_common::{wire::EncapParams, Counter};
+    use overlay_common::Counter;
     use overlay_tests::packet;
     let (c, pods) = cluster(2, CONFIG);
     // The attacker: a namespace on the underlay segment.
@@ -365,19 +365,7 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
         let ip = overlay_tests::topology::Node::underlay_ip(i as u8 + 1);
         leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
     };
-    let base = EncapParams {
-        outer_src_mac: attacker.mac("eth0").unwrap(),
-        outer_dst_mac: victim.node.ns.mac("eth0").unwrap(),
-        src_ip: [198, 18, 0, 11],
-        dst_ip: [198, 18, 0, 12],
-        src_port: 40000,
-        dst_port: 8472,
-        vni: 1,
-        inner_src_mac: vtep_of(0),
-        inner_dst_mac: vtep_of(1),
-        inner_ip_len: 0,
-        inner_tos: 0,
-    };
+    let base = c.vxlan_from(0, 1, &attacker).unwrap();
     let inner = |src: std::net::Ipv4Addr, tag: &[u8]| packet::udp(src, pods[1], 5555, 9999, tag);
     let legit_src = overlay_tests::topology::nth_host(node1_subnet, 7);
     let mut unknown = base;

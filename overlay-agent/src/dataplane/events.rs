@@ -10,6 +10,8 @@ use std::{
 };
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
+
+use super::{pinned::open, DataplaneError};
 use overlay_common::{
     maps,
     monitor::{MonitorConfig, LEASE_NS},
@@ -18,12 +20,10 @@ use overlay_common::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
-    #[error(
-        "{path}: not found. The datapath is not loaded under --pin-root {pin_root} (is the agent \
-         running? it pins its maps at start); an agent older than this binary has no event \
-         ring: upgrade it"
-    )]
-    NotPinned { path: PathBuf, pin_root: PathBuf },
+    /// A map is not pinned (the agent never ran, or an older one without the event ring) or
+    /// cannot be read.
+    #[error(transparent)]
+    Pins(#[from] DataplaneError),
     #[error("{name}: {source}")]
     Map {
         name: &'static str,
@@ -41,17 +41,6 @@ pub enum EventsError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn open(pin_root: &Path, name: &'static str) -> Result<MapData, EventsError> {
-    let path = pin_root.join(name);
-    if !path.exists() {
-        return Err(EventsError::NotPinned {
-            path,
-            pin_root: pin_root.to_path_buf(),
-        });
-    }
-    MapData::from_pin(&path).map_err(|source| EventsError::Map { name, source })
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.

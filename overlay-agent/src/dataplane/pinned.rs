@@ -16,7 +16,7 @@ use super::{Counters, DataplaneError, LocalEndpoint, MapFamily, PeerEntry};
 use crate::family::{V4, V6};
 
 /// A pinned map, or [`DataplaneError::NotPinned`] when there is none.
-fn open(pin_root: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+pub(super) fn open(pin_root: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
     let path = pin_root.join(name);
     if !path.exists() {
         return Err(DataplaneError::NotPinned {

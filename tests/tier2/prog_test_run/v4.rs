@@ -1173,14 +1173,8 @@ fn per_peer_counts_are_exact_and_exist_only_for_members() {
     assert_eq!((s.tx_packets, s.tx_bytes), (5, sent_bytes), "{s:?}");
     assert!(s.tx_last_ns > 0 && s.rx_last_ns == 0, "{s:?}");
     // 3 VXLAN frames from the peer (2 by XDP, 1 by TC), 2 with a wrong VNI, 1 from a stranger.
+    let [good, wrong, stranger] = peer_frames(&fx);
     let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
-    let good = packet::vxlan(&vxlan_from_peer(fx.underlay_mac), &inner);
-    let mut wrong = vxlan_from_peer(fx.underlay_mac);
-    wrong.vni = 42;
-    let wrong = packet::vxlan(&wrong, &inner);
-    let mut stranger = vxlan_from_peer(fx.underlay_mac);
-    stranger.src_ip = [198, 18, 0, 99];
-    let stranger = packet::vxlan(&stranger, &inner);
     for (prog, frame) in [
         (programs::DECAP_XDP, &good),
         (programs::DECAP_XDP, &good),
@@ -1218,6 +1212,18 @@ fn per_peer_counts_are_exact_and_exist_only_for_members() {
 }
 
 const ETH_HDR: usize = 14;
+
+/// VXLAN frames to us around one pod packet: from the peer, from the peer with a wrong VNI
+/// (42), and from a stranger (198.18.0.99).
+fn peer_frames(fx: &Fixture) -> [Vec<u8>; 3] {
+    let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
+    let good = vxlan_from_peer(fx.underlay_mac);
+    let mut wrong = good;
+    wrong.vni = 42;
+    let mut stranger = good;
+    stranger.src_ip = [198, 18, 0, 99];
+    [good, wrong, stranger].map(|p| packet::vxlan(&p, &inner))
+}
 
 /// CLOCK_MONOTONIC, the programs' `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
@@ -1259,13 +1265,7 @@ fn drain_events(fx: &mut Fixture) -> Vec<overlay_common::monitor::DropEvent> {
 fn drops_are_reported_with_their_fields_only_while_a_monitor_asks_within_its_rate() {
     use overlay_common::monitor::{Hook, MonitorConfig, CAPTURE};
     let mut fx = Fixture::new();
-    let inner = packet::udp(PEER_POD, OUR_POD, 6000, 5000, b"payload-payload");
-    let mut wrong = vxlan_from_peer(fx.underlay_mac);
-    wrong.vni = 42;
-    let wrong = packet::vxlan(&wrong, &inner);
-    let mut stranger = vxlan_from_peer(fx.underlay_mac);
-    stranger.src_ip = [198, 18, 0, 99];
-    let stranger = packet::vxlan(&stranger, &inner);
+    let [_, wrong, stranger] = peer_frames(&fx);
     let pod_vxlan = packet::eth_ip(
         BRIDGE_MAC,
         POD_MAC,
