@@ -95,6 +95,7 @@ pub const NEEDS: &[Need] = &[
     cmd("ethtool", "ethtool", "tests, bench"),
     cmd("jq", "jq", "tests/plain-bench.sh (the second bench harness)"),
     cmd("curl", "curl", "tests (health/metrics)"),
+    cmd("tmux", "tmux", "tests (status --watch in a terminal)"),
     cmd("systemd-analyze", "systemd", "tests (unit file check)"),
     cmd("openssl", "openssl", "tests (etcd TLS)"),
     cmd("nsenter", "util-linux", "tests"),
