@@ -236,9 +236,14 @@ impl Counter {
         }
     }
 
+    /// The drop reasons, in index order.
+    pub fn drops() -> impl Iterator<Item = Counter> {
+        Counter::ALL.into_iter().filter(|c| c.is_drop())
+    }
+
     /// The drop reason named `name` (as [`Counter::name`] spells it).
     pub fn drop_named(name: &str) -> Option<Counter> {
-        Counter::ALL.into_iter().find(|c| c.is_drop() && c.name() == name)
+        Counter::drops().find(|c| c.name() == name)
     }
 
     /// True for the counters that record dropped packets.

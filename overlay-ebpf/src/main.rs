@@ -55,7 +55,7 @@ use crate::{
     family::{V4, V6},
     observe::{report_tc, report_xdp},
     plain::Plain,
-    verdict::{config, count, finish, Verdict, TC_ACT_OK, TC_ACT_SHOT},
+    verdict::{config, finish, Verdict, TC_ACT_OK, TC_ACT_SHOT},
 };
 
 const ETH_P_IPV6_BE: u16 = ETH_P_IPV6.to_be();
@@ -184,9 +184,10 @@ fn deliver_decapped<F: Deliver>(skb: *mut aya_ebpf::bindings::__sk_buff) -> u32 
 /// what decap on the NIC left to the stack; nothing is ever delivered through it.
 #[classifier]
 pub fn overlay_gro_sink(ctx: TcContext) -> i32 {
-    count(Counter::DropGroDevice, 1);
-    report_tc(ctx.skb.skb, Hook::GroSink, Counter::DropGroDevice);
-    TC_ACT_SHOT as i32
+    let skb = ctx.skb.skb;
+    finish(Err(Counter::DropGroDevice), TC_ACT_SHOT, |r| {
+        report_tc(skb, Hook::GroSink, r)
+    }) as i32
 }
 
 /// Load-time probe (never attached): what this kernel's `bpf_skb_adjust_room` takes, as bits

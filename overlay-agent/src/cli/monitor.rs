@@ -21,8 +21,9 @@ use overlay_common::{
 use serde::Serialize;
 
 use crate::dataplane::{
-    events::{monotonic_ns, EventRing, EventsError},
-    pinned, DataplaneError,
+    events::{EventRing, EventsError},
+    pinned::{self, monotonic_ns},
+    DataplaneError,
 };
 
 /// What to report, from the command line.
@@ -64,28 +65,20 @@ pub enum MonitorError {
 
 /// The drop reasons whose bits `mask` has.
 fn reason_names(mask: u64) -> Vec<&'static str> {
-    Counter::ALL
-        .into_iter()
-        .filter(|c| c.is_drop() && mask & (1 << (*c as u32)) != 0)
+    Counter::drops()
+        .filter(|c| mask & (1 << (*c as u32)) != 0)
         .map(Counter::name)
         .collect()
 }
 
 fn drop_reason_names() -> Vec<&'static str> {
-    Counter::ALL
-        .into_iter()
-        .filter(|c| c.is_drop())
-        .map(Counter::name)
-        .collect()
+    reason_names(u64::MAX)
 }
 
 /// The reasons' bits for `MonitorConfig::reasons`: all drop reasons when none is named.
 pub fn reason_mask(names: &[String]) -> Result<u64, MonitorError> {
     if names.is_empty() {
-        return Ok(Counter::ALL
-            .into_iter()
-            .filter(|c| c.is_drop())
-            .fold(0, |m, c| m | 1 << (c as u32)));
+        return Ok(Counter::drops().fold(0, |m, c| m | 1 << (c as u32)));
     }
     names.iter().try_fold(0u64, |m, n| {
         let c = Counter::drop_named(n.trim()).ok_or_else(|| MonitorError::UnknownReason(n.clone()))?;

@@ -11,7 +11,10 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, PerCpuArray, RingBuf};
 
-use super::{pinned::open, DataplaneError};
+use super::{
+    pinned::{monotonic_ns, open},
+    DataplaneError,
+};
 use overlay_common::{
     maps,
     monitor::{MonitorConfig, LEASE_NS},
@@ -41,17 +44,6 @@ pub enum EventsError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 /// A monitor's hold on the datapath: the reports switched on (renewed with [`EventRing::renew`],

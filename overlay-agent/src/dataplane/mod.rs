@@ -62,8 +62,8 @@ pub enum DataplaneError {
         ifindex: u32,
         source: aya::maps::xdp::XdpMapError,
     },
-    #[error("carrying the counters of a retired map over: {0}")]
-    CarryCounters(std::io::Error),
+    #[error("sizing a per-CPU map value (the number of possible CPUs): {0}")]
+    PerCpu(std::io::Error),
     #[error(
         "kernel {kernel} lacks {lacks}; the oldest kernel tested is 6.1 (Debian 12): upgrade the \
          kernel (the README lists the tested ones)"
@@ -299,13 +299,8 @@ impl Dataplane {
             name: maps::COUNTERS,
             source,
         };
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::CarryCounters(e))?;
         for (i, per_cpu) in (0..arr.len()).zip(old) {
-            let mut values = vec![0u64; cpus];
-            for (v, o) in values.iter_mut().zip(per_cpu) {
-                *v = *o;
-            }
-            let values = aya::maps::PerCpuValues::try_from(values).map_err(DataplaneError::CarryCounters)?;
+            let values = per_cpu_values(|cpu| per_cpu.get(cpu).copied().unwrap_or(0))?;
             arr.set(i, values, 0).map_err(err)?;
         }
         tracing::info!(
@@ -749,9 +744,7 @@ impl Dataplane {
         if stats.get(&public_ip, 0).is_ok() {
             return Ok(());
         }
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::CarryCounters(e))?;
-        let zero = PerCpuValues::try_from(vec![PeerStats::default(); cpus])
-            .map_err(DataplaneError::CarryCounters)?;
+        let zero = per_cpu_values(|_| PeerStats::default())?;
         let ip: IpAddr = F::from_key(public_ip).into();
         stats
             .insert(public_ip, zero, 0)
@@ -911,6 +904,12 @@ fn retire_incompatible_pins(object: &[u8], pin_root: &Path, max_peers: u32) -> O
         }
     }
     carried
+}
+
+/// One value per possible CPU, `f(cpu)` each: what a per-CPU map's update takes.
+fn per_cpu_values<T: aya::Pod>(f: impl FnMut(usize) -> T) -> Result<PerCpuValues<T>, DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::PerCpu(e))?;
+    PerCpuValues::try_from((0..cpus).map(f).collect::<Vec<_>>()).map_err(DataplaneError::PerCpu)
 }
 
 /// Every slot of a per-CPU `u64` array, one value per CPU.

@@ -315,13 +315,23 @@ pub fn sum_per_cpu<'a>(values: impl IntoIterator<Item = &'a PeerStats>) -> PeerS
 /// Now on the clock the programs stamp `PeerStats::tx_last_ns`/`rx_last_ns` with
 /// (`bpf_ktime_get_coarse_ns`: CLOCK_MONOTONIC_COARSE), in ns.
 pub fn coarse_now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// Now on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns` (drop events, the monitor's lease).
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `clock`'s time in ns.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC_COARSE exists on every
-    // Linux the agent runs on (2.6.32+), so the call cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; both clocks exist on every Linux the agent
+    // runs on (2.6.32+), so the call cannot fail.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
