@@ -360,11 +360,6 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
 
     let victim = &c.nodes[1];
     let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
-    let leases = c.lease_list().unwrap();
-    let vtep_of = |i: usize| {
-        let ip = overlay_tests::topology::Node::underlay_ip(i as u8 + 1);
-        leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
-    };
     let base = c.vxlan_from(0, 1, &attacker).unwrap();
     let inner = |src: std::net::Ipv4Addr, tag: &[u8]| packet::udp(src, pods[1], 5555, 9999, tag);
     let legit_src = overlay_tests::topology::nth_host(node1_subnet, 7);
@@ -374,7 +369,7 @@ fn crafted_vxlan_from_an_attacker_on_the_underlay_is_dropped_and_counted() {
     wrong_vni.vni = 2;
     // flannel.1 takes only frames for its own MAC: here the sender's own VtepMAC.
     let mut wrong_mac = base;
-    wrong_mac.inner_dst_mac = vtep_of(0);
+    wrong_mac.inner_dst_mac = base.inner_src_mac;
     let cases = [
         (
             "from a non-member",

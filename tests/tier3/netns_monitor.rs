@@ -11,7 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_agent::dataplane::pinned::read_pinned_counters;
+use overlay_agent::{
+    dataplane::pinned::{read_peer_stats, read_pinned_counters},
+    family::V4,
+};
 use overlay_common::{wire::EncapParams, Counter};
 use overlay_tests::{
     cluster::{agent_bin, Cluster},
@@ -110,11 +113,6 @@ fn crafted(c: &Cluster, pods: &[Ipv4Addr]) -> Crafted {
     let attacker = c.outside_host("198.18.0.66".parse().unwrap()).unwrap();
     let (node1_subnet, _) = c.nodes[0].subnet_env().unwrap();
     let base = crafted_base(c, &attacker);
-    let leases = c.lease_list().unwrap();
-    let vtep_of = |i: usize| {
-        let ip = Node::underlay_ip(i as u8 + 1);
-        leases.iter().find(|l| l.1 == ip).expect("lease of a node").2
-    };
     let legit = nth_host(node1_subnet, 7);
     let spoof: Ipv4Addr = "10.244.250.9".parse().unwrap();
     let inner = |src: Ipv4Addr| packet::udp(src, pods[1], 5555, 9999, b"MONITOR-TEST");
@@ -123,7 +121,7 @@ fn crafted(c: &Cluster, pods: &[Ipv4Addr]) -> Crafted {
     let mut wrong_vni = base;
     wrong_vni.vni = 2;
     let mut wrong_mac = base;
-    wrong_mac.inner_dst_mac = vtep_of(0);
+    wrong_mac.inner_dst_mac = base.inner_src_mac;
     // UDP's length disagrees with IP's (a truncated frame would not cross the underlay's
     // bridge: br_netfilter drops IP packets shorter than they say).
     let mut malformed = packet::vxlan(&base, &inner(legit));
@@ -191,19 +189,6 @@ fn assert_event(events: &[Value], name: &str, reason: Counter, hook: &str, e: &E
     assert!(ev["time"].as_str().is_some_and(|t| t.len() == 15), "{name}: {ev}");
 }
 
-/// node 2's per-peer count of what it refused from `peer`, summed over the CPUs.
-fn rx_drops(c: &Cluster, i: usize, peer: Ipv4Addr) -> u64 {
-    let path = std::path::Path::new(&c.nodes[i].pin_root).join(overlay_common::maps::PEER_STATS);
-    let data = aya::maps::MapData::from_pin(&path).unwrap();
-    let map = aya::maps::Map::PerCpuHashMap(data);
-    let stats: aya::maps::PerCpuHashMap<_, [u8; 4], overlay_common::PeerStats> =
-        aya::maps::PerCpuHashMap::try_from(map).unwrap();
-    stats
-        .get(&peer.octets(), 0)
-        .map(|v| v.iter().map(|s| s.rx_drops).sum())
-        .unwrap_or(0)
-}
-
 fn each_drop_reason_shows_up(decap: &str, hook: &str) {
     require_root();
     let mut c = Cluster::new(2, CONFIG).unwrap();
@@ -213,7 +198,7 @@ fn each_drop_reason_shows_up(decap: &str, hook: &str) {
     let pods = c.start_with_pods().unwrap();
     let cr = crafted(&c, &pods);
     let node1 = Node::underlay_ip(1);
-    let drops_before = rx_drops(&c, 1, node1);
+    let drops_before = peer_stats(&c, 1, node1).rx_drops;
     let mut m = Monitor::start(&c, 1, &[]);
     for (_, frame, _, _) in &cr.cases {
         packet::send_raw(&cr.attacker, "eth0", frame).unwrap();
@@ -226,7 +211,7 @@ fn each_drop_reason_shows_up(decap: &str, hook: &str) {
     assert_eq!(drops, cr.cases.len(), "one event per crafted frame: {events:#?}");
     // The four refused from node 1's address count against it (the stranger's does not).
     assert_eq!(
-        rx_drops(&c, 1, node1) - drops_before,
+        peer_stats(&c, 1, node1).rx_drops - drops_before,
         4,
         "node 2's rx_drops for node 1"
     );
@@ -403,14 +388,13 @@ fn a_killed_monitor_stops_the_reports_when_its_lease_runs_out() {
     assert_eq!(ev["reason"], "drop_wrong_vni", "{ev}");
 }
 
-/// node `i`'s per-peer counts for `peer`, summed over the CPUs.
+/// node `i`'s per-peer counts for `peer` (a member), summed over the CPUs.
 fn peer_stats(c: &Cluster, i: usize, peer: Ipv4Addr) -> overlay_common::PeerStats {
-    let path = std::path::Path::new(&c.nodes[i].pin_root).join(overlay_common::maps::PEER_STATS);
-    let map = aya::maps::Map::PerCpuHashMap(aya::maps::MapData::from_pin(&path).unwrap());
-    let stats: aya::maps::PerCpuHashMap<_, [u8; 4], overlay_common::PeerStats> =
-        aya::maps::PerCpuHashMap::try_from(map).unwrap();
-    let v = stats.get(&peer.octets(), 0).expect("no entry for the member");
-    overlay_agent::dataplane::pinned::sum_per_cpu(v.iter())
+    let pins = std::path::Path::new(&c.nodes[i].pin_root);
+    let all = read_peer_stats::<V4>(pins).unwrap().expect("no per-peer table");
+    all.into_iter()
+        .find_map(|(ip, s)| (ip == peer).then_some(s))
+        .expect("no entry for the member")
 }
 
 /// No route to a member's PublicIP on the underlay: encap on the bridge drops the pod's packets

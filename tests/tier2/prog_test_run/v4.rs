@@ -1141,18 +1141,7 @@ fn peer_stats(fx: &mut Fixture, ip: Ipv4Addr) -> Option<overlay_common::PeerStat
     let stats: aya::maps::PerCpuHashMap<_, [u8; 4], overlay_common::PeerStats> =
         aya::maps::PerCpuHashMap::try_from(map).unwrap();
     let v = stats.get(&ip.octets(), 0).ok()?;
-    let mut sum = overlay_common::PeerStats::default();
-    for s in v.iter() {
-        sum.tx_packets += s.tx_packets;
-        sum.tx_bytes += s.tx_bytes;
-        sum.rx_packets += s.rx_packets;
-        sum.rx_bytes += s.rx_bytes;
-        sum.tx_drops += s.tx_drops;
-        sum.rx_drops += s.rx_drops;
-        sum.tx_last_ns = sum.tx_last_ns.max(s.tx_last_ns);
-        sum.rx_last_ns = sum.rx_last_ns.max(s.rx_last_ns);
-    }
-    Some(sum)
+    Some(overlay_agent::dataplane::pinned::sum_per_cpu(v.iter()))
 }
 
 #[test]
