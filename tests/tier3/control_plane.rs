@@ -1014,11 +1014,14 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
     assert_renewed(&etcd, &lease_key(&a.own)).await;
 
     // A dual-stack flanneld's lease, written by hand as it writes it: a peer in both families.
+    // Its subnets lie past the first 100 free ones the agents pick from (10.244.1-100,
+    // fd00:10:244:1-64::), so neither agent can hold them (10.244.99.0/24 could: then that side
+    // was refused as an overlap, once in a few dozen runs).
     let flanneld = r#"{"PublicIP":"198.18.0.99","PublicIPv6":"fd00:198:18::99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"be:0c:3e:5f:61:d2"},"BackendV6Data":{"VNI":1,"VtepMAC":"56:8a:c4:1e:7b:90"}}"#;
-    let fkey = format!("{PREFIX}/subnets/10.244.99.0-24&fd00:10:244:63::-64");
+    let fkey = format!("{PREFIX}/subnets/10.244.199.0-24&fd00:10:244:c7::-64");
     etcd.put_with_ttl(&fkey, flanneld, 600).unwrap();
     let ev = wait_for(&mut a.rx, Duration::from_secs(5), "the flanneld lease", |e| {
-        matches!(e, Event::PeerUpsert(l) if l.subnet.map(|s| s.to_string()).as_deref() == Some("10.244.99.0/24"))
+        matches!(e, Event::PeerUpsert(l) if l.subnet.map(|s| s.to_string()).as_deref() == Some("10.244.199.0/24"))
     })
     .await;
     let Event::PeerUpsert(f) = ev else { unreachable!() };
@@ -1035,7 +1038,7 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
             v4.vtep.unwrap().vtep_mac.to_string()
         ),
         (
-            "10.244.99.0/24".into(),
+            "10.244.199.0/24".into(),
             "198.18.0.99".into(),
             "be:0c:3e:5f:61:d2".into()
         )
@@ -1048,7 +1051,7 @@ async fn dual_stack_agents_take_flannel_keys_renew_restart_and_see_each_other() 
             v6.vtep.unwrap().vtep_mac.to_string()
         ),
         (
-            "fd00:10:244:63::/64".into(),
+            "fd00:10:244:c7::/64".into(),
             "fd00:198:18::99".into(),
             1,
             "56:8a:c4:1e:7b:90".into()
