@@ -329,19 +329,19 @@ async fn peer_events_arrive_within_a_second() {
     etcd.put(&key("10.244.202.0/24"), "not json").unwrap();
 
     let peer = r#"{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:4d"}}"#;
-    etcd.put_with_ttl(&key("10.244.77.0/24"), peer, 600).unwrap();
+    etcd.put_with_ttl(&key("10.244.177.0/24"), peer, 600).unwrap();
     match recv(&mut a.rx, Duration::from_secs(1), "PeerUpsert").await {
         Event::PeerUpsert(l) => {
-            assert_eq!(l.subnet.unwrap().to_string(), "10.244.77.0/24");
+            assert_eq!(l.subnet.unwrap().to_string(), "10.244.177.0/24");
             assert_eq!(l.attrs.public_ip, Ipv4Addr::new(198, 18, 0, 77));
             assert_eq!(l.attrs.to_json(), peer);
         }
-        ev => panic!("expected PeerUpsert for 10.244.77.0/24, got {ev:?}"),
+        ev => panic!("expected PeerUpsert for 10.244.177.0/24, got {ev:?}"),
     }
-    etcd.del(&key("10.244.77.0/24")).unwrap();
+    etcd.del(&key("10.244.177.0/24")).unwrap();
     match recv(&mut a.rx, Duration::from_secs(1), "PeerRemove").await {
-        Event::PeerRemove(l) => assert_eq!(l.subnet.unwrap().to_string(), "10.244.77.0/24"),
-        ev => panic!("expected PeerRemove for 10.244.77.0/24, got {ev:?}"),
+        Event::PeerRemove(l) => assert_eq!(l.subnet.unwrap().to_string(), "10.244.177.0/24"),
+        ev => panic!("expected PeerRemove for 10.244.177.0/24, got {ev:?}"),
     }
     assert!(!a.task.is_finished());
 }
@@ -360,16 +360,16 @@ async fn etcd_restart_is_survived() {
     etcd.start().unwrap();
 
     let peer = r#"{"PublicIP":"198.18.0.88","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:00:00:00:00:58"}}"#;
-    etcd.put(&key("10.244.88.0/24"), peer).unwrap();
+    etcd.put(&key("10.244.188.0/24"), peer).unwrap();
     let ev = wait_for(
         &mut a.rx,
         Duration::from_secs(20),
         "peer after etcd restart",
         |e| match e {
-            Event::PeerUpsert(l) => l.subnet.unwrap().to_string() == "10.244.88.0/24",
+            Event::PeerUpsert(l) => l.subnet.unwrap().to_string() == "10.244.188.0/24",
             Event::Resync(ls) => ls
                 .iter()
-                .any(|l| l.subnet.unwrap().to_string() == "10.244.88.0/24"),
+                .any(|l| l.subnet.unwrap().to_string() == "10.244.188.0/24"),
             _ => false,
         },
     )
@@ -382,7 +382,7 @@ async fn etcd_restart_is_survived() {
     };
     let got = leases
         .iter()
-        .find(|l| l.subnet.unwrap().to_string() == "10.244.88.0/24")
+        .find(|l| l.subnet.unwrap().to_string() == "10.244.188.0/24")
         .expect("the peer is in the matched event");
     assert_eq!(got.attrs.public_ip.to_string(), "198.18.0.88");
     assert_eq!(
@@ -402,12 +402,12 @@ async fn etcd_restart_is_survived() {
     );
 
     // And events keep flowing after.
-    etcd.del(&key("10.244.88.0/24")).unwrap();
+    etcd.del(&key("10.244.188.0/24")).unwrap();
     wait_for(
         &mut a.rx,
         Duration::from_secs(2),
         "PeerRemove after restart",
-        |e| matches!(e, Event::PeerRemove(l) if l.subnet.unwrap().to_string() == "10.244.88.0/24"),
+        |e| matches!(e, Event::PeerRemove(l) if l.subnet.unwrap().to_string() == "10.244.188.0/24"),
     )
     .await;
 }
