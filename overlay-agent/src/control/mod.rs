@@ -284,14 +284,19 @@ mod tests {
         }
     }
 
-    fn opts(name: &str) -> RunOptions {
-        let dir = std::env::temp_dir().join(format!("control-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        RunOptions {
-            subnet_file: dir.join("subnet.env"),
+    /// Options writing subnet.env into a directory the agent creates (as /run/flannel) inside a
+    /// fresh one, removed when the returned guard drops.
+    fn opts(name: &str) -> (RunOptions, tempfile::TempDir) {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("control-test-{name}-"))
+            .tempdir()
+            .unwrap();
+        let o = RunOptions {
+            subnet_file: dir.path().join("flannel/subnet.env"),
             ip_masq: false,
             renew_margin: Duration::from_secs(3600),
-        }
+        };
+        (o, dir)
     }
 
     async fn next(rx: &mut mpsc::Receiver<Event>) -> Event {
@@ -326,7 +331,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waits_for_config_then_leases_and_writes_env() {
         let reg = MemRegistry::default();
-        let o = opts("env");
+        let (o, _dir) = opts("env");
         let r2 = reg.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -375,7 +380,7 @@ mod tests {
         let reg = MemRegistry::default();
         reg.set_network_config(r#"{"Network":"10.9.0.0/16","Backend":{"Type":"udp"}}"#);
         let (tx, _rx) = mpsc::channel(64);
-        let err = run_with_registry(reg, &opts("bad"), node(1), tx)
+        let err = run_with_registry(reg, &opts("bad").0, node(1), tx)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("Backend.Type"), "{err}");
@@ -393,7 +398,7 @@ mod tests {
         let reg = MemRegistry::default();
         reg.set_network_config(HOST_GW);
         let (tx, _rx) = mpsc::channel(64);
-        let err = run_with_registry(reg.clone(), &opts("nat"), node(1), tx)
+        let err = run_with_registry(reg.clone(), &opts("nat").0, node(1), tx)
             .await
             .unwrap_err();
         assert_eq!(
@@ -405,7 +410,7 @@ mod tests {
         let mut n = node(1);
         n.iface_addrs = vec![std::net::IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))];
         let (tx, mut rx) = mpsc::channel(64);
-        let o = opts("hostgw");
+        let (o, _dir) = opts("hostgw");
         let env_file = o.subnet_file.clone();
         let h = tokio::spawn(async move { run_with_registry(reg, &o, n, tx).await });
         let lease = loop {
@@ -426,7 +431,7 @@ mod tests {
     async fn peers_flow_and_own_loss_reacquires_same_subnet() {
         let reg = MemRegistry::default();
         reg.set_network_config(CONFIG);
-        let o = opts("loss");
+        let (o, _dir) = opts("loss");
         let (mut rx, h, l) = start(&reg, &o, node(1)).await;
         assert_eq!(next(&mut rx).await, Event::Resync(vec![]));
 
@@ -488,7 +493,7 @@ mod tests {
     async fn renews_before_expiry_and_survives_expiry() {
         let reg = MemRegistry::default();
         reg.set_network_config(CONFIG);
-        let o = opts("renew");
+        let (o, _dir) = opts("renew");
         let (mut rx, h, l) = start(&reg, &o, node(1)).await;
         let t0 = Instant::now();
         assert_eq!(next(&mut rx).await, Event::Resync(vec![]));
@@ -542,7 +547,7 @@ mod tests {
             reg.put_raw(*sn, &a.to_json(), Some(SUBNET_TTL));
         }
         let (tx, mut rx) = mpsc::channel(64);
-        let (r2, o) = (reg.clone(), opts("exhausted"));
+        let ((o, _dir), r2) = (opts("exhausted"), reg.clone());
         let h = tokio::spawn(async move { run_with_registry(r2, &o, node(1), tx).await });
         assert!(matches!(next(&mut rx).await, Event::Config(_)));
         // Waiting, not dead: no lease for a minute, the task still runs.
@@ -571,7 +576,7 @@ mod tests {
     async fn broken_watch_resumes_and_compaction_relists() {
         let reg = MemRegistry::default();
         reg.set_network_config(CONFIG);
-        let o = opts("resume");
+        let (o, _dir) = opts("resume");
         let (mut rx, h, _l) = start(&reg, &o, node(1)).await;
         assert_eq!(next(&mut rx).await, Event::Resync(vec![]));
         let peer = |last: u8| LeaseAttrs::vxlan(Ipv4Addr::new(198, 18, 0, last), 7, [2, 0, 0, 0, 0, last]);
