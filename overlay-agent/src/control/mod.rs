@@ -547,7 +547,8 @@ mod tests {
             reg.put_raw(*sn, &a.to_json(), Some(SUBNET_TTL));
         }
         let (tx, mut rx) = mpsc::channel(64);
-        let ((o, _dir), r2) = (opts("exhausted"), reg.clone());
+        let (o, _dir) = opts("exhausted");
+        let r2 = reg.clone();
         let h = tokio::spawn(async move { run_with_registry(r2, &o, node(1), tx).await });
         assert!(matches!(next(&mut rx).await, Event::Config(_)));
         // Waiting, not dead: no lease for a minute, the task still runs.
