@@ -21,7 +21,6 @@ use overlay_tests::{
     cluster::{agent_bin, Cluster, NETWORK_PREFIX},
     dualstack::{bridge_and_pod, cluster as dual_cluster, nth6, ping6, underlay6, wait_peers, DUAL},
     netns::{require_root, unique_name, Netns},
-    slow,
     topology::{nth_host, ping, Node},
 };
 
@@ -299,7 +298,7 @@ fn vxlan_counts_each_peer_exactly_over_ipv4_and_ipv6() {
     let ago = view["traffic"]["last_sent_secs_ago"].as_f64().unwrap_or(f64::MAX);
     let since = v4_sent.elapsed().as_secs_f64();
     assert!(
-        ago <= since + slow(Duration::from_secs(1)).as_secs_f64(),
+        ago <= since + 1.0,
         "last sent {ago} s ago, the IPv4 burst ended {since:.1} s ago: {view}"
     );
     assert_eq!(view["traffic"]["unanswered"], false, "{view}");
